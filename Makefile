@@ -1,0 +1,48 @@
+# shoal: `make setup` prepares a fresh Debian machine (as root); `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DEBIAN_FRONTEND := noninteractive
+
+# runc/crun/runsc: OCI runtimes; mmdebstrap: base image; gcc/libc6-dev: the static agent;
+# busybox-static: a Python-less test image; iproute2/nftables: networking.
+APT_PACKAGES := runc crun runsc mmdebstrap gcc libc6-dev busybox-static iproute2 nftables \
+	python3 python3-venv ca-certificates
+
+.PHONY: setup system venv prepare test lint typecheck bench clean
+
+setup: system venv prepare
+
+system:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	else echo "system packages: present"; fi
+
+venv: $(BIN)/shoal
+
+$(BIN)/shoal: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+prepare: venv
+	$(BIN)/shoal setup
+
+test: venv
+	$(BIN)/pytest -q
+
+lint:
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck:
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .mypy_cache .ruff_cache

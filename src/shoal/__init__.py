@@ -1,0 +1,29 @@
+"""shoal: self-hosted sandboxes for untrusted code, with Modal's Sandbox API.
+
+``import shoal as modal`` and Modal's sandbox code runs on your own machine.
+"""
+
+from shoal import exception
+from shoal.sdk.app import App
+from shoal.sdk.image import Image
+from shoal.sdk.output import enable_output
+from shoal.sdk.process import ContainerProcess
+from shoal.sdk.sandbox import Sandbox
+from shoal.sdk.secret import Secret
+from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "ContainerProcess",
+    "Image",
+    "Sandbox",
+    "Secret",
+    "StreamReader",
+    "StreamType",
+    "StreamWriter",
+    "__version__",
+    "enable_output",
+    "exception",
+]

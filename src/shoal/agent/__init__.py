@@ -1,0 +1,1 @@
+"""The in-sandbox agent (C source) and the daemon side of its protocol."""

@@ -1,0 +1,124 @@
+"""``shoal serve``: run the daemon in the foreground, or detached with ``--background``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from shoal.config import Config
+
+
+def _config(
+    socket: str | None,
+    data_dir: str | None,
+    runtime_dir: str | None,
+    tcp: str | None,
+    runtime: str | None,
+) -> Config:
+    kwargs: dict[str, object] = {}
+    if data_dir:
+        kwargs["data_dir"] = Path(data_dir)
+    if runtime_dir:
+        kwargs["runtime_dir"] = Path(runtime_dir)
+    if socket:
+        kwargs["socket_path"] = Path(socket)
+    if runtime:
+        kwargs["runtime"] = runtime
+    cfg = Config(**kwargs)  # type: ignore[arg-type]
+    if tcp:
+        host, _, port = tcp.rpartition(":")
+        if not port.isdigit():
+            raise click.BadParameter("expected HOST:PORT", param_hint="--tcp")
+        cfg.tcp_host = host or "127.0.0.1"
+        cfg.tcp_port = int(port)
+    return cfg
+
+
+def _run(cfg: Config, ready_fd: int | None) -> None:
+    from shoal.server.daemon import serve
+
+    async def main() -> None:
+        ready = asyncio.Event()
+
+        async def report() -> None:
+            await ready.wait()
+            if ready_fd is not None:
+                os.write(ready_fd, b"ok")
+                os.close(ready_fd)
+
+        task = asyncio.create_task(report())
+        try:
+            await serve(cfg, ready)
+        finally:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+@click.command("serve")
+@click.option("--socket", help="Unix socket for the API (default /run/shoal/shoald.sock)")
+@click.option("--data-dir", help="state, images and outputs (default /var/lib/shoal)")
+@click.option("--runtime-dir", help="sockets, bundles and mounts (default /run/shoal)")
+@click.option("--tcp", metavar="HOST:PORT", help="also listen on TCP (bearer token required)")
+@click.option(
+    "--runtime",
+    type=click.Choice(["runc", "crun"]),
+    help="OCI runtime (default: crun where it works, else runc)",
+)
+@click.option("--background", is_flag=True, help="detach; return once the daemon is ready")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def serve_cmd(
+    socket: str | None,
+    data_dir: str | None,
+    runtime_dir: str | None,
+    tcp: str | None,
+    runtime: str | None,
+    background: bool,
+    verbose: bool,
+) -> None:
+    """Run the shoal daemon (as root)."""
+    if os.geteuid() != 0:
+        raise click.ClickException("the shoal daemon must run as root (it creates namespaces, mounts and cgroups)")
+    cfg = _config(socket, data_dir, runtime_dir, tcp, runtime)
+    level = logging.DEBUG if verbose else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if not background:
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+        _run(cfg, None)
+        return
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        log_fd = os.open(cfg.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(null)
+        os.close(log_fd)
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+        cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
+        cfg.pid_path.write_text(f"{os.getpid()}\n")
+        try:
+            _run(cfg, w)
+        finally:
+            cfg.pid_path.unlink(missing_ok=True)
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        ok = f.read() == b"ok"
+    if not ok:
+        tail = cfg.log_path.read_text(errors="replace")[-2000:] if cfg.log_path.exists() else ""
+        raise click.ClickException(f"the daemon did not start; its log ({cfg.log_path}) ends with:\n{tail}")
+    click.echo(f"shoal daemon running (pid {cfg.pid_path.read_text().strip()}), socket {cfg.socket}")

@@ -1,0 +1,123 @@
+"""Every setting of the daemon and the client, with environment overrides.
+
+Environment variables (all optional):
+    SHOAL_DATA_DIR      state, images, outputs        (default /var/lib/shoal)
+    SHOAL_RUNTIME_DIR   sockets, bundles, mounts      (default /run/shoal)
+    SHOAL_SOCKET        the API's Unix socket          (default $SHOAL_RUNTIME_DIR/shoald.sock)
+    SHOAL_URL           http://host:port of a TCP daemon (the client then sends SHOAL_TOKEN)
+    SHOAL_TOKEN         bearer token for SHOAL_URL
+    SHOAL_RUNTIME       runc | crun                    (default: crun where it works, else runc)
+    SHOAL_NO_AUTOSTART  set to 1 to stop the SDK starting a local daemon
+    SHOAL_CGROUP_PARENT cgroup under which sandboxes' cgroups are made (default /shoal)
+    SHOAL_IMAGE_CACHE   extra image stores (colon-separated) whose layers may be used read-only
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.runtime.spec import IdMap
+
+DEFAULT_DATA_DIR = "/var/lib/shoal"
+DEFAULT_RUNTIME_DIR = "/run/shoal"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+@dataclass
+class Config:
+    """Daemon settings."""
+
+    data_dir: Path = field(default_factory=lambda: Path(_env("SHOAL_DATA_DIR", DEFAULT_DATA_DIR)))
+    runtime_dir: Path = field(default_factory=lambda: Path(_env("SHOAL_RUNTIME_DIR", DEFAULT_RUNTIME_DIR)))
+    socket_path: Path | None = None
+    tcp_host: str | None = None
+    tcp_port: int | None = None
+    runtime: str | None = field(default_factory=lambda: os.environ.get("SHOAL_RUNTIME") or None)
+    idmap: IdMap = field(default_factory=IdMap)
+    cgroup_parent: str = field(default_factory=lambda: _env("SHOAL_CGROUP_PARENT", "/shoal"))
+    pids_limit: int = 1024
+    default_memory_mib: int | None = 4096
+    """Memory limit of a sandbox created without ``memory=``; None for no limit."""
+    max_output_bytes: int = 1 << 30
+    """Per process stream; output beyond it is dropped and the stream says so."""
+    agent_connect_timeout: float = 10.0
+    image_caches: list[Path] = field(
+        default_factory=lambda: [Path(p) for p in os.environ.get("SHOAL_IMAGE_CACHE", "").split(":") if p]
+    )
+    """Other image stores whose layers this daemon may use read-only (tests share the base image)."""
+    retention_seconds: float = 24 * 3600
+    """How long finished sandboxes' records and output are kept."""
+
+    def __post_init__(self) -> None:
+        if self.socket_path is None:
+            self.socket_path = Path(_env("SHOAL_SOCKET", str(self.runtime_dir / "shoald.sock")))
+
+    @property
+    def socket(self) -> Path:
+        """The API socket path."""
+        assert self.socket_path is not None
+        return self.socket_path
+
+    @property
+    def db_path(self) -> Path:
+        """SQLite state database."""
+        return self.data_dir / "state.db"
+
+    @property
+    def token_path(self) -> Path:
+        """Bearer token for the TCP listener (0600)."""
+        return self.data_dir / "api-token"
+
+    @property
+    def images_dir(self) -> Path:
+        """Image layer store."""
+        return self.data_dir / "images"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        """Per-sandbox persistent data (upper dirs, outputs)."""
+        return self.data_dir / "sandboxes"
+
+    @property
+    def agent_dir(self) -> Path:
+        """The directory holding the agent binary, bind-mounted into sandboxes."""
+        return self.data_dir / "agent"
+
+    @property
+    def run_sandboxes_dir(self) -> Path:
+        """Per-sandbox runtime files (bundles, mount points, control sockets)."""
+        return self.runtime_dir / "sandboxes"
+
+    @property
+    def oci_state_dir(self) -> Path:
+        """Where the OCI runtime keeps container state."""
+        return self.runtime_dir / "oci"
+
+    @property
+    def log_path(self) -> Path:
+        """The daemon's log when it runs in the background."""
+        return self.data_dir / "shoald.log"
+
+    @property
+    def pid_path(self) -> Path:
+        """The background daemon's pid file."""
+        return self.runtime_dir / "shoald.pid"
+
+
+@dataclass
+class ClientConfig:
+    """Where and how the SDK reaches a daemon."""
+
+    socket_path: Path = field(
+        default_factory=lambda: Path(
+            os.environ.get("SHOAL_SOCKET") or str(Path(_env("SHOAL_RUNTIME_DIR", DEFAULT_RUNTIME_DIR)) / "shoald.sock")
+        )
+    )
+    url: str | None = field(default_factory=lambda: os.environ.get("SHOAL_URL") or None)
+    token: str | None = field(default_factory=lambda: os.environ.get("SHOAL_TOKEN") or None)
+    autostart: bool = field(default_factory=lambda: os.environ.get("SHOAL_NO_AUTOSTART", "") not in ("1", "true"))

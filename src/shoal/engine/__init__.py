@@ -1,0 +1,1 @@
+"""The engine: sandboxes, processes and their output, state."""

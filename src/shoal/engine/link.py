@@ -1,0 +1,97 @@
+"""The daemon's connection to one sandbox's agent.
+
+Reads frames (hostile input, decoded by ``FrameReader`` with bounds) and hands
+them to the sandbox; writes frames the sandbox queues.  Closing is idempotent
+and always reported once through ``on_close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+
+from shoal.agent.protocol import Frame, FrameReader, ProtocolError
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 18
+
+
+class AgentLink:
+    """A framed, bidirectional connection to an agent."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_frames: Callable[[AgentLink, list[Frame]], None],
+        on_close: Callable[[AgentLink], None],
+        label: str,
+    ) -> None:
+        self._sock = sock
+        self._on_frames = on_frames
+        self._on_close = on_close
+        self.label = label
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+        self.verified = False
+        """Whether this connection proved it is the sandbox's agent."""
+
+    async def start(self) -> None:
+        """Begin reading."""
+        reader, self._writer = await asyncio.open_unix_connection(sock=self._sock, limit=READ_SIZE)
+        self._task = asyncio.create_task(self._read_loop(reader), name=f"agent-{self.label}")
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the agent (no-op once closed)."""
+        if self._writer is not None and not self.closed.is_set():
+            self._writer.write(data)
+
+    async def drain(self) -> None:
+        """Wait until queued bytes are handed to the kernel."""
+        if self._writer is not None and not self.closed.is_set():
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._writer.drain()
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        decoder = FrameReader()
+        try:
+            while True:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    break
+                frames = decoder.feed(data)
+                if frames:
+                    self._on_frames(self, frames)
+        except ProtocolError as exc:
+            log.warning("sandbox %s: dropping agent connection: %s", self.label, exc)
+        except (ConnectionError, OSError):
+            pass
+        except Exception:
+            log.exception("sandbox %s: agent link failed", self.label)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._sock.close()
+        self._on_close(self)
+
+    def close_quietly(self) -> None:
+        """Drop the connection without reporting it (the daemon is stopping; the agent will reconnect)."""
+        self._on_close = lambda link: None
+        self.close()
+
+    def close(self) -> None:
+        """Drop the connection."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._finish()

@@ -1,0 +1,241 @@
+"""The engine's front door: apps, sandboxes and processes, and recovery after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from shoal import ids
+from shoal.agent.build import ensure_agent
+from shoal.config import Config
+from shoal.engine.models import CreateSandbox, ExecRequest, Result, SandboxInfo
+from shoal.engine.process import ENTRYPOINT_ID, Process
+from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, new_token
+from shoal.engine.state import SandboxRow, State
+from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
+from shoal.images.service import ImageService
+from shoal.images.store import LayerStore
+from shoal.runtime import oci, rootfs
+from shoal.util import reaper
+
+log = logging.getLogger(__name__)
+
+
+def check_traversable(path: Path) -> None:
+    """The runtime sets up a sandbox's mounts as the sandbox's own user: it must be able to walk to them."""
+    for p in [path, *path.parents]:
+        try:
+            mode = p.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if not mode & 0o001:
+            raise InvalidError(
+                f"{p} is not searchable by other users (mode {oct(mode & 0o777)}), so sandboxes cannot mount"
+                f" their files from {path}: run `chmod o+x {p}` or choose other shoal directories"
+            )
+
+
+class Manager:
+    """Owns every sandbox on this machine."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        for d in (cfg.data_dir, cfg.runtime_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o711)
+        for d in (cfg.sandboxes_dir, cfg.run_sandboxes_dir, cfg.oci_state_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o711)
+        self.state = State(cfg.db_path)
+        self.runtime = oci.choose(cfg.runtime, str(cfg.oci_state_dir))
+        self.layers = LayerStore(cfg.images_dir, cfg.image_caches)
+        self.images = ImageService(self.state, self.layers, cfg.idmap.host_id)
+        self.ctx = Context(cfg, self.state, self.runtime)
+        self.sandboxes: dict[str, Sandbox] = {}
+        self._prune_task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Prepare the agent, clear leftovers of a crash, re-adopt running sandboxes."""
+        for d in (self.cfg.runtime_dir, self.cfg.agent_dir.parent, *self.layers.roots()):
+            check_traversable(d)
+        await asyncio.to_thread(ensure_agent, self.cfg.agent_dir)
+        if reaper.become_subreaper():
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGCHLD, reaper.reap_sandbox_inits, self.cfg.idmap.host_id)
+        self.layers.clean_staging()
+        known: set[str] = set()
+        for row in self.state.sandboxes_in(CREATING, RUNNING):
+            sb = Sandbox(self.ctx, row)
+            self.sandboxes[row.id] = sb
+            known.add(row.id)
+            if row.state == CREATING:
+                sb.load_processes()
+                sb.finish_soon(
+                    Result(
+                        status="init_failure",
+                        message="the daemon stopped while creating the sandbox",
+                    )
+                )
+            else:
+                await sb.adopt()
+        await self._remove_strays(known)
+        self._prune_task = asyncio.create_task(self._prune_loop())
+
+    async def _remove_strays(self, known: set[str]) -> None:
+        """Containers, mounts and runtime dirs that belong to no live sandbox (a crash mid-teardown)."""
+        for cid in await self.runtime.list_ids():
+            if cid not in known:
+                log.info("removing stray container %s", cid)
+                await self.runtime.delete(cid)
+        for d in self.cfg.run_sandboxes_dir.iterdir():
+            if d.name not in known:
+                with contextlib.suppress(OSError):
+                    rootfs.unmount(str(d / "rootfs"))
+                shutil.rmtree(d, ignore_errors=True)
+                for name in ("upper", "work"):
+                    shutil.rmtree(self.cfg.sandboxes_dir / d.name / name, ignore_errors=True)
+
+    async def close(self) -> None:
+        """Stop managing (sandboxes keep running and are re-adopted by the next daemon)."""
+        if self._prune_task is not None:
+            self._prune_task.cancel()
+        with contextlib.suppress(ValueError, RuntimeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
+        for sb in self.sandboxes.values():
+            sb._close_listener()
+            if sb.link is not None:
+                sb.link.close_quietly()
+        self.state.close()
+
+    async def _prune_loop(self) -> None:
+        while True:
+            self.prune()
+            await asyncio.sleep(600)
+
+    def prune(self) -> None:
+        """Forget finished sandboxes older than the retention period."""
+        cutoff = time.time() - self.cfg.retention_seconds
+        for sandbox_id in self.state.finished_before(cutoff):
+            sb = self.sandboxes.pop(sandbox_id, None)
+            self.state.delete_sandbox(sandbox_id)
+            if sb is not None:
+                sb.remove_data()
+            else:
+                shutil.rmtree(self.cfg.sandboxes_dir / sandbox_id, ignore_errors=True)
+
+    # ---------------------------------------------------------------- apps
+
+    def lookup_app(self, name: str, create_if_missing: bool) -> tuple[str, str]:
+        """``App.lookup``."""
+        found = self.state.app_by_name(name)
+        if found:
+            return found
+        if not create_if_missing:
+            raise NotFoundError(f"App '{name}' not found; pass create_if_missing=True to create it")
+        app_id = ids.new("app")
+        self.state.add_app(app_id, name, ephemeral=False)
+        return app_id, name
+
+    def create_ephemeral_app(self, name: str | None) -> str:
+        """An app that lives for one ``app.run()`` block."""
+        app_id = ids.new("app")
+        self.state.add_app(app_id, None, ephemeral=True)
+        return app_id
+
+    async def stop_app(self, app_id: str) -> None:
+        """End an ephemeral app: terminate its sandboxes."""
+        await asyncio.gather(*(sb.terminate() for sb in self.sandboxes.values() if sb.row.app_id == app_id))
+
+    # ---------------------------------------------------------------- sandboxes
+
+    async def create(self, req: CreateSandbox, image_log: Callable[[str], None]) -> Sandbox:
+        """``Sandbox.create``: returns once the sandbox runs."""
+        if self.state.app_by_id(req.app_id) is None:
+            raise NotFoundError(f"App {req.app_id} not found: look it up with App.lookup(name, create_if_missing=True)")
+        if req.name is not None:
+            for sb in self.sandboxes.values():
+                if sb.row.app_id == req.app_id and sb.row.name == req.name and sb.state != FINISHED:
+                    raise AlreadyExistsError(f"a running sandbox of this app is already named {req.name!r}")
+        image_id, image = await self.images.resolve(req.image, image_log)
+        spec = req.model_dump()
+        spec.update(image_id=image_id, image_env=image.env, image_workdir=image.workdir)
+        now = time.time()
+        row = SandboxRow(
+            id=ids.new("sandbox"),
+            app_id=req.app_id,
+            name=req.name,
+            tags=dict(req.tags),
+            spec=spec,
+            state=CREATING,
+            token=new_token(),
+            created_at=now,
+            deadline=now + req.timeout,
+        )
+        self.state.add_sandbox(row)
+        sb = Sandbox(self.ctx, row)
+        self.sandboxes[row.id] = sb
+        await sb.start(req, image, self.images.lowers(image))
+        return sb
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        """A sandbox by id (running or retained), or NotFoundError."""
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is not None:
+            return sb
+        if not ids.is_valid(sandbox_id, "sandbox"):
+            raise NotFoundError(f"Sandbox {sandbox_id!r} not found (not a sandbox id)")
+        row = self.state.sandbox(sandbox_id)
+        if row is None:
+            raise NotFoundError(f"Sandbox {sandbox_id} not found")
+        sb = Sandbox(self.ctx, row)
+        sb.load_processes()
+        self.sandboxes[sandbox_id] = sb
+        return sb
+
+    def from_name(self, app_name: str, name: str) -> Sandbox:
+        """The running sandbox called ``name`` in the app called ``app_name``."""
+        app = self.state.app_by_name(app_name)
+        if app is None:
+            raise NotFoundError(f"App '{app_name}' not found")
+        for sb in self.sandboxes.values():
+            if sb.row.app_id == app[0] and sb.row.name == name and sb.state == RUNNING:
+                return sb
+        raise NotFoundError(f"no running sandbox named {name!r} in app '{app_name}'")
+
+    def list(self, app_id: str | None, tags: dict[str, str], include_finished: bool) -> list[SandboxInfo]:
+        """Sandboxes (running only unless asked), newest first, with at least ``tags``."""
+        states = (CREATING, RUNNING, FINISHED) if include_finished else (RUNNING,)
+        out = []
+        for row in self.state.sandboxes_in(*states):
+            if app_id and row.app_id != app_id:
+                continue
+            if any(row.tags.get(k) != v for k, v in tags.items()):
+                continue
+            sb = self.sandboxes.get(row.id)
+            out.append(sb.info() if sb else Sandbox(self.ctx, row).info())
+        return out
+
+    def set_tags(self, sandbox_id: str, tags: dict[str, str]) -> None:
+        """Replace a sandbox's tags."""
+        sb = self.get(sandbox_id)
+        sb.row.tags = dict(tags)
+        self.state.set_tags(sandbox_id, sb.row.tags)
+
+    # ---------------------------------------------------------------- processes
+
+    async def exec(self, sandbox_id: str, req: ExecRequest) -> Process:
+        """Start a process (idempotent on ``req.exec_id``)."""
+        sb = self.get(sandbox_id)
+        exec_id = req.exec_id or ids.new("exec")
+        if not ids.EXEC_ID_RE.match(exec_id) or exec_id == ENTRYPOINT_ID:
+            raise InvalidError(f"invalid exec id {exec_id!r}: use 1-64 letters, digits, '-', '_' or '.'")
+        return await sb.exec(req, exec_id)

@@ -1,0 +1,227 @@
+"""Validated shapes of what the API accepts and returns.
+
+Validation here is the first defence against bad input: argv and environment
+strings reach C code in the agent, so NUL bytes, oversized argv, malformed
+variable names and relative paths are refused with a message that says what
+to change.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ARG_MAX_BYTES = 1 << 16
+ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+NAME_RE = re.compile(r"\A[A-Za-z0-9\-_.]{1,64}\Z")
+MAX_TIMEOUT = 24 * 3600
+
+
+def _no_nul(value: str, what: str) -> str:
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL bytes")
+    return value
+
+
+def check_argv(args: list[str], what: str = "command") -> list[str]:
+    """Refuse argv that the kernel or the agent cannot carry."""
+    total = 0
+    for a in args:
+        _no_nul(a, f"{what} arguments")
+        total += len(a.encode()) + 1
+    if total > ARG_MAX_BYTES:
+        raise ValueError(f"{what} arguments total {total} bytes; the limit is {ARG_MAX_BYTES}")
+    return args
+
+
+def check_env(env: dict[str, str]) -> dict[str, str]:
+    """Refuse environment variables that are not NAME=value strings."""
+    for k, v in env.items():
+        if not ENV_NAME_RE.match(k):
+            raise ValueError(f"invalid environment variable name {k!r}: use letters, digits and _")
+        _no_nul(v, f"environment variable {k}")
+    return env
+
+
+def check_abs_path(path: str | None, what: str) -> str | None:
+    """Refuse relative paths and NUL bytes."""
+    if path is None:
+        return None
+    _no_nul(path, what)
+    if not path.startswith("/"):
+        raise ValueError(f"{what} must be an absolute path (starting with '/'), got {path!r}")
+    if len(path) > 4096:
+        raise ValueError(f"{what} is longer than 4096 bytes")
+    return path
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageRef(_Model):
+    """Which image a sandbox runs: the base image for a Python version, or an image id."""
+
+    kind: Literal["debian_slim", "id"] = "debian_slim"
+    python_version: str | None = None
+    image_id: str | None = None
+
+
+class AppLookup(_Model):
+    """``App.lookup``."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    create_if_missing: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("app names may use letters, digits, '-', '_' and '.', at most 64 characters")
+        return v
+
+
+class AppCreate(_Model):
+    """An ephemeral app (``with app.run():``)."""
+
+    name: str | None = None
+
+
+class CreateSandbox(_Model):
+    """``Sandbox.create``."""
+
+    app_id: str
+    args: list[str] = []
+    image: ImageRef = ImageRef()
+    name: str | None = None
+    tags: dict[str, str] = {}
+    env: dict[str, str] = {}
+    secret_env: dict[str, str] = {}
+    timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] = 300
+    idle_timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] | None = None
+    workdir: str | None = None
+    cpu: Annotated[float, Field(gt=0, le=1024)] | None = None
+    cpu_limit: Annotated[float, Field(gt=0, le=1024)] | None = None
+    memory: Annotated[int, Field(ge=6, le=1 << 22)] | None = None
+    memory_limit: Annotated[int, Field(ge=6, le=1 << 22)] | None = None
+    block_network: bool = False
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, v: list[str]) -> list[str]:
+        return check_argv(v, "entrypoint")
+
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_env(v)
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str | None) -> str | None:
+        return check_abs_path(v, "workdir")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError(
+                f"invalid sandbox name {v!r}: use letters, digits, '-', '_' and '.', at most 64 characters"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _limits(self) -> CreateSandbox:
+        if self.cpu is not None and self.cpu_limit is not None and self.cpu_limit < self.cpu:
+            raise ValueError(f"cpu limit ({self.cpu_limit}) is below the request ({self.cpu})")
+        if self.memory is not None and self.memory_limit is not None and self.memory_limit < self.memory:
+            raise ValueError(f"memory limit ({self.memory_limit} MiB) is below the request ({self.memory} MiB)")
+        return self
+
+
+class ExecRequest(_Model):
+    """``sb.exec``."""
+
+    exec_id: str | None = None
+    args: Annotated[list[str], Field(min_length=1)]
+    workdir: str | None = None
+    env: dict[str, str] = {}
+    secret_env: dict[str, str] = {}
+    timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] | None = None
+    stdout: Literal["pipe", "devnull"] = "pipe"
+    stderr: Literal["pipe", "devnull"] = "pipe"
+    pty: bool = False
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, v: list[str]) -> list[str]:
+        return check_argv(v)
+
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_env(v)
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str | None) -> str | None:
+        return check_abs_path(v, "workdir")
+
+
+class TagsUpdate(_Model):
+    """``sb.set_tags``."""
+
+    tags: dict[str, str]
+
+
+class ImportRootfs(_Model):
+    """Import a root filesystem directory on the daemon's host as an image."""
+
+    path: str
+    env: dict[str, str] = {}
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    workdir: str | None = None
+
+
+class Result(BaseModel):
+    """How a sandbox ended (Modal's GenericResult)."""
+
+    status: Literal["success", "failure", "terminated", "timeout", "init_failure"]
+    exitcode: int | None = None
+    message: str = ""
+
+
+class SandboxInfo(BaseModel):
+    """A sandbox as the API shows it (never its secrets)."""
+
+    sandbox_id: str
+    app_id: str
+    name: str | None
+    tags: dict[str, str]
+    state: str
+    created_at: float
+    image_id: str
+    timeout: int
+    idle_timeout: int | None
+    result: Result | None
+    returncode: int | None
+
+
+class ExecInfo(BaseModel):
+    """A process as the API shows it."""
+
+    exec_id: str
+    args: list[str]
+    state: str
+    returncode: int | None
+    pid: int | None = None
+
+
+class WaitResult(BaseModel):
+    """Answer of a long-poll wait."""
+
+    done: bool
+    returncode: int | None = None

@@ -1,0 +1,96 @@
+"""Process output kept per stream in a file, addressed by byte offset.
+
+A reader asks for bytes from an offset and waits for more, so a dropped
+connection resumes where it stopped, and output outlives the daemon.  The
+agent's offsets are absolute; a resent chunk (after a reconnection) is
+trimmed to the bytes not stored yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+
+class OutputStream:
+    """stdout or stderr of one process."""
+
+    def __init__(self, path: Path, limit: int, *, eof: bool = False) -> None:
+        self.path = path
+        self.limit = limit
+        self.eof = eof
+        self._fd: int | None = None
+        try:
+            self.size = path.stat().st_size
+        except FileNotFoundError:
+            self.size = 0
+        self.received = self.size
+        """Bytes the agent has delivered, stored or not (beyond ``limit`` they are dropped)."""
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def truncated(self) -> bool:
+        """Whether output beyond ``limit`` was dropped."""
+        return self.received > self.size
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def append(self, offset: int, data: bytes) -> bool:
+        """Store ``data`` that starts at stream offset ``offset``; False if it leaves a gap."""
+        if offset > self.received:
+            return False
+        skip = self.received - offset
+        if skip >= len(data):
+            return True
+        data = data[skip:]
+        room = self.limit - self.size
+        if room > 0:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            chunk = data[:room]
+            os.write(self._fd, chunk)
+            self.size += len(chunk)
+        self.received += len(data)
+        self._wake()
+        return True
+
+    def mark_eof(self) -> None:
+        """No more bytes will come."""
+        if not self.eof:
+            self.eof = True
+            self.close()
+            self._wake()
+
+    def close(self) -> None:
+        """Release the write descriptor."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def read(self, offset: int, limit: int = 1 << 20) -> bytes:
+        """Stored bytes from ``offset`` (at most ``limit``)."""
+        n = min(limit, self.size - offset)
+        if n <= 0:
+            return b""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(n)
+
+    async def wait(self, offset: int, timeout: float | None) -> None:
+        """Return once bytes beyond ``offset`` exist, the stream ended, or ``timeout`` passed."""
+        if self.size > offset or self.eof:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)

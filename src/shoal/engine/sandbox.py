@@ -1,0 +1,578 @@
+"""One sandbox's lifecycle: start, processes, stdin, timeouts, finish and teardown.
+
+States (persisted after every change):  creating → running → finished, or
+creating → finished when start-up fails.  Anything else is a bug and raises.
+
+Trust: frames from the agent are hostile.  They can only touch this sandbox's
+own processes, are bounded in size by the decoder and by the output limit,
+and a malformed or inconsistent frame drops the connection.  A reconnecting
+agent (after a daemon restart) must present the token given at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.agent import protocol as P
+from shoal.config import Config
+from shoal.engine.link import AgentLink
+from shoal.engine.models import CreateSandbox, ExecInfo, ExecRequest, Result, SandboxInfo
+from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
+from shoal.engine.state import ExecRow, SandboxRow, State
+from shoal.exception import ConflictError, NotFoundError, ServiceError
+from shoal.images.store import ImageConfig
+from shoal.runtime import rootfs, spec
+from shoal.runtime.oci import OciRuntime
+
+log = logging.getLogger(__name__)
+
+CREATING, RUNNING, FINISHED = "creating", "running", "finished"
+_TRANSITIONS = {CREATING: {RUNNING, FINISHED}, RUNNING: {FINISHED}, FINISHED: set[str]()}
+STDIN_WINDOW = 16 << 20
+"""Stdin bytes the daemon lets wait in an agent before a writer must wait."""
+
+
+@dataclass
+class Context:
+    """What every sandbox shares."""
+
+    cfg: Config
+    state: State
+    runtime: OciRuntime
+
+
+def _result_for_exit(kind: int, value: int) -> Result:
+    if kind == P.ExitKind.CODE:
+        return Result(status="success" if value == 0 else "failure", exitcode=value)
+    if kind == P.ExitKind.SIGNAL:
+        return Result(status="failure", exitcode=128 + value, message=f"entrypoint killed by signal {value}")
+    if kind == P.ExitKind.SPAWN_FAILED:
+        return Result(status="failure", exitcode=value, message="entrypoint could not be started")
+    return Result(status="failure", exitcode=-1)
+
+
+def returncode_of(result: Result | None) -> int | None:
+    """Modal's mapping: timeout → 124, terminated → 137, else the exit code."""
+    if result is None:
+        return None
+    if result.status == "timeout":
+        return 124
+    if result.status == "terminated":
+        return 137
+    return result.exitcode
+
+
+class Sandbox:
+    """A sandbox known to the daemon (running, or finished and still retained)."""
+
+    def __init__(self, ctx: Context, row: SandboxRow) -> None:
+        self.ctx = ctx
+        self.row = row
+        self.id = row.id
+        self.state = row.state
+        self.result: Result | None = (
+            Result.model_validate(
+                {"status": row.result_status, "exitcode": row.result_code, "message": row.result_message or ""}
+            )
+            if row.result_status
+            else None
+        )
+        cfg = ctx.cfg
+        self.run_dir = cfg.run_sandboxes_dir / row.id
+        self.data_dir = cfg.sandboxes_dir / row.id
+        self.out_dir = self.data_dir / "out"
+        self.processes: dict[str, Process] = {}
+        self.link: AgentLink | None = None
+        self.connected = asyncio.Event()
+        self.finished = asyncio.Event()
+        if self.state == FINISHED:
+            self.finished.set()
+        self.last_activity = time.monotonic()
+        self._timers: list[asyncio.TimerHandle] = []
+        self._idle_task: asyncio.Task[None] | None = None
+        self._teardown_task: asyncio.Task[None] | None = None
+        self._listener: socket.socket | None = None
+        self._hello_expect = 0
+        self._hello_seen: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---------------------------------------------------------------- state
+
+    def _move(self, new: str) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise AssertionError(f"sandbox {self.id}: illegal transition {self.state} -> {new}")
+        self.state = new
+        self.ctx.state.set_sandbox_state(self.id, new)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The validated create request (secrets included: never return it to callers)."""
+        return self.row.spec
+
+    @property
+    def container_id(self) -> str:
+        """The OCI container id."""
+        return self.id
+
+    def info(self) -> SandboxInfo:
+        """The sandbox as the API shows it."""
+        return SandboxInfo(
+            sandbox_id=self.id,
+            app_id=self.row.app_id,
+            name=self.row.name,
+            tags=self.row.tags,
+            state=self.state,
+            created_at=self.row.created_at,
+            image_id=self.spec.get("image_id", ""),
+            timeout=self.spec["timeout"],
+            idle_timeout=self.spec.get("idle_timeout"),
+            result=self.result,
+            returncode=returncode_of(self.result),
+        )
+
+    # ---------------------------------------------------------------- start
+
+    async def start(self, req: CreateSandbox, image: ImageConfig, lowers: list[str]) -> None:
+        """Mount the root, start the container and the entrypoint.  Raises after cleaning up on failure."""
+        cfg = self.ctx.cfg
+        host_id = cfg.idmap.host_id
+        try:
+            for d in (self.run_dir, self.out_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.run_dir, 0o711)
+            ctl = self.run_dir / "ctl"
+            ctl.mkdir(exist_ok=True)
+            os.chmod(ctl, 0o755)
+            root = self.run_dir / "rootfs"
+            rootfs.mount_overlay(
+                lowers,
+                str(self.data_dir / "upper"),
+                str(self.data_dir / "work"),
+                str(root),
+                host_id,
+            )
+            mem = req.memory_limit or req.memory or cfg.default_memory_mib
+            container = spec.ContainerConfig(
+                container_id=self.container_id,
+                rootfs=str(root),
+                agent_dir=str(cfg.agent_dir),
+                ctl_dir=str(ctl),
+                idmap=cfg.idmap,
+                cgroup_parent=cfg.cgroup_parent,
+                resources=spec.Resources(
+                    cpu_request=req.cpu,
+                    cpu_limit=req.cpu_limit,
+                    memory_limit_mib=mem,
+                    pids_limit=cfg.pids_limit,
+                ),
+            )
+            bundle = self.run_dir / "bundle"
+            bundle.mkdir(exist_ok=True)
+            (bundle / "config.json").write_text(json.dumps(spec.build(container)))
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await self.ctx.runtime.start(
+                    self.container_id, str(bundle), theirs.fileno(), str(self.run_dir / "agent.log")
+                )
+            finally:
+                theirs.close()
+            link = AgentLink(ours, self._on_frames, self._on_link_closed, self.id)
+            link.verified = True
+            self.link = link
+            await link.start()
+            workdir = req.workdir
+            link.send(P.init_frame(self.row.token, workdir))
+            try:
+                await asyncio.wait_for(self.connected.wait(), cfg.agent_connect_timeout)
+            except TimeoutError:
+                raise ServiceError(f"the sandbox's agent did not start: {self._agent_log_tail()}") from None
+            argv = list(req.args) or [*(image.entrypoint or []), *(image.cmd or [])]
+            if argv:
+                self._start_process(
+                    ENTRYPOINT_ID,
+                    ExecRequest(args=argv, workdir=workdir or image.workdir),
+                    entrypoint=True,
+                )
+            self._move(RUNNING)
+        except BaseException as exc:
+            message = str(exc) or type(exc).__name__
+            self.result = Result(status="init_failure", exitcode=None, message=message)
+            self.ctx.state.finish_sandbox(self.id, "init_failure", None, message)
+            self.state = FINISHED
+            self.finished.set()
+            await self._teardown()
+            raise
+        self._arm_timers()
+
+    def _agent_log_tail(self) -> str:
+        try:
+            return (self.run_dir / "agent.log").read_text(errors="replace")[-1000:].strip() or "no output"
+        except OSError:
+            return "no output"
+
+    def _arm_timers(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = self.row.deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - time.time())
+            self._timers.append(
+                loop.call_later(
+                    delay,
+                    lambda: self.finish_soon(Result(status="timeout", message="Sandbox timed out")),
+                )
+            )
+        if self.spec.get("idle_timeout"):
+            self._idle_task = asyncio.create_task(self._watch_idle(float(self.spec["idle_timeout"])))
+
+    async def _watch_idle(self, idle: float) -> None:
+        while self.state == RUNNING:
+            busy = any(not p.exited and not p.is_entrypoint for p in self.processes.values())
+            quiet = time.monotonic() - self.last_activity
+            if not busy and quiet >= idle:
+                self.finish_soon(Result(status="timeout", message="Sandbox idle timeout reached"))
+                return
+            await asyncio.sleep(idle if busy else max(0.05, idle - quiet))
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def touch(self) -> None:
+        """Record activity (for ``idle_timeout``)."""
+        self.last_activity = time.monotonic()
+
+    # ---------------------------------------------------------------- processes
+
+    def _env_for(self, req: ExecRequest, image_env: dict[str, str]) -> dict[str, str]:
+        env = dict(image_env)
+        env.update(self.spec.get("secret_env", {}))
+        env.update(self.spec.get("env", {}))
+        env.update(req.secret_env)
+        env.update(req.env)
+        if req.pty:
+            env.setdefault("TERM", "xterm-256color")
+        return env
+
+    def _start_process(self, exec_id: str, req: ExecRequest, *, entrypoint: bool = False) -> Process:
+        image_env = self.spec.get("image_env", {})
+        stored = {"args": req.args, "workdir": req.workdir, "timeout": req.timeout, "pty": req.pty}
+        proc = Process(self.id, exec_id, stored, self.out_dir, self.ctx.cfg.max_output_bytes)
+        self.processes[exec_id] = proc
+        self.ctx.state.add_exec(ExecRow(self.id, exec_id, stored, "running", time.time()))
+        flags = 0
+        if req.pty:
+            flags |= P.ExecFlag.PTY
+        if req.stdout == "devnull":
+            flags |= P.ExecFlag.STDOUT_NULL
+        if req.stderr == "devnull":
+            flags |= P.ExecFlag.STDERR_NULL
+        if entrypoint:
+            flags |= P.ExecFlag.ENTRYPOINT
+        cwd = req.workdir or self.spec.get("workdir") or self.spec.get("image_workdir") or "/"
+        timeout_ms = (req.timeout or 0) * 1000
+        assert self.link is not None
+        self.link.send(P.exec_frame(exec_id, req.args, self._env_for(req, image_env), cwd, timeout_ms, flags))
+        return proc
+
+    async def exec(self, req: ExecRequest, exec_id: str) -> Process:
+        """Start a process (idempotent on ``exec_id``)."""
+        existing = self.processes.get(exec_id)
+        if existing is not None:
+            return existing
+        if self.state != RUNNING:
+            raise ConflictError(
+                self.result.message if self.result and self.result.message else "Sandbox already finished"
+            )
+        if not self.connected.is_set():
+            try:
+                await asyncio.wait_for(self.connected.wait(), self.ctx.cfg.agent_connect_timeout)
+            except TimeoutError:
+                raise ServiceError("the sandbox's agent is not connected; try again") from None
+            if self.state != RUNNING:
+                raise ConflictError("Sandbox already finished")
+        self.touch()
+        return self._start_process(exec_id, req)
+
+    def process(self, exec_id: str) -> Process:
+        """A process of this sandbox, or NotFoundError."""
+        proc = self.processes.get(exec_id)
+        if proc is None:
+            raise NotFoundError(f"no process {exec_id!r} in sandbox {self.id}")
+        return proc
+
+    async def write_stdin(self, exec_id: str, offset: int, data: bytes, eof: bool) -> int:
+        """Forward stdin bytes starting at ``offset``; returns the next expected offset."""
+        proc = self.process(exec_id)
+        if offset > proc.stdin_offset:
+            raise ConflictError(
+                f"stdin offset {offset} is past the {proc.stdin_offset} bytes received: bytes are missing"
+            )
+        if proc.exited or self.state != RUNNING:
+            return proc.stdin_offset  # the process is gone; like a closed pipe, input is dropped
+        if proc.stdin_eof and offset + len(data) > proc.stdin_offset:
+            raise ConflictError("stdin was already closed with write_eof()")
+        self.touch()
+        skip = proc.stdin_offset - offset
+        data = data[skip:]
+        assert self.link is not None
+        pos = 0
+        while True:
+            await proc.wait_stdin_room(STDIN_WINDOW)
+            if proc.exited or self.link is None:
+                break
+            chunk = data[pos : pos + P.MAX_STDIN_CHUNK]
+            last = pos + len(chunk) >= len(data)
+            self.link.send(P.stdin_frame(exec_id, proc.stdin_offset, chunk, eof and last))
+            proc.stdin_offset += len(chunk)
+            pos += len(chunk)
+            if last:
+                break
+        if eof:
+            proc.stdin_eof = True
+        if self.link is not None:
+            await self.link.drain()
+        self.touch()
+        return proc.stdin_offset
+
+    def exec_info(self, proc: Process) -> ExecInfo:
+        """A process as the API shows it."""
+        return ExecInfo(
+            exec_id=proc.id,
+            args=proc.spec["args"],
+            state="exited" if proc.exited else "running",
+            returncode=proc.returncode,
+            pid=proc.pid,
+        )
+
+    # ---------------------------------------------------------------- agent frames
+
+    def _on_frames(self, link: AgentLink, frames: list[P.Frame]) -> None:
+        if not link.verified:
+            self._verify(link, frames[0])
+            frames = frames[1:]
+            if not link.verified:
+                return
+        acks: dict[tuple[str, int], Process] = {}
+        for f in frames:
+            proc = self.processes.get(f.exec_id) if f.exec_id else None
+            if f.msg == P.Msg.HELLO:
+                self._hello_expect = f.value
+                self._hello_seen.clear()
+                self.connected.set()
+                if self._hello_expect == 0:
+                    self._reconcile()
+            elif proc is None:
+                continue  # a process this daemon never started: ignore
+            elif f.msg == P.Msg.STARTED:
+                proc.pid = f.pid
+                if self._hello_expect:
+                    proc.stdin_offset = proc.stdin_acked = f.offset
+                    self._hello_seen.add(proc.id)
+                    if len(self._hello_seen) >= self._hello_expect:
+                        self._reconcile()
+            elif f.msg == P.Msg.OUTPUT:
+                if not proc.streams[f.fd - 1].append(f.offset, f.data):
+                    log.warning("sandbox %s: output gap from agent; dropping connection", self.id)
+                    link.close()
+                    return
+                acks[(proc.id, f.fd)] = proc
+            elif f.msg == P.Msg.EOF:
+                stream = proc.streams[f.fd - 1]
+                if f.offset == stream.received:
+                    stream.mark_eof()
+                    self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
+                acks[(proc.id, f.fd)] = proc
+            elif f.msg == P.Msg.EXIT:
+                self._on_exit(proc, f.kind, f.value)
+                link.send(P.exit_ack_frame(proc.id))
+            elif f.msg == P.Msg.STDIN_ACK:
+                proc.stdin_acknowledged(f.offset)
+        for (exec_id, fd), proc in acks.items():
+            stream = proc.streams[fd - 1]
+            link.send(P.ack_frame(exec_id, fd, stream.received, stream.eof))
+
+    def _verify(self, link: AgentLink, first: P.Frame) -> None:
+        if first.msg != P.Msg.HELLO or not hmac.compare_digest(first.token, self.row.token):
+            log.warning("sandbox %s: refusing a control connection without the agent's token", self.id)
+            link.close()
+            return
+        link.verified = True
+        old, self.link = self.link, link
+        if old is not None and old is not link:
+            old.close()
+        self._close_listener()
+        log.info("sandbox %s: agent reconnected", self.id)
+        self._on_frames(link, [first])
+
+    def _reconcile(self) -> None:
+        """After a (re)connection: processes the agent does not know ended unseen."""
+        for proc in list(self.processes.values()):
+            if not proc.exited and proc.id not in self._hello_seen:
+                log.warning("sandbox %s: process %s was lost while the daemon was away", self.id, proc.id)
+                self._on_exit(proc, P.ExitKind.SIGNAL, SIGKILL)
+                proc.end_streams()
+                self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
+        self._hello_expect = 0
+
+    def _on_exit(self, proc: Process, kind: int, value: int) -> None:
+        if kind not in {k.value for k in P.ExitKind} or not -(1 << 31) <= value < (1 << 31):
+            kind, value = P.ExitKind.CODE, 255
+        if not proc.set_exit(kind, value):
+            return
+        self.ctx.state.finish_exec(self.id, proc.id, kind, value)
+        self.touch()
+        if proc.is_entrypoint and self.state == RUNNING:
+            self.finish_soon(_result_for_exit(kind, value))
+
+    def _on_link_closed(self, link: AgentLink) -> None:
+        if link is not self.link:
+            return
+        self.link = None
+        self.connected.clear()
+        if self.state == RUNNING:
+            # The agent is PID 1: its connection only ends when the sandbox dies.
+            self.finish_soon(
+                Result(
+                    status="terminated",
+                    message="the sandbox stopped unexpectedly (its init process died)",
+                )
+            )
+
+    # ---------------------------------------------------------------- re-adoption
+
+    def load_processes(self) -> None:
+        """Rebuild process records from the database (after a daemon restart)."""
+        for row in self.ctx.state.execs(self.id):
+            proc = Process(
+                self.id,
+                row.id,
+                row.spec,
+                self.out_dir,
+                self.ctx.cfg.max_output_bytes,
+                eof_mask=row.eof_mask,
+            )
+            if row.exit_kind is not None and row.exit_value is not None:
+                proc.set_exit(row.exit_kind, row.exit_value)
+            self.processes[row.id] = proc
+
+    async def adopt(self) -> None:
+        """Take a running sandbox back after a daemon restart: wait for its agent to reconnect."""
+        self.load_processes()
+        state = await self.ctx.runtime.state(self.container_id)
+        if state != "running":
+            self.finish_soon(Result(status="terminated", message="the sandbox stopped while the daemon was away"))
+            return
+        path = self.run_dir / "ctl" / "agent.sock"
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        os.chmod(path, 0o666)
+        listener.listen(4)
+        listener.setblocking(False)
+        self._listener = listener
+        self._background(self._accept_loop(listener))
+        self._arm_timers()
+        self._background(self._expect_agent())
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while self._listener is listener:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except (OSError, asyncio.CancelledError):
+                return
+            link = AgentLink(conn, self._on_frames, self._on_link_closed, self.id)
+            await link.start()
+
+    async def _expect_agent(self) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), self.ctx.cfg.agent_connect_timeout)
+        except TimeoutError:
+            if self.state == RUNNING:
+                self.finish_soon(Result(status="terminated", message="the sandbox's agent did not reconnect"))
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            (self.run_dir / "ctl" / "agent.sock").unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- finish
+
+    def finish_soon(self, result: Result) -> None:
+        """Record the result now and tear down in the background."""
+        if self.state == FINISHED:
+            return
+        self._record(result)
+        self._teardown_task = asyncio.create_task(self._teardown())
+
+    async def terminate(self) -> None:
+        """Kill the sandbox (returncode 137) and wait until it is gone."""
+        if self.state == RUNNING:
+            self._record(Result(status="terminated", message="Sandbox terminated"))
+            self._teardown_task = asyncio.create_task(self._teardown())
+        if self._teardown_task is not None:
+            await asyncio.shield(self._teardown_task)
+
+    def _record(self, result: Result) -> None:
+        self.result = result
+        self.ctx.state.finish_sandbox(self.id, result.status, result.exitcode, result.message)
+        self.state = FINISHED
+        self.finished.set()
+
+    async def _teardown(self) -> None:
+        """Remove the container, its mounts and runtime files; end every stream."""
+        for t in self._timers:
+            t.cancel()
+        if self._idle_task is not None and self._idle_task is not asyncio.current_task():
+            self._idle_task.cancel()
+        self._close_listener()
+        try:
+            await self.ctx.runtime.delete(self.container_id)
+        except Exception:
+            log.exception("sandbox %s: deleting the container failed", self.id)
+        link = self.link
+        if link is not None:
+            try:
+                await asyncio.wait_for(link.closed.wait(), 2.0)
+            except TimeoutError:
+                link.close()
+        for proc in self.processes.values():
+            if not proc.exited:
+                proc.set_exit(P.ExitKind.SIGNAL, SIGKILL)
+                self.ctx.state.finish_exec(self.id, proc.id, P.ExitKind.SIGNAL, SIGKILL)
+            if proc.eof_mask != 3:
+                proc.end_streams()
+                self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
+            proc.close()
+        try:
+            rootfs.unmount(str(self.run_dir / "rootfs"))
+        except OSError:
+            log.exception("sandbox %s: unmounting its root failed", self.id)
+        await asyncio.to_thread(self._remove_files)
+
+    def _remove_files(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        for name in ("upper", "work"):
+            shutil.rmtree(self.data_dir / name, ignore_errors=True)
+
+    def remove_data(self) -> None:
+        """Delete everything kept for a finished sandbox (retention)."""
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def new_token() -> bytes:
+    """A fresh agent reconnection token."""
+    return secrets.token_bytes(32)

@@ -1,0 +1,1 @@
+"""Images: the layer store and the base image."""

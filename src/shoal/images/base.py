@@ -1,0 +1,164 @@
+"""The base image: Debian slim with Python, bootstrapped once with mmdebstrap.
+
+Like Modal's ``debian_slim``: ``python`` and ``pip`` on PATH, pip allowed to
+install into the system (Debian's externally-managed marker removed), and a
+default command that keeps a bare sandbox alive for create-then-exec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from shoal import ids
+from shoal.exception import InvalidError
+from shoal.images.store import ImageConfig, LayerStore, shift_tree
+
+RECIPE_VERSION = 1
+PYTHON_SUITES = {"3.11": "bookworm"}
+"""Python versions this machine can provide, and the Debian suite that has each."""
+DEFAULT_PYTHON = "3.11"
+PACKAGES = ["python3", "python3-pip", "python-is-python3", "ca-certificates", "procps"]
+KEEP_ALIVE_CMD = ["sleep", "172800"]
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+}
+
+
+def check_python_version(version: str | None) -> str:
+    """The Python version to use, or InvalidError naming the ones available."""
+    if version is None:
+        return DEFAULT_PYTHON
+    if not isinstance(version, str):
+        raise TypeError(f"python_version must be a string such as '3.11', not {type(version).__name__}")
+    parts = version.split(".")
+    series = ".".join(parts[:2])
+    if series not in PYTHON_SUITES or (len(parts) > 2 and not parts[2].isdigit()):
+        available = ", ".join(sorted(PYTHON_SUITES))
+        raise InvalidError(f"Python {version} is not available on this machine; debian_slim can provide: {available}")
+    return series
+
+
+def recipe(python_version: str) -> dict[str, object]:
+    """The content that identifies the base image."""
+    return {
+        "kind": "debian_slim",
+        "python": python_version,
+        "suite": PYTHON_SUITES[python_version],
+        "packages": PACKAGES,
+        "v": RECIPE_VERSION,
+    }
+
+
+def image_id(python_version: str) -> str:
+    """Deterministic id of the base image for a Python version."""
+    digest = hashlib.sha256(json.dumps(recipe(python_version), sort_keys=True).encode()).digest()
+    return ids.from_digest("image", digest)
+
+
+def config(python_version: str, layer_id: str) -> ImageConfig:
+    """The base image's config."""
+    return ImageConfig(env=dict(BASE_ENV), cmd=list(KEEP_ALIVE_CMD), layers=[layer_id], python=python_version)
+
+
+def build(
+    store: LayerStore,
+    python_version: str,
+    uid_offset: int,
+    log: Callable[[str], None],
+) -> str:
+    """Make sure the base layer exists; returns its layer id.  Blocks (tens of seconds when it builds)."""
+    layer_id = image_id(python_version)
+    if store.exists(layer_id):
+        return layer_id
+    with store.lock(layer_id):
+        if store.exists(layer_id):
+            return layer_id
+        if not shutil.which("mmdebstrap"):
+            raise InvalidError("mmdebstrap is not installed: run `make setup` (or apt-get install mmdebstrap)")
+        staged = store.staging(layer_id)
+        suite = PYTHON_SUITES[python_version]
+        argv = [
+            "mmdebstrap",
+            "--variant=minbase",
+            "--mode=root",
+            "--include=" + ",".join(PACKAGES),
+            "--aptopt=Acquire::Retries=3",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+            suite,
+            str(staged),
+        ]
+        sources = _host_sources(suite)
+        if sources:
+            argv.append(sources)
+        log(f"building base image: Debian {suite} with Python {python_version} (mmdebstrap, once)")
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        tail: list[str] = []
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail = [*tail[-40:], line]
+            log(line)
+        if proc.wait() != 0:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise InvalidError("building the base image failed:\n" + "\n".join(tail[-15:]))
+        _customize(staged)
+        shift_tree(staged, uid_offset)
+        store.publish(layer_id, staged, {"recipe": recipe(python_version)})
+        log("base image ready")
+        return layer_id
+
+
+def _host_sources(suite: str) -> str | None:
+    """The host's Debian mirror for ``suite`` in one-line sources format, if it has one.
+
+    Hosts behind a proxy or with a local mirror configure it for apt; the
+    bootstrap uses the same mirror.
+    """
+    mirrors: list[str] = []
+    paths = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in paths:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        if path.suffix == ".sources":
+            for stanza in text.split("\n\n"):
+                fields = dict(
+                    line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#")
+                )
+                uris = fields.get("URIs", "").split()
+                suites = fields.get("Suites", "").split()
+                if suite in suites:
+                    mirrors += [u for u in uris if "debian-security" not in u]
+        else:
+            for line in text.splitlines():
+                words = line.split()
+                if len(words) >= 3 and words[0] == "deb" and words[2] == suite and "security" not in words[1]:
+                    mirrors.append(words[1] if not words[1].startswith("[") else words[2])
+    return f"deb {mirrors[0]} {suite} main" if mirrors else None
+
+
+def _customize(root: Path) -> None:
+    """Make the bootstrap behave like Modal's debian_slim."""
+    for marker in root.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
+        marker.unlink()
+    pip_conf = root / "etc/pip.conf"
+    pip_conf.write_text("[global]\nroot-user-action = ignore\ndisable-pip-version-check = true\n")
+    for d in ("var/lib/apt/lists", "var/cache/apt/archives"):
+        p = root / d
+        if p.is_dir():
+            for child in p.iterdir():
+                if child.is_file():
+                    child.unlink()
+    os.chmod(root, 0o755)

@@ -1,0 +1,99 @@
+"""Resolve what a sandbox asks for (``debian_slim``, an image id) into layers and a config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from shoal import ids
+from shoal.engine.models import ImageRef, ImportRootfs
+from shoal.engine.state import ImageRow, State
+from shoal.exception import InvalidError, NotFoundError
+from shoal.images import base
+from shoal.images.store import ImageConfig, LayerStore, shift_tree
+
+LogFn = Callable[[str], None]
+
+
+class ImageService:
+    """The daemon's images."""
+
+    def __init__(self, state: State, store: LayerStore, uid_offset: int) -> None:
+        self.state = state
+        self.store = store
+        self.uid_offset = uid_offset
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def resolve(self, ref: ImageRef, log: LogFn) -> tuple[str, ImageConfig]:
+        """The image id and config for ``ref``, building the base image if it is missing."""
+        if ref.kind == "id":
+            if not ref.image_id or not ids.is_valid(ref.image_id, "image"):
+                raise InvalidError(f"invalid image id {ref.image_id!r}")
+            row = self.state.image(ref.image_id)
+            if row is None:
+                raise NotFoundError(f"no image {ref.image_id!r} on this daemon")
+            cfg = ImageConfig.from_json(row.config)
+            for layer in cfg.layers:
+                if not self.store.exists(layer):
+                    raise NotFoundError(f"image {ref.image_id} lost its layer {layer}; rebuild it")
+            return row.id, cfg
+        version = base.check_python_version(ref.python_version)
+        image_id = base.image_id(version)
+        row = self.state.image(image_id)
+        if row is not None and self.store.exists(image_id):
+            return image_id, ImageConfig.from_json(row.config)
+        lock = self._locks.setdefault(image_id, asyncio.Lock())
+        async with lock:
+            row = self.state.image(image_id)
+            if row is None or not self.store.exists(image_id):
+                loop = asyncio.get_running_loop()
+
+                def threadsafe_log(line: str) -> None:
+                    loop.call_soon_threadsafe(log, line)
+
+                layer = await asyncio.to_thread(base.build, self.store, version, self.uid_offset, threadsafe_log)
+                cfg = base.config(version, layer)
+                self.state.add_image(ImageRow(image_id, base.recipe(version), cfg.to_json(), time.time()))
+                return image_id, cfg
+        return image_id, ImageConfig.from_json(row.config)
+
+    def lowers(self, cfg: ImageConfig) -> list[str]:
+        """Overlay lower directories, topmost first."""
+        return [str(self.store.path(layer)) for layer in reversed(cfg.layers)]
+
+    async def import_rootfs(self, req: ImportRootfs) -> str:
+        """Copy a root filesystem directory from the host into a new image."""
+        src = Path(req.path)
+        if not src.is_absolute() or not await asyncio.to_thread(src.is_dir):
+            raise InvalidError(f"{req.path!r} is not an absolute path to a directory on the daemon's host")
+        image_id = ids.new("image")
+        staged = self.store.staging(image_id)
+        try:
+            await asyncio.to_thread(_copy_tree, src, staged, self.uid_offset)
+        except OSError as exc:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise InvalidError(f"cannot import {req.path}: {exc}") from exc
+        self.store.publish(image_id, staged, {"imported_from": str(src)})
+        cfg = ImageConfig(
+            env={"PATH": base.BASE_ENV["PATH"], **req.env},
+            cmd=req.cmd,
+            entrypoint=req.entrypoint,
+            workdir=req.workdir,
+            layers=[image_id],
+        )
+        self.state.add_image(ImageRow(image_id, {"kind": "import", "path": str(src)}, cfg.to_json(), time.time()))
+        return image_id
+
+    def list(self) -> list[ImageRow]:
+        """Every image."""
+        return self.state.images()
+
+
+def _copy_tree(src: Path, dest: Path, uid_offset: int) -> None:
+    shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True)
+    os.chmod(dest, 0o755)
+    shift_tree(dest, uid_offset)

@@ -1,0 +1,1 @@
+"""Drives OCI runtimes: bundles, specs, root filesystems."""

@@ -1,0 +1,137 @@
+"""Drive an OCI runtime (runc or crun) through its command line.
+
+The runtime layer knows bundles and container ids, nothing of HTTP or of
+sandboxes' meaning.  It is the narrow interface another backend would
+implement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+from shoal.util import spawn
+
+RUNTIMES = ("runc", "crun")
+
+
+class RuntimeError_(Exception):
+    """The OCI runtime refused or failed an operation."""
+
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(message + (f": {stderr.strip()}" if stderr.strip() else ""))
+        self.stderr = stderr
+
+
+@dataclass
+class OciRuntime:
+    """One OCI runtime binary with its own state directory."""
+
+    binary: str
+    state_dir: str
+
+    @property
+    def name(self) -> str:
+        """The runtime's short name (``runc``, ``crun``)."""
+        return os.path.basename(self.binary)
+
+    def _argv(self, *args: str) -> list[str]:
+        return [self.binary, "--root", self.state_dir, *args]
+
+    async def _run(self, *args: str, check: bool = True) -> str:
+        res = await spawn.run(self._argv(*args))
+        if check and res.returncode != 0:
+            raise RuntimeError_(
+                f"{self.name} {args[0]} failed (exit {res.returncode})",
+                res.stderr.decode(errors="replace"),
+            )
+        return res.stdout.decode(errors="replace")
+
+    async def start(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
+        """Create and start a container whose init inherits ``ctl_fd`` as fd 3.
+
+        The container's own stdio and the runtime's messages go to
+        ``log_path``; the call returns once the init process runs.
+        """
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            argv = self._argv("run", "--detach", "--preserve-fds", "1", "--bundle", bundle, container_id)
+            res = await spawn.run(argv, fds={1: log_fd, 2: log_fd, 3: ctl_fd})
+        finally:
+            os.close(log_fd)
+        if res.returncode != 0:
+            raise RuntimeError_(f"{self.name} run failed (exit {res.returncode})", _tail(log_path))
+
+    async def kill(self, container_id: str, signal: str = "KILL") -> None:
+        """Signal every process of a container; no error if it is gone."""
+        await self._run("kill", "--all", container_id, signal, check=False)
+
+    async def delete(self, container_id: str) -> None:
+        """Remove a container, killing it first; no error if it is gone."""
+        await self._run("delete", "--force", container_id, check=False)
+
+    async def state(self, container_id: str) -> str | None:
+        """``created``/``running``/``stopped``/``paused``, or None if unknown."""
+        res = await spawn.run(self._argv("state", container_id))
+        if res.returncode != 0:
+            return None
+        try:
+            status = json.loads(res.stdout).get("status")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        return status if isinstance(status, str) else None
+
+    async def list_ids(self) -> list[str]:
+        """Ids of every container in this runtime's state directory."""
+        out = await self._run("list", "--format", "json", check=False)
+        try:
+            items = json.loads(out or "[]") or []
+        except json.JSONDecodeError:
+            return []
+        return [str(i["id"]) for i in items if isinstance(i, dict) and "id" in i]
+
+
+def _tail(path: str, limit: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def probe_crun(binary: str) -> bool:
+    """Whether crun can run containers on this host (it refuses hybrid cgroup hierarchies)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mounts = f.read()
+    except OSError:
+        return False
+    # crun needs the unified hierarchy at /sys/fs/cgroup with no v1 controllers beside it.
+    lines = [ln.split(" - ")[-1] for ln in mounts.splitlines()]
+    has_v1 = any(ln.startswith("cgroup ") for ln in lines)
+    unified_root = any(
+        " /sys/fs/cgroup " in f" {ln.split()[4]} " and ln.split(" - ")[-1].startswith("cgroup2")
+        for ln in mounts.splitlines()
+        if len(ln.split()) > 4
+    )
+    return bool(shutil.which(binary)) and unified_root and not has_v1
+
+
+def choose(preferred: str | None, state_root: str) -> OciRuntime:
+    """Pick the runtime: ``preferred`` if given, else crun where it works, else runc."""
+    if preferred:
+        path = shutil.which(preferred)
+        if not path:
+            raise RuntimeError_(f"OCI runtime {preferred!r} is not installed")
+        return OciRuntime(path, os.path.join(state_root, os.path.basename(path)))
+    crun = shutil.which("crun")
+    if crun and probe_crun(crun):
+        return OciRuntime(crun, os.path.join(state_root, "crun"))
+    runc = shutil.which("runc") or ("/usr/sbin/runc" if os.path.exists("/usr/sbin/runc") else None)
+    if not runc:
+        raise RuntimeError_("no OCI runtime found: install runc (apt-get install runc)")
+    return OciRuntime(runc, os.path.join(state_root, "runc"))

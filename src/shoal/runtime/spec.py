@@ -1,0 +1,219 @@
+"""OCI runtime spec (``config.json``) for a sandbox.
+
+Defends the host against the sandbox: every namespace (user included, so root
+inside is an unprivileged uid outside), a reduced capability set, no new
+privileges, seccomp, masked and read-only kernel interfaces in /proc and /sys,
+cgroup limits on memory, CPU and process count, and rlimits no higher than
+the host's.  The agent binary and the control directory are the only host
+paths mounted, both read-only.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.runtime import seccomp
+
+AGENT_DIR = "/.shoal/bin"
+"""Where the agent binary appears inside every sandbox."""
+CTL_DIR = "/.shoal/ctl"
+"""Where the reconnection socket appears inside every sandbox."""
+AGENT_PATH = f"{AGENT_DIR}/shoal-agent"
+RECONNECT_SOCKET = f"{CTL_DIR}/agent.sock"
+CTL_FD = 3
+"""The agent's inherited control descriptor (runc ``--preserve-fds 1``)."""
+
+CAPABILITIES = [
+    "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_MKNOD",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYS_CHROOT",
+]
+
+MASKED_PATHS = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/devices/virtual/powercap",
+    "/sys/firmware",
+]
+
+READONLY_PATHS = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+]
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """Sandbox ids 0..size-1 are host ids host_id..host_id+size-1."""
+
+    host_id: int = 100000
+    size: int = 65536
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Limits for one sandbox's cgroup."""
+
+    cpu_request: float | None = None
+    cpu_limit: float | None = None
+    memory_limit_mib: int | None = None
+    pids_limit: int = 1024
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path bind-mounted into the sandbox."""
+
+    source: str
+    destination: str
+    read_only: bool = True
+
+
+@dataclass
+class ContainerConfig:
+    """Everything that differs between sandboxes' specs."""
+
+    container_id: str
+    rootfs: str
+    agent_dir: str
+    ctl_dir: str
+    hostname: str = "sandbox"
+    idmap: IdMap = field(default_factory=IdMap)
+    resources: Resources = field(default_factory=Resources)
+    cgroup_parent: str = "/shoal"
+    binds: list[Bind] = field(default_factory=list)
+    netns_path: str | None = None
+
+
+def _rlimits() -> list[dict[str, Any]]:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nofile = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    nofile = min(nofile, 1 << 20)
+    return [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}]
+
+
+def _resources(r: Resources) -> dict[str, Any]:
+    out: dict[str, Any] = {"pids": {"limit": r.pids_limit}}
+    if r.memory_limit_mib is not None:
+        out["memory"] = {"limit": r.memory_limit_mib << 20}
+    cpu: dict[str, Any] = {}
+    if r.cpu_limit is not None:
+        period = 100_000
+        cpu["period"] = period
+        cpu["quota"] = max(1000, int(r.cpu_limit * period))
+    if r.cpu_request is not None:
+        cpu["shares"] = max(2, int(r.cpu_request * 1024))
+    if cpu:
+        out["cpu"] = cpu
+    return out
+
+
+def build(cfg: ContainerConfig) -> dict[str, Any]:
+    """The complete ``config.json`` for one sandbox."""
+    mounts: list[dict[str, Any]] = [
+        {
+            "destination": "/proc",
+            "type": "proc",
+            "source": "proc",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+        {
+            "destination": AGENT_DIR,
+            "type": "bind",
+            "source": cfg.agent_dir,
+            "options": ["bind", "ro", "nosuid", "nodev"],
+        },
+        {
+            "destination": CTL_DIR,
+            "type": "bind",
+            "source": cfg.ctl_dir,
+            "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
+        },
+    ]
+    for b in cfg.binds:
+        opts = ["rbind", "nosuid", "nodev", "ro" if b.read_only else "rw"]
+        mounts.append({"destination": b.destination, "type": "bind", "source": b.source, "options": opts})
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user", "cgroup")]
+    namespaces.append({"type": "network", "path": cfg.netns_path} if cfg.netns_path else {"type": "network"})
+    idmap = [{"containerID": 0, "hostID": cfg.idmap.host_id, "size": cfg.idmap.size}]
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": [AGENT_PATH, "--fd", str(CTL_FD), "--reconnect", RECONNECT_SOCKET],
+            "env": [f"PATH={DEFAULT_PATH}"],
+            "cwd": "/",
+            "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
+            "rlimits": _rlimits(),
+            "noNewPrivileges": True,
+        },
+        "root": {"path": cfg.rootfs, "readonly": False},
+        "hostname": cfg.hostname,
+        "mounts": mounts,
+        "linux": {
+            "uidMappings": idmap,
+            "gidMappings": idmap,
+            "namespaces": namespaces,
+            "resources": _resources(cfg.resources),
+            "cgroupsPath": f"{cfg.cgroup_parent}/{cfg.container_id}",
+            "seccomp": seccomp.profile(),
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
+        },
+    }

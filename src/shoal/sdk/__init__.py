@@ -1,0 +1,1 @@
+"""The client SDK: Modal's object model over the daemon's API."""

@@ -1,0 +1,38 @@
+"""``enable_output()``: show image build logs and progress while a block runs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+
+_console: Console | None = None
+
+
+@contextlib.contextmanager
+def enable_output(show_progress: bool = True) -> Iterator[None]:
+    """Print image build logs (and other daemon progress) while the block runs.
+
+    Examples:
+        with shoal.enable_output():
+            sb = shoal.Sandbox.create(app=app)
+    """
+    global _console
+    previous = _console
+    _console = Console(stderr=True, highlight=False) if show_progress else None
+    try:
+        yield
+    finally:
+        _console = previous
+
+
+def log_line(line: str) -> None:
+    """Show a progress line if output is enabled."""
+    if _console is not None:
+        _console.print(line, markup=False)
+
+
+def is_enabled() -> bool:
+    """Whether ``enable_output()`` is active."""
+    return _console is not None

@@ -1,0 +1,461 @@
+"""``Sandbox``: an isolated container created at run time, with Modal's API."""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Collection, Sequence
+from typing import Any, Literal, cast
+
+from shoal.exception import (
+    ClientClosed,
+    DeprecationError,
+    InvalidError,
+    SandboxTerminatedError,
+    SandboxTimeoutError,
+    UnimplementedError,
+)
+from shoal.sdk._sync import live_function, live_generator, live_method
+from shoal.sdk.app import App
+from shoal.sdk.image import Image
+from shoal.sdk.process import ContainerProcess
+from shoal.sdk.secret import Secret
+from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
+from shoal.sdk.transport import Client, default_client
+
+ARG_MAX_BYTES = 1 << 16
+ENTRYPOINT_STDIN_LIMIT = 2 << 20
+WAIT_SECONDS = 10
+
+
+def _check_args(args: Sequence[Any], what: str) -> list[str]:
+    for a in args:
+        if not isinstance(a, str):
+            raise InvalidError(f"{what} arguments must be strings, got {type(a).__name__}: {a!r}")
+    total = sum(len(a.encode()) + 1 for a in args)
+    if total > ARG_MAX_BYTES:
+        raise InvalidError(f"{what} arguments total {total} bytes; the limit is {ARG_MAX_BYTES}")
+    return list(args)
+
+
+def _check_workdir(workdir: str | None) -> None:
+    if workdir is not None and not (isinstance(workdir, str) and workdir.startswith("/")):
+        raise InvalidError(f"workdir must be an absolute path (starting with '/'), got {workdir!r}")
+
+
+def _merge_env(
+    env: dict[str, str | None] | None, secrets: Collection[Secret] | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    secret_env: dict[str, str] = {}
+    for s in secrets or ():
+        if not isinstance(s, Secret):
+            raise InvalidError(f"secrets must be shoal.Secret objects, got {type(s).__name__}")
+        secret_env.update(s._as_env())
+    plain: dict[str, str] = {}
+    for k, v in (env or {}).items():
+        if v is None:
+            continue
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidError(f"env values must be str (or None); {k!r} has {type(v).__name__}")
+        plain[k] = v
+    return plain, secret_env
+
+
+def _resources(value: float | tuple[float, float] | None, what: str) -> tuple[float | None, float | None]:
+    if value is None:
+        return None, None
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise InvalidError(f"{what} must be a number or a (request, limit) tuple")
+        request, limit = value
+        if limit < request:
+            raise InvalidError(f"{what} limit ({limit}) must not be below the request ({request})")
+        return request, limit
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidError(f"{what} must be a number or a (request, limit) tuple, got {type(value).__name__}")
+    return value, None
+
+
+def _not_supported(name: str, why: str) -> InvalidError:
+    return InvalidError(f"Sandbox.create({name}=...) is not supported by this shoal version: {why}")
+
+
+class Sandbox:
+    """An isolated container.
+
+    Examples:
+        app = shoal.App.lookup("sandbox-app", create_if_missing=True)
+        sb = shoal.Sandbox.create(app=app)
+        p = sb.exec("python", "-c", "print('Hello!')")
+        print(p.stdout.read())
+        sb.terminate()
+    """
+
+    def __init__(self, client: Client, sandbox_id: str, info: dict[str, Any] | None = None) -> None:
+        self._client = client
+        self._id = sandbox_id
+        self._info = info or {}
+        self._returncode: int | None = None
+        self._result: dict[str, Any] | None = None
+        self._detached = False
+        if info:
+            self._absorb(info)
+        base = f"/v1/sandboxes/{sandbox_id}/execs/entrypoint"
+        self._stdout: StreamReader[str] = StreamReader(client, f"{base}/output/1", 1, text=True, by_line=True)
+        self._stderr: StreamReader[str] = StreamReader(client, f"{base}/output/2", 2, text=True, by_line=True)
+        self._stdin = StreamWriter(client, f"{base}/stdin", ENTRYPOINT_STDIN_LIMIT)
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self._id})"
+
+    def _absorb(self, info: dict[str, Any]) -> None:
+        self._info = info
+        if info.get("result"):
+            self._result = info["result"]
+            self._returncode = info.get("returncode")
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise ClientClosed("Unable to perform operation on a detached sandbox")
+
+    @property
+    def object_id(self) -> str:
+        """The sandbox's id (``sb-…``)."""
+        return self._id
+
+    @property
+    def returncode(self) -> int | None:
+        """The return code once finished (124 timeout, 137 terminated), else None."""
+        return self._returncode
+
+    @property
+    def stdout(self) -> StreamReader[str]:
+        """The entrypoint's output, line by line."""
+        self._check_attached()
+        return self._stdout
+
+    @property
+    def stderr(self) -> StreamReader[str]:
+        """The entrypoint's error output, line by line."""
+        self._check_attached()
+        return self._stderr
+
+    @property
+    def stdin(self) -> StreamWriter:
+        """The entrypoint's standard input."""
+        self._check_attached()
+        return self._stdin
+
+    # ------------------------------------------------------------------ create and find
+
+    @live_function
+    async def create(  # static: Sandbox.create(...)
+        *args: str,
+        app: App | None = None,
+        name: str | None = None,
+        tags: dict[str, str] | None = None,
+        image: Image | None = None,
+        env: dict[str, str | None] | None = None,
+        secrets: Collection[Secret] | None = None,
+        network_file_systems: dict[Any, Any] | None = None,
+        timeout: int = 300,
+        idle_timeout: int | None = None,
+        workdir: str | None = None,
+        gpu: str | None = None,
+        cloud: str | None = None,
+        region: str | Sequence[str] | None = None,
+        cpu: float | tuple[float, float] | None = None,
+        memory: int | tuple[int, int] | None = None,
+        block_network: bool = False,
+        outbound_cidr_allowlist: Sequence[str] | None = None,
+        outbound_domain_allowlist: Sequence[str] | None = None,
+        inbound_cidr_allowlist: Sequence[str] | None = None,
+        volumes: dict[Any, Any] | None = None,
+        pty: bool = False,
+        encrypted_ports: Sequence[int] = (),
+        h2_ports: Sequence[int] = (),
+        unencrypted_ports: Sequence[int] = (),
+        custom_domain: str | None = None,
+        proxy: Any = None,
+        include_oidc_identity_token: bool = False,
+        readiness_probe: Any = None,
+        verbose: bool = False,
+        experimental_options: dict[str, Any] | None = None,
+        _experimental_enable_snapshot: bool = False,
+        restrict_modal_access: bool = False,
+        client: Any = None,
+        environment_name: str | None = None,
+        pty_info: Any = None,
+        cidr_allowlist: Sequence[str] | None = None,
+    ) -> Sandbox:
+        """Create a sandbox; with no command it stays up until ``timeout`` (create-then-exec)."""
+        argv = _check_args(args, "Sandbox.create")
+        if app is None:
+            raise InvalidError("Sandboxes require an App: pass app=shoal.App.lookup('my-app', create_if_missing=True)")
+        if not isinstance(app, App):
+            raise InvalidError(f"app must be a shoal.App, got {type(app).__name__}")
+        if app.app_id is None:
+            raise ValueError(
+                "App has not been initialized yet. Use App.lookup(...) or run the app (`with app.run():`)"
+                " before creating sandboxes in it."
+            )
+        _check_workdir(workdir)
+        if not isinstance(timeout, int) or isinstance(timeout, bool):
+            raise InvalidError(f"timeout must be an integer number of seconds, got {timeout!r}")
+        if idle_timeout is not None and (not isinstance(idle_timeout, int) or isinstance(idle_timeout, bool)):
+            raise InvalidError(f"idle_timeout must be an integer number of seconds, got {idle_timeout!r}")
+        if environment_name is not None:
+            warnings.warn(
+                "Sandbox.create(environment_name=...) is deprecated (2025-01-01): the app decides the environment",
+                DeprecationError,
+                stacklevel=3,
+            )
+        if pty_info is not None:
+            warnings.warn("pty_info is deprecated (2025-06-01); use pty=True", DeprecationError, stacklevel=3)
+            pty = True
+        if cidr_allowlist is not None:
+            warnings.warn(
+                "cidr_allowlist is deprecated (2025-08-01); use outbound_cidr_allowlist",
+                DeprecationError,
+                stacklevel=3,
+            )
+            if outbound_cidr_allowlist is not None:
+                raise InvalidError("pass only one of cidr_allowlist and outbound_cidr_allowlist")
+            outbound_cidr_allowlist = cidr_allowlist
+        if block_network and (encrypted_ports or h2_ports or unencrypted_ports):
+            raise InvalidError("Cannot specify open ports when `block_network` is enabled")
+        if block_network and (outbound_cidr_allowlist or outbound_domain_allowlist or inbound_cidr_allowlist):
+            raise InvalidError("Cannot specify network allowlists when `block_network` is enabled")
+        if isinstance(gpu, list):
+            raise InvalidError("gpu must be a string such as 'A100' or 'H100:2'; lists are not supported for sandboxes")
+        if gpu is not None:
+            raise _not_supported("gpu", "GPU passthrough is not available yet; create the sandbox without gpu=")
+        unsupported = {
+            "network_file_systems": bool(network_file_systems),
+            "volumes": bool(volumes),
+            "cloud": cloud is not None,
+            "region": region is not None,
+            "outbound_cidr_allowlist": outbound_cidr_allowlist is not None,
+            "outbound_domain_allowlist": outbound_domain_allowlist is not None,
+            "inbound_cidr_allowlist": inbound_cidr_allowlist is not None,
+            "encrypted_ports": bool(encrypted_ports),
+            "h2_ports": bool(h2_ports),
+            "unencrypted_ports": bool(unencrypted_ports),
+            "custom_domain": custom_domain is not None,
+            "proxy": proxy is not None,
+            "include_oidc_identity_token": include_oidc_identity_token,
+            "readiness_probe": readiness_probe is not None,
+            "verbose": verbose,
+            "_experimental_enable_snapshot": _experimental_enable_snapshot,
+            "pty": pty,
+        }
+        for key, given in unsupported.items():
+            if given:
+                raise _not_supported(key, "this feature is not implemented yet; leave it unset")
+        cpu_req, cpu_lim = _resources(cpu, "cpu")
+        mem_req, mem_lim = _resources(memory, "memory")
+        plain_env, secret_env = _merge_env(env, secrets)
+        c = default_client()
+        image_id = await (image or Image.debian_slim())._resolve(c)
+        body: dict[str, Any] = {
+            "app_id": app.app_id,
+            "args": argv,
+            "image": {"kind": "id", "image_id": image_id},
+            "name": name,
+            "tags": dict(tags or {}),
+            "env": plain_env,
+            "secret_env": secret_env,
+            "timeout": timeout,
+            "idle_timeout": idle_timeout,
+            "workdir": workdir,
+            "cpu": cpu_req,
+            "cpu_limit": cpu_lim,
+            "memory": None if mem_req is None else int(mem_req),
+            "memory_limit": None if mem_lim is None else int(mem_lim),
+            "block_network": block_network,
+        }
+        info = await c.request("POST", "/v1/sandboxes", json_body=body, idempotent=False)
+        return Sandbox(c, info["sandbox_id"], info)
+
+    @live_function
+    async def from_id(sandbox_id: str, client: Any = None) -> Sandbox:  # static
+        """A handle to an existing sandbox (running or finished)."""
+        c = default_client()
+        info = await c.request("GET", f"/v1/sandboxes/{sandbox_id}")
+        return Sandbox(c, sandbox_id, info)
+
+    @live_function
+    async def from_name(  # static
+        app_name: str, name: str, *, environment_name: str | None = None, client: Any = None
+    ) -> Sandbox:
+        """The running sandbox called ``name`` in the app called ``app_name``."""
+        c = default_client()
+        info = await c.request("GET", f"/v1/apps/by-name/{app_name}/sandboxes/{name}")
+        return Sandbox(c, info["sandbox_id"], info)
+
+    @live_generator
+    async def list(  # static
+        *, app_id: str | None = None, tags: dict[str, str] | None = None, client: Any = None
+    ) -> AsyncIterator[Sandbox]:
+        """Running sandboxes, newest first (of one app, with at least ``tags``)."""
+        c = default_client()
+        params: list[tuple[str, str]] = []
+        if app_id:
+            params.append(("app_id", app_id))
+        for k, v in (tags or {}).items():
+            params.append(("tag", f"{k}={v}"))
+        resp = await c.request("GET", "/v1/sandboxes", params=params)
+        for info in resp["sandboxes"]:
+            yield Sandbox(c, info["sandbox_id"], info)
+
+    # ------------------------------------------------------------------ processes
+
+    async def _exec(
+        self,
+        *args: str,
+        stdout: StreamType = StreamType.PIPE,
+        stderr: StreamType = StreamType.PIPE,
+        timeout: int | None = None,
+        workdir: str | None = None,
+        env: dict[str, str | None] | None = None,
+        secrets: Collection[Secret] | None = None,
+        text: bool = True,
+        bufsize: Literal[-1, 1] = -1,
+        pty: bool = False,
+        pty_info: Any = None,
+        _pty_info: Any = None,
+    ) -> ContainerProcess[Any]:
+        self._check_attached()
+        argv = _check_args(args, "exec")
+        if not argv:
+            raise InvalidError("exec needs a command, e.g. sb.exec('ls', '-l')")
+        _check_workdir(workdir)
+        if bufsize == 1 and not text:
+            raise ValueError("line-buffering is only supported when text=True")
+        if bufsize not in (-1, 1):
+            raise InvalidError("bufsize must be -1 (chunks) or 1 (lines)")
+        if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0):
+            raise InvalidError(f"exec timeout must be a positive integer number of seconds, got {timeout!r}")
+        for s in (stdout, stderr):
+            if not isinstance(s, StreamType):
+                raise InvalidError(f"stdout/stderr must be a shoal.StreamType, got {s!r}")
+        if pty_info is not None or _pty_info is not None:
+            warnings.warn("pty_info is deprecated (2025-06-01); use pty=True", DeprecationError, stacklevel=3)
+            pty = True
+        plain_env, secret_env = _merge_env(env, secrets)
+        exec_id = str(uuid.uuid4())
+        body = {
+            "exec_id": exec_id,
+            "args": argv,
+            "workdir": workdir,
+            "env": plain_env,
+            "secret_env": secret_env,
+            "timeout": timeout,
+            "stdout": "devnull" if stdout == StreamType.DEVNULL else "pipe",
+            "stderr": "devnull" if stderr == StreamType.DEVNULL else "pipe",
+            "pty": pty,
+        }
+        # exec is idempotent on exec_id, so a lost connection can be retried.
+        await self._client.request("POST", f"/v1/sandboxes/{self._id}/execs", json_body=body)
+        return ContainerProcess(
+            self._client,
+            self._id,
+            exec_id,
+            text=text,
+            by_line=bufsize == 1,
+            stdout=stdout,
+            stderr=stderr,
+        )
+
+    exec = live_method(_exec)
+    """Run a command in the sandbox; returns at once with a ``ContainerProcess``.
+
+    Examples:
+        p = sb.exec("bash", "-c", "echo hi; exit 3")
+        p.wait()            # 3
+        p.stdout.read()     # "hi\\n"
+    """
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _wait_once(self, timeout: float) -> dict[str, Any]:
+        info = await self._client.request("GET", f"/v1/sandboxes/{self._id}/wait", params={"timeout": str(timeout)})
+        self._absorb(info)
+        return cast(dict[str, Any], info)
+
+    @live_method
+    async def wait(self, raise_on_termination: bool = True) -> None:
+        """Wait for the sandbox to finish.
+
+        Raises SandboxTimeoutError after its timeout (always) and
+        SandboxTerminatedError after terminate() (unless ``raise_on_termination=False``).
+        """
+        while self._result is None:
+            await self._wait_once(WAIT_SECONDS)
+        status = self._result["status"]
+        if status == "timeout":
+            raise SandboxTimeoutError(self._result.get("message") or "Sandbox timed out")
+        if status == "terminated" and raise_on_termination:
+            raise SandboxTerminatedError(self._result.get("message") or "Sandbox terminated")
+
+    @live_method
+    async def poll(self) -> int | None:
+        """The return code if finished, else None."""
+        if self._result is None:
+            await self._wait_once(0)
+        return self._returncode
+
+    @live_method
+    async def terminate(self, *, wait: bool = False) -> int | None:
+        """Stop the sandbox now (its return code becomes 137); ``wait=True`` returns that code."""
+        if self._result is None:
+            info = await self._client.request("POST", f"/v1/sandboxes/{self._id}/terminate")
+            self._absorb(info)
+        if wait:
+            while self._result is None:
+                await self._wait_once(WAIT_SECONDS)
+            return self._returncode
+        return None
+
+    def detach(self) -> None:
+        """Forget the connection to this sandbox; afterwards only wait/poll/terminate work."""
+        self._detached = True
+
+    @live_method
+    async def get_tags(self) -> dict[str, str]:
+        """The sandbox's tags."""
+        info = await self._client.request("GET", f"/v1/sandboxes/{self._id}")
+        self._absorb(info)
+        return dict(info["tags"])
+
+    @live_method
+    async def set_tags(self, tags: dict[str, str], *, client: Any = None) -> None:
+        """Replace the sandbox's tags (``{}`` clears them)."""
+        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise InvalidError("tags must be a dict of str to str")
+        await self._client.request("PUT", f"/v1/sandboxes/{self._id}/tags", json_body={"tags": tags})
+
+    # ------------------------------------------------------------------ not yet
+
+    def _later(self, what: str) -> UnimplementedError:
+        return UnimplementedError(f"{what} is not supported by this shoal version yet")
+
+    @live_method
+    async def tunnels(self, timeout: int = 50) -> dict[int, Any]:
+        """Tunnels to the sandbox's ports."""
+        raise self._later("sb.tunnels()")
+
+    @live_method
+    async def snapshot_filesystem(self, timeout: int = 55, *, ttl: int | None = 30 * 24 * 3600) -> Image:
+        """A new image holding the sandbox's filesystem."""
+        raise self._later("sb.snapshot_filesystem()")
+
+    @live_method
+    async def reload_volumes(self, *, timeout: int = 55) -> None:
+        """Pick up the latest committed state of mounted volumes."""
+        raise self._later("sb.reload_volumes()")
+
+    @live_method
+    async def wait_until_ready(self, *, timeout: int = 300) -> None:
+        """Wait for the readiness probe."""
+        raise self._later("sb.wait_until_ready()")

@@ -1,0 +1,78 @@
+"""``shoal serve``: start-up, the listeners, and graceful shutdown.
+
+Shutdown stops accepting requests and closes agent connections without
+touching sandboxes: they keep running and the next daemon re-adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+
+from aiohttp import web
+
+from shoal.config import Config
+from shoal.engine.manager import Manager
+from shoal.server.app import build_app
+
+log = logging.getLogger(__name__)
+
+
+def load_token(cfg: Config) -> str:
+    """The TCP bearer token, created (0600) on first use."""
+    path = cfg.token_path
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT."""
+    manager = Manager(cfg)
+    await manager.start()
+    token = load_token(cfg)
+    runner = web.AppRunner(build_app(manager, token), handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    sock_path = cfg.socket
+    sock_path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        sock_path.unlink()
+    old_umask = os.umask(0o177)
+    try:
+        site: web.BaseSite = web.UnixSite(runner, str(sock_path))
+        await site.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(sock_path, 0o600)
+    if cfg.tcp_port is not None:
+        tcp = web.TCPSite(runner, cfg.tcp_host or "127.0.0.1", cfg.tcp_port)
+        await tcp.start()
+        log.info(
+            "listening on http://%s:%d (bearer token in %s)",
+            cfg.tcp_host or "127.0.0.1",
+            cfg.tcp_port,
+            cfg.token_path,
+        )
+    log.info("shoal daemon ready on %s (runtime %s)", sock_path, manager.runtime.name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down; sandboxes keep running")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        await manager.close()
+        with contextlib.suppress(FileNotFoundError):
+            sock_path.unlink()

@@ -1,0 +1,141 @@
+"""Route table: each handler declares its method, path, body and response models once.
+
+The same table drives request validation and the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class Route:
+    """One API operation."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    body: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    query: dict[str, str] = field(default_factory=dict)
+    """Query parameter name → description."""
+    content_type: str = "application/json"
+    raw_body: bool = False
+
+
+ROUTES: list[Route] = []
+
+
+def route(
+    method: str,
+    path: str,
+    *,
+    summary: str,
+    body: type[BaseModel] | None = None,
+    response: type[BaseModel] | None = None,
+    query: dict[str, str] | None = None,
+    content_type: str = "application/json",
+    raw_body: bool = False,
+) -> Callable[[Handler], Handler]:
+    """Register a handler ``async def h(request, [body]) -> model | dict | StreamResponse``."""
+
+    def register(fn: Handler) -> Handler:
+        ROUTES.append(Route(method, path, fn, summary, body, response, query or {}, content_type, raw_body))
+        return fn
+
+    return register
+
+
+def openapi(version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for every registered route."""
+    paths: dict[str, dict[str, Any]] = {}
+    schemas: dict[str, Any] = {}
+
+    def ref(model: type[BaseModel]) -> dict[str, str]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in schema.pop("$defs", {}).items():
+            schemas[name] = sub
+        schemas[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    for r in ROUTES:
+        op: dict[str, Any] = {
+            "summary": r.summary,
+            "operationId": r.handler.__name__,
+            "responses": {
+                "default": {
+                    "description": "error",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+            },
+        }
+        params = [
+            {"name": seg.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
+            for seg in r.path.split("/")
+            if seg.startswith("{")
+        ]
+        params += [
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": desc,
+                "schema": {"type": "string"},
+            }
+            for name, desc in r.query.items()
+        ]
+        if params:
+            op["parameters"] = params
+        if r.body is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(r.body)}},
+            }
+        elif r.raw_body:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        ok: dict[str, Any] = {"description": "ok"}
+        if r.response is not None:
+            ok["content"] = {"application/json": {"schema": ref(r.response)}}
+        elif r.content_type != "application/json":
+            ok["content"] = {r.content_type: {"schema": {"type": "string", "format": "binary"}}}
+        else:
+            ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+        op["responses"]["200"] = ok
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    schemas["Error"] = {
+        "type": "object",
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+                "required": ["type", "message"],
+            }
+        },
+        "required": ["error"],
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "shoal daemon API", "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def install(app: web.Application, wrap: Callable[[Route], Handler]) -> None:
+    """Add every route to an aiohttp application, each wrapped by ``wrap``."""
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, wrap(r))

@@ -1,0 +1,348 @@
+"""The daemon's HTTP operations.  Thin: parse, call the engine, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from typing import Any
+
+from aiohttp import web
+
+from shoal import __version__ as version
+from shoal.engine.manager import Manager
+from shoal.engine.models import (
+    AppCreate,
+    AppLookup,
+    CreateSandbox,
+    ExecInfo,
+    ExecRequest,
+    ImageRef,
+    ImportRootfs,
+    SandboxInfo,
+    TagsUpdate,
+    WaitResult,
+)
+from shoal.exception import Error, InvalidError
+from shoal.server import errors
+from shoal.server.registry import openapi, route
+
+MANAGER = web.AppKey("manager", Manager)
+MAX_WAIT = 60.0
+
+
+def _mgr(request: web.Request) -> Manager:
+    return request.app[MANAGER]
+
+
+def _float(request: web.Request, name: str, default: float, high: float) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidError(f"query parameter {name} must be a number, got {raw!r}") from None
+    return max(0.0, min(value, high))
+
+
+def _int(request: web.Request, name: str, default: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidError(f"query parameter {name} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise InvalidError(f"query parameter {name} must not be negative")
+    return value
+
+
+# ------------------------------------------------------------------ meta
+
+
+@route("GET", "/openapi.json", summary="This API's OpenAPI document")
+async def get_openapi(request: web.Request) -> dict[str, Any]:
+    return openapi(version)
+
+
+@route("GET", "/v1/status", summary="Daemon status")
+async def status(request: web.Request) -> dict[str, Any]:
+    mgr = _mgr(request)
+    running = [sb for sb in mgr.sandboxes.values() if sb.state == "running"]
+    return {
+        "version": version,
+        "pid": os.getpid(),
+        "runtime": mgr.runtime.name,
+        "runtime_path": mgr.runtime.binary,
+        "data_dir": str(mgr.cfg.data_dir),
+        "socket": str(mgr.cfg.socket),
+        "sandboxes_running": len(running),
+        "images": [
+            {"image_id": row.id, "kind": row.recipe.get("kind"), "created_at": row.created_at}
+            for row in mgr.images.list()
+        ],
+        "idmap": {"host_id": mgr.cfg.idmap.host_id, "size": mgr.cfg.idmap.size},
+    }
+
+
+# ------------------------------------------------------------------ apps
+
+
+@route("POST", "/v1/apps/lookup", summary="Find an app by name (App.lookup)", body=AppLookup)
+async def lookup_app(request: web.Request, body: AppLookup) -> dict[str, Any]:
+    app_id, name = _mgr(request).lookup_app(body.name, body.create_if_missing)
+    return {"app_id": app_id, "name": name}
+
+
+@route("POST", "/v1/apps", summary="Create an ephemeral app (app.run())", body=AppCreate)
+async def create_app(request: web.Request, body: AppCreate) -> dict[str, Any]:
+    return {"app_id": _mgr(request).create_ephemeral_app(body.name), "name": body.name}
+
+
+@route("POST", "/v1/apps/{app_id}/stop", summary="Stop an ephemeral app and its sandboxes")
+async def stop_app(request: web.Request) -> dict[str, Any]:
+    await _mgr(request).stop_app(request.match_info["app_id"])
+    return {}
+
+
+# ------------------------------------------------------------------ images
+
+
+@route(
+    "POST",
+    "/v1/images/resolve",
+    summary="Resolve (and build if needed) an image; streams build logs as NDJSON",
+    body=ImageRef,
+    content_type="application/x-ndjson",
+)
+async def resolve_image(request: web.Request, body: ImageRef) -> web.StreamResponse:
+    mgr = _mgr(request)
+    lines: asyncio.Queue[str] = asyncio.Queue()
+    task = asyncio.create_task(mgr.images.resolve(body, lines.put_nowait))
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    while not task.done() or not lines.empty():
+        getter = asyncio.ensure_future(lines.get())
+        await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            await resp.write(json.dumps({"log": getter.result()}).encode() + b"\n")
+        else:
+            getter.cancel()
+    try:
+        image_id, cfg = task.result()
+        final: dict[str, Any] = {"image_id": image_id, "python": cfg.python}
+    except Exception as exc:
+        final = errors.body_for(exc)
+    await resp.write(json.dumps(final).encode() + b"\n")
+    await resp.write_eof()
+    return resp
+
+
+@route(
+    "POST",
+    "/v1/images/import",
+    summary="Import a root filesystem directory of the host as an image",
+    body=ImportRootfs,
+)
+async def import_image(request: web.Request, body: ImportRootfs) -> dict[str, Any]:
+    return {"image_id": await _mgr(request).images.import_rootfs(body)}
+
+
+@route("GET", "/v1/images", summary="List images")
+async def list_images(request: web.Request) -> dict[str, Any]:
+    mgr = _mgr(request)
+    return {
+        "images": [
+            {
+                "image_id": r.id,
+                "recipe": r.recipe,
+                "created_at": r.created_at,
+                "layers": r.config.get("layers", []),
+            }
+            for r in mgr.images.list()
+        ]
+    }
+
+
+# ------------------------------------------------------------------ sandboxes
+
+
+@route("POST", "/v1/sandboxes", summary="Create a sandbox", body=CreateSandbox, response=SandboxInfo)
+async def create_sandbox(request: web.Request, body: CreateSandbox) -> SandboxInfo:
+    sb = await _mgr(request).create(body, lambda line: None)
+    return sb.info()
+
+
+@route(
+    "GET",
+    "/v1/sandboxes",
+    summary="List sandboxes, newest first",
+    query={
+        "app_id": "only this app's",
+        "tag": "key=value; repeat for several (all must match)",
+        "include_finished": "1 to include finished sandboxes",
+    },
+)
+async def list_sandboxes(request: web.Request) -> dict[str, Any]:
+    tags: dict[str, str] = {}
+    for item in request.query.getall("tag", []):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidError(f"tag filter {item!r} must be key=value")
+        tags[key] = value
+    include = request.query.get("include_finished", "") in ("1", "true")
+    items = _mgr(request).list(request.query.get("app_id"), tags, include)
+    return {"sandboxes": [i.model_dump() for i in items]}
+
+
+@route("GET", "/v1/sandboxes/{sandbox_id}", summary="One sandbox", response=SandboxInfo)
+async def get_sandbox(request: web.Request) -> SandboxInfo:
+    return _mgr(request).get(request.match_info["sandbox_id"]).info()
+
+
+@route(
+    "GET",
+    "/v1/sandboxes/{sandbox_id}/wait",
+    summary="Wait (long poll) until the sandbox finishes",
+    response=SandboxInfo,
+    query={"timeout": "seconds to wait at most (default 10, at most 60)"},
+)
+async def wait_sandbox(request: web.Request) -> SandboxInfo:
+    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    timeout = _float(request, "timeout", 10.0, MAX_WAIT)
+    if not sb.finished.is_set() and timeout > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sb.finished.wait(), timeout)
+    return sb.info()
+
+
+@route(
+    "POST",
+    "/v1/sandboxes/{sandbox_id}/terminate",
+    summary="Terminate a sandbox",
+    response=SandboxInfo,
+)
+async def terminate_sandbox(request: web.Request) -> SandboxInfo:
+    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    await sb.terminate()
+    return sb.info()
+
+
+@route("PUT", "/v1/sandboxes/{sandbox_id}/tags", summary="Replace a sandbox's tags", body=TagsUpdate)
+async def set_tags(request: web.Request, body: TagsUpdate) -> dict[str, Any]:
+    _mgr(request).set_tags(request.match_info["sandbox_id"], body.tags)
+    return {"tags": body.tags}
+
+
+@route(
+    "GET",
+    "/v1/apps/by-name/{app_name}/sandboxes/{name}",
+    summary="The running sandbox with this name (Sandbox.from_name)",
+    response=SandboxInfo,
+)
+async def sandbox_by_name(request: web.Request) -> SandboxInfo:
+    return _mgr(request).from_name(request.match_info["app_name"], request.match_info["name"]).info()
+
+
+# ------------------------------------------------------------------ processes
+
+
+@route(
+    "POST",
+    "/v1/sandboxes/{sandbox_id}/execs",
+    summary="Start a process",
+    body=ExecRequest,
+    response=ExecInfo,
+)
+async def create_exec(request: web.Request, body: ExecRequest) -> ExecInfo:
+    mgr = _mgr(request)
+    sandbox_id = request.match_info["sandbox_id"]
+    proc = await mgr.exec(sandbox_id, body)
+    return mgr.get(sandbox_id).exec_info(proc)
+
+
+@route("GET", "/v1/sandboxes/{sandbox_id}/execs", summary="List a sandbox's processes")
+async def list_execs(request: web.Request) -> dict[str, Any]:
+    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    return {"execs": [sb.exec_info(p).model_dump() for p in sb.processes.values()]}
+
+
+@route("GET", "/v1/sandboxes/{sandbox_id}/execs/{exec_id}", summary="One process", response=ExecInfo)
+async def get_exec(request: web.Request) -> ExecInfo:
+    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    return sb.exec_info(sb.process(request.match_info["exec_id"]))
+
+
+@route(
+    "GET",
+    "/v1/sandboxes/{sandbox_id}/execs/{exec_id}/wait",
+    summary="Wait (long poll) for a process to end",
+    response=WaitResult,
+    query={"timeout": "seconds to wait at most (default 10, at most 60); 0 polls"},
+)
+async def wait_exec(request: web.Request) -> WaitResult:
+    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    proc = sb.process(request.match_info["exec_id"])
+    timeout = _float(request, "timeout", 10.0, MAX_WAIT)
+    if not proc.exited and timeout > 0:
+        await proc.wait(timeout)
+    return WaitResult(done=proc.exited, returncode=proc.returncode)
+
+
+@route(
+    "GET",
+    "/v1/sandboxes/{sandbox_id}/execs/{exec_id}/output/{fd}",
+    summary="Stream a process's stdout (fd 1) or stderr (fd 2) from a byte offset until it ends",
+    query={"offset": "first byte to send (default 0)"},
+    content_type="application/octet-stream",
+)
+async def read_output(request: web.Request) -> web.StreamResponse:
+    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    proc = sb.process(request.match_info["exec_id"])
+    fd = request.match_info["fd"]
+    if fd not in ("1", "2"):
+        raise InvalidError("fd must be 1 (stdout) or 2 (stderr)")
+    stream = proc.streams[int(fd) - 1]
+    offset = _int(request, "offset", 0)
+    resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "X-Shoal-Offset": str(offset)})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    while True:
+        data = stream.read(offset)
+        if data:
+            await resp.write(data)
+            offset += len(data)
+            continue
+        if stream.eof:
+            break
+        await stream.wait(offset, None)
+    await resp.write_eof()
+    return resp
+
+
+@route(
+    "POST",
+    "/v1/sandboxes/{sandbox_id}/execs/{exec_id}/stdin",
+    summary="Write to a process's stdin; offsets make retries safe",
+    query={
+        "offset": "stream offset of the first byte in the body",
+        "eof": "1 to close stdin after the body",
+    },
+    raw_body=True,
+)
+async def write_stdin(request: web.Request) -> dict[str, Any]:
+    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    offset = _int(request, "offset", 0)
+    eof = request.query.get("eof", "") in ("1", "true")
+    data = await request.read()
+    next_offset = await sb.write_stdin(request.match_info["exec_id"], offset, data, eof)
+    return {"offset": next_offset}
+
+
+def error_response(exc: BaseException) -> web.Response:
+    """A JSON error response for ``exc``."""
+    status = errors.status_for(exc) if isinstance(exc, Error) else 500
+    return web.json_response(errors.body_for(exc), status=status)

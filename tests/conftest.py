@@ -1,0 +1,237 @@
+"""Fixtures: a real daemon on temporary directories, apps, sandboxes that always clean up, and a leak check.
+
+The daemon under test uses its own data dir, runtime dir and cgroup parent,
+and reads the base image from the machine's image store (prepared by
+``make setup``) read-only, so tests do not rebuild it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MACHINE_IMAGES = Path("/var/lib/shoal/images")
+
+
+@dataclass
+class Daemon:
+    """A shoal daemon process started by the tests."""
+
+    root: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def socket(self) -> Path:
+        return self.runtime_dir / "shoald.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "daemon.log"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return self.env["SHOAL_CGROUP_PARENT"]
+
+    def start(self, *extra: str) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "daemon already running"
+        log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shoal", "serve", *extra],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited at start:\n{self.log.read_text()[-3000:]}")
+            if self.socket.exists() and "daemon ready" in self.log.read_text():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon did not become ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig)
+        self.start()
+
+
+def _daemon_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        SHOAL_DATA_DIR=str(root / "data"),
+        SHOAL_RUNTIME_DIR=str(root / "run"),
+        SHOAL_CGROUP_PARENT=f"/shoal-test-{os.getpid()}-{root.name[-6:]}",
+        SHOAL_NO_AUTOSTART="1",
+        PYTHONPATH=str(REPO / "src"),
+    )
+    if MACHINE_IMAGES.is_dir():
+        env["SHOAL_IMAGE_CACHE"] = str(MACHINE_IMAGES)
+    env.pop("SHOAL_URL", None)
+    env.pop("SHOAL_SOCKET", None)
+    return env
+
+
+def sandbox_uid_processes() -> set[int]:
+    """Pids of processes running as the sandbox uid (any daemon's)."""
+    pids = set()
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            status = (pid_dir / "status").read_text()
+        except OSError:
+            continue
+        uid_line = next((ln for ln in status.splitlines() if ln.startswith("Uid:")), "")
+        if uid_line and uid_line.split()[1] == "100000":
+            pids.add(int(pid_dir.name))
+    return pids
+
+
+def leaks(d: Daemon, before: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """Anything a daemon's sandboxes left behind: containers, mounts, cgroups, runtime dirs, processes."""
+    found: list[str] = []
+    oci = d.runtime_dir / "oci"
+    for runtime_dir in oci.glob("*"):
+        for c in runtime_dir.iterdir():
+            if c.is_dir():
+                found.append(f"container state {c}")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4]
+            if mnt.startswith(str(d.root)):
+                found.append(f"mount {mnt}")
+    for ctrl in Path("/sys/fs/cgroup").iterdir():
+        parent = ctrl / d.cgroup_parent.lstrip("/")
+        if parent.is_dir():
+            found += [f"cgroup {c}" for c in parent.iterdir() if c.is_dir()]
+    sandboxes = d.runtime_dir / "sandboxes"
+    if sandboxes.is_dir():
+        found += [f"runtime dir {p}" for p in sandboxes.iterdir()]
+    found += [f"process {pid} running as the sandbox uid" for pid in sorted(sandbox_uid_processes() - before)]
+    return found
+
+
+def remove_cgroup_parent(d: Daemon) -> None:
+    for ctrl in Path("/sys/fs/cgroup").iterdir():
+        parent = ctrl / d.cgroup_parent.lstrip("/")
+        if parent.is_dir():
+            try:
+                parent.rmdir()
+            except OSError:
+                pass
+
+
+def terminate_all(d: Daemon) -> None:
+    """Terminate every running sandbox of a daemon through its API."""
+    import json
+    import urllib.parse
+
+    import http.client
+    import socket as socketlib
+
+    class UnixHTTP(http.client.HTTPConnection):
+        def __init__(self, path: str) -> None:
+            super().__init__("localhost", timeout=60)
+            self._path = path
+
+        def connect(self) -> None:
+            s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+            s.connect(self._path)
+            self.sock = s
+
+    conn = UnixHTTP(str(d.socket))
+    conn.request("GET", "/v1/sandboxes")
+    items = json.loads(conn.getresponse().read())["sandboxes"]
+    for item in items:
+        conn.request("POST", f"/v1/sandboxes/{urllib.parse.quote(item['sandbox_id'])}/terminate")
+        conn.getresponse().read()
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[Daemon]:
+    """The session's daemon; the SDK in this process talks to it."""
+    if os.geteuid() != 0:
+        pytest.skip("the shoal daemon needs root (namespaces, mounts, cgroups)")
+    if not (shutil.which("runc") or shutil.which("crun")):
+        pytest.skip("no OCI runtime installed: run `make setup`")
+    root = Path(tempfile.mkdtemp(prefix="shoal-test-"))
+    root.chmod(0o711)  # sandboxes' mounts are set up as their (unprivileged) user
+    d = Daemon(root, _daemon_env(root))
+    os.environ["SHOAL_RUNTIME_DIR"] = str(d.runtime_dir)
+    os.environ["SHOAL_NO_AUTOSTART"] = "1"
+    os.environ.pop("SHOAL_URL", None)
+    os.environ.pop("SHOAL_SOCKET", None)
+    before = sandbox_uid_processes()
+    d.start()
+    try:
+        yield d
+    finally:
+        try:
+            if d.proc is not None and d.proc.poll() is None:
+                terminate_all(d)
+        finally:
+            d.stop()
+        left = leaks(d, before)
+        remove_cgroup_parent(d)
+        shutil.rmtree(root, ignore_errors=True)
+        if left:
+            pytest.fail("the suite left things behind:\n  " + "\n  ".join(left), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def app(daemon: Daemon):  # type: ignore[no-untyped-def]
+    import shoal
+
+    return shoal.App.lookup("shoal-tests", create_if_missing=True)
+
+
+@pytest.fixture
+def sandbox(app, request):  # type: ignore[no-untyped-def]
+    """A fresh default sandbox, terminated after the test (its id printed if the test fails)."""
+    import shoal
+
+    sb = shoal.Sandbox.create(app=app, timeout=120)
+    yield sb
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        print(f"\nsandbox of the failed test: {sb.object_id}")
+    sb.terminate()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
