@@ -7,6 +7,7 @@ and reads the base image from the machine's image store (prepared by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -147,19 +148,16 @@ def remove_cgroup_parent(d: Daemon) -> None:
     for ctrl in Path("/sys/fs/cgroup").iterdir():
         parent = ctrl / d.cgroup_parent.lstrip("/")
         if parent.is_dir():
-            try:
+            with contextlib.suppress(OSError):
                 parent.rmdir()
-            except OSError:
-                pass
 
 
 def terminate_all(d: Daemon) -> None:
     """Terminate every running sandbox of a daemon through its API."""
-    import json
-    import urllib.parse
-
     import http.client
+    import json
     import socket as socketlib
+    import urllib.parse
 
     class UnixHTTP(http.client.HTTPConnection):
         def __init__(self, path: str) -> None:

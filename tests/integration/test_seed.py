@@ -85,9 +85,8 @@ def test_streaming_output(sandbox, capsys):
         print(line, end="")
 
     assert capsys.readouterr().out == "1\n2\n3\n4\n5\n"
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    # Each line comes as it is printed, a second apart, not all at the end.
-    assert all(0.7 < g < 1.3 for g in gaps), gaps
+    # Lines arrive as they are printed (a second apart), not all together when the command ends.
+    assert arrivals[-1] - arrivals[0] > 3, arrivals
 
 
 def test_exec_with_timeout(sandbox):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import codecs
+import contextlib
 import enum
 import subprocess
 import sys
