@@ -104,23 +104,23 @@ def _daemon_env(root: Path) -> dict[str, str]:
     return env
 
 
-def sandbox_uid_processes() -> set[int]:
-    """Pids of processes running as the sandbox uid (any daemon's)."""
+def processes_in(cgroup_parent: str) -> set[int]:
+    """Pids of processes in any cgroup under ``cgroup_parent`` (this suite's sandboxes)."""
     pids = set()
+    marker = cgroup_parent.rstrip("/") + "/"
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
             continue
         try:
-            status = (pid_dir / "status").read_text()
+            cgroups = (pid_dir / "cgroup").read_text()
         except OSError:
             continue
-        uid_line = next((ln for ln in status.splitlines() if ln.startswith("Uid:")), "")
-        if uid_line and uid_line.split()[1] == "100000":
+        if marker in cgroups:
             pids.add(int(pid_dir.name))
     return pids
 
 
-def leaks(d: Daemon, before: set[int] = frozenset()) -> list[str]:  # type: ignore[assignment]
+def leaks(d: Daemon) -> list[str]:
     """Anything a daemon's sandboxes left behind: containers, mounts, cgroups, runtime dirs, processes."""
     found: list[str] = []
     oci = d.runtime_dir / "oci"
@@ -140,7 +140,7 @@ def leaks(d: Daemon, before: set[int] = frozenset()) -> list[str]:  # type: igno
     sandboxes = d.runtime_dir / "sandboxes"
     if sandboxes.is_dir():
         found += [f"runtime dir {p}" for p in sandboxes.iterdir()]
-    found += [f"process {pid} running as the sandbox uid" for pid in sorted(sandbox_uid_processes() - before)]
+    found += [f"process {pid} still in a sandbox cgroup" for pid in sorted(processes_in(d.cgroup_parent))]
     return found
 
 
@@ -192,7 +192,6 @@ def daemon() -> Iterator[Daemon]:
     os.environ["SHOAL_NO_AUTOSTART"] = "1"
     os.environ.pop("SHOAL_URL", None)
     os.environ.pop("SHOAL_SOCKET", None)
-    before = sandbox_uid_processes()
     d.start()
     try:
         yield d
@@ -202,7 +201,7 @@ def daemon() -> Iterator[Daemon]:
                 terminate_all(d)
         finally:
             d.stop()
-        left = leaks(d, before)
+        left = leaks(d)
         remove_cgroup_parent(d)
         shutil.rmtree(root, ignore_errors=True)
         if left:
