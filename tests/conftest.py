@@ -57,7 +57,7 @@ class Daemon:
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal", "serve", *extra],
+            [sys.executable, "-m", "shoal", "serve", *(["-v"] if os.environ.get("SHOAL_TEST_VERBOSE") else []), *extra],
             env=self.env,
             stdout=log,
             stderr=log,
@@ -140,7 +140,17 @@ def leaks(d: Daemon) -> list[str]:
     sandboxes = d.runtime_dir / "sandboxes"
     if sandboxes.is_dir():
         found += [f"runtime dir {p}" for p in sandboxes.iterdir()]
-    found += [f"process {pid} still in a sandbox cgroup" for pid in sorted(processes_in(d.cgroup_parent))]
+    for pid in sorted(processes_in(d.cgroup_parent)):
+        try:
+            what = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            state = next(ln for ln in status if ln.startswith("State:"))
+            ppid = int(next(ln for ln in status if ln.startswith("PPid:")).split()[1])
+        except (OSError, StopIteration):
+            continue  # gone meanwhile
+        if "zombie" in state and ppid == 1:
+            continue  # an adopted sandbox's init, dead; reaping it is the host init's job
+        found.append(f"process {pid} ({what or '?'}, {state}) still in a sandbox cgroup")
     return found
 
 
@@ -178,16 +188,24 @@ def terminate_all(d: Daemon) -> None:
     conn.close()
 
 
-@pytest.fixture(scope="session")
-def daemon() -> Iterator[Daemon]:
-    """The session's daemon; the SDK in this process talks to it."""
+def _require_root_and_runtime() -> None:
     if os.geteuid() != 0:
         pytest.skip("the shoal daemon needs root (namespaces, mounts, cgroups)")
     if not (shutil.which("runc") or shutil.which("crun")):
         pytest.skip("no OCI runtime installed: run `make setup`")
+
+
+@contextlib.contextmanager
+def running_daemon() -> Iterator[Daemon]:
+    """A daemon on fresh temporary directories that the SDK in this process talks to while the block runs.
+
+    On exit: every sandbox is terminated, the daemon stopped, and anything left
+    behind fails the test.
+    """
     root = Path(tempfile.mkdtemp(prefix="shoal-test-"))
     root.chmod(0o711)  # sandboxes' mounts are set up as their (unprivileged) user
     d = Daemon(root, _daemon_env(root))
+    saved = {k: os.environ.get(k) for k in ("SHOAL_RUNTIME_DIR", "SHOAL_NO_AUTOSTART", "SHOAL_URL", "SHOAL_SOCKET")}
     os.environ["SHOAL_RUNTIME_DIR"] = str(d.runtime_dir)
     os.environ["SHOAL_NO_AUTOSTART"] = "1"
     os.environ.pop("SHOAL_URL", None)
@@ -201,11 +219,33 @@ def daemon() -> Iterator[Daemon]:
                 terminate_all(d)
         finally:
             d.stop()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         left = leaks(d)
         remove_cgroup_parent(d)
-        shutil.rmtree(root, ignore_errors=True)
+        if not os.environ.get("SHOAL_TEST_KEEP"):
+            shutil.rmtree(root, ignore_errors=True)
         if left:
-            pytest.fail("the suite left things behind:\n  " + "\n  ".join(left), pytrace=False)
+            pytest.fail("left behind:\n  " + "\n  ".join(left), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[Daemon]:
+    """The session's daemon; the SDK in this process talks to it."""
+    _require_root_and_runtime()
+    with running_daemon() as d:
+        yield d
+
+
+@pytest.fixture
+def own_daemon() -> Iterator[Daemon]:
+    """A daemon for this test alone (for tests that restart or kill it)."""
+    _require_root_and_runtime()
+    with running_daemon() as d:
+        yield d
 
 
 @pytest.fixture(scope="session")

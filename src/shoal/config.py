@@ -41,6 +41,11 @@ class Config:
     idmap: IdMap = field(default_factory=IdMap)
     cgroup_parent: str = field(default_factory=lambda: _env("SHOAL_CGROUP_PARENT", "/shoal"))
     pids_limit: int = 1024
+    """Processes per sandbox."""
+    total_pids_limit: int | None = None
+    """Processes of all sandboxes together (None: the host's pid table less a reserve)."""
+    total_memory_mib: int | None = None
+    """Memory of all sandboxes together (None: the host's memory less a reserve)."""
     default_memory_mib: int | None = 4096
     """Memory limit of a sandbox created without ``memory=``; None for no limit."""
     max_output_bytes: int = 1 << 30

@@ -5,8 +5,12 @@ from __future__ import annotations
 import click
 
 from shoal import __version__
+from shoal.cli.image import image_group
+from shoal.cli.run import run_cmd
+from shoal.cli.sandbox import sandbox_group
 from shoal.cli.serve import serve_cmd
 from shoal.cli.setup import setup_cmd
+from shoal.cli.status import status_cmd
 
 
 @click.group()
@@ -17,6 +21,10 @@ def cli() -> None:
 
 cli.add_command(serve_cmd)
 cli.add_command(setup_cmd)
+cli.add_command(run_cmd)
+cli.add_command(sandbox_group)
+cli.add_command(image_group)
+cli.add_command(status_cmd)
 
 
 def main() -> None:

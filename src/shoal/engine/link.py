@@ -25,12 +25,10 @@ class AgentLink:
 
     def __init__(
         self,
-        sock: socket.socket,
         on_frames: Callable[[AgentLink, list[Frame]], None],
         on_close: Callable[[AgentLink], None],
         label: str,
     ) -> None:
-        self._sock = sock
         self._on_frames = on_frames
         self._on_close = on_close
         self.label = label
@@ -40,9 +38,14 @@ class AgentLink:
         self.verified = False
         """Whether this connection proved it is the sandbox's agent."""
 
-    async def start(self) -> None:
-        """Begin reading."""
-        reader, self._writer = await asyncio.open_unix_connection(sock=self._sock, limit=READ_SIZE)
+    async def start(self, sock: socket.socket) -> None:
+        """Begin reading from a connected socket."""
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=READ_SIZE)
+        self.attach(reader, writer)
+
+    def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Begin reading from streams (a connection accepted by an asyncio server)."""
+        self._writer = writer
         self._task = asyncio.create_task(self._read_loop(reader), name=f"agent-{self.label}")
 
     def send(self, data: bytes) -> None:
@@ -81,8 +84,6 @@ class AgentLink:
         self.closed.set()
         if self._writer is not None:
             self._writer.close()
-        else:
-            self._sock.close()
         self._on_close(self)
 
     def close_quietly(self) -> None:

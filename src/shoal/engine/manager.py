@@ -22,7 +22,7 @@ from shoal.engine.state import SandboxRow, State
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
 from shoal.images.service import ImageService
 from shoal.images.store import LayerStore
-from shoal.runtime import oci, rootfs
+from shoal.runtime import cgroups, oci, rootfs
 from shoal.util import reaper
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,12 @@ class Manager:
         for d in (self.cfg.runtime_dir, self.cfg.agent_dir.parent, *self.layers.roots()):
             check_traversable(d)
         await asyncio.to_thread(ensure_agent, self.cfg.agent_dir)
+        pids, memory = cgroups.host_limits()
+        cgroups.limit_parent(
+            self.cfg.cgroup_parent,
+            self.cfg.total_pids_limit or pids,
+            (self.cfg.total_memory_mib << 20) if self.cfg.total_memory_mib else memory,
+        )
         if reaper.become_subreaper():
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGCHLD, reaper.reap_sandbox_inits, self.cfg.idmap.host_id)
@@ -108,6 +114,10 @@ class Manager:
         """Stop managing (sandboxes keep running and are re-adopted by the next daemon)."""
         if self._prune_task is not None:
             self._prune_task.cancel()
+        teardowns = [t for sb in self.sandboxes.values() if (t := sb.teardown_task) is not None and not t.done()]
+        if teardowns:
+            # Finish removing ended sandboxes, so no mount or container outlives its record.
+            await asyncio.wait(teardowns, timeout=15)
         with contextlib.suppress(ValueError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
         for sb in self.sandboxes.values():

@@ -32,13 +32,15 @@ from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
 from shoal.engine.state import ExecRow, SandboxRow, State
 from shoal.exception import ConflictError, NotFoundError, ServiceError
 from shoal.images.store import ImageConfig
-from shoal.runtime import rootfs, spec
+from shoal.runtime import cgroups, rootfs, spec
 from shoal.runtime.oci import OciRuntime
 
 log = logging.getLogger(__name__)
 
 CREATING, RUNNING, FINISHED = "creating", "running", "finished"
 _TRANSITIONS = {CREATING: {RUNNING, FINISHED}, RUNNING: {FINISHED}, FINISHED: set[str]()}
+MAX_LISTED = 100_000
+"""Most processes an agent may list when it (re)connects."""
 STDIN_WINDOW = 16 << 20
 """Stdin bytes the daemon lets wait in an agent before a writer must wait."""
 
@@ -102,8 +104,8 @@ class Sandbox:
         self._timers: list[asyncio.TimerHandle] = []
         self._idle_task: asyncio.Task[None] | None = None
         self._teardown_task: asyncio.Task[None] | None = None
-        self._listener: socket.socket | None = None
-        self._hello_expect = 0
+        self._listener: asyncio.Server | None = None
+        self._hello_remaining = 0
         self._hello_seen: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -119,6 +121,11 @@ class Sandbox:
     def spec(self) -> dict[str, Any]:
         """The validated create request (secrets included: never return it to callers)."""
         return self.row.spec
+
+    @property
+    def cgroup_path(self) -> str:
+        """The sandbox's cgroup, relative to each hierarchy's root."""
+        return f"{self.ctx.cfg.cgroup_parent}/{self.container_id}"
 
     @property
     def container_id(self) -> str:
@@ -187,10 +194,10 @@ class Sandbox:
                 )
             finally:
                 theirs.close()
-            link = AgentLink(ours, self._on_frames, self._on_link_closed, self.id)
+            link = AgentLink(self._on_frames, self._on_link_closed, self.id)
             link.verified = True
             self.link = link
-            await link.start()
+            await link.start(ours)
             workdir = req.workdir
             link.send(P.init_frame(self.row.token, workdir))
             try:
@@ -291,19 +298,20 @@ class Sandbox:
         existing = self.processes.get(exec_id)
         if existing is not None:
             return existing
-        if self.state != RUNNING:
-            raise ConflictError(
-                self.result.message if self.result and self.result.message else "Sandbox already finished"
-            )
-        if not self.connected.is_set():
+        await self._await_agent()
+        self.touch()
+        return self._start_process(exec_id, req)
+
+    async def _await_agent(self) -> None:
+        """Return once the sandbox runs and its agent is connected (it reconnects after a daemon restart)."""
+        if self.state == RUNNING and not self.connected.is_set():
             try:
                 await asyncio.wait_for(self.connected.wait(), self.ctx.cfg.agent_connect_timeout)
             except TimeoutError:
                 raise ServiceError("the sandbox's agent is not connected; try again") from None
-            if self.state != RUNNING:
-                raise ConflictError("Sandbox already finished")
-        self.touch()
-        return self._start_process(exec_id, req)
+        if self.state != RUNNING:
+            message = self.result.message if self.result and self.result.message else ""
+            raise ConflictError(message or "Sandbox already finished")
 
     def process(self, exec_id: str) -> Process:
         """A process of this sandbox, or NotFoundError."""
@@ -315,6 +323,8 @@ class Sandbox:
     async def write_stdin(self, exec_id: str, offset: int, data: bytes, eof: bool) -> int:
         """Forward stdin bytes starting at ``offset``; returns the next expected offset."""
         proc = self.process(exec_id)
+        if not proc.exited and self.state == RUNNING:
+            await self._await_agent()
         if offset > proc.stdin_offset:
             raise ConflictError(
                 f"stdin offset {offset} is past the {proc.stdin_offset} bytes received: bytes are missing"
@@ -368,20 +378,23 @@ class Sandbox:
         for f in frames:
             proc = self.processes.get(f.exec_id) if f.exec_id else None
             if f.msg == P.Msg.HELLO:
-                self._hello_expect = f.value
+                # The agent lists the processes it tracks in the next `value` STARTED frames.
+                self._hello_remaining = max(0, min(f.value, MAX_LISTED))
                 self._hello_seen.clear()
-                self.connected.set()
-                if self._hello_expect == 0:
+                if self._hello_remaining == 0:
+                    self._reconcile()
+            elif f.msg == P.Msg.STARTED and self._hello_remaining > 0:
+                self._hello_remaining -= 1
+                if proc is not None:
+                    proc.pid = f.pid
+                    proc.stdin_offset = proc.stdin_acked = f.offset
+                    self._hello_seen.add(proc.id)
+                if self._hello_remaining == 0:
                     self._reconcile()
             elif proc is None:
                 continue  # a process this daemon never started: ignore
             elif f.msg == P.Msg.STARTED:
                 proc.pid = f.pid
-                if self._hello_expect:
-                    proc.stdin_offset = proc.stdin_acked = f.offset
-                    self._hello_seen.add(proc.id)
-                    if len(self._hello_seen) >= self._hello_expect:
-                        self._reconcile()
             elif f.msg == P.Msg.OUTPUT:
                 if not proc.streams[f.fd - 1].append(f.offset, f.data):
                     log.warning("sandbox %s: output gap from agent; dropping connection", self.id)
@@ -424,7 +437,7 @@ class Sandbox:
                 self._on_exit(proc, P.ExitKind.SIGNAL, SIGKILL)
                 proc.end_streams()
                 self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
-        self._hello_expect = 0
+        self.connected.set()
 
     def _on_exit(self, proc: Process, kind: int, value: int) -> None:
         if kind not in {k.value for k in P.ExitKind} or not -(1 << 31) <= value < (1 << 31):
@@ -476,25 +489,14 @@ class Sandbox:
             return
         path = self.run_dir / "ctl" / "agent.sock"
         path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
+
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            AgentLink(self._on_frames, self._on_link_closed, self.id).attach(reader, writer)
+
+        self._listener = await asyncio.start_unix_server(accepted, path=str(path), limit=1 << 18)
         os.chmod(path, 0o666)
-        listener.listen(4)
-        listener.setblocking(False)
-        self._listener = listener
-        self._background(self._accept_loop(listener))
         self._arm_timers()
         self._background(self._expect_agent())
-
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while self._listener is listener:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except (OSError, asyncio.CancelledError):
-                return
-            link = AgentLink(conn, self._on_frames, self._on_link_closed, self.id)
-            await link.start()
 
     async def _expect_agent(self) -> None:
         try:
@@ -505,11 +507,16 @@ class Sandbox:
 
     def _close_listener(self) -> None:
         if self._listener is not None:
-            self._listener.close()
+            self._listener.close()  # unregisters from the loop before closing the socket
             self._listener = None
             (self.run_dir / "ctl" / "agent.sock").unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- finish
+
+    @property
+    def teardown_task(self) -> asyncio.Task[None] | None:
+        """The task removing the finished sandbox, if one was started."""
+        return self._teardown_task
 
     def finish_soon(self, result: Result) -> None:
         """Record the result now and tear down in the background."""
@@ -539,16 +546,21 @@ class Sandbox:
         if self._idle_task is not None and self._idle_task is not asyncio.current_task():
             self._idle_task.cancel()
         self._close_listener()
-        try:
-            await self.ctx.runtime.delete(self.container_id)
-        except Exception:
-            log.exception("sandbox %s: deleting the container failed", self.id)
+        # kill + wait + delete rather than `delete --force`, which sleeps 100 ms after its kill.
+        runtime = self.ctx.runtime
+        await runtime.kill(self.container_id)
         link = self.link
         if link is not None:
             try:
-                await asyncio.wait_for(link.closed.wait(), 2.0)
+                await asyncio.wait_for(link.closed.wait(), 5.0)
             except TimeoutError:
                 link.close()
+        if not await cgroups.wait_empty(self.cgroup_path, 5.0):
+            log.warning("sandbox %s: processes remain after SIGKILL; forcing removal", self.id)
+        try:
+            await runtime.delete(self.container_id)
+        except Exception:
+            log.exception("sandbox %s: deleting the container failed", self.id)
         for proc in self.processes.values():
             if not proc.exited:
                 proc.set_exit(P.ExitKind.SIGNAL, SIGKILL)

@@ -65,8 +65,8 @@ class OciRuntime:
             raise RuntimeError_(f"{self.name} run failed (exit {res.returncode})", _tail(log_path))
 
     async def kill(self, container_id: str, signal: str = "KILL") -> None:
-        """Signal every process of a container; no error if it is gone."""
-        await self._run("kill", "--all", container_id, signal, check=False)
+        """Signal a container's init (in a pid namespace, its death ends every process); no error if gone."""
+        await self._run("kill", container_id, signal, check=False)
 
     async def delete(self, container_id: str) -> None:
         """Remove a container, killing it first; no error if it is gone."""

@@ -64,6 +64,7 @@ READONLY_PATHS = [
     "/proc/sysrq-trigger",
 ]
 
+OOM_SCORE_ADJ = 500
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -202,6 +203,8 @@ def build(cfg: ContainerConfig) -> dict[str, Any]:
             "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
             "rlimits": _rlimits(),
             "noNewPrivileges": True,
+            # Under host-wide memory pressure, sandbox processes go before the host's.
+            "oomScoreAdj": OOM_SCORE_ADJ,
         },
         "root": {"path": cfg.rootfs, "readonly": False},
         "hostname": cfg.hostname,

@@ -15,7 +15,8 @@ from shoal.sdk import output
 from shoal.sdk._sync import live_method
 from shoal.sdk.transport import Client, default_client, error_from
 
-_resolved: dict[str, str] = {}
+_resolved: dict[tuple[str, str], str] = {}
+"""Image ids by (daemon, recipe): each daemon has its own images."""
 
 
 class Image:
@@ -81,10 +82,10 @@ class Image:
 
     async def _resolve(self, client: Client) -> str:
         """The image id, asking the daemon (which builds what is missing) on first use."""
-        if self._object_id is not None:
+        if self._ref.get("kind") == "id" and self._object_id is not None:
             return self._object_id
         ref = self._wire_ref()
-        key = json.dumps(ref, sort_keys=True)
+        key = (client.identity, json.dumps(ref, sort_keys=True))
         cached = _resolved.get(key)
         if cached is not None:
             self._object_id = cached

@@ -20,6 +20,7 @@ from shoal.sdk.transport import Client
 
 T = TypeVar("T", str, bytes)
 RESUME_ATTEMPTS = 8
+DRAIN_CHUNK = 1 << 20
 
 
 class StreamType(enum.Enum):
@@ -202,10 +203,15 @@ class StreamWriter:
         """Send buffered bytes (and EOF if ``write_eof`` was called).  Safe to retry."""
         if not self._buffer and (not self._eof or self._eof_sent):
             return
-        data = bytes(self._buffer)
-        params = {"offset": str(self._sent), "eof": "1" if self._eof else "0"}
-        await self._client.request("POST", self._path, params=params, data=data)
-        self._sent += len(data)
-        del self._buffer[: len(data)]
+        while True:
+            data = bytes(self._buffer[:DRAIN_CHUNK])
+            last = len(data) == len(self._buffer)
+            eof = self._eof and last
+            params = {"offset": str(self._sent), "eof": "1" if eof else "0"}
+            await self._client.request("POST", self._path, params=params, data=data)
+            self._sent += len(data)
+            del self._buffer[: len(data)]
+            if last:
+                break
         if self._eof:
             self._eof_sent = True

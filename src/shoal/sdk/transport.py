@@ -59,6 +59,11 @@ class Client:
         self._started_daemon = False
 
     @property
+    def identity(self) -> str:
+        """Which daemon this client talks to."""
+        return self.cfg.url or str(self.cfg.socket_path)
+
+    @property
     def base_url(self) -> str:
         """Where requests go."""
         return self.cfg.url.rstrip("/") if self.cfg.url else "http://shoal"
@@ -161,22 +166,28 @@ class Client:
 
 
 async def start_local_daemon(socket_path: str) -> None:
-    """Start ``shoal serve --background`` unless another process just did."""
-    lock_path = os.path.join(os.path.dirname(socket_path), ".autostart.lock")
-    os.makedirs(os.path.dirname(socket_path), exist_ok=True)
+    """Start ``shoal serve --background`` (paths from the same environment as this client) unless one is running."""
+    runtime_dir = os.path.dirname(socket_path)
+    os.makedirs(runtime_dir, exist_ok=True)
+    lock_path = os.path.join(runtime_dir, ".autostart.lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
         if await _answers(socket_path):
             return
+        if _daemon_lock_held(os.path.join(runtime_dir, "shoald.lock")):
+            # A daemon is starting or restarting there: wait for it rather than start a second one.
+            for _ in range(int(AUTOSTART_TIMEOUT * 10)):
+                if await _answers(socket_path):
+                    return
+                await asyncio.sleep(0.1)
+            raise exc.ConnectionError(f"a shoal daemon holds {runtime_dir} but does not answer on {socket_path}")
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "shoal",
             "serve",
             "--background",
-            "--socket",
-            socket_path,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -190,6 +201,20 @@ async def start_local_daemon(socket_path: str) -> None:
             raise exc.ConnectionError(f"starting a local shoal daemon failed:\n{out.decode(errors='replace')[-2000:]}")
     finally:
         os.close(fd)
+
+
+def _daemon_lock_held(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 async def _answers(socket_path: str) -> bool:

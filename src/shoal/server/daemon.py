@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -17,9 +18,39 @@ from aiohttp import web
 
 from shoal.config import Config
 from shoal.engine.manager import Manager
+from shoal.exception import InvalidError
 from shoal.server.app import build_app
 
 log = logging.getLogger(__name__)
+
+
+LOCK_NAME = "shoald.lock"
+
+
+def lock_dirs(cfg: Config) -> list[int]:
+    """Hold exclusive locks on the runtime and data dirs for the daemon's lifetime.
+
+    Two daemons on one runtime or data dir would each take the other's
+    containers for strays and delete them.
+    """
+    fds: list[int] = []
+    for d in (cfg.runtime_dir, cfg.data_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            for held in fds:
+                os.close(held)
+            raise InvalidError(
+                f"another shoal daemon (pid {other}) is using {d}; stop it first or choose other directories"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        fds.append(fd)
+    return fds
 
 
 def load_token(cfg: Config) -> str:
@@ -34,6 +65,7 @@ def load_token(cfg: Config) -> str:
 
 async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
+    locks = lock_dirs(cfg)
     manager = Manager(cfg)
     await manager.start()
     token = load_token(cfg)
@@ -76,3 +108,5 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
         await manager.close()
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()
+        for fd in locks:
+            os.close(fd)

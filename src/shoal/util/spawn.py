@@ -2,14 +2,19 @@
 
 ``posix_spawn`` maps descriptors exactly where a program expects them (runc
 wants the agent's control socket at fd 3), and a pidfd tells the loop when
-the program ends.
+the program ends.  Each program is collected by its own task, so a caller
+that is cancelled never leaves a zombie or a stale loop registration behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+_collectors: set[asyncio.Task[Completed]] = set()
 
 
 @dataclass
@@ -33,9 +38,7 @@ async def run(
     ``fds`` maps child descriptor numbers to parent descriptors (e.g.
     ``{1: log, 3: sock}``); mapped standard streams are not captured.
     """
-    loop = asyncio.get_running_loop()
     fds = dict(fds or {})
-    actions: list[tuple[int, ...]] = []
     pipes: dict[int, int] = {}
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -48,19 +51,28 @@ async def run(
                     fds[n] = w
                 else:
                     fds[n] = devnull
-        for child_fd, parent_fd in sorted(fds.items()):
-            actions.append((os.POSIX_SPAWN_DUP2, parent_fd, child_fd))
+        actions = [(os.POSIX_SPAWN_DUP2, parent, child) for child, parent in sorted(fds.items())]
         environ = env if env is not None else os.environ
         pid = os.posix_spawnp(argv[0], argv, environ, file_actions=actions)  # noqa: ASYNC221 - returns at once
     finally:
         os.close(devnull)
         for n in pipes:
             os.close(fds[n])
+    log.debug("spawned %d: %s", pid, " ".join(argv[:6]))
+    task = asyncio.ensure_future(_collect(pid, pipes))
+    _collectors.add(task)
+    task.add_done_callback(_collectors.discard)
+    return await asyncio.shield(task)
 
+
+async def _collect(pid: int, pipes: dict[int, int]) -> Completed:
+    """Wait for ``pid`` to exit and its pipes to close; owns (and always closes) every descriptor."""
+    loop = asyncio.get_running_loop()
     chunks: dict[int, list[bytes]] = {n: [] for n in pipes}
-    done = loop.create_future()
     open_pipes = set(pipes)
     exited: list[int] = []
+    done = loop.create_future()
+    pidfd = os.pidfd_open(pid)
 
     def check_done() -> None:
         if exited and not open_pipes and not done.done():
@@ -81,8 +93,6 @@ async def run(
                 return
             chunks[n].append(data)
 
-    pidfd = os.pidfd_open(pid)
-
     def on_exit() -> None:
         loop.remove_reader(pidfd)
         _, status = os.waitpid(pid, 0)
@@ -94,14 +104,13 @@ async def run(
     loop.add_reader(pidfd, on_exit)
     try:
         await done
-    except asyncio.CancelledError:
-        # Still reap the child: never leave a zombie behind.
-        await asyncio.shield(done)
-        raise
     finally:
+        # Unregister before closing: a closed descriptor left in the loop's map
+        # would swallow the next registration of the same number.
+        loop.remove_reader(pidfd)
+        for n in list(open_pipes):
+            loop.remove_reader(pipes[n])
+            os.close(pipes[n])
         os.close(pidfd)
-    return Completed(
-        exited[0],
-        b"".join(chunks.get(1, [])),
-        b"".join(chunks.get(2, [])),
-    )
+    log.debug("exited %d: %d", pid, exited[0])
+    return Completed(exited[0], b"".join(chunks.get(1, [])), b"".join(chunks.get(2, [])))

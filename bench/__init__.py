@@ -1,0 +1,1 @@
+"""shoal's benchmarks: ``python -m bench.run`` (see bench/README.md)."""

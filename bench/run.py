@@ -1,0 +1,1024 @@
+"""shoal's latency benchmark: time to interactive and exec round trip, beside the ``runc run`` floor.
+
+Run as root from the repository root::
+
+    .venv/bin/python -m bench.run [--runs N] [--only tti,exec,...] [--json FILE] [--profile]
+
+It starts its own daemon on temporary directories (reading the machine's
+cached base image read-only), warms up, then takes ``--runs`` samples of each
+selected measurement, interleaved round by round so that every metric sees the
+same machine load:
+
+``tti``         ``Sandbox.create()`` called → ``exec("echo", "ready")`` → first stdout chunk (sync SDK);
+                also reports ``Sandbox.create`` alone and ``terminate()``.
+``tti-async``   the same through the ``.aio`` API, from the caller's own event loop.
+``exec``        ``sb.exec("true").wait()`` in one long-lived sandbox (sync SDK).
+``exec-async``  the same through ``.aio``.
+``floor``       ``runc run`` of ``/bin/true`` on a bundle copied from a live sandbox (always measured).
+
+``--profile`` runs the daemon with timestamps around each step of a create, an
+exec and a terminate (no source is changed: the daemon process patches
+itself at start-up), and prints where the time goes.  Those numbers include
+a little instrumentation overhead; use a plain run for the headline table.
+
+Everything is cleaned up at the end, on errors and on Ctrl-C: sandboxes,
+containers, overlay mounts, cgroups and the temporary directories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import contextvars
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+
+if TYPE_CHECKING:
+    import shoal
+
+REPO = Path(__file__).resolve().parent.parent
+MACHINE_IMAGES = Path("/var/lib/shoal/images")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+GROUPS = ("tti", "tti-async", "exec", "exec-async", "floor")
+DEFAULT_RUNS = 100
+DEFAULT_WARMUP = 5
+READY_TIMEOUT = 60.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured quantity and how to show it."""
+
+    key: str
+    label: str
+    group: str
+
+
+METRICS = (
+    Metric("tti_sync", "TTI sync: create → first output", "tti"),
+    Metric("create_sync", "  Sandbox.create alone (sync)", "tti"),
+    Metric("first_output_sync", "  exec → first output (sync)", "tti"),
+    Metric("terminate_sync", "  terminate() (sync)", "tti"),
+    Metric("tti_async", "TTI async (.aio)", "tti-async"),
+    Metric("create_async", "  Sandbox.create.aio alone", "tti-async"),
+    Metric("terminate_async", "  terminate.aio()", "tti-async"),
+    Metric("exec_rt_sync", "exec('true').wait() (sync)", "exec"),
+    Metric("exec_rt_async", "exec.aio('true') + wait.aio()", "exec-async"),
+    Metric("runc_floor", "runc run /bin/true (floor)", "floor"),
+)
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+FLOOR = "runc_floor"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A latency goal from the issue."""
+
+    metric: str
+    stat: str
+    limit_ms: float
+
+
+TARGETS = (Target("tti_sync", "p50", 60.0), Target("tti_sync", "p99", 150.0), Target("exec_rt_sync", "p50", 5.0))
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q``-th percentile of sorted values, interpolating linearly between ranks (numpy's default)."""
+    if not ordered:
+        return math.nan
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class Stats:
+    """Summary of one metric's samples, in milliseconds."""
+
+    n: int
+    p50: float
+    p95: float
+    p99: float
+    min: float
+    max: float
+    mean: float
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Stats:
+        """Summarise ``samples`` (ms)."""
+        s = sorted(samples)
+        if not s:
+            return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
+        return cls(len(s), percentile(s, 50), percentile(s, 95), percentile(s, 99), s[0], s[-1], sum(s) / len(s))
+
+
+def now_ns() -> int:
+    """CLOCK_MONOTONIC in ns: the same clock in every process, so the daemon's stamps line up with ours."""
+    return time.monotonic_ns()
+
+
+def ms(start_ns: int, end_ns: int) -> float:
+    """Milliseconds between two ``now_ns`` stamps."""
+    return (end_ns - start_ns) / 1e6
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.strip().splitlines()[0] if out.strip() else "unknown"
+
+
+def machine_facts() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    os_name = "unknown"
+    with contextlib.suppress(OSError), open("/etc/os-release") as f:
+        for line in f:
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip().strip('"')
+    runc = shutil.which("runc") or "runc"
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "os": os_name,
+        "kernel": platform.release(),
+        "runc": _first_line([runc, "--version"]),
+        "python": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- daemon
+
+
+def _cgroup_dirs(rel: str) -> list[Path]:
+    """``rel`` (an absolute cgroup path) under every mounted controller hierarchy that has it."""
+    if not CGROUP_ROOT.is_dir():
+        return []
+    found = []
+    for ctrl in CGROUP_ROOT.iterdir():
+        if ctrl.is_symlink():
+            continue
+        d = ctrl / rel.lstrip("/")
+        if d.is_dir():
+            found.append(d)
+    return found
+
+
+def _remove_cgroup_tree(rel: str) -> list[str]:
+    """rmdir a cgroup subtree (deepest first) in every hierarchy; returns what could not be removed."""
+    left = []
+    for top in _cgroup_dirs(rel):
+        dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+        for d in [*dirs, top]:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                left.append(f"cgroup {d} ({e.strerror})")
+    return left
+
+
+def _processes_in(cgroup_rel: str) -> set[int]:
+    marker = cgroup_rel.rstrip("/") + "/"
+    pids = set()
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            cgroups = (pid_dir / "cgroup").read_text()
+        except OSError:
+            continue
+        if marker in cgroups:
+            pids.add(int(pid_dir.name))
+    return pids
+
+
+def _mounts_under(root: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(root) + "/")]
+
+
+class BenchDaemon:
+    """A shoal daemon on temporary directories, owned by this benchmark (the same set-up as the test suite)."""
+
+    def __init__(self, instrument_to: Path | None = None) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
+        self.root.chmod(0o711)  # sandboxes' mounts are set up as their (unprivileged) user
+        self.cgroup_parent = f"/shoal-bench-{os.getpid()}"
+        self.instrument_to = instrument_to
+        self.proc: subprocess.Popen[bytes] | None = None
+        env = dict(os.environ)
+        env.update(
+            SHOAL_DATA_DIR=str(self.data_dir),
+            SHOAL_RUNTIME_DIR=str(self.runtime_dir),
+            SHOAL_CGROUP_PARENT=self.cgroup_parent,
+            SHOAL_NO_AUTOSTART="1",
+            PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]),
+        )
+        if MACHINE_IMAGES.is_dir():
+            env["SHOAL_IMAGE_CACHE"] = str(MACHINE_IMAGES)
+        for name in ("SHOAL_URL", "SHOAL_SOCKET", "SHOAL_RUNTIME"):
+            env.pop(name, None)
+        self.env = env
+
+    @property
+    def data_dir(self) -> Path:
+        """The daemon's state and images."""
+        return self.root / "data"
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Sockets, bundles and overlay mounts."""
+        return self.root / "run"
+
+    @property
+    def socket(self) -> Path:
+        """The API socket."""
+        return self.runtime_dir / "shoald.sock"
+
+    @property
+    def log(self) -> Path:
+        """The daemon's stdout and stderr."""
+        return self.root / "daemon.log"
+
+    def start(self) -> None:
+        """Start the daemon and wait until it serves; point this process's SDK at it."""
+        if self.instrument_to is None:
+            argv = [sys.executable, "-m", "shoal", "serve"]
+        else:
+            argv = [sys.executable, "-m", "bench.run", "_instrumented-daemon", str(self.instrument_to)]
+        with open(self.log, "ab") as log:
+            # A session of its own: Ctrl-C in the terminal must reach the benchmark, not the daemon,
+            # so that the benchmark can still terminate the sandboxes through it.
+            self.proc = subprocess.Popen(
+                argv, env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited at start:\n{self.log.read_text()[-3000:]}")
+            if self.socket.exists() and "daemon ready" in self.log.read_text():
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"the daemon did not become ready:\n{self.log.read_text()[-3000:]}")
+        os.environ["SHOAL_RUNTIME_DIR"] = str(self.runtime_dir)
+        os.environ["SHOAL_NO_AUTOSTART"] = "1"
+        for name in ("SHOAL_URL", "SHOAL_SOCKET"):
+            os.environ.pop(name, None)
+
+    def terminate_all(self) -> None:
+        """Terminate every sandbox the daemon still runs (through its API, like a user would)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        import shoal
+
+        for sb in shoal.Sandbox.list():
+            with contextlib.suppress(Exception):
+                sb.terminate()
+
+    def stop(self) -> None:
+        """Stop the daemon (SIGTERM, then SIGKILL)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def leaks(self) -> list[str]:
+        """Containers, mounts, cgroups, runtime dirs or processes the daemon's sandboxes left behind."""
+        found: list[str] = []
+        for state_dir in (self.runtime_dir / "oci").glob("*"):
+            found += [f"container {c}" for c in state_dir.iterdir() if c.is_dir()]
+        found += [f"mount {m}" for m in _mounts_under(self.root)]
+        for parent in _cgroup_dirs(self.cgroup_parent):
+            found += [f"cgroup {c}" for c in parent.iterdir() if c.is_dir()]
+        sandboxes = self.runtime_dir / "sandboxes"
+        if sandboxes.is_dir():
+            found += [f"runtime dir {p}" for p in sandboxes.iterdir()]
+        found += [f"process {pid} in a sandbox cgroup" for pid in sorted(_processes_in(self.cgroup_parent))]
+        return found
+
+    def force_cleanup(self) -> list[str]:
+        """Last resort after the daemon is gone: delete containers, unmount, remove cgroups; returns what is left."""
+        runc = shutil.which("runc")
+        for state_dir in (self.runtime_dir / "oci").glob("*"):
+            binary = shutil.which(state_dir.name) or runc
+            for c in state_dir.iterdir():
+                if c.is_dir() and binary:
+                    subprocess.run(
+                        [binary, "--root", str(state_dir), "delete", "--force", c.name],
+                        capture_output=True,
+                        check=False,
+                    )
+        for m in sorted(_mounts_under(self.root), key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True, check=False)
+        left = _remove_cgroup_tree(self.cgroup_parent)
+        return left + [f"mount {m}" for m in _mounts_under(self.root)]
+
+    def remove(self) -> None:
+        """Delete the temporary directories."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- floor
+
+
+class Floor:
+    """``runc run`` of ``/bin/true`` on a bundle copied from a live sandbox.
+
+    Same namespaces, user-namespace mapping, cgroup settings (under a cgroup
+    path of its own), seccomp profile and mounts as the sandbox, minus the
+    agent's two ``/.shoal`` bind mounts; the root is the image's (single)
+    layer directory, read-only, instead of the sandbox's overlay.
+    """
+
+    def __init__(self, root: Path, cgroup_parent: str) -> None:
+        self.dir = root / "floor"
+        self.bundle = self.dir / "bundle"
+        self.state = self.dir / "state"
+        self.cgroup_parent = f"{cgroup_parent}-floor"
+        self.runc = shutil.which("runc") or "/usr/sbin/runc"
+        self.count = 0
+
+    def prepare(self, sandbox_runtime_dir: Path) -> None:
+        """Build the bundle from a running sandbox's ``config.json`` and its overlay's lower layer."""
+        config = json.loads((sandbox_runtime_dir / "bundle" / "config.json").read_text())
+        lowers = _overlay_lowers(sandbox_runtime_dir / "rootfs")
+        if len(lowers) != 1:
+            raise RuntimeError(f"the floor needs a single-layer image; the sandbox's root has layers {lowers}")
+        config["root"] = {"path": lowers[0], "readonly": True}
+        config["mounts"] = [m for m in config["mounts"] if not str(m.get("destination", "")).startswith("/.shoal")]
+        config["process"]["args"] = ["/bin/true"]
+        config["process"]["cwd"] = "/"
+        config["linux"]["cgroupsPath"] = f"{self.cgroup_parent}/true"
+        self.bundle.mkdir(parents=True, exist_ok=True)
+        (self.bundle / "config.json").write_text(json.dumps(config, indent=1))
+        self.state.mkdir(parents=True, exist_ok=True)
+
+    def run_once(self) -> float:
+        """One ``runc run``; its wall time in ms."""
+        self.count += 1
+        argv = [self.runc, "--root", str(self.state), "run", "--bundle", str(self.bundle), f"floor-{self.count}"]
+        t0 = now_ns()
+        res = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, start_new_session=True, check=False)
+        t1 = now_ns()
+        if res.returncode != 0:
+            raise RuntimeError(f"runc run failed (exit {res.returncode}): {res.stderr.decode(errors='replace')}")
+        return ms(t0, t1)
+
+    def cleanup(self) -> list[str]:
+        """Delete any container left by an interrupted run and the floor's cgroups; returns what is left."""
+        if self.state.is_dir():
+            for c in self.state.iterdir():
+                if c.is_dir():
+                    subprocess.run(
+                        [self.runc, "--root", str(self.state), "delete", "--force", c.name],
+                        capture_output=True,
+                        check=False,
+                    )
+        left = [f"floor container {c}" for c in self.state.glob("*") if c.is_dir()] if self.state.is_dir() else []
+        return left + _remove_cgroup_tree(self.cgroup_parent)
+
+
+def _overlay_lowers(mount_point: Path) -> list[str]:
+    """The ``lowerdir`` layers of the overlay mounted at ``mount_point``."""
+    target = os.path.realpath(mount_point)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] != target:
+                continue
+            options = line.split(" - ", 1)[1].split()[2]
+            for opt in options.split(","):
+                if opt.startswith("lowerdir="):
+                    return opt[len("lowerdir=") :].split(":")
+    raise RuntimeError(f"no overlay mounted at {target}")
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+
+@dataclass
+class Sample:
+    """One timed run: values in ms, plus client-side stamps (ns) for the profile."""
+
+    values: dict[str, float]
+    sandbox_id: str
+    marks: dict[str, int] = field(default_factory=dict)
+
+
+def tti_sync(app: shoal.App) -> Sample:
+    """create → exec("echo", "ready") → first stdout chunk, with the blocking SDK; then terminate (timed apart)."""
+    import shoal
+
+    t0 = now_ns()
+    sb = shoal.Sandbox.create(app=app)
+    t1 = now_ns()
+    p = sb.exec("echo", "ready")
+    t2 = now_ns()
+    first = next(iter(p.stdout))
+    t3 = now_ns()
+    rest = p.stdout.read()
+    if first + rest != "ready\n":
+        raise RuntimeError(f"unexpected output {first + rest!r}")
+    t4 = now_ns()
+    sb.terminate()
+    t5 = now_ns()
+    return Sample(
+        {
+            "tti_sync": ms(t0, t3),
+            "create_sync": ms(t0, t1),
+            "first_output_sync": ms(t1, t3),
+            "terminate_sync": ms(t4, t5),
+        },
+        sb.object_id,
+        {"t0": t0, "created": t1, "exec_returned": t2, "first_output": t3, "terminate0": t4, "terminate1": t5},
+    )
+
+
+async def tti_async(app: shoal.App) -> Sample:
+    """The same as ``tti_sync`` through the ``.aio`` API."""
+    import shoal
+
+    t0 = now_ns()
+    sb = await shoal.Sandbox.create.aio(app=app)
+    t1 = now_ns()
+    p = await sb.exec.aio("echo", "ready")
+    t2 = now_ns()
+    first = ""
+    async for chunk in p.stdout:
+        first = chunk
+        break
+    t3 = now_ns()
+    rest = await p.stdout.read.aio()
+    if first + rest != "ready\n":
+        raise RuntimeError(f"unexpected output {first + rest!r}")
+    t4 = now_ns()
+    await sb.terminate.aio()
+    t5 = now_ns()
+    return Sample(
+        {"tti_async": ms(t0, t3), "create_async": ms(t0, t1), "terminate_async": ms(t4, t5)},
+        sb.object_id,
+        {"t0": t0, "created": t1, "exec_returned": t2, "first_output": t3, "terminate0": t4, "terminate1": t5},
+    )
+
+
+def exec_sync(sb: shoal.Sandbox) -> Sample:
+    """``sb.exec("true").wait()``."""
+    t0 = now_ns()
+    p = sb.exec("true")
+    t1 = now_ns()
+    code = p.wait()
+    t2 = now_ns()
+    if code != 0:
+        raise RuntimeError(f"`true` exited {code}")
+    return Sample({"exec_rt_sync": ms(t0, t2)}, sb.object_id, {"t0": t0, "exec_returned": t1, "end": t2})
+
+
+async def exec_async(sb: shoal.Sandbox) -> Sample:
+    """``await (await sb.exec.aio("true")).wait.aio()``."""
+    t0 = now_ns()
+    p = await sb.exec.aio("true")
+    t1 = now_ns()
+    code = await p.wait.aio()
+    t2 = now_ns()
+    if code != 0:
+        raise RuntimeError(f"`true` exited {code}")
+    return Sample({"exec_rt_async": ms(t0, t2)}, sb.object_id, {"t0": t0, "exec_returned": t1, "end": t2})
+
+
+# ---------------------------------------------------------------------------------------------- instrumented daemon
+
+
+class _Spans:
+    """Spans recorded while the daemon serves one request (a context variable carries the open list)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, int, int]] = []
+        self.open = True
+
+    def add(self, name: str, t0: int, t1: int) -> None:
+        if self.open:
+            self.items.append((name, t0, t1))
+
+
+_CURRENT: contextvars.ContextVar[_Spans | None] = contextvars.ContextVar("bench_spans", default=None)
+_SINK: TextIO | None = None
+
+
+def _emit(sandbox_id: str, event: str, t0: int, t1: int | None = None, exec_id: str = "") -> None:
+    if _SINK is not None:
+        _SINK.write(json.dumps({"sb": sandbox_id, "ev": event, "t0": t0, "t1": t1, "exec": exec_id}) + "\n")
+
+
+def _span_sync(name: str, fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = now_ns()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spans = _CURRENT.get()
+            if spans is not None:
+                spans.add(name, t0, now_ns())
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _span_async(name: str, fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = now_ns()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            spans = _CURRENT.get()
+            if spans is not None:
+                spans.add(name, t0, now_ns())
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _request_scope(event: str, fn: F, sandbox_of: Callable[[tuple[Any, ...], Any], str]) -> F:
+    """Wrap a request-level engine call: record its own span and every inner span, keyed by sandbox."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        spans = _Spans()
+        token = _CURRENT.set(spans)
+        t0 = now_ns()
+        try:
+            result = await fn(*args, **kwargs)
+        finally:
+            _CURRENT.reset(token)
+        t1 = now_ns()
+        spans.open = False  # tasks started inside (the agent link's reader) keep the list: stop recording
+        sandbox_id = sandbox_of(args, result)
+        _emit(sandbox_id, event, t0, t1)
+        for name, s0, s1 in spans.items:
+            _emit(sandbox_id, name, s0, s1)
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _instrumented_daemon(events_path: str) -> None:
+    """Run ``shoal serve`` with timestamps around the steps of create, exec and terminate (no source edits)."""
+    global _SINK
+    _SINK = open(events_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the daemon
+
+    from shoal.agent import protocol as P
+    from shoal.engine import sandbox as sandbox_mod
+    from shoal.engine.manager import Manager
+    from shoal.engine.state import State
+    from shoal.images.service import ImageService
+    from shoal.runtime import rootfs, spec
+    from shoal.runtime.oci import OciRuntime
+
+    Manager.create = _request_scope("create", Manager.create, lambda a, r: r.id)  # type: ignore[method-assign]
+    Manager.exec = _request_scope("exec", Manager.exec, lambda a, r: a[1])  # type: ignore[method-assign]
+    sandbox_mod.Sandbox.terminate = _request_scope(  # type: ignore[method-assign]
+        "terminate", sandbox_mod.Sandbox.terminate, lambda a, r: a[0].id
+    )
+    ImageService.resolve = _span_async("image_resolve", ImageService.resolve)  # type: ignore[method-assign]
+    OciRuntime.start = _span_async("runc_run_detach", OciRuntime.start)  # type: ignore[method-assign]
+    OciRuntime.delete = _span_async("runc_delete_force", OciRuntime.delete)  # type: ignore[method-assign]
+    State.add_sandbox = _span_sync("db_add_sandbox", State.add_sandbox)  # type: ignore[method-assign]
+    State.set_sandbox_state = _span_sync("db_set_state", State.set_sandbox_state)  # type: ignore[method-assign]
+    State.add_exec = _span_sync("db_add_exec", State.add_exec)  # type: ignore[method-assign]
+    State.finish_sandbox = _span_sync("db_finish_sandbox", State.finish_sandbox)  # type: ignore[method-assign]
+    rootfs.mount_overlay = _span_sync("mount_overlay", rootfs.mount_overlay)
+    rootfs.unmount = _span_sync("unmount", rootfs.unmount)
+    spec.build = _span_sync("spec_build", spec.build)
+    sandbox_mod.Sandbox._remove_files = _span_sync(  # type: ignore[method-assign]
+        "remove_files", sandbox_mod.Sandbox._remove_files
+    )
+
+    original_on_frames = sandbox_mod.Sandbox._on_frames
+    seen_output: set[tuple[str, str]] = set()
+
+    def on_frames(self: Any, link: Any, frames: list[Any]) -> None:
+        t = now_ns()
+        for f in frames:
+            if f.msg == P.Msg.HELLO:
+                _emit(self.id, "agent_hello", t)
+            elif f.msg == P.Msg.STARTED:
+                _emit(self.id, "agent_started", t, exec_id=f.exec_id)
+            elif f.msg == P.Msg.OUTPUT and (self.id, f.exec_id) not in seen_output:
+                seen_output.add((self.id, f.exec_id))
+                _emit(self.id, "agent_first_output", t, exec_id=f.exec_id)
+            elif f.msg == P.Msg.EXIT:
+                _emit(self.id, "agent_exit", t, exec_id=f.exec_id)
+        original_on_frames(self, link, frames)
+
+    sandbox_mod.Sandbox._on_frames = on_frames  # type: ignore[method-assign]
+
+    from shoal.cli.main import cli
+
+    cli(["serve"], prog_name="shoal")
+
+
+@dataclass
+class Event:
+    """A daemon-side stamp (ns) from the instrumented daemon."""
+
+    sandbox_id: str
+    name: str
+    t0: int
+    t1: int | None
+    exec_id: str
+
+
+def load_events(path: Path) -> list[Event]:
+    """Events written by ``_instrumented_daemon``."""
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError):
+            d = json.loads(line)
+            events.append(Event(d["sb"], d["ev"], int(d["t0"]), d["t1"], d.get("exec", "")))
+    return events
+
+
+def _window(events: list[Event], sandbox_id: str, start: int, end: int) -> dict[str, Event]:
+    """The first event of each name for ``sandbox_id`` between two client stamps."""
+    out: dict[str, Event] = {}
+    for e in events:
+        if e.sandbox_id == sandbox_id and start <= e.t0 <= end and e.name not in out:
+            out[e.name] = e
+    return out
+
+
+def _end(e: Event) -> int:
+    return e.t1 if e.t1 is not None else e.t0
+
+
+def _dur(e: Event | None) -> float:
+    return ms(e.t0, _end(e)) if e is not None else math.nan
+
+
+def tti_phases(sample: Sample, events: list[Event]) -> dict[str, float] | None:
+    """One TTI run cut into consecutive phases (they sum to the TTI), plus overlapping details."""
+    m = sample.marks
+    ev = _window(events, sample.sandbox_id, m["t0"], m["first_output"])
+    need = ("create", "mount_overlay", "runc_run_detach", "agent_hello", "exec")
+    if any(k not in ev for k in need):
+        return None
+    create, mount, runc, hello, ex = (ev[k] for k in need)
+    phases = {
+        "1 SDK → daemon: create request": ms(m["t0"], create.t0),
+        "2 daemon: resolve image, db insert, dirs": ms(create.t0, mount.t0),
+        "3 daemon: overlay mount": _dur(mount),
+        "4 daemon: write bundle (spec build)": ms(_end(mount), runc.t0),
+        "5 runc run --detach (agent as init)": _dur(runc),
+        "6 agent hello after runc returns": ms(_end(runc), hello.t0),
+        "7 daemon: mark running, answer": ms(hello.t0, _end(create)),
+        "8 daemon → SDK: create response": ms(_end(create), m["created"]),
+        "9 SDK → daemon: exec request": ms(m["created"], ex.t0),
+        "10 daemon: exec dispatch (db, frame)": _dur(ex),
+        "11 daemon → SDK: exec response": ms(_end(ex), m["exec_returned"]),
+        "12 SDK: output stream → first chunk": ms(m["exec_returned"], m["first_output"]),
+    }
+    details = {
+        "  image resolve": _dur(ev.get("image_resolve")),
+        "  db insert sandbox": _dur(ev.get("db_add_sandbox")),
+        "  spec build": _dur(ev.get("spec_build")),
+        "  db state → running": _dur(ev.get("db_set_state")),
+        "  db insert exec": _dur(ev.get("db_add_exec")),
+        "  agent: exec frame sent → first output frame": (
+            ms(_end(ex), ev["agent_first_output"].t0) if "agent_first_output" in ev else math.nan
+        ),
+    }
+    return phases | details
+
+
+def exec_phases(sample: Sample, events: list[Event]) -> dict[str, float] | None:
+    """One exec round trip cut into consecutive phases."""
+    m = sample.marks
+    ev = _window(events, sample.sandbox_id, m["t0"], m["end"])
+    if "exec" not in ev or "agent_exit" not in ev:
+        return None
+    ex, exit_ = ev["exec"], ev["agent_exit"]
+    return {
+        "1 SDK → daemon: exec request": ms(m["t0"], ex.t0),
+        "2 daemon: exec dispatch (db, frame)": _dur(ex),
+        "3 daemon → SDK: exec response": ms(_end(ex), m["exec_returned"]),
+        "4 SDK: wait request → exit seen": ms(m["exec_returned"], m["end"]),
+        "  agent: exec frame sent → exit frame": ms(_end(ex), exit_.t0),
+        "  db insert exec": _dur(ev.get("db_add_exec")),
+    }
+
+
+def terminate_phases(sample: Sample, events: list[Event]) -> dict[str, float] | None:
+    """One terminate() cut into phases."""
+    m = sample.marks
+    ev = _window(events, sample.sandbox_id, m["terminate0"], m["terminate1"])
+    if "terminate" not in ev or "runc_delete_force" not in ev:
+        return None
+    term, delete = ev["terminate"], ev["runc_delete_force"]
+    return {
+        "1 SDK → daemon: terminate request": ms(m["terminate0"], term.t0),
+        "2 daemon: record result, start teardown": ms(term.t0, delete.t0),
+        "3 runc delete --force (running container)": _dur(delete),
+        "4 daemon: link close, unmount, remove files": ms(_end(delete), _end(term)),
+        "5 daemon → SDK: terminate response": ms(_end(term), m["terminate1"]),
+        "  unmount": _dur(ev.get("unmount")),
+        "  remove files": _dur(ev.get("remove_files")),
+    }
+
+
+def phase_table(title: str, rows: list[dict[str, float]], total: float) -> list[str]:
+    """Median and p95 of each phase across runs, with its share of ``total`` (a median)."""
+    if not rows:
+        return [f"{title}: no complete runs to analyse"]
+    lines = [f"{title} ({len(rows)} runs; phases 1..n add up to the total, indented rows are details)"]
+    lines.append(f"  {'phase':<50} {'p50 ms':>8} {'p95 ms':>8} {'share':>6}")
+    summed = 0.0
+    for name in rows[0]:
+        vals = sorted(r[name] for r in rows if not math.isnan(r.get(name, math.nan)))
+        if not vals:
+            continue
+        p50 = percentile(vals, 50)
+        share = f"{100 * p50 / total:5.1f}%" if not name.startswith(" ") and total > 0 else ""
+        if not name.startswith(" "):
+            summed += p50
+        lines.append(f"  {name:<50} {p50:8.2f} {percentile(vals, 95):8.2f} {share:>6}")
+    lines.append(f"  {'sum of phase medians / median total':<50} {summed:8.2f} {total:8.2f}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report(
+    stats: dict[str, Stats], facts: dict[str, Any], load: dict[str, tuple[float, float, float]], runs: int
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The printed table and the target verdicts."""
+    floor = stats.get(FLOOR)
+    lines = [
+        f"shoal bench — {facts['date']} — {facts['cpu_count']} CPUs ({facts['cpu_model']}), {facts['os']},"
+        f" kernel {facts['kernel']}, {facts['runc']}, Python {facts['python']}",
+        "load average (1/5/15 min): before "
+        + " ".join(f"{x:.2f}" for x in load["before"])
+        + ", after "
+        + " ".join(f"{x:.2f}" for x in load["after"]),
+        f"runs per metric: {runs} (after warm-up); all times in ms; ratios are against the runc floor",
+        "",
+        f"{'metric':<36} {'n':>4} {'p50':>8} {'p95':>8} {'p99':>8} {'min':>8} {'max':>8} {'p50/fl':>7} {'p99/fl':>7}",
+    ]
+    for m in METRICS:
+        s = stats.get(m.key)
+        if s is None or s.n == 0:
+            continue
+        r50 = f"{s.p50 / floor.p50:7.1f}" if floor and floor.n else f"{'':>7}"
+        r99 = f"{s.p99 / floor.p99:7.1f}" if floor and floor.n else f"{'':>7}"
+        lines.append(
+            f"{m.label:<36} {s.n:>4} {s.p50:8.2f} {s.p95:8.2f} {s.p99:8.2f} {s.min:8.2f} {s.max:8.2f} {r50} {r99}"
+        )
+    verdicts = []
+    target_lines = []
+    for t in TARGETS:
+        s = stats.get(t.metric)
+        if s is None or s.n == 0:
+            continue
+        value = getattr(s, t.stat)
+        ok = value <= t.limit_ms
+        verdicts.append({"metric": t.metric, "stat": t.stat, "limit_ms": t.limit_ms, "value_ms": value, "pass": ok})
+        target_lines.append(
+            f"  {METRIC_BY_KEY[t.metric].label.strip():<36} {t.stat} ≤ {t.limit_ms:5.0f} ms:"
+            f" {value:7.2f} ms  {'PASS' if ok else 'MISS'}"
+        )
+    if target_lines:
+        lines += ["", "targets (2-core machine):", *target_lines]
+    return lines, verdicts
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _parse_only(values: list[str] | None) -> list[str]:
+    if not values:
+        return list(GROUPS)
+    chosen: list[str] = []
+    for v in values:
+        for part in v.split(","):
+            part = part.strip()
+            if part and part not in GROUPS:
+                raise SystemExit(f"--only: unknown measurement {part!r}; choose from {', '.join(GROUPS)}")
+            if part and part not in chosen:
+                chosen.append(part)
+    if FLOOR_GROUP not in chosen:
+        chosen.append(FLOOR_GROUP)  # every run measures the floor beside the rest
+    return chosen
+
+
+FLOOR_GROUP = "floor"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM cleans up like Ctrl-C does."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def measure(args: argparse.Namespace, daemon: BenchDaemon, floor: Floor, groups: list[str]) -> dict[str, Any]:
+    """Warm up, then take ``args.runs`` rounds of every selected measurement."""
+    import shoal
+
+    app = shoal.App.lookup("bench", create_if_missing=True)
+    loop = asyncio.new_event_loop()
+    try:
+        exec_sb = shoal.Sandbox.create(app=app, timeout=3600)
+        try:
+            floor.prepare(daemon.runtime_dir / "sandboxes" / exec_sb.object_id)
+            steps: list[tuple[str, Callable[[], Sample | float]]] = []
+            for g in groups:
+                if g == "tti":
+                    steps.append((g, lambda: tti_sync(app)))
+                elif g == "tti-async":
+                    steps.append((g, lambda: loop.run_until_complete(tti_async(app))))
+                elif g == "exec":
+                    steps.append((g, lambda: exec_sync(exec_sb)))
+                elif g == "exec-async":
+                    steps.append((g, lambda: loop.run_until_complete(exec_async(exec_sb))))
+                elif g == "floor":
+                    steps.append((g, floor.run_once))
+            print(f"warming up ({args.warmup} untimed rounds) …", file=sys.stderr, flush=True)
+            for _ in range(args.warmup):
+                for _, step in steps:
+                    step()
+            samples: dict[str, list[Sample]] = {g: [] for g in groups}
+            values: dict[str, list[float]] = {}
+            print(f"measuring {args.runs} rounds of {', '.join(groups)} …", file=sys.stderr, flush=True)
+            for i in range(args.runs):
+                for g, step in steps:
+                    out = step()
+                    if isinstance(out, float):
+                        values.setdefault(FLOOR, []).append(out)
+                    else:
+                        samples[g].append(out)
+                        for k, v in out.values.items():
+                            values.setdefault(k, []).append(v)
+                if (i + 1) % 10 == 0:
+                    print(f"  {i + 1}/{args.runs}", file=sys.stderr, flush=True)
+        finally:
+            exec_sb.terminate()
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return {"values": values, "samples": samples}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.run``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_instrumented-daemon"]:
+        _instrumented_daemon(argv[1])
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--runs", type=int, default=DEFAULT_RUNS, help=f"timed runs per metric (default {DEFAULT_RUNS})"
+    )
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="untimed rounds first (default 5)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="WHAT",
+        help=f"comma-separated subset of {','.join(GROUPS)} (the floor is always measured)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write every sample and summary as JSON")
+    parser.add_argument("--profile", action="store_true", help="instrument the daemon and show where the time goes")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("the benchmark starts a shoal daemon, which needs root")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.runs < 50:
+        print(f"note: {args.runs} runs is fewer than 50: p99 is not meaningful", file=sys.stderr)
+    groups = _parse_only(args.only)
+
+    facts = machine_facts()
+    load_before = os.getloadavg()
+    events_path: Path | None = None
+    daemon = BenchDaemon()
+    if args.profile:
+        events_path = daemon.root / "events.jsonl"
+        daemon.instrument_to = events_path
+    floor = Floor(daemon.root, daemon.cgroup_parent)
+    result: dict[str, Any] = {}
+    left: list[str] = []
+    interrupted = False
+    try:
+        with _sigterm_as_interrupt():
+            print(f"starting a daemon in {daemon.root} …", file=sys.stderr, flush=True)
+            daemon.start()
+            result = measure(args, daemon, floor, groups)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted; cleaning up …", file=sys.stderr, flush=True)
+    finally:
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup must finish
+        try:
+            with contextlib.suppress(Exception):
+                daemon.terminate_all()
+            daemon.stop()
+            left = daemon.leaks()
+            if left:
+                left = daemon.force_cleanup()
+            left += _remove_cgroup_tree(daemon.cgroup_parent)  # the (now empty) parent of the sandboxes' cgroups
+            left += floor.cleanup()
+            events = load_events(events_path) if events_path else []
+            daemon.remove()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+    if left:
+        print("LEFT BEHIND:\n  " + "\n  ".join(left), file=sys.stderr)
+    if interrupted or not result:
+        return 130 if interrupted else 1
+    load_after = os.getloadavg()
+
+    stats = {k: Stats.of(v) for k, v in result["values"].items()}
+    lines, verdicts = report(stats, facts, {"before": load_before, "after": load_after}, args.runs)
+    profile: dict[str, list[dict[str, float]]] = {}
+    if args.profile:
+        samples: dict[str, list[Sample]] = result["samples"]
+        sync_tti = samples.get("tti", [])
+        profile["tti"] = [p for s in sync_tti if (p := tti_phases(s, events)) is not None]
+        profile["exec"] = [p for s in samples.get("exec", []) if (p := exec_phases(s, events)) is not None]
+        profile["terminate"] = [p for s in sync_tti if (p := terminate_phases(s, events)) is not None]
+        lines += ["", "profile (instrumented daemon: a little slower than a plain run)", ""]
+        for key, title, metric in (
+            ("tti", "TTI (sync)", "tti_sync"),
+            ("exec", "exec round trip (sync)", "exec_rt_sync"),
+            ("terminate", "terminate (sync)", "terminate_sync"),
+        ):
+            if metric in stats:
+                lines += [*phase_table(title, profile[key], stats[metric].p50), ""]
+    print("\n".join(lines))
+    if args.json:
+        doc = {
+            "machine": facts,
+            "load_average": {"before": load_before, "after": load_after},
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "groups": groups,
+            "profiled": args.profile,
+            "stats": {k: vars(s) for k, s in stats.items()},
+            "targets": verdicts,
+            "samples_ms": result["values"],
+            "profile_phases_ms": profile,
+            "left_behind": left,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0 if not left else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

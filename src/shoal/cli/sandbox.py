@@ -1,0 +1,157 @@
+"""``shoal sandbox``: list sandboxes, run a command in one, read its entrypoint's output, terminate it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from typing import Any, BinaryIO
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+import shoal
+from shoal.cli.run import INTERRUPTED_EXIT, MAX_TIMEOUT, copy_stream, exit_code, parse_env, sdk_errors, stream_process
+from shoal.cli.status import age, call_daemon, console, print_json, require_daemon
+from shoal.exception import NotFoundError
+from shoal.sdk._sync import run_async
+from shoal.sdk.transport import default_client
+
+LOGS_IDLE = 0.5
+"""Without --follow: stop once a stream has been quiet this long (the daemon streams until the process ends)."""
+
+
+@click.group("sandbox")
+def sandbox_group() -> None:
+    """Sandboxes on this daemon."""
+
+
+@sandbox_group.command("ls")
+@click.option("--app-id", help="only this app's sandboxes")
+@click.option("--all", "include_finished", is_flag=True, help="include finished sandboxes")
+@click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
+def ls_cmd(app_id: str | None, include_finished: bool, as_json: bool) -> None:
+    """List running sandboxes (with --all, finished ones too), newest first."""
+    params: dict[str, str] = {}
+    if app_id:
+        params["app_id"] = app_id
+    if include_finished:
+        params["include_finished"] = "1"
+    items: list[dict[str, Any]] = call_daemon("GET", "/v1/sandboxes", params=params)["sandboxes"]
+    if as_json:
+        print_json(items)
+        return
+    table = Table("SANDBOX", "APP", "NAME", "STATE", "AGE", "RETURNCODE", "TAGS", box=None, header_style="bold")
+    table.columns[0].no_wrap = True
+    now = time.time()
+    for item in items:
+        rc = item.get("returncode")
+        tags = ",".join(f"{k}={v}" for k, v in sorted(item.get("tags", {}).items()))
+        table.add_row(
+            Text(str(item["sandbox_id"])),
+            Text(str(item["app_id"])),
+            Text(item.get("name") or ""),
+            Text(str(item["state"])),
+            age(now - float(item["created_at"])),
+            "" if rc is None else str(rc),
+            Text(tags),
+        )
+    console().print(table)
+
+
+@sandbox_group.command("exec", context_settings={"allow_interspersed_args": False})
+@click.argument("sandbox_id")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--workdir", metavar="DIR", help="absolute working directory for the command")
+@click.option("--env", "env", multiple=True, metavar="K=V", callback=parse_env, help="environment (repeatable)")
+@click.option("--timeout", type=click.IntRange(1, MAX_TIMEOUT), help="kill the command after this many seconds")
+@click.option("--stdin", "stdin", is_flag=True, help="send our standard input to the command")
+def exec_cmd(
+    sandbox_id: str,
+    cmd: tuple[str, ...],
+    workdir: str | None,
+    env: dict[str, str],
+    timeout: int | None,
+    stdin: bool,
+) -> None:
+    """Run CMD in a running sandbox, stream its output, and exit with its code.
+
+    Options go before ID; everything after ID is the command.
+
+    Example: shoal sandbox exec --workdir /tmp sb-... -- ls -l
+    """
+    if cmd[0] == "--":  # options end at ID, so the parser left the separator in
+        cmd = cmd[1:]
+    if not cmd:
+        raise click.UsageError("missing the command to run after ID")
+    require_daemon()
+
+    async def main() -> int:
+        sb = await shoal.Sandbox.from_id.aio(sandbox_id)
+        proc = await sb.exec.aio(*cmd, text=False, workdir=workdir, env=dict(env), timeout=timeout)
+        return exit_code(await stream_process(proc, sys.stdin.buffer if stdin else None))
+
+    try:
+        with sdk_errors():
+            code = asyncio.run(main())
+    except KeyboardInterrupt:
+        code = INTERRUPTED_EXIT
+    sys.exit(code)
+
+
+async def _copy_until_quiet(reader: shoal.StreamReader[bytes], out: BinaryIO, idle: float) -> None:
+    """Copy what the stream has now: stop at its end or once nothing came for ``idle`` seconds."""
+    chunks = aiter(reader)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), idle)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        out.write(chunk)
+        out.flush()
+
+
+async def _logs(sandbox_id: str, follow: bool) -> None:
+    client = default_client()
+    info = await run_async(client.request("GET", f"/v1/sandboxes/{sandbox_id}"))
+    quiet = not follow and info["state"] != "finished"
+    copies = []
+    for fd, out in ((1, sys.stdout.buffer), (2, sys.stderr.buffer)):
+        path = f"/v1/sandboxes/{sandbox_id}/execs/entrypoint/output/{fd}"
+        reader: shoal.StreamReader[bytes] = shoal.StreamReader(client, path, fd, text=False, by_line=False)
+        copies.append(_copy_until_quiet(reader, out, LOGS_IDLE) if quiet else copy_stream(aiter(reader), out))
+    try:
+        await asyncio.gather(*copies)
+    except NotFoundError:
+        raise NotFoundError(
+            f"sandbox {sandbox_id} has no entrypoint (it was created without a command), so it has no logs"
+        ) from None
+
+
+@sandbox_group.command("logs")
+@click.argument("sandbox_id")
+@click.option("-f", "--follow", is_flag=True, help="keep printing until the entrypoint ends")
+def logs_cmd(sandbox_id: str, follow: bool) -> None:
+    """Print the output of a sandbox's entrypoint (stdout to stdout, stderr to stderr)."""
+    require_daemon()
+    try:
+        with sdk_errors():
+            asyncio.run(_logs(sandbox_id, follow))
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED_EXIT)
+
+
+@sandbox_group.command("terminate")
+@click.argument("sandbox_id")
+def terminate_cmd(sandbox_id: str) -> None:
+    """Stop a sandbox now; it finishes with return code 137."""
+    require_daemon()
+    with sdk_errors():
+        sb = shoal.Sandbox.from_id(sandbox_id)
+        before = sb.returncode
+        code = sb.terminate(wait=True)
+    if before is not None:
+        click.echo(f"{sandbox_id} had already finished (return code {before})")
+    else:
+        click.echo(f"{sandbox_id} terminated (return code {code})")

@@ -1,0 +1,97 @@
+"""``shoal status``: is the daemon up, and what does it hold.
+
+Also ``call_daemon``, the one-shot API call that the listing commands share:
+it never starts a daemon and never waits for one, so "not running" is
+answered at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from shoal import exception
+from shoal.config import ClientConfig
+from shoal.sdk.transport import Client
+
+
+def call_daemon(method: str, path: str, *, json_body: Any = None, params: Any = None) -> Any:
+    """One API call to the configured daemon; its JSON answer, or a ClickException that says what went wrong."""
+
+    async def call() -> Any:
+        client = Client(ClientConfig(autostart=False))
+        try:
+            return await client.request(method, path, json_body=json_body, params=params, idempotent=False)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(call())
+    except exception.ConnectionError as exc:
+        raise click.ClickException(f"the shoal daemon is not running: {exc}") from exc
+    except exception.Error as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+def require_daemon() -> None:
+    """Fail at once with a clear message if no daemon answers and the SDK would not start one.
+
+    Without this, the SDK's calls keep retrying an absent daemon for a while (they
+    ride out daemon restarts), which a one-shot command should not do.
+    """
+    cfg = ClientConfig()
+    if cfg.url is None and cfg.autostart and os.geteuid() == 0:
+        return  # the SDK starts a local daemon on first use
+    call_daemon("GET", "/v1/status")
+
+
+def console() -> Console:
+    """A console for tables: the terminal's width, or unbounded when output goes to a file or pipe."""
+    out = Console(highlight=False)
+    return out if out.is_terminal else Console(highlight=False, width=1000)
+
+
+def age(seconds: float) -> str:
+    """A short human age: 42s, 5m, 3h, 2d."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def print_json(value: Any) -> None:
+    """``value`` as indented JSON on stdout (the ``--json`` form of every command)."""
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="print the daemon's answer as JSON")
+def status_cmd(as_json: bool) -> None:
+    """Show whether the daemon runs, and its version, runtime, paths, sandboxes and images."""
+    info = call_daemon("GET", "/v1/status")
+    if as_json:
+        print_json(info)
+        return
+    images = info.get("images", [])
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("daemon", f"running, version {info['version']}, pid {info['pid']}"),
+        ("runtime", f"{info['runtime']} ({info.get('runtime_path', '?')})"),
+        ("socket", str(info["socket"])),
+        ("data dir", str(info["data_dir"])),
+        ("sandboxes", f"{info['sandboxes_running']} running"),
+        ("images", f"{len(images)}" + (": " + ", ".join(str(i["image_id"]) for i in images) if images else "")),
+    ]
+    for key, value in rows:
+        table.add_row(key, Text(value))
+    console().print(table)
