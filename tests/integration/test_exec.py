@@ -74,7 +74,10 @@ def test_bytes_mode_carries_every_byte_value(sandbox):
 
 
 def test_text_mode_decodes_utf8_split_across_chunks(sandbox):
-    script = "import sys,time\nb='héllo wörld ✓'.encode()\nfor i in range(len(b)):\n sys.stdout.buffer.write(b[i:i+1]); sys.stdout.flush(); time.sleep(0.002)"
+    script = (
+        "import sys,time\nb='héllo wörld ✓'.encode()\nfor i in range(len(b)):\n"
+        " sys.stdout.buffer.write(b[i:i+1]); sys.stdout.flush(); time.sleep(0.002)"
+    )
     p = sandbox.exec("python3", "-c", script)
     assert p.stdout.read() == "héllo wörld ✓"
 
