@@ -87,6 +87,11 @@ class Daemon:
         self.stop(sig)
         self.start()
 
+    def restart_with(self, *extra: str) -> None:
+        """Restart with extra ``shoal serve`` options."""
+        self.stop()
+        self.start(*extra)
+
 
 def _daemon_env(root: Path) -> dict[str, str]:
     env = dict(os.environ)

@@ -14,7 +14,6 @@ from rich.text import Text
 import shoal
 from shoal.cli.run import INTERRUPTED_EXIT, MAX_TIMEOUT, copy_stream, exit_code, parse_env, sdk_errors, stream_process
 from shoal.cli.status import age, call_daemon, console, print_json, require_daemon
-from shoal.exception import NotFoundError
 from shoal.sdk._sync import run_async
 from shoal.sdk.transport import default_client
 
@@ -121,12 +120,7 @@ async def _logs(sandbox_id: str, follow: bool) -> None:
         path = f"/v1/sandboxes/{sandbox_id}/execs/entrypoint/output/{fd}"
         reader: shoal.StreamReader[bytes] = shoal.StreamReader(client, path, fd, text=False, by_line=False)
         copies.append(_copy_until_quiet(reader, out, LOGS_IDLE) if quiet else copy_stream(aiter(reader), out))
-    try:
-        await asyncio.gather(*copies)
-    except NotFoundError:
-        raise NotFoundError(
-            f"sandbox {sandbox_id} has no entrypoint (it was created without a command), so it has no logs"
-        ) from None
+    await asyncio.gather(*copies)
 
 
 @sandbox_group.command("logs")

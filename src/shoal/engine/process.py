@@ -56,6 +56,11 @@ class Process:
         self._stdin_room = asyncio.Event()
 
     @property
+    def placeholder(self) -> bool:
+        """An entrypoint record standing for no process (a sandbox started with no command)."""
+        return not self.spec.get("args")
+
+    @property
     def is_entrypoint(self) -> bool:
         """Whether this is the sandbox's main process."""
         return self.id == ENTRYPOINT_ID

@@ -211,6 +211,8 @@ class Sandbox:
                     ExecRequest(args=argv, workdir=workdir or image.workdir),
                     entrypoint=True,
                 )
+            else:
+                self._add_placeholder_entrypoint()
             self._move(RUNNING)
         except BaseException as exc:
             message = str(exc) or type(exc).__name__
@@ -271,6 +273,12 @@ class Sandbox:
         if req.pty:
             env.setdefault("TERM", "xterm-256color")
         return env
+
+    def _add_placeholder_entrypoint(self) -> None:
+        """No command and none in the image: sb.stdout/stderr are empty streams that end with the sandbox."""
+        stored: dict[str, Any] = {"args": [], "workdir": None, "timeout": None, "pty": False}
+        self.processes[ENTRYPOINT_ID] = Process(self.id, ENTRYPOINT_ID, stored, self.out_dir, 0)
+        self.ctx.state.add_exec(ExecRow(self.id, ENTRYPOINT_ID, stored, "running", time.time()))
 
     def _start_process(self, exec_id: str, req: ExecRequest, *, entrypoint: bool = False) -> Process:
         image_env = self.spec.get("image_env", {})
@@ -432,7 +440,7 @@ class Sandbox:
     def _reconcile(self) -> None:
         """After a (re)connection: processes the agent does not know ended unseen."""
         for proc in list(self.processes.values()):
-            if not proc.exited and proc.id not in self._hello_seen:
+            if not proc.exited and proc.id not in self._hello_seen and not proc.placeholder:
                 log.warning("sandbox %s: process %s was lost while the daemon was away", self.id, proc.id)
                 self._on_exit(proc, P.ExitKind.SIGNAL, SIGKILL)
                 proc.end_streams()

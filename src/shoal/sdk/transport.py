@@ -225,7 +225,7 @@ async def _answers(socket_path: str) -> bool:
     return False
 
 
-_clients: dict[tuple[str, str | None], Client] = {}
+_clients: dict[tuple[str, str | None, str | None], Client] = {}
 
 
 @atexit.register
@@ -244,7 +244,7 @@ def _close_clients() -> None:
 def default_client() -> Client:
     """The process-wide client for the configured daemon."""
     cfg = ClientConfig()
-    key = (str(cfg.socket_path), cfg.url)
+    key = (str(cfg.socket_path), cfg.url, cfg.token)
     client = _clients.get(key)
     if client is None:
         client = _clients[key] = Client(cfg)
