@@ -8,6 +8,7 @@ and reads the base image from the machine's image store (prepared by
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -156,6 +157,42 @@ def leaks(d: Daemon) -> list[str]:
         if "zombie" in state and ppid == 1:
             continue  # an adopted sandbox's init, dead; reaping it is the host init's job
         found.append(f"process {pid} ({what or '?'}, {state}) still in a sandbox cgroup")
+    found += network_leaks(d)
+    found += volume_leaks(d)
+    return found
+
+
+def volume_leaks(d: Daemon) -> list[str]:
+    """Volume staging mount points (sub_path mounts) and half-written uploads or copies left in staging."""
+    found: list[str] = []
+    binds = d.runtime_dir / "volume-binds"
+    if binds.is_dir():
+        found += [f"volume staging point {p}" for p in binds.iterdir()]
+    found += [f"volume staging file {p}" for p in (d.data_dir / "volumes").glob("vo-*/staging/*")]
+    return found
+
+
+def network_leaks(d: Daemon) -> list[str]:
+    """The daemon's links (its anchor bridge, sandbox veths), nftables table and attachment records."""
+    try:
+        netid = json.loads((d.data_dir / "network.json").read_text())["netid"]
+    except (OSError, ValueError, KeyError):
+        return []
+    found: list[str] = []
+    deadline = time.monotonic() + 5  # the kernel destroys a dead sandbox's namespace, and its veth, in the background
+    while True:
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        names = [ln.split(":")[1].strip().split("@")[0] for ln in links.splitlines() if ln.count(":") >= 2]
+        ours = [n for n in names if n == f"shoal-{netid}" or n.startswith(f"sv{netid}")]
+        if not ours or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    found += [f"link {n}" for n in ours]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.split("\n")
+    found += [f"nftables {t.strip()}" for t in tables if t.strip() == f"table inet shoal_{netid}"]
+    net_dir = d.runtime_dir / "net"
+    if net_dir.is_dir():
+        found += [f"network record {p}" for p in net_dir.iterdir()]
     return found
 
 

@@ -3,27 +3,40 @@
 ``import shoal as modal`` and Modal's sandbox code runs on your own machine.
 """
 
-from shoal import exception
+from shoal import exception, types, volume
 from shoal.sdk.app import App
+from shoal.sdk.file_io import FileIO
 from shoal.sdk.image import Image
 from shoal.sdk.output import enable_output
 from shoal.sdk.process import ContainerProcess
 from shoal.sdk.sandbox import Sandbox
 from shoal.sdk.secret import Secret
 from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
+from shoal.sdk.tunnel import Tunnel
+from shoal.sdk.volume import Volume
+from shoal.types import FileInfo, FileType, FileWatchEvent, FileWatchEventType
 
 __version__ = "0.1.0"
 
 __all__ = [
     "App",
     "ContainerProcess",
+    "FileIO",
+    "FileInfo",
+    "FileType",
+    "FileWatchEvent",
+    "FileWatchEventType",
     "Image",
     "Sandbox",
     "Secret",
     "StreamReader",
     "StreamType",
     "StreamWriter",
+    "Tunnel",
+    "Volume",
     "__version__",
     "enable_output",
     "exception",
+    "types",
+    "volume",
 ]

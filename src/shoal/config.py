@@ -10,6 +10,8 @@ Environment variables (all optional):
     SHOAL_NO_AUTOSTART  set to 1 to stop the SDK starting a local daemon
     SHOAL_CGROUP_PARENT cgroup under which sandboxes' cgroups are made (default /shoal)
     SHOAL_IMAGE_CACHE   extra image stores (colon-separated) whose layers may be used read-only
+    SHOAL_GPU_INVENTORY test/debug hook: a JSON file describing GPUs to use instead of the host's
+                        (format in shoal.gpu.inventory)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal.network.config import NetworkConfig
 from shoal.runtime.spec import IdMap
 
 DEFAULT_DATA_DIR = "/var/lib/shoal"
@@ -57,6 +60,8 @@ class Config:
     """Other image stores whose layers this daemon may use read-only (tests share the base image)."""
     retention_seconds: float = 24 * 3600
     """How long finished sandboxes' records and output are kept."""
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    """Sandbox networking (``SHOAL_NETWORK*``, ``SHOAL_DNS_UPSTREAM``, ``SHOAL_TUNNEL_*``: see its module)."""
 
     def __post_init__(self) -> None:
         if self.socket_path is None:

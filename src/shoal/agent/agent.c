@@ -71,13 +71,17 @@ static void die(const char *what) {
 }
 
 static void buf_reserve(struct buf *b, size_t extra) {
-    if (b->off && b->off + b->len + extra > b->cap) {
+    if (b->off + b->len + extra <= b->cap) return;
+    /* Compact only when the bytes to move are no more than the space that frees: each byte is moved a
+     * bounded number of times (moving a nearly full 8 MiB buffer for every 64 KiB read made streaming
+     * output cost O(n * buffer)). */
+    if (b->off && b->off >= b->len) {
         memmove(b->p, b->p + b->off, b->len);
         b->off = 0;
+        if (b->len + extra <= b->cap) return;
     }
-    if (b->off + b->len + extra <= b->cap) return;
     size_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + extra) cap *= 2;
+    while (cap < b->off + b->len + extra) cap *= 2;
     char *p = realloc(b->p, cap);
     if (!p) die("out of memory");
     b->p = p;
@@ -663,7 +667,10 @@ static void free_finished(void) {
     }
 }
 
+int fs_main(int argc, char **argv); /* fstool.c: `shoal-agent fs ...`, the filesystem API's tool */
+
 int main(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "fs")) return fs_main(argc - 2, argv + 2);
     int initial_fd = -1;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--fd")) initial_fd = atoi(argv[i + 1]);

@@ -9,12 +9,17 @@ import subprocess
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("agent.c")
+SOURCES = (SOURCE, Path(__file__).with_name("fstool.c"))
+"""Everything compiled into the binary: the agent, and the filesystem tool it becomes as `shoal-agent fs`."""
 BINARY_NAME = "shoal-agent"
 
 
 def source_digest() -> str:
-    """Digest of the agent source, recorded beside the binary built from it."""
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+    """Digest of the agent sources, recorded beside the binary built from them."""
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.read_bytes())
+    return h.hexdigest()
 
 
 def ensure_agent(dest_dir: Path) -> Path:
@@ -33,7 +38,7 @@ def ensure_agent(dest_dir: Path) -> Path:
         )
     tmp = dest_dir / f".{BINARY_NAME}.{os.getpid()}"
     res = subprocess.run(
-        [cc, "-static", "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(SOURCE)],
+        [cc, "-static", "-O2", "-Wall", "-Wextra", "-o", str(tmp), *map(str, SOURCES)],
         capture_output=True,
         text=True,
     )

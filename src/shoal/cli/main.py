@@ -8,9 +8,11 @@ from shoal import __version__
 from shoal.cli.image import image_group
 from shoal.cli.run import run_cmd
 from shoal.cli.sandbox import sandbox_group
+from shoal.cli.secret import secret_group
 from shoal.cli.serve import serve_cmd
 from shoal.cli.setup import setup_cmd
 from shoal.cli.status import status_cmd
+from shoal.cli.volume import volume_group
 
 
 @click.group()
@@ -25,6 +27,8 @@ cli.add_command(run_cmd)
 cli.add_command(sandbox_group)
 cli.add_command(image_group)
 cli.add_command(status_cmd)
+cli.add_command(volume_group)
+cli.add_command(secret_group)
 
 
 def main() -> None:

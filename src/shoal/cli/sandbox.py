@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 import shoal
+from shoal.cli.files import cp_cmd, list_files
 from shoal.cli.run import INTERRUPTED_EXIT, MAX_TIMEOUT, copy_stream, exit_code, parse_env, sdk_errors, stream_process
 from shoal.cli.status import age, call_daemon, console, print_json, require_daemon
 from shoal.sdk._sync import run_async
@@ -26,12 +27,21 @@ def sandbox_group() -> None:
     """Sandboxes on this daemon."""
 
 
+sandbox_group.add_command(cp_cmd)
+
+
 @sandbox_group.command("ls")
+@click.argument("sandbox_id", required=False)
+@click.argument("path", required=False)
 @click.option("--app-id", help="only this app's sandboxes")
 @click.option("--all", "include_finished", is_flag=True, help="include finished sandboxes")
 @click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
-def ls_cmd(app_id: str | None, include_finished: bool, as_json: bool) -> None:
-    """List running sandboxes (with --all, finished ones too), newest first."""
+def ls_cmd(sandbox_id: str | None, path: str | None, app_id: str | None, include_finished: bool, as_json: bool) -> None:
+    """List running sandboxes (with --all, finished ones too), newest first; or, given ID [PATH], the files in
+    a sandbox's directory PATH (default /)."""
+    if sandbox_id is not None:
+        list_files(sandbox_id, path or "/", as_json)
+        return
     params: dict[str, str] = {}
     if app_id:
         params["app_id"] = app_id

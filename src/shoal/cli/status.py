@@ -72,6 +72,20 @@ def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
+def gpu_summary(gpu: dict[str, Any]) -> str:
+    """The GPU inventory in a few words: each GPU with its holder, or why there are none."""
+    gpus = gpu.get("gpus") or []
+    if not gpus:
+        return "none" + (f" ({gpu['problem']})" if gpu.get("problem") else "")
+    parts = []
+    for g in gpus:
+        mem = f", {g['memory_mib'] // 1024} GiB" if g.get("memory_mib") else ""
+        holder = f"held by {g['held_by']}" if g.get("held_by") else "free"
+        parts.append(f"{g['index']}: {g['name']}{mem}, {g['uuid']} ({holder})")
+    driver = f"driver {gpu['driver_version']}, " if gpu.get("driver_version") else ""
+    return f"{len(gpus)} ({driver}from {gpu.get('source', '?')}): " + "; ".join(parts)
+
+
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="print the daemon's answer as JSON")
 def status_cmd(as_json: bool) -> None:
@@ -91,6 +105,8 @@ def status_cmd(as_json: bool) -> None:
         ("data dir", str(info["data_dir"])),
         ("sandboxes", f"{info['sandboxes_running']} running"),
         ("images", f"{len(images)}" + (": " + ", ".join(str(i["image_id"]) for i in images) if images else "")),
+        ("gpus", gpu_summary(info.get("gpu") or {})),
+        ("tunnel CA", info.get("tunnel_ca") or "none (networking off)"),
     ]
     for key, value in rows:
         table.add_row(key, Text(value))

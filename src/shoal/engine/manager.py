@@ -20,10 +20,18 @@ from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, new_token
 from shoal.engine.state import SandboxRow, State
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
+from shoal.gpu import inventory as gpu_inventory
+from shoal.gpu import request as gpu_request
+from shoal.gpu import scheduler as gpu_scheduler
 from shoal.images.service import ImageService
 from shoal.images.store import LayerStore
+from shoal.network.service import Network
 from shoal.runtime import cgroups, oci, rootfs
+from shoal.secrets.keyring import Keyring
+from shoal.secrets.store import SecretStore
 from shoal.util import reaper
+from shoal.volumes.mounts import VolumeBinds, check_mounts
+from shoal.volumes.store import VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +65,13 @@ class Manager:
         self.runtime = oci.choose(cfg.runtime, str(cfg.oci_state_dir))
         self.layers = LayerStore(cfg.images_dir, cfg.image_caches)
         self.images = ImageService(self.state, self.layers, cfg.idmap.host_id)
-        self.ctx = Context(cfg, self.state, self.runtime)
+        self.network = Network(cfg.network, cfg.data_dir, cfg.runtime_dir, cfg.idmap.host_id)
+        self.volumes = VolumeStore(self.state.db, cfg.data_dir / "volumes", cfg.idmap.host_id)
+        self.volume_binds = VolumeBinds(self.volumes, cfg.runtime_dir / "volume-binds")
+        self.secrets = SecretStore(self.state.db, Keyring(cfg.data_dir / "secrets.key"))
+        self.ctx = Context(cfg, self.state, self.runtime, self.network, volumes=self.volume_binds, secrets=self.secrets)
         self.sandboxes: dict[str, Sandbox] = {}
+        self.gpus = gpu_scheduler.GpuScheduler(gpu_inventory.Inventory(problem="not discovered yet"))
         self._prune_task: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -78,6 +91,12 @@ class Manager:
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGCHLD, reaper.reap_sandbox_inits, self.cfg.idmap.host_id)
         self.layers.clean_staging()
+        self.volume_binds.release_all()
+        self.volumes.recover()
+        self.secrets.seal_stored_specs()
+        self.gpus.inventory = await asyncio.to_thread(gpu_inventory.discover)
+        log.info("GPUs: %s (from %s)", self.gpus.inventory.describe(), self.gpus.inventory.source)
+        await self.network.start({row.id for row in self.state.sandboxes_in(CREATING, RUNNING)})
         known: set[str] = set()
         for row in self.state.sandboxes_in(CREATING, RUNNING):
             sb = Sandbox(self.ctx, row)
@@ -124,6 +143,7 @@ class Manager:
             sb._close_listener()
             if sb.link is not None:
                 sb.link.close_quietly()
+        await self.network.close(sandboxes_remain=any(sb.state != FINISHED for sb in self.sandboxes.values()))
         self.state.close()
 
     async def _prune_loop(self) -> None:
@@ -132,7 +152,9 @@ class Manager:
             await asyncio.sleep(600)
 
     def prune(self) -> None:
-        """Forget finished sandboxes older than the retention period."""
+        """Forget finished sandboxes older than the retention period; delete abandoned ephemeral volumes."""
+        self.volumes.prune_ephemeral()
+        self.volumes.empty_trash_soon()
         cutoff = time.time() - self.cfg.retention_seconds
         for sandbox_id in self.state.finished_before(cutoff):
             sb = self.sandboxes.pop(sandbox_id, None)
@@ -175,12 +197,26 @@ class Manager:
             for sb in self.sandboxes.values():
                 if sb.row.app_id == req.app_id and sb.row.name == req.name and sb.state != FINISHED:
                     raise AlreadyExistsError(f"a running sandbox of this app is already named {req.name!r}")
+        gpu_req = gpu_request.parse(req.gpu) if req.gpu is not None else None
+        if gpu_req is not None:  # fail before any image work when the GPUs cannot be had
+            gpu_scheduler.check_runtime(self.runtime.name, self.runtime.binary)
+            self.gpus.choose(gpu_req, self.gpu_holders())
+        check_mounts(req.volumes)
+        for mount in req.volumes:
+            self.volumes.get(mount.volume_id)  # NotFoundError before any image work
+        secret_env = {**self.secrets.resolve(req.secret_ids), **req.secret_env}
         image_id, image = await self.images.resolve(req.image, image_log)
-        spec = req.model_dump()
+        spec = req.model_dump(exclude={"secret_env"})  # secrets are stored sealed (below), never in the clear
         spec.update(image_id=image_id, image_env=image.env, image_workdir=image.workdir)
+        if gpu_req is not None:
+            # No await from here until the sandbox is in self.sandboxes: that is what reserves its GPUs.
+            spec[gpu_scheduler.PLAN_KEY] = self.gpus.plan(gpu_req, self.gpu_holders(), image.env)
         now = time.time()
+        sandbox_id = ids.new("sandbox")
+        if secret_env:
+            spec["sealed_env"] = self.secrets.seal_sandbox_env(sandbox_id, secret_env)
         row = SandboxRow(
-            id=ids.new("sandbox"),
+            id=sandbox_id,
             app_id=req.app_id,
             name=req.name,
             tags=dict(req.tags),
@@ -195,6 +231,14 @@ class Manager:
         self.sandboxes[row.id] = sb
         await sb.start(req, image, self.images.lowers(image))
         return sb
+
+    def gpu_holders(self) -> dict[str, str]:
+        """GPU key → id of the sandbox holding it: every sandbox whose container is not yet removed."""
+        return gpu_scheduler.held_gpus(
+            (sb.id, sb.spec)
+            for sb in self.sandboxes.values()
+            if sb.state != FINISHED or (sb.teardown_task is not None and not sb.teardown_task.done())
+        )
 
     def get(self, sandbox_id: str) -> Sandbox:
         """A sandbox by id (running or retained), or NotFoundError."""
@@ -248,4 +292,6 @@ class Manager:
         exec_id = req.exec_id or ids.new("exec")
         if not ids.EXEC_ID_RE.match(exec_id) or exec_id == ENTRYPOINT_ID:
             raise InvalidError(f"invalid exec id {exec_id!r}: use 1-64 letters, digits, '-', '_' or '.'")
+        if req.secret_ids:
+            req = req.model_copy(update={"secret_env": {**self.secrets.resolve(req.secret_ids), **req.secret_env}})
         return await sb.exec(req, exec_id)

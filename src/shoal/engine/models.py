@@ -11,7 +11,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from shoal.exception import Error
+from shoal.gpu import request as gpu_request
+from shoal.network import policy
+from shoal.volumes.models import VolumeMount
 
 ARG_MAX_BYTES = 1 << 16
 ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -99,19 +104,49 @@ class CreateSandbox(_Model):
     tags: dict[str, str] = {}
     env: dict[str, str] = {}
     secret_env: dict[str, str] = {}
+    secret_ids: Annotated[list[str], Field(max_length=100)] = []
+    """Named secrets (``st-…``), resolved by the daemon; their values never cross the API."""
     timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] = 300
     idle_timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] | None = None
     workdir: str | None = None
+    gpu: Annotated[str, Field(max_length=64)] | None = None
     cpu: Annotated[float, Field(gt=0, le=1024)] | None = None
     cpu_limit: Annotated[float, Field(gt=0, le=1024)] | None = None
     memory: Annotated[int, Field(ge=6, le=1 << 22)] | None = None
     memory_limit: Annotated[int, Field(ge=6, le=1 << 22)] | None = None
     block_network: bool = False
+    outbound_cidr_allowlist: list[str] | None = None
+    outbound_domain_allowlist: list[str] | None = None
+    inbound_cidr_allowlist: list[str] | None = None
+    encrypted_ports: list[int] = []
+    h2_ports: list[int] = []
+    unencrypted_ports: list[int] = []
+    volumes: Annotated[list[VolumeMount], Field(max_length=64)] = []
 
     @field_validator("args")
     @classmethod
     def _args(cls, v: list[str]) -> list[str]:
         return check_argv(v, "entrypoint")
+
+    @field_validator("outbound_cidr_allowlist", "inbound_cidr_allowlist")
+    @classmethod
+    def _cidrs(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        return None if v is None else policy.check_cidrs(v, str(info.field_name))
+
+    @field_validator("outbound_domain_allowlist")
+    @classmethod
+    def _domains(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else policy.check_domains(v)
+
+    @model_validator(mode="after")
+    def _network(self) -> CreateSandbox:
+        policy.check_ports(self.encrypted_ports, self.h2_ports, self.unencrypted_ports)
+        if self.block_network and (self.encrypted_ports or self.h2_ports or self.unencrypted_ports):
+            raise ValueError("Cannot specify open ports when `block_network` is enabled")
+        allowlists = (self.outbound_cidr_allowlist, self.outbound_domain_allowlist, self.inbound_cidr_allowlist)
+        if self.block_network and any(a is not None for a in allowlists):
+            raise ValueError("Cannot specify network allowlists when `block_network` is enabled")
+        return self
 
     @field_validator("env", "secret_env")
     @classmethod
@@ -122,6 +157,16 @@ class CreateSandbox(_Model):
     @classmethod
     def _workdir(cls, v: str | None) -> str | None:
         return check_abs_path(v, "workdir")
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            return str(gpu_request.parse(v))
+        except Error as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("name")
     @classmethod
@@ -149,6 +194,7 @@ class ExecRequest(_Model):
     workdir: str | None = None
     env: dict[str, str] = {}
     secret_env: dict[str, str] = {}
+    secret_ids: Annotated[list[str], Field(max_length=100)] = []
     timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] | None = None
     stdout: Literal["pipe", "devnull"] = "pipe"
     stderr: Literal["pipe", "devnull"] = "pipe"

@@ -66,6 +66,14 @@ class OutputStream:
             self.close()
             self._wake()
 
+    def discard(self) -> None:
+        """Delete the stored bytes of an ended stream whose one reader has them all (an attached process's
+        output): reads then find nothing, and the disk holds nothing for it."""
+        if self.eof:
+            self.close()
+            self.path.unlink(missing_ok=True)
+            self.size = 0
+
     def close(self) -> None:
         """Release the write descriptor."""
         if self._fd is not None:

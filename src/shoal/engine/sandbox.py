@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal.agent import protocol as P
 from shoal.config import Config
@@ -31,9 +31,15 @@ from shoal.engine.models import CreateSandbox, ExecInfo, ExecRequest, Result, Sa
 from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
 from shoal.engine.state import ExecRow, SandboxRow, State
 from shoal.exception import ConflictError, NotFoundError, ServiceError
+from shoal.gpu import scheduler as gpu_scheduler
 from shoal.images.store import ImageConfig
+from shoal.network.service import Network
 from shoal.runtime import cgroups, rootfs, spec
 from shoal.runtime.oci import OciRuntime
+
+if TYPE_CHECKING:
+    from shoal.secrets.store import SecretStore
+    from shoal.volumes.mounts import VolumeBinds
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,9 @@ class Context:
     cfg: Config
     state: State
     runtime: OciRuntime
+    network: Network
+    volumes: VolumeBinds | None = None
+    secrets: SecretStore | None = None
 
 
 def _result_for_exit(kind: int, value: int) -> Result:
@@ -169,6 +178,7 @@ class Sandbox:
                 str(root),
                 host_id,
             )
+            self.ctx.network.prepare(self.id, req, str(root))
             mem = req.memory_limit or req.memory or cfg.default_memory_mib
             container = spec.ContainerConfig(
                 container_id=self.container_id,
@@ -183,7 +193,9 @@ class Sandbox:
                     memory_limit_mib=mem,
                     pids_limit=cfg.pids_limit,
                 ),
+                binds=self.ctx.volumes.prepare(self.id, req.volumes) if self.ctx.volumes else [],
             )
+            gpu_scheduler.apply(container, self.spec)
             bundle = self.run_dir / "bundle"
             bundle.mkdir(exist_ok=True)
             (bundle / "config.json").write_text(json.dumps(spec.build(container)))
@@ -194,12 +206,15 @@ class Sandbox:
                 )
             finally:
                 theirs.close()
+                if self.ctx.volumes:
+                    self.ctx.volumes.release(self.id)  # the container holds its own copies of the volume mounts
             link = AgentLink(self._on_frames, self._on_link_closed, self.id)
             link.verified = True
             self.link = link
             await link.start(ours)
             workdir = req.workdir
             link.send(P.init_frame(self.row.token, workdir))
+            await self.ctx.network.connect(self.id, self.cgroup_path, self.touch)
             try:
                 await asyncio.wait_for(self.connected.wait(), cfg.agent_connect_timeout)
             except TimeoutError:
@@ -247,6 +262,7 @@ class Sandbox:
     async def _watch_idle(self, idle: float) -> None:
         while self.state == RUNNING:
             busy = any(not p.exited and not p.is_entrypoint for p in self.processes.values())
+            busy = busy or self.ctx.network.busy(self.id)  # an open tunnel connection is activity
             quiet = time.monotonic() - self.last_activity
             if not busy and quiet >= idle:
                 self.finish_soon(Result(status="timeout", message="Sandbox idle timeout reached"))
@@ -266,13 +282,20 @@ class Sandbox:
 
     def _env_for(self, req: ExecRequest, image_env: dict[str, str]) -> dict[str, str]:
         env = dict(image_env)
-        env.update(self.spec.get("secret_env", {}))
+        env.update(gpu_scheduler.env(self.spec))
+        env.update(self._secret_env())
         env.update(self.spec.get("env", {}))
         env.update(req.secret_env)
         env.update(req.env)
         if req.pty:
             env.setdefault("TERM", "xterm-256color")
         return env
+
+    def _secret_env(self) -> dict[str, str]:
+        """The sandbox's secrets, unsealed from its stored spec for one process's environment."""
+        if self.ctx.secrets is None:
+            return dict(self.spec.get("secret_env", {}))
+        return self.ctx.secrets.open_sandbox_env(self.id, self.spec)
 
     def _add_placeholder_entrypoint(self) -> None:
         """No command and none in the image: sb.stdout/stderr are empty streams that end with the sandbox."""
@@ -363,6 +386,12 @@ class Sandbox:
             await self.link.drain()
         self.touch()
         return proc.stdin_offset
+
+    def signal(self, exec_id: str, signo: int) -> None:
+        """Send signal ``signo`` to a running process's group (no-op once it has ended)."""
+        proc = self.process(exec_id)
+        if not proc.exited and self.link is not None:
+            self.link.send(P.signal_frame(exec_id, signo))
 
     def exec_info(self, proc: Process) -> ExecInfo:
         """A process as the API shows it."""
@@ -503,6 +532,7 @@ class Sandbox:
 
         self._listener = await asyncio.start_unix_server(accepted, path=str(path), limit=1 << 18)
         os.chmod(path, 0o666)
+        await self.ctx.network.reopen(self.id, self.touch)
         self._arm_timers()
         self._background(self._expect_agent())
 
@@ -569,6 +599,12 @@ class Sandbox:
             await runtime.delete(self.container_id)
         except Exception:
             log.exception("sandbox %s: deleting the container failed", self.id)
+        if self.ctx.volumes:
+            self.ctx.volumes.release(self.id)
+        try:
+            await self.ctx.network.detach(self.id)
+        except Exception:
+            log.exception("sandbox %s: removing its network failed", self.id)
         for proc in self.processes.values():
             if not proc.exited:
                 proc.set_exit(P.ExitKind.SIGNAL, SIGKILL)

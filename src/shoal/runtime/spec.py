@@ -95,6 +95,20 @@ class Bind:
     read_only: bool = True
 
 
+@dataclass(frozen=True)
+class DeviceNode:
+    """A host character device passed through: a bind mount of the node plus a device-cgroup allow rule.
+
+    Not ``linux.devices``: under a user namespace runc cannot mknod and bind-mounts the *same* path
+    from the host instead, so the node's host path would have to equal its sandbox path.
+    """
+
+    source: str
+    destination: str
+    major: int
+    minor: int
+
+
 @dataclass
 class ContainerConfig:
     """Everything that differs between sandboxes' specs."""
@@ -109,6 +123,7 @@ class ContainerConfig:
     cgroup_parent: str = "/shoal"
     binds: list[Bind] = field(default_factory=list)
     netns_path: str | None = None
+    devices: list[DeviceNode] = field(default_factory=list)
 
 
 def _rlimits() -> list[dict[str, Any]]:
@@ -189,6 +204,13 @@ def build(cfg: ContainerConfig) -> dict[str, Any]:
     for b in cfg.binds:
         opts = ["rbind", "nosuid", "nodev", "ro" if b.read_only else "rw"]
         mounts.append({"destination": b.destination, "type": "bind", "source": b.source, "options": opts})
+    for d in cfg.devices:  # no "nodev" here, or the node cannot be opened
+        mounts.append({"destination": d.destination, "type": "bind", "source": d.source, "options": ["bind", "nosuid"]})
+    resources = _resources(cfg.resources)
+    if cfg.devices:
+        resources["devices"] = [
+            {"allow": True, "type": "c", "major": d.major, "minor": d.minor, "access": "rw"} for d in cfg.devices
+        ]
     namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user", "cgroup")]
     namespaces.append({"type": "network", "path": cfg.netns_path} if cfg.netns_path else {"type": "network"})
     idmap = [{"containerID": 0, "hostID": cfg.idmap.host_id, "size": cfg.idmap.size}]
@@ -213,7 +235,7 @@ def build(cfg: ContainerConfig) -> dict[str, Any]:
             "uidMappings": idmap,
             "gidMappings": idmap,
             "namespaces": namespaces,
-            "resources": _resources(cfg.resources),
+            "resources": resources,
             "cgroupsPath": f"{cfg.cgroup_parent}/{cfg.container_id}",
             "seccomp": seccomp.profile(),
             "maskedPaths": MASKED_PATHS,

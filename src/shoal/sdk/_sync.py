@@ -11,6 +11,7 @@ does the same for static functions; ``@live_generator`` for async generators
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
 import warnings
@@ -155,22 +156,40 @@ async def _next(agen: AsyncIterator[T]) -> Any:
         return _DONE
 
 
+async def _aclose(agen: AsyncIterator[T]) -> None:
+    aclose = getattr(agen, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 def iterate_blocking(agen: AsyncIterator[T]) -> Iterator[T]:
-    """A plain iterator over an async iterator that lives on the SDK loop."""
-    while True:
-        item = run_blocking(_next(agen))
-        if item is _DONE:
-            return
-        yield item
+    """A plain iterator over an async iterator that lives on the SDK loop.
+
+    Leaving it early (``break``, an exception, garbage collection) closes the async iterator at once, so what it
+    holds open (a stream, a watch in a sandbox) is released then, not whenever the SDK loop collects it.
+    """
+    try:
+        while True:
+            item = run_blocking(_next(agen))
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        with contextlib.suppress(Exception):  # e.g. collected on the SDK loop's own thread: its finalizer closes it
+            run_blocking(_aclose(agen))
 
 
 async def iterate_async(agen: AsyncIterator[T]) -> AsyncIterator[T]:
-    """An async iterator (for any loop) over an async iterator that lives on the SDK loop."""
-    while True:
-        item = await run_async(_next(agen))
-        if item is _DONE:
-            return
-        yield item
+    """An async iterator (for any loop) over an async iterator that lives on the SDK loop (closed with it)."""
+    try:
+        while True:
+            item = await run_async(_next(agen))
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        with contextlib.suppress(Exception):
+            await run_async(_aclose(agen))
 
 
 class LiveGen(Generic[P, T]):
@@ -197,3 +216,21 @@ class live_generator(Generic[P, T]):
 
     def __get__(self, obj: object | None, owner: type | None = None) -> LiveGen[P, T]:
         return self._live
+
+
+class live_method_generator(Generic[P, T]):
+    """Decorator for async generator methods (``sb.watch``): ``obj.m()`` is a plain iterator, ``obj.m.aio()`` an
+    async iterator."""
+
+    def __init__(self, fn: Callable[Concatenate[Any, P], AsyncIterator[T]]) -> None:
+        self._fn = fn
+        _copy_meta(self, fn)
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> live_method_generator[P, T]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> LiveGen[P, T]: ...
+    def __get__(self, obj: object | None, owner: type | None = None) -> LiveGen[P, T] | live_method_generator[P, T]:
+        if obj is None:
+            return self
+        return LiveGen(functools.partial(self._fn, obj))

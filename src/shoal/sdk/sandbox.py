@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -15,13 +17,19 @@ from shoal.exception import (
     SandboxTimeoutError,
     UnimplementedError,
 )
-from shoal.sdk._sync import live_function, live_generator, live_method
+from shoal.gpu import request as gpu_request
+from shoal.sdk import file_io
+from shoal.sdk._sync import live_function, live_generator, live_method, live_method_generator
 from shoal.sdk.app import App
+from shoal.sdk.filesystem import SandboxFilesystem
 from shoal.sdk.image import Image
 from shoal.sdk.process import ContainerProcess
-from shoal.sdk.secret import Secret
+from shoal.sdk.secret import Secret, secret_ids
 from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
 from shoal.sdk.transport import Client, default_client
+from shoal.sdk.tunnel import Tunnel
+from shoal.sdk.volume import mounts_body
+from shoal.types import FileWatchEvent, FileWatchEventType
 
 ARG_MAX_BYTES = 1 << 16
 ENTRYPOINT_STDIN_LIMIT = 2 << 20
@@ -76,6 +84,22 @@ def _resources(value: float | tuple[float, float] | None, what: str) -> tuple[fl
     return value, None
 
 
+def _str_list(value: Sequence[str] | None, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise InvalidError(f"{what} must be a list of strings, e.g. ['10.0.0.0/8'] or ['example.com']")
+    return list(value)
+
+
+def _ports(value: Sequence[int], what: str) -> list[int]:
+    ports = list(value)
+    for p in ports:
+        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535:
+            raise InvalidError(f"{what}: {p!r} is not a port number (1-65535)")
+    return ports
+
+
 def _not_supported(name: str, why: str) -> InvalidError:
     return InvalidError(f"Sandbox.create({name}=...) is not supported by this shoal version: {why}")
 
@@ -98,6 +122,7 @@ class Sandbox:
         self._returncode: int | None = None
         self._result: dict[str, Any] | None = None
         self._detached = False
+        self._tunnels: dict[int, Tunnel] | None = None
         if info:
             self._absorb(info)
         base = f"/v1/sandboxes/{sandbox_id}/execs/entrypoint"
@@ -226,21 +251,11 @@ class Sandbox:
             raise InvalidError("Cannot specify open ports when `block_network` is enabled")
         if block_network and (outbound_cidr_allowlist or outbound_domain_allowlist or inbound_cidr_allowlist):
             raise InvalidError("Cannot specify network allowlists when `block_network` is enabled")
-        if isinstance(gpu, list):
-            raise InvalidError("gpu must be a string such as 'A100' or 'H100:2'; lists are not supported for sandboxes")
-        if gpu is not None:
-            raise _not_supported("gpu", "GPU passthrough is not available yet; create the sandbox without gpu=")
+        gpu_str = None if gpu is None else str(gpu_request.parse(gpu))  # InvalidError for lists and bad strings
         unsupported = {
             "network_file_systems": bool(network_file_systems),
-            "volumes": bool(volumes),
             "cloud": cloud is not None,
             "region": region is not None,
-            "outbound_cidr_allowlist": outbound_cidr_allowlist is not None,
-            "outbound_domain_allowlist": outbound_domain_allowlist is not None,
-            "inbound_cidr_allowlist": inbound_cidr_allowlist is not None,
-            "encrypted_ports": bool(encrypted_ports),
-            "h2_ports": bool(h2_ports),
-            "unencrypted_ports": bool(unencrypted_ports),
             "custom_domain": custom_domain is not None,
             "proxy": proxy is not None,
             "include_oidc_identity_token": include_oidc_identity_token,
@@ -255,6 +270,8 @@ class Sandbox:
         cpu_req, cpu_lim = _resources(cpu, "cpu")
         mem_req, mem_lim = _resources(memory, "memory")
         plain_env, secret_env = _merge_env(env, secrets)
+        mounts = await mounts_body(volumes)  # InvalidError for anything but {"/path": Volume}
+        named_secrets = await secret_ids(secrets)
         c = default_client()
         image_id = await (image or Image.debian_slim())._resolve(c)
         body: dict[str, Any] = {
@@ -265,6 +282,8 @@ class Sandbox:
             "tags": dict(tags or {}),
             "env": plain_env,
             "secret_env": secret_env,
+            "secret_ids": named_secrets,
+            "volumes": mounts,
             "timeout": timeout,
             "idle_timeout": idle_timeout,
             "workdir": workdir,
@@ -273,6 +292,13 @@ class Sandbox:
             "memory": None if mem_req is None else int(mem_req),
             "memory_limit": None if mem_lim is None else int(mem_lim),
             "block_network": block_network,
+            "gpu": gpu_str,
+            "outbound_cidr_allowlist": _str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),
+            "outbound_domain_allowlist": _str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
+            "inbound_cidr_allowlist": _str_list(inbound_cidr_allowlist, "inbound_cidr_allowlist"),
+            "encrypted_ports": _ports(encrypted_ports, "encrypted_ports"),
+            "h2_ports": _ports(h2_ports, "h2_ports"),
+            "unencrypted_ports": _ports(unencrypted_ports, "unencrypted_ports"),
         }
         info = await c.request("POST", "/v1/sandboxes", json_body=body, idempotent=False)
         return Sandbox(c, info["sandbox_id"], info)
@@ -350,6 +376,7 @@ class Sandbox:
             "workdir": workdir,
             "env": plain_env,
             "secret_env": secret_env,
+            "secret_ids": await secret_ids(secrets),
             "timeout": timeout,
             "stdout": "devnull" if stdout == StreamType.DEVNULL else "pipe",
             "stderr": "devnull" if stderr == StreamType.DEVNULL else "pipe",
@@ -375,6 +402,53 @@ class Sandbox:
         p.wait()            # 3
         p.stdout.read()     # "hi\\n"
     """
+
+    # ------------------------------------------------------------------ files
+
+    @property
+    def filesystem(self) -> SandboxFilesystem:
+        """The sandbox's files (Modal's ``sb.filesystem``): read, write, copy, list, stat, mkdir, remove, watch."""
+        self._check_attached()
+        return SandboxFilesystem(self._client, self._id)
+
+    @property
+    def open(self) -> file_io.FileOpener:
+        """``sb.open(path, mode="r")`` → ``FileIO`` (Modal's alpha API; ``await sb.open.aio(...)`` in async code).
+
+        Relative paths resolve against the sandbox's working directory.
+        """
+        self._check_attached()
+        return file_io.FileOpener(self._client, self._id)
+
+    @live_method
+    async def ls(self, path: str) -> builtins.list[str]:
+        """The names in a directory of the sandbox, sorted."""
+        self._check_attached()
+        return await file_io.ls(self._client, self._id, path)
+
+    @live_method
+    async def mkdir(self, path: str, parents: bool = False) -> None:
+        """Create a directory in the sandbox (``parents=True``: missing parents too; an existing one is fine)."""
+        self._check_attached()
+        await file_io.mkdir(self._client, self._id, path, parents)
+
+    @live_method
+    async def rm(self, path: str, recursive: bool = False) -> None:
+        """Remove a file, a symlink or an empty directory (``recursive=True``: a whole tree) in the sandbox."""
+        self._check_attached()
+        await file_io.rm(self._client, self._id, path, recursive)
+
+    @live_method_generator
+    def watch(
+        self,
+        path: str,
+        filter: builtins.list[FileWatchEventType] | None = None,
+        recursive: bool | None = None,
+        timeout: int | None = None,
+    ) -> AsyncIterator[FileWatchEvent]:
+        """Changes under ``path`` in the sandbox as they happen (see ``SandboxFilesystem.watch``)."""
+        self._check_attached()
+        return file_io.watch(self._client, self._id, path, filter, recursive, timeout)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -441,9 +515,38 @@ class Sandbox:
         return UnimplementedError(f"{what} is not supported by this shoal version yet")
 
     @live_method
-    async def tunnels(self, timeout: int = 50) -> dict[int, Any]:
-        """Tunnels to the sandbox's ports."""
-        raise self._later("sb.tunnels()")
+    async def tunnels(self, timeout: int = 50) -> dict[int, Tunnel]:
+        """Tunnels to the ports declared at create (``encrypted_ports``, ``h2_ports``, ``unencrypted_ports``).
+
+        Returns ``{container_port: Tunnel}``; raises SandboxTimeoutError when
+        they are not up within ``timeout`` seconds (or the sandbox has ended).
+
+        Examples:
+            sb = shoal.Sandbox.create("python", "-m", "http.server", "8080", encrypted_ports=[8080], app=app)
+            print(sb.tunnels()[8080].url)
+        """
+        self._check_attached()
+        if self._tunnels is not None:
+            return self._tunnels
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                resp = await self._client.request(
+                    "GET", f"/v1/sandboxes/{self._id}/tunnels", params={"timeout": str(min(left, WAIT_SECONDS))}
+                )
+                break
+            except SandboxTimeoutError:
+                if time.monotonic() >= deadline or self._result is not None:
+                    raise
+                await self._wait_once(0)
+                if self._result is not None:
+                    raise
+        self._tunnels = {
+            t["container_port"]: Tunnel(t["host"], t["port"], t["unencrypted_host"], t["unencrypted_port"])
+            for t in resp["tunnels"]
+        }
+        return self._tunnels
 
     @live_method
     async def snapshot_filesystem(self, timeout: int = 55, *, ttl: int | None = 30 * 24 * 3600) -> Image:
@@ -452,8 +555,8 @@ class Sandbox:
 
     @live_method
     async def reload_volumes(self, *, timeout: int = 55) -> None:
-        """Pick up the latest committed state of mounted volumes."""
-        raise self._later("sb.reload_volumes()")
+        """Pick up the latest committed state of mounted volumes (shoal's volume mounts are always current)."""
+        await self._client.request("POST", f"/v1/sandboxes/{self._id}/reload_volumes")
 
     @live_method
     async def wait_until_ready(self, *, timeout: int = 300) -> None:

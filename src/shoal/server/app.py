@@ -12,7 +12,12 @@ from pydantic import BaseModel, ValidationError
 
 from shoal.engine.manager import Manager
 from shoal.exception import AuthError, Error, InvalidError
-from shoal.server import routes
+from shoal.server import (
+    attach,  # noqa: F401  (registers the attach route on import)
+    routes,
+    routes_secrets,  # noqa: F401  (registers the secret routes on import)
+    routes_volumes,  # noqa: F401  (registers the volume routes on import)
+)
 from shoal.server.registry import Handler, Route, install
 
 log = logging.getLogger(__name__)

@@ -85,6 +85,8 @@ async def status(request: web.Request) -> dict[str, Any]:
             for row in mgr.images.list()
         ],
         "idmap": {"host_id": mgr.cfg.idmap.host_id, "size": mgr.cfg.idmap.size},
+        "tunnel_ca": mgr.network.ca_path,
+        "gpu": mgr.gpus.status(mgr.gpu_holders()),
     }
 
 
@@ -229,6 +231,19 @@ async def terminate_sandbox(request: web.Request) -> SandboxInfo:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
     await sb.terminate()
     return sb.info()
+
+
+@route(
+    "GET",
+    "/v1/sandboxes/{sandbox_id}/tunnels",
+    summary="The sandbox's tunnels, once up (SandboxTimeoutError if not within the timeout)",
+    query={"timeout": "seconds to wait at most (default 50, at most 60)"},
+)
+async def get_tunnels(request: web.Request) -> dict[str, Any]:
+    mgr = _mgr(request)
+    sb = mgr.get(request.match_info["sandbox_id"])
+    timeout = _float(request, "timeout", 50.0, MAX_WAIT)
+    return {"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, timeout)}
 
 
 @route("PUT", "/v1/sandboxes/{sandbox_id}/tags", summary="Replace a sandbox's tags", body=TagsUpdate)

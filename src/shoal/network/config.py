@@ -1,0 +1,94 @@
+"""Networking settings of the daemon, with environment overrides.
+
+Environment variables (all optional):
+    SHOAL_NETWORK           0 turns networking off: every sandbox gets loopback only
+    SHOAL_NETWORK_POOL      IPv4 range from which each daemon takes its sandbox subnet (default 10.200.0.0/14)
+    SHOAL_NETWORK_PREFIX    size of one daemon's subnet, as a prefix length (default 20: 4094 sandboxes)
+    SHOAL_NETWORK_DENY      extra CIDRs no sandbox may reach (comma-separated), beside the built-in list
+    SHOAL_DNS_UPSTREAM      resolvers the sandboxes' DNS is forwarded to, ``ip`` or ``ip:port``, comma-separated
+                            (default: the nameservers of the host's /etc/resolv.conf)
+    SHOAL_TUNNEL_BIND       address the tunnel listeners bind (default 127.0.0.1)
+    SHOAL_TUNNEL_HOST       host name tunnels are advertised under and certified for (default: the bind address,
+                            or this machine's name when binding a wildcard address)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def _split(value: str) -> list[str]:
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def host_nameservers(path: Path = HOST_RESOLV_CONF) -> list[str]:
+    """The ``nameserver`` lines of the host's resolv.conf (IPv4 and IPv6), in order."""
+    servers = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                ipaddress.ip_address(parts[1].split("%")[0])
+            except ValueError:
+                continue
+            servers.append(parts[1])
+    return servers
+
+
+def parse_upstream(item: str) -> tuple[str, int]:
+    """``ip``, ``ip:port`` or ``[v6]:port`` → (ip, port)."""
+    item = item.strip()
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else 53
+    elif item.count(":") == 1:
+        host, _, p = item.partition(":")
+        port = int(p)
+    else:
+        host, port = item, 53
+    ipaddress.ip_address(host)
+    if not 0 < port < 65536:
+        raise ValueError(f"bad DNS upstream port in {item!r}")
+    return host, port
+
+
+def _default_tunnel_host(bind: str) -> str:
+    if bind in ("0.0.0.0", "::", ""):
+        return socket.getfqdn()
+    return bind
+
+
+@dataclass
+class NetworkConfig:
+    """How sandboxes are networked."""
+
+    enabled: bool = field(default_factory=lambda: os.environ.get("SHOAL_NETWORK", "1") not in ("0", "false", "no"))
+    pool: str = field(default_factory=lambda: os.environ.get("SHOAL_NETWORK_POOL") or "10.200.0.0/14")
+    prefix_len: int = field(default_factory=lambda: int(os.environ.get("SHOAL_NETWORK_PREFIX") or 20))
+    deny: list[str] = field(default_factory=lambda: _split(os.environ.get("SHOAL_NETWORK_DENY", "")))
+    dns_upstream: list[str] = field(
+        default_factory=lambda: _split(os.environ.get("SHOAL_DNS_UPSTREAM", "")) or host_nameservers()
+    )
+    tunnel_bind: str = field(default_factory=lambda: os.environ.get("SHOAL_TUNNEL_BIND") or "127.0.0.1")
+    tunnel_host: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.tunnel_host:
+            self.tunnel_host = os.environ.get("SHOAL_TUNNEL_HOST") or _default_tunnel_host(self.tunnel_bind)
+        pool = ipaddress.IPv4Network(self.pool)
+        if not pool.prefixlen <= self.prefix_len <= 28:
+            raise ValueError(f"network prefix /{self.prefix_len} must lie between the pool's /{pool.prefixlen} and /28")
+        for cidr in self.deny:
+            ipaddress.ip_network(cidr, strict=False)
+        for item in self.dns_upstream:
+            parse_upstream(item)

@@ -1,0 +1,215 @@
+"""The sandboxes' DNS server: a forwarder on the gateway address, which pins what allowlisted names resolve to.
+
+Trusts: the upstream resolvers the host uses (they answer for the host too),
+and the source address of a query, which names the sandbox that sent it
+(the ruleset drops spoofed sources before they get here).
+
+Defends against: hostile queries (parsed by dnspython only for sandboxes
+with a domain allowlist; otherwise only size-checked and passed on as
+bytes), floods (a bounded number of queries in flight per sandbox, the rest
+dropped), and names outside a sandbox's allowlist (answered NXDOMAIN, never
+forwarded).  For a sandbox with a domain allowlist, every IPv4 address in an
+allowed answer is allowed for that sandbox (``on_pins``) *before* the answer
+is sent, so the connection that follows is never refused by a race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast
+
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+import dns.rdatatype
+
+from shoal.network.policy import domain_allowed
+from shoal.network.ruleset import PIN_SECONDS
+
+log = logging.getLogger(__name__)
+
+MAX_INFLIGHT = 64
+"""Queries one sandbox may have waiting on the upstream; more are dropped."""
+UPSTREAM_TIMEOUT = 2.0
+TCP_IDLE = 10.0
+MAX_PIN_SECONDS = 24 * 3600
+
+
+@dataclass
+class Client:
+    """What the forwarder knows of one sandbox."""
+
+    domains: list[str] | None
+    """Names it may resolve (None: any, and nothing to pin)."""
+    on_pins: Callable[[dict[ipaddress.IPv4Address, int]], Awaitable[None]] | None = None
+    inflight: int = 0
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, owner: DnsForwarder) -> None:
+        self.owner = owner
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self.owner._spawn(self._answer(data, addr))
+
+    async def _answer(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        reply = await self.owner.resolve(str(addr[0]), data, tcp=False)
+        if reply is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
+
+
+class DnsForwarder:
+    """UDP and TCP port 53 on one address, forwarding to the host's resolvers."""
+
+    def __init__(
+        self,
+        bind: ipaddress.IPv4Address,
+        upstreams: list[tuple[str, int]],
+        clients: Callable[[str], Client | None],
+    ) -> None:
+        self.bind = bind
+        self.upstreams = upstreams
+        self.clients = clients
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Listen on ``bind``:53 (UDP and TCP)."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(str(self.bind), 53))
+        self._udp = transport
+        self._tcp = await asyncio.start_server(self._tcp_client, str(self.bind), 53, reuse_address=True)
+
+    async def close(self) -> None:
+        """Stop listening and cancel queries in flight."""
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+            await self._tcp.wait_closed()
+            self._tcp = None
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ one query
+
+    async def resolve(self, source: str, query: bytes, *, tcp: bool) -> bytes | None:
+        """The answer to send back for ``query`` from ``source``, or None to stay silent."""
+        client = self.clients(source)
+        if client is None or len(query) < 12 or client.inflight >= MAX_INFLIGHT:
+            return None
+        client.inflight += 1
+        try:
+            if client.domains is None:
+                return await self._forward(query, tcp)
+            return await self._filtered(client, query, tcp)
+        finally:
+            client.inflight -= 1
+
+    async def _filtered(self, client: Client, query: bytes, tcp: bool) -> bytes | None:
+        assert client.domains is not None
+        try:
+            msg = dns.message.from_wire(query)
+        except Exception:
+            return None
+        if msg.flags & dns.flags.QR or msg.opcode() != dns.opcode.QUERY or len(msg.question) != 1:
+            reply = dns.message.make_response(msg)
+            reply.set_rcode(dns.rcode.REFUSED)
+            return reply.to_wire()
+        name = msg.question[0].name.to_text(omit_final_dot=True)
+        if not domain_allowed(name, client.domains):
+            reply = dns.message.make_response(msg)
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+            return reply.to_wire()
+        raw = await self._forward(query, tcp)
+        if raw is None:
+            return None
+        try:
+            answer = dns.message.from_wire(raw)
+        except Exception:
+            return None
+        pins: dict[ipaddress.IPv4Address, int] = {}
+        for rrset in answer.answer:
+            if rrset.rdtype == dns.rdatatype.A:
+                for rd in rrset:
+                    secs = min(max(int(rrset.ttl), PIN_SECONDS), MAX_PIN_SECONDS)
+                    pins[ipaddress.IPv4Address(rd.address)] = secs
+        if pins and client.on_pins is not None:
+            await client.on_pins(pins)
+        return raw
+
+    async def _forward(self, query: bytes, tcp: bool) -> bytes | None:
+        for host, port in self.upstreams:
+            try:
+                if tcp:
+                    return await asyncio.wait_for(self._ask_tcp(host, port, query), UPSTREAM_TIMEOUT)
+                return await asyncio.wait_for(self._ask_udp(host, port, query), UPSTREAM_TIMEOUT)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError):
+                continue
+        return None
+
+    async def _ask_udp(self, host: str, port: int, query: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (host, port))
+            await loop.sock_sendall(sock, query)
+            while True:
+                data = await loop.sock_recv(sock, 65535)
+                if len(data) >= 12 and data[:2] == query[:2]:
+                    return data
+
+    async def _ask_tcp(self, host: str, port: int, query: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(struct.pack("!H", len(query)) + query)
+            await writer.drain()
+            (size,) = struct.unpack("!H", await reader.readexactly(2))
+            return await reader.readexactly(size)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    # ------------------------------------------------------------------ TCP clients
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        source = str(peer[0]) if peer else ""
+        try:
+            while True:
+                (size,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), TCP_IDLE))
+                query = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE)
+                reply = await self.resolve(source, query, tcp=True)
+                if reply is None:
+                    break
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, struct.error):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

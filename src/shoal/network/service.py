@@ -1,0 +1,576 @@
+"""The daemon's networking: one subnet per daemon, a veth per sandbox, NAT, DNS, allowlists and tunnels.
+
+Trusts: the engine, which calls ``prepare``/``connect``/``detach`` for the
+sandboxes it owns, and the validated create request (``CreateSandbox``).
+Defends: see ``ruleset`` for what the packet filter enforces and
+``tunnels`` for the listeners; here, that a sandbox's files in its root
+(/etc/resolv.conf, /etc/hosts) are written without following anything the
+image put there (``_write_etc``), and that nothing outlives its sandbox,
+also across a daemon crash (``start`` removes links, records and filter
+elements of sandboxes the daemon does not know).
+
+Layout (routed, no bridge: docs/decisions/0010-routed-veth-per-sandbox.md):
+each sandbox has ``eth0`` = its address/32 and a default route via the
+gateway (the subnet's first address), reached over a veth whose host side
+``sv<netid><n>`` holds the gateway/32 and a /32 route back.  The gateway
+also sits on an empty bridge ``shoal-<netid>`` (no ports), which reserves
+the subnet host-wide and carries the DNS forwarder.  The namespace is the
+container's own (docs/decisions/0011-network-namespace-from-the-runtime.md).
+Each sandbox's attachment (address, policy, tunnel ports) is recorded in
+``<runtime dir>/net/<sandbox id>.json`` for the next daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import ipaddress
+import json
+import logging
+import os
+import random
+import ssl
+import stat
+import string
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.exception import SandboxTimeoutError
+from shoal.network import ruleset
+from shoal.network.config import NetworkConfig, parse_upstream
+from shoal.network.dns import Client, DnsForwarder
+from shoal.network.netns import NetnsWorker
+from shoal.network.nft import Nft, NftError
+from shoal.network.ruleset import NetNames
+from shoal.network.tls import LocalCA
+from shoal.network.tunnels import ENCRYPTED, H2, UNENCRYPTED, SandboxTunnels
+from shoal.runtime import cgroups
+
+log = logging.getLogger(__name__)
+
+ALLOC_LOCK = Path("/run/shoal-network.lock")
+"""Held while a daemon picks its subnet, so two daemons never take the same one."""
+HOSTNAME = "sandbox"
+
+
+@dataclass
+class Attachment:
+    """One sandbox's place on the network (persisted as JSON)."""
+
+    ip: str
+    link: str
+    restricted: bool = False
+    cidrs: list[str] = field(default_factory=list)
+    domains: list[str] | None = None
+    inbound: list[str] | None = None
+    ports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """container port → {"kind": "encrypted"|"h2"|"unencrypted", "tls_port": n, "tcp_port": n}."""
+
+    @property
+    def address(self) -> ipaddress.IPv4Address:
+        """The sandbox's address."""
+        return ipaddress.IPv4Address(self.ip)
+
+
+def _netid() -> str:
+    return "".join(random.choices(string.ascii_lowercase + string.digits, k=4))
+
+
+class Network:
+    """Every sandbox's networking on this machine, for one daemon."""
+
+    def __init__(self, cfg: NetworkConfig, data_dir: Path, runtime_dir: Path, host_id: int) -> None:
+        self.cfg = cfg
+        self.enabled = cfg.enabled
+        self.state_path = data_dir / "network.json"
+        self.ca = LocalCA(data_dir / "tls")
+        self.tunnels: dict[str, SandboxTunnels] = {}
+        self._tls: dict[str, ssl.SSLContext] = {}
+        self.dir = runtime_dir / "net"
+        self.host_id = host_id
+        self.names: NetNames | None = None
+        self.worker: NetnsWorker | None = None
+        self.nft: Nft | None = None
+        self.dns: DnsForwarder | None = None
+        self.attached: dict[str, Attachment] = {}
+        self.by_ip: dict[str, str] = {}
+        self.dns_clients: dict[str, Client] = {}
+        self.pins: dict[str, dict[ipaddress.IPv4Address, float]] = {}
+        self._next = 2
+        self._pending: dict[str, asyncio.Future[None]] = {}
+
+    # ------------------------------------------------------------------ daemon lifecycle
+
+    async def start(self, known: set[str]) -> None:
+        """Take the subnet, the filter table and the DNS forwarder up; remove what unknown sandboxes left."""
+        if not self.enabled:
+            return
+        self.worker = NetnsWorker()
+        self.nft = await self._run(Nft)
+        self.names = await self._run(self._allocate)
+        names = self.names
+        old = await self._run(self.worker.set_sysctl, "net.ipv4.ip_forward", "1")
+        if old != "1":
+            log.warning("enabled IPv4 forwarding on this host (net.ipv4.ip_forward=1) for sandbox NAT")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        for path in self.dir.glob("*.json"):
+            sid = path.stem
+            try:
+                att = Attachment(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                att = None
+            if sid in known and att is not None:
+                self._remember(sid, att)
+        await self._run(self._ensure_table)
+        await self._remove_strays(known)
+        if self.by_ip:
+            self._next = (
+                max(int(ipaddress.IPv4Address(ip)) - int(names.subnet.network_address) for ip in self.by_ip) + 1
+            )
+        await asyncio.to_thread(self.ca.ensure, self._cert_hosts())
+        self._tls = {
+            ENCRYPTED: self.ca.server_context(["http/1.1"]),
+            H2: self.ca.server_context(["h2", "http/1.1"]),
+        }
+        upstreams = [parse_upstream(u) for u in self.cfg.dns_upstream]
+        self.dns = DnsForwarder(names.gateway, upstreams, self._dns_client)
+        await self.dns.start()
+        log.info("sandbox network %s on %s (gateway %s)", names.netid, names.subnet, names.gateway)
+
+    async def close(self, sandboxes_remain: bool) -> None:
+        """Stop serving; unless sandboxes keep running, remove the table, the anchor link and the namespace dir."""
+        if not self.enabled or self.worker is None:
+            return
+        for tunnels in self.tunnels.values():
+            await tunnels.close()
+        self.tunnels.clear()
+        if self.dns is not None:
+            await self.dns.close()
+            self.dns = None
+        if not sandboxes_remain and self.names is not None:
+            names = self.names
+            with contextlib.suppress(NftError):
+                await self._run(self._nft_run, ruleset.delete_table(names))
+            await self._run(self.worker.delete_link, names.anchor)
+            for name in await self._run(self.worker.link_names, names.link_prefix):
+                await self._run(self.worker.delete_link, name)
+            for path in self.dir.glob("*.json"):
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
+        if self.nft is not None:
+            self.nft.close()
+        self.worker.close()
+        self.worker = None
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        assert self.worker is not None
+        return await asyncio.wrap_future(self.worker.submit(fn, *args))
+
+    def _nft_run(self, commands: str) -> str:
+        assert self.nft is not None
+        return self.nft.run(commands)
+
+    def _allocate(self) -> NetNames:
+        """Our subnet: the saved one if still free for us, else the first free one in the pool (worker thread)."""
+        assert self.worker is not None
+        pool = ipaddress.IPv4Network(self.cfg.pool)
+        ALLOC_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(ALLOC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            saved: dict[str, str] = {}
+            with contextlib.suppress(OSError, ValueError):
+                saved = json.loads(self.state_path.read_text())
+            netid = saved.get("netid") or _netid()
+            while not saved and (self.worker.link_names(f"sv{netid}") or self.worker.link_names(f"shoal-{netid}")):
+                netid = _netid()
+            busy = [
+                n
+                for n in self.worker.host_ipv4_networks(skip_prefix=f"sv{netid}")
+                if n.prefixlen > 0 and not self._is_own(n, netid)
+            ]
+            candidates: list[ipaddress.IPv4Network] = []
+            if saved.get("subnet"):
+                candidates.append(ipaddress.IPv4Network(saved["subnet"]))
+            candidates += list(pool.subnets(new_prefix=self.cfg.prefix_len))
+            for subnet in candidates:
+                if subnet.subnet_of(pool) and not any(subnet.overlaps(n) for n in busy):
+                    break
+            else:
+                raise RuntimeError(f"no free /{self.cfg.prefix_len} left in the sandbox pool {pool}")
+            names = NetNames(netid, subnet, pool)
+            self.worker.ensure_anchor(names.anchor, names.gateway)
+            self.state_path.write_text(json.dumps({"netid": netid, "subnet": str(subnet)}) + "\n")
+            return names
+        finally:
+            os.close(fd)
+
+    def _is_own(self, net: ipaddress.IPv4Network, netid: str) -> bool:
+        """Whether a host network is our own anchor's gateway address (present after a restart)."""
+        assert self.worker is not None
+        try:
+            index = self.worker.ipr.link_lookup(ifname=f"shoal-{netid}")
+        except Exception:
+            return False
+        if not index:
+            return False
+        for msg in self.worker.ipr.get_addr(family=2, index=index[0]):
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr and net == ipaddress.IPv4Network(f"{addr}/{msg['prefixlen']}", strict=False):
+                return True
+        return False
+
+    def _ensure_table(self) -> None:
+        """Create the table, or keep it when its static part is current (worker thread)."""
+        assert self.names is not None and self.nft is not None
+        names = self.names
+        body = ruleset.table_body(names, self.cfg.deny)
+        try:
+            current = ruleset.generation(body) in self.nft.run(f"list table inet {names.table}").split("\n", 3)[1]
+        except (NftError, IndexError):
+            current = False
+        if current:
+            return
+        cmds = ruleset.replace_table(names, body)
+        for att in self.attached.values():
+            if att.restricted:
+                cmds += ruleset.add_restricted(names, att.address, att.cidrs)
+        self.nft.run(cmds)
+
+    async def _remove_strays(self, known: set[str]) -> None:
+        """Namespaces, links and filter elements of sandboxes this daemon does not know (a crash)."""
+        assert self.names is not None and self.worker is not None
+        names, worker = self.names, self.worker
+        for path in self.dir.glob("*.json"):
+            if path.stem not in self.attached:
+                path.unlink(missing_ok=True)
+        live = {att.link for att in self.attached.values()}
+        for name in await self._run(worker.link_names, names.link_prefix):
+            if name not in live:
+                log.info("removing stray link %s", name)
+                await self._run(worker.delete_link, name)
+        cmds = ""
+        for item in await self._run(self._list_set, "restricted"):
+            sid = self.by_ip.get(item)
+            if sid is None or not self.attached[sid].restricted:
+                cmds += f"delete element inet {names.table} restricted {{ {ipaddress.IPv4Address(item)} }}\n"
+        for sb_ip, dest in await self._run(self._list_pairs, "allow_pin"):
+            if sb_ip in self.by_ip:
+                # Kept; its expiry is not known here, so the next answer refreshes it.
+                self.pins.setdefault(sb_ip, {})[ipaddress.IPv4Address(dest)] = time.monotonic()
+            else:
+                cmds += ruleset.delete_pins(names, ipaddress.IPv4Address(sb_ip), [ipaddress.IPv4Address(dest)])
+        for sb_ip, dest in await self._run(self._list_pairs, "allow_cidr"):
+            att = self.attached.get(self.by_ip.get(sb_ip, ""))
+            net = ipaddress.IPv4Network(dest)
+            if att is None or str(net) not in att.cidrs:
+                cmds += f"delete element inet {names.table} allow_cidr {{ {ipaddress.IPv4Address(sb_ip)} . {net} }}\n"
+        if cmds:
+            await self._run(self._nft_run, cmds)
+
+    def _list_set(self, name: str) -> list[str]:
+        assert self.nft is not None and self.names is not None
+        out: list[str] = []
+        for obj in self.nft.list_json(f"set inet {self.names.table} {name}"):
+            for elem in obj.get("set", {}).get("elem", []):
+                out.append(str(elem))
+        return out
+
+    def _list_pairs(self, name: str) -> list[tuple[str, str]]:
+        """Elements ``a . b`` of a concatenated set, as strings (``b`` may be a prefix ``x/n``)."""
+        assert self.nft is not None and self.names is not None
+        out: list[tuple[str, str]] = []
+        for obj in self.nft.list_json(f"set inet {self.names.table} {name}"):
+            for elem in obj.get("set", {}).get("elem", []):
+                if isinstance(elem, dict) and "elem" in elem:
+                    elem = elem["elem"]["val"]
+                parts = elem.get("concat", []) if isinstance(elem, dict) else []
+                if len(parts) != 2:
+                    continue
+                a, b = parts
+                if isinstance(b, dict) and "prefix" in b:
+                    b = f"{b['prefix']['addr']}/{b['prefix']['len']}"
+                elif isinstance(b, dict):
+                    continue
+                out.append((str(a), str(b)))
+        return out
+
+    # ------------------------------------------------------------------ sandboxes
+
+    def _remember(self, sid: str, att: Attachment) -> None:
+        self.attached[sid] = att
+        self.by_ip[att.ip] = sid
+        self.dns_clients[att.ip] = Client(
+            domains=att.domains if att.restricted else None,
+            on_pins=functools.partial(self._pin, att.address) if att.restricted else None,
+        )
+
+    def _forget(self, sid: str) -> Attachment | None:
+        att = self.attached.pop(sid, None)
+        if att is not None:
+            self.by_ip.pop(att.ip, None)
+            self.dns_clients.pop(att.ip, None)
+        return att
+
+    def _dns_client(self, source: str) -> Client | None:
+        return self.dns_clients.get(source)
+
+    def _take_address(self) -> ipaddress.IPv4Address:
+        """The next free sandbox address, round robin (a freed address is reused as late as possible)."""
+        assert self.names is not None
+        subnet = self.names.subnet
+        size = subnet.num_addresses - 1  # the broadcast address stays unused
+        for _ in range(size):
+            n = self._next
+            self._next = n + 1 if n + 1 < size else 2
+            ip = subnet.network_address + n
+            if str(ip) not in self.by_ip:
+                return ip
+        raise RuntimeError(f"all {size - 2} sandbox addresses of {subnet} are in use")
+
+    def prepare(self, sandbox_id: str, req: Any, rootfs: str) -> None:
+        """Before the container starts: take an address and write the sandbox's resolv.conf and hosts.
+
+        ``req`` is the validated ``CreateSandbox``.  Nothing to do with
+        ``block_network`` or networking off: the runtime's fresh namespace has
+        loopback only.
+        """
+        if not self.enabled or req.block_network:
+            return
+        assert self.names is not None
+        names = self.names
+        ip = self._take_address()
+        restricted = req.outbound_cidr_allowlist is not None or req.outbound_domain_allowlist is not None
+        # Names are filtered (and their answers pinned) only with a domain allowlist; a CIDR list alone leaves DNS open.
+        domains = list(req.outbound_domain_allowlist) if req.outbound_domain_allowlist is not None else None
+        att = Attachment(
+            ip=str(ip),
+            link=names.link_name(ip),
+            restricted=restricted,
+            cidrs=list(req.outbound_cidr_allowlist or []),
+            domains=domains,
+            inbound=list(req.inbound_cidr_allowlist) if req.inbound_cidr_allowlist is not None else None,
+            ports={
+                str(port): {"kind": kind}
+                for kind, ports in (
+                    (ENCRYPTED, req.encrypted_ports),
+                    (H2, req.h2_ports),
+                    (UNENCRYPTED, req.unencrypted_ports),
+                )
+                for port in ports
+            },
+        )
+        self._remember(sandbox_id, att)
+        (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
+        _write_etc(Path(rootfs), att.ip, self.host_id, str(names.gateway))
+
+    async def connect(self, sandbox_id: str, cgroup_path: str, touch: Callable[[], None]) -> None:
+        """Once the container runs, before its entrypoint: link its namespace to the host, apply its policy, and
+        open its tunnels (``touch`` records their activity for ``idle_timeout``)."""
+        att = self.attached.get(sandbox_id)
+        if att is None:
+            return
+        assert self.names is not None
+        pid = _init_pid(cgroup_path)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[sandbox_id] = done
+        try:
+            await self._run(self._setup, pid, att, self.names)
+        finally:
+            done.set_result(None)
+            self._pending.pop(sandbox_id, None)
+        await self._open_tunnels(sandbox_id, att, touch)
+
+    async def reopen(self, sandbox_id: str, touch: Callable[[], None]) -> None:
+        """After a daemon restart: listen again for a running sandbox's tunnels (on the same ports when free)."""
+        att = self.attached.get(sandbox_id)
+        if att is not None and self.enabled:
+            await self._open_tunnels(sandbox_id, att, touch)
+
+    async def _open_tunnels(self, sandbox_id: str, att: Attachment, touch: Callable[[], None]) -> None:
+        if not att.ports:
+            return
+        tunnels = self.tunnels[sandbox_id] = SandboxTunnels(att.ip, att.inbound, touch)
+        bind = self.cfg.tunnel_bind
+        for port, spec in att.ports.items():
+            tls = self._tls[H2 if spec["kind"] == H2 else ENCRYPTED]
+            spec["tls_port"] = await tunnels.listen(int(port), bind, int(spec.get("tls_port", 0)), tls)
+            if spec["kind"] == UNENCRYPTED:
+                spec["tcp_port"] = await tunnels.listen(int(port), bind, int(spec.get("tcp_port", 0)), None)
+        (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
+        tunnels.ready.set()
+
+    async def tunnels_of(self, sandbox_id: str, finished: asyncio.Event, timeout: float) -> list[dict[str, Any]]:
+        """The sandbox's tunnels once they listen, as Modal's TunnelData; SandboxTimeoutError if not in ``timeout``."""
+        att = self.attached.get(sandbox_id)
+        if finished.is_set():
+            raise SandboxTimeoutError("the sandbox has finished: its tunnels are closed")
+        if att is None or not att.ports:
+            return []
+        deadline = time.monotonic() + timeout
+        while True:
+            tunnels = self.tunnels.get(sandbox_id)
+            if tunnels is not None and tunnels.ready.is_set():
+                break
+            if time.monotonic() >= deadline or finished.is_set():
+                raise SandboxTimeoutError(f"the sandbox's tunnels were not up within {timeout:g} s")
+            await asyncio.sleep(0.05)
+        host = self.cfg.tunnel_host
+        return [
+            {
+                "container_port": int(port),
+                "host": host,
+                "port": spec["tls_port"],
+                "unencrypted_host": host if spec["kind"] == UNENCRYPTED else "",
+                "unencrypted_port": spec.get("tcp_port", 0),
+            }
+            for port, spec in sorted(att.ports.items(), key=lambda item: int(item[0]))
+        ]
+
+    def busy(self, sandbox_id: str) -> bool:
+        """Whether a tunnel connection into the sandbox is open (that counts as activity for ``idle_timeout``)."""
+        tunnels = self.tunnels.get(sandbox_id)
+        return tunnels is not None and tunnels.busy()
+
+    @property
+    def ca_path(self) -> str | None:
+        """The local CA's certificate, which clients trust for TLS tunnels."""
+        return str(self.ca.ca_path) if self.enabled else None
+
+    def _cert_hosts(self) -> list[str]:
+        hosts = [self.cfg.tunnel_host, "localhost", "127.0.0.1", "::1"]
+        if self.cfg.tunnel_bind not in ("0.0.0.0", "::", ""):
+            hosts.append(self.cfg.tunnel_bind)
+        return hosts
+
+    def _setup(self, pid: int, att: Attachment, names: NetNames) -> None:
+        assert self.worker is not None
+        self.worker.setup_sandbox(pid, att.link, names.link_index(att.address), att.address, names.gateway)
+        if att.restricted:
+            assert self.nft is not None
+            self.nft.run(ruleset.add_restricted(names, att.address, att.cidrs))
+
+    async def detach(self, sandbox_id: str) -> None:
+        """After the container is gone: remove the sandbox's filter elements and record.  Idempotent.
+
+        Its namespace died with its last process, and the kernel removes the veth with it.
+        """
+        if not self.enabled or self.worker is None:
+            return
+        pending = self._pending.get(sandbox_id)
+        if pending is not None:
+            await pending
+        tunnels = self.tunnels.pop(sandbox_id, None)
+        if tunnels is not None:
+            await tunnels.close()
+        att = self._forget(sandbox_id)
+        if att is not None and att.restricted:
+            await self._run(self._teardown, att, self.pins.pop(att.ip, {}))
+        (self.dir / f"{sandbox_id}.json").unlink(missing_ok=True)
+
+    def _teardown(self, att: Attachment, pins: dict[ipaddress.IPv4Address, float]) -> None:
+        assert self.names is not None and self.nft is not None
+        try:
+            self.nft.run(ruleset.remove_restricted(self.names, att.address, att.cidrs))
+        except NftError as exc:
+            log.warning("removing %s from the allowlist sets: %s", att.ip, exc)
+        for addr in pins:
+            # One by one: a pin may have expired meanwhile, and a failed delete would undo the others.
+            with contextlib.suppress(NftError):
+                self.nft.run(ruleset.delete_pins(self.names, att.address, [addr]))
+
+    async def _pin(self, ip: ipaddress.IPv4Address, pins: dict[ipaddress.IPv4Address, int]) -> None:
+        """Allow ``ip`` to reach addresses an allowed name resolved to (refreshing pins that are half spent)."""
+        assert self.names is not None
+        known = self.pins.setdefault(str(ip), {})
+        now = time.monotonic()
+        fresh = {a: s for a, s in pins.items() if a not in known}
+        stale = {a: s for a, s in pins.items() if a in known and known[a] - now < s / 2}
+        if not fresh and not stale:
+            return
+        cmds = ""
+        if stale:
+            cmds += ruleset.delete_pins(self.names, ip, stale)
+        cmds += ruleset.add_pins(self.names, ip, {**fresh, **stale})
+        try:
+            await self._run(self._nft_run, cmds)
+        except NftError:
+            # A stale pin expired meanwhile: add without deleting.
+            await self._run(self._nft_run, ruleset.add_pins(self.names, ip, {**fresh, **stale}))
+        for a, s in {**fresh, **stale}.items():
+            known[a] = now + s
+
+    def attachment(self, sandbox_id: str) -> Attachment | None:
+        """A sandbox's attachment, if it has networking."""
+        return self.attached.get(sandbox_id)
+
+
+def _init_pid(cgroup_path: str) -> int:
+    """The host pid of a container's init (pid 1 in its namespace), found through its cgroup."""
+    for pid in cgroups.processes(cgroup_path):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("NSpid:") and line.split()[-1] == "1":
+                return pid
+    raise RuntimeError(f"the sandbox's init process is not in its cgroup {cgroup_path}")
+
+
+def _write_etc(root: Path, ip: str, owner: int, nameserver: str) -> None:
+    """Write /etc/resolv.conf and /etc/hosts into a sandbox's root, owned by its root user.
+
+    /etc/hostname stays the image's (the UTS name is set by the runtime).
+
+    The image is untrusted: /etc or the files may be symlinks pointing
+    anywhere, so nothing is followed (``O_NOFOLLOW`` from a descriptor of the
+    root); a symlink where a file should be is replaced.  When /etc itself is
+    not a plain directory, the files are skipped.
+    """
+    files = {
+        "resolv.conf": f"nameserver {nameserver}\noptions edns0\n",
+        "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{HOSTNAME}\n",
+    }
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            etc = os.open("etc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+        except FileNotFoundError:
+            os.mkdir("etc", 0o755, dir_fd=root_fd)
+            os.chown("etc", owner, owner, dir_fd=root_fd, follow_symlinks=False)
+            etc = os.open("etc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+        except OSError:
+            log.warning("the image's /etc is not a directory; leaving its resolver files alone")
+            return
+        try:
+            for name, text in files.items():
+                try:
+                    _write_one(etc, name, text, owner)
+                except OSError as exc:
+                    log.warning("cannot write the sandbox's /etc/%s: %s", name, exc)
+        finally:
+            os.close(etc)
+    finally:
+        os.close(root_fd)
+
+
+def _write_one(etc: int, name: str, text: str, owner: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        st = os.stat(name, dir_fd=etc, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            os.unlink(name, dir_fd=etc)  # a symlink or device the image put there; a directory stays and fails
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=etc)
+    try:
+        os.write(fd, text.encode())
+        os.fchown(fd, owner, owner)
+        os.fchmod(fd, 0o644)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Named secrets, sealed at rest, reaching sandboxes only as environment variables."""

@@ -1,0 +1,244 @@
+"""Named secrets in the state database, and the sealed environments of sandboxes.
+
+Trust: API callers (who may create, use and delete secrets, but never read a
+value back: no operation returns one).  Defends against leaks: values are
+sealed with :class:`~shoal.secrets.keyring.Keyring` before they touch the
+database, never appear in an answer, a log line or an error message (errors
+name keys, never values), and reach a sandbox only as environment variables
+of its entrypoint and execs.  The sandbox row's stored create request keeps
+its secret environment sealed too (``sealed_env``), so a restarted daemon can
+give execs the sandbox's secrets without ever having stored them in the clear.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shoal import ids
+from shoal.engine.models import check_env
+from shoal.exception import AlreadyExistsError, NotFoundError
+from shoal.secrets.keyring import Keyring
+from shoal.volumes.models import check_name
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS secrets (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sealed BLOB NOT NULL
+);
+"""
+MAX_KEYS = 1000
+MAX_BYTES = 1 << 20
+SANDBOX_CONTEXT = "sandbox-env:"
+"""Associated data for a sandbox's sealed environment: this prefix and the sandbox's id."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    check_env(env)
+    if len(env) > MAX_KEYS:
+        raise ValueError(f"a secret holds at most {MAX_KEYS} keys")
+    if sum(len(k) + len(v.encode()) for k, v in env.items()) > MAX_BYTES:
+        raise ValueError(f"a secret holds at most {MAX_BYTES} bytes")
+    return env
+
+
+class SecretCreate(_Model):
+    """``Secret.objects.create``."""
+
+    name: str
+    env: dict[str, str]
+    allow_existing: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "secret")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_env(v)
+
+
+class SecretLookup(_Model):
+    """``Secret.from_name`` (hydration)."""
+
+    name: str
+    required_keys: Annotated[list[str], Field(max_length=MAX_KEYS)] = []
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "secret")
+
+
+class SecretUpdate(_Model):
+    """``secret.update``: keys to add or replace."""
+
+    env: dict[str, str]
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_env(v)
+
+
+class SecretInfo(BaseModel):
+    """A secret as the API shows it: never its values."""
+
+    secret_id: str
+    name: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass
+class SecretRow:
+    """One row of ``secrets`` (still sealed)."""
+
+    id: str
+    name: str
+    created_at: float
+    updated_at: float
+    sealed: bytes
+
+    def info(self) -> SecretInfo:
+        """The secret as the API shows it."""
+        return SecretInfo(secret_id=self.id, name=self.name, created_at=self.created_at, updated_at=self.updated_at)
+
+
+class SecretStore:
+    """Every named secret of this daemon, and sealing for sandboxes' environments."""
+
+    def __init__(self, db: sqlite3.Connection, keyring: Keyring) -> None:
+        self.db = db
+        self.keyring = keyring
+        self.db.executescript(SCHEMA)
+
+    # ---------------------------------------------------------------- rows
+
+    def _rows(self, where: str, args: tuple[object, ...]) -> list[SecretRow]:
+        cur = self.db.execute(f"SELECT id, name, created_at, updated_at, sealed FROM secrets {where}", args)
+        return [SecretRow(r[0], r[1], r[2], r[3], bytes(r[4])) for r in cur.fetchall()]
+
+    def by_name(self, name: str) -> SecretRow | None:
+        """The secret called ``name``, if any."""
+        rows = self._rows("WHERE name = ?", (name,))
+        return rows[0] if rows else None
+
+    def get(self, secret_id: str) -> SecretRow:
+        """A secret by id, or NotFoundError."""
+        rows = self._rows("WHERE id = ?", (secret_id,)) if ids.is_valid(secret_id, "secret") else []
+        if not rows:
+            raise NotFoundError(f"Secret {secret_id!r} not found")
+        return rows[0]
+
+    def all(self) -> list[SecretRow]:
+        """Every secret, newest first."""
+        return self._rows("ORDER BY created_at DESC", ())
+
+    def _env(self, row: SecretRow) -> dict[str, str]:
+        return self.keyring.open_env(row.sealed.decode(), row.id)
+
+    def create(self, name: str, env: dict[str, str], allow_existing: bool) -> SecretRow:
+        """``Secret.objects.create``: an existing secret is kept as it is when ``allow_existing``."""
+        existing = self.by_name(name)
+        if existing is not None:
+            if allow_existing:
+                return existing
+            raise AlreadyExistsError(f"Secret '{name}' already exists")
+        secret_id = ids.new("secret")
+        now = time.time()
+        sealed = self.keyring.seal_env(env, secret_id).encode()
+        try:
+            self.db.execute(
+                "INSERT INTO secrets (id, name, created_at, updated_at, sealed) VALUES (?, ?, ?, ?, ?)",
+                (secret_id, name, now, now, sealed),
+            )
+        except sqlite3.IntegrityError:
+            raise AlreadyExistsError(f"Secret '{name}' already exists") from None
+        return SecretRow(secret_id, name, now, now, sealed)
+
+    def lookup(self, name: str, required_keys: list[str]) -> SecretRow:
+        """``Secret.from_name``: NotFoundError if missing or without one of ``required_keys``."""
+        row = self.by_name(name)
+        if row is None:
+            raise NotFoundError(f"Secret '{name}' not found; create it with `shoal secret create {name} KEY=VALUE`")
+        if required_keys:
+            missing = sorted(set(required_keys) - set(self._env(row)))
+            if missing:
+                raise NotFoundError(f"Secret '{name}' is missing key(s): {', '.join(missing)}")
+        return row
+
+    def update(self, secret_id: str, env: dict[str, str]) -> SecretRow:
+        """``secret.update``: merge ``env`` into the stored keys."""
+        row = self.get(secret_id)
+        merged = {**self._env(row), **env}
+        _check_env(merged)
+        now = time.time()
+        sealed = self.keyring.seal_env(merged, secret_id).encode()
+        self.db.execute("UPDATE secrets SET sealed = ?, updated_at = ? WHERE id = ?", (sealed, now, secret_id))
+        row.sealed, row.updated_at = sealed, now
+        return row
+
+    def delete_by_name(self, name: str, allow_missing: bool) -> None:
+        """``Secret.objects.delete`` (running sandboxes keep the values they started with)."""
+        if self.by_name(name) is None:
+            if allow_missing:
+                return
+            raise NotFoundError(f"Secret '{name}' not found")
+        self.db.execute("DELETE FROM secrets WHERE name = ?", (name,))
+
+    # ---------------------------------------------------------------- use
+
+    def resolve(self, secret_ids: list[str]) -> dict[str, str]:
+        """The merged environment of ``secret_ids``, later ones winning (values stay in memory only)."""
+        env: dict[str, str] = {}
+        for secret_id in secret_ids:
+            env.update(self._env(self.get(secret_id)))
+        return env
+
+    def seal_sandbox_env(self, sandbox_id: str, env: dict[str, str]) -> str:
+        """A sandbox's secret environment, sealed for its stored spec."""
+        return self.keyring.seal_env(env, SANDBOX_CONTEXT + sandbox_id)
+
+    def open_sandbox_env(self, sandbox_id: str, spec: dict[str, Any]) -> dict[str, str]:
+        """The secret environment in a sandbox's stored spec (sealed, or from before sealing existed)."""
+        sealed = spec.get("sealed_env")
+        if sealed:
+            return self.keyring.open_env(str(sealed), SANDBOX_CONTEXT + sandbox_id)
+        legacy = spec.get("secret_env") or {}
+        return dict(legacy) if isinstance(legacy, dict) else {}
+
+    def seal_stored_specs(self) -> int:
+        """Seal secret environments that older versions stored in the clear in sandbox rows; returns how many."""
+        count = 0
+        self.db.execute("PRAGMA secure_delete = ON")  # overwrite the clear text, not just unlink it
+        for sandbox_id, raw in self.db.execute("SELECT id, spec FROM sandboxes").fetchall():
+            spec = json.loads(raw)
+            clear = spec.pop("secret_env", None)
+            if not clear:
+                continue
+            spec["sealed_env"] = self.seal_sandbox_env(sandbox_id, clear)
+            self.db.execute("UPDATE sandboxes SET spec = ? WHERE id = ?", (json.dumps(spec), sandbox_id))
+            count += 1
+        if count:
+            log.info("sealed the secret environments of %d sandboxes stored in the clear by an older version", count)
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.db.execute("PRAGMA secure_delete = OFF")
+        return count

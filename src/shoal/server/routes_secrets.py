@@ -1,0 +1,69 @@
+"""The daemon's named-secret operations.  No operation answers with a secret's values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from shoal.secrets.store import SecretCreate, SecretInfo, SecretLookup, SecretStore, SecretUpdate
+from shoal.server.registry import route
+from shoal.server.routes import MANAGER
+
+
+def _store(request: web.Request) -> SecretStore:
+    return request.app[MANAGER].secrets
+
+
+@route(
+    "POST",
+    "/v1/secrets",
+    summary="Create a named secret (Secret.objects.create)",
+    body=SecretCreate,
+    response=SecretInfo,
+)
+async def create_secret(request: web.Request, body: SecretCreate) -> SecretInfo:
+    return _store(request).create(body.name, body.env, body.allow_existing).info()
+
+
+@route("GET", "/v1/secrets", summary="List named secrets, newest first (names only, never values)")
+async def list_secrets(request: web.Request) -> dict[str, Any]:
+    return {"secrets": [row.info().model_dump() for row in _store(request).all()]}
+
+
+@route(
+    "POST",
+    "/v1/secrets/lookup",
+    summary="Find a named secret (Secret.from_name), checking that it holds required_keys",
+    body=SecretLookup,
+    response=SecretInfo,
+)
+async def lookup_secret(request: web.Request, body: SecretLookup) -> SecretInfo:
+    return _store(request).lookup(body.name, body.required_keys).info()
+
+
+@route("GET", "/v1/secrets/{secret_id}", summary="One secret (never its values)", response=SecretInfo)
+async def get_secret(request: web.Request) -> SecretInfo:
+    return _store(request).get(request.match_info["secret_id"]).info()
+
+
+@route(
+    "PATCH",
+    "/v1/secrets/{secret_id}",
+    summary="Add or replace keys of a secret (secret.update)",
+    body=SecretUpdate,
+    response=SecretInfo,
+)
+async def update_secret(request: web.Request, body: SecretUpdate) -> SecretInfo:
+    return _store(request).update(request.match_info["secret_id"], body.env).info()
+
+
+@route(
+    "DELETE",
+    "/v1/secrets/by-name/{name}",
+    summary="Delete a named secret (Secret.objects.delete)",
+    query={"allow_missing": "1: no error if there is no such secret"},
+)
+async def delete_secret(request: web.Request) -> dict[str, Any]:
+    _store(request).delete_by_name(request.match_info["name"], request.query.get("allow_missing", "") in ("1", "true"))
+    return {}

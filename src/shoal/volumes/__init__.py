@@ -1,0 +1,1 @@
+"""Volumes: persistent directories shared between sandboxes, and the host-side file API over them."""
