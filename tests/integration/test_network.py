@@ -32,6 +32,7 @@ import dns.rrset
 import pytest
 
 import shoal
+import shoal as modal
 from shoal.exception import InvalidError
 from tests.conftest import Daemon, network_leaks, running_daemon
 
@@ -759,10 +760,13 @@ def http_get(host: str, port: int, path: str, ctx=None) -> tuple[int, bytes]:
 
 
 def test_seed_port_forwarding_with_tunnels(net, sandboxes):
-    """The seed's tunnel example.  (The seed omits `encrypted_ports=[8080]`; as with Modal, only declared ports
-    get tunnels, so the example declares it.)"""
+    """The seed's tunnel example, as written: it declares no port, so looking up 8080 opens a TLS tunnel on the
+    spot (shoal's extension: Modal raises KeyError there)."""
     app = net.app
-    sb = shoal.Sandbox.create("python", "-m", "http.server", "8080", encrypted_ports=[8080], app=app)
+    sb = modal.Sandbox.create(
+        "python", "-m", "http.server", "8080",
+        app=app,
+    )  # fmt: skip
     sandboxes.append(sb)
 
     tunnel = sb.tunnels()[8080]
@@ -979,3 +983,22 @@ def test_tunnels_and_policy_survive_a_restart_and_a_crash_leaves_nothing(own_dae
     assert "restricted" in run("nft", "list", "set", *table.split(), "restricted")
     assert connect(keep, "192.0.2.1", 80)["errno"] == errno.EHOSTUNREACH
     keep.terminate()
+
+
+def test_declared_ports_and_on_demand_tunnels(net, sandboxes):
+    """Declared ports are listed before any lookup; an undeclared one appears once looked up; block_network has
+    no tunnels at all."""
+    sb = shoal.Sandbox.create("python", "-m", "http.server", "8080", encrypted_ports=[8080], app=net.app)
+    sandboxes.append(sb)
+    tunnels = sb.tunnels()
+    assert sorted(tunnels) == [8080]
+    assert 9000 not in tunnels
+    extra = tunnels[9000]
+    assert 9000 in tunnels and extra.port not in (0, tunnels[8080].port)
+    assert sorted(sb.tunnels()) == [8080, 9000]
+    with pytest.raises(KeyError):
+        tunnels[70000]
+    blocked = shoal.Sandbox.create(block_network=True, app=net.app)
+    sandboxes.append(blocked)
+    with pytest.raises(shoal.exception.InvalidError, match="no network"):
+        blocked.tunnels()[8080]

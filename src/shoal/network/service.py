@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shoal.exception import SandboxTimeoutError
+from shoal.exception import InvalidError, SandboxTimeoutError
 from shoal.network import ruleset
 from shoal.network.config import NetworkConfig, parse_upstream
 from shoal.network.dns import Client, DnsForwarder
@@ -406,6 +406,22 @@ class Network:
                 spec["tcp_port"] = await tunnels.listen(int(port), bind, int(spec.get("tcp_port", 0)), None)
         (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
         tunnels.ready.set()
+
+    async def add_tunnel(self, sandbox_id: str, port: int, touch: Callable[[], None]) -> None:
+        """Open an encrypted tunnel to a port not declared at create (shoal's extension; see ``Sandbox.tunnels``)."""
+        att = self.attached.get(sandbox_id)
+        if att is None or not self.enabled:
+            raise InvalidError("this sandbox has no network (block_network=True), so it cannot have tunnels")
+        if str(port) in att.ports:
+            return
+        tunnels = self.tunnels.get(sandbox_id)
+        if tunnels is None:
+            tunnels = self.tunnels[sandbox_id] = SandboxTunnels(att.ip, att.inbound, touch)
+            tunnels.ready.set()
+        spec: dict[str, Any] = {"kind": ENCRYPTED}
+        spec["tls_port"] = await tunnels.listen(port, self.cfg.tunnel_bind, 0, self._tls[ENCRYPTED])
+        att.ports[str(port)] = spec
+        (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
 
     async def tunnels_of(self, sandbox_id: str, finished: asyncio.Event, timeout: float) -> list[dict[str, Any]]:
         """The sandbox's tunnels once they listen, as Modal's TunnelData; SandboxTimeoutError if not in ``timeout``."""

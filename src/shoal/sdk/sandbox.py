@@ -27,7 +27,7 @@ from shoal.sdk.process import ContainerProcess
 from shoal.sdk.secret import Secret, secret_ids
 from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
 from shoal.sdk.transport import Client, default_client
-from shoal.sdk.tunnel import Tunnel
+from shoal.sdk.tunnel import Tunnel, TunnelMap
 from shoal.sdk.volume import mounts_body
 from shoal.types import FileWatchEvent, FileWatchEventType
 
@@ -542,10 +542,7 @@ class Sandbox:
                 await self._wait_once(0)
                 if self._result is not None:
                     raise
-        self._tunnels = {
-            t["container_port"]: Tunnel(t["host"], t["port"], t["unencrypted_host"], t["unencrypted_port"])
-            for t in resp["tunnels"]
-        }
+        self._tunnels = TunnelMap(self._client, self._id, resp["tunnels"])
         return self._tunnels
 
     @live_method

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from shoal.exception import DeprecationError, InvalidError
+from shoal.sdk._sync import run_blocking
+from shoal.sdk.transport import Client
 
 
 @dataclass(frozen=True)
@@ -56,3 +59,32 @@ class Tunnel:
                 "This tunnel is not configured for unencrypted TCP: declare the port in unencrypted_ports"
             )
         return (self.unencrypted_host, self.unencrypted_port)
+
+
+def _tunnel(data: dict[str, Any]) -> Tunnel:
+    return Tunnel(data["host"], data["port"], data["unencrypted_host"], data["unencrypted_port"])
+
+
+class TunnelMap(dict[int, Tunnel]):
+    """``sb.tunnels()``: container port → Tunnel.
+
+    Looking up a port that was not declared at create opens an encrypted
+    tunnel to it on the spot, so ``sb.tunnels()[8080]`` works for a server the
+    sandbox started without ``encrypted_ports=[8080]`` (Modal raises KeyError
+    there).  ``in``, ``get`` and iteration see only the tunnels already open.
+    """
+
+    def __init__(self, client: Client, sandbox_id: str, tunnels: list[dict[str, Any]]) -> None:
+        super().__init__({int(t["container_port"]): _tunnel(t) for t in tunnels})
+        self._client = client
+        self._sandbox_id = sandbox_id
+
+    def __missing__(self, port: int) -> Tunnel:
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise KeyError(port)
+        resp = run_blocking(self._client.request("POST", f"/v1/sandboxes/{self._sandbox_id}/tunnels/{port}"))
+        for t in resp["tunnels"]:
+            self[int(t["container_port"])] = _tunnel(t)
+        if not dict.__contains__(self, port):
+            raise KeyError(port)
+        return dict.__getitem__(self, port)

@@ -24,7 +24,7 @@ from shoal.engine.models import (
     TagsUpdate,
     WaitResult,
 )
-from shoal.exception import Error, InvalidError
+from shoal.exception import ConflictError, Error, InvalidError
 from shoal.server import errors
 from shoal.server.registry import openapi, route
 
@@ -244,6 +244,23 @@ async def get_tunnels(request: web.Request) -> dict[str, Any]:
     sb = mgr.get(request.match_info["sandbox_id"])
     timeout = _float(request, "timeout", 50.0, MAX_WAIT)
     return {"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, timeout)}
+
+
+@route(
+    "POST",
+    "/v1/sandboxes/{sandbox_id}/tunnels/{port}",
+    summary="Open an encrypted tunnel to a port that was not declared at create",
+)
+async def add_tunnel(request: web.Request) -> dict[str, Any]:
+    mgr = _mgr(request)
+    sb = mgr.get(request.match_info["sandbox_id"])
+    raw = request.match_info["port"]
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise InvalidError(f"{raw!r} is not a port number (1-65535)")
+    if sb.state != "running":
+        raise ConflictError("the sandbox has finished: it cannot open tunnels")
+    await mgr.network.add_tunnel(sb.id, int(raw), sb.touch)
+    return {"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, 5.0)}
 
 
 @route("PUT", "/v1/sandboxes/{sandbox_id}/tags", summary="Replace a sandbox's tags", body=TagsUpdate)
