@@ -9,7 +9,7 @@ import enum
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Generic, TypeVar, cast
 
 import aiohttp
@@ -59,7 +59,7 @@ class StreamReader(Generic[T]):
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if text else None
         self._partial: str | bytes = "" if text else b""
         self._ready: deque[T] = deque()
-        self._raw: AsyncIterator[bytes] | None = None
+        self._raw: AsyncGenerator[bytes, None] | None = None
         self._eof = False
         self._finished = False
         self._done = asyncio.Event()
@@ -75,7 +75,7 @@ class StreamReader(Generic[T]):
         if self._type == StreamType.STDOUT:
             raise InvalidError("Output can only be retrieved using the PIPE stream type.")
 
-    async def _raw_chunks(self) -> AsyncIterator[bytes]:
+    async def _raw_chunks(self) -> AsyncGenerator[bytes, None]:
         """Bytes from the current offset until the stream ends, resuming after dropped connections."""
         failures = 0
         while not self._eof:
@@ -106,40 +106,53 @@ class StreamReader(Generic[T]):
         """Decoded chunks, or lines when line-buffered.
 
         State lives on the reader, so a loop that stops early and a later
-        ``read()`` see every byte exactly once.
+        ``read()`` see every byte exactly once.  A consumer that stops early
+        (or is cancelled mid-read) releases the connection; the next read
+        reopens it at the byte offset reached.
         """
-        while True:
-            while self._ready:
-                yield self._ready.popleft()
-            if self._finished:
-                return
-            if self._raw is None:
-                self._raw = self._raw_chunks()
-            try:
-                chunk = await self._raw.__anext__()
-            except StopAsyncIteration:
-                tail = self._decode(b"", final=True)
-                rest = self._partial + tail  # type: ignore[operator]
-                self._partial = "" if self._text else b""
-                if rest:
-                    self._ready.append(cast(T, rest))
-                self._finished = True
-                continue
-            piece = self._decode(chunk)
-            if not self._by_line:
-                if piece:
-                    self._ready.append(cast(T, piece))
-                continue
-            buf = self._partial + piece  # type: ignore[operator]
-            sep = "\n" if self._text else b"\n"
-            start = 0
+        try:
             while True:
-                nl = buf.find(sep, start)  # type: ignore[arg-type]
-                if nl < 0:
-                    break
-                self._ready.append(cast(T, buf[start : nl + 1]))
-                start = nl + 1
-            self._partial = buf[start:]
+                while self._ready:
+                    yield self._ready.popleft()
+                if self._finished:
+                    return
+                if self._raw is None:
+                    self._raw = self._raw_chunks()
+                try:
+                    chunk = await self._raw.__anext__()
+                except StopAsyncIteration:
+                    tail = self._decode(b"", final=True)
+                    rest = self._partial + tail  # type: ignore[operator]
+                    self._partial = "" if self._text else b""
+                    if rest:
+                        self._ready.append(cast(T, rest))
+                    self._finished = True
+                    continue
+                except BaseException:
+                    self._raw = None  # the generator ended with the exception; resume from the offset next time
+                    raise
+                self._take(chunk)
+        finally:
+            raw, self._raw = self._raw, None
+            if raw is not None and not self._finished:
+                await raw.aclose()
+
+    def _take(self, chunk: bytes) -> None:
+        piece = self._decode(chunk)
+        if not self._by_line:
+            if piece:
+                self._ready.append(cast(T, piece))
+            return
+        buf = self._partial + piece  # type: ignore[operator]
+        sep = "\n" if self._text else b"\n"
+        start = 0
+        while True:
+            nl = buf.find(sep, start)  # type: ignore[arg-type]
+            if nl < 0:
+                break
+            self._ready.append(cast(T, buf[start : nl + 1]))
+            start = nl + 1
+        self._partial = buf[start:]
 
     @live_method
     async def read(self) -> T:
