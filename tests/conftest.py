@@ -24,6 +24,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MACHINE_IMAGES = Path("/var/lib/shoal/images")
+REGISTRY_TMP_PREFIX = f"shoal-registry-{os.getpid()}-"
+"""Temporary directories of the local registries this test run starts (tests/integration/test_registry.py)."""
 
 
 @dataclass
@@ -159,6 +161,29 @@ def leaks(d: Daemon) -> list[str]:
         found.append(f"process {pid} ({what or '?'}, {state}) still in a sandbox cgroup")
     found += network_leaks(d)
     found += volume_leaks(d)
+    found += image_leaks(d)
+    found += snapshot_leaks(d)
+    return found
+
+
+def snapshot_leaks(d: Daemon) -> list[str]:
+    """Upper directories of images mounted into sandboxes that have ended, and registries tests started."""
+    found = [f"image mount dir {p}" for p in (d.data_dir / "sandboxes").glob("*/mounts")]
+    for pid_dir in Path("/proc").iterdir():
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes() if pid_dir.name.isdigit() else b""
+        except OSError:
+            continue
+        if b"docker-registry" in cmdline and REGISTRY_TMP_PREFIX.encode() in cmdline:
+            what = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"registry process {pid_dir.name} ({what})")
+    return found
+
+
+def image_leaks(d: Daemon) -> list[str]:
+    """Half-built layers, uploads or contexts left in the image store's staging area, and host-step mount points."""
+    found = [f"image staging {p}" for p in (d.data_dir / "images" / "tmp").glob("*")]
+    found += [f"image build mount point {p}" for p in (d.runtime_dir / "image-mounts").glob("*")]
     return found
 
 

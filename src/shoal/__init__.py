@@ -4,6 +4,7 @@
 """
 
 from shoal import exception, types, volume
+from shoal.images.ignore import FilePatternMatcher
 from shoal.sdk.app import App
 from shoal.sdk.file_io import FileIO
 from shoal.sdk.image import Image
@@ -23,6 +24,7 @@ __all__ = [
     "ContainerProcess",
     "FileIO",
     "FileInfo",
+    "FilePatternMatcher",
     "FileType",
     "FileWatchEvent",
     "FileWatchEventType",

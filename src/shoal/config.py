@@ -10,6 +10,7 @@ Environment variables (all optional):
     SHOAL_NO_AUTOSTART  set to 1 to stop the SDK starting a local daemon
     SHOAL_CGROUP_PARENT cgroup under which sandboxes' cgroups are made (default /shoal)
     SHOAL_IMAGE_CACHE   extra image stores (colon-separated) whose layers may be used read-only
+    SHOAL_NO_HOST_CAS   set to 1 so images do not trust the host's extra CA certificates
     SHOAL_GPU_INVENTORY test/debug hook: a JSON file describing GPUs to use instead of the host's
                         (format in shoal.gpu.inventory)
 """
@@ -61,6 +62,12 @@ class Config:
     retention_seconds: float = 24 * 3600
     """How long finished sandboxes' records and output are kept."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    trust_host_cas: bool = field(default_factory=lambda: os.environ.get("SHOAL_NO_HOST_CAS", "") not in ("1", "true"))
+    """Give images from outside (debian_slim, registries) the host's extra CA certificates (``shoal.images.trust``)."""
+    host_ca_dir: Path = Path("/usr/local/share/ca-certificates")
+    """Where the host keeps its extra CA certificates (``*.crt``, as ``update-ca-certificates`` reads them)."""
+    image_build_timeout: int = 3600
+    """Seconds one ``run`` build step may take."""
     """Sandbox networking (``SHOAL_NETWORK*``, ``SHOAL_DNS_UPSTREAM``, ``SHOAL_TUNNEL_*``: see its module)."""
 
     def __post_init__(self) -> None:

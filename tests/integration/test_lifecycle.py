@@ -16,7 +16,6 @@ from shoal.exception import (
     NotFoundError,
     SandboxTerminatedError,
     SandboxTimeoutError,
-    UnimplementedError,
 )
 
 
@@ -225,11 +224,6 @@ def test_unknown_python_version_names_the_available_ones(app):
         assert sb.exec("python", "--version").stdout.read().startswith("Python 3.11")
     finally:
         sb.terminate()
-
-
-def test_image_build_steps_are_a_clear_error_until_supported(app):
-    with pytest.raises(UnimplementedError, match="pip_install"):
-        shoal.Sandbox.create(app=app, image=shoal.Image.debian_slim().pip_install("six"))
 
 
 def test_cpu_and_memory_limits_are_applied(app, daemon):

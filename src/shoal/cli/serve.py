@@ -19,8 +19,11 @@ def _config(
     runtime_dir: str | None,
     tcp: str | None,
     runtime: str | None,
+    host_cas: bool = True,
 ) -> Config:
     kwargs: dict[str, object] = {}
+    if not host_cas:
+        kwargs["trust_host_cas"] = False
     if data_dir:
         kwargs["data_dir"] = Path(data_dir)
     if runtime_dir:
@@ -70,6 +73,11 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     type=click.Choice(["runc", "crun"]),
     help="OCI runtime (default: crun where it works, else runc)",
 )
+@click.option(
+    "--host-cas/--no-host-cas",
+    default=True,
+    help="give images the host's extra CA certificates (/usr/local/share/ca-certificates); default on",
+)
 @click.option("--background", is_flag=True, help="detach; return once the daemon is ready")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def serve_cmd(
@@ -78,13 +86,14 @@ def serve_cmd(
     runtime_dir: str | None,
     tcp: str | None,
     runtime: str | None,
+    host_cas: bool,
     background: bool,
     verbose: bool,
 ) -> None:
     """Run the shoal daemon (as root)."""
     if os.geteuid() != 0:
         raise click.ClickException("the shoal daemon must run as root (it creates namespaces, mounts and cgroups)")
-    cfg = _config(socket, data_dir, runtime_dir, tcp, runtime)
+    cfg = _config(socket, data_dir, runtime_dir, tcp, runtime, host_cas)
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if not background:

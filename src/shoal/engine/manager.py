@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 from shoal import ids
 from shoal.agent.build import ensure_agent
 from shoal.config import Config
+from shoal.engine import build as image_build
 from shoal.engine.models import CreateSandbox, ExecRequest, Result, SandboxInfo
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, new_token
@@ -23,6 +25,7 @@ from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
 from shoal.gpu import inventory as gpu_inventory
 from shoal.gpu import request as gpu_request
 from shoal.gpu import scheduler as gpu_scheduler
+from shoal.images import registry as image_registry
 from shoal.images.service import ImageService
 from shoal.images.store import LayerStore
 from shoal.network.service import Network
@@ -58,17 +61,23 @@ class Manager:
         for d in (cfg.data_dir, cfg.runtime_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)
-        for d in (cfg.sandboxes_dir, cfg.run_sandboxes_dir, cfg.oci_state_dir):
+        for d in (cfg.run_sandboxes_dir, cfg.oci_state_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)
+        # Upper dirs hold what sandboxes wrote (set-id files of the sandbox uid too): root only.  The overlay
+        # uses them with the mounter's credentials.
+        cfg.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.sandboxes_dir, 0o700)
         self.state = State(cfg.db_path)
         self.runtime = oci.choose(cfg.runtime, str(cfg.oci_state_dir))
         self.layers = LayerStore(cfg.images_dir, cfg.image_caches)
         self.images = ImageService(self.state, self.layers, cfg.idmap.host_id)
+        image_build.attach(self)  # image build steps run in build sandboxes
         self.network = Network(cfg.network, cfg.data_dir, cfg.runtime_dir, cfg.idmap.host_id)
         self.volumes = VolumeStore(self.state.db, cfg.data_dir / "volumes", cfg.idmap.host_id)
         self.volume_binds = VolumeBinds(self.volumes, cfg.runtime_dir / "volume-binds")
         self.secrets = SecretStore(self.state.db, Keyring(cfg.data_dir / "secrets.key"))
+        image_registry.attach(self)  # Image.from_registry pulls (after secrets: a pull may use a named one)
         self.ctx = Context(cfg, self.state, self.runtime, self.network, volumes=self.volume_binds, secrets=self.secrets)
         self.sandboxes: dict[str, Sandbox] = {}
         self.gpus = gpu_scheduler.GpuScheduler(gpu_inventory.Inventory(problem="not discovered yet"))
@@ -78,7 +87,7 @@ class Manager:
 
     async def start(self) -> None:
         """Prepare the agent, clear leftovers of a crash, re-adopt running sandboxes."""
-        for d in (self.cfg.runtime_dir, self.cfg.agent_dir.parent, *self.layers.roots()):
+        for d in (self.cfg.runtime_dir, self.cfg.agent_dir.parent):
             check_traversable(d)
         await asyncio.to_thread(ensure_agent, self.cfg.agent_dir)
         pids, memory = cgroups.host_limits()
@@ -113,6 +122,7 @@ class Manager:
             else:
                 await sb.adopt()
         await self._remove_strays(known)
+        await image_build.recover(self)
         self._prune_task = asyncio.create_task(self._prune_loop())
 
     async def _remove_strays(self, known: set[str]) -> None:
@@ -126,7 +136,7 @@ class Manager:
                 with contextlib.suppress(OSError):
                     rootfs.unmount(str(d / "rootfs"))
                 shutil.rmtree(d, ignore_errors=True)
-                for name in ("upper", "work"):
+                for name in ("upper", "work", "mounts"):  # mounts: images mounted with sb.mount_image
                     shutil.rmtree(self.cfg.sandboxes_dir / d.name / name, ignore_errors=True)
 
     async def close(self) -> None:
@@ -189,8 +199,8 @@ class Manager:
 
     # ---------------------------------------------------------------- sandboxes
 
-    async def create(self, req: CreateSandbox, image_log: Callable[[str], None]) -> Sandbox:
-        """``Sandbox.create``: returns once the sandbox runs."""
+    async def create(self, req: CreateSandbox, image_log: Callable[[str], None], *, build: bool = False) -> Sandbox:
+        """``Sandbox.create``: returns once the sandbox runs.  ``build``: an image build sandbox (no entrypoint)."""
         if self.state.app_by_id(req.app_id) is None:
             raise NotFoundError(f"App {req.app_id} not found: look it up with App.lookup(name, create_if_missing=True)")
         if req.name is not None:
@@ -207,7 +217,7 @@ class Manager:
         secret_env = {**self.secrets.resolve(req.secret_ids), **req.secret_env}
         image_id, image = await self.images.resolve(req.image, image_log)
         spec = req.model_dump(exclude={"secret_env"})  # secrets are stored sealed (below), never in the clear
-        spec.update(image_id=image_id, image_env=image.env, image_workdir=image.workdir)
+        spec.update(image_id=image_id, image_env=image.env, image_workdir=image.workdir, image_layers=image.layers)
         if gpu_req is not None:
             # No await from here until the sandbox is in self.sandboxes: that is what reserves its GPUs.
             spec[gpu_scheduler.PLAN_KEY] = self.gpus.plan(gpu_req, self.gpu_holders(), image.env)
@@ -229,7 +239,8 @@ class Manager:
         self.state.add_sandbox(row)
         sb = Sandbox(self.ctx, row)
         self.sandboxes[row.id] = sb
-        await sb.start(req, image, self.images.lowers(image))
+        started = dataclasses.replace(image, cmd=None, entrypoint=None) if build else image
+        await sb.start(req, started, self.images.lowers(image))
         return sb
 
     def gpu_holders(self) -> dict[str, str]:

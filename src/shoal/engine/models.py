@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from shoal.exception import Error
 from shoal.gpu import request as gpu_request
+from shoal.images import recipe
+from shoal.images.reference import RegistrySource
 from shoal.network import policy
 from shoal.volumes.models import VolumeMount
 
@@ -69,9 +71,15 @@ class _Model(BaseModel):
 class ImageRef(_Model):
     """Which image a sandbox runs: the base image for a Python version, or an image id."""
 
-    kind: Literal["debian_slim", "id"] = "debian_slim"
+    kind: Literal["debian_slim", "id", "registry"] = "debian_slim"
     python_version: str | None = None
     image_id: str | None = None
+    registry: RegistrySource | None = None
+    """``Image.from_registry``: the reference and its credentials (``shoal.images.registry``)."""
+    steps: Annotated[list[recipe.Step], Field(max_length=recipe.MAX_STEPS)] = []
+    """Build steps applied on the base (``shoal.images.recipe``); each is a cached layer or a config change."""
+    force_build: bool = False
+    """Rebuild every step (the base itself is bootstrapped once per machine)."""
 
 
 class AppLookup(_Model):

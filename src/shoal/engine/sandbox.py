@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.agent import protocol as P
@@ -117,6 +118,8 @@ class Sandbox:
         self._hello_remaining = 0
         self._hello_seen: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.keep_upper: Path | None = None
+        """Image builds: at teardown, move the upper directory here instead of deleting it (None if that failed)."""
 
     # ---------------------------------------------------------------- state
 
@@ -621,7 +624,13 @@ class Sandbox:
 
     def _remove_files(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)
-        for name in ("upper", "work"):
+        if self.keep_upper is not None:
+            try:
+                os.rename(self.data_dir / "upper", self.keep_upper)
+            except OSError:
+                log.exception("sandbox %s: keeping its upper directory failed", self.id)
+                self.keep_upper = None
+        for name in ("upper", "work", "mounts"):  # mounts: images mounted with sb.mount_image
             shutil.rmtree(self.data_dir / name, ignore_errors=True)
 
     def remove_data(self) -> None:

@@ -165,6 +165,10 @@ class State:
         """Move a sandbox to ``state``."""
         self.db.execute("UPDATE sandboxes SET state = ? WHERE id = ?", (state, sandbox_id))
 
+    def set_sandbox_spec(self, sandbox_id: str, spec: dict[str, Any]) -> None:
+        """Replace a sandbox's stored spec (images mounted into it since it started)."""
+        self.db.execute("UPDATE sandboxes SET spec = ? WHERE id = ?", (json.dumps(spec), sandbox_id))
+
     def finish_sandbox(self, sandbox_id: str, status: str, code: int | None, message: str) -> None:
         """Record a sandbox's result."""
         self.db.execute(

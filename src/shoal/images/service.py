@@ -8,6 +8,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shoal import ids
 from shoal.engine.models import ImageRef, ImportRootfs
@@ -15,6 +16,10 @@ from shoal.engine.state import ImageRow, State
 from shoal.exception import InvalidError, NotFoundError
 from shoal.images import base
 from shoal.images.store import ImageConfig, LayerStore, shift_tree
+
+if TYPE_CHECKING:
+    from shoal.images.builder import Builder
+    from shoal.images.registry import Registry
 
 LogFn = Callable[[str], None]
 
@@ -27,9 +32,22 @@ class ImageService:
         self.store = store
         self.uid_offset = uid_offset
         self._locks: dict[str, asyncio.Lock] = {}
+        self.builder: Builder | None = None
+        """Applies build steps (set by the engine: ``shoal.engine.build``)."""
+        self.registry: Registry | None = None
+        """Pulls ``Image.from_registry`` images (set by the engine: ``shoal.images.registry.attach``)."""
 
     async def resolve(self, ref: ImageRef, log: LogFn) -> tuple[str, ImageConfig]:
-        """The image id and config for ``ref``, building the base image if it is missing."""
+        """The image id and config for ``ref``: its base, then its build steps (``shoal.images.builder``)."""
+        base = await self.resolve_base(ref, log)
+        return base if self.builder is None else await self.builder.apply(ref, base, log)
+
+    async def resolve_base(self, ref: ImageRef, log: LogFn) -> tuple[str, ImageConfig]:
+        """The image id and config of ``ref``'s base, building the base image if it is missing."""
+        if ref.kind == "registry":
+            if self.registry is None:
+                raise InvalidError("this daemon cannot pull registry images")
+            return await self.registry.resolve(ref, log)
         if ref.kind == "id":
             if not ref.image_id or not ids.is_valid(ref.image_id, "image"):
                 raise InvalidError(f"invalid image id {ref.image_id!r}")

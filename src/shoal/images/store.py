@@ -33,6 +33,8 @@ class ImageConfig:
     layers: list[str] = field(default_factory=list)
     """Layer ids, bottom first."""
     python: str | None = None
+    user: str | None = None
+    """Dockerfile USER: later build steps run as this user (sandboxes still start as root)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -78,6 +80,10 @@ class LayerStore:
         self.locks = root / "locks"
         for d in (self.layers, self.tmp, self.locks):
             d.mkdir(parents=True, exist_ok=True)
+            # Root only: layers hold files owned by the sandbox uid, set-id bits included, which no host user
+            # may reach.  Overlayfs reads lower layers with the mounter's (root's) credentials, so sandboxes
+            # need no access of their own.
+            os.chmod(d, 0o700)
         os.chmod(root, 0o711)
 
     def roots(self) -> list[Path]:

@@ -7,19 +7,21 @@ process, so repeating ``Image.debian_slim()`` costs nothing after the first.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from shoal.exception import Error, InvalidError, UnimplementedError
-from shoal.sdk import output
+from shoal.exception import InvalidError
+from shoal.images import reference
+from shoal.sdk import _image_build
+from shoal.sdk._image_build import ImageBuilder, PendingStep
 from shoal.sdk._sync import live_method
-from shoal.sdk.transport import Client, default_client, error_from
+from shoal.sdk.secret import Secret
+from shoal.sdk.transport import Client, default_client
 
 _resolved: dict[tuple[str, str], str] = {}
 """Image ids by (daemon, recipe): each daemon has its own images."""
 
 
-class Image:
+class Image(ImageBuilder):
     """A sandbox image.
 
     Examples:
@@ -27,7 +29,7 @@ class Image:
         sb = shoal.Sandbox.create(image=image, app=app)
     """
 
-    def __init__(self, ref: dict[str, Any], steps: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, ref: dict[str, Any], steps: list[PendingStep] | None = None) -> None:
         self._ref = ref
         self._steps = steps or []
         self._object_id: str | None = ref.get("image_id") if ref.get("kind") == "id" else None
@@ -45,71 +47,82 @@ class Image:
         """Debian bookworm with Python, ``python`` and ``pip`` on PATH."""
         if python_version is not None and not isinstance(python_version, str):
             raise TypeError(f"python_version must be a string such as '3.11', not {type(python_version).__name__}")
+        ref: dict[str, Any] = {"kind": "debian_slim", "python_version": python_version}
         if force_build:
-            raise InvalidError("force_build is not supported for the base image; it is built once per machine")
-        return Image({"kind": "debian_slim", "python_version": python_version})
+            ref["force_build"] = True  # rebuilds every step on it; the base itself is bootstrapped once per machine
+        return Image(ref)
 
     @staticmethod
-    def from_id(image_id: str) -> Image:
+    def from_id(image_id: str, client: Any = None) -> Image:
         """An image the daemon already has (from ``shoal image ls`` or ``image.object_id``)."""
         if not isinstance(image_id, str) or not image_id.startswith("im-"):
             raise InvalidError(f"{image_id!r} is not an image id (they start with 'im-')")
         return Image({"kind": "id", "image_id": image_id})
 
-    def _step(self, name: str, **args: Any) -> Image:
-        return Image(self._ref, [*self._steps, {"op": name, **args}])
+    @staticmethod
+    def from_registry(
+        tag: str,
+        secret: Secret | None = None,
+        *,
+        setup_dockerfile_commands: list[str] | None = None,
+        force_build: bool = False,
+        add_python: str | None = None,
+        **kwargs: Any,
+    ) -> Image:
+        """An image from a registry (linux/amd64), pulled by the daemon when first used; cached by digest.
 
-    def pip_install(self, *packages: str | list[str], **kwargs: Any) -> Image:
-        """Install Python packages with pip (a new cached layer)."""
-        return self._step("pip_install", packages=list(packages), **kwargs)
+        ``secret`` holds ``REGISTRY_USERNAME`` and ``REGISTRY_PASSWORD`` for a
+        private registry.  The image needs no Python: shoal's agent brings
+        what it needs.  Registries on this machine (``localhost``,
+        ``127.0.0.1``) are reached over plain HTTP.
 
-    def apt_install(self, *packages: str | list[str], **kwargs: Any) -> Image:
-        """Install Debian packages (a new cached layer)."""
-        return self._step("apt_install", packages=list(packages), **kwargs)
-
-    def run_commands(self, *commands: str | list[str], **kwargs: Any) -> Image:
-        """Run shell commands (a new cached layer)."""
-        return self._step("run_commands", commands=list(commands), **kwargs)
-
-    def _wire_ref(self) -> dict[str, Any]:
-        if self._steps:
-            names = ", ".join(sorted({s["op"] for s in self._steps}))
-            raise UnimplementedError(
-                f"image build steps ({names}) are not supported by this shoal version yet;"
-                " use Image.debian_slim() or Image.from_id()"
+        Examples:
+            image = shoal.Image.from_registry("python:3.11-slim")
+            image = shoal.Image.from_registry("ghcr.io/org/app:v1", secret=shoal.Secret.from_name("ghcr"))
+        """
+        try:
+            reference.parse(tag)
+        except reference.BadReference as exc:
+            raise InvalidError(str(exc)) from None
+        if add_python is not None:
+            raise InvalidError(
+                "add_python is not supported: shoal's agent needs no Python in the image; pick an image that has"
+                " the Python you want, or install it with a build step (e.g. .apt_install('python3'))"
             )
-        return dict(self._ref)
+        if kwargs:
+            raise InvalidError(f"Image.from_registry got unexpected arguments: {', '.join(sorted(kwargs))}")
+        source: dict[str, Any] = {"tag": tag}
+        if secret is not None:
+            if not isinstance(secret, Secret):
+                raise InvalidError(f"secret must be a shoal.Secret, got {type(secret).__name__}")
+            if secret.name is not None:
+                source["secret_name"] = secret.name
+            else:
+                source["secret_env"] = secret._as_env()
+        ref: dict[str, Any] = {"kind": "registry", "registry": source}
+        if force_build:
+            ref["force_build"] = True  # pull again even when this digest was pulled before
+        image = Image(ref)
+        if setup_dockerfile_commands:
+            image = image.dockerfile_commands(*setup_dockerfile_commands)
+        return image
 
     async def _resolve(self, client: Client) -> str:
         """The image id, asking the daemon (which builds what is missing) on first use."""
-        if self._ref.get("kind") == "id" and self._object_id is not None:
+        if self._ref.get("kind") == "id" and self._object_id is not None and not self._steps:
             return self._object_id
-        ref = self._wire_ref()
-        key = (client.identity, json.dumps(ref, sort_keys=True))
-        cached = _resolved.get(key)
-        if cached is not None:
-            self._object_id = cached
-            return cached
-        final: dict[str, Any] = {}
-        buf = b""
-        async for chunk in client.stream("POST", "/v1/images/resolve", json_body=ref):
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                if not line.strip():
-                    continue
-                item = json.loads(line)
-                if "log" in item:
-                    output.log_line(str(item["log"]))
-                else:
-                    final = item
-        if "error" in final:
-            raise error_from(400, json.dumps(final).encode())
-        if "image_id" not in final:
-            raise Error("the daemon ended the image build without a result")
-        self._object_id = str(final["image_id"])
-        _resolved[key] = self._object_id
+        self._object_id = await _image_build.resolve(self._ref, self._steps, client, _resolved)
         return self._object_id
+
+    def _forget(self, client: Client) -> bool:
+        """Drop the ids this process remembers for the daemon (one was removed there); False for an image that
+        is only an id, which has nothing to resolve again."""
+        if self._ref.get("kind") == "id" and not self._steps:
+            return False
+        self._object_id = None
+        for key in [k for k in _resolved if k[0] == client.identity]:
+            del _resolved[key]
+        return True
 
     @live_method
     async def build(self, app: Any = None) -> Image:

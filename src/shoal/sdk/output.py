@@ -33,6 +33,11 @@ def log_line(line: str) -> None:
         _console.print(line, markup=False)
 
 
+def console() -> Console | None:
+    """The console build progress prints to, while ``enable_output()`` is active."""
+    return _console
+
+
 def is_enabled() -> bool:
     """Whether ``enable_output()`` is active."""
     return _console is not None

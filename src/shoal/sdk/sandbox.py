@@ -7,18 +7,20 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Collection, Sequence
+from pathlib import PurePosixPath
 from typing import Any, Literal, cast
 
 from shoal.exception import (
     ClientClosed,
     DeprecationError,
     InvalidError,
+    NotFoundError,
     SandboxTerminatedError,
     SandboxTimeoutError,
     UnimplementedError,
 )
 from shoal.gpu import request as gpu_request
-from shoal.sdk import file_io
+from shoal.sdk import _snapshots, file_io
 from shoal.sdk._sync import live_function, live_generator, live_method, live_method_generator
 from shoal.sdk.app import App
 from shoal.sdk.filesystem import SandboxFilesystem
@@ -273,7 +275,8 @@ class Sandbox:
         mounts = await mounts_body(volumes)  # InvalidError for anything but {"/path": Volume}
         named_secrets = await secret_ids(secrets)
         c = default_client()
-        image_id = await (image or Image.debian_slim())._resolve(c)
+        img = image or Image.debian_slim()
+        image_id = await img._resolve(c)
         body: dict[str, Any] = {
             "app_id": app.app_id,
             "args": argv,
@@ -300,7 +303,14 @@ class Sandbox:
             "h2_ports": _ports(h2_ports, "h2_ports"),
             "unencrypted_ports": _ports(unencrypted_ports, "unencrypted_ports"),
         }
-        info = await c.request("POST", "/v1/sandboxes", json_body=body, idempotent=False)
+        try:
+            info = await c.request("POST", "/v1/sandboxes", json_body=body, idempotent=False)
+        except NotFoundError as exc:
+            # An image id this process remembered was removed (`shoal image rm` / `prune`): resolve it afresh, once.
+            if image_id not in str(exc) or not img._forget(c):
+                raise
+            body["image"] = {"kind": "id", "image_id": await img._resolve(c)}
+            info = await c.request("POST", "/v1/sandboxes", json_body=body, idempotent=False)
         return Sandbox(c, info["sandbox_id"], info)
 
     @live_function
@@ -547,8 +557,52 @@ class Sandbox:
 
     @live_method
     async def snapshot_filesystem(self, timeout: int = 55, *, ttl: int | None = 30 * 24 * 3600) -> Image:
-        """A new image holding the sandbox's filesystem."""
-        raise self._later("sb.snapshot_filesystem()")
+        """A new image holding the sandbox's filesystem now (its changes over its image); it keeps running.
+
+        Usable as ``Sandbox.create(image=...)``.  TimeoutError past ``timeout`` seconds.
+
+        Examples:
+            image = sb.snapshot_filesystem()
+            sb2 = shoal.Sandbox.create(image=image, app=app)
+        """
+        self._check_attached()
+        return await _snapshots.snapshot_filesystem(self._client, self._id, timeout, ttl)
+
+    @live_method
+    async def snapshot_directory(
+        self,
+        path: str | PurePosixPath,
+        *,
+        timeout: int = 55,
+        ttl: int | None = 30 * 24 * 3600,
+        _experimental_encryption_key: bytes | None = None,
+    ) -> Image:
+        """A new image holding one directory of the sandbox (for ``mount_image``)."""
+        self._check_attached()
+        if _experimental_encryption_key is not None:
+            raise _not_supported("_experimental_encryption_key", "snapshots are stored unencrypted on the host")
+        return await _snapshots.snapshot_directory(self._client, self._id, path, timeout, ttl)
+
+    @live_method
+    async def mount_image(
+        self, path: str | PurePosixPath, image: Image, *, _experimental_encryption_key: bytes | None = None
+    ) -> None:
+        """Mount ``image`` at ``path`` (created if missing; replaces what was there; writable, changes stay here).
+
+        Examples:
+            image = sb.snapshot_directory("/repo")
+            sb2.mount_image("/repo", image)
+        """
+        self._check_attached()
+        if _experimental_encryption_key is not None:
+            raise _not_supported("_experimental_encryption_key", "snapshots are stored unencrypted on the host")
+        await _snapshots.mount_image(self._client, self._id, path, image)
+
+    @live_method
+    async def unmount_image(self, path: str | PurePosixPath) -> None:
+        """Unmount an image mounted with ``mount_image`` (what was at ``path`` shows again)."""
+        self._check_attached()
+        await _snapshots.unmount_image(self._client, self._id, path)
 
     @live_method
     async def reload_volumes(self, *, timeout: int = 55) -> None:

@@ -15,7 +15,9 @@ from shoal.exception import AuthError, Error, InvalidError
 from shoal.server import (
     attach,  # noqa: F401  (registers the attach route on import)
     routes,
+    routes_images,  # noqa: F401  (registers the image store routes on import)
     routes_secrets,  # noqa: F401  (registers the secret routes on import)
+    routes_snapshots,  # noqa: F401  (registers the snapshot and image-mount routes on import)
     routes_volumes,  # noqa: F401  (registers the volume routes on import)
 )
 from shoal.server.registry import Handler, Route, install

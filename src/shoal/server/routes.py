@@ -25,7 +25,7 @@ from shoal.engine.models import (
     WaitResult,
 )
 from shoal.exception import ConflictError, Error, InvalidError
-from shoal.server import errors
+from shoal.server import errors, image_wire
 from shoal.server.registry import openapi, route
 
 MANAGER = web.AppKey("manager", Manager)
@@ -130,14 +130,14 @@ async def resolve_image(request: web.Request, body: ImageRef) -> web.StreamRespo
         getter = asyncio.ensure_future(lines.get())
         await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
         if getter.done():
-            await resp.write(json.dumps({"log": getter.result()}).encode() + b"\n")
+            await resp.write(json.dumps(image_wire.line_for(getter.result())).encode() + b"\n")
         else:
             getter.cancel()
     try:
         image_id, cfg = task.result()
         final: dict[str, Any] = {"image_id": image_id, "python": cfg.python}
     except Exception as exc:
-        final = errors.body_for(exc)
+        final = image_wire.final_for_error(exc)
     await resp.write(json.dumps(final).encode() + b"\n")
     await resp.write_eof()
     return resp

@@ -1,0 +1,175 @@
+"""shoal's image builder benchmark: cached resolves and the build time of one ``pip_install`` step.
+
+Run as root from the repository root::
+
+    .venv/bin/python -m bench.images [--runs 200] [--builds 5] [--json FILE]
+
+It starts its own daemon on temporary directories (``bench.run.BenchDaemon``:
+the same set-up and clean-up as the latency benchmark), builds
+``Image.debian_slim().pip_install("six")`` once, then measures:
+
+``resolve cached``      resolving that image again, as a new process would: the SDK's per-process cache is
+                        bypassed, so each sample is the whole ``POST /v1/images/resolve`` round trip (the
+                        daemon walks the step cache: base image, host CA layer, pip step) — ``--runs`` samples
+``resolve cached, 10``  the same for an image of 10 steps (env, workdir and 8 ``run_commands``)
+``build pip six``       ``pip_install("six", force_build=True)``: the step is rebuilt each time (a build
+                        sandbox starts, pip downloads six from PyPI through the host's proxy, the sandbox's
+                        upper directory becomes the layer) — ``--builds`` samples; the step's own time (from
+                        the daemon's progress event) and the whole resolve
+
+Goal from the issue: cached ``Image.debian_slim().pip_install("six")`` resolve ≤ 50 ms.
+Everything is cleaned up at the end, on errors and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.run import BenchDaemon, Stats, _remove_cgroup_tree, _sigterm_as_interrupt, machine_facts
+
+GOAL_RESOLVE_MS = 50.0
+
+
+def measure(runs: int, builds: int) -> dict[str, list[float]]:
+    import shoal
+    from shoal.sdk import _image_build
+    from shoal.sdk._sync import run_blocking
+    from shoal.sdk.transport import default_client
+
+    client = default_client()
+    events: list[dict[str, Any]] = []
+    original = _image_build.show_step
+
+    def record(event: dict[str, Any]) -> None:
+        events.append(event)
+        original(event)
+
+    _image_build.show_step = record  # type: ignore[assignment]
+
+    def resolve(image: shoal.Image) -> float:
+        t0 = time.perf_counter()
+        run_blocking(_image_build.resolve(image._ref, image._steps, client, {}))
+        return (time.perf_counter() - t0) * 1000
+
+    six = shoal.Image.debian_slim().pip_install("six")
+    deep = shoal.Image.debian_slim().env({"BENCH": "1"}).workdir("/srv")
+    for i in range(8):
+        deep = deep.run_commands(f"echo {i} > step-{i}")
+    print("building the images once …", file=sys.stderr, flush=True)
+    resolve(six)
+    resolve(deep)
+    values: dict[str, list[float]] = {"resolve_ms": [], "resolve_deep_ms": [], "build_step_s": [], "build_total_s": []}
+    for _ in range(20):  # warm-up
+        resolve(six)
+    print(f"{runs} cached resolves of each …", file=sys.stderr, flush=True)
+    for _ in range(runs):
+        values["resolve_ms"].append(resolve(six))
+        values["resolve_deep_ms"].append(resolve(deep))
+    print(f"{builds} forced builds of the pip step …", file=sys.stderr, flush=True)
+    forced = shoal.Image.debian_slim().pip_install("six", force_build=True)
+    for _ in range(builds):
+        events.clear()
+        total = resolve(forced) / 1000
+        built = [e for e in events if e.get("status") == "built" and "pip install" in str(e.get("label"))]
+        if not built:
+            raise RuntimeError(f"the forced build reported no built pip step: {events}")
+        values["build_step_s"].append(float(built[-1]["seconds"]))
+        values["build_total_s"].append(total)
+    return values
+
+
+ROWS = (
+    ("resolve_ms", "resolve cached: debian_slim().pip_install('six') (ms)", 2),
+    ("resolve_deep_ms", "resolve cached: 10-step image (ms)", 2),
+    ("build_step_s", "build pip_install('six'): the step (s)", 2),
+    ("build_total_s", "build pip_install('six'): whole resolve (s)", 2),
+)
+
+
+def report(values: dict[str, list[float]], facts: dict[str, Any], loads: dict[str, Any]) -> str:
+    lines = [
+        f"machine: {facts['cpu_count']} CPUs ({facts['cpu_model']}), {facts['os']}, kernel {facts['kernel']}",
+        "load average before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} {:.2f}".format(
+            *loads["before"], *loads["after"]
+        ),
+        "",
+        f"{'measurement':52} {'n':>4} {'p50':>8} {'p95':>8} {'min':>8} {'max':>8}",
+    ]
+    for key, label, d in ROWS:
+        v = values.get(key) or []
+        if not v:
+            continue
+        s = Stats.of(v)
+        lines.append(f"{label:52} {len(v):4d} {s.p50:8.{d}f} {s.p95:8.{d}f} {s.min:8.{d}f} {s.max:8.{d}f}")
+    p50 = Stats.of(values["resolve_ms"]).p50
+    verdict = "PASS" if p50 <= GOAL_RESOLVE_MS else "MISS"
+    lines += ["", f"goal: cached resolve ≤ {GOAL_RESOLVE_MS:.0f} ms: p50 {p50:.2f} ms {verdict}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.images", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=200, help="cached resolves of each image (default 200)")
+    parser.add_argument("--builds", type=int, default=5, help="forced builds of the pip step (default 5)")
+    parser.add_argument("--json", type=Path, help="write machine facts, load and every sample here")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("the benchmark starts a shoal daemon, which needs root")
+    facts = machine_facts()
+    load_before = os.getloadavg()
+    daemon = BenchDaemon()
+    values: dict[str, list[float]] = {}
+    left: list[str] = []
+    interrupted = False
+    try:
+        with _sigterm_as_interrupt():
+            print(f"starting a daemon in {daemon.root} …", file=sys.stderr, flush=True)
+            daemon.start()
+            values = measure(args.runs, args.builds)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted; cleaning up …", file=sys.stderr, flush=True)
+    finally:
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup must finish
+        try:
+            with contextlib.suppress(Exception):
+                daemon.terminate_all()
+            daemon.stop()
+            left = daemon.leaks()
+            if left:
+                left = daemon.force_cleanup()
+            left += _remove_cgroup_tree(daemon.cgroup_parent)
+            daemon.remove()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+    if left:
+        print("LEFT BEHIND:\n  " + "\n  ".join(left), file=sys.stderr)
+    if interrupted or not values:
+        return 130 if interrupted else 1
+    loads = {"before": load_before, "after": os.getloadavg()}
+    print(report(values, facts, loads))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": facts,
+                    "load_average": loads,
+                    "args": vars(args) | {"json": str(args.json)},
+                    "values": values,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

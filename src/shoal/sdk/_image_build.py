@@ -1,0 +1,629 @@
+"""``Image`` builder methods (Modal's signatures) and resolving an image with build steps.
+
+Each builder method returns a new lazy ``Image`` with one more step; nothing
+runs until a sandbox needs the image (or ``image.build(app)``).  Then the
+steps go to the daemon, which builds what is not cached and streams the log;
+local files are hashed here, and uploaded only when the daemon asks for them.
+
+Modal's ``copy=False`` for ``add_local_*`` attaches files at sandbox start
+without a layer; shoal always copies them into a cached layer (``copy=True``
+behaviour), which also allows build steps after them.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import glob
+import importlib.util
+import json
+import os
+import posixpath
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Self
+
+from shoal.exception import Error, ImageBuildError, InvalidError, UnimplementedError
+from shoal.images import dockerfile, recipe
+from shoal.images.ignore import (
+    AUTO_DOCKERIGNORE,
+    NON_PYTHON_FILES,
+    FilePatternMatcher,
+    Ignore,
+    as_matcher,
+    dockerignore_for,
+)
+from shoal.sdk import output
+from shoal.sdk._local_files import IgnoreFn, LocalTree, Source
+from shoal.sdk.secret import Secret, secret_ids
+from shoal.sdk.transport import Client, error_from
+
+MAX_UPLOAD_ROUNDS = 20
+
+
+@dataclass
+class PendingStep:
+    """A step as the SDK holds it: its wire form, less what needs I/O at resolve time."""
+
+    wire: dict[str, Any]
+    secrets: Sequence[Secret] = ()
+    files: LocalTree | None = None
+    """For copy steps: the local files (their digest becomes ``wire["context"]``)."""
+    extra: list[PendingStep] = field(default_factory=list)
+
+    @property
+    def op(self) -> str:
+        """The step's kind."""
+        return str(self.wire["op"])
+
+
+def _env_dict(env: dict[str, str | None] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in (env or {}).items():
+        if v is None:
+            continue
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidError(f"{what}: environment values must be str; {k!r} has {type(v).__name__}")
+        out[k] = v
+    return out
+
+
+def _secrets(secrets: Sequence[Secret] | None) -> Sequence[Secret]:
+    for s in secrets or ():
+        if not isinstance(s, Secret):
+            raise InvalidError(f"secrets must be shoal.Secret objects, got {type(s).__name__}")
+    return list(secrets or ())
+
+
+def _gpu(gpu: Any) -> str | None:
+    if gpu is None:
+        return None
+    if isinstance(gpu, list):
+        gpu = gpu[0] if gpu else None
+    return None if gpu is None else str(gpu)
+
+
+def run_step(
+    commands: list[list[str]],
+    *,
+    env: dict[str, str | None] | None = None,
+    secrets: Sequence[Secret] | None = None,
+    gpu: Any = None,
+    force_build: bool = False,
+) -> PendingStep:
+    """A ``run`` step."""
+    wire: dict[str, Any] = {"op": "run", "commands": commands, "force_build": force_build}
+    plain = _env_dict(env, "env")
+    if plain:
+        wire["env"] = plain
+    if (g := _gpu(gpu)) is not None:
+        wire["gpu"] = g
+    return PendingStep(wire, secrets=_secrets(secrets))
+
+
+def copy_step(sources: list[Source], dest: str, *, force_build: bool = False, **extra: Any) -> PendingStep:
+    """A ``copy`` step of local files."""
+    return PendingStep({"op": "copy", "dest": dest, "force_build": force_build, **extra}, files=LocalTree(sources))
+
+
+class ImageBuilder:
+    """The builder methods of ``Image`` (each returns a new ``Image``)."""
+
+    _ref: dict[str, Any]
+    _steps: list[PendingStep]
+    _object_id: str | None
+
+    def _with(self, *steps: PendingStep) -> Self:
+        new = copy_module.copy(self)
+        new._steps = [*self._steps, *steps]
+        new._object_id = None
+        return new
+
+    # ------------------------------------------------------------------------------------ packages
+
+    def pip_install(
+        self,
+        *packages: str | list[str],
+        find_links: str | None = None,
+        index_url: str | None = None,
+        extra_index_url: str | None = None,
+        pre: bool = False,
+        extra_options: str = "",
+        force_build: bool = False,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        gpu: Any = None,
+    ) -> Self:
+        """Install Python packages with pip (a cached layer).
+
+        Examples:
+            image = shoal.Image.debian_slim().pip_install("pandas", "numpy==1.26.4")
+        """
+        pkgs = recipe.flatten(packages, "pip_install packages")
+        if not pkgs:
+            return self
+        options = recipe.pip_options(find_links, index_url, extra_index_url, pre, extra_options)
+        cmd = recipe.pip_install_command(pkgs, options)
+        return self._with(run_step([recipe.shell(cmd)], env=env, secrets=secrets, gpu=gpu, force_build=force_build))
+
+    def uv_pip_install(
+        self,
+        *packages: str | list[str],
+        requirements: list[str] | None = None,
+        find_links: str | None = None,
+        index_url: str | None = None,
+        extra_index_url: str | None = None,
+        pre: bool = False,
+        extra_options: str = "",
+        force_build: bool = False,
+        uv_version: str | None = None,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        gpu: Any = None,
+    ) -> Self:
+        """Install Python packages with uv (uv itself goes to ``/.uv``, not into the image's packages)."""
+        pkgs = recipe.flatten(packages, "uv_pip_install packages")
+        reqs = list(requirements or [])
+        if not pkgs and not reqs:
+            return self
+        steps: list[PendingStep] = []
+        remote_reqs = []
+        for i, r in enumerate(reqs):
+            local = Path(os.path.expanduser(r))
+            if not local.is_file():
+                raise InvalidError(f"requirements file {r} not found")
+            name = f"{i}-{local.name}"
+            steps.append(copy_step([Source(local, name)], "/.uv-requirements", force_build=force_build))
+            remote_reqs.append(f"/.uv-requirements/{name}")
+        options = recipe.pip_options(find_links, index_url, extra_index_url, pre, extra_options)
+        cmd = recipe.uv_pip_install_commands(pkgs, remote_reqs, options, uv_version)
+        steps.append(run_step([recipe.shell(cmd)], env=env, secrets=secrets, gpu=gpu, force_build=force_build))
+        return self._with(*steps)
+
+    def pip_install_from_requirements(
+        self,
+        requirements_txt: str,
+        find_links: str | None = None,
+        *,
+        index_url: str | None = None,
+        extra_index_url: str | None = None,
+        pre: bool = False,
+        extra_options: str = "",
+        force_build: bool = False,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        gpu: Any = None,
+    ) -> Self:
+        """Install the packages a local requirements file lists (the file is copied in, then ``pip install -r``)."""
+        local = Path(os.path.expanduser(requirements_txt))
+        if not local.is_file():
+            raise InvalidError(f"requirements file {requirements_txt} not found")
+        options = recipe.pip_options(find_links, index_url, extra_index_url, pre, extra_options)
+        cmd = recipe.pip_requirements_command("/.requirements.txt", options)
+        return self._with(
+            copy_step([Source(local, ".requirements.txt")], "/", force_build=force_build),
+            run_step([recipe.shell(cmd)], env=env, secrets=secrets, gpu=gpu, force_build=force_build),
+        )
+
+    def apt_install(
+        self,
+        *packages: str | list[str],
+        force_build: bool = False,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        gpu: Any = None,
+    ) -> Self:
+        """Install Debian packages with apt-get (a cached layer)."""
+        pkgs = recipe.flatten(packages, "apt_install packages")
+        if not pkgs:
+            return self
+        cmd = recipe.apt_install_command(pkgs)
+        return self._with(run_step([recipe.shell(cmd)], env=env, secrets=secrets, gpu=gpu, force_build=force_build))
+
+    def run_commands(
+        self,
+        *commands: str | list[str],
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        volumes: dict[str | PurePosixPath, Any] | None = None,
+        gpu: Any = None,
+        force_build: bool = False,
+    ) -> Self:
+        """Run shell commands, one after the other (a cached layer).
+
+        Examples:
+            image = shoal.Image.debian_slim().run_commands("mkdir /data", "echo hi > /data/x")
+        """
+        if volumes:
+            raise InvalidError("run_commands(volumes=...) is not supported by shoal's builder")
+        cmds = recipe.flatten(commands, "run_commands commands")
+        if not cmds:
+            return self
+        argvs = [recipe.shell(c) for c in cmds]
+        return self._with(run_step(argvs, env=env, secrets=secrets, gpu=gpu, force_build=force_build))
+
+    # ------------------------------------------------------------------------------------ config
+
+    def env(self, vars: dict[str, str]) -> Self:
+        """Set environment variables for later build steps and for sandboxes."""
+        if not isinstance(vars, dict):
+            raise InvalidError("Image.env expects a dict of str to str")
+        for k, v in vars.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise InvalidError(f"Image.env: values must be str; {k!r} has {type(v).__name__}")
+        return self._with(PendingStep({"op": "env", "vars": dict(vars)}))
+
+    def workdir(self, path: str | PurePosixPath) -> Self:
+        """Set the working directory of later build steps and of sandboxes (created if missing)."""
+        return self._with(PendingStep({"op": "workdir", "path": str(path)}))
+
+    def cmd(self, cmd: list[str]) -> Self:
+        """Set the default command, which a sandbox created without one runs."""
+        if not isinstance(cmd, list) or not all(isinstance(c, str) for c in cmd):
+            raise InvalidError("Image.cmd expects a list of strings")
+        return self._with(PendingStep({"op": "cmd", "argv": list(cmd)}))
+
+    def entrypoint(self, entrypoint_commands: list[str]) -> Self:
+        """Set the entrypoint (the default command's arguments follow it)."""
+        if not isinstance(entrypoint_commands, list) or not all(isinstance(c, str) for c in entrypoint_commands):
+            raise InvalidError("Image.entrypoint expects a list of strings")
+        return self._with(PendingStep({"op": "entrypoint", "argv": list(entrypoint_commands)}))
+
+    # ------------------------------------------------------------------------------------ local files
+
+    def add_local_file(self, local_path: str | Path, remote_path: str, *, copy: bool = False) -> Self:
+        """Copy a local file into the image; a ``remote_path`` ending in ``/`` keeps the file's name."""
+        local = Path(local_path).expanduser()
+        if not local.is_file():
+            raise InvalidError(f"add_local_file: {local_path} is not a file")
+        remote = str(remote_path)
+        if not remote.startswith("/"):
+            raise InvalidError(f"add_local_file: remote_path must be absolute, got {remote!r}")
+        if remote.endswith("/"):
+            remote = remote + local.name
+        target = PurePosixPath(remote)
+        return self._with(copy_step([Source(local.resolve(), target.name)], str(target.parent)))
+
+    def add_local_dir(
+        self,
+        local_path: str | Path,
+        remote_path: str,
+        *,
+        copy: bool = False,
+        ignore: Ignore = (),
+    ) -> Self:
+        """Copy a local directory's contents to ``remote_path``; ``ignore``: dockerignore patterns or a function
+        of the path relative to the directory.
+
+        Examples:
+            image = shoal.Image.debian_slim().add_local_dir("./src", "/app", ignore=["**/__pycache__", "*.log"])
+        """
+        local = Path(local_path).expanduser()
+        if not local.is_dir():
+            raise InvalidError(f"add_local_dir: {local_path} is not a directory")
+        remote = str(remote_path)
+        if not remote.startswith("/"):
+            raise InvalidError(f"add_local_dir: remote_path must be absolute, got {remote!r}")
+        src = Source(local.resolve(), "", as_matcher(ignore) if ignore else None)
+        return self._with(copy_step([src], remote))
+
+    def add_local_python_source(self, *modules: str, copy: bool = False, ignore: Ignore = NON_PYTHON_FILES) -> Self:
+        """Copy local Python packages or modules (found as ``import`` would) into ``/root``, which goes on
+        ``PYTHONPATH``."""
+        sources = []
+        for module in modules:
+            if not isinstance(module, str) or not module:
+                raise InvalidError("add_local_python_source expects module names")
+            try:
+                spec = importlib.util.find_spec(module)
+            except (ImportError, ValueError) as exc:
+                raise InvalidError(f"add_local_python_source: cannot find module {module!r}: {exc}") from None
+            if spec is None:
+                raise InvalidError(f"add_local_python_source: module {module!r} not found locally")
+            rel = module.replace(".", "/")
+            if spec.submodule_search_locations:
+                for location in spec.submodule_search_locations:
+                    path = Path(location)
+                    sources.append(Source(path, rel, as_matcher(ignore) if ignore else None))
+            elif spec.origin and spec.origin.endswith(".py"):
+                sources.append(Source(Path(spec.origin), rel + ".py"))
+            else:
+                raise InvalidError(f"add_local_python_source: {module!r} is not Python source ({spec.origin})")
+        if not sources:
+            return self
+        return self._with(copy_step(sources, "/root"), PendingStep({"op": "env", "vars": {"PYTHONPATH": "/root"}}))
+
+    # ------------------------------------------------------------------------------------ Dockerfiles
+
+    def dockerfile_commands(
+        self,
+        *dockerfile_commands: str | list[str],
+        context_files: dict[str, str] | None = None,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        gpu: Any = None,
+        context_dir: str | Path | None = None,
+        force_build: bool = False,
+        ignore: Ignore | Any = AUTO_DOCKERIGNORE,
+        build_args: dict[str, str] | None = None,
+    ) -> Self:
+        """Extend the image with Dockerfile instructions (RUN, ENV, WORKDIR, COPY, ADD of local files, CMD,
+        ENTRYPOINT, USER, ARG).  COPY sources come from ``context_files`` ({path in the context: local
+        path}) or ``context_dir`` (default: the current directory).
+
+        Examples:
+            image = shoal.Image.debian_slim().dockerfile_commands("ENV APP=/app", "COPY . $APP", "RUN ls $APP")
+        """
+        lines = recipe.flatten(dockerfile_commands, "dockerfile_commands")
+        if not lines:
+            return self
+        ops = dockerfile.parse("\n".join(lines), build_args, allow_from=False)
+        ctx_dir = Path(context_dir).expanduser() if context_dir is not None else Path.cwd()
+        steps = _dockerfile_steps(
+            ops, ctx_dir, context_files or {}, _ignore_for(ignore, ctx_dir, None), env, secrets, gpu, force_build
+        )
+        return self._with(*steps)
+
+    @classmethod
+    def from_dockerfile(
+        cls,
+        path: str | Path,
+        *,
+        force_build: bool = False,
+        context_dir: str | Path | None = None,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        gpu: Any = None,
+        add_python: str | None = None,
+        build_args: dict[str, str] | None = None,
+        ignore: Ignore | Any = AUTO_DOCKERIGNORE,
+    ) -> Self:
+        """An image built from a Dockerfile.  Its FROM is an image id (``im-…``) or a registry image
+        (``Image.from_registry``); the build context defaults to the Dockerfile's directory.
+
+        Examples:
+            image = shoal.Image.from_dockerfile("./Dockerfile", build_args={"VERSION": "1.2"})
+        """
+        dockerfile_path = Path(path).expanduser()
+        try:
+            text = dockerfile_path.read_text()
+        except OSError as exc:
+            raise InvalidError(f"cannot read the Dockerfile {path}: {exc.strerror}") from None
+        ops = dockerfile.parse(text, build_args)
+        ctx_dir = Path(context_dir).expanduser() if context_dir is not None else dockerfile_path.resolve().parent
+        base_op, rest = ops[0], ops[1:]
+        base: Self = _from_image(cls, base_op.argv[0], add_python=add_python, force_build=force_build)
+        matcher = _ignore_for(ignore, ctx_dir, dockerfile_path)
+        return base._with(*_dockerfile_steps(rest, ctx_dir, {}, matcher, env, secrets, gpu, force_build))
+
+
+def _from_image(cls: Any, ref: str, *, add_python: str | None, force_build: bool) -> Any:
+    """The base a Dockerfile's FROM names."""
+    if ref.startswith("im-"):
+        if add_python:
+            raise InvalidError("add_python applies to registry images, not to FROM an image id")
+        return cls.from_id(ref)
+    from_registry = getattr(cls, "from_registry", None)
+    if from_registry is None:
+        raise UnimplementedError(f"FROM {ref}: this shoal version cannot pull registry images yet")
+    kwargs: dict[str, Any] = {"force_build": force_build}
+    if add_python:
+        kwargs["add_python"] = add_python
+    return from_registry(ref, **kwargs)
+
+
+def _ignore_for(ignore: Any, context_dir: Path, dockerfile_path: Path | None) -> IgnoreFn | None:
+    if ignore is AUTO_DOCKERIGNORE:
+        matcher = dockerignore_for(context_dir, dockerfile_path)
+        return matcher if matcher.patterns else None
+    return as_matcher(ignore) if ignore else None
+
+
+def _dockerfile_steps(
+    ops: list[dockerfile.Op],
+    context_dir: Path,
+    context_files: dict[str, str],
+    ignore: IgnoreFn | None,
+    env: dict[str, str | None] | None,
+    secrets: Sequence[Secret] | None,
+    gpu: Any,
+    force_build: bool,
+) -> list[PendingStep]:
+    steps: list[PendingStep] = []
+    extra_env = _env_dict(env, "env")
+    for op in ops:
+        if op.kind == "run":
+            step_env = {**op.env, **extra_env}
+            steps.append(run_step([op.argv], env=dict(step_env), secrets=secrets, gpu=gpu, force_build=force_build))
+        elif op.kind == "env":
+            steps.append(PendingStep({"op": "env", "vars": op.env}))
+        elif op.kind == "workdir":
+            steps.append(PendingStep({"op": "workdir", "path": op.argv[0]}))
+        elif op.kind in ("cmd", "entrypoint"):
+            steps.append(PendingStep({"op": op.kind, "argv": op.argv}))
+        elif op.kind == "user":
+            steps.append(PendingStep({"op": "user", "user": op.argv[0]}))
+        elif op.kind == "copy":
+            sources, dest = _copy_sources(op, context_dir, context_files, ignore)
+            extra: dict[str, Any] = {}
+            if op.chmod is not None:
+                extra["chmod"] = op.chmod
+            if op.chown is not None:
+                extra["chown"] = op.chown
+            steps.append(copy_step(sources, dest, force_build=force_build, **extra))
+        else:
+            raise InvalidError(f"Dockerfile line {op.line}: {op.kind.upper()} is not allowed here")
+    return steps
+
+
+def _copy_sources(
+    op: dockerfile.Op, context_dir: Path, context_files: dict[str, str], ignore: IgnoreFn | None
+) -> tuple[list[Source], str]:
+    """COPY's sources as local files, and the directory they go to (Docker's rules for ``dest``)."""
+    files = {posixpath.normpath(k.lstrip("/")): Path(v).expanduser() for k, v in context_files.items()}
+    root = context_dir.resolve()
+    matched: list[Path] = []
+    for src in op.sources:
+        rel = posixpath.normpath(src.lstrip("/")) if src.strip("/") else "."
+        if rel == ".." or rel.startswith("../"):
+            raise InvalidError(f"Dockerfile line {op.line}: {src} is outside the build context")
+        if rel in files:
+            matched.append(files[rel])
+            continue
+        hits = sorted(glob.glob(str(root / rel))) if glob.has_magic(rel) else [str(root / rel)]
+        found = []
+        for hit in hits:
+            p = Path(hit)
+            if not (p.exists() or p.is_symlink()):
+                continue
+            inside = p.resolve() if not p.is_symlink() else p.parent.resolve() / p.name
+            if inside != root and root not in inside.parents:
+                raise InvalidError(f"Dockerfile line {op.line}: {src} is outside the build context")
+            if ignore is not None and p != root and ignore(p.relative_to(root)):
+                continue
+            found.append(p)
+        if not found:
+            raise InvalidError(f"Dockerfile line {op.line}: {src} not found in the build context ({root})")
+        matched.extend(found)
+    dest = op.dest
+    single_file = len(matched) == 1 and not matched[0].is_dir()
+    if single_file and not dest.endswith("/"):
+        name = posixpath.basename(dest.rstrip("/")) or matched[0].name
+        return [Source(matched[0], name)], posixpath.dirname(dest.rstrip("/")) or "."
+    sources = [Source(m, "", ignore, root) if m.is_dir() and not m.is_symlink() else Source(m, m.name) for m in matched]
+    return sources, dest
+
+
+# ---------------------------------------------------------------------------------------------- resolve
+
+
+async def wire_steps(steps: list[PendingStep]) -> tuple[list[dict[str, Any]], dict[str, LocalTree]]:
+    """The steps as the daemon takes them, and the local trees by context digest."""
+    out: list[dict[str, Any]] = []
+    trees: dict[str, LocalTree] = {}
+    for step in steps:
+        wire = dict(step.wire)
+        if step.secrets:
+            env: dict[str, str] = {}
+            for s in step.secrets:
+                env.update(s._as_env())
+            if env:
+                wire["secret_env"] = env
+            named = await secret_ids(step.secrets)
+            if named:
+                wire["secret_ids"] = named
+        if step.files is not None:
+            step.files.reset()
+            digest = step.files.digest()
+            wire["context"] = digest
+            trees[digest] = step.files
+        out.append(wire)
+    return out, trees
+
+
+async def resolve(
+    ref: dict[str, Any], steps: list[PendingStep], client: Client, cache: dict[tuple[str, str], str]
+) -> str:
+    """The image id, asking the daemon (which builds what is missing) and uploading local files it asks for."""
+    wire_steps_, trees = await wire_steps(steps)
+    body = dict(ref)
+    if wire_steps_:
+        body["steps"] = wire_steps_
+    forced = bool(body.get("force_build")) or any(s.get("force_build") for s in wire_steps_)
+    key = (client.identity, json.dumps(body, sort_keys=True))
+    if not forced and (cached := cache.get(key)) is not None:
+        return cached
+    if forced:  # a forced step replaces cached results: ids remembered in this process may be stale now
+        for k in [k for k in cache if k[0] == client.identity]:
+            del cache[k]
+    for _ in range(MAX_UPLOAD_ROUNDS):
+        final = await _post(client, body)
+        if "missing_contexts" in final:
+            for digest in final["missing_contexts"]:
+                tree = trees.get(str(digest))
+                if tree is None:
+                    raise Error(f"the daemon asked for files this image does not have ({digest})")
+                await upload(client, str(digest), tree)
+            continue
+        if "error" in final:
+            err = error_from(400, json.dumps(final).encode())
+            if isinstance(err, ImageBuildError):
+                err.image_id = final["error"].get("image_id")
+            raise err
+        if "image_id" not in final:
+            raise Error("the daemon ended the image build without a result")
+        image_id = str(final["image_id"])
+        cache[key] = image_id
+        return image_id
+    raise Error("the daemon kept asking for local files; giving up")
+
+
+async def _post(client: Client, body: dict[str, Any]) -> dict[str, Any]:
+    final: dict[str, Any] = {}
+    buf = b""
+    async for chunk in client.stream("POST", "/v1/images/resolve", json_body=body):
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if "log" in item:
+                output.log_line(str(item["log"]))
+            elif "step" in item:
+                show_step(item["step"])
+            else:
+                final = item
+    return final
+
+
+async def upload(client: Client, digest: str, tree: LocalTree) -> None:
+    """Send one context's files (a tar stream)."""
+    files = sum(1 for e in tree.manifest() if e[1] == "f")
+    size = tree.total_bytes()
+    started = time.monotonic()
+    output.log_line(f"uploading {files} local file{'s' if files != 1 else ''} ({_human(size)})")
+    url = f"{client.base_url}/v1/image-store/contexts/{digest}"
+    async with client._get_session().put(url, data=tree.tar_stream()) as resp:
+        body = await resp.read()
+        if resp.status >= 400:
+            raise error_from(resp.status, body)
+    output.log_line(f"uploaded in {time.monotonic() - started:.1f}s")
+
+
+def show_step(event: dict[str, Any]) -> None:
+    """A progress line for a build step (only with ``enable_output()``)."""
+    console = output.console()
+    if console is None:
+        return
+    where = f"[{event.get('index')}/{event.get('total')}]"
+    label = str(event.get("label", ""))
+    status = event.get("status")
+    seconds = event.get("seconds")
+    if status == "cached":
+        console.print(f"[green]✓[/] {where} {_escape(label)} [dim](cached)[/]")
+    elif status == "building":
+        console.print(f"[bold cyan]→[/] {where} [bold]{_escape(label)}[/]")
+    elif status in ("built", "done"):
+        took = f" [dim]in {seconds:.1f}s[/]" if isinstance(seconds, int | float) and status == "built" else ""
+        console.print(f"[green]✓[/] {where} {_escape(label)}{took}")
+    elif status == "failed":
+        console.print(f"[bold red]✗[/] {where} {_escape(label)} [red]failed[/]")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text if len(text) <= 200 else text[:197] + "...")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+__all__ = ["FilePatternMatcher", "ImageBuilder", "PendingStep", "resolve"]
