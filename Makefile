@@ -10,6 +10,11 @@ export DEBIAN_FRONTEND := noninteractive
 APT_PACKAGES := runc crun runsc mmdebstrap gcc libc6-dev busybox-static iproute2 nftables \
 	python3 python3-venv ca-certificates skopeo zstd docker-registry apache2-utils
 
+# Packages install without starting services (policy-rc.d answers 101 while apt runs).
+NO_SERVICES = made=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	printf '\043!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made=1; fi; \
+	trap '[ -z "$$made" ] || rm -f /usr/sbin/policy-rc.d' EXIT;
+
 .PHONY: setup system venv prepare test lint typecheck bench clean
 
 setup: system venv prepare
@@ -18,8 +23,11 @@ system:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
-		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+		apt-get update -q && $(NO_SERVICES) apt-get install -y -q --no-install-recommends $$missing; \
 	else echo "system packages: present"; fi
+	@# docker-registry is only a test tool: never leave its service (unauthenticated, on :5000) running.
+	@if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled docker-registry >/dev/null 2>&1; then \
+		systemctl disable --now docker-registry >/dev/null 2>&1 || true; fi
 
 venv: $(BIN)/shoal
 
