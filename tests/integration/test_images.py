@@ -534,6 +534,28 @@ CMD ["from-cmd"]
         sb.terminate()
 
 
+def test_image_user_runs_every_process(app):
+    """An image's USER is who the entrypoint, execs and file operations run as (Docker's and Modal's behaviour)."""
+    image = shoal.Image.debian_slim().dockerfile_commands(
+        "RUN useradd -m -u 1234 worker && groupadd extra && usermod -aG extra worker", "USER worker"
+    )
+    sb = shoal.Sandbox.create(app=app, image=image, timeout=60)
+    try:
+        code, out, err = sh(sb, "id -un; id -u; id -Gn; echo $HOME; touch ~/mine && stat -c %U ~/mine")
+        assert code == 0, err
+        assert out == "worker\n1234\nworker extra\n/home/worker\nworker\n"
+        assert sh(sb, "touch /etc/not-allowed")[0] != 0  # really not root
+        sb.filesystem.write_text("hi", "/home/worker/via-api")
+        assert sh(sb, "stat -c %U /home/worker/via-api")[1] == "worker\n"
+    finally:
+        sb.terminate()
+    missing = shoal.Image.debian_slim().dockerfile_commands("USER nobody-here")
+    sb = shoal.Sandbox.create(app=app, image=missing, timeout=60)
+    sb.wait()  # its entrypoint (the image's CMD) cannot start as a user that does not exist
+    assert sb.returncode == 126
+    assert "cannot switch to user: nobody-here" in sb.stderr.read()
+
+
 def test_dockerfile_commands_with_context_files(app, tmp_path, token):
     local = tmp_path / "settings.ini"
     local.write_text(f"token={token}\n")

@@ -22,6 +22,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <grp.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -51,7 +52,7 @@ enum {
 enum {
     T_ID = 1, T_ARG = 2, T_ENV = 3, T_CWD = 4, T_TIMEOUT_MS = 5, T_FLAGS = 6,
     T_OFFSET = 7, T_DATA = 8, T_FD = 9, T_PID = 10, T_KIND = 11, T_VALUE = 12,
-    T_TOKEN = 13, T_VERSION = 14, T_SIGNO = 15, T_PROC = 16, T_STATE = 17,
+    T_TOKEN = 13, T_VERSION = 14, T_SIGNO = 15, T_PROC = 16, T_STATE = 17, T_USER = 18,
 };
 enum { F_PTY = 1, F_STDOUT_NULL = 2, F_STDERR_NULL = 4, F_ENTRYPOINT = 8 };
 enum { F_EOF = 1 };
@@ -226,12 +227,100 @@ static void send_started(struct proc *p) {
     frame_end();
 }
 
-static void child_exec(char **argv, char **envp, const char *cwd, int errfd) {
+/* Find `key` (a name, or a number in field `idfield`) in a passwd- or group-format file; copies the line's
+ * fields into `fields` (up to 7).  Returns 1 when found. */
+static int lookup(const char *file, const char *key, int idfield, char *line, size_t size, char **fields) {
+    FILE *f = fopen(file, "re");
+    if (!f) return 0;
+    int found = 0;
+    while (!found && fgets(line, (int)size, f)) {
+        line[strcspn(line, "\n")] = 0;
+        int n = 0;
+        char *s = line;
+        for (; n < 7; n++) {
+            fields[n] = s;
+            s = strchr(s, ':');
+            if (!s) { n++; break; }
+            *s++ = 0;
+        }
+        for (int i = n; i < 7; i++) fields[i] = "";
+        found = n > idfield && (!strcmp(fields[0], key) || !strcmp(fields[idfield], key));
+    }
+    fclose(f);
+    return found;
+}
+
+static int all_digits(const char *s) {
+    if (!*s) return 0;
+    for (; *s; s++)
+        if (*s < '0' || *s > '9') return 0;
+    return 1;
+}
+
+/* Become the image's USER ("name", "uid", "name:group" ...), as the sandbox's /etc/passwd and /etc/group say.
+ * Sets HOME from the passwd entry when the environment has none.  Returns 0, or -1 with errno set. */
+static int become(const char *spec, char ***envp) {
+    char user[256], group[256] = "", line[4096], *pw[7], *gr[7];
+    snprintf(user, sizeof user, "%s", spec);
+    char *colon = strchr(user, ':');
+    if (colon) { *colon = 0; snprintf(group, sizeof group, "%s", colon + 1); }
+    long uid, gid;
+    char home[1024] = "", name[256] = "";
+    if (lookup("/etc/passwd", user, 2, line, sizeof line, pw)) {
+        uid = atol(pw[2]);
+        gid = atol(pw[3]);
+        snprintf(home, sizeof home, "%s", pw[5]);
+        snprintf(name, sizeof name, "%s", pw[0]);
+    } else if (all_digits(user)) {
+        uid = atol(user);
+        gid = 0;
+    } else {
+        errno = ENOENT;
+        return -1;
+    }
+    if (*group) {
+        if (lookup("/etc/group", group, 2, line, sizeof line, gr)) gid = atol(gr[2]);
+        else if (all_digits(group)) gid = atol(group);
+        else { errno = ENOENT; return -1; }
+    }
+    gid_t groups[64];
+    int ngroups = 0;
+    groups[ngroups++] = (gid_t)gid;
+    FILE *f = *name ? fopen("/etc/group", "re") : NULL;
+    while (f && ngroups < 64 && fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = 0;
+        char *fields[4] = {line, NULL, NULL, NULL}, *s = line;
+        for (int i = 1; i < 4 && (s = strchr(s, ':')); i++) { *s++ = 0; fields[i] = s; }
+        if (!fields[3]) continue;
+        for (char *m = strtok(fields[3], ","); m; m = strtok(NULL, ","))
+            if (!strcmp(m, name)) { groups[ngroups++] = (gid_t)atol(fields[2]); break; }
+    }
+    if (f) fclose(f);
+    if (setgroups((size_t)ngroups, groups) || setgid((gid_t)gid) || setuid((uid_t)uid)) return -1;
+    int has_home = 0, n = 0;
+    for (; (*envp)[n]; n++)
+        if (!strncmp((*envp)[n], "HOME=", 5)) has_home = 1;
+    if (!has_home && *home) {
+        char **grown = realloc(*envp, (size_t)(n + 2) * sizeof **envp);
+        if (grown) {
+            size_t len = strlen(home) + 6;
+            grown[n] = malloc(len);
+            if (grown[n]) { snprintf(grown[n], len, "HOME=%s", home); grown[n + 1] = NULL; }
+            else grown[n] = NULL;
+            *envp = grown;
+        }
+    }
+    return 0;
+}
+
+static void child_exec(char **argv, char **envp, const char *cwd, const char *user, int errfd) {
     sigset_t all;
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
     for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
-    int stage = 1;
+    int stage = 3;
+    if (become(user && *user ? user : "0", &envp) != 0) goto fail;
+    stage = 1;
     if (cwd && *cwd && chdir(cwd) != 0) goto fail;
     stage = 2;
     environ = envp;
@@ -243,7 +332,7 @@ fail:;
 }
 
 static struct proc *spawn(const char *id, uint32_t idlen, char **argv, char **envp,
-                          const char *cwd, int flags, uint64_t timeout_ms) {
+                          const char *cwd, const char *user, int flags, uint64_t timeout_ms) {
     struct proc *p = calloc(1, sizeof *p);
     if (!p) die("out of memory");
     memcpy(p->id, id, idlen);
@@ -280,7 +369,7 @@ static struct proc *spawn(const char *id, uint32_t idlen, char **argv, char **en
             dup2(out_p[1] >= 0 ? out_p[1] : devnull, 1);
             dup2(err_p[1] >= 0 ? err_p[1] : devnull, 2);
         }
-        child_exec(argv, envp, cwd, ep[1]);
+        child_exec(argv, envp, cwd, user, ep[1]);
     }
     p->pid = pid;
     close(ep[1]);
@@ -307,9 +396,10 @@ static struct proc *spawn(const char *id, uint32_t idlen, char **argv, char **en
     if (r == (ssize_t)sizeof report) {
         /* chdir or execve failed in the child: say so on stderr, exit 126/127. */
         char msg[512];
-        int n = snprintf(msg, sizeof msg, "shoal: %s: %s: %s\n",
-                         report[0] == 1 ? "cannot change to directory" : "cannot execute",
-                         report[0] == 1 ? cwd : argv[0], strerror(report[1]));
+        static const char *what[] = {"", "cannot change to directory", "cannot execute", "cannot switch to user"};
+        const char *subject = report[0] == 1 ? cwd : report[0] == 3 ? user : argv[0];
+        int n = snprintf(msg, sizeof msg, "shoal: %s: %s: %s\n", what[report[0] >= 1 && report[0] <= 3 ? report[0] : 2],
+                         subject, strerror(report[1]));
         int which = (flags & F_PTY) ? 0 : 1;
         if (!(flags & (which ? F_STDERR_NULL : F_STDOUT_NULL)))
             buf_put(&p->st[which].data, msg, (size_t)n);
@@ -440,7 +530,7 @@ static void handle_exec(struct fields f) {
         else if (tag == T_ENV) envc++;
     }
     char **argv = calloc(argc + 1, sizeof *argv), **envp = calloc(envc + 1, sizeof *envp);
-    char *cwd = NULL;
+    char *cwd = NULL, *user = NULL;
     int flags = 0;
     uint64_t timeout_ms = 0;
     size_t ai = 0, ei = 0;
@@ -451,16 +541,17 @@ static void handle_exec(struct fields f) {
         case T_ARG: argv[ai++] = strndup(v, n); break;
         case T_ENV: envp[ei++] = strndup(v, n); break;
         case T_CWD: free(cwd); cwd = strndup(v, n); break;
+        case T_USER: free(user); user = strndup(v, n); break;
         case T_FLAGS: flags = (int)as_u64(v, n); break;
         case T_TIMEOUT_MS: timeout_ms = as_u64(v, n); break;
         }
     }
     if (id && idlen > 0 && idlen <= MAX_ID && argc > 0 && !find_proc(id, idlen) &&
         !entrypoint_done)
-        spawn(id, idlen, argv, envp, cwd, flags, timeout_ms);
+        spawn(id, idlen, argv, envp, cwd, user, flags, timeout_ms);
     for (size_t i = 0; i < ai; i++) free(argv[i]);
     for (size_t i = 0; i < ei; i++) free(envp[i]);
-    free(argv); free(envp); free(cwd);
+    free(argv); free(envp); free(cwd); free(user);
 }
 
 static void ack_stdin(struct proc *p) {

@@ -68,6 +68,7 @@ class Tag(IntEnum):
     SIGNO = 15
     PROC = 16
     STATE = 17
+    USER = 18
 
 
 class ExecFlag(IntEnum):
@@ -121,8 +122,9 @@ def exec_frame(
     cwd: str | None,
     timeout_ms: int,
     flags: int,
+    user: str | None = None,
 ) -> bytes:
-    """Ask the agent to start a process (idempotent on ``exec_id``)."""
+    """Ask the agent to start a process (idempotent on ``exec_id``), as ``user`` (the image's USER) if given."""
     parts = [_field(Tag.ID, exec_id.encode())]
     parts += [_field(Tag.ARG, a.encode()) for a in argv]
     parts += [_field(Tag.ENV, f"{k}={v}".encode()) for k, v in env.items()]
@@ -130,6 +132,8 @@ def exec_frame(
         parts.append(_field(Tag.CWD, cwd.encode()))
     if timeout_ms:
         parts.append(_u64(Tag.TIMEOUT_MS, timeout_ms))
+    if user:
+        parts.append(_field(Tag.USER, user.encode()))
     parts.append(_u64(Tag.FLAGS, flags))
     return frame(Msg.EXEC, *parts)
 

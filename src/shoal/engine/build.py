@@ -75,18 +75,6 @@ async def recover(mgr: Manager) -> None:
     await asyncio.gather(*(sb.terminate() for sb in stale), return_exceptions=True)
 
 
-def wrap_user(argv: list[str], user: str | None) -> list[str]:
-    """Run ``argv`` as the image's USER (``name`` or ``name:group``), via util-linux ``setpriv``."""
-    if not user:
-        return argv
-    name, _, group = user.partition(":")
-    script = (
-        'u="$1"; g="$2"; shift 2; [ -n "$g" ] || g="$(id -gn "$u")" || exit 126; '
-        'exec setpriv --reuid="$u" --regid="$g" --init-groups -- "$@"'
-    )
-    return ["/bin/sh", "-c", script, "sh", name, group, *argv]
-
-
 class BuildSandboxes:
     """The builder's runner for ``run`` steps."""
 
@@ -115,7 +103,7 @@ class BuildSandboxes:
         try:
             for i, argv in enumerate(step.commands):
                 exec_req = ExecRequest(
-                    args=wrap_user(argv, parent.user),
+                    args=argv,  # as the image's USER: the agent switches user for every process
                     env=step.env,
                     secret_env=step.secret_env,
                     secret_ids=step.secret_ids,

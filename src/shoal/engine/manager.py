@@ -217,7 +217,13 @@ class Manager:
         secret_env = {**self.secrets.resolve(req.secret_ids), **req.secret_env}
         image_id, image = await self.images.resolve(req.image, image_log)
         spec = req.model_dump(exclude={"secret_env"})  # secrets are stored sealed (below), never in the clear
-        spec.update(image_id=image_id, image_env=image.env, image_workdir=image.workdir, image_layers=image.layers)
+        spec.update(
+            image_id=image_id,
+            image_env=image.env,
+            image_workdir=image.workdir,
+            image_user=image.user,
+            image_layers=image.layers,
+        )
         if gpu_req is not None:
             # No await from here until the sandbox is in self.sandboxes: that is what reserves its GPUs.
             spec[gpu_scheduler.PLAN_KEY] = self.gpus.plan(gpu_req, self.gpu_holders(), image.env)

@@ -324,7 +324,9 @@ class Sandbox:
         cwd = req.workdir or self.spec.get("workdir") or self.spec.get("image_workdir") or "/"
         timeout_ms = (req.timeout or 0) * 1000
         assert self.link is not None
-        self.link.send(P.exec_frame(exec_id, req.args, self._env_for(req, image_env), cwd, timeout_ms, flags))
+        env = self._env_for(req, image_env)
+        user = self.spec.get("image_user")
+        self.link.send(P.exec_frame(exec_id, req.args, env, cwd, timeout_ms, flags, user))
         return proc
 
     async def exec(self, req: ExecRequest, exec_id: str) -> Process:

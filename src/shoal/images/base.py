@@ -28,8 +28,8 @@ KEEP_ALIVE_CMD = ["sleep", "172800"]
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
-    "HOME": "/root",
 }
+"""HOME is not set here: the agent sets it from /etc/passwd for whoever a process runs as (Docker's rule)."""
 
 
 def check_python_version(version: str | None) -> str:

@@ -351,8 +351,6 @@ def image_config(cfg: dict[str, Any], layers: list[str], log_line: LogFn) -> Ima
         return [str(a) for a in value] if isinstance(value, list) and value else None
 
     user = str(cfg.get("User") or "") or None
-    if user not in (None, "root", "0", "0:0", "root:root"):
-        log_line(f"the image sets USER {user}: recorded, but sandbox processes run as root")
     return ImageConfig(
         env=env,
         cmd=argv(cfg.get("Cmd")),

@@ -61,23 +61,20 @@ class ImageService:
             return row.id, cfg
         version = base.check_python_version(ref.python_version)
         image_id = base.image_id(version)
-        row = self.state.image(image_id)
-        if row is not None and self.store.exists(image_id):
-            return image_id, ImageConfig.from_json(row.config)
-        lock = self._locks.setdefault(image_id, asyncio.Lock())
-        async with lock:
-            row = self.state.image(image_id)
-            if row is None or not self.store.exists(image_id):
+        if not self.store.exists(image_id):
+            async with self._locks.setdefault(image_id, asyncio.Lock()):
                 loop = asyncio.get_running_loop()
 
                 def threadsafe_log(line: str) -> None:
                     loop.call_soon_threadsafe(log, line)
 
-                layer = await asyncio.to_thread(base.build, self.store, version, self.uid_offset, threadsafe_log)
-                cfg = base.config(version, layer)
-                self.state.add_image(ImageRow(image_id, base.recipe(version), cfg.to_json(), time.time()))
-                return image_id, cfg
-        return image_id, ImageConfig.from_json(row.config)
+                await asyncio.to_thread(base.build, self.store, version, self.uid_offset, threadsafe_log)
+        # The base image's config is defined by this code, not by what an older version stored.
+        cfg = base.config(version, image_id)
+        row = self.state.image(image_id)
+        if row is None or row.config != cfg.to_json():
+            self.state.add_image(ImageRow(image_id, base.recipe(version), cfg.to_json(), time.time()))
+        return image_id, cfg
 
     def lowers(self, cfg: ImageConfig) -> list[str]:
         """Overlay lower directories, topmost first."""
