@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
+from shoal.runtime import rootfs
+
 if TYPE_CHECKING:
     import shoal
 
@@ -366,25 +368,31 @@ class Floor:
 
     Same namespaces, user-namespace mapping, cgroup settings (under a cgroup
     path of its own), seccomp profile and mounts as the sandbox, minus the
-    agent's two ``/.shoal`` bind mounts; the root is the image's (single)
-    layer directory, read-only, instead of the sandbox's overlay.
+    agent's two ``/.shoal`` bind mounts; the root is an overlay of the same
+    image layers (mounted read-only by the bench, once, outside the timing).
     """
 
     def __init__(self, root: Path, cgroup_parent: str) -> None:
         self.dir = root / "floor"
         self.bundle = self.dir / "bundle"
         self.state = self.dir / "state"
+        self.rootfs = self.dir / "rootfs"
         self.cgroup_parent = f"{cgroup_parent}-floor"
         self.runc = shutil.which("runc") or "/usr/sbin/runc"
         self.count = 0
 
     def prepare(self, sandbox_runtime_dir: Path) -> None:
-        """Build the bundle from a running sandbox's ``config.json`` and its overlay's lower layer."""
+        """Build the bundle from a running sandbox's ``config.json`` and its overlay's bottom layer."""
         config = json.loads((sandbox_runtime_dir / "bundle" / "config.json").read_text())
         lowers = _overlay_lowers(sandbox_runtime_dir / "rootfs")
-        if len(lowers) != 1:
-            raise RuntimeError(f"the floor needs a single-layer image; the sandbox's root has layers {lowers}")
-        config["root"] = {"path": lowers[0], "readonly": True}
+        if not lowers:
+            raise RuntimeError("the sandbox's root has no lower layer to run the floor on")
+        # The same image layers, read-only, under an overlay of the floor's own (layers are root-only on disk).
+        self.rootfs.mkdir(parents=True, exist_ok=True)
+        upper, work = self.dir / "upper", self.dir / "work"
+        rootfs.mount_overlay(lowers, str(upper), str(work), str(self.rootfs), os.stat(sandbox_runtime_dir).st_uid)
+        os.chown(upper, 100000, 100000)
+        config["root"] = {"path": str(self.rootfs), "readonly": True}
         config["mounts"] = [m for m in config["mounts"] if not str(m.get("destination", "")).startswith("/.shoal")]
         config["process"]["args"] = ["/bin/true"]
         config["process"]["cwd"] = "/"
@@ -415,6 +423,7 @@ class Floor:
                         check=False,
                     )
         left = [f"floor container {c}" for c in self.state.glob("*") if c.is_dir()] if self.state.is_dir() else []
+        rootfs.unmount(str(self.rootfs))
         return left + _remove_cgroup_tree(self.cgroup_parent)
 
 

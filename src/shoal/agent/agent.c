@@ -313,13 +313,29 @@ static int become(const char *spec, char ***envp) {
     return 0;
 }
 
+/* Root, as the agent already is: only give the process HOME=/root when its environment has none. */
+static void set_default_home(char ***envp) {
+    int n = 0;
+    for (; (*envp)[n]; n++)
+        if (!strncmp((*envp)[n], "HOME=", 5)) return;
+    char **grown = realloc(*envp, (size_t)(n + 2) * sizeof **envp);
+    if (!grown) return;
+    grown[n] = strdup("HOME=/root");
+    grown[n + 1] = NULL;
+    *envp = grown;
+}
+
 static void child_exec(char **argv, char **envp, const char *cwd, const char *user, int errfd) {
     sigset_t all;
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, NULL);
     for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
     int stage = 3;
-    if (become(user && *user ? user : "0", &envp) != 0) goto fail;
+    if (user && *user) {
+        if (become(user, &envp) != 0) goto fail;
+    } else {
+        set_default_home(&envp);
+    }
     stage = 1;
     if (cwd && *cwd && chdir(cwd) != 0) goto fail;
     stage = 2;

@@ -303,7 +303,7 @@ class Manager:
 
     # ---------------------------------------------------------------- processes
 
-    async def exec(self, sandbox_id: str, req: ExecRequest) -> Process:
+    async def exec(self, sandbox_id: str, req: ExecRequest, *, persist: bool = True) -> Process:
         """Start a process (idempotent on ``req.exec_id``)."""
         sb = self.get(sandbox_id)
         exec_id = req.exec_id or ids.new("exec")
@@ -311,4 +311,4 @@ class Manager:
             raise InvalidError(f"invalid exec id {exec_id!r}: use 1-64 letters, digits, '-', '_' or '.'")
         if req.secret_ids:
             req = req.model_copy(update={"secret_env": {**self.secrets.resolve(req.secret_ids), **req.secret_env}})
-        return await sb.exec(req, exec_id)
+        return await sb.exec(req, exec_id, persist=persist)

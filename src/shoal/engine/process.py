@@ -35,10 +35,13 @@ class Process:
         limit: int,
         *,
         eof_mask: int = 0,
+        persist: bool = True,
     ) -> None:
         self.sandbox_id = sandbox_id
         self.id = exec_id
         self.spec = spec
+        self.persist = persist
+        """Whether the process is recorded in the database (not so for per-request file operations)."""
         self.streams = (
             OutputStream(out_dir / f"{exec_id}.1", limit, eof=bool(eof_mask & 1)),
             OutputStream(out_dir / f"{exec_id}.2", limit, eof=bool(eof_mask & 2)),

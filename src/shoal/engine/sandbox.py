@@ -306,12 +306,15 @@ class Sandbox:
         self.processes[ENTRYPOINT_ID] = Process(self.id, ENTRYPOINT_ID, stored, self.out_dir, 0)
         self.ctx.state.add_exec(ExecRow(self.id, ENTRYPOINT_ID, stored, "running", time.time()))
 
-    def _start_process(self, exec_id: str, req: ExecRequest, *, entrypoint: bool = False) -> Process:
+    def _start_process(
+        self, exec_id: str, req: ExecRequest, *, entrypoint: bool = False, persist: bool = True
+    ) -> Process:
         image_env = self.spec.get("image_env", {})
         stored = {"args": req.args, "workdir": req.workdir, "timeout": req.timeout, "pty": req.pty}
-        proc = Process(self.id, exec_id, stored, self.out_dir, self.ctx.cfg.max_output_bytes)
+        proc = Process(self.id, exec_id, stored, self.out_dir, self.ctx.cfg.max_output_bytes, persist=persist)
         self.processes[exec_id] = proc
-        self.ctx.state.add_exec(ExecRow(self.id, exec_id, stored, "running", time.time()))
+        if persist:
+            self.ctx.state.add_exec(ExecRow(self.id, exec_id, stored, "running", time.time()))
         flags = 0
         if req.pty:
             flags |= P.ExecFlag.PTY
@@ -329,14 +332,25 @@ class Sandbox:
         self.link.send(P.exec_frame(exec_id, req.args, env, cwd, timeout_ms, flags, user))
         return proc
 
-    async def exec(self, req: ExecRequest, exec_id: str) -> Process:
-        """Start a process (idempotent on ``exec_id``)."""
+    async def exec(self, req: ExecRequest, exec_id: str, *, persist: bool = True) -> Process:
+        """Start a process (idempotent on ``exec_id``).
+
+        ``persist=False`` is for a process that lives only as long as one request (file operations): it is not
+        recorded in the database, and ``forget()`` drops it once its output is delivered.
+        """
         existing = self.processes.get(exec_id)
         if existing is not None:
             return existing
         await self._await_agent()
         self.touch()
-        return self._start_process(exec_id, req)
+        return self._start_process(exec_id, req, persist=persist)
+
+    def forget(self, exec_id: str) -> None:
+        """Drop an unrecorded process that has ended and whose output was delivered."""
+        proc = self.processes.get(exec_id)
+        if proc is not None and not proc.persist and proc.exited and proc.eof_mask == 3:
+            del self.processes[exec_id]
+            proc.close()
 
     async def _await_agent(self) -> None:
         """Return once the sandbox runs and its agent is connected (it reconnects after a daemon restart)."""
@@ -434,7 +448,13 @@ class Sandbox:
                 if self._hello_remaining == 0:
                     self._reconcile()
             elif proc is None:
-                continue  # a process this daemon never started: ignore
+                # Not (or no longer) tracked: an unrecorded process from before a restart, or one already
+                # forgotten.  Acknowledge so the agent can let go of it; keep nothing.
+                if f.msg == P.Msg.EXIT:
+                    link.send(P.exit_ack_frame(f.exec_id))
+                elif f.msg in (P.Msg.OUTPUT, P.Msg.EOF):
+                    end = f.offset + len(f.data)
+                    link.send(P.ack_frame(f.exec_id, f.fd, end, f.msg == P.Msg.EOF))
             elif f.msg == P.Msg.STARTED:
                 proc.pid = f.pid
             elif f.msg == P.Msg.OUTPUT:
@@ -447,7 +467,8 @@ class Sandbox:
                 stream = proc.streams[f.fd - 1]
                 if f.offset == stream.received:
                     stream.mark_eof()
-                    self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
+                    if proc.persist:
+                        self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
                 acks[(proc.id, f.fd)] = proc
             elif f.msg == P.Msg.EXIT:
                 self._on_exit(proc, f.kind, f.value)
@@ -486,7 +507,8 @@ class Sandbox:
             kind, value = P.ExitKind.CODE, 255
         if not proc.set_exit(kind, value):
             return
-        self.ctx.state.finish_exec(self.id, proc.id, kind, value)
+        if proc.persist:
+            self.ctx.state.finish_exec(self.id, proc.id, kind, value)
         self.touch()
         if proc.is_entrypoint and self.state == RUNNING:
             self.finish_soon(_result_for_exit(kind, value))
@@ -613,10 +635,12 @@ class Sandbox:
         for proc in self.processes.values():
             if not proc.exited:
                 proc.set_exit(P.ExitKind.SIGNAL, SIGKILL)
-                self.ctx.state.finish_exec(self.id, proc.id, P.ExitKind.SIGNAL, SIGKILL)
+                if proc.persist:
+                    self.ctx.state.finish_exec(self.id, proc.id, P.ExitKind.SIGNAL, SIGKILL)
             if proc.eof_mask != 3:
                 proc.end_streams()
-                self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
+                if proc.persist:
+                    self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
             proc.close()
         try:
             rootfs.unmount(str(self.run_dir / "rootfs"))

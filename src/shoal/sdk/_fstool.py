@@ -135,16 +135,21 @@ async def run_tool(
     ``max_stdout`` bytes) or handed chunk by chunk to ``sink``.
     """
     att = Attached(client, sandbox_id, [AGENT_PATH, "fs", *args])
+    # Input is queued before the request starts, so a small operation's data (or its end) leaves with the
+    # request itself instead of a round trip later.
+    uploader: asyncio.Task[None] | None = asyncio.create_task(_feed(att, stdin)) if stdin is not None else None
+    if uploader is None:
+        await att.close_stdin()
     try:
         await att.start()
-    except (NotFoundError, ConflictError):
-        raise NotFoundError(UNAVAILABLE) from None
-    uploader: asyncio.Task[None] | None = None
+    except BaseException as exc:
+        if uploader is not None:
+            uploader.cancel()
+        await att.aclose()
+        if isinstance(exc, (NotFoundError, ConflictError)):
+            raise NotFoundError(UNAVAILABLE) from None
+        raise
     try:
-        if stdin is not None:
-            uploader = asyncio.create_task(_feed(att, stdin))
-        else:
-            await att.close_stdin()
         out: list[memoryview] = []
         err = bytearray()
         seen = 0

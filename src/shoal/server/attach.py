@@ -98,6 +98,7 @@ class _Session:
             finished = True
             for stream in self.proc.streams:
                 stream.discard()  # delivered once, through this response: nothing to keep on disk
+            self.sb.forget(self.proc.id)
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -190,7 +191,7 @@ async def attach(request: web.Request) -> web.StreamResponse:
     sandbox_id = request.match_info["sandbox_id"]
     sb = mgr.get(sandbox_id)
     spec = await _read_spec(request.content)
-    proc = await mgr.exec(sandbox_id, spec)
+    proc = await mgr.exec(sandbox_id, spec, persist=False)
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "X-Shoal-Exec-Id": proc.id})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
