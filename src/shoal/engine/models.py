@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from shoal.exception import Error
 from shoal.gpu import request as gpu_request
@@ -64,6 +64,12 @@ def check_abs_path(path: str | None, what: str) -> str | None:
     return path
 
 
+EnvDict = Annotated[dict[str, str], AfterValidator(check_env)]
+"""Environment variables: NAME=value strings the agent can carry."""
+Workdir = Annotated[str | None, AfterValidator(lambda v: check_abs_path(v, "workdir"))]
+"""An absolute working directory."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -110,13 +116,13 @@ class CreateSandbox(_Model):
     image: ImageRef = ImageRef()
     name: str | None = None
     tags: dict[str, str] = {}
-    env: dict[str, str] = {}
-    secret_env: dict[str, str] = {}
+    env: EnvDict = {}
+    secret_env: EnvDict = {}
     secret_ids: Annotated[list[str], Field(max_length=100)] = []
     """Named secrets (``st-…``), resolved by the daemon; their values never cross the API."""
     timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] = 300
     idle_timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] | None = None
-    workdir: str | None = None
+    workdir: Workdir = None
     gpu: Annotated[str, Field(max_length=64)] | None = None
     cpu: Annotated[float, Field(gt=0, le=1024)] | None = None
     cpu_limit: Annotated[float, Field(gt=0, le=1024)] | None = None
@@ -156,16 +162,6 @@ class CreateSandbox(_Model):
             raise ValueError("Cannot specify network allowlists when `block_network` is enabled")
         return self
 
-    @field_validator("env", "secret_env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_env(v)
-
-    @field_validator("workdir")
-    @classmethod
-    def _workdir(cls, v: str | None) -> str | None:
-        return check_abs_path(v, "workdir")
-
     @field_validator("gpu")
     @classmethod
     def _gpu(cls, v: str | None) -> str | None:
@@ -199,9 +195,9 @@ class ExecRequest(_Model):
 
     exec_id: str | None = None
     args: Annotated[list[str], Field(min_length=1)]
-    workdir: str | None = None
-    env: dict[str, str] = {}
-    secret_env: dict[str, str] = {}
+    workdir: Workdir = None
+    env: EnvDict = {}
+    secret_env: EnvDict = {}
     secret_ids: Annotated[list[str], Field(max_length=100)] = []
     timeout: Annotated[int, Field(ge=1, le=MAX_TIMEOUT)] | None = None
     stdout: Literal["pipe", "devnull"] = "pipe"
@@ -212,16 +208,6 @@ class ExecRequest(_Model):
     @classmethod
     def _args(cls, v: list[str]) -> list[str]:
         return check_argv(v)
-
-    @field_validator("env", "secret_env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_env(v)
-
-    @field_validator("workdir")
-    @classmethod
-    def _workdir(cls, v: str | None) -> str | None:
-        return check_abs_path(v, "workdir")
 
 
 class TagsUpdate(_Model):
