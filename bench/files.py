@@ -4,8 +4,8 @@ Run as root from the repository root::
 
     .venv/bin/python -m bench.files [--size-mib 256] [--repeats 5] [--runs 200] [--json FILE]
 
-It starts its own daemon on temporary directories (``bench.run.BenchDaemon``: the same set-up and the same
-clean-up as the latency benchmark), creates one sandbox, and measures, all in the same run:
+It starts its own daemon on temporary directories (``bench.harness.BenchDaemon``: the same set-up and the
+same clean-up as the latency benchmark), creates one sandbox, and measures, all in the same run:
 
 ``fs write`` / ``fs read``      ``sb.filesystem.write_bytes`` / ``read_bytes`` of a ``--size-mib`` file
 ``open write`` / ``open read``  ``sb.open(path, "wb").write(data)`` / ``sb.open(path, "rb").read()`` of the same
@@ -20,18 +20,16 @@ p50 ≤ 5 ms.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
-import signal
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.run import BenchDaemon, Stats, _remove_cgroup_tree, _sigterm_as_interrupt, machine_facts
+from bench.harness import BenchDaemon, Stats, machine_line, parse_args_as_root, run_with_daemon
 
 GOAL_MBPS = 200.0
 GOAL_RT_MS = 5.0
@@ -151,76 +149,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=200, help="timed 1 KiB round trips (default 200)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed round trips first (default 10)")
     parser.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        parser.error("the benchmark starts a shoal daemon, which needs root")
+    args = parse_args_as_root(parser, argv)
 
-    facts = machine_facts()
-    load_before = os.getloadavg()
-    daemon = BenchDaemon()
-    tp: dict[str, list[float]] = {}
-    lat: dict[str, list[float]] = {}
-    left: list[str] = []
-    interrupted = False
-    try:
-        with _sigterm_as_interrupt():
-            print(f"starting a daemon in {daemon.root} …", file=sys.stderr, flush=True)
-            daemon.start()
-            import shoal
+    def measure(daemon: BenchDaemon) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        import shoal
 
-            app = shoal.App.lookup("bench-files", create_if_missing=True)
-            sb = shoal.Sandbox.create(app=app, timeout=3600)
-            try:
-                # Small files first: the big transfers leave the page cache writing back for a while.
-                print(f"latency: {args.warmup} + {args.runs} round trips …", file=sys.stderr, flush=True)
-                lat = latency(sb, args.runs, args.warmup)
-                data = _pattern(args.size_mib << 20)
-                print(f"throughput: {args.repeats} x {args.size_mib} MiB each way …", file=sys.stderr, flush=True)
-                tp = throughput(sb, data, args.repeats)
-                del data
-            finally:
-                sb.terminate()
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted; cleaning up …", file=sys.stderr, flush=True)
-    finally:
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup must finish
+        app = shoal.App.lookup("bench-files", create_if_missing=True)
+        sb = shoal.Sandbox.create(app=app, timeout=3600)
         try:
-            with contextlib.suppress(Exception):
-                daemon.terminate_all()
-            daemon.stop()
-            left = daemon.leaks()
-            if left:
-                left = daemon.force_cleanup()
-            left += _remove_cgroup_tree(daemon.cgroup_parent)
-            daemon.remove()
+            # Small files first: the big transfers leave the page cache writing back for a while.
+            print(f"latency: {args.warmup} + {args.runs} round trips …", file=sys.stderr, flush=True)
+            lat = latency(sb, args.runs, args.warmup)
+            data = _pattern(args.size_mib << 20)
+            print(f"throughput: {args.repeats} x {args.size_mib} MiB each way …", file=sys.stderr, flush=True)
+            tp = throughput(sb, data, args.repeats)
+            del data
         finally:
-            signal.signal(signal.SIGINT, old_int)
-    if left:
-        print("LEFT BEHIND:\n  " + "\n  ".join(left), file=sys.stderr)
-    if interrupted or not lat:
-        return 130 if interrupted else 1
-    load_after = os.getloadavg()
+            sb.terminate()
+        return tp, lat
+
+    run = run_with_daemon(measure)
+    if not run.ok:
+        return run.exit_code
+    tp, lat = run.value
+    before, after = run.load_before, run.load_after
     lines = [
-        f"machine: {facts['cpu_count']} CPUs ({facts['cpu_model']}), {facts['os']}, kernel {facts['kernel']},"
-        f" Python {facts['python']}",
-        f"load average (1/5/15 min): before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f},"
-        f" after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}",
+        machine_line(run.facts, python=True),
+        f"load average (1/5/15 min): before {before[0]:.2f}/{before[1]:.2f}/{before[2]:.2f},"
+        f" after {after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}",
         "",
         *report(tp, lat, args.size_mib << 20),
     ]
     print("\n".join(lines))
     if args.json:
         doc = {
-            "machine": facts,
-            "load_average": {"before": load_before, "after": load_after},
+            "machine": run.facts,
+            "load_average": run.loads,
             "size_bytes": args.size_mib << 20,
             "throughput_mbps": tp,
             "latency_ms": lat,
-            "left_behind": left,
+            "left_behind": run.left,
         }
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-    return 0 if not left else 2
+    return run.exit_code
 
 
 if __name__ == "__main__":

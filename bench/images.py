@@ -4,7 +4,7 @@ Run as root from the repository root::
 
     .venv/bin/python -m bench.images [--runs 200] [--builds 5] [--json FILE]
 
-It starts its own daemon on temporary directories (``bench.run.BenchDaemon``:
+It starts its own daemon on temporary directories (``bench.harness.BenchDaemon``:
 the same set-up and clean-up as the latency benchmark), builds
 ``Image.debian_slim().pip_install("six")`` once, then measures:
 
@@ -24,16 +24,12 @@ Everything is cleaned up at the end, on errors and on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.run import BenchDaemon, Stats, _remove_cgroup_tree, _sigterm_as_interrupt, machine_facts
+from bench.harness import Stats, header_lines, parse_args_as_root, run_with_daemon
 
 GOAL_RESOLVE_MS = 50.0
 
@@ -96,10 +92,7 @@ ROWS = (
 
 def report(values: dict[str, list[float]], facts: dict[str, Any], loads: dict[str, Any]) -> str:
     lines = [
-        f"machine: {facts['cpu_count']} CPUs ({facts['cpu_model']}), {facts['os']}, kernel {facts['kernel']}",
-        "load average before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} {:.2f}".format(
-            *loads["before"], *loads["after"]
-        ),
+        *header_lines(facts, loads),
         "",
         f"{'measurement':52} {'n':>4} {'p50':>8} {'p95':>8} {'min':>8} {'max':>8}",
     ]
@@ -120,55 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=200, help="cached resolves of each image (default 200)")
     parser.add_argument("--builds", type=int, default=5, help="forced builds of the pip step (default 5)")
     parser.add_argument("--json", type=Path, help="write machine facts, load and every sample here")
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        parser.error("the benchmark starts a shoal daemon, which needs root")
-    facts = machine_facts()
-    load_before = os.getloadavg()
-    daemon = BenchDaemon()
-    values: dict[str, list[float]] = {}
-    left: list[str] = []
-    interrupted = False
-    try:
-        with _sigterm_as_interrupt():
-            print(f"starting a daemon in {daemon.root} …", file=sys.stderr, flush=True)
-            daemon.start()
-            values = measure(args.runs, args.builds)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted; cleaning up …", file=sys.stderr, flush=True)
-    finally:
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup must finish
-        try:
-            with contextlib.suppress(Exception):
-                daemon.terminate_all()
-            daemon.stop()
-            left = daemon.leaks()
-            if left:
-                left = daemon.force_cleanup()
-            left += _remove_cgroup_tree(daemon.cgroup_parent)
-            daemon.remove()
-        finally:
-            signal.signal(signal.SIGINT, old_int)
-    if left:
-        print("LEFT BEHIND:\n  " + "\n  ".join(left), file=sys.stderr)
-    if interrupted or not values:
-        return 130 if interrupted else 1
-    loads = {"before": load_before, "after": os.getloadavg()}
-    print(report(values, facts, loads))
+    args = parse_args_as_root(parser, argv)
+    run = run_with_daemon(lambda daemon: measure(args.runs, args.builds))
+    if not run.ok:
+        return run.exit_code
+    print(report(run.value, run.facts, run.loads))
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": facts,
-                    "load_average": loads,
-                    "args": vars(args) | {"json": str(args.json)},
-                    "values": values,
-                },
-                indent=2,
-            )
-        )
-    return 0
+        run.write_json(args.json, args)
+    return run.exit_code
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import socket
 import ssl
 import statistics
@@ -28,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from bench.run import BenchDaemon, Stats, machine_facts
+from bench.harness import BenchDaemon, Stats, parse_args_as_root, run_with_daemon
 
 SERVER = r"""
 import socket, sys, threading
@@ -115,17 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bytes", type=int, default=1024, help="MiB per throughput stream (default 1024)")
     parser.add_argument("--streams", type=int, default=5, help="throughput streams per path (default 5)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        parser.error("the benchmark starts a shoal daemon, which needs root")
-    import shoal
+    args = parse_args_as_root(parser, argv)
 
-    facts = machine_facts()
-    load_before = os.getloadavg()
-    daemon = BenchDaemon()
-    results: dict[str, Any] = {}
-    try:
-        daemon.start()
+    def measure(daemon: BenchDaemon) -> dict[str, Any]:
+        import shoal
+
+        results: dict[str, Any] = {}
         app = shoal.App.lookup("bench-network", create_if_missing=True)
         # --- TTI with and without networking, interleaved
         tti: dict[str, list[float]] = {"network": [], "block_network": []}
@@ -182,20 +176,20 @@ def main(argv: list[str] | None = None) -> int:
             results["latency_ms"] = lat
         finally:
             sb.terminate()
-    finally:
-        with contextlib.suppress(Exception):
-            daemon.terminate_all()
-        daemon.stop()
-        left = daemon.leaks() or []
-        daemon.remove()
-    results["machine"] = facts
-    results["load_average"] = {"before": load_before, "after": os.getloadavg()}
-    results["left_behind"] = left
+        return results
+
+    run = run_with_daemon(measure)
+    if not run.ok:
+        return run.exit_code
+    results = run.value
+    results["machine"] = run.facts
+    results["load_average"] = run.loads
+    results["left_behind"] = run.left
     print(report(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    return 0 if not left else 2
+    return run.exit_code
 
 
 def report(r: dict[str, Any]) -> str:

@@ -31,35 +31,36 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
-import datetime
 import functools
 import json
 import math
 import os
-import platform
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
+from bench.harness import (
+    BenchDaemon,
+    Stats,
+    _remove_cgroup_tree,
+    ms,
+    now_ns,
+    parse_args_as_root,
+    percentile,
+    run_with_daemon,
+)
 from shoal.runtime import rootfs
 
 if TYPE_CHECKING:
     import shoal
 
-REPO = Path(__file__).resolve().parent.parent
-MACHINE_IMAGES = Path("/var/lib/shoal/images")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUPS = ("tti", "tti-async", "exec", "exec-async", "floor")
 DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 5
-READY_TIMEOUT = 60.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -102,262 +103,6 @@ class Target:
 
 
 TARGETS = (Target("tti_sync", "p50", 60.0), Target("tti_sync", "p99", 150.0), Target("exec_rt_sync", "p50", 5.0))
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    """The ``q``-th percentile of sorted values, interpolating linearly between ranks (numpy's default)."""
-    if not ordered:
-        return math.nan
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-@dataclass
-class Stats:
-    """Summary of one metric's samples, in milliseconds."""
-
-    n: int
-    p50: float
-    p95: float
-    p99: float
-    min: float
-    max: float
-    mean: float
-
-    @classmethod
-    def of(cls, samples: list[float]) -> Stats:
-        """Summarise ``samples`` (ms)."""
-        s = sorted(samples)
-        if not s:
-            return cls(0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
-        return cls(len(s), percentile(s, 50), percentile(s, 95), percentile(s, 99), s[0], s[-1], sum(s) / len(s))
-
-
-def now_ns() -> int:
-    """CLOCK_MONOTONIC in ns: the same clock in every process, so the daemon's stamps line up with ours."""
-    return time.monotonic_ns()
-
-
-def ms(start_ns: int, end_ns: int) -> float:
-    """Milliseconds between two ``now_ns`` stamps."""
-    return (end_ns - start_ns) / 1e6
-
-
-# ---------------------------------------------------------------------------------------------- machine
-
-
-def _first_line(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.strip().splitlines()[0] if out.strip() else "unknown"
-
-
-def machine_facts() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    os_name = "unknown"
-    with contextlib.suppress(OSError), open("/etc/os-release") as f:
-        for line in f:
-            if line.startswith("PRETTY_NAME="):
-                os_name = line.split("=", 1)[1].strip().strip('"')
-    runc = shutil.which("runc") or "runc"
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "hostname": platform.node(),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "os": os_name,
-        "kernel": platform.release(),
-        "runc": _first_line([runc, "--version"]),
-        "python": platform.python_version(),
-    }
-
-
-# ---------------------------------------------------------------------------------------------- daemon
-
-
-def _cgroup_dirs(rel: str) -> list[Path]:
-    """``rel`` (an absolute cgroup path) under every mounted controller hierarchy that has it."""
-    if not CGROUP_ROOT.is_dir():
-        return []
-    found = []
-    for ctrl in CGROUP_ROOT.iterdir():
-        if ctrl.is_symlink():
-            continue
-        d = ctrl / rel.lstrip("/")
-        if d.is_dir():
-            found.append(d)
-    return found
-
-
-def _remove_cgroup_tree(rel: str) -> list[str]:
-    """rmdir a cgroup subtree (deepest first) in every hierarchy; returns what could not be removed."""
-    left = []
-    for top in _cgroup_dirs(rel):
-        dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-        for d in [*dirs, top]:
-            try:
-                d.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                left.append(f"cgroup {d} ({e.strerror})")
-    return left
-
-
-def _processes_in(cgroup_rel: str) -> set[int]:
-    marker = cgroup_rel.rstrip("/") + "/"
-    pids = set()
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            cgroups = (pid_dir / "cgroup").read_text()
-        except OSError:
-            continue
-        if marker in cgroups:
-            pids.add(int(pid_dir.name))
-    return pids
-
-
-def _mounts_under(root: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(str(root) + "/")]
-
-
-class BenchDaemon:
-    """A shoal daemon on temporary directories, owned by this benchmark (the same set-up as the test suite)."""
-
-    def __init__(self, instrument_to: Path | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
-        self.root.chmod(0o711)  # sandboxes' mounts are set up as their (unprivileged) user
-        self.cgroup_parent = f"/shoal-bench-{os.getpid()}"
-        self.instrument_to = instrument_to
-        self.proc: subprocess.Popen[bytes] | None = None
-        env = dict(os.environ)
-        env.update(
-            SHOAL_DATA_DIR=str(self.data_dir),
-            SHOAL_RUNTIME_DIR=str(self.runtime_dir),
-            SHOAL_CGROUP_PARENT=self.cgroup_parent,
-            SHOAL_NO_AUTOSTART="1",
-            PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]),
-        )
-        if MACHINE_IMAGES.is_dir():
-            env["SHOAL_IMAGE_CACHE"] = str(MACHINE_IMAGES)
-        for name in ("SHOAL_URL", "SHOAL_SOCKET", "SHOAL_RUNTIME"):
-            env.pop(name, None)
-        self.env = env
-
-    @property
-    def data_dir(self) -> Path:
-        """The daemon's state and images."""
-        return self.root / "data"
-
-    @property
-    def runtime_dir(self) -> Path:
-        """Sockets, bundles and overlay mounts."""
-        return self.root / "run"
-
-    @property
-    def socket(self) -> Path:
-        """The API socket."""
-        return self.runtime_dir / "shoald.sock"
-
-    @property
-    def log(self) -> Path:
-        """The daemon's stdout and stderr."""
-        return self.root / "daemon.log"
-
-    def start(self) -> None:
-        """Start the daemon and wait until it serves; point this process's SDK at it."""
-        if self.instrument_to is None:
-            argv = [sys.executable, "-m", "shoal", "serve"]
-        else:
-            argv = [sys.executable, "-m", "bench.run", "_instrumented-daemon", str(self.instrument_to)]
-        with open(self.log, "ab") as log:
-            # A session of its own: Ctrl-C in the terminal must reach the benchmark, not the daemon,
-            # so that the benchmark can still terminate the sandboxes through it.
-            self.proc = subprocess.Popen(
-                argv, env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited at start:\n{self.log.read_text()[-3000:]}")
-            if self.socket.exists() and "daemon ready" in self.log.read_text():
-                break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError(f"the daemon did not become ready:\n{self.log.read_text()[-3000:]}")
-        os.environ["SHOAL_RUNTIME_DIR"] = str(self.runtime_dir)
-        os.environ["SHOAL_NO_AUTOSTART"] = "1"
-        for name in ("SHOAL_URL", "SHOAL_SOCKET"):
-            os.environ.pop(name, None)
-
-    def terminate_all(self) -> None:
-        """Terminate every sandbox the daemon still runs (through its API, like a user would)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        import shoal
-
-        for sb in shoal.Sandbox.list():
-            with contextlib.suppress(Exception):
-                sb.terminate()
-
-    def stop(self) -> None:
-        """Stop the daemon (SIGTERM, then SIGKILL)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def leaks(self) -> list[str]:
-        """Containers, mounts, cgroups, runtime dirs or processes the daemon's sandboxes left behind."""
-        found: list[str] = []
-        for state_dir in (self.runtime_dir / "oci").glob("*"):
-            found += [f"container {c}" for c in state_dir.iterdir() if c.is_dir()]
-        found += [f"mount {m}" for m in _mounts_under(self.root)]
-        for parent in _cgroup_dirs(self.cgroup_parent):
-            found += [f"cgroup {c}" for c in parent.iterdir() if c.is_dir()]
-        sandboxes = self.runtime_dir / "sandboxes"
-        if sandboxes.is_dir():
-            found += [f"runtime dir {p}" for p in sandboxes.iterdir()]
-        found += [f"process {pid} in a sandbox cgroup" for pid in sorted(_processes_in(self.cgroup_parent))]
-        return found
-
-    def force_cleanup(self) -> list[str]:
-        """Last resort after the daemon is gone: delete containers, unmount, remove cgroups; returns what is left."""
-        runc = shutil.which("runc")
-        for state_dir in (self.runtime_dir / "oci").glob("*"):
-            binary = shutil.which(state_dir.name) or runc
-            for c in state_dir.iterdir():
-                if c.is_dir() and binary:
-                    subprocess.run(
-                        [binary, "--root", str(state_dir), "delete", "--force", c.name],
-                        capture_output=True,
-                        check=False,
-                    )
-        for m in sorted(_mounts_under(self.root), key=len, reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True, check=False)
-        left = _remove_cgroup_tree(self.cgroup_parent)
-        return left + [f"mount {m}" for m in _mounts_under(self.root)]
-
-    def remove(self) -> None:
-        """Delete the temporary directories."""
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- floor
@@ -863,20 +608,6 @@ def _parse_only(values: list[str] | None) -> list[str]:
 FLOOR_GROUP = "floor"
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM cleans up like Ctrl-C does."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def measure(args: argparse.Namespace, daemon: BenchDaemon, floor: Floor, groups: list[str]) -> dict[str, Any]:
     """Warm up, then take ``args.runs`` rounds of every selected measurement."""
     import shoal
@@ -944,57 +675,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="FILE", help="also write every sample and summary as JSON")
     parser.add_argument("--profile", action="store_true", help="instrument the daemon and show where the time goes")
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        parser.error("the benchmark starts a shoal daemon, which needs root")
+    args = parse_args_as_root(parser, argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     if args.runs < 50:
         print(f"note: {args.runs} runs is fewer than 50: p99 is not meaningful", file=sys.stderr)
     groups = _parse_only(args.only)
 
-    facts = machine_facts()
-    load_before = os.getloadavg()
     events_path: Path | None = None
     daemon = BenchDaemon()
     if args.profile:
         events_path = daemon.root / "events.jsonl"
         daemon.instrument_to = events_path
     floor = Floor(daemon.root, daemon.cgroup_parent)
-    result: dict[str, Any] = {}
-    left: list[str] = []
-    interrupted = False
-    try:
-        with _sigterm_as_interrupt():
-            print(f"starting a daemon in {daemon.root} …", file=sys.stderr, flush=True)
-            daemon.start()
-            result = measure(args, daemon, floor, groups)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted; cleaning up …", file=sys.stderr, flush=True)
-    finally:
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup must finish
-        try:
-            with contextlib.suppress(Exception):
-                daemon.terminate_all()
-            daemon.stop()
-            left = daemon.leaks()
-            if left:
-                left = daemon.force_cleanup()
-            left += _remove_cgroup_tree(daemon.cgroup_parent)  # the (now empty) parent of the sandboxes' cgroups
-            left += floor.cleanup()
-            events = load_events(events_path) if events_path else []
-            daemon.remove()
-        finally:
-            signal.signal(signal.SIGINT, old_int)
-    if left:
-        print("LEFT BEHIND:\n  " + "\n  ".join(left), file=sys.stderr)
-    if interrupted or not result:
-        return 130 if interrupted else 1
-    load_after = os.getloadavg()
+    events: list[Event] = []
+
+    def clean_up_floor() -> list[str]:
+        left = floor.cleanup()
+        if events_path:
+            events.extend(load_events(events_path))  # before the daemon's directory goes
+        return left
+
+    run = run_with_daemon(lambda d: measure(args, d, floor, groups), daemon=daemon, cleanup=clean_up_floor)
+    if not run.ok:
+        return run.exit_code
+    result, facts, left = run.value, run.facts, run.left
 
     stats = {k: Stats.of(v) for k, v in result["values"].items()}
-    lines, verdicts = report(stats, facts, {"before": load_before, "after": load_after}, args.runs)
+    lines, verdicts = report(stats, facts, run.loads, args.runs)
     profile: dict[str, list[dict[str, float]]] = {}
     if args.profile:
         samples: dict[str, list[Sample]] = result["samples"]
@@ -1014,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "machine": facts,
-            "load_average": {"before": load_before, "after": load_after},
+            "load_average": run.loads,
             "runs": args.runs,
             "warmup": args.warmup,
             "groups": groups,
@@ -1026,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
             "left_behind": left,
         }
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-    return 0 if not left else 2
+    return run.exit_code
 
 
 if __name__ == "__main__":

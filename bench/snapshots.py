@@ -4,7 +4,7 @@ Run as root from the repository root::
 
     .venv/bin/python -m bench.snapshots [--rounds 5] [--runs 30] [--mib 100] [--json FILE]
 
-It starts its own daemon on temporary directories (``bench.run.BenchDaemon``:
+It starts its own daemon on temporary directories (``bench.harness.BenchDaemon``:
 the same set-up and clean-up as the latency benchmark), then measures:
 
 ``snapshot unchanged``   ``sb.snapshot_filesystem()`` of a sandbox that changed nothing (``--runs`` samples, one
@@ -25,16 +25,12 @@ on errors and on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.run import BenchDaemon, Stats, _remove_cgroup_tree, _sigterm_as_interrupt, machine_facts, ms, now_ns
+from bench.harness import BenchDaemon, Stats, header_lines, ms, now_ns, parse_args_as_root, run_with_daemon
 
 GOAL_BIG_MS = 1000.0
 GOAL_UNCHANGED_MS = 50.0
@@ -134,10 +130,7 @@ ROWS = (
 
 def report(values: dict[str, list[float]], mib: int, facts: dict[str, Any], loads: dict[str, Any]) -> str:
     lines = [
-        f"machine: {facts['cpu_count']} CPUs ({facts['cpu_model']}), {facts['os']}, kernel {facts['kernel']}",
-        "load average before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} {:.2f}".format(
-            *loads["before"], *loads["after"]
-        ),
+        *header_lines(facts, loads),
         "",
         f"{'measurement (ms)':44} {'n':>3} {'p50':>8} {'p95':>8} {'min':>8} {'max':>8}",
     ]
@@ -163,55 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=30, help="samples of the fast measurements (default 30)")
     parser.add_argument("--mib", type=int, default=100, help="MiB the big sandbox writes (default 100)")
     parser.add_argument("--json", type=Path, help="write machine facts, load and every sample here")
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        parser.error("the benchmark starts a shoal daemon, which needs root")
-    facts = machine_facts()
-    load_before = os.getloadavg()
-    daemon = BenchDaemon()
-    values: dict[str, list[float]] = {}
-    left: list[str] = []
-    interrupted = False
-    try:
-        with _sigterm_as_interrupt():
-            print(f"starting a daemon in {daemon.root} …", file=sys.stderr, flush=True)
-            daemon.start()
-            values = measure(daemon, args.rounds, args.runs, args.mib)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted; cleaning up …", file=sys.stderr, flush=True)
-    finally:
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup must finish
-        try:
-            with contextlib.suppress(Exception):
-                daemon.terminate_all()
-            daemon.stop()
-            left = daemon.leaks()
-            if left:
-                left = daemon.force_cleanup()
-            left += _remove_cgroup_tree(daemon.cgroup_parent)
-            daemon.remove()
-        finally:
-            signal.signal(signal.SIGINT, old_int)
-    if left:
-        print("LEFT BEHIND:\n  " + "\n  ".join(left), file=sys.stderr)
-    if interrupted or not values:
-        return 130 if interrupted else 1
-    loads = {"before": load_before, "after": os.getloadavg()}
-    print(report(values, args.mib, facts, loads))
+    args = parse_args_as_root(parser, argv)
+    run = run_with_daemon(lambda daemon: measure(daemon, args.rounds, args.runs, args.mib))
+    if not run.ok:
+        return run.exit_code
+    print(report(run.value, args.mib, run.facts, run.loads))
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": facts,
-                    "load_average": loads,
-                    "args": vars(args) | {"json": str(args.json)},
-                    "values": values,
-                },
-                indent=2,
-            )
-        )
-    return 2 if left else 0
+        run.write_json(args.json, args)
+    return run.exit_code
 
 
 if __name__ == "__main__":

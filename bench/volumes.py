@@ -4,7 +4,7 @@ Run as root from the repository root::
 
     .venv/bin/python -m bench.volumes [--rounds N] [--small-files 1000] [--big-mib 512] [--json FILE]
 
-It starts its own daemon on temporary directories (``bench.run.BenchDaemon``:
+It starts its own daemon on temporary directories (``bench.harness.BenchDaemon``:
 the same set-up and clean-up as the latency benchmark), then takes ``--rounds``
 samples of each measurement:
 
@@ -24,11 +24,8 @@ bytes.  Everything is cleaned up at the end, on errors and on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import re
-import signal
 import statistics
 import sys
 import tempfile
@@ -37,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.run import BenchDaemon, _remove_cgroup_tree, _sigterm_as_interrupt, machine_facts
+from bench.harness import BenchDaemon, header_lines, parse_args_as_root, run_with_daemon
 
 GOAL_READ_MBPS = 300.0
 
@@ -157,10 +154,7 @@ def report(
     values: dict[str, list[float]], small_files: int, big_mib: int, facts: dict[str, Any], loads: dict[str, Any]
 ) -> str:
     lines = [
-        f"machine: {facts['cpu_count']} CPUs ({facts['cpu_model']}), {facts['os']}, kernel {facts['kernel']}",
-        "load average before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} {:.2f}".format(
-            *loads["before"], *loads["after"]
-        ),
+        *header_lines(facts, loads),
         "",
         f"{'measurement':44} {'n':>3} {'median':>9} {'min':>9} {'max':>9}",
     ]
@@ -182,55 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-files", type=int, default=1000, help="files in the small-file batch (default 1000)")
     parser.add_argument("--big-mib", type=int, default=512, help="size of the big file in MiB (default 512)")
     parser.add_argument("--json", type=Path, help="write machine facts, load and every sample here")
-    args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        parser.error("the benchmark starts a shoal daemon, which needs root")
-    facts = machine_facts()
-    load_before = os.getloadavg()
-    daemon = BenchDaemon()
-    values: dict[str, list[float]] = {}
-    left: list[str] = []
-    interrupted = False
-    try:
-        with _sigterm_as_interrupt():
-            print(f"starting a daemon in {daemon.root} …", file=sys.stderr, flush=True)
-            daemon.start()
-            values = measure(daemon, args.rounds, args.small_files, args.big_mib)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted; cleaning up …", file=sys.stderr, flush=True)
-    finally:
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup must finish
-        try:
-            with contextlib.suppress(Exception):
-                daemon.terminate_all()
-            daemon.stop()
-            left = daemon.leaks()
-            if left:
-                left = daemon.force_cleanup()
-            left += _remove_cgroup_tree(daemon.cgroup_parent)
-            daemon.remove()
-        finally:
-            signal.signal(signal.SIGINT, old_int)
-    if left:
-        print("LEFT BEHIND:\n  " + "\n  ".join(left), file=sys.stderr)
-    if interrupted or not values:
-        return 130 if interrupted else 1
-    loads = {"before": load_before, "after": os.getloadavg()}
-    print(report(values, args.small_files, args.big_mib, facts, loads))
+    args = parse_args_as_root(parser, argv)
+    run = run_with_daemon(lambda daemon: measure(daemon, args.rounds, args.small_files, args.big_mib))
+    if not run.ok:
+        return run.exit_code
+    print(report(run.value, args.small_files, args.big_mib, run.facts, run.loads))
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": facts,
-                    "load_average": loads,
-                    "args": vars(args) | {"json": str(args.json)},
-                    "values": values,
-                },
-                indent=2,
-            )
-        )
-    return 2 if left else 0
+        run.write_json(args.json, args)
+    return run.exit_code
 
 
 if __name__ == "__main__":
