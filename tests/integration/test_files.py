@@ -730,6 +730,41 @@ def test_proc_pid_root_is_the_sandboxs_root(sandbox):
     assert not Path(f"/tmp/{uid}").exists() and not Path(f"/tmp/{uid}-open").exists()
 
 
+def _host_pids(sb: shoal.Sandbox, argv_prefix: bytes) -> list[int]:
+    """Host pids of the sandbox's processes whose command line starts with ``argv_prefix``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            cgroup = (entry / "cgroup").read_text()
+        except OSError:
+            continue
+        if cmdline.startswith(argv_prefix) and f"/{sb.object_id}\n" in cgroup:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_file_operation_processes_hold_nothing_of_pid_1(sandbox):
+    # A file operation runs in a fork of the agent (PID 1) without an exec: it must keep none of PID 1's
+    # descriptors (its control connection above all), and code in the sandbox must not be able to look inside it.
+    with sandbox.open("/tmp/held", "w") as f:
+        f.write("x")
+        f.flush()
+        (pid,) = _host_pids(sandbox, b"/.shoal/bin/shoal-agent\0fs\0open\0")
+        fds = {int(n): os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+        assert not [t for t in fds.values() if t.startswith("socket:")], fds
+        assert {n for n, t in fds.items() if t.startswith("pipe:")} == {0, 1, 2}
+        assert [t for n, t in fds.items() if n > 2 and not t.startswith("pipe:")] == [
+            t for t in fds.values() if t.endswith("/tmp/held")
+        ]
+        inner = Path(f"/proc/{pid}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1]
+        p = sandbox.exec("bash", "-c", f"cat /proc/{inner}/environ; readlink -v /proc/{inner}/fd/0; cat /proc/{inner}/mem")
+        err = p.stderr.read()
+        assert p.wait() != 0 and err.count("Permission denied") == 3, err
+
+
 def test_dotdot_never_climbs_out(sandbox):
     fs = sandbox.filesystem
     uid = uuid.uuid4().hex
@@ -783,7 +818,7 @@ def test_directory_swapped_for_a_symlink_mid_write_stays_inside(sandbox, daemon)
         "bash",
         "-c",
         f"mkdir -p /work/d; i=0; while [ ! -e /work/stop ]; do i=$((i+1)); mv /work/d /work/old$i;"
-        f" ln -s {str(victim)!r} /work/d; rm /work/d; ln -s /etc /work/d; rm /work/d; mkdir /work/d; done",
+        f" ln -s {str(victim)!r} /work/d; rm /work/d; ln -s /etc /work/d; rm /work/d; mkdir /work/d; done; echo $i",
     )
     payload = os.urandom(1 << 20) * 24
     written = []
@@ -795,7 +830,8 @@ def test_directory_swapped_for_a_symlink_mid_write_stays_inside(sandbox, daemon)
         except SandboxFilesystemError:
             pass  # the directory was a dangling link at that moment: an error in the sandbox, nothing outside
     fs.write_text("", "/work/stop")
-    assert flipper.wait() == 0
+    flipper.wait()  # its own steps can fail when a write recreates /work/d in between: that is fine
+    assert int(flipper.stdout.read()) > 0, "the directory was never swapped"
     assert written, "no write succeeded"
     found = sh(sandbox, "cd / && sha256sum $(find /work /etc -name 'f[0-9]*' -type f) | sort")
     for name, digest in written:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import pytest
@@ -106,4 +107,50 @@ def test_output_written_while_the_daemon_is_down_is_kept(own_daemon):
     own_daemon.start()
     assert p.wait() == 0
     assert p.stdout.read() == "x" * 3_000_000
+    sb.terminate()
+
+
+def _fs_tools(sb) -> str:
+    p = sb.exec("bash", "-c", "for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $c 2>/dev/null; echo; done")
+    return "".join(
+        line + "\n" for line in p.stdout.read().splitlines() if line.startswith("/.shoal/") and " fs " in line
+    )
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["graceful", "kill-9"])
+def test_file_operations_cut_off_by_a_restart_fail_and_leave_nothing(own_daemon, how):
+    sb = shoal.Sandbox.create(app=_app(), timeout=120)
+    f = sb.open("/tmp/half", "wb")
+    f.write(b"x" * 1000)
+    outcome: list[BaseException | None] = []
+
+    def watch() -> None:
+        try:
+            for _ in sb.filesystem.watch("/tmp"):
+                pass
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + 10
+    while "fs watch" not in (tools := _fs_tools(sb)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "fs open" in tools and "fs watch" in tools
+    own_daemon.restart(how)
+    # The open file and the watch lived in requests to the old daemon: they fail with a clear error ...
+    with pytest.raises(shoal.exception.ConnectionError, match="daemon"):
+        f.write(b"y")
+        f.flush()
+    watcher.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], shoal.exception.ConnectionError), outcome
+    # ... and their processes in the sandbox are stopped, not left waiting for input forever.
+    deadline = time.monotonic() + 10
+    while (left := _fs_tools(sb)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == ""
+    # The sandbox goes on; new file operations work.
+    sb.filesystem.write_text("after", "/tmp/after")
+    assert sb.filesystem.read_text("/tmp/after") == "after"
     sb.terminate()

@@ -9,22 +9,31 @@ trimmed to the bytes not stored yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
+MEMORY_FIRST = 256 << 10
+"""Bytes a ``memory_first`` stream keeps in memory before it moves to its file."""
+
 
 class OutputStream:
-    """stdout or stderr of one process."""
+    """stdout or stderr of one process.
 
-    def __init__(self, path: Path, limit: int, *, eof: bool = False) -> None:
+    ``memory_first``: for a process whose output need not outlive the daemon (an attached file operation), the
+    first ``MEMORY_FIRST`` bytes stay in memory, so a small operation touches no file at all.
+    """
+
+    def __init__(self, path: Path, limit: int, *, eof: bool = False, memory_first: bool = False) -> None:
         self.path = path
         self.limit = limit
         self.eof = eof
         self._fd: int | None = None
-        try:
-            self.size = path.stat().st_size
-        except FileNotFoundError:
-            self.size = 0
+        self._mem: bytearray | None = bytearray() if memory_first else None
+        self.size = 0
+        if not memory_first:
+            with contextlib.suppress(FileNotFoundError):
+                self.size = path.stat().st_size
         self.received = self.size
         """Bytes the agent has delivered, stored or not (beyond ``limit`` they are dropped)."""
         self._waiters: list[asyncio.Future[None]] = []
@@ -49,6 +58,16 @@ class OutputStream:
             return True
         data = data[skip:]
         room = self.limit - self.size
+        if room > 0 and self._mem is not None:
+            if self.size + len(data) <= MEMORY_FIRST:
+                self._mem += data
+                self.size += len(data)
+                self.received += len(data)
+                self._wake()
+                return True
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            os.write(self._fd, self._mem)
+            self._mem = None
         if room > 0:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -71,7 +90,10 @@ class OutputStream:
         output): reads then find nothing, and the disk holds nothing for it."""
         if self.eof:
             self.close()
-            self.path.unlink(missing_ok=True)
+            if self._mem is not None:
+                self._mem = bytearray()
+            else:
+                self.path.unlink(missing_ok=True)
             self.size = 0
 
     def close(self) -> None:
@@ -85,6 +107,8 @@ class OutputStream:
         n = min(limit, self.size - offset)
         if n <= 0:
             return b""
+        if self._mem is not None:
+            return bytes(self._mem[offset : offset + n])
         with open(self.path, "rb") as f:
             f.seek(offset)
             return f.read(n)

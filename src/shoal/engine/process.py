@@ -43,8 +43,8 @@ class Process:
         self.persist = persist
         """Whether the process is recorded in the database (not so for per-request file operations)."""
         self.streams = (
-            OutputStream(out_dir / f"{exec_id}.1", limit, eof=bool(eof_mask & 1)),
-            OutputStream(out_dir / f"{exec_id}.2", limit, eof=bool(eof_mask & 2)),
+            OutputStream(out_dir / f"{exec_id}.1", limit, eof=bool(eof_mask & 1), memory_first=not persist),
+            OutputStream(out_dir / f"{exec_id}.2", limit, eof=bool(eof_mask & 2), memory_first=not persist),
         )
         self.pid: int | None = None
         self.exit_kind: int | None = None

@@ -445,6 +445,10 @@ class Sandbox:
                     proc.pid = f.pid
                     proc.stdin_offset = proc.stdin_acked = f.offset
                     self._hello_seen.add(proc.id)
+                else:
+                    # Unrecorded (an attached file operation whose request ended with the old daemon): nobody
+                    # will ever read it or close its stdin.
+                    link.send(P.signal_frame(f.exec_id, SIGKILL))
                 if self._hello_remaining == 0:
                     self._reconcile()
             elif proc is None:

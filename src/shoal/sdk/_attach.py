@@ -46,6 +46,7 @@ class Attached:
         self._queue: asyncio.Queue[bytes | memoryview | None] = asyncio.Queue(QUEUE_DEPTH)
         self._stdin_closed = False
         self._resp: aiohttp.ClientResponse | None = None
+        self._closed: asyncio.Future[None] | None = None
         self.returncode: int | None = None
         """The process's return code, once ``records()`` has ended."""
         self.sandbox_finished = False
@@ -81,7 +82,31 @@ class Attached:
             resp.release()
             raise error_from(resp.status, body)
         self._resp = resp
+        # aiohttp can miss the end of a streamed response whose connection drops while the request body is
+        # still open (a restarted daemon): the connection's own "closed" future is watched as well.
+        conn = resp.connection
+        self._closed = conn.protocol.closed if conn is not None and conn.protocol is not None else None
         self.exec_id = resp.headers.get("X-Shoal-Exec-Id", "")
+
+    async def _next_chunk(self, content: aiohttp.StreamReader) -> bytes:
+        """The next bytes of the response; ``b""`` at its end, also when the connection is gone."""
+        data = content.read_nowait()
+        if data or content.at_eof() or self._closed is None:
+            return data or await content.readany()
+        read = asyncio.ensure_future(content.readany())
+        try:
+            await asyncio.wait((read, self._closed), return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                # The connection is closed: what was still in flight is delivered promptly, or never.
+                await asyncio.wait((read,), timeout=1.0)
+            if not read.done():
+                return b""
+            return read.result()
+        finally:
+            if not read.done():
+                read.cancel()
+            if self._closed.done() and not self._closed.cancelled():
+                self._closed.exception()  # retrieved: the loss is reported through the read above
 
     async def write(self, data: bytes | memoryview) -> None:
         """Queue bytes for the process's stdin (waits while the queue is full)."""
@@ -108,9 +133,12 @@ class Attached:
         exit_info = bytearray()
         try:
             while True:
-                chunk = await resp.content.readany()
+                chunk = await self._next_chunk(resp.content)
                 if not chunk:
-                    raise ConnectionError("the daemon ended a sandbox operation without its exit status")
+                    raise ConnectionError(
+                        "the shoal daemon ended a sandbox operation without its exit status (did it stop or"
+                        " restart?): run the operation again"
+                    )
                 view = memoryview(chunk)
                 pos = 0
                 while pos < len(view):
@@ -141,7 +169,10 @@ class Attached:
                     if left == 0:
                         left = -1
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
-            raise ConnectionError(f"the connection to the daemon broke off during a sandbox operation ({e})") from e
+            raise ConnectionError(
+                "the connection to the shoal daemon broke off during a sandbox operation (did the daemon stop or"
+                f" restart?): run the operation again ({e})"
+            ) from e
 
     async def finish(self) -> None:
         """After the exit: end the request body, read the response's end and release the connection."""

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from shoal.engine.manager import Manager
 from shoal.exception import AuthError, Error, InvalidError
 from shoal.server import (
-    attach,  # noqa: F401  (registers the attach route on import)
+    attach,  # registers the attach route on import
     routes,
     routes_images,  # noqa: F401  (registers the image store routes on import)
     routes_secrets,  # noqa: F401  (registers the secret routes on import)
@@ -89,4 +89,5 @@ def build_app(manager: Manager, token: str) -> web.Application:
     app[routes.MANAGER] = manager
     app[TOKEN] = token
     install(app, _wrap)
+    attach.install(app)
     return app

@@ -13,6 +13,8 @@ stdin, output and wait calls that is four or five requests per operation.  Here 
 
 The process is bound to the request: when the client goes away (its body breaks off, or the response cannot be
 written), stdin is closed and the process is killed after ``KILL_GRACE`` seconds if it has not ended by then.
+When the daemon stops, its sessions are cut off without an exit record (the client sees a broken connection, not
+an end the process never had); the next daemon kills the processes they leave, which it does not know.
 
 Trust: the caller is an authenticated API client.  The process's output is the sandbox's (hostile) bytes; they
 are carried inside records this module frames, so nothing a sandbox prints can end the response early or forge
@@ -48,6 +50,9 @@ CHUNK = 1 << 20
 KILL_GRACE = 2.0
 """Seconds an abandoned process gets to end by itself once its stdin is closed."""
 
+SESSIONS = web.AppKey("attach_sessions", set["_Session"])
+"""The attach sessions in progress, so a stopping daemon can cut them off."""
+
 _reapers: set[asyncio.Task[None]] = set()
 
 
@@ -76,10 +81,19 @@ class _Session:
         self.body = body
         self.resp = resp
         self.client_gone = False
-
-    async def run(self) -> None:
+        self.stopping = False
+        """The daemon is stopping: leave the process as it is (stdin open) for the next daemon."""
         handler = asyncio.current_task()
         assert handler is not None
+        self.handler = handler
+
+    def cut_off(self) -> None:
+        """End this session without an exit record, leaving the process alone (the daemon is stopping)."""
+        self.stopping = True
+        self.handler.cancel()
+
+    async def run(self) -> None:
+        handler = self.handler
         pump = asyncio.create_task(self._pump_stdin(handler))
         finished = False
         try:
@@ -103,7 +117,7 @@ class _Session:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
-            if not finished:
+            if not finished and not self.stopping:
                 self._abandon()
 
     async def _pump_stdin(self, handler: asyncio.Task[Any]) -> None:
@@ -123,7 +137,7 @@ class _Session:
             # delivered: either way this session is over.
             self.client_gone = True
         finally:
-            if not closed:
+            if not closed and not self.stopping:
                 with contextlib.suppress(Exception):
                     await self.sb.write_stdin(self.proc.id, offset, b"", True)
         if self.client_gone:
@@ -195,5 +209,25 @@ async def attach(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "X-Shoal-Exec-Id": proc.id})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
-    await _Session(sb, proc, request.content, resp).run()
+    session = _Session(sb, proc, request.content, resp)
+    sessions = request.app[SESSIONS]
+    sessions.add(session)
+    try:
+        await session.run()
+    finally:
+        sessions.discard(session)
     return resp
+
+
+async def cut_off_sessions(app: web.Application) -> None:
+    """``on_shutdown``: cut off every attach session before the server closes its connections."""
+    sessions = app[SESSIONS]
+    for session in [*sessions]:
+        session.cut_off()
+
+
+def install(app: web.Application) -> None:
+    """Track attach sessions in ``app`` and cut them off when it shuts down."""
+    sessions: set[_Session] = set()
+    app[SESSIONS] = sessions
+    app.on_shutdown.append(cut_off_sessions)
