@@ -48,7 +48,7 @@ def measure(runs: int, builds: int) -> dict[str, list[float]]:
         events.append(event)
         original(event)
 
-    _image_build.show_step = record  # type: ignore[assignment]
+    _image_build.show_step = record
 
     def resolve(image: shoal.Image) -> float:
         t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import ssl
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from bench.harness import BenchDaemon, Stats, parse_args_as_root, run_with_daemon
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 sb = shoal.Sandbox.create(app=app, block_network=block)
                 p = sb.exec("echo", "ready")
-                with contextlib.closing(iter(p.stdout)) as chunks:
+                with contextlib.closing(cast(Any, iter(p.stdout))) as chunks:
                     next(chunks)
                 t = (time.perf_counter() - t0) * 1e3
                 sb.terminate()
@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         sb = shoal.Sandbox.create(app=app, encrypted_ports=[9000], unencrypted_ports=[9001], timeout=3600)
         try:
             srv = sb.exec("python3", "-u", "-c", SERVER)
-            with contextlib.closing(iter(srv.stdout)) as chunks:
+            with contextlib.closing(cast(Any, iter(srv.stdout))) as chunks:
                 next(chunks)
             # The unencrypted tunnel needs the same server on 9001: a second instance.
             srv2 = sb.exec("python3", "-u", "-c", SERVER.replace("9000", "9001"))
-            with contextlib.closing(iter(srv2.stdout)) as chunks:
+            with contextlib.closing(cast(Any, iter(srv2.stdout))) as chunks:
                 next(chunks)
             tunnels = sb.tunnels()
             ctx = ssl.create_default_context(cafile=str(daemon.data_dir / "tls" / "ca.pem"))
