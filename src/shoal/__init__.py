@@ -9,6 +9,7 @@ from shoal.sdk.app import App
 from shoal.sdk.file_io import FileIO
 from shoal.sdk.image import Image
 from shoal.sdk.output import enable_output
+from shoal.sdk.probe import Probe
 from shoal.sdk.process import ContainerProcess
 from shoal.sdk.sandbox import Sandbox
 from shoal.sdk.secret import Secret
@@ -29,6 +30,7 @@ __all__ = [
     "FileWatchEvent",
     "FileWatchEventType",
     "Image",
+    "Probe",
     "Sandbox",
     "Secret",
     "StreamReader",

@@ -760,7 +760,8 @@ def test_file_operation_processes_hold_nothing_of_pid_1(sandbox):
             t for t in fds.values() if t.endswith("/tmp/held")
         ]
         inner = Path(f"/proc/{pid}/status").read_text().split("NSpid:")[1].split("\n")[0].split()[-1]
-        p = sandbox.exec("bash", "-c", f"cat /proc/{inner}/environ; readlink -v /proc/{inner}/fd/0; cat /proc/{inner}/mem")
+        script = f"cat /proc/{inner}/environ; readlink -v /proc/{inner}/fd/0; cat /proc/{inner}/mem"
+        p = sandbox.exec("bash", "-c", script)
         err = p.stderr.read()
         assert p.wait() != 0 and err.count("Permission denied") == 3, err
 

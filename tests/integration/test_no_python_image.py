@@ -22,7 +22,7 @@ def busybox_image(daemon, tmp_path_factory) -> shoal.Image:
     root = tmp_path_factory.mktemp("busybox-root")
     (root / "bin").mkdir()
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    for applet in ("sh", "echo", "cat", "ls", "ps", "sleep", "id", "wc", "kill"):
+    for applet in ("sh", "echo", "cat", "ls", "ps", "sleep", "id", "wc", "kill", "nc"):
         os.symlink("busybox", root / "bin" / applet)
     for d in ("tmp", "proc", "sys", "dev", "etc"):
         (root / d).mkdir()
@@ -71,3 +71,16 @@ def test_entrypoint_streams_of_a_sandbox_without_one_end_with_it(app, busybox_im
     sb.terminate()
     assert sb.stdout.read() == ""
     assert sb.stderr.read() == ""
+
+
+def test_tcp_readiness_probe_without_any_tools(app, busybox_image):
+    # The TCP probe is the agent's own connect: it needs nothing from the image.
+    sb = shoal.Sandbox.create(
+        "sh", "-c", "sleep 1; nc -l -p 8000", app=app, image=busybox_image, readiness_probe=shoal.Probe.with_tcp(8000)
+    )
+    try:
+        sb.wait_until_ready(timeout=30)
+        sb.wait(raise_on_termination=False)  # nc exits after the probe's connection: it was really reached
+        assert sb.returncode == 0
+    finally:
+        sb.terminate()

@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
@@ -808,8 +809,26 @@ static void free_finished(void) {
     }
 }
 
+/* `shoal-agent probe tcp PORT`: a readiness probe.  Exit 0 once a connection to PORT on the sandbox's
+ * loopback (IPv4, then IPv6) is accepted, 1 if refused, 2 for a bad port. */
+static int probe_tcp(const char *port_text) {
+    char *end;
+    long port = strtol(port_text, &end, 10);
+    if (!*port_text || *end || port < 1 || port > 65535) return 2;
+    struct sockaddr_in v4 = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in6 v6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port),
+                              .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&v4, sizeof v4) == 0) return 0;
+    fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&v6, sizeof v6) == 0) return 0;
+    return 1;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "fs")) return fs_main(argc - 2, argv + 2);
+    if (argc == 4 && !strcmp(argv[1], "probe") && !strcmp(argv[2], "tcp")) return probe_tcp(argv[3]);
     cmdline_area = argv[0];
     cmdline_len = (size_t)(argv[argc - 1] + strlen(argv[argc - 1]) + 1 - argv[0]);
     int initial_fd = -1;

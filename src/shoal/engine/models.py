@@ -108,6 +108,27 @@ class AppCreate(_Model):
     name: str | None = None
 
 
+class ReadinessProbe(_Model):
+    """``Sandbox.create(readiness_probe=Probe...)``: a TCP port on the sandbox's loopback, or a command."""
+
+    tcp_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    exec_argv: list[str] | None = None
+    interval_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 100
+
+    @field_validator("exec_argv")
+    @classmethod
+    def _argv(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("an exec readiness probe needs a command")
+        return None if v is None else check_argv(v, "readiness probe command")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ReadinessProbe:
+        if (self.tcp_port is None) == (self.exec_argv is None):
+            raise ValueError("a readiness probe has either tcp_port or exec_argv")
+        return self
+
+
 class CreateSandbox(_Model):
     """``Sandbox.create``."""
 
@@ -136,6 +157,7 @@ class CreateSandbox(_Model):
     h2_ports: list[int] = []
     unencrypted_ports: list[int] = []
     volumes: Annotated[list[VolumeMount], Field(max_length=64)] = []
+    readiness_probe: ReadinessProbe | None = None
 
     @field_validator("args")
     @classmethod

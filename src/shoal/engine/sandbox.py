@@ -108,6 +108,9 @@ class Sandbox:
         self.link: AgentLink | None = None
         self.connected = asyncio.Event()
         self.finished = asyncio.Event()
+        self.ready = False
+        """Whether the readiness probe has succeeded (``shoal.engine.readiness``)."""
+        self.probe_lock = asyncio.Lock()
         if self.state == FINISHED:
             self.finished.set()
         self.last_activity = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import time
 import uuid
@@ -17,14 +18,15 @@ from shoal.exception import (
     NotFoundError,
     SandboxTerminatedError,
     SandboxTimeoutError,
-    UnimplementedError,
 )
+from shoal.exception import TimeoutError as NotReadyError
 from shoal.gpu import request as gpu_request
 from shoal.sdk import _snapshots, file_io
 from shoal.sdk._sync import live_function, live_generator, live_method, live_method_generator
 from shoal.sdk.app import App
 from shoal.sdk.filesystem import SandboxFilesystem
 from shoal.sdk.image import Image
+from shoal.sdk.probe import Probe
 from shoal.sdk.process import ContainerProcess
 from shoal.sdk.secret import Secret, secret_ids
 from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
@@ -36,6 +38,8 @@ from shoal.types import FileWatchEvent, FileWatchEventType
 ARG_MAX_BYTES = 1 << 16
 ENTRYPOINT_STDIN_LIMIT = 2 << 20
 WAIT_SECONDS = 10
+READY_POLL = 50.0
+"""Seconds one readiness request may wait in the daemon."""
 
 
 def _check_args(args: Sequence[Any], what: str) -> list[str]:
@@ -261,7 +265,6 @@ class Sandbox:
             "custom_domain": custom_domain is not None,
             "proxy": proxy is not None,
             "include_oidc_identity_token": include_oidc_identity_token,
-            "readiness_probe": readiness_probe is not None,
             "verbose": verbose,
             "_experimental_enable_snapshot": _experimental_enable_snapshot,
             "pty": pty,
@@ -269,6 +272,11 @@ class Sandbox:
         for key, given in unsupported.items():
             if given:
                 raise _not_supported(key, "this feature is not implemented yet; leave it unset")
+        if readiness_probe is not None and not isinstance(readiness_probe, Probe):
+            raise InvalidError(
+                "readiness_probe must be a shoal.Probe: Probe.with_tcp(port) or Probe.with_exec(*argv), got"
+                f" {type(readiness_probe).__name__}"
+            )
         cpu_req, cpu_lim = _resources(cpu, "cpu")
         mem_req, mem_lim = _resources(memory, "memory")
         plain_env, secret_env = _merge_env(env, secrets)
@@ -302,6 +310,7 @@ class Sandbox:
             "encrypted_ports": _ports(encrypted_ports, "encrypted_ports"),
             "h2_ports": _ports(h2_ports, "h2_ports"),
             "unencrypted_ports": _ports(unencrypted_ports, "unencrypted_ports"),
+            "readiness_probe": None if readiness_probe is None else readiness_probe._body(),
         }
         try:
             info = await c.request("POST", "/v1/sandboxes", json_body=body, idempotent=False)
@@ -519,11 +528,6 @@ class Sandbox:
             raise InvalidError("tags must be a dict of str to str")
         await self._client.request("PUT", f"/v1/sandboxes/{self._id}/tags", json_body={"tags": tags})
 
-    # ------------------------------------------------------------------ not yet
-
-    def _later(self, what: str) -> UnimplementedError:
-        return UnimplementedError(f"{what} is not supported by this shoal version yet")
-
     @live_method
     async def tunnels(self, timeout: int = 50) -> dict[int, Tunnel]:
         """Tunnels to the ports declared at create (``encrypted_ports``, ``h2_ports``, ``unencrypted_ports``).
@@ -611,5 +615,21 @@ class Sandbox:
 
     @live_method
     async def wait_until_ready(self, *, timeout: int = 300) -> None:
-        """Wait for the readiness probe."""
-        raise self._later("sb.wait_until_ready()")
+        """Wait until the sandbox's ``readiness_probe`` succeeds (it runs inside the sandbox while you wait).
+
+        Raises InvalidError without a probe or for ``timeout <= 0``, ConflictError once the sandbox has finished,
+        and ``shoal.exception.TimeoutError`` if it is not ready within ``timeout`` seconds.
+        """
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise InvalidError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise NotReadyError(f"Sandbox {self._id} did not become ready within {timeout} s")
+            answer = await self._client.request(
+                "POST", f"/v1/sandboxes/{self._id}/ready", params={"timeout": f"{min(left, READY_POLL):.3f}"}
+            )
+            if answer.get("ready"):
+                return

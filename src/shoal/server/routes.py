@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from shoal import __version__ as version
+from shoal.engine import readiness
 from shoal.engine.manager import Manager
 from shoal.engine.models import (
     AppCreate,
@@ -219,6 +220,21 @@ async def wait_sandbox(request: web.Request) -> SandboxInfo:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sb.finished.wait(), timeout)
     return sb.info()
+
+
+@route(
+    "POST",
+    "/v1/sandboxes/{sandbox_id}/ready",
+    summary=(
+        'Wait (long poll) until the sandbox\'s readiness probe succeeds: {"ready": bool}; InvalidError without a'
+        " probe, ConflictError once the sandbox has finished"
+    ),
+    query={"timeout": "seconds to wait at most (default 10, at most 60)"},
+)
+async def wait_ready(request: web.Request) -> dict[str, Any]:
+    mgr = _mgr(request)
+    sb = mgr.get(request.match_info["sandbox_id"])
+    return {"ready": await readiness.wait_ready(mgr, sb, _float(request, "timeout", 10.0, MAX_WAIT))}
 
 
 @route(
