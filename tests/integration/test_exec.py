@@ -264,3 +264,21 @@ def test_background_process_survives_its_exec(sandbox):
     sandbox.exec("bash", "-c", "nohup sleep 60 >/dev/null 2>&1 &").wait()
     p = sandbox.exec("bash", "-c", "pgrep -x sleep")
     assert p.wait() == 0
+
+
+def test_exec_on_a_pty_merges_stderr_into_stdout(sandbox):
+    p = sandbox.exec("bash", "-c", "tty; test -t 0 && test -t 1 && test -t 2 && echo all-tty; echo err >&2", pty=True)
+    out = p.stdout.read()
+    assert p.wait() == 0
+    assert out.replace("\r\n", "\n").split("\n")[1:] == ["all-tty", "err", ""]
+    assert out.startswith("/dev/pts/")
+    assert p.stderr.read() == ""
+
+
+def test_entrypoint_on_a_pty(app):
+    sb = shoal.Sandbox.create("bash", "-c", "tty; echo out; echo err >&2; exit 3", app=app, pty=True)
+    sb.wait()
+    assert sb.returncode == 3
+    out = sb.stdout.read().replace("\r\n", "\n")
+    assert out.startswith("/dev/pts/") and out.endswith("out\nerr\n")
+    assert sb.stderr.read() == ""

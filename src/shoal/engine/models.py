@@ -158,6 +158,8 @@ class CreateSandbox(_Model):
     unencrypted_ports: list[int] = []
     volumes: Annotated[list[VolumeMount], Field(max_length=64)] = []
     readiness_probe: ReadinessProbe | None = None
+    pty: bool = False
+    """Run the entrypoint on a pseudo-terminal (its stderr then arrives merged into stdout)."""
 
     @field_validator("args")
     @classmethod

@@ -229,7 +229,7 @@ class Sandbox:
             if argv:
                 self._start_process(
                     ENTRYPOINT_ID,
-                    ExecRequest(args=argv, workdir=workdir or image.workdir),
+                    ExecRequest(args=argv, workdir=workdir or image.workdir, pty=req.pty),
                     entrypoint=True,
                 )
             else:

@@ -267,7 +267,6 @@ class Sandbox:
             "include_oidc_identity_token": include_oidc_identity_token,
             "verbose": verbose,
             "_experimental_enable_snapshot": _experimental_enable_snapshot,
-            "pty": pty,
         }
         for key, given in unsupported.items():
             if given:
@@ -311,6 +310,7 @@ class Sandbox:
             "h2_ports": _ports(h2_ports, "h2_ports"),
             "unencrypted_ports": _ports(unencrypted_ports, "unencrypted_ports"),
             "readiness_probe": None if readiness_probe is None else readiness_probe._body(),
+            "pty": bool(pty),
         }
         try:
             info = await c.request("POST", "/v1/sandboxes", json_body=body, idempotent=False)
