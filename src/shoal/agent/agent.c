@@ -21,6 +21,7 @@
  * Integers inside fields are u64.  See shoal/agent/protocol.py.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <grp.h>
 #include <fcntl.h>
@@ -334,6 +335,24 @@ int fs_main(int argc, char **argv); /* fstool.c: `shoal-agent fs ...`, the files
  * again (the exec is ~0.35 ms, most of a small file operation).  It drops what it copied from PID 1 first: the
  * reconnection token and every descriptor beyond stdio (closing errfd tells the parent that it started).  It
  * stays non-dumpable, so nothing else in the sandbox can read the rest of PID 1's memory that it holds. */
+/* Close every descriptor above 2: close_range, else (older kernels, gVisor) what /proc/self/fd lists. */
+static void close_above_stdio(void) {
+    if (close_range(3, ~0U, 0) == 0) return;
+    for (;;) {
+        DIR *d = opendir("/proc/self/fd");
+        if (!d) _exit(126);
+        int found[256], n = 0;
+        struct dirent *e;
+        while ((e = readdir(d)) && n < 256) {
+            int fd = atoi(e->d_name);
+            if (fd > 2 && fd != dirfd(d)) found[n++] = fd;
+        }
+        closedir(d);
+        if (!n) return;
+        for (int i = 0; i < n; i++) close(found[i]);
+    }
+}
+
 static char *cmdline_area;  /* PID 1's own argv strings: what /proc/PID/cmdline shows for it and its forks */
 static size_t cmdline_len;
 
@@ -352,8 +371,7 @@ static void run_fs_tool(char **argv) {
         memset(cmdline_area + at, 0, cmdline_len - at);
         cmdline_area[cmdline_len - 1] = 0;
     }
-    if (close_range(3, ~0U, 0) != 0)
-        for (int fd = 3; fd < 65536; fd++) close(fd);
+    close_above_stdio();
     int argc = 0;
     while (argv[argc]) argc++;
     exit(fs_main(argc - 2, argv + 2));
