@@ -649,3 +649,46 @@ def test_seed_llm_code_execution(daemon):
 
     result = execute_llm_code("import numpy as np, pandas as pd\nprint(int(np.arange(4).sum()), len(pd.DataFrame()))")
     assert result == {"stdout": "6 0\n", "stderr": "", "returncode": 0}
+
+
+def test_from_scratch_holds_only_what_is_added(app, tmp_path, token):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "f.txt").write_text(token)
+    image = shoal.Image.from_scratch().add_local_dir(data, "/data")
+    # Mounted into a running sandbox: exactly the added files.
+    sb = shoal.Sandbox.create(app=app)
+    try:
+        sb.mount_image("/mnt/scratch", image)
+        p = sb.exec("bash", "-c", "cd /mnt/scratch && find . | sort && cat data/sub/f.txt")
+        assert p.stdout.read() == f".\n./data\n./data/sub\n./data/sub/f.txt\n{token}"
+    finally:
+        sb.terminate()
+    # As a sandbox's own root it has no shell, but shoal's agent (and with it the file API) still works.
+    bare = shoal.Sandbox.create(app=app, image=image)
+    try:
+        assert bare.exec("ls", "/").wait() == 127
+        assert bare.filesystem.read_text("/data/sub/f.txt") == token
+        bare.filesystem.write_text("written", "/new.txt")
+        names = {e.path for e in bare.filesystem.list_files("/")}
+        assert {"/data", "/new.txt"} <= names and "/bin" not in names and "/usr" not in names
+    finally:
+        bare.terminate()
+
+
+def test_pipe_and_imports(app):
+    def with_env(image: shoal.Image, name: str, value: str) -> shoal.Image:
+        return image.env({name: value})
+
+    image = shoal.Image.debian_slim().pipe(with_env, "PIPED", "yes")
+    sb = shoal.Sandbox.create(app=app, image=image)
+    try:
+        assert sb.exec("printenv", "PIPED").stdout.read() == "yes\n"
+    finally:
+        sb.terminate()
+    with pytest.raises(shoal.exception.InvalidError, match="must return an Image"):
+        shoal.Image.debian_slim().pipe(lambda image: None)
+    with image.imports():
+        import shoal_module_only_in_the_image  # noqa: F401
+    with pytest.raises(ZeroDivisionError), image.imports():
+        _ = 1 / 0

@@ -75,9 +75,10 @@ class _Model(BaseModel):
 
 
 class ImageRef(_Model):
-    """Which image a sandbox runs: the base image for a Python version, or an image id."""
+    """Which image a sandbox runs: the base image for a Python version, an image id, a registry image, or an
+    empty one (``scratch``)."""
 
-    kind: Literal["debian_slim", "id", "registry"] = "debian_slim"
+    kind: Literal["debian_slim", "id", "registry", "scratch"] = "debian_slim"
     python_version: str | None = None
     image_id: str | None = None
     registry: RegistrySource | None = None

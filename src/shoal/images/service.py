@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import shutil
 import time
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from shoal.images.registry import Registry
 
 LogFn = Callable[[str], None]
+SCRATCH = {"kind": "scratch", "v": 1}
+"""What identifies the empty image."""
 
 
 class ImageService:
@@ -59,6 +63,12 @@ class ImageService:
                 if not self.store.exists(layer):
                     raise NotFoundError(f"image {ref.image_id} lost its layer {layer}; rebuild it")
             return row.id, cfg
+        if ref.kind == "scratch":
+            image_id = await asyncio.to_thread(self._scratch_layer)
+            cfg = ImageConfig(env={"PATH": base.BASE_ENV["PATH"]}, layers=[image_id])
+            if self.state.image(image_id) is None:
+                self.state.add_image(ImageRow(image_id, dict(SCRATCH), cfg.to_json(), time.time()))
+            return image_id, cfg
         version = base.check_python_version(ref.python_version)
         image_id = base.image_id(version)
         if not self.store.exists(image_id):
@@ -75,6 +85,17 @@ class ImageService:
         if row is None or row.config != cfg.to_json():
             self.state.add_image(ImageRow(image_id, base.recipe(version), cfg.to_json(), time.time()))
         return image_id, cfg
+
+    def _scratch_layer(self) -> str:
+        """The empty layer of ``Image.from_scratch()`` (the overlay needs a lower directory), made once."""
+        image_id = ids.from_digest("image", hashlib.sha256(json.dumps(SCRATCH, sort_keys=True).encode()).digest())
+        with self.store.lock(image_id):
+            if not self.store.exists(image_id):
+                staged = self.store.staging(image_id)
+                os.chmod(staged, 0o755)
+                shift_tree(staged, self.uid_offset)
+                self.store.publish(image_id, staged, dict(SCRATCH))
+        return image_id
 
     def lowers(self, cfg: ImageConfig) -> list[str]:
         """Overlay lower directories, topmost first."""

@@ -12,6 +12,7 @@ behaviour), which also allows build steps after them.
 
 from __future__ import annotations
 
+import contextlib
 import copy as copy_module
 import glob
 import importlib.util
@@ -19,7 +20,7 @@ import json
 import os
 import posixpath
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Self
@@ -335,6 +336,29 @@ class ImageBuilder:
         return self._with(copy_step(sources, "/root"), PendingStep({"op": "env", "vars": {"PYTHONPATH": "/root"}}))
 
     # ------------------------------------------------------------------------------------ Dockerfiles
+
+    def pipe(self, func: Callable[..., Self], *args: Any, **kwargs: Any) -> Self:
+        """``func(image, *args, **kwargs)``: chain a function of your own that adds steps.
+
+        Examples:
+            def with_tools(image, *tools):
+                return image.apt_install(*tools)
+
+            image = shoal.Image.debian_slim().pipe(with_tools, "git", "curl")
+        """
+        result = func(self, *args, **kwargs)
+        if not isinstance(result, ImageBuilder):
+            raise InvalidError(f"the function given to Image.pipe must return an Image, got {type(result).__name__}")
+        return result
+
+    def imports(self) -> contextlib.AbstractContextManager[None]:
+        """Imports of packages that only the image has: an ``ImportError`` inside the block is ignored here.
+
+        Examples:
+            with image.imports():
+                import torch  # installed in the image, maybe not on this machine
+        """
+        return contextlib.suppress(ImportError)
 
     def dockerfile_commands(
         self,

@@ -53,6 +53,17 @@ class Image(ImageBuilder):
         return Image(ref)
 
     @staticmethod
+    def from_scratch(force_build: bool = False) -> Image:
+        """An empty image: nothing but what you add (``add_local_*``), e.g. to ``sb.mount_image`` data.
+
+        A sandbox can run it too (shoal's agent needs nothing from the image), though it has no shell or tools.
+        """
+        ref: dict[str, Any] = {"kind": "scratch"}
+        if force_build:
+            ref["force_build"] = True
+        return Image(ref)
+
+    @staticmethod
     def from_id(image_id: str, client: Any = None) -> Image:
         """An image the daemon already has (from ``shoal image ls`` or ``image.object_id``)."""
         if not isinstance(image_id, str) or not image_id.startswith("im-"):
