@@ -547,6 +547,10 @@ def test_image_user_runs_every_process(app):
         assert sh(sb, "touch /etc/not-allowed")[0] != 0  # really not root
         sb.filesystem.write_text("hi", "/home/worker/via-api")
         assert sh(sb, "stat -c %U /home/worker/via-api")[1] == "worker\n"
+        with pytest.raises(shoal.exception.SandboxFilesystemPermissionError):
+            sb.filesystem.write_text("x", "/etc/not-allowed-either")
+        with pytest.raises(PermissionError):
+            sb.open("/etc/shadow").read()
     finally:
         sb.terminate()
     missing = shoal.Image.debian_slim().dockerfile_commands("USER nobody-here")
