@@ -579,6 +579,87 @@ def test_allowlist_validation_errors(net):
         shoal.Sandbox.create(app=app, cidr_allowlist=["10.0.0.0/8"], outbound_cidr_allowlist=["10.0.0.0/8"])
 
 
+ECHO_SERVER = r"""
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(16)
+print("ready", flush=True)
+def serve(c):
+    with c:
+        while data := c.recv(4096):
+            c.sendall(data)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+KEEP_TALKING = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+while True:
+    try:
+        s.sendall(b"ping")
+        if not s.recv(16):
+            raise ConnectionResetError(0, "closed by the peer")
+        print("ok", flush=True)
+    except OSError as e:
+        print("cut", e.errno, flush=True)
+        break
+    time.sleep(0.1)
+"""
+
+
+def test_outbound_policy_replaced_at_run_time(net, sandboxes):
+    for host in (net.web, net.other):
+        host.start(ECHO_SERVER, "9100")
+    sb = create(net, sandboxes)
+    keepers = {}
+    for name, host in (("web", net.web), ("other", net.other)):
+        p = sb.exec("python3", "-u", "-c", KEEP_TALKING, host.ip, "9100", timeout=120)
+        lines = iter(p.stdout)
+        assert next(lines) == "ok\n"
+        keepers[name] = (p, lines)
+
+    sb._experimental_set_outbound_network_policy(outbound_cidr_allowlist=[f"{net.web.ip}/32"])
+    # The connection the policy no longer allows is cut; the allowed one goes on.
+    p, lines = keepers["other"]
+    assert next(line for line in lines if not line.startswith("ok")).startswith("cut")
+    assert p.wait() == 0
+    p, lines = keepers["web"]
+    assert [next(lines) for _ in range(5)] == ["ok\n"] * 5
+    assert fetch(sb, f"http://{net.web.ip}:8000/") == {"body": f"hello from {net.web.netns}\n"}
+    assert fetch(sb, f"http://{net.other.ip}:8000/")["errno"] == errno.EHOSTUNREACH
+
+    # By name instead: only what allowed names resolve to, and the web connection is cut now.
+    sb._experimental_set_outbound_network_policy(outbound_domain_allowlist=["other.shoal.test"])
+    assert next(line for line in lines if not line.startswith("ok")).startswith("cut")
+    assert "error" in resolve(sb, "web.shoal.test")
+    assert fetch(sb, f"http://{net.web.ip}:8000/")["errno"] == errno.EHOSTUNREACH
+    assert fetch(sb, "http://other.shoal.test:8000/") == {"body": f"hello from {net.other.netns}\n"}
+
+    # Open again; the always-denied destinations stay denied.
+    sb._experimental_set_outbound_network_policy()
+    assert "body" in fetch(sb, f"http://{net.web.ip}:8000/")
+    assert "body" in fetch(sb, f"http://{net.other.ip}:8000/")
+    assert connect(sb, gateway(sb), net.api_port) == {"errno": errno.EHOSTUNREACH}
+    # A sandbox beside it never changed.
+    assert "body" in fetch(create(net, sandboxes), f"http://{net.other.ip}:8000/")
+
+
+def test_outbound_policy_change_errors(net, sandboxes):
+    sb = create(net, sandboxes)
+    with pytest.raises(InvalidError, match="not a valid CIDR"):
+        sb._experimental_set_outbound_network_policy(outbound_cidr_allowlist=["10.0.0.300/8"])
+    with pytest.raises(InvalidError, match="list of strings"):
+        sb._experimental_set_outbound_network_policy(outbound_domain_allowlist="example.com")
+    blocked = create(net, sandboxes, block_network=True)
+    with pytest.raises(InvalidError, match="no network"):
+        blocked._experimental_set_outbound_network_policy(outbound_cidr_allowlist=[])
+    sb.terminate(wait=True)
+    with pytest.raises(shoal.exception.ConflictError, match="not running"):
+        sb._experimental_set_outbound_network_policy()
+
+
 # ---------------------------------------------------------------- (c) tunnels
 
 BIG_BLOCK_SEED, BIG_BLOCKS = 7, 100  # 100 blocks of 1 MiB: the "100 MB download"
@@ -955,6 +1036,8 @@ def test_tunnels_and_policy_survive_a_restart_and_a_crash_leaves_nothing(own_dae
     stray = f"sv{netid}fa0"
     table = f"inet shoal_{netid}"
 
+    keep._experimental_set_outbound_network_policy(outbound_cidr_allowlist=["198.18.0.0/16"])  # replaces /15
+
     d.stop(signal.SIGKILL)
     os.kill(init_pid(d, gone), signal.SIGKILL)
     (d.runtime_dir / "net" / "sb-strayStrayStrayStray12.json").write_text(
@@ -981,6 +1064,8 @@ def test_tunnels_and_policy_survive_a_restart_and_a_crash_leaves_nothing(own_dae
         s.sendall(b"still here")
         assert s.recv(100) == b"STILL HERE"
     assert "restricted" in run("nft", "list", "set", *table.split(), "restricted")
+    cidrs = run("nft", "list", "set", *table.split(), "allow_cidr")
+    assert "198.18.0.0/16" in cidrs and "198.18.0.0/15" not in cidrs  # the policy set at run time, not at create
     assert connect(keep, "192.0.2.1", 80)["errno"] == errno.EHOSTUNREACH
     keep.terminate()
 

@@ -109,6 +109,23 @@ class AppCreate(_Model):
     name: str | None = None
 
 
+class NetworkPolicy(_Model):
+    """``sb._experimental_set_outbound_network_policy``: the allowlists that replace a sandbox's (None: open)."""
+
+    outbound_cidr_allowlist: list[str] | None = None
+    outbound_domain_allowlist: list[str] | None = None
+
+    @field_validator("outbound_cidr_allowlist")
+    @classmethod
+    def _cidrs(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else policy.check_cidrs(v, "outbound_cidr_allowlist")
+
+    @field_validator("outbound_domain_allowlist")
+    @classmethod
+    def _domains(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else policy.check_domains(v)
+
+
 class ReadinessProbe(_Model):
     """``Sandbox.create(readiness_probe=Probe...)``: a TCP port on the sandbox's loopback, or a command."""
 

@@ -17,7 +17,11 @@ match packets arriving from or leaving through this daemon's sandbox links,
 - IPv6 from sandboxes is dropped (they have IPv4 networking only);
 - a sandbox with an outbound allowlist reaches only its listed CIDRs and the
   addresses its allowed names resolved to (pinned by the DNS forwarder, with a
-  timeout); established connections outlive a pin's expiry.
+  timeout); established connections outlive a pin's expiry.  When its policy
+  is replaced at run time, the connections it no longer allows lose their
+  conntrack entries (``Network.set_policy``); their next packets then meet
+  the allowlist again, and a mid-stream TCP packet is refused with a reset so
+  the process sees the cut at once (a new connection gets "unreachable").
 New connections into a sandbox from outside the host are dropped.
 """
 
@@ -124,6 +128,7 @@ def table_body(names: NetNames, extra_deny: Iterable[str]) -> str:
     chain restricted {{
         ip saddr . ip daddr @allow_cidr accept
         ip saddr . ip daddr @allow_pin accept
+        tcp flags & (syn | ack) != syn reject with tcp reset
         jump deny
     }}
     chain deny {{

@@ -31,16 +31,18 @@ import json
 import logging
 import os
 import random
+import re
 import ssl
 import stat
 import string
+import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shoal.exception import InvalidError, SandboxTimeoutError
+from shoal.exception import InvalidError, SandboxTimeoutError, ServiceError
 from shoal.network import ruleset
 from shoal.network.config import NetworkConfig, parse_upstream
 from shoal.network.dns import Client, DnsForwarder
@@ -522,6 +524,66 @@ class Network:
             await self._run(self._nft_run, ruleset.add_pins(self.names, ip, {**fresh, **stale}))
         for a, s in {**fresh, **stale}.items():
             known[a] = now + s
+
+    async def set_policy(self, sandbox_id: str, cidrs: list[str] | None, domains: list[str] | None) -> None:
+        """Replace a running sandbox's outbound allowlists (both None: open to the internet again) and cut the
+        connections the new policy does not allow (``sb._experimental_set_outbound_network_policy``).
+
+        Addresses pinned by earlier lookups are dropped with the old policy: a connection to a host allowed by
+        name is cut too, and the next lookup of an allowed name pins it again.
+        """
+        att = self.attached.get(sandbox_id)
+        if att is None or self.names is None:
+            raise InvalidError(
+                "this sandbox has no network (block_network=True, or the daemon runs with networking off):"
+                " there is no outbound policy to set"
+            )
+        pending = self._pending.get(sandbox_id)
+        if pending is not None:
+            await pending
+        new = replace(
+            att,
+            restricted=cidrs is not None or domains is not None,
+            cidrs=list(cidrs or []),
+            domains=list(domains) if domains is not None else None,
+        )
+        await self._run(self._replace_policy, att, new, self.pins.pop(att.ip, {}))
+        self._remember(sandbox_id, new)
+        (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(new)))
+        if new.restricted:
+            await self._run(self._cut_disallowed, new)
+
+    def _replace_policy(self, old: Attachment, new: Attachment, pins: dict[ipaddress.IPv4Address, float]) -> None:
+        assert self.names is not None and self.nft is not None
+        for addr in pins:
+            with contextlib.suppress(NftError):  # it may have expired meanwhile
+                self.nft.run(ruleset.delete_pins(self.names, old.address, [addr]))
+        cmds = ruleset.remove_restricted(self.names, old.address, old.cidrs) if old.restricted else ""
+        if new.restricted:
+            cmds += ruleset.add_restricted(self.names, new.address, new.cidrs)
+        if cmds:
+            self.nft.run(cmds)
+
+    def _cut_disallowed(self, att: Attachment) -> None:
+        """Delete the conntrack entries of the sandbox's connections to destinations its CIDRs do not cover."""
+        assert self.names is not None
+        allowed = [ipaddress.IPv4Network(c) for c in att.cidrs]
+        try:
+            listing = subprocess.run(
+                ["conntrack", "-L", "-f", "ipv4", "-s", att.ip], capture_output=True, text=True, check=False
+            )
+        except FileNotFoundError:
+            raise ServiceError(
+                "the new outbound policy is in place, but open connections could not be cut: the conntrack tool is"
+                " missing (make setup installs it)"
+            ) from None
+        # Each line holds the original direction first ("src=SANDBOX dst=DESTINATION ..."), then the reply's.
+        destinations = {m.group(1) for line in listing.stdout.splitlines() if (m := re.search(r"\bdst=(\S+)", line))}
+        for dst in sorted(destinations):
+            addr = ipaddress.IPv4Address(dst)
+            if addr == self.names.gateway or any(addr in net for net in allowed):
+                continue
+            subprocess.run(["conntrack", "-D", "-f", "ipv4", "-s", att.ip, "-d", dst], capture_output=True, check=False)
 
     def attachment(self, sandbox_id: str) -> Attachment | None:
         """A sandbox's attachment, if it has networking."""

@@ -614,6 +614,26 @@ class Sandbox:
         await self._client.request("POST", f"/v1/sandboxes/{self._id}/reload_volumes")
 
     @live_method
+    async def _experimental_set_outbound_network_policy(
+        self,
+        *,
+        outbound_cidr_allowlist: Sequence[str] | None = None,
+        outbound_domain_allowlist: Sequence[str] | None = None,
+    ) -> None:
+        """Replace the sandbox's outbound allowlists while it runs; with neither, it may reach the internet again.
+
+        Open connections the new policy does not allow are cut (a connection to a host allowed by name is cut
+        too; the next lookup of the name opens it again).  The always-denied destinations (the host, other
+        sandboxes, cloud metadata) stay denied whatever the policy.
+        """
+        self._check_attached()
+        body = {
+            "outbound_cidr_allowlist": _str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),
+            "outbound_domain_allowlist": _str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
+        }
+        await self._client.request("POST", f"/v1/sandboxes/{self._id}/network_policy", json_body=body)
+
+    @live_method
     async def wait_until_ready(self, *, timeout: int = 300) -> None:
         """Wait until the sandbox's ``readiness_probe`` succeeds (it runs inside the sandbox while you wait).
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from shoal import __version__ as version
 from shoal.engine import readiness
 from shoal.engine.manager import Manager
+from shoal.engine.sandbox import RUNNING
 from shoal.engine.models import (
     AppCreate,
     AppLookup,
@@ -21,6 +22,7 @@ from shoal.engine.models import (
     ExecRequest,
     ImageRef,
     ImportRootfs,
+    NetworkPolicy,
     SandboxInfo,
     TagsUpdate,
     WaitResult,
@@ -235,6 +237,24 @@ async def wait_ready(request: web.Request) -> dict[str, Any]:
     mgr = _mgr(request)
     sb = mgr.get(request.match_info["sandbox_id"])
     return {"ready": await readiness.wait_ready(mgr, sb, _float(request, "timeout", 10.0, MAX_WAIT))}
+
+
+@route(
+    "POST",
+    "/v1/sandboxes/{sandbox_id}/network_policy",
+    summary=(
+        "Replace a running sandbox's outbound allowlists (both null: open) and cut the connections the new policy"
+        " does not allow"
+    ),
+    body=NetworkPolicy,
+)
+async def set_network_policy(request: web.Request, body: NetworkPolicy) -> dict[str, Any]:
+    mgr = _mgr(request)
+    sb = mgr.get(request.match_info["sandbox_id"])
+    if sb.state != RUNNING:
+        raise ConflictError(f"Sandbox {sb.id} is not running: its network policy can no longer change")
+    await mgr.network.set_policy(sb.id, body.outbound_cidr_allowlist, body.outbound_domain_allowlist)
+    return {}
 
 
 @route(
