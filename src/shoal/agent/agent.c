@@ -331,16 +331,16 @@ int fs_main(int argc, char **argv); /* fstool.c: `shoal-agent fs ...`, the files
 
 #define SELF_PATH "/.shoal/bin/shoal-agent"
 
-/* The filesystem tool is this very program: a forked child runs it directly instead of exec'ing the binary
- * again (the exec is ~0.35 ms, most of a small file operation).  It drops what it copied from PID 1 first: the
- * reconnection token and every descriptor beyond stdio (closing errfd tells the parent that it started).  It
- * stays non-dumpable, so nothing else in the sandbox can read the rest of PID 1's memory that it holds. */
 /* Close every descriptor above 2: close_range, else (older kernels, gVisor) what /proc/self/fd lists. */
 static void close_above_stdio(void) {
     if (close_range(3, ~0U, 0) == 0) return;
     for (;;) {
         DIR *d = opendir("/proc/self/fd");
-        if (!d) _exit(126);
+        if (!d) {
+            static const char msg[] = "shoal-agent: cannot close inherited descriptors (no /proc)\n";
+            (void)!write(2, msg, sizeof msg - 1);
+            _exit(126);
+        }
         int found[256], n = 0;
         struct dirent *e;
         while ((e = readdir(d)) && n < 256) {
@@ -356,6 +356,10 @@ static void close_above_stdio(void) {
 static char *cmdline_area;  /* PID 1's own argv strings: what /proc/PID/cmdline shows for it and its forks */
 static size_t cmdline_len;
 
+/* The filesystem tool is this very program: a forked child runs it directly instead of exec'ing the binary
+ * again (the exec is ~0.35 ms, most of a small file operation).  It drops what it copied from PID 1 first: the
+ * reconnection token and every descriptor beyond stdio (closing errfd tells the parent that it started).  It
+ * stays non-dumpable, so nothing else in the sandbox can read the rest of PID 1's memory that it holds. */
 static void run_fs_tool(char **argv) {
     explicit_bzero(token, sizeof token);
     token_len = 0;

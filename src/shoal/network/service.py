@@ -105,6 +105,7 @@ class Network:
         self.pins: dict[str, dict[ipaddress.IPv4Address, float]] = {}
         self._next = 2
         self._pending: dict[str, asyncio.Future[None]] = {}
+        self._policy_locks: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ daemon lifecycle
 
@@ -488,6 +489,7 @@ class Network:
         tunnels = self.tunnels.pop(sandbox_id, None)
         if tunnels is not None:
             await tunnels.close()
+        self._policy_locks.pop(sandbox_id, None)
         att = self._forget(sandbox_id)
         if att is not None and att.restricted:
             await self._run(self._teardown, att, self.pins.pop(att.ip, {}))
@@ -541,17 +543,21 @@ class Network:
         pending = self._pending.get(sandbox_id)
         if pending is not None:
             await pending
-        new = replace(
-            att,
-            restricted=cidrs is not None or domains is not None,
-            cidrs=list(cidrs or []),
-            domains=list(domains) if domains is not None else None,
-        )
-        await self._run(self._replace_policy, att, new, self.pins.pop(att.ip, {}))
-        self._remember(sandbox_id, new)
-        (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(new)))
-        if new.restricted:
-            await self._run(self._cut_disallowed, new)
+        async with self._policy_locks.setdefault(sandbox_id, asyncio.Lock()):
+            old = self.attached.get(sandbox_id)
+            if old is None:
+                raise InvalidError("the sandbox has stopped: there is no outbound policy to set")
+            new = replace(
+                old,
+                restricted=cidrs is not None or domains is not None,
+                cidrs=list(cidrs or []),
+                domains=list(domains) if domains is not None else None,
+            )
+            self._remember(sandbox_id, new)  # lookups from now on follow the new names
+            await self._run(self._replace_policy, old, new, self.pins.pop(old.ip, {}))
+            (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(new)))
+            if new.restricted:
+                await self._run(self._cut_disallowed, new)
 
     def _replace_policy(self, old: Attachment, new: Attachment, pins: dict[ipaddress.IPv4Address, float]) -> None:
         assert self.names is not None and self.nft is not None
@@ -580,7 +586,10 @@ class Network:
         # Each line holds the original direction first ("src=SANDBOX dst=DESTINATION ..."), then the reply's.
         destinations = {m.group(1) for line in listing.stdout.splitlines() if (m := re.search(r"\bdst=(\S+)", line))}
         for dst in sorted(destinations):
-            addr = ipaddress.IPv4Address(dst)
+            try:
+                addr = ipaddress.IPv4Address(dst)
+            except ValueError:
+                continue
             if addr == self.names.gateway or any(addr in net for net in allowed):
                 continue
             subprocess.run(["conntrack", "-D", "-f", "ipv4", "-s", att.ip, "-d", dst], capture_output=True, check=False)

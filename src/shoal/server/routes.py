@@ -13,7 +13,6 @@ from aiohttp import web
 from shoal import __version__ as version
 from shoal.engine import readiness
 from shoal.engine.manager import Manager
-from shoal.engine.sandbox import RUNNING
 from shoal.engine.models import (
     AppCreate,
     AppLookup,
@@ -27,6 +26,7 @@ from shoal.engine.models import (
     TagsUpdate,
     WaitResult,
 )
+from shoal.engine.sandbox import RUNNING
 from shoal.exception import ConflictError, Error, InvalidError
 from shoal.server import errors, image_wire
 from shoal.server.registry import openapi, route
