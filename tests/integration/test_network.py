@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -665,7 +666,7 @@ def test_outbound_policy_change_errors(net, sandboxes):
 BIG_BLOCK_SEED, BIG_BLOCKS = 7, 100  # 100 blocks of 1 MiB: the "100 MB download"
 
 HTTP_SERVER = r"""
-import base64, hashlib, http.server, random, socket, socketserver, struct, sys, threading
+import base64, hashlib, http.server, json, random, socket, socketserver, struct, sys, threading
 
 BLOCK = random.Random(int(sys.argv[1])).randbytes(1 << 20)
 BLOCKS = int(sys.argv[2])
@@ -698,10 +699,19 @@ class H(http.server.BaseHTTPRequestHandler):
                 size = bytes([len(reply)]) if len(reply) < 126 else b"\x7e" + struct.pack("!H", len(reply))
                 head = bytes([0x80 | op]) + size
                 self.wfile.write(head + reply); self.wfile.flush()
+        elif self.path.startswith("/headers"):
+            body = json.dumps({"path": self.path, "headers": dict(self.headers)}).encode()
+            self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+            self.wfile.write(body)
         else:
             body = f"hello from port {self.server.server_address[1]} {self.path}\n".encode()
             self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
             self.wfile.write(body)
+    def do_POST(self):
+        data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps({"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
 
 class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
@@ -1037,6 +1047,7 @@ def test_tunnels_and_policy_survive_a_restart_and_a_crash_leaves_nothing(own_dae
     table = f"inet shoal_{netid}"
 
     keep._experimental_set_outbound_network_policy(outbound_cidr_allowlist=["198.18.0.0/16"])  # replaces /15
+    creds = keep.create_connect_token(port=8004)
 
     d.stop(signal.SIGKILL)
     os.kill(init_pid(d, gone), signal.SIGKILL)
@@ -1064,6 +1075,10 @@ def test_tunnels_and_policy_survive_a_restart_and_a_crash_leaves_nothing(own_dae
         s.sendall(b"still here")
         assert s.recv(100) == b"STILL HERE"
     assert "restricted" in run("nft", "list", "set", *table.split(), "restricted")
+    # The connect-token proxy is back on its port and still knows the token (8004 speaks no HTTP: 502, not 401).
+    ctx = ssl.create_default_context(cafile=str(d.data_dir / "tls" / "ca.pem"))
+    assert _request(creds.url, ctx)[0] == 401
+    assert _request(creds.url, ctx, headers={"Authorization": f"Bearer {creds.token}"})[0] == 502
     cidrs = run("nft", "list", "set", *table.split(), "allow_cidr")
     assert "198.18.0.0/16" in cidrs and "198.18.0.0/15" not in cidrs  # the policy set at run time, not at create
     assert connect(keep, "192.0.2.1", 80)["errno"] == errno.EHOSTUNREACH
@@ -1087,3 +1102,95 @@ def test_declared_ports_and_on_demand_tunnels(net, sandboxes):
     sandboxes.append(blocked)
     with pytest.raises(shoal.exception.InvalidError, match="no network"):
         blocked.tunnels()[8080]
+
+
+def _request(url: str, ctx, method: str = "GET", path: str = "/", headers=None, body=None):
+    """(status, headers, body) of one HTTPS request."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPSConnection(u.hostname, u.port, context=ctx, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def test_connect_tokens_authenticate_and_carry_user_metadata(net, sandboxes):
+    import asyncio
+    import hashlib
+
+    import aiohttp
+
+    sb = create(net, sandboxes)
+    start_servers(sb, p8080="http")
+    creds = sb.create_connect_token(user_metadata={"user": "ada"})
+    assert creds.url.startswith("https://") and len(creds.token) >= 32
+    ctx = tls_context(net)
+    bearer = {"Authorization": f"Bearer {creds.token}"}
+
+    # No token, or a wrong one: 401, nothing reaches the sandbox.
+    assert _request(creds.url, ctx, path="/headers")[0] == 401
+    assert _request(creds.url, ctx, path="/headers", headers={"Authorization": "Bearer nope"})[0] == 401
+
+    # A bearer token: the server sees the metadata (never a client's forged copy) and not the token.
+    status, _, body = _request(
+        creds.url, ctx, path="/headers?a=1", headers={**bearer, "X-Verified-User-Data": "forged", "X-Mine": "kept"}
+    )
+    seen = json.loads(body)
+    assert status == 200 and seen["path"] == "/headers?a=1"
+    assert seen["headers"]["X-Verified-User-Data"] == '{"user": "ada"}'
+    assert seen["headers"]["X-Mine"] == "kept" and "Authorization" not in seen["headers"]
+
+    # The query parameter: stripped before the sandbox, and a cookie is set for the next requests.
+    status, headers, body = _request(creds.url, ctx, path=f"/headers?_modal_connect_token={creds.token}&b=2")
+    assert status == 200 and json.loads(body)["path"] == "/headers?b=2"
+    assert f"_modal_connect_token={creds.token}" in headers["Set-Cookie"]
+    status, _, body = _request(
+        creds.url, ctx, path="/headers", headers={"Cookie": f"theme=dark; _modal_connect_token={creds.token}"}
+    )
+    assert status == 200 and json.loads(body)["headers"]["Cookie"] == "theme=dark"
+
+    # Request bodies and WebSockets travel through the proxy intact.
+    payload = os.urandom(3 << 20)
+    status, _, body = _request(creds.url, ctx, method="POST", path="/upload", headers=bearer, body=payload)
+    assert status == 200 and json.loads(body) == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+    async def websocket() -> list[str]:
+        async with aiohttp.ClientSession() as s, s.ws_connect(creds.url + "/ws", ssl=ctx, headers=bearer) as ws:
+            out = []
+            for msg in ("hi", "x" * 1000):
+                await ws.send_str(msg)
+                out.append((await ws.receive(timeout=30)).data)
+            return out
+
+    assert asyncio.run(websocket()) == ["echo: hi", "echo: " + "x" * 1000]
+
+    # Each token carries its own metadata; a port nobody listens on answers 502.
+    other = sb.create_connect_token(user_metadata="plain text")
+    assert other.url == creds.url
+    status, _, body = _request(other.url, ctx, path="/headers", headers={"Authorization": f"Bearer {other.token}"})
+    assert json.loads(body)["headers"]["X-Verified-User-Data"] == "plain text"
+    idle = sb.create_connect_token(port=8099)
+    assert _request(idle.url, ctx, headers={"Authorization": f"Bearer {idle.token}"})[0] == 502
+
+
+def test_connect_token_errors(net, sandboxes):
+    sb = create(net, sandboxes)
+    with pytest.raises(InvalidError, match="port"):
+        sb.create_connect_token(port=0)
+    with pytest.raises(InvalidError, match="JSON"):
+        sb.create_connect_token(user_metadata={"x": object()})
+    with pytest.raises(InvalidError, match="line breaks"):
+        sb.create_connect_token(user_metadata="a\r\nX-Evil: 1")
+    with pytest.raises(InvalidError, match="no network"):
+        create(net, sandboxes, block_network=True).create_connect_token()
+    creds = sb.create_connect_token()
+    sb.terminate(wait=True)
+    with pytest.raises(shoal.exception.ConflictError, match="not running"):
+        sb.create_connect_token()
+    with pytest.raises(OSError):  # the proxy closed with the sandbox
+        _request(creds.url, tls_context(net), headers={"Authorization": f"Bearer {creds.token}"})

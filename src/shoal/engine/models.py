@@ -126,6 +126,21 @@ class NetworkPolicy(_Model):
         return None if v is None else policy.check_domains(v)
 
 
+class ConnectTokenRequest(_Model):
+    """``sb.create_connect_token``: a token for the authenticating proxy in front of ``port``."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    user_metadata: Annotated[str, Field(max_length=8192)] = ""
+    """Passed to the sandbox's server as ``X-Verified-User-Data`` with every request made with the token."""
+
+    @field_validator("user_metadata")
+    @classmethod
+    def _header_safe(cls, v: str) -> str:
+        if any(c in v for c in "\r\n\x00"):
+            raise ValueError("user_metadata must not contain line breaks or NUL (it travels as an HTTP header)")
+        return v
+
+
 class ReadinessProbe(_Model):
     """``Sandbox.create(readiness_probe=Probe...)``: a TCP port on the sandbox's loopback, or a command."""
 

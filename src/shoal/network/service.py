@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import ssl
 import stat
 import string
@@ -45,6 +46,8 @@ from typing import Any
 from shoal.exception import InvalidError, SandboxTimeoutError, ServiceError
 from shoal.network import ruleset
 from shoal.network.config import NetworkConfig, parse_upstream
+from shoal.network.connect import ConnectProxy
+from shoal.network.connect import digest as token_digest
 from shoal.network.dns import Client, DnsForwarder
 from shoal.network.netns import NetnsWorker
 from shoal.network.nft import Nft, NftError
@@ -72,6 +75,8 @@ class Attachment:
     inbound: list[str] | None = None
     ports: dict[str, dict[str, Any]] = field(default_factory=dict)
     """container port → {"kind": "encrypted"|"h2"|"unencrypted", "tls_port": n, "tcp_port": n}."""
+    connect: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """container port → {"listen": n, "tokens": {sha256 of a connect token: its user metadata}}."""
 
     @property
     def address(self) -> ipaddress.IPv4Address:
@@ -106,6 +111,8 @@ class Network:
         self._next = 2
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._policy_locks: dict[str, asyncio.Lock] = {}
+        self.connects: dict[str, dict[int, ConnectProxy]] = {}
+        """Sandbox id → container port → the connect-token proxy in front of it."""
 
     # ------------------------------------------------------------------ daemon lifecycle
 
@@ -153,6 +160,10 @@ class Network:
         for tunnels in self.tunnels.values():
             await tunnels.close()
         self.tunnels.clear()
+        for proxies in self.connects.values():
+            for proxy in proxies.values():
+                await proxy.close()
+        self.connects.clear()
         if self.dns is not None:
             await self.dns.close()
             self.dns = None
@@ -396,6 +407,8 @@ class Network:
         att = self.attached.get(sandbox_id)
         if att is not None and self.enabled:
             await self._open_tunnels(sandbox_id, att, touch)
+            for port in att.connect:
+                await self._connect_proxy(sandbox_id, att, int(port), touch)
 
     async def _open_tunnels(self, sandbox_id: str, att: Attachment, touch: Callable[[], None]) -> None:
         if not att.ports:
@@ -453,10 +466,37 @@ class Network:
             for port, spec in sorted(att.ports.items(), key=lambda item: int(item[0]))
         ]
 
+    async def create_connect_token(
+        self, sandbox_id: str, port: int, metadata: str, touch: Callable[[], None]
+    ) -> tuple[str, str]:
+        """A new token for the authenticating proxy in front of ``port`` (started on first use): (url, token)."""
+        att = self.attached.get(sandbox_id)
+        if att is None or not self.enabled:
+            raise InvalidError("this sandbox has no network (block_network=True), so nothing can connect to it")
+        token = secrets.token_urlsafe(32)
+        entry = att.connect.setdefault(str(port), {"listen": 0, "tokens": {}})
+        entry["tokens"][token_digest(token)] = metadata
+        proxy = await self._connect_proxy(sandbox_id, att, port, touch)
+        (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
+        return f"https://{self.cfg.tunnel_host}:{proxy.listen_port}", token
+
+    async def _connect_proxy(
+        self, sandbox_id: str, att: Attachment, port: int, touch: Callable[[], None]
+    ) -> ConnectProxy:
+        proxies = self.connects.setdefault(sandbox_id, {})
+        proxy = proxies.get(port)
+        if proxy is None:
+            entry = att.connect[str(port)]
+            proxy = ConnectProxy(att.ip, port, entry["tokens"], att.inbound, touch)
+            entry["listen"] = await proxy.start(self.cfg.tunnel_bind, int(entry.get("listen", 0)), self._tls[ENCRYPTED])
+            proxies[port] = proxy
+        return proxy
+
     def busy(self, sandbox_id: str) -> bool:
         """Whether a tunnel connection into the sandbox is open (that counts as activity for ``idle_timeout``)."""
         tunnels = self.tunnels.get(sandbox_id)
-        return tunnels is not None and tunnels.busy()
+        proxies = self.connects.get(sandbox_id, {})
+        return (tunnels is not None and tunnels.busy()) or any(p.open for p in proxies.values())
 
     @property
     def ca_path(self) -> str | None:
@@ -489,6 +529,8 @@ class Network:
         tunnels = self.tunnels.pop(sandbox_id, None)
         if tunnels is not None:
             await tunnels.close()
+        for proxy in self.connects.pop(sandbox_id, {}).values():
+            await proxy.close()
         self._policy_locks.pop(sandbox_id, None)
         att = self._forget(sandbox_id)
         if att is not None and att.restricted:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
+import json
 import time
 import uuid
 import warnings
@@ -108,6 +110,14 @@ def _ports(value: Sequence[int], what: str) -> list[int]:
 
 def _not_supported(name: str, why: str) -> InvalidError:
     return InvalidError(f"Sandbox.create({name}=...) is not supported by this shoal version: {why}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxConnectCredentials:
+    """What ``sb.create_connect_token()`` returns: the proxy's URL and the token to show it."""
+
+    url: str
+    token: str
 
 
 class Sandbox:
@@ -612,6 +622,41 @@ class Sandbox:
     async def reload_volumes(self, *, timeout: int = 55) -> None:
         """Pick up the latest committed state of mounted volumes (shoal's volume mounts are always current)."""
         await self._client.request("POST", f"/v1/sandboxes/{self._id}/reload_volumes")
+
+    @live_method
+    async def create_connect_token(
+        self, user_metadata: str | dict[str, Any] | None = None, port: int = 8080
+    ) -> SandboxConnectCredentials:
+        """Credentials for reaching ``port`` in the sandbox over HTTPS through shoal's authenticating proxy.
+
+        Send the token as ``Authorization: Bearer <token>``, as the ``_modal_connect_token`` query parameter (the
+        answer sets a cookie, for browsers) or as that cookie; the sandbox's server receives ``user_metadata``
+        (a dict is JSON-encoded) in the ``X-Verified-User-Data`` header.  HTTP and WebSockets work.  The
+        certificate comes from shoal's local CA (``shoal status`` prints its path).
+
+        Examples:
+            creds = sb.create_connect_token(user_metadata={"user": "ada"})
+            requests.get(creds.url, headers={"Authorization": f"Bearer {creds.token}"}, verify=ca_path)
+        """
+        self._check_attached()
+        if isinstance(user_metadata, dict):
+            try:
+                metadata = json.dumps(user_metadata)
+            except (TypeError, ValueError) as exc:
+                raise InvalidError(f"user_metadata could not be JSON-encoded: {exc}") from None
+        elif user_metadata is None or isinstance(user_metadata, str):
+            metadata = user_metadata or ""
+        else:
+            raise InvalidError(f"user_metadata must be a str or a dict, got {type(user_metadata).__name__}")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise InvalidError(f"port must be a whole number in [1, 65535], got {port!r}")
+        answer = await self._client.request(
+            "POST",
+            f"/v1/sandboxes/{self._id}/connect_tokens",
+            json_body={"port": port, "user_metadata": metadata},
+            idempotent=False,
+        )
+        return SandboxConnectCredentials(url=answer["url"], token=answer["token"])
 
     @live_method
     async def _experimental_set_outbound_network_policy(

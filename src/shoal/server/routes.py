@@ -16,6 +16,7 @@ from shoal.engine.manager import Manager
 from shoal.engine.models import (
     AppCreate,
     AppLookup,
+    ConnectTokenRequest,
     CreateSandbox,
     ExecInfo,
     ExecRequest,
@@ -237,6 +238,24 @@ async def wait_ready(request: web.Request) -> dict[str, Any]:
     mgr = _mgr(request)
     sb = mgr.get(request.match_info["sandbox_id"])
     return {"ready": await readiness.wait_ready(mgr, sb, _float(request, "timeout", 10.0, MAX_WAIT))}
+
+
+@route(
+    "POST",
+    "/v1/sandboxes/{sandbox_id}/connect_tokens",
+    summary=(
+        "A token for the authenticating HTTPS proxy in front of a sandbox port: {url, token}; requests that show it"
+        " reach the port with X-Verified-User-Data set to user_metadata"
+    ),
+    body=ConnectTokenRequest,
+)
+async def create_connect_token(request: web.Request, body: ConnectTokenRequest) -> dict[str, Any]:
+    mgr = _mgr(request)
+    sb = mgr.get(request.match_info["sandbox_id"])
+    if sb.state != RUNNING:
+        raise ConflictError(f"Sandbox {sb.id} is not running: nothing can connect to it")
+    url, token = await mgr.network.create_connect_token(sb.id, body.port, body.user_metadata, sb.touch)
+    return {"url": url, "token": token}
 
 
 @route(

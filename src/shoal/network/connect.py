@@ -1,0 +1,246 @@
+"""Connect tokens: an authenticating HTTP proxy in front of one sandbox port (``sb.create_connect_token``).
+
+A client shows a token as ``Authorization: Bearer TOKEN``, as the ``_modal_connect_token`` query parameter (the
+answer then sets a cookie of that name, so a browser keeps access) or as that cookie.  The request goes on to
+the sandbox's port with the token removed and ``X-Verified-User-Data`` set to the metadata the token was made
+with.  WebSockets are carried as well.  No valid token: 401, and nothing reaches the sandbox.
+
+Trust: every client is untrusted.  Tokens are kept as SHA-256 digests and looked up by digest; a client's own
+``X-Verified-User-Data`` header never reaches the sandbox.  The sandbox's answers are passed back as they are
+(hop-by-hop headers aside): the proxy serves the sandbox, it does not vouch for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+log = logging.getLogger(__name__)
+
+TOKEN_NAME = "_modal_connect_token"
+VERIFIED_HEADER = "X-Verified-User-Data"
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+}
+CHUNK = 1 << 16
+
+
+def digest(token: str) -> str:
+    """How a token is stored."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ConnectProxy:
+    """One listener: TLS in, plain HTTP to ``ip:port`` in the sandbox, for holders of a token of ``tokens``."""
+
+    def __init__(
+        self,
+        ip: str,
+        port: int,
+        tokens: dict[str, str],
+        inbound: list[str] | None,
+        touch: Callable[[], None],
+    ) -> None:
+        self.upstream = f"http://{ip}:{port}"
+        self.port = port
+        self.tokens = tokens
+        """SHA-256 of each token → its user metadata (shared with the attachment record)."""
+        self.inbound = [ipaddress.ip_network(c) for c in inbound] if inbound is not None else None
+        self.touch = touch
+        self.open = 0
+        """Requests in progress (activity for ``idle_timeout``)."""
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.listen_port = 0
+
+    async def start(self, bind: str, want: int, tls: ssl.SSLContext) -> int:
+        """Listen on ``want`` if it is free, else on any port; returns the port."""
+        app = web.Application(client_max_size=0)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            try:
+                sock.bind((bind, want))
+            except OSError:
+                if not want:
+                    raise
+                sock.bind((bind, 0))
+            sock.listen(256)
+        except BaseException:
+            sock.close()
+            raise
+        self.listen_port = int(sock.getsockname()[1])
+        await web.SockSite(self._runner, sock, ssl_context=tls).start()
+        self._session = aiohttp.ClientSession(
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        )
+        return self.listen_port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _allowed_peer(self, request: web.Request) -> bool:
+        if self.inbound is None:
+            return True
+        peer = request.remote or ""
+        try:
+            addr = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.inbound)
+
+    def _token(self, request: web.Request) -> tuple[str | None, str]:
+        """The token the request shows and where: "header", "query", "cookie" (None: none valid)."""
+        auth = request.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            return auth[7:].strip(), "header"
+        if TOKEN_NAME in request.query:
+            return request.query[TOKEN_NAME], "query"
+        if TOKEN_NAME in request.cookies:
+            return request.cookies[TOKEN_NAME], "cookie"
+        return None, ""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if not self._allowed_peer(request):
+            raise web.HTTPForbidden(text="this address may not connect (inbound_cidr_allowlist)\n")
+        token, where = self._token(request)
+        metadata = self.tokens.get(digest(token)) if token else None
+        if token is None or metadata is None:
+            raise web.HTTPUnauthorized(
+                text="a valid connect token is needed: Authorization: Bearer <token>, or ?_modal_connect_token=\n",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        self.open += 1
+        self.touch()
+        try:
+            headers = self._forward_headers(request, where, metadata)
+            query = [(k, v) for k, v in request.query.items() if k != TOKEN_NAME]
+            url = self.upstream + request.path
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                return await self._websocket(request, url, query, headers)
+            return await self._http(request, url, query, headers, token if where == "query" else None)
+        finally:
+            self.open -= 1
+            self.touch()
+
+    def _forward_headers(self, request: web.Request, where: str, metadata: str) -> CIMultiDict[str]:
+        connection = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in connection or lower == VERIFIED_HEADER.lower():
+                continue
+            if lower == "authorization" and where == "header":
+                continue
+            if lower == "cookie":
+                kept = [c for c in value.split(";") if c.strip().split("=", 1)[0] != TOKEN_NAME]
+                if not kept:
+                    continue
+                value = ";".join(kept).strip()
+            out.add(name, value)
+        out[VERIFIED_HEADER] = metadata
+        return out
+
+    async def _http(
+        self,
+        request: web.Request,
+        url: str,
+        query: list[tuple[str, str]],
+        headers: CIMultiDict[str],
+        set_cookie: str | None,
+    ) -> web.StreamResponse:
+        assert self._session is not None
+        data = request.content if request.body_exists else None
+        try:
+            upstream = await self._session.request(
+                request.method, url, params=query, headers=headers, data=data, allow_redirects=False
+            )
+        except aiohttp.ClientConnectionError:
+            raise web.HTTPBadGateway(text=f"nothing answers on port {self.port} in the sandbox\n") from None
+        except aiohttp.ClientError:
+            not_http = f"what answers on port {self.port} in the sandbox does not speak HTTP\n"
+            raise web.HTTPBadGateway(text=not_http) from None
+        async with upstream:
+            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            dropped = HOP_BY_HOP | {"content-length"}
+            dropped |= {h.strip().lower() for h in upstream.headers.get("Connection", "").split(",")}
+            for name, value in upstream.headers.items():
+                if name.lower() not in dropped:
+                    resp.headers.add(name, value)
+            if upstream.headers.get("Content-Length") is not None:
+                resp.content_length = int(upstream.headers["Content-Length"])
+            if set_cookie is not None:
+                resp.set_cookie(TOKEN_NAME, set_cookie, secure=True, httponly=True, samesite="Lax")
+            await resp.prepare(request)
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+
+    async def _websocket(
+        self, request: web.Request, url: str, query: list[tuple[str, str]], headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
+        assert self._session is not None
+        for name in list(headers):
+            if name.lower().startswith("sec-websocket-"):
+                del headers[name]
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            up = await self._session.ws_connect(url, params=query, headers=headers, protocols=protocols)
+        except (aiohttp.ClientConnectionError, aiohttp.WSServerHandshakeError):
+            raise web.HTTPBadGateway(text=f"no WebSocket answers on port {self.port} in the sandbox\n") from None
+        down = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else ())
+        await down.prepare(request)
+
+        async def pump(src: Any, dst: Any) -> None:
+            async for msg in src:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+                else:
+                    break
+            await dst.close()
+
+        async with up:
+            tasks = [asyncio.ensure_future(pump(down, up)), asyncio.ensure_future(pump(up, down))]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                for t in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+        return down
