@@ -675,6 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="FILE", help="also write every sample and summary as JSON")
     parser.add_argument("--profile", action="store_true", help="instrument the daemon and show where the time goes")
+    parser.add_argument(
+        "--warm-pool",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the daemon with a warm pool of N sandboxes (default: the daemon's default)",
+    )
     args = parse_args_as_root(parser, argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -684,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
 
     events_path: Path | None = None
     daemon = BenchDaemon()
+    if args.warm_pool is not None:
+        daemon.env["SHOAL_WARM_POOL"] = str(args.warm_pool)
     if args.profile:
         events_path = daemon.root / "events.jsonl"
         daemon.instrument_to = events_path

@@ -28,6 +28,10 @@ DEFAULT_DATA_DIR = "/var/lib/shoal"
 DEFAULT_RUNTIME_DIR = "/run/shoal"
 
 
+DEFAULT_WARM_POOL = "2"
+"""Precreated default-shape sandboxes (decision 0008): ~1 MiB and one idle process each."""
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -67,6 +71,8 @@ class Config:
     host_ca_dir: Path = Path("/usr/local/share/ca-certificates")
     """Where the host keeps its extra CA certificates (``*.crt``, as ``update-ca-certificates`` reads them)."""
     image_build_timeout: int = 3600
+    warm_pool: int = field(default_factory=lambda: int(os.environ.get("SHOAL_WARM_POOL") or DEFAULT_WARM_POOL))
+    """Sandboxes of the default shape kept precreated (``shoal.engine.pool``); 0: none."""
     """Seconds one ``run`` build step may take."""
     """Sandbox networking (``SHOAL_NETWORK*``, ``SHOAL_DNS_UPSTREAM``, ``SHOAL_TUNNEL_*``: see its module)."""
 

@@ -21,6 +21,7 @@ def own_layers(daemon) -> set[str]:
 
 
 def test_image_ls_rm_and_prune(own_daemon):
+    own_daemon.restart_with("--warm-pool", "0")  # a pool keeps the default image in use (test_pool.py checks that)
     token = uuid.uuid4().hex[:8]
     app = shoal.App.lookup("cli-images", create_if_missing=True)
     blob = shoal.Image.debian_slim().run_commands(f"head -c 3000000 /dev/urandom > /blob-{token}").build()

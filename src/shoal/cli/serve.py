@@ -20,8 +20,11 @@ def _config(
     tcp: str | None,
     runtime: str | None,
     host_cas: bool = True,
+    warm_pool: int | None = None,
 ) -> Config:
     kwargs: dict[str, object] = {}
+    if warm_pool is not None:
+        kwargs["warm_pool"] = warm_pool
     if not host_cas:
         kwargs["trust_host_cas"] = False
     if data_dir:
@@ -78,6 +81,11 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     default=True,
     help="give images the host's extra CA certificates (/usr/local/share/ca-certificates); default on",
 )
+@click.option(
+    "--warm-pool",
+    type=click.IntRange(0, 64),
+    help="keep N sandboxes of the default shape ready ahead of time (faster create); default 2, or $SHOAL_WARM_POOL",
+)
 @click.option("--background", is_flag=True, help="detach; return once the daemon is ready")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def serve_cmd(
@@ -87,13 +95,14 @@ def serve_cmd(
     tcp: str | None,
     runtime: str | None,
     host_cas: bool,
+    warm_pool: int | None,
     background: bool,
     verbose: bool,
 ) -> None:
     """Run the shoal daemon (as root)."""
     if os.geteuid() != 0:
         raise click.ClickException("the shoal daemon must run as root (it creates namespaces, mounts and cgroups)")
-    cfg = _config(socket, data_dir, runtime_dir, tcp, runtime, host_cas)
+    cfg = _config(socket, data_dir, runtime_dir, tcp, runtime, host_cas, warm_pool)
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if not background:

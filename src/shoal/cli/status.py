@@ -86,6 +86,12 @@ def gpu_summary(gpu: dict[str, Any]) -> str:
     return f"{len(gpus)} ({driver}from {gpu.get('source', '?')}): " + "; ".join(parts)
 
 
+def _pool_summary(pool: dict[str, Any]) -> str:
+    if not pool.get("size"):
+        return "off"
+    return f"{pool.get('ready', 0)} of {pool['size']} ready, {pool.get('taken', 0)} taken since start"
+
+
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="print the daemon's answer as JSON")
 def status_cmd(as_json: bool) -> None:
@@ -104,6 +110,7 @@ def status_cmd(as_json: bool) -> None:
         ("socket", str(info["socket"])),
         ("data dir", str(info["data_dir"])),
         ("sandboxes", f"{info['sandboxes_running']} running"),
+        ("warm pool", _pool_summary(info.get("warm_pool") or {})),
         ("images", f"{len(images)}" + (": " + ", ".join(str(i["image_id"]) for i in images) if images else "")),
         ("gpus", gpu_summary(info.get("gpu") or {})),
         ("tunnel CA", info.get("tunnel_ca") or "none (networking off)"),

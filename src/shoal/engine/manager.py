@@ -18,6 +18,7 @@ from shoal.agent.build import ensure_agent
 from shoal.config import Config
 from shoal.engine import build as image_build
 from shoal.engine.models import CreateSandbox, ExecRequest, Result, SandboxInfo
+from shoal.engine.pool import WarmPool
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, new_token
 from shoal.engine.state import SandboxRow, State
@@ -82,6 +83,7 @@ class Manager:
         self.sandboxes: dict[str, Sandbox] = {}
         self.gpus = gpu_scheduler.GpuScheduler(gpu_inventory.Inventory(problem="not discovered yet"))
         self._prune_task: asyncio.Task[None] | None = None
+        self.pool = WarmPool(self, cfg.warm_pool)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -124,6 +126,7 @@ class Manager:
         await self._remove_strays(known)
         await image_build.recover(self)
         self._prune_task = asyncio.create_task(self._prune_loop())
+        self.pool.start()
 
     async def _remove_strays(self, known: set[str]) -> None:
         """Containers, mounts and runtime dirs that belong to no live sandbox (a crash mid-teardown)."""
@@ -136,6 +139,9 @@ class Manager:
                 with contextlib.suppress(OSError):
                     rootfs.unmount(str(d / "rootfs"))
                 shutil.rmtree(d, ignore_errors=True)
+        for d in self.cfg.sandboxes_dir.iterdir():
+            if ids.is_valid(d.name, "sandbox") and self.state.sandbox(d.name) is None:
+                shutil.rmtree(d, ignore_errors=True)  # a warm pool's sandbox, never taken, from a crashed daemon
                 for name in ("upper", "work", "mounts"):  # mounts: images mounted with sb.mount_image
                     shutil.rmtree(self.cfg.sandboxes_dir / d.name / name, ignore_errors=True)
 
@@ -143,6 +149,7 @@ class Manager:
         """Stop managing (sandboxes keep running and are re-adopted by the next daemon)."""
         if self._prune_task is not None:
             self._prune_task.cancel()
+        await self.pool.close()
         teardowns = [t for sb in self.sandboxes.values() if (t := sb.teardown_task) is not None and not t.done()]
         if teardowns:
             # Finish removing ended sandboxes, so no mount or container outlives its record.
@@ -228,7 +235,8 @@ class Manager:
             # No await from here until the sandbox is in self.sandboxes: that is what reserves its GPUs.
             spec[gpu_scheduler.PLAN_KEY] = self.gpus.plan(gpu_req, self.gpu_holders(), image.env)
         now = time.time()
-        sandbox_id = ids.new("sandbox")
+        pooled = None if build or gpu_req is not None else self.pool.take(image_id, req)
+        sandbox_id = pooled.id if pooled is not None else ids.new("sandbox")
         if secret_env:
             spec["sealed_env"] = self.secrets.seal_sandbox_env(sandbox_id, secret_env)
         row = SandboxRow(
@@ -243,6 +251,10 @@ class Manager:
             deadline=now + req.timeout,
         )
         self.state.add_sandbox(row)
+        if pooled is not None:
+            self.sandboxes[row.id] = pooled
+            await pooled.activate(row, req, image)
+            return pooled
         sb = Sandbox(self.ctx, row)
         self.sandboxes[row.id] = sb
         started = dataclasses.replace(image, cmd=None, entrypoint=None) if build else image

@@ -12,6 +12,7 @@ agent (after a daemon restart) must present the token given at start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -122,6 +123,7 @@ class Sandbox:
         self._hello_seen: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.keep_upper: Path | None = None
+        self._pool_socket: socket.socket | None = None
         """Image builds: at teardown, move the upper directory here instead of deleting it (None if that failed)."""
 
     # ---------------------------------------------------------------- state
@@ -165,46 +167,50 @@ class Sandbox:
 
     # ---------------------------------------------------------------- start
 
+    def _bundle(self, req: CreateSandbox, lowers: list[str]) -> Path:
+        """Mount the root, take a network address and write the OCI bundle; returns the bundle directory."""
+        cfg = self.ctx.cfg
+        for d in (self.run_dir, self.out_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir, 0o711)
+        ctl = self.run_dir / "ctl"
+        ctl.mkdir(exist_ok=True)
+        os.chmod(ctl, 0o755)
+        root = self.run_dir / "rootfs"
+        rootfs.mount_overlay(
+            lowers,
+            str(self.data_dir / "upper"),
+            str(self.data_dir / "work"),
+            str(root),
+            cfg.idmap.host_id,
+        )
+        self.ctx.network.prepare(self.id, req, str(root))
+        mem = req.memory_limit or req.memory or cfg.default_memory_mib
+        container = spec.ContainerConfig(
+            container_id=self.container_id,
+            rootfs=str(root),
+            agent_dir=str(cfg.agent_dir),
+            ctl_dir=str(ctl),
+            idmap=cfg.idmap,
+            cgroup_parent=cfg.cgroup_parent,
+            resources=spec.Resources(
+                cpu_request=req.cpu,
+                cpu_limit=req.cpu_limit,
+                memory_limit_mib=mem,
+                pids_limit=cfg.pids_limit,
+            ),
+            binds=self.ctx.volumes.prepare(self.id, req.volumes) if self.ctx.volumes else [],
+        )
+        gpu_scheduler.apply(container, self.spec)
+        bundle = self.run_dir / "bundle"
+        bundle.mkdir(exist_ok=True)
+        (bundle / "config.json").write_text(json.dumps(spec.build(container)))
+        return bundle
+
     async def start(self, req: CreateSandbox, image: ImageConfig, lowers: list[str]) -> None:
         """Mount the root, start the container and the entrypoint.  Raises after cleaning up on failure."""
-        cfg = self.ctx.cfg
-        host_id = cfg.idmap.host_id
         try:
-            for d in (self.run_dir, self.out_dir):
-                d.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.run_dir, 0o711)
-            ctl = self.run_dir / "ctl"
-            ctl.mkdir(exist_ok=True)
-            os.chmod(ctl, 0o755)
-            root = self.run_dir / "rootfs"
-            rootfs.mount_overlay(
-                lowers,
-                str(self.data_dir / "upper"),
-                str(self.data_dir / "work"),
-                str(root),
-                host_id,
-            )
-            self.ctx.network.prepare(self.id, req, str(root))
-            mem = req.memory_limit or req.memory or cfg.default_memory_mib
-            container = spec.ContainerConfig(
-                container_id=self.container_id,
-                rootfs=str(root),
-                agent_dir=str(cfg.agent_dir),
-                ctl_dir=str(ctl),
-                idmap=cfg.idmap,
-                cgroup_parent=cfg.cgroup_parent,
-                resources=spec.Resources(
-                    cpu_request=req.cpu,
-                    cpu_limit=req.cpu_limit,
-                    memory_limit_mib=mem,
-                    pids_limit=cfg.pids_limit,
-                ),
-                binds=self.ctx.volumes.prepare(self.id, req.volumes) if self.ctx.volumes else [],
-            )
-            gpu_scheduler.apply(container, self.spec)
-            bundle = self.run_dir / "bundle"
-            bundle.mkdir(exist_ok=True)
-            (bundle / "config.json").write_text(json.dumps(spec.build(container)))
+            bundle = self._bundle(req, lowers)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 await self.ctx.runtime.start(
@@ -214,36 +220,90 @@ class Sandbox:
                 theirs.close()
                 if self.ctx.volumes:
                     self.ctx.volumes.release(self.id)  # the container holds its own copies of the volume mounts
-            link = AgentLink(self._on_frames, self._on_link_closed, self.id)
-            link.verified = True
-            self.link = link
-            await link.start(ours)
-            workdir = req.workdir
-            link.send(P.init_frame(self.row.token, workdir))
-            await self.ctx.network.connect(self.id, self.cgroup_path, self.touch)
-            try:
-                await asyncio.wait_for(self.connected.wait(), cfg.agent_connect_timeout)
-            except TimeoutError:
-                raise ServiceError(f"the sandbox's agent did not start: {self._agent_log_tail()}") from None
-            argv = list(req.args) or [*(image.entrypoint or []), *(image.cmd or [])]
-            if argv:
-                self._start_process(
-                    ENTRYPOINT_ID,
-                    ExecRequest(args=argv, workdir=workdir or image.workdir, pty=req.pty),
-                    entrypoint=True,
-                )
-            else:
-                self._add_placeholder_entrypoint()
-            self._move(RUNNING)
+            await self._connect_agent(ours, req, image, wire_network=True)
         except BaseException as exc:
-            message = str(exc) or type(exc).__name__
-            self.result = Result(status="init_failure", exitcode=None, message=message)
-            self.ctx.state.finish_sandbox(self.id, "init_failure", None, message)
-            self.state = FINISHED
-            self.finished.set()
-            await self._teardown()
+            await self._fail_start(exc)
             raise
         self._arm_timers()
+
+    async def precreate(self, req: CreateSandbox, lowers: list[str]) -> None:
+        """For the warm pool: everything up to the init's first instruction (``runc create``, network wired).
+
+        Not in the database yet; ``activate`` finishes the start once a request takes it, ``discard`` removes
+        it if none does.
+        """
+        bundle = self._bundle(req, lowers)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._pool_socket = ours
+        try:
+            log_path = str(self.run_dir / "agent.log")
+            await self.ctx.runtime.create(self.container_id, str(bundle), theirs.fileno(), log_path)
+        finally:
+            theirs.close()
+        await self.ctx.network.connect(self.id, self.cgroup_path, self.touch)
+
+    async def activate(self, row: SandboxRow, req: CreateSandbox, image: ImageConfig) -> None:
+        """Start a precreated sandbox for a request whose ``row`` is now stored: like ``start``'s second half."""
+        self.row = row
+        self.state = row.state
+        self.last_activity = time.monotonic()
+        ours, self._pool_socket = self._pool_socket, None
+        assert ours is not None, "activate() without precreate()"
+        try:
+            await self.ctx.runtime.start_created(self.container_id)
+            await self._connect_agent(ours, req, image, wire_network=False)
+        except BaseException as exc:
+            await self._fail_start(exc)
+            raise
+        self._arm_timers()
+
+    async def discard(self) -> None:
+        """Remove a precreated sandbox that no request took (it has no database row)."""
+        if self._pool_socket is not None:
+            self._pool_socket.close()
+            self._pool_socket = None
+        await self.ctx.runtime.delete(self.container_id)
+        with contextlib.suppress(Exception):
+            await self.ctx.network.detach(self.id)
+        with contextlib.suppress(OSError):
+            rootfs.unmount(str(self.run_dir / "rootfs"))
+        await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
+        await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+
+    async def _connect_agent(
+        self, ours: socket.socket, req: CreateSandbox, image: ImageConfig, *, wire_network: bool
+    ) -> None:
+        cfg = self.ctx.cfg
+        link = AgentLink(self._on_frames, self._on_link_closed, self.id)
+        link.verified = True
+        self.link = link
+        await link.start(ours)
+        workdir = req.workdir
+        link.send(P.init_frame(self.row.token, workdir))
+        if wire_network:
+            await self.ctx.network.connect(self.id, self.cgroup_path, self.touch)
+        try:
+            await asyncio.wait_for(self.connected.wait(), cfg.agent_connect_timeout)
+        except TimeoutError:
+            raise ServiceError(f"the sandbox's agent did not start: {self._agent_log_tail()}") from None
+        argv = list(req.args) or [*(image.entrypoint or []), *(image.cmd or [])]
+        if argv:
+            self._start_process(
+                ENTRYPOINT_ID,
+                ExecRequest(args=argv, workdir=workdir or image.workdir, pty=req.pty),
+                entrypoint=True,
+            )
+        else:
+            self._add_placeholder_entrypoint()
+        self._move(RUNNING)
+
+    async def _fail_start(self, exc: BaseException) -> None:
+        message = str(exc) or type(exc).__name__
+        self.result = Result(status="init_failure", exitcode=None, message=message)
+        self.ctx.state.finish_sandbox(self.id, "init_failure", None, message)
+        self.state = FINISHED
+        self.finished.set()
+        await self._teardown()
 
     def _agent_log_tail(self) -> str:
         try:

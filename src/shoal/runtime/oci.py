@@ -64,6 +64,21 @@ class OciRuntime:
         if res.returncode != 0:
             raise RuntimeError_(f"{self.name} run failed (exit {res.returncode})", _tail(log_path))
 
+    async def create(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
+        """Like ``start``, but stop short of running the init: it waits until ``start_created`` (a warm pool)."""
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            argv = self._argv("create", "--preserve-fds", "1", "--bundle", bundle, container_id)
+            res = await spawn.run(argv, fds={1: log_fd, 2: log_fd, 3: ctl_fd})
+        finally:
+            os.close(log_fd)
+        if res.returncode != 0:
+            raise RuntimeError_(f"{self.name} create failed (exit {res.returncode})", _tail(log_path))
+
+    async def start_created(self, container_id: str) -> None:
+        """Run the init of a container made by ``create``."""
+        await self._run("start", container_id)
+
     async def kill(self, container_id: str, signal: str = "KILL") -> None:
         """Signal a container's init (in a pid namespace, its death ends every process); no error if gone."""
         await self._run("kill", container_id, signal, check=False)

@@ -91,6 +91,7 @@ async def status(request: web.Request) -> dict[str, Any]:
         "idmap": {"host_id": mgr.cfg.idmap.host_id, "size": mgr.cfg.idmap.size},
         "tunnel_ca": mgr.network.ca_path,
         "gpu": mgr.gpus.status(mgr.gpu_holders()),
+        "warm_pool": mgr.pool.status(),
     }
 
 

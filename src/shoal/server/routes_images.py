@@ -44,7 +44,7 @@ def live_specs(mgr: Manager) -> list[dict[str, Any]]:
         sb.spec
         for sb in mgr.sandboxes.values()
         if sb.state != FINISHED or (sb.teardown_task is not None and not sb.teardown_task.done())
-    ]
+    ] + mgr.pool.specs()
 
 
 def in_use(mgr: Manager) -> set[str]:
@@ -140,6 +140,11 @@ async def remove_image(request: web.Request) -> dict[str, Any]:
     users = [sb.id for sb in mgr.sandboxes.values() if sb.state != FINISHED and sb.spec.get("image_id") == image_id]
     if users:
         raise ConflictError(f"image {image_id} is used by running sandboxes ({', '.join(users[:5])}); end them first")
+    if image_id in {spec.get("image_id") for spec in mgr.pool.specs()}:
+        raise ConflictError(
+            f"image {image_id} is used by running sandboxes (the daemon's warm pool of precreated sandboxes);"
+            " run `shoal serve --warm-pool 0` to remove it"
+        )
     mgr.state.delete_image(image_id)
     builder = mgr.images.builder
     if builder is not None:

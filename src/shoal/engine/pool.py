@@ -1,0 +1,159 @@
+"""The warm pool: sandboxes of the default shape made ahead of time, so ``Sandbox.create`` skips most of a start.
+
+A pooled sandbox is precreated (``Sandbox.precreate``): its root is mounted, ``runc create`` has made the
+container (namespaces, cgroup, mounts, seccomp) and its network is wired, but its init has not run a single
+instruction of the agent, so nothing from any request is in it yet.  A request of the default shape takes one
+(``take``), gets a database row, and the container starts (``Sandbox.activate``); the pool refills in the
+background.  Pooled sandboxes have no row: a stopping daemon removes them, and a daemon that crashed leaves them
+to the next one's stray clean-up (containers, run and data dirs, network records without a row).
+
+The default shape: the default image (``Image.debian_slim()``), no volumes, GPUs, ports or allowlists, the
+default cpu and memory.  Anything else starts the usual way.  Env, secrets, workdir, the command, timeouts,
+names and tags are all applied when the sandbox is taken, so they do not make a request ineligible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from shoal import ids
+from shoal.engine.models import CreateSandbox, ImageRef
+from shoal.engine.sandbox import CREATING, Sandbox
+from shoal.engine.state import SandboxRow
+from shoal.images.store import ImageConfig
+
+if TYPE_CHECKING:
+    from shoal.engine.manager import Manager
+
+log = logging.getLogger(__name__)
+
+REFILL_DELAY = 0.05
+"""Seconds to wait after a take before refilling, so the refill does not compete with the new sandbox's start."""
+RETRY_DELAY = 5.0
+"""Seconds to wait after a failed precreate."""
+
+
+def eligible(req: CreateSandbox) -> bool:
+    """Whether ``req`` (image aside) has the default shape a pooled sandbox was made with."""
+    return (
+        not req.volumes
+        and req.gpu is None
+        and req.cpu is None
+        and req.cpu_limit is None
+        and req.memory is None
+        and req.memory_limit is None
+        and not req.block_network
+        and req.outbound_cidr_allowlist is None
+        and req.outbound_domain_allowlist is None
+        and req.inbound_cidr_allowlist is None
+        and not req.encrypted_ports
+        and not req.h2_ports
+        and not req.unencrypted_ports
+    )
+
+
+class WarmPool:
+    """Up to ``size`` precreated sandboxes of the default image."""
+
+    def __init__(self, mgr: Manager, size: int) -> None:
+        self.mgr = mgr
+        self.size = size
+        self.ready: list[Sandbox] = []
+        self.image_id: str | None = None
+        self._image: ImageConfig | None = None
+        self._filling = 0
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closed = False
+        self.taken = 0
+        """Requests served from the pool since the daemon started."""
+
+    def start(self) -> None:
+        """Begin filling in the background (building the default image first if it is missing)."""
+        if self.size > 0:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            image_id, image = await self.mgr.images.resolve(ImageRef(), lambda line: None)
+        except Exception:
+            log.exception("warm pool: the default image could not be resolved; the pool stays empty")
+            return
+        self.image_id, self._image = image_id, image
+        while not self._closed:
+            while len(self.ready) + self._filling < self.size and not self._closed:
+                self._filling += 1
+                try:
+                    await self._add(image)
+                except Exception:
+                    log.exception("warm pool: precreating a sandbox failed; retrying in %.0f s", RETRY_DELAY)
+                    await asyncio.sleep(RETRY_DELAY)
+                finally:
+                    self._filling -= 1
+            self._wake.clear()
+            await self._wake.wait()
+            await asyncio.sleep(REFILL_DELAY)
+
+    async def _add(self, image: ImageConfig) -> None:
+        assert self.image_id is not None
+        req = CreateSandbox(app_id="")
+        spec = {**req.model_dump(exclude={"secret_env"}), "image_id": self.image_id, "image_layers": image.layers}
+        row = SandboxRow(
+            id=ids.new("sandbox"),
+            app_id="",
+            name=None,
+            tags={},
+            spec=spec,
+            state=CREATING,
+            token=b"",
+            created_at=time.time(),
+            deadline=None,
+        )
+        sb = Sandbox(self.mgr.ctx, row)
+        try:
+            await sb.precreate(req, self.mgr.images.lowers(image))
+        except BaseException:
+            await sb.discard()
+            raise
+        if self._closed:
+            await sb.discard()
+            return
+        self.ready.append(sb)
+
+    def take(self, image_id: str, req: CreateSandbox) -> Sandbox | None:
+        """A pooled sandbox for ``req`` if it has the default shape and image (the caller activates it)."""
+        if not self.ready or image_id != self.image_id or not eligible(req):
+            return None
+        sb = self.ready.pop(0)
+        self.taken += 1
+        self._wake.set()
+        return sb
+
+    def specs(self) -> list[dict[str, Any]]:
+        """What the pool holds, as sandbox specs: the layers of its image are in use while it runs."""
+        if self.image_id is None or self._image is None:
+            return []
+        return [{"image_id": self.image_id, "image_layers": list(self._image.layers)}]
+
+    def status(self) -> dict[str, Any]:
+        """For ``GET /v1/status``."""
+        return {"size": self.size, "ready": len(self.ready), "taken": self.taken, "image_id": self.image_id}
+
+    async def close(self) -> None:
+        """Stop filling and remove every pooled sandbox."""
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        ready, self.ready = self.ready, []
+        for sb in ready:
+            try:
+                await sb.discard()
+            except Exception:
+                log.exception("warm pool: removing sandbox %s failed", sb.id)

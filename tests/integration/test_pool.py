@@ -1,0 +1,141 @@
+"""The warm pool (``shoal serve --warm-pool N``): default-shape sandboxes precreated and taken by ``create``."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import shoal
+from shoal.sdk._sync import run_blocking
+from shoal.sdk.transport import default_client
+from tests.conftest import Daemon, running_daemon
+
+OWN_ADDRESS = (
+    "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('198.18.0.1', 9));"
+    " print(s.getsockname()[0])"
+)
+
+
+def pool() -> dict:
+    return run_blocking(default_client().request("GET", "/v1/status"))["warm_pool"]
+
+
+def until_ready(n: int, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (p := pool())["ready"] != n:
+        assert time.monotonic() < deadline, f"the pool did not reach {n} ready sandboxes: {p}"
+        time.sleep(0.05)
+    return p
+
+
+@pytest.fixture
+def pooled() -> Iterator[Daemon]:
+    """A daemon of its own with a warm pool of two."""
+    with running_daemon() as d:
+        d.restart_with("--warm-pool", "2")
+        yield d
+
+
+def _app() -> shoal.App:
+    return shoal.App.lookup("pool-tests", create_if_missing=True)
+
+
+def test_default_creates_come_from_the_pool_and_it_refills(pooled):
+    before = until_ready(2)
+    assert before["image_id"].startswith("im-")
+    sb = shoal.Sandbox.create(
+        "bash", "-c", "echo $GREETING from $(pwd); sleep 600", app=_app(), env={"GREETING": "hi"}, workdir="/w/x"
+    )
+    try:
+        assert pool()["taken"] == before["taken"] + 1
+        assert next(iter(sb.stdout)) == "hi from /w/x\n"  # the request's command, env and workdir
+        p = sb.exec("python3", "-c", OWN_ADDRESS)
+        assert p.stdout.read().startswith("10.") and p.wait() == 0  # its network was wired in the pool
+        # Pooled sandboxes are nobody's until taken: not listed, not counted.
+        assert [s.object_id for s in shoal.Sandbox.list(app_id=_app().app_id)] == [sb.object_id]
+        assert run_blocking(default_client().request("GET", "/v1/status"))["sandboxes_running"] == 1
+        until_ready(2)  # refilled
+        other = shoal.Sandbox.create(app=_app())
+        try:
+            # Two pooled sandboxes share nothing: files, processes, addresses.
+            sb.exec("bash", "-c", "echo mine > /tmp/mine").wait()
+            assert other.exec("test", "-e", "/tmp/mine").wait() == 1
+            assert (
+                other.exec("python3", "-c", OWN_ADDRESS).stdout.read()
+                != sb.exec("python3", "-c", OWN_ADDRESS).stdout.read()
+            )
+            assert "sleep 600" not in other.exec("ps", "-eo", "args").stdout.read()
+        finally:
+            other.terminate()
+    finally:
+        sb.terminate()
+    assert sb.returncode == 137
+
+
+def test_other_shapes_start_the_usual_way(pooled):
+    before = until_ready(2)
+    made = [
+        shoal.Sandbox.create(app=_app(), memory=512),
+        shoal.Sandbox.create(app=_app(), block_network=True),
+        shoal.Sandbox.create(app=_app(), image=shoal.Image.debian_slim().env({"X": "1"})),
+    ]
+    try:
+        assert pool()["taken"] == before["taken"]
+        for sb in made:
+            assert sb.exec("true").wait() == 0
+    finally:
+        for sb in made:
+            sb.terminate()
+
+
+def test_timeouts_count_from_create_not_from_the_pool(pooled):
+    until_ready(2)
+    time.sleep(2.5)  # the pooled sandboxes age
+    idle = shoal.Sandbox.create(app=_app(), idle_timeout=2)
+    assert idle.poll() is None and idle.exec("true").wait() == 0
+    started = time.monotonic()
+    sb = shoal.Sandbox.create(app=_app(), timeout=2)
+    with pytest.raises(shoal.exception.SandboxTimeoutError):
+        sb.wait()
+    assert sb.returncode == 124 and time.monotonic() - started >= 1.8
+    with pytest.raises(shoal.exception.SandboxTimeoutError, match="idle"):
+        idle.wait()
+    assert idle.returncode == 124
+
+
+def test_a_crashed_daemons_pool_is_cleaned_up_by_the_next(pooled):
+    until_ready(2)
+    state_dir = pooled.runtime_dir / "oci" / "runc"
+    old = {p.name for p in state_dir.iterdir()}
+    assert len(old) == 2
+    pooled.stop(signal.SIGKILL)
+    pooled.start("--warm-pool", "2")
+    until_ready(2)
+    now = {p.name for p in state_dir.iterdir()}
+    assert len(now) == 2 and not now & old  # the old ones were removed, two new ones made
+    assert not [d for d in (pooled.data_dir / "sandboxes").iterdir() if d.name in old]
+    sb = shoal.Sandbox.create(app=_app())
+    assert sb.exec("echo", "ok").stdout.read() == "ok\n"
+    sb.terminate()
+    # Leaving the fixture stops the daemon, which removes its pool; the leak check then finds nothing.
+
+
+def test_the_pools_image_is_in_use(pooled):
+    pool_image = until_ready(2)["image_id"]
+    env = {**pooled.env, "SHOAL_RUNTIME_DIR": str(pooled.runtime_dir)}
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "image", "prune", "--all", "--json"], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "image", "rm", pool_image], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "used by running sandboxes" in r.stderr
+    sb = shoal.Sandbox.create(app=_app())  # the pool still serves
+    assert sb.exec("echo", "ok").stdout.read() == "ok\n"
+    sb.terminate()
