@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             sb.terminate()
         return results
 
-    run = run_with_daemon(measure)
+    # Networking's cost is measured on cold creates: a warm pool would serve the networked ones precreated.
+    daemon = BenchDaemon()
+    daemon.env["SHOAL_WARM_POOL"] = "0"
+    run = run_with_daemon(measure, daemon=daemon)
     if not run.ok:
         return run.exit_code
     results = run.value

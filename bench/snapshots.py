@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=100, help="MiB the big sandbox writes (default 100)")
     parser.add_argument("--json", type=Path, help="write machine facts, load and every sample here")
     args = parse_args_as_root(parser, argv)
-    run = run_with_daemon(lambda daemon: measure(daemon, args.rounds, args.runs, args.mib))
+    # TTI from a snapshot is compared with cold creates from the base: no warm pool for the base image.
+    daemon = BenchDaemon()
+    daemon.env["SHOAL_WARM_POOL"] = "0"
+    run = run_with_daemon(lambda d: measure(d, args.rounds, args.runs, args.mib), daemon=daemon)
     if not run.ok:
         return run.exit_code
     print(report(run.value, args.mib, run.facts, run.loads))
