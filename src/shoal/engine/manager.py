@@ -237,20 +237,25 @@ class Manager:
         now = time.time()
         pooled = None if build or gpu_req is not None else self.pool.take(image_id, req)
         sandbox_id = pooled.id if pooled is not None else ids.new("sandbox")
-        if secret_env:
-            spec["sealed_env"] = self.secrets.seal_sandbox_env(sandbox_id, secret_env)
-        row = SandboxRow(
-            id=sandbox_id,
-            app_id=req.app_id,
-            name=req.name,
-            tags=dict(req.tags),
-            spec=spec,
-            state=CREATING,
-            token=new_token(),
-            created_at=now,
-            deadline=now + req.timeout,
-        )
-        self.state.add_sandbox(row)
+        try:
+            if secret_env:
+                spec["sealed_env"] = self.secrets.seal_sandbox_env(sandbox_id, secret_env)
+            row = SandboxRow(
+                id=sandbox_id,
+                app_id=req.app_id,
+                name=req.name,
+                tags=dict(req.tags),
+                spec=spec,
+                state=CREATING,
+                token=new_token(),
+                created_at=now,
+                deadline=now + req.timeout,
+            )
+            self.state.add_sandbox(row)
+        except BaseException:
+            if pooled is not None:
+                await pooled.discard()  # taken from the pool, but no row: nothing else would remove it
+            raise
         if pooled is not None:
             self.sandboxes[row.id] = pooled
             await pooled.activate(row, req, image)
