@@ -936,6 +936,7 @@ def websocket_roundtrip(url: str, ctx) -> list[str]:
                 await ws.send_str(msg)
                 out.append((await ws.receive(timeout=30)).data)
             await ws.close()
+        await asyncio.sleep(0.25)  # TLS transports finish closing on the loop (aiohttp's graceful shutdown)
         return out
 
     return asyncio.run(go())
@@ -1170,12 +1171,14 @@ def test_connect_tokens_authenticate_and_carry_user_metadata(net, sandboxes):
     assert status == 200 and json.loads(body) == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
     async def websocket() -> list[str]:
+        out = []
         async with aiohttp.ClientSession() as s, s.ws_connect(creds.url + "/ws", ssl=ctx, headers=bearer) as ws:
-            out = []
             for msg in ("hi", "x" * 1000):
                 await ws.send_str(msg)
                 out.append((await ws.receive(timeout=30)).data)
-            return out
+            await ws.close()
+        await asyncio.sleep(0.25)  # TLS transports finish closing on the loop (aiohttp's graceful shutdown)
+        return out
 
     assert asyncio.run(websocket()) == ["echo: hi", "echo: " + "x" * 1000]
 

@@ -35,6 +35,8 @@ REFILL_DELAY = 0.05
 """Seconds to wait after a take before refilling, so the refill does not compete with the new sandbox's start."""
 RETRY_DELAY = 5.0
 """Seconds to wait after a failed precreate."""
+CLOSE_WAIT = 30.0
+"""Seconds a stopping daemon waits for a precreate in progress (building the default image can take longer)."""
 
 
 def eligible(req: CreateSandbox) -> bool:
@@ -91,12 +93,18 @@ class WarmPool:
                     await self._add(image)
                 except Exception:
                     log.exception("warm pool: precreating a sandbox failed; retrying in %.0f s", RETRY_DELAY)
-                    await asyncio.sleep(RETRY_DELAY)
+                    self._wake.clear()
+                    if not self._closed:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), RETRY_DELAY)  # close() cuts it short
                 finally:
                     self._filling -= 1
+            if self._closed:
+                return
             self._wake.clear()
             await self._wake.wait()
-            await asyncio.sleep(REFILL_DELAY)
+            if not self._closed:
+                await asyncio.sleep(REFILL_DELAY)
 
     async def _add(self, image: ImageConfig) -> None:
         assert self.image_id is not None
@@ -144,13 +152,20 @@ class WarmPool:
         return {"size": self.size, "ready": len(self.ready), "taken": self.taken, "image_id": self.image_id}
 
     async def close(self) -> None:
-        """Stop filling and remove every pooled sandbox."""
+        """Stop filling and remove every pooled sandbox.
+
+        A precreate in progress is let finish (then discarded): cancelling it would leave its ``runc create`` to
+        complete unseen, a container nobody removes.
+        """
         self._closed = True
         self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), CLOSE_WAIT)
+            except (TimeoutError, Exception):
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._task
         ready, self.ready = self.ready, []
         for sb in ready:
             try:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from shoal.agent import protocol as P
 from shoal.config import Config
 from shoal.engine.link import AgentLink
+from shoal.engine.logs import LogWriter
 from shoal.engine.models import CreateSandbox, ExecInfo, ExecRequest, Result, SandboxInfo
 from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
 from shoal.engine.state import ExecRow, SandboxRow, State
@@ -124,6 +125,8 @@ class Sandbox:
         self._tasks: set[asyncio.Task[None]] = set()
         self.keep_upper: Path | None = None
         self._pool_socket: socket.socket | None = None
+        self.logs = LogWriter(self.data_dir)
+        """Timestamps of the entrypoint's output and lifecycle events (``sb.logs``)."""
         """Image builds: at teardown, move the upper directory here instead of deleting it (None if that failed)."""
 
     # ---------------------------------------------------------------- state
@@ -133,6 +136,8 @@ class Sandbox:
             raise AssertionError(f"sandbox {self.id}: illegal transition {self.state} -> {new}")
         self.state = new
         self.ctx.state.set_sandbox_state(self.id, new)
+        if new == RUNNING:
+            self.logs.system("Sandbox started")
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -300,6 +305,7 @@ class Sandbox:
     async def _fail_start(self, exc: BaseException) -> None:
         message = str(exc) or type(exc).__name__
         self.result = Result(status="init_failure", exitcode=None, message=message)
+        self.logs.system(_describe(self.result))
         self.ctx.state.finish_sandbox(self.id, "init_failure", None, message)
         self.state = FINISHED
         self.finished.set()
@@ -525,10 +531,14 @@ class Sandbox:
             elif f.msg == P.Msg.STARTED:
                 proc.pid = f.pid
             elif f.msg == P.Msg.OUTPUT:
-                if not proc.streams[f.fd - 1].append(f.offset, f.data):
+                stream = proc.streams[f.fd - 1]
+                before = stream.received
+                if not stream.append(f.offset, f.data):
                     log.warning("sandbox %s: output gap from agent; dropping connection", self.id)
                     link.close()
                     return
+                if proc.is_entrypoint and proc.persist:
+                    self.logs.output(f.fd, before, stream.received - before)
                 acks[(proc.id, f.fd)] = proc
             elif f.msg == P.Msg.EOF:
                 stream = proc.streams[f.fd - 1]
@@ -666,6 +676,7 @@ class Sandbox:
             await asyncio.shield(self._teardown_task)
 
     def _record(self, result: Result) -> None:
+        self.logs.system(_describe(result))
         self.result = result
         self.ctx.state.finish_sandbox(self.id, result.status, result.exitcode, result.message)
         self.state = FINISHED
@@ -709,6 +720,7 @@ class Sandbox:
                 if proc.persist:
                     self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
             proc.close()
+        self.logs.close()
         try:
             rootfs.unmount(str(self.run_dir / "rootfs"))
         except OSError:
@@ -729,6 +741,18 @@ class Sandbox:
     def remove_data(self) -> None:
         """Delete everything kept for a finished sandbox (retention)."""
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _describe(result: Result) -> str:
+    """A lifecycle log line for how a sandbox ended."""
+    what = {
+        "success": "exited with code 0",
+        "failure": f"exited with code {result.exitcode}",
+        "terminated": "was terminated",
+        "timeout": "timed out",
+        "init_failure": "failed to start",
+    }[result.status]
+    return f"Sandbox {what}" + (f": {result.message}" if result.message else "")
 
 
 def new_token() -> bytes:

@@ -28,6 +28,7 @@ from shoal.sdk._sync import live_function, live_generator, live_method, live_met
 from shoal.sdk.app import App
 from shoal.sdk.filesystem import SandboxFilesystem
 from shoal.sdk.image import Image
+from shoal.sdk.logs import SandboxLogs
 from shoal.sdk.probe import Probe
 from shoal.sdk.process import ContainerProcess
 from shoal.sdk.secret import Secret, secret_ids
@@ -439,6 +440,12 @@ class Sandbox:
         """The sandbox's files (Modal's ``sb.filesystem``): read, write, copy, list, stat, mkdir, remove, watch."""
         self._check_attached()
         return SandboxFilesystem(self._client, self._id)
+
+    @property
+    def logs(self) -> SandboxLogs:
+        """The sandbox's logs (Modal's ``sb.logs``): ``fetch(since=...)`` and ``tail(n)`` of its entrypoint's
+        output as timestamped lines, with lifecycle events as source ``system``; they outlive the sandbox."""
+        return SandboxLogs(self._client, self._id)
 
     @property
     def open(self) -> file_io.FileOpener:

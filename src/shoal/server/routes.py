@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from shoal import __version__ as version
-from shoal.engine import readiness
+from shoal.engine import logs, readiness
 from shoal.engine.manager import Manager
 from shoal.engine.models import (
     AppCreate,
@@ -27,6 +27,7 @@ from shoal.engine.models import (
     TagsUpdate,
     WaitResult,
 )
+from shoal.engine.process import ENTRYPOINT_ID
 from shoal.engine.sandbox import RUNNING
 from shoal.exception import ConflictError, Error, InvalidError
 from shoal.server import errors, image_wire
@@ -239,6 +240,41 @@ async def wait_ready(request: web.Request) -> dict[str, Any]:
     mgr = _mgr(request)
     sb = mgr.get(request.match_info["sandbox_id"])
     return {"ready": await readiness.wait_ready(mgr, sb, _float(request, "timeout", 10.0, MAX_WAIT))}
+
+
+@route(
+    "GET",
+    "/v1/sandboxes/{sandbox_id}/logs",
+    summary="The sandbox's logs: its entrypoint's output as timestamped lines, and lifecycle events",
+    query={
+        "since": "UNIX time of the first entry (inclusive)",
+        "until": "UNIX time past the last entry (exclusive)",
+        "source": "stdout, stderr or system (default: all)",
+        "search": "only entries containing this text",
+        "tail": "only the last N entries",
+    },
+)
+async def get_logs(request: web.Request) -> dict[str, Any]:
+    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    q = request.query
+    source = q.get("source") or None
+    if source is not None and source not in logs.SOURCES:
+        raise InvalidError(f"source must be one of {', '.join(logs.SOURCES)}, got {source!r}")
+    tail = _int(request, "tail", 0) if "tail" in q else None
+    if tail is not None and tail < 1:
+        raise InvalidError("tail must be at least 1")
+    streams = {fd: sb.out_dir / f"{ENTRYPOINT_ID}.{fd}" for fd in (1, 2)}
+    entries = await asyncio.to_thread(
+        logs.read,
+        sb.data_dir,
+        streams,
+        since=_float(request, "since", 0.0, float("inf")) if "since" in q else None,
+        until=_float(request, "until", 0.0, float("inf")) if "until" in q else None,
+        source=source,
+        search=q.get("search", ""),
+        tail=tail,
+    )
+    return {"entries": [{"timestamp": e.timestamp, "source": e.source, "message": e.message} for e in entries]}
 
 
 @route(
