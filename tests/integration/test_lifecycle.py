@@ -276,3 +276,22 @@ def test_blocking_call_inside_event_loop_warns(sandbox):
             sandbox.poll()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"cloud": "aws"},
+        {"region": "us-east-1"},
+        {"network_file_systems": {"/nfs": object()}},
+        {"custom_domain": "example.com"},
+        {"proxy": object()},
+        {"include_oidc_identity_token": True},
+        {"_experimental_enable_snapshot": True},
+    ],
+    ids=lambda kw: next(iter(kw)),
+)
+def test_create_keywords_not_implemented_are_clear_errors(app, kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(shoal.exception.InvalidError, match=f"{name}=.*not supported"):
+        shoal.Sandbox.create(app=app, **kwargs)

@@ -84,3 +84,21 @@ def test_log_argument_errors(sandbox):
     # Execs are not in the sandbox's logs (as in Modal): only its entrypoint is.
     sandbox.exec("echo", "from an exec").wait()
     assert "from an exec" not in [e.message for e in sandbox.logs.tail(100)]
+
+
+def test_verbose_records_execs_and_file_operations(app):
+    sb = shoal.Sandbox.create(app=app, verbose=True)
+    try:
+        sb.exec("echo", "hello world").wait()
+        sb.filesystem.write_text("x", "/tmp/verbose.txt")
+        system = [e.message for e in sb.logs.tail(100, source="system")]
+        assert "Exec: echo 'hello world'" in system
+        assert any(m.startswith("File operation: write") and "/tmp/verbose.txt" in m for m in system), system
+    finally:
+        sb.terminate()
+    quiet = shoal.Sandbox.create(app=app)
+    try:
+        quiet.exec("echo", "hi").wait()
+        assert [e.message for e in quiet.logs.tail(100, source="system")] == ["Sandbox started"]
+    finally:
+        quiet.terminate()

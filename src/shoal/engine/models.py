@@ -193,6 +193,8 @@ class CreateSandbox(_Model):
     readiness_probe: ReadinessProbe | None = None
     pty: bool = False
     """Run the entrypoint on a pseudo-terminal (its stderr then arrives merged into stdout)."""
+    verbose: bool = False
+    """Record every exec and file operation in the sandbox's logs (source ``system``)."""
 
     @field_validator("args")
     @classmethod

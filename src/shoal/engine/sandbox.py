@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import time
@@ -384,6 +385,8 @@ class Sandbox:
         self.processes[exec_id] = proc
         if persist:
             self.ctx.state.add_exec(ExecRow(self.id, exec_id, stored, "running", time.time()))
+        if self.spec.get("verbose") and not entrypoint:
+            self.logs.system(_describe_process(req.args, persist))
         flags = 0
         if req.pty:
             flags |= P.ExecFlag.PTY
@@ -741,6 +744,13 @@ class Sandbox:
     def remove_data(self) -> None:
         """Delete everything kept for a finished sandbox (retention)."""
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _describe_process(args: list[str], persist: bool) -> str:
+    """A ``verbose=True`` log line for a process started in the sandbox."""
+    if not persist and args[:2] == [spec.AGENT_PATH, "fs"]:
+        return "File operation: " + shlex.join(args[2:])[:1000]
+    return "Exec: " + shlex.join(args)[:1000]
 
 
 def _describe(result: Result) -> str:

@@ -276,7 +276,6 @@ class Sandbox:
             "custom_domain": custom_domain is not None,
             "proxy": proxy is not None,
             "include_oidc_identity_token": include_oidc_identity_token,
-            "verbose": verbose,
             "_experimental_enable_snapshot": _experimental_enable_snapshot,
         }
         for key, given in unsupported.items():
@@ -322,6 +321,7 @@ class Sandbox:
             "unencrypted_ports": _ports(unencrypted_ports, "unencrypted_ports"),
             "readiness_probe": None if readiness_probe is None else readiness_probe._body(),
             "pty": bool(pty),
+            "verbose": bool(verbose),
         }
         try:
             info = await c.request("POST", "/v1/sandboxes", json_body=body, idempotent=False)
