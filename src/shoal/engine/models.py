@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shoal.exception import Error
 from shoal.gpu import request as gpu_request
@@ -68,6 +68,16 @@ EnvDict = Annotated[dict[str, str], AfterValidator(check_env)]
 """Environment variables: NAME=value strings the agent can carry."""
 Workdir = Annotated[str | None, AfterValidator(lambda v: check_abs_path(v, "workdir"))]
 """An absolute working directory."""
+OutboundCidrs = Annotated[
+    list[str] | None, AfterValidator(lambda v: None if v is None else policy.check_cidrs(v, "outbound_cidr_allowlist"))
+]
+"""``outbound_cidr_allowlist``: IPv4 networks (None: no CIDR list)."""
+InboundCidrs = Annotated[
+    list[str] | None, AfterValidator(lambda v: None if v is None else policy.check_cidrs(v, "inbound_cidr_allowlist"))
+]
+"""``inbound_cidr_allowlist``: IPv4 networks that may use the tunnels (None: anybody)."""
+Domains = Annotated[list[str] | None, AfterValidator(lambda v: None if v is None else policy.check_domains(v))]
+"""``outbound_domain_allowlist``: names, ``*.`` wildcards allowed (None: no name list)."""
 
 
 class _Model(BaseModel):
@@ -112,18 +122,8 @@ class AppCreate(_Model):
 class NetworkPolicy(_Model):
     """``sb._experimental_set_outbound_network_policy``: the allowlists that replace a sandbox's (None: open)."""
 
-    outbound_cidr_allowlist: list[str] | None = None
-    outbound_domain_allowlist: list[str] | None = None
-
-    @field_validator("outbound_cidr_allowlist")
-    @classmethod
-    def _cidrs(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else policy.check_cidrs(v, "outbound_cidr_allowlist")
-
-    @field_validator("outbound_domain_allowlist")
-    @classmethod
-    def _domains(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else policy.check_domains(v)
+    outbound_cidr_allowlist: OutboundCidrs = None
+    outbound_domain_allowlist: Domains = None
 
 
 class ConnectTokenRequest(_Model):
@@ -183,9 +183,9 @@ class CreateSandbox(_Model):
     memory: Annotated[int, Field(ge=6, le=1 << 22)] | None = None
     memory_limit: Annotated[int, Field(ge=6, le=1 << 22)] | None = None
     block_network: bool = False
-    outbound_cidr_allowlist: list[str] | None = None
-    outbound_domain_allowlist: list[str] | None = None
-    inbound_cidr_allowlist: list[str] | None = None
+    outbound_cidr_allowlist: OutboundCidrs = None
+    outbound_domain_allowlist: Domains = None
+    inbound_cidr_allowlist: InboundCidrs = None
     encrypted_ports: list[int] = []
     h2_ports: list[int] = []
     unencrypted_ports: list[int] = []
@@ -200,16 +200,6 @@ class CreateSandbox(_Model):
     @classmethod
     def _args(cls, v: list[str]) -> list[str]:
         return check_argv(v, "entrypoint")
-
-    @field_validator("outbound_cidr_allowlist", "inbound_cidr_allowlist")
-    @classmethod
-    def _cidrs(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        return None if v is None else policy.check_cidrs(v, str(info.field_name))
-
-    @field_validator("outbound_domain_allowlist")
-    @classmethod
-    def _domains(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else policy.check_domains(v)
 
     @model_validator(mode="after")
     def _network(self) -> CreateSandbox:

@@ -26,6 +26,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from shoal.network.tunnels import peer_allowed
+
 log = logging.getLogger(__name__)
 
 TOKEN_NAME = "_modal_connect_token"
@@ -108,18 +110,6 @@ class ConnectProxy:
             await self._session.close()
             self._session = None
 
-    def _allowed_peer(self, request: web.Request) -> bool:
-        if self.inbound is None:
-            return True
-        peer = request.remote or ""
-        try:
-            addr = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.inbound)
-
     def _token(self, request: web.Request) -> tuple[str | None, str]:
         """The token the request shows and where: "header", "query", "cookie" (None: none valid)."""
         auth = request.headers.get("Authorization", "")
@@ -132,7 +122,7 @@ class ConnectProxy:
         return None, ""
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if not self._allowed_peer(request):
+        if not peer_allowed(self.inbound, request.remote or ""):
             raise web.HTTPForbidden(text="this address may not connect (inbound_cidr_allowlist)\n")
         token, where = self._token(request)
         metadata = self.tokens.get(digest(token)) if token else None

@@ -173,6 +173,19 @@ class _Tunnel:
         conn.client.transport.resume_reading()
 
 
+def peer_allowed(inbound: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None, peer: str) -> bool:
+    """Whether a client at ``peer`` may connect under ``inbound`` (None: anybody; IPv4-mapped IPv6 counts as IPv4)."""
+    if inbound is None:
+        return True
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in inbound)
+
+
 class SandboxTunnels:
     """One sandbox's tunnels."""
 
@@ -186,15 +199,7 @@ class SandboxTunnels:
 
     def allowed(self, peer: str) -> bool:
         """Whether ``peer`` may connect (``inbound_cidr_allowlist``)."""
-        if self.inbound is None:
-            return True
-        try:
-            addr = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.inbound)
+        return peer_allowed(self.inbound, peer)
 
     def busy(self) -> bool:
         """Whether any tunnel connection is open."""

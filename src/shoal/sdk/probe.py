@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.exception import InvalidError
+from shoal.sdk._checks import check_port
 
 
 def _interval(interval_ms: object) -> int:
@@ -36,9 +37,7 @@ class Probe:
     @classmethod
     def with_tcp(cls, port: int, *, interval_ms: int = 100) -> Probe:
         """Ready once a connection to ``port`` on the sandbox's loopback (127.0.0.1 or ::1) succeeds."""
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise InvalidError(f"port must be a whole number in [1, 65535], got {port!r}")
-        return cls(tcp_port=port, interval_ms=_interval(interval_ms))
+        return cls(tcp_port=check_port(port, "Probe.with_tcp port"), interval_ms=_interval(interval_ms))
 
     @classmethod
     def with_exec(cls, *argv: str, interval_ms: int = 100) -> Probe:

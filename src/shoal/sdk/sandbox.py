@@ -24,6 +24,7 @@ from shoal.exception import (
 from shoal.exception import TimeoutError as NotReadyError
 from shoal.gpu import request as gpu_request
 from shoal.sdk import _snapshots, file_io
+from shoal.sdk._checks import check_port
 from shoal.sdk._sync import live_function, live_generator, live_method, live_method_generator
 from shoal.sdk.app import App
 from shoal.sdk.filesystem import SandboxFilesystem
@@ -102,11 +103,7 @@ def _str_list(value: Sequence[str] | None, what: str) -> list[str] | None:
 
 
 def _ports(value: Sequence[int], what: str) -> list[int]:
-    ports = list(value)
-    for p in ports:
-        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535:
-            raise InvalidError(f"{what}: {p!r} is not a port number (1-65535)")
-    return ports
+    return [check_port(p, what) for p in value]
 
 
 def _not_supported(name: str, why: str) -> InvalidError:
@@ -655,8 +652,7 @@ class Sandbox:
             metadata = user_metadata or ""
         else:
             raise InvalidError(f"user_metadata must be a str or a dict, got {type(user_metadata).__name__}")
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise InvalidError(f"port must be a whole number in [1, 65535], got {port!r}")
+        check_port(port, "port")
         answer = await self._client.request(
             "POST",
             f"/v1/sandboxes/{self._id}/connect_tokens",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.exception import InvalidError
+from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method
 from shoal.sdk.transport import default_client
 
@@ -73,16 +74,8 @@ class _SecretManager:
         client: Any = None,
     ) -> list[Secret]:
         """Named secrets, newest first."""
-        if max_objects is not None and max_objects < 0:
-            raise InvalidError("max_objects cannot be negative")
         items = (await default_client().request("GET", "/v1/secrets"))["secrets"]
-        if created_before is not None:
-            cutoff = (
-                datetime.fromisoformat(created_before) if isinstance(created_before, str) else created_before
-            ).timestamp()
-            items = [i for i in items if i["created_at"] < cutoff]
-        if max_objects is not None:
-            items = items[:max_objects]
+        items = filter_listing(items, max_objects, created_before)
         out = []
         for item in items:
             secret = Secret({}, name=item["name"])

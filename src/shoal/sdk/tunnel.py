@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.exception import DeprecationError, InvalidError
+from shoal.sdk._checks import is_port
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import Client
 
@@ -80,7 +81,7 @@ class TunnelMap(dict[int, Tunnel]):
         self._sandbox_id = sandbox_id
 
     def __missing__(self, port: int) -> Tunnel:
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        if not is_port(port):
             raise KeyError(port)
         resp = run_blocking(self._client.request("POST", f"/v1/sandboxes/{self._sandbox_id}/tunnels/{port}"))
         for t in resp["tunnels"]:

@@ -31,6 +31,7 @@ from shoal.exception import (
     NotFoundError,
     ServiceError,
 )
+from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method, live_method_generator, run_async, run_blocking
 from shoal.sdk.transport import Client, default_client, error_from
 
@@ -136,18 +137,8 @@ class _VolumeManager:
         client: Any = None,
     ) -> list[Volume]:
         """Named volumes, newest first."""
-        if max_objects is not None and max_objects < 0:
-            raise InvalidError("max_objects cannot be negative")
         resp = await default_client().request("GET", "/v1/volumes")
-        items = resp["volumes"]
-        if created_before is not None:
-            cutoff = (
-                datetime.fromisoformat(created_before) if isinstance(created_before, str) else created_before
-            ).timestamp()
-            items = [i for i in items if i["created_at"] < cutoff]
-        if max_objects is not None:
-            items = items[:max_objects]
-        return [Volume._hydrated(i) for i in items]
+        return [Volume._hydrated(i) for i in filter_listing(resp["volumes"], max_objects, created_before)]
 
     @live_function
     async def delete(
