@@ -42,7 +42,7 @@ def ls_cmd(as_json: bool, show_all: bool) -> None:
         table.add_row(
             Text(str(item["image_id"])),
             Text(str(recipe.get("kind", "?"))),
-            age(now - float(item["created_at"])),
+            age(now - item["created_at_us"] / 1e6),
             str(len(item.get("layers", []))),
             human_size(item.get("size")),
             "yes" if item.get("in_use") else "",

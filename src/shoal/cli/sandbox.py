@@ -62,7 +62,7 @@ def ls_cmd(sandbox_id: str | None, path: str | None, app_id: str | None, include
             Text(str(item["app_id"])),
             Text(item.get("name") or ""),
             Text(str(item["state"])),
-            age(now - float(item["created_at"])),
+            age(now - item["created_at_us"] / 1e6),
             "" if rc is None else str(rc),
             Text(tags),
         )

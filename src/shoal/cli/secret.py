@@ -63,8 +63,8 @@ def ls_cmd(as_json: bool) -> None:
         table.add_row(
             Text(str(item["name"])),
             Text(str(item["secret_id"])),
-            age(now - float(item["created_at"])),
-            age(now - float(item["updated_at"])),
+            age(now - item["created_at_us"] / 1e6),
+            age(now - item["updated_at_us"] / 1e6),
         )
     console().print(table)
 

@@ -68,7 +68,7 @@ def ls_cmd(as_json: bool) -> None:
             Text(str(item["name"])),
             Text(str(item["volume_id"])),
             human_size(item.get("size_bytes")),
-            age(now - float(item["created_at"])),
+            age(now - item["created_at_us"] / 1e6),
         )
     console().print(table)
 

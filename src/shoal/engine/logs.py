@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoal.wire.times import micros
+
 INDEX = struct.Struct("<dBQI")
 """One piece of output: arrival time (UNIX seconds), stream (1 stdout, 2 stderr), first byte, length."""
 MAX_SCAN = 64 << 20
@@ -30,9 +32,9 @@ SOURCES = ("stdout", "stderr", "system")
 
 @dataclass(frozen=True)
 class Entry:
-    """One log line."""
+    """One log line, timed in whole microseconds since the epoch (the wire's unit: ``shoal.wire.times``)."""
 
-    timestamp: float
+    micros: int
     source: str
     message: str
 
@@ -74,15 +76,16 @@ def read(
     data_dir: Path,
     stream_paths: dict[int, Path],
     *,
-    since: float | None = None,
-    until: float | None = None,
+    since: int | None = None,
+    until: int | None = None,
     source: str | None = None,
     search: str = "",
     tail: int | None = None,
     limit: int = 10_000,
 ) -> list[Entry]:
-    """Entries in time order: ``since <= timestamp < until``, of ``source``, containing ``search``; with ``tail``,
-    the last ``tail`` of them; at most ``limit`` (the most recent ones when ``tail`` is given, else the first)."""
+    """Entries in time order: ``since <= micros < until`` (microseconds since the epoch), of ``source``,
+    containing ``search``; with ``tail``, the last ``tail`` of them; at most ``limit`` (the most recent ones
+    when ``tail`` is given, else the first)."""
     entries: list[Entry] = []
     pieces = _pieces(data_dir / "logs.idx")
     for fd, name in ((1, "stdout"), (2, "stderr")):
@@ -90,15 +93,12 @@ def read(
             entries += _lines(stream_paths[fd], [p for p in pieces if p[1] == fd], name)
     if source in (None, "system"):
         entries += _system(data_dir / "system.log")
-    entries.sort(key=lambda e: e.timestamp)
-    # Compared in whole microseconds: what a client's datetime can hold.
-    lo = None if since is None else round(since * 1e6)
-    hi = None if until is None else round(until * 1e6)
+    entries.sort(key=lambda e: e.micros)
     chosen = [
         e
         for e in entries
-        if (lo is None or round(e.timestamp * 1e6) >= lo)
-        and (hi is None or round(e.timestamp * 1e6) < hi)
+        if (since is None or e.micros >= since)
+        and (until is None or e.micros < until)
         and (not search or search in e.message)
     ]
     if tail is not None:
@@ -142,13 +142,13 @@ def _lines(path: Path, pieces: list[tuple[float, int, int, int]], name: str) -> 
                 else:
                     pending += data[:nl]
                     data = data[nl + 1 :]
-                    out.append(Entry(started, name, _text(pending)))
+                    out.append(Entry(micros(started), name, _text(pending)))
                     pending.clear()
                 while len(pending) >= MAX_LINE:
-                    out.append(Entry(started, name, _text(pending[:MAX_LINE])))
+                    out.append(Entry(micros(started), name, _text(pending[:MAX_LINE])))
                     del pending[:MAX_LINE]
     if pending:
-        out.append(Entry(started, name, _text(pending)))  # a line still being written
+        out.append(Entry(micros(started), name, _text(pending)))  # a line still being written
     return out
 
 
@@ -165,7 +165,7 @@ def _system(path: Path) -> list[Entry]:
     for line in text.splitlines():
         try:
             item = json.loads(line)
-            out.append(Entry(float(item["t"]), "system", str(item["m"])))
-        except (ValueError, KeyError, TypeError):
+            out.append(Entry(micros(float(item["t"])), "system", str(item["m"])))
+        except (ValueError, KeyError, TypeError, OverflowError):
             continue
     return out

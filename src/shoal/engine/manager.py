@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +39,9 @@ from shoal.volumes.mounts import VolumeBinds, check_mounts
 from shoal.volumes.store import VolumeStore
 
 log = logging.getLogger(__name__)
+
+FINISHED_CACHE = 64
+"""Finished sandboxes kept in memory after their last use (the rest are read from the store when asked for)."""
 
 
 def check_traversable(path: Path) -> None:
@@ -79,8 +83,19 @@ class Manager:
         self.volume_binds = VolumeBinds(self.volumes, cfg.runtime_dir / "volume-binds")
         self.secrets = SecretStore(self.state.db, Keyring(cfg.data_dir / "secrets.key"))
         image_registry.attach(self)  # Image.from_registry pulls (after secrets: a pull may use a named one)
-        self.ctx = Context(cfg, self.state, self.runtime, self.network, volumes=self.volume_binds, secrets=self.secrets)
+        self.ctx = Context(
+            cfg,
+            self.state,
+            self.runtime,
+            self.network,
+            volumes=self.volume_binds,
+            secrets=self.secrets,
+            torn_down=self._torn_down,
+        )
         self.sandboxes: dict[str, Sandbox] = {}
+        """Sandboxes on this machine: running, or finished and still being removed."""
+        self._finished: OrderedDict[str, Sandbox] = OrderedDict()
+        """Recently used finished sandboxes, least recent first (at most FINISHED_CACHE)."""
         self.gpus = gpu_scheduler.GpuScheduler(gpu_inventory.Inventory(problem="not discovered yet"))
         self._prune_task: asyncio.Task[None] | None = None
         self.pool = WarmPool(self, cfg.warm_pool)
@@ -174,12 +189,25 @@ class Manager:
         self.volumes.empty_trash_soon()
         cutoff = time.time() - self.cfg.retention_seconds
         for sandbox_id in self.state.finished_before(cutoff):
+            self._finished.pop(sandbox_id, None)
             sb = self.sandboxes.pop(sandbox_id, None)
             self.state.delete_sandbox(sandbox_id)
             if sb is not None:
                 sb.remove_data()
             else:
                 shutil.rmtree(self.cfg.sandboxes_dir / sandbox_id, ignore_errors=True)
+
+    def _torn_down(self, sb: Sandbox) -> None:
+        """A finished sandbox is gone from the machine: from now on the store holds it."""
+        if self.sandboxes.get(sb.id) is sb:
+            del self.sandboxes[sb.id]
+            self._remember_finished(sb)
+
+    def _remember_finished(self, sb: Sandbox) -> None:
+        self._finished[sb.id] = sb
+        self._finished.move_to_end(sb.id)
+        while len(self._finished) > FINISHED_CACHE:
+            self._finished.popitem(last=False)
 
     # ---------------------------------------------------------------- apps
 
@@ -276,8 +304,10 @@ class Manager:
 
     def get(self, sandbox_id: str) -> Sandbox:
         """A sandbox by id (running or retained), or NotFoundError."""
-        sb = self.sandboxes.get(sandbox_id)
+        sb = self.sandboxes.get(sandbox_id) or self._finished.get(sandbox_id)
         if sb is not None:
+            if sb.state == FINISHED and sb.id in self._finished:
+                self._finished.move_to_end(sb.id)
             return sb
         if not ids.is_valid(sandbox_id, "sandbox"):
             raise NotFoundError(f"Sandbox {sandbox_id!r} not found (not a sandbox id)")
@@ -285,8 +315,12 @@ class Manager:
         if row is None:
             raise NotFoundError(f"Sandbox {sandbox_id} not found")
         sb = Sandbox(self.ctx, row)
-        sb.load_processes()
-        self.sandboxes[sandbox_id] = sb
+        if sb.state == FINISHED:
+            self._remember_finished(sb)  # its processes are read from the store when asked for
+        else:
+            # Only after a crash: a sandbox recorded as live that this daemon did not adopt.
+            sb.load_processes()
+            self.sandboxes[sandbox_id] = sb
         return sb
 
     def from_name(self, app_name: str, name: str) -> Sandbox:

@@ -291,7 +291,7 @@ class SandboxInfo(BaseModel):
     name: str | None
     tags: dict[str, str]
     state: str
-    created_at: float
+    created_at_us: int
     image_id: str
     timeout: int
     idle_timeout: int | None

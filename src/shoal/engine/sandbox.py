@@ -22,7 +22,7 @@ import shlex
 import shutil
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,7 @@ from shoal.images.store import ImageConfig
 from shoal.network.service import Network
 from shoal.runtime import cgroups, rootfs, spec
 from shoal.runtime.oci import OciRuntime
+from shoal.wire.times import micros
 
 if TYPE_CHECKING:
     from shoal.secrets.store import SecretStore
@@ -65,6 +66,8 @@ class Context:
     network: Network
     volumes: VolumeBinds | None = None
     secrets: SecretStore | None = None
+    torn_down: Callable[[Sandbox], None] | None = None
+    """Told when a sandbox is gone from the machine (its memory need not be kept: the store has it)."""
 
 
 def _result_for_exit(kind: int, value: int) -> Result:
@@ -163,7 +166,7 @@ class Sandbox:
             name=self.row.name,
             tags=self.row.tags,
             state=self.state,
-            created_at=self.row.created_at,
+            created_at_us=micros(self.row.created_at),
             image_id=self.spec.get("image_id", ""),
             timeout=self.spec["timeout"],
             idle_timeout=self.spec.get("idle_timeout"),
@@ -413,6 +416,8 @@ class Sandbox:
         existing = self.processes.get(exec_id)
         if existing is not None:
             return existing
+        if persist and (row := self.ctx.state.exec(self.id, exec_id)) is not None:
+            return self._process_from_row(row)  # a retried request whose process already ended
         await self._await_agent()
         self.touch()
         return self._start_process(exec_id, req, persist=persist)
@@ -436,23 +441,59 @@ class Sandbox:
             raise ConflictError(message or "Sandbox already finished")
 
     def process(self, exec_id: str) -> Process:
-        """A process of this sandbox, or NotFoundError."""
+        """A process of this sandbox, or NotFoundError.
+
+        Memory holds only processes that are running or have output to come; one that has ended is rebuilt
+        from the store (exit code, which streams ended) and its output files, each time it is asked for.
+        """
         proc = self.processes.get(exec_id)
-        if proc is None:
+        if proc is not None:
+            return proc
+        row = self.ctx.state.exec(self.id, exec_id)
+        if row is None:
             raise NotFoundError(f"no process {exec_id!r} in sandbox {self.id}")
+        return self._process_from_row(row)
+
+    def _process_from_row(self, row: ExecRow) -> Process:
+        proc = Process(self.id, row.id, row.spec, self.out_dir, self.ctx.cfg.max_output_bytes, eof_mask=row.eof_mask)
+        if row.exit_kind is not None and row.exit_value is not None:
+            proc.set_exit(row.exit_kind, row.exit_value)
+        if self.state == FINISHED:
+            # Gone with its sandbox, whatever the store missed (a daemon killed mid-teardown).
+            proc.set_exit(P.ExitKind.SIGNAL, SIGKILL)
+            proc.end_streams()
         return proc
+
+    def _release(self, proc: Process) -> None:
+        """A recorded process that has ended, with both streams ended, lives on in the store only."""
+        if proc.persist and proc.exited and proc.eof_mask == 3 and self.processes.get(proc.id) is proc:
+            del self.processes[proc.id]
+            proc.close()
+
+    def exec_infos(self) -> list[ExecInfo]:
+        """Every process of the sandbox, oldest first (recorded ones from the store, live ones from memory)."""
+        out = []
+        listed = set()
+        for row in self.ctx.state.execs(self.id):
+            live = self.processes.get(row.id)
+            out.append(self.exec_info(live if live is not None else self._process_from_row(row)))
+            listed.add(row.id)
+        out += [self.exec_info(p) for p in self.processes.values() if p.id not in listed]
+        return out
 
     async def write_stdin(self, exec_id: str, offset: int, data: bytes, eof: bool) -> int:
         """Forward stdin bytes starting at ``offset``; returns the next expected offset."""
         proc = self.process(exec_id)
-        if not proc.exited and self.state == RUNNING:
-            await self._await_agent()
+        if proc.exited or self.state != RUNNING:
+            # The process is gone; like a closed pipe, input is dropped (its stdin offset may not be known).
+            return max(proc.stdin_offset, offset + len(data))
+        await self._await_agent()
         if offset > proc.stdin_offset:
             raise ConflictError(
                 f"stdin offset {offset} is past the {proc.stdin_offset} bytes received: bytes are missing"
             )
         if proc.exited or self.state != RUNNING:
-            return proc.stdin_offset  # the process is gone; like a closed pipe, input is dropped
+            return proc.stdin_offset  # it ended while the agent reconnected
         if proc.stdin_eof and offset + len(data) > proc.stdin_offset:
             raise ConflictError("stdin was already closed with write_eof()")
         self.touch()
@@ -550,9 +591,11 @@ class Sandbox:
                     if proc.persist:
                         self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
                 acks[(proc.id, f.fd)] = proc
+                self._release(proc)
             elif f.msg == P.Msg.EXIT:
                 self._on_exit(proc, f.kind, f.value)
                 link.send(P.exit_ack_frame(proc.id))
+                self._release(proc)
             elif f.msg == P.Msg.STDIN_ACK:
                 proc.stdin_acknowledged(f.offset)
         for (exec_id, fd), proc in acks.items():
@@ -610,19 +653,9 @@ class Sandbox:
     # ---------------------------------------------------------------- re-adoption
 
     def load_processes(self) -> None:
-        """Rebuild process records from the database (after a daemon restart)."""
-        for row in self.ctx.state.execs(self.id):
-            proc = Process(
-                self.id,
-                row.id,
-                row.spec,
-                self.out_dir,
-                self.ctx.cfg.max_output_bytes,
-                eof_mask=row.eof_mask,
-            )
-            if row.exit_kind is not None and row.exit_value is not None:
-                proc.set_exit(row.exit_kind, row.exit_value)
-            self.processes[row.id] = proc
+        """Rebuild the records of processes still running or with output to come (after a daemon restart)."""
+        for row in self.ctx.state.execs(self.id, unfinished=True):
+            self.processes[row.id] = self._process_from_row(row)
 
     async def adopt(self) -> None:
         """Take a running sandbox back after a daemon restart: wait for its agent to reconnect."""
@@ -723,12 +756,15 @@ class Sandbox:
                 if proc.persist:
                     self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
             proc.close()
+        self.processes.clear()  # what outlives the sandbox is in the store and the output files
         self.logs.close()
         try:
             rootfs.unmount(str(self.run_dir / "rootfs"))
         except OSError:
             log.exception("sandbox %s: unmounting its root failed", self.id)
         await asyncio.to_thread(self._remove_files)
+        if self.ctx.torn_down is not None:
+            self.ctx.torn_down(self)
 
     def _remove_files(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -252,14 +252,24 @@ class State:
             (eof_mask, sandbox_id, exec_id),
         )
 
-    def execs(self, sandbox_id: str) -> list[ExecRow]:
-        """Every process of a sandbox."""
+    def execs(self, sandbox_id: str, *, unfinished: bool = False) -> list[ExecRow]:
+        """Every process of a sandbox (``unfinished``: only those still running or with output to come)."""
+        where = " AND (exit_kind IS NULL OR eof_mask != 3)" if unfinished else ""
         cur = self.db.execute(
             "SELECT sandbox_id, id, spec, state, created_at, finished_at, exit_kind, exit_value, eof_mask"
-            " FROM execs WHERE sandbox_id = ? ORDER BY created_at",
+            f" FROM execs WHERE sandbox_id = ?{where} ORDER BY created_at",
             (sandbox_id,),
         )
         return [ExecRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8]) for r in cur.fetchall()]
+
+    def exec(self, sandbox_id: str, exec_id: str) -> ExecRow | None:
+        """One process of a sandbox."""
+        r = self.db.execute(
+            "SELECT sandbox_id, id, spec, state, created_at, finished_at, exit_kind, exit_value, eof_mask"
+            " FROM execs WHERE sandbox_id = ? AND id = ?",
+            (sandbox_id, exec_id),
+        ).fetchone()
+        return None if r is None else ExecRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], r[7], r[8])
 
     # images
 

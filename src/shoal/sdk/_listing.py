@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from shoal.exception import InvalidError
+from shoal.wire import times
 
 
 def filter_listing(
@@ -16,6 +17,6 @@ def filter_listing(
         raise InvalidError("max_objects cannot be negative")
     if created_before is not None:
         moment = datetime.fromisoformat(created_before) if isinstance(created_before, str) else created_before
-        cutoff = moment.timestamp()
-        items = [i for i in items if i["created_at"] < cutoff]
+        cutoff = times.of_datetime(moment)
+        items = [i for i in items if i["created_at_us"] < cutoff]
     return items if max_objects is None else items[:max_objects]

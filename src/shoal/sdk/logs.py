@@ -10,6 +10,7 @@ from typing import Any, Literal
 from shoal.exception import InvalidError
 from shoal.sdk._sync import live_method_generator
 from shoal.sdk.transport import Client
+from shoal.wire import times
 
 Source = Literal["stdout", "stderr", "system"]
 SOURCES = ("stdout", "stderr", "system")
@@ -29,10 +30,11 @@ class LogEntry:
     """The sandbox's id."""
 
 
-def _seconds(value: object, what: str) -> float:
+def _micros(value: object, what: str) -> str:
     if not isinstance(value, dt.datetime):
         raise InvalidError(f"{what} must be a datetime, got {type(value).__name__}")
-    return value.timestamp()  # a naive datetime is local time, as Python takes it
+    # A naive datetime is local time, as Python takes it; nothing is logged before 1970.
+    return str(max(0, times.of_datetime(value)))
 
 
 def _source(source: object) -> str | None:
@@ -63,7 +65,7 @@ class SandboxLogs:
             yield LogEntry(
                 message=item["message"],
                 source=item["source"],
-                timestamp=dt.datetime.fromtimestamp(item["timestamp"], dt.UTC),
+                timestamp=times.to_datetime(item["timestamp_us"]),
                 object_id=self._sandbox_id,
             )
 
@@ -78,9 +80,9 @@ class SandboxLogs:
     ) -> AsyncIterator[LogEntry]:
         """Entries from ``since`` (inclusive) to ``until`` (exclusive), of one ``source``, containing
         ``search_text``; oldest first, at most 10,000."""
-        params: dict[str, Any] = {"since": repr(_seconds(since, "since"))}
+        params: dict[str, Any] = {"since_us": _micros(since, "since")}
         if until is not None:
-            params["until"] = repr(_seconds(until, "until"))
+            params["until_us"] = _micros(until, "until")
         if _source(source) is not None:
             params["source"] = source
         if not isinstance(search_text, str):

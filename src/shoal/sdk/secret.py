@@ -20,6 +20,7 @@ from shoal.exception import InvalidError
 from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method
 from shoal.sdk.transport import default_client
+from shoal.wire import times
 
 
 @dataclass
@@ -200,7 +201,7 @@ class Secret:
         assert self._info is not None
         return SecretInfo(
             name=self._name,
-            created_at=datetime.fromtimestamp(float(self._info["created_at"])).astimezone(),
+            created_at=times.to_datetime(self._info["created_at_us"]).astimezone(),
             created_by=None,
         )
 

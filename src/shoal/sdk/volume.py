@@ -34,6 +34,7 @@ from shoal.exception import (
 from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method, live_method_generator, run_async, run_blocking
 from shoal.sdk.transport import Client, default_client, error_from
+from shoal.wire import times
 
 HEARTBEAT_SECONDS = 60.0
 """How often an ephemeral volume tells the daemon its client is alive (the daemon waits 15 minutes)."""
@@ -306,7 +307,7 @@ class Volume:
         info = self._ref.info or {}
         return VolumeInfo(
             name=info.get("name"),
-            created_at=datetime.fromtimestamp(float(info.get("created_at", 0))).astimezone(),
+            created_at=times.to_datetime(info["created_at_us"]).astimezone(),
             created_by=None,
         )
 

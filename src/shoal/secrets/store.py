@@ -26,6 +26,7 @@ from shoal.engine.models import check_env
 from shoal.exception import AlreadyExistsError, NotFoundError
 from shoal.secrets.keyring import Keyring
 from shoal.volumes.models import check_name
+from shoal.wire.times import micros
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ class SecretInfo(BaseModel):
 
     secret_id: str
     name: str
-    created_at: float
-    updated_at: float
+    created_at_us: int
+    updated_at_us: int
 
 
 @dataclass
@@ -119,7 +120,12 @@ class SecretRow:
 
     def info(self) -> SecretInfo:
         """The secret as the API shows it."""
-        return SecretInfo(secret_id=self.id, name=self.name, created_at=self.created_at, updated_at=self.updated_at)
+        return SecretInfo(
+            secret_id=self.id,
+            name=self.name,
+            created_at_us=micros(self.created_at),
+            updated_at_us=micros(self.updated_at),
+        )
 
 
 class SecretStore:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
+import tracemalloc
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +34,7 @@ from shoal.engine.sandbox import RUNNING
 from shoal.exception import ConflictError, Error, InvalidError
 from shoal.server import errors, image_wire
 from shoal.server.registry import openapi, route
+from shoal.wire.times import micros
 
 MANAGER = web.AppKey("manager", Manager)
 MAX_WAIT = 60.0
@@ -86,7 +89,7 @@ async def status(request: web.Request) -> dict[str, Any]:
         "socket": str(mgr.cfg.socket),
         "sandboxes_running": len(running),
         "images": [
-            {"image_id": row.id, "kind": row.recipe.get("kind"), "created_at": row.created_at}
+            {"image_id": row.id, "kind": row.recipe.get("kind"), "created_at_us": micros(row.created_at)}
             for row in mgr.images.list()
         ],
         "idmap": {"host_id": mgr.cfg.idmap.host_id, "size": mgr.cfg.idmap.size},
@@ -94,6 +97,42 @@ async def status(request: web.Request) -> dict[str, Any]:
         "gpu": mgr.gpus.status(mgr.gpu_holders()),
         "warm_pool": mgr.pool.status(),
     }
+
+
+@route(
+    "GET",
+    "/v1/debug/memory",
+    summary=(
+        "The daemon's memory after a full garbage collection: RSS, open descriptors, the sandboxes and processes"
+        " it holds in memory, and (when it runs with PYTHONTRACEMALLOC set) the bytes Python has allocated"
+    ),
+    query={"top": "with tracing on: the N allocation sites holding the most (default 0)"},
+)
+async def debug_memory(request: web.Request) -> dict[str, Any]:
+    mgr = _mgr(request)
+    gc.collect()
+    answer: dict[str, Any] = {
+        "rss_bytes": _rss_bytes(),
+        "fds": len(os.listdir("/proc/self/fd")),
+        "sandboxes_in_memory": len(mgr.sandboxes),
+        "processes_in_memory": sum(len(sb.processes) for sb in mgr.sandboxes.values()),
+        "traced_bytes": None,
+    }
+    if tracemalloc.is_tracing():
+        answer["traced_bytes"] = tracemalloc.get_traced_memory()[0]
+        top = min(_int(request, "top", 0), 100)
+        if top:
+            stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
+            answer["top"] = [{"site": str(s.traceback), "bytes": s.size, "count": s.count} for s in stats]
+    return answer
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 # ------------------------------------------------------------------ apps
@@ -167,7 +206,7 @@ async def list_images(request: web.Request) -> dict[str, Any]:
             {
                 "image_id": r.id,
                 "recipe": r.recipe,
-                "created_at": r.created_at,
+                "created_at_us": micros(r.created_at),
                 "layers": r.config.get("layers", []),
             }
             for r in mgr.images.list()
@@ -247,8 +286,8 @@ async def wait_ready(request: web.Request) -> dict[str, Any]:
     "/v1/sandboxes/{sandbox_id}/logs",
     summary="The sandbox's logs: its entrypoint's output as timestamped lines, and lifecycle events",
     query={
-        "since": "UNIX time of the first entry (inclusive)",
-        "until": "UNIX time past the last entry (exclusive)",
+        "since_us": "microseconds since the UNIX epoch of the first entry (inclusive)",
+        "until_us": "microseconds since the UNIX epoch past the last entry (exclusive)",
         "source": "stdout, stderr or system (default: all)",
         "search": "only entries containing this text",
         "tail": "only the last N entries",
@@ -268,13 +307,13 @@ async def get_logs(request: web.Request) -> dict[str, Any]:
         logs.read,
         sb.data_dir,
         streams,
-        since=_float(request, "since", 0.0, float("inf")) if "since" in q else None,
-        until=_float(request, "until", 0.0, float("inf")) if "until" in q else None,
+        since=_int(request, "since_us", 0) if "since_us" in q else None,
+        until=_int(request, "until_us", 0) if "until_us" in q else None,
         source=source,
         search=q.get("search", ""),
         tail=tail,
     )
-    return {"entries": [{"timestamp": e.timestamp, "source": e.source, "message": e.message} for e in entries]}
+    return {"entries": [{"timestamp_us": e.micros, "source": e.source, "message": e.message} for e in entries]}
 
 
 @route(
@@ -391,7 +430,7 @@ async def create_exec(request: web.Request, body: ExecRequest) -> ExecInfo:
 @route("GET", "/v1/sandboxes/{sandbox_id}/execs", summary="List a sandbox's processes")
 async def list_execs(request: web.Request) -> dict[str, Any]:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
-    return {"execs": [sb.exec_info(p).model_dump() for p in sb.processes.values()]}
+    return {"execs": [info.model_dump() for info in sb.exec_infos()]}
 
 
 @route("GET", "/v1/sandboxes/{sandbox_id}/execs/{exec_id}", summary="One process", response=ExecInfo)

@@ -22,6 +22,7 @@ from shoal.images.builder import Builder
 from shoal.images.store import ImageConfig
 from shoal.server.registry import route
 from shoal.server.routes import MANAGER
+from shoal.wire.times import micros
 
 MAX_CONTEXT_BYTES = 1 << 36
 """Largest upload of local files for one build step (64 GiB)."""
@@ -102,7 +103,7 @@ def _usage(mgr: Manager, used: set[str]) -> dict[str, Any]:
             {
                 "image_id": r.id,
                 "recipe": r.recipe,
-                "created_at": r.created_at,
+                "created_at_us": micros(r.created_at),
                 "layers": cfg.layers,
                 "size": sum(usage.layer_size(store, layer) for layer in cfg.layers),
                 "own_size": usage.layer_size(store, cfg.layers[-1]) if cfg.layers else 0,

@@ -118,7 +118,7 @@ class VolumeInfo(BaseModel):
 
     volume_id: str
     name: str | None
-    created_at: float
+    created_at_us: int
     ephemeral: bool
     version: int
     size_bytes: int | None = None

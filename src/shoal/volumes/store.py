@@ -32,6 +32,7 @@ from shoal import ids
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
 from shoal.volumes import safefs
 from shoal.volumes.models import VolumeInfo
+from shoal.wire.times import micros
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class VolumeRow:
         return VolumeInfo(
             volume_id=self.id,
             name=self.name,
-            created_at=self.created_at,
+            created_at_us=micros(self.created_at),
             ephemeral=self.ephemeral,
             version=self.version or DEFAULT_VERSION,
             size_bytes=size,
