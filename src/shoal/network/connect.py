@@ -2,12 +2,19 @@
 
 A client shows a token as ``Authorization: Bearer TOKEN``, as the ``_modal_connect_token`` query parameter (the
 answer then sets a cookie of that name, so a browser keeps access) or as that cookie.  The request goes on to
-the sandbox's port with the token removed and ``X-Verified-User-Data`` set to the metadata the token was made
-with.  WebSockets are carried as well.  No valid token: 401, and nothing reaches the sandbox.
+the sandbox's port with the token removed, ``X-Verified-User-Data`` set to the metadata the token was made
+with, ``X-Forwarded-For`` set to the connecting client's address as the proxy sees it, ``X-Forwarded-Proto:
+https`` and ``X-Forwarded-Host`` set to the Host the client asked for.  WebSockets are carried as well, with
+the same headers.  No valid token: 401, and nothing reaches the sandbox.
 
-Trust: every client is untrusted.  Tokens are kept as SHA-256 digests and looked up by digest; a client's own
-``X-Verified-User-Data`` header never reaches the sandbox.  The sandbox's answers are passed back as they are
-(hop-by-hop headers aside): the proxy serves the sandbox, it does not vouch for it.
+Trust: every client is untrusted.  Tokens are kept as SHA-256 digests and looked up by digest.  A header the
+client sends never reaches the sandbox if its name could pass for one the proxy sets or that names the
+client (``X-Verified-User-Data``, ``Forwarded``, every ``X-Forwarded-*``, ``X-Real-IP`` and the like):
+names are compared case-insensitively with ``_`` and ``-`` alike, because CGI/WSGI servers turn both into
+``_`` (``X_Verified_User_Data`` would otherwise become ``HTTP_X_VERIFIED_USER_DATA``).  Header names that
+are not RFC 9110 tokens are refused by aiohttp's parser (400) and, should one get through, dropped here.  The
+values the sandbox sees under those names are the proxy's own.  The sandbox's answers are passed back as they
+are (hop-by-hop headers aside): the proxy serves the sandbox, it does not vouch for it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -44,6 +52,30 @@ HOP_BY_HOP = {
     "host",
 }
 CHUNK = 1 << 16
+PROXY_SET = {
+    "x-verified-user-data",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
+}
+"""Headers (normalised, see ``_norm``) that only the proxy may set or that claim who the client is; together
+with every ``x-forwarded-*``, a client's copy never reaches the sandbox."""
+TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A valid header name (RFC 9110 ``token``)."""
+
+
+def _norm(name: str) -> str:
+    """A header name as CGI/WSGI servers see it, modulo their ``_`` for ``-``: lower case, ``_`` → ``-``."""
+    return name.lower().replace("_", "-")
+
+
+def _spoofable(name: str) -> bool:
+    """Whether a client's header called ``name`` could pass for one the proxy sets (or for client identity)."""
+    norm = _norm(name)
+    return norm in PROXY_SET or norm.startswith("x-forwarded-")
 
 
 def digest(token: str) -> str:
@@ -145,21 +177,31 @@ class ConnectProxy:
             self.touch()
 
     def _forward_headers(self, request: web.Request, where: str, metadata: str) -> CIMultiDict[str]:
-        connection = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
+        """The headers for the sandbox: the client's, less hop-by-hop ones, the token and anything that could pass
+        for a header the proxy sets (in any spelling), then the proxy's own ``X-Verified-User-Data`` and
+        ``X-Forwarded-*``."""
+        connection = {_norm(h.strip()) for h in request.headers.get("Connection", "").split(",")}
+        hop_by_hop = HOP_BY_HOP | connection
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in request.headers.items():
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower in connection or lower == VERIFIED_HEADER.lower():
+            norm = _norm(name)
+            if not TOKEN.fullmatch(name) or norm in hop_by_hop or _spoofable(name):
                 continue
-            if lower == "authorization" and where == "header":
+            if norm == "authorization" and where == "header":
                 continue
-            if lower == "cookie":
+            if norm == "cookie":
                 kept = [c for c in value.split(";") if c.strip().split("=", 1)[0] != TOKEN_NAME]
                 if not kept:
                     continue
                 value = ";".join(kept).strip()
             out.add(name, value)
         out[VERIFIED_HEADER] = metadata
+        if request.remote:
+            out["X-Forwarded-For"] = request.remote
+        out["X-Forwarded-Proto"] = "https"
+        host = request.headers.get("Host")
+        if host:
+            out["X-Forwarded-Host"] = host
         return out
 
     async def _http(
@@ -203,7 +245,7 @@ class ConnectProxy:
     ) -> web.StreamResponse:
         assert self._session is not None
         for name in list(headers):
-            if name.lower().startswith("sec-websocket-"):
+            if _norm(name).startswith("sec-websocket-"):
                 del headers[name]
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         try:
