@@ -57,7 +57,13 @@ class Config:
     default_memory_mib: int | None = 4096
     """Memory limit of a sandbox created without ``memory=``; None for no limit."""
     max_output_bytes: int = 1 << 30
-    """Per process stream; output beyond it is dropped and the stream says so."""
+    """Per process stream; output beyond it is dropped (``sandbox_output_bytes`` says how)."""
+    sandbox_output_bytes: int = field(
+        default_factory=lambda: int(os.environ.get("SHOAL_SANDBOX_OUTPUT_MIB") or 2048) << 20
+    )
+    """Disk quota for the recorded output of one sandbox, all processes and streams together
+    (``SHOAL_SANDBOX_OUTPUT_MIB``, default 2048).  Output past it is discarded: the streams end where the
+    quota ran out, and ``sb.logs`` gets a system line saying so.  Kept ``retention_seconds`` after the end."""
     agent_connect_timeout: float = 10.0
     image_caches: list[Path] = field(
         default_factory=lambda: [Path(p) for p in os.environ.get("SHOAL_IMAGE_CACHE", "").split(":") if p]

@@ -169,17 +169,36 @@ def test_sdk_starts_a_daemon_when_none_runs():
     assert not left, left
 
 
-def test_non_root_callers_get_a_clear_message(tmp_path):
-    env = dict(os.environ)
-    env.update(SHOAL_RUNTIME_DIR=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    env.pop("SHOAL_NO_AUTOSTART", None)
-    script = "import shoal\nshoal.App.lookup('x', create_if_missing=True)\n"
-    out = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def test_non_root_callers_get_a_clear_message():
+    """The SDK run by another user, wherever the checkout sits (``/root`` is closed to other users): its
+    source and packages are bind-mounted in a private mount namespace under a directory that user can read,
+    and the system's interpreter runs them."""
+    src = Path(shoal.__file__).resolve().parents[1]
+    site = Path(__import__("aiohttp").__file__).resolve().parents[1]
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3 that another user can run")
+    view = Path(tempfile.mkdtemp(prefix="shoal-nobody-"))
+    try:
+        view.chmod(0o755)
+        for name in ("src", "site", "run"):
+            (view / name).mkdir()
+        (view / "run").chmod(0o777)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+        env.update(SHOAL_RUNTIME_DIR=str(view / "run"), PYTHONPATH=f"{view}/src:{view}/site", HOME=str(view))
+        script = "import shoal\nshoal.App.lookup('x', create_if_missing=True)\n"
+        inner = (
+            f"mount --bind '{src}' '{view}/src' && mount --bind '{site}' '{view}/site' && exec setpriv"
+            f" --reuid=65534 --regid=65534 --clear-groups -- {python} -c \"$0\""
+        )
+        out = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", inner, script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
     assert out.returncode != 0
     assert "only root can start one" in out.stderr

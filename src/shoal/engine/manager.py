@@ -44,18 +44,32 @@ FINISHED_CACHE = 64
 """Finished sandboxes kept in memory after their last use (the rest are read from the store when asked for)."""
 
 
-def check_traversable(path: Path) -> None:
-    """The runtime sets up a sandbox's mounts as the sandbox's own user: it must be able to walk to them."""
+def check_traversable(path: Path, gid: int) -> None:
+    """The runtime sets up a sandbox's mounts as the sandbox's own root (host uid and gid ``gid``): it must be
+    able to walk to them.  A directory passes if others may search it, or if it is group ``gid``'s and the
+    group may."""
     for p in [path, *path.parents]:
         try:
-            mode = p.stat().st_mode
+            st = p.stat()
         except FileNotFoundError:
             continue
-        if not mode & 0o001:
+        if not st.st_mode & 0o001 and not (st.st_gid == gid and st.st_mode & 0o010):
             raise InvalidError(
-                f"{p} is not searchable by other users (mode {oct(mode & 0o777)}), so sandboxes cannot mount"
-                f" their files from {path}: run `chmod o+x {p}` or choose other shoal directories"
+                f"{p} is not searchable by other users (mode {oct(st.st_mode & 0o777)}), so sandboxes cannot"
+                f" mount their files from {path}: run `chmod o+x {p}` or choose other shoal directories"
             )
+
+
+def seal_top_dir(path: Path, gid: int) -> None:
+    """Make one of shoal's own top directories (data, runtime) ``root:gid`` and ``0710``.
+
+    Other host users can then neither list nor enter anything under it (sandbox roots, outputs, the state
+    database and its WAL, bundles); the sandboxes' root group (``gid``) may pass through it, which the
+    runtime needs to mount a sandbox's root and binds.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o710)
 
 
 class Manager:
@@ -64,8 +78,7 @@ class Manager:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         for d in (cfg.data_dir, cfg.runtime_dir):
-            d.mkdir(parents=True, exist_ok=True)
-            os.chmod(d, 0o711)
+            seal_top_dir(d, cfg.idmap.host_id)
         for d in (cfg.run_sandboxes_dir, cfg.oci_state_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)
@@ -105,7 +118,7 @@ class Manager:
     async def start(self) -> None:
         """Prepare the agent, clear leftovers of a crash, re-adopt running sandboxes."""
         for d in (self.cfg.runtime_dir, self.cfg.agent_dir.parent):
-            check_traversable(d)
+            check_traversable(d, self.cfg.idmap.host_id)
         await asyncio.to_thread(ensure_agent, self.cfg.agent_dir)
         pids, memory = cgroups.host_limits()
         cgroups.limit_parent(

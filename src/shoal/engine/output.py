@@ -11,10 +11,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 MEMORY_FIRST = 256 << 10
 """Bytes a ``memory_first`` stream keeps in memory before it moves to its file."""
+
+
+class OutputBudget:
+    """The bytes of output one sandbox may still store on the host's disk, over all its recorded streams.
+
+    Output past it is discarded (its offsets still count, so readers and the agent stay in step), and
+    ``on_full`` is called once, so that the loss is reported rather than silent.
+    """
+
+    def __init__(self, left: int, on_full: Callable[[], None] | None = None) -> None:
+        self.left = max(0, left)
+        self.full = False
+        self._on_full = on_full
+
+    def take(self, wanted: int) -> int:
+        """Reserve up to ``wanted`` bytes; returns how many may be stored."""
+        granted = min(wanted, self.left)
+        self.left -= granted
+        if granted < wanted and not self.full:
+            self.full = True
+            if self._on_full is not None:
+                self._on_full()
+        return granted
 
 
 class OutputStream:
@@ -24,9 +48,19 @@ class OutputStream:
     first ``MEMORY_FIRST`` bytes stay in memory, so a small operation touches no file at all.
     """
 
-    def __init__(self, path: Path, limit: int, *, eof: bool = False, memory_first: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        limit: int,
+        *,
+        eof: bool = False,
+        memory_first: bool = False,
+        budget: OutputBudget | None = None,
+    ) -> None:
         self.path = path
         self.limit = limit
+        self.budget = budget
+        """The sandbox's disk quota for output, shared by its streams (None: only ``limit`` applies)."""
         self.eof = eof
         self._fd: int | None = None
         self._mem: bytearray | None = bytearray() if memory_first else None
@@ -57,7 +91,9 @@ class OutputStream:
         if skip >= len(data):
             return True
         data = data[skip:]
-        room = self.limit - self.size
+        room = min(self.limit - self.size, len(data))
+        if room > 0 and self.budget is not None:
+            room = self.budget.take(room)
         if room > 0 and self._mem is not None:
             if self.size + len(data) <= MEMORY_FIRST:
                 self._mem += data

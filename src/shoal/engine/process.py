@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.agent.protocol import ExitKind
-from shoal.engine.output import OutputStream
+from shoal.engine.output import OutputBudget, OutputStream
 
 ENTRYPOINT_ID = "entrypoint"
 SIGKILL = 9
@@ -36,15 +36,22 @@ class Process:
         *,
         eof_mask: int = 0,
         persist: bool = True,
+        budget: OutputBudget | None = None,
     ) -> None:
         self.sandbox_id = sandbox_id
         self.id = exec_id
         self.spec = spec
         self.persist = persist
         """Whether the process is recorded in the database (not so for per-request file operations)."""
+        # Recorded output counts against the sandbox's disk quota; a file operation's is deleted once delivered.
+        budget = budget if persist else None
         self.streams = (
-            OutputStream(out_dir / f"{exec_id}.1", limit, eof=bool(eof_mask & 1), memory_first=not persist),
-            OutputStream(out_dir / f"{exec_id}.2", limit, eof=bool(eof_mask & 2), memory_first=not persist),
+            OutputStream(
+                out_dir / f"{exec_id}.1", limit, eof=bool(eof_mask & 1), memory_first=not persist, budget=budget
+            ),
+            OutputStream(
+                out_dir / f"{exec_id}.2", limit, eof=bool(eof_mask & 2), memory_first=not persist, budget=budget
+            ),
         )
         self.pid: int | None = None
         self.exit_kind: int | None = None

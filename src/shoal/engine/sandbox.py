@@ -32,6 +32,7 @@ from shoal.config import Config
 from shoal.engine.link import AgentLink
 from shoal.engine.logs import LogWriter
 from shoal.engine.models import CreateSandbox, ExecInfo, ExecRequest, Result, SandboxInfo
+from shoal.engine.output import OutputBudget
 from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
 from shoal.engine.state import ExecRow, SandboxRow, State
 from shoal.exception import ConflictError, NotFoundError, ServiceError
@@ -129,6 +130,7 @@ class Sandbox:
         self._tasks: set[asyncio.Task[None]] = set()
         self.keep_upper: Path | None = None
         self._pool_socket: socket.socket | None = None
+        self._budget: OutputBudget | None = None
         self.logs = LogWriter(self.data_dir)
         """Timestamps of the entrypoint's output and lifecycle events (``sb.logs``)."""
         """Image builds: at teardown, move the upper directory here instead of deleting it (None if that failed)."""
@@ -384,7 +386,15 @@ class Sandbox:
     ) -> Process:
         image_env = self.spec.get("image_env", {})
         stored = {"args": req.args, "workdir": req.workdir, "timeout": req.timeout, "pty": req.pty}
-        proc = Process(self.id, exec_id, stored, self.out_dir, self.ctx.cfg.max_output_bytes, persist=persist)
+        proc = Process(
+            self.id,
+            exec_id,
+            stored,
+            self.out_dir,
+            self.ctx.cfg.max_output_bytes,
+            persist=persist,
+            budget=self._output_budget() if persist else None,
+        )
         self.processes[exec_id] = proc
         if persist:
             self.ctx.state.add_exec(ExecRow(self.id, exec_id, stored, "running", time.time()))
@@ -455,7 +465,16 @@ class Sandbox:
         return self._process_from_row(row)
 
     def _process_from_row(self, row: ExecRow) -> Process:
-        proc = Process(self.id, row.id, row.spec, self.out_dir, self.ctx.cfg.max_output_bytes, eof_mask=row.eof_mask)
+        more_to_come = row.exit_kind is None or row.eof_mask != 3
+        proc = Process(
+            self.id,
+            row.id,
+            row.spec,
+            self.out_dir,
+            self.ctx.cfg.max_output_bytes,
+            eof_mask=row.eof_mask,
+            budget=self._output_budget() if more_to_come and self.state != FINISHED else None,
+        )
         if row.exit_kind is not None and row.exit_value is not None:
             proc.set_exit(row.exit_kind, row.exit_value)
         if self.state == FINISHED:
@@ -463,6 +482,25 @@ class Sandbox:
             proc.set_exit(P.ExitKind.SIGNAL, SIGKILL)
             proc.end_streams()
         return proc
+
+    def _output_budget(self) -> OutputBudget:
+        """The sandbox's output quota (``Config.sandbox_output_bytes``), less what its streams already hold."""
+        if self._budget is None:
+            held = 0
+            with contextlib.suppress(FileNotFoundError), os.scandir(self.out_dir) as it:
+                for entry in it:
+                    with contextlib.suppress(OSError):
+                        held += entry.stat(follow_symlinks=False).st_size
+            self._budget = OutputBudget(self.ctx.cfg.sandbox_output_bytes - held, self._output_full)
+        return self._budget
+
+    def _output_full(self) -> None:
+        quota = self.ctx.cfg.sandbox_output_bytes
+        log.warning("sandbox %s: output quota of %d MiB reached; further output is discarded", self.id, quota >> 20)
+        self.logs.system(
+            f"Output quota reached ({quota >> 20} MiB stored for this sandbox): further output of its processes"
+            " is discarded; their streams end where the quota ran out"
+        )
 
     def _release(self, proc: Process) -> None:
         """A recorded process that has ended, with both streams ended, lives on in the store only."""

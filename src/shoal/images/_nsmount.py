@@ -134,6 +134,7 @@ def do_umount(target: str) -> None:
 
 def main(argv: list[str]) -> int:
     """``mount TARGET OWNER STAGE OPTIONS`` or ``umount TARGET``."""
+    os.umask(0o022)  # directories made in the sandbox get the usual modes, not the daemon's umask
     try:
         if argv[:1] == ["mount"] and len(argv) == 5:
             do_mount(argv[1], int(argv[2]), argv[3], argv[4])

@@ -102,7 +102,8 @@ def build(
         if sources:
             argv.append(sources)
         log(f"building base image: Debian {suite} with Python {python_version} (mmdebstrap, once)")
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # An image's files get the usual modes, whatever the daemon's own umask (0077) is.
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, umask=0o022)
         assert proc.stdout is not None
         tail: list[str] = []
         for line in proc.stdout:
@@ -155,6 +156,7 @@ def _customize(root: Path) -> None:
         marker.unlink()
     pip_conf = root / "etc/pip.conf"
     pip_conf.write_text("[global]\nroot-user-action = ignore\ndisable-pip-version-check = true\n")
+    os.chmod(pip_conf, 0o644)
     for d in ("var/lib/apt/lists", "var/cache/apt/archives"):
         p = root / d
         if p.is_dir():

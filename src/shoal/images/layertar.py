@@ -150,6 +150,7 @@ class _Unpacker:
                     os.mkdir(p, 0o755, dir_fd=fd)
                     nxt = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
                     os.fchown(nxt, self.owner_low, self.owner_low)
+                    os.fchmod(nxt, 0o755)  # not the daemon's umask
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                         raise LayerError(

@@ -675,6 +675,7 @@ def _write_etc(root: Path, ip: str, owner: int, nameserver: str) -> None:
         except FileNotFoundError:
             os.mkdir("etc", 0o755, dir_fd=root_fd)
             os.chown("etc", owner, owner, dir_fd=root_fd, follow_symlinks=False)
+            os.chmod("etc", 0o755, dir_fd=root_fd)  # just made, before the sandbox runs; not the daemon's umask
             etc = os.open("etc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
         except OSError:
             log.warning("the image's /etc is not a directory; leaving its resolver files alone")

@@ -13,6 +13,8 @@ import ctypes.util
 import os
 
 MNT_DETACH = 2
+MS_NOSUID = 2
+MS_NODEV = 4
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [
     ctypes.c_char_p,
@@ -48,10 +50,14 @@ def is_mounted(target: str) -> bool:
 
 
 def mount_overlay(lowers: list[str], upper: str, work: str, target: str, owner: int) -> None:
-    """Mount an overlay of ``lowers`` (topmost first) with a writable ``upper`` at ``target``."""
+    """Mount an overlay of ``lowers`` (topmost first) with a writable ``upper`` at ``target``.
+
+    ``nosuid,nodev``: the host sees this mount, and a set-id file or device node a sandbox made must mean
+    nothing there.  Inside, the sandbox runs with no-new-privileges, so set-id bits meant nothing anyway.
+    """
     for d in (upper, work, target):
         os.makedirs(d, exist_ok=True)
     os.chown(upper, owner, owner)
     os.chmod(upper, 0o755)
     opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},redirect_dir=off,index=off,xino=off"
-    mount("overlay", target, "overlay", 0, opts)
+    mount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, opts)

@@ -65,6 +65,9 @@ def load_token(cfg: Config) -> str:
 
 async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
+    # Before anything is created: what the daemon writes (state, WAL, outputs, bundles) is for root alone.
+    # Files meant for sandboxes get their modes explicitly.
+    os.umask(0o077)
     locks = lock_dirs(cfg)
     manager = Manager(cfg)
     await manager.start()
