@@ -189,7 +189,7 @@ def test_non_root_callers_get_a_clear_message():
         script = "import shoal\nshoal.App.lookup('x', create_if_missing=True)\n"
         inner = (
             f"mount --bind '{src}' '{view}/src' && mount --bind '{site}' '{view}/site' && exec setpriv"
-            f" --reuid=65534 --regid=65534 --clear-groups -- {python} -c \"$0\""
+            f' --reuid=65534 --regid=65534 --clear-groups -- {python} -c "$0"'
         )
         out = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", inner, script],

@@ -32,6 +32,8 @@
  *   watch [-r] [-t SECS] PATH   one JSON event per line, until stdin closes or SECS pass
  *   open -m MODE PATH      a request/response session on stdin/stdout (see op_open)
  * With -x, PATH is hex-encoded (names that are not UTF-8 cannot travel as text).
+ * read, write and open take regular files only: a FIFO, socket or device is
+ * refused at once ("NotAFile", EINVAL) and never opened in a way that waits.
  *
  * JSON strings carry names as UTF-8; a byte that is not part of valid UTF-8 is
  * written as the escape \udcXX (Python's "surrogateescape"), so the SDK gets the
@@ -468,15 +470,54 @@ static int op_rm(const char *path, int recursive) {
     return 0;
 }
 
+/* ---------- special files ---------- */
+/*
+ * The file API reads and writes regular files only.  Opening a FIFO blocks
+ * until a peer opens its other end, a socket cannot be opened at all, and a
+ * device may do anything when opened or read (/dev/zero never ends).  So the
+ * type is checked before the open (stat follows symlinks, as open does) and
+ * again on the descriptor, which is opened O_NONBLOCK in case the path was
+ * swapped for a FIFO in between: nothing here ever waits on a special file.
+ */
+
+static const char *special_kind(mode_t m) {
+    if (S_ISFIFO(m)) return "a FIFO (named pipe)";
+    if (S_ISSOCK(m)) return "a socket";
+    if (S_ISCHR(m)) return "a character device";
+    if (S_ISBLK(m)) return "a block device";
+    return "a file of an unknown type";
+}
+
+/* The message for a path of type m that is neither a regular file nor a directory. */
+static void special_message(mode_t m, char *msg, size_t n) {
+    snprintf(msg, n, "Not a regular file (%s); the file API opens regular files only", special_kind(m));
+}
+
+static void fail_special(mode_t m) __attribute__((noreturn));
+static void fail_special(mode_t m) {
+    char msg[160];
+    special_message(m, msg, sizeof msg);
+    fail_kind("NotAFile", EINVAL, msg);
+}
+
+/* Fail unless path, if it exists, is a regular file (EISDIR for a directory). */
+static void require_regular(const char *path) {
+    struct stat st;
+    if (stat(path, &st) < 0) return; /* the open reports it */
+    if (S_ISDIR(st.st_mode)) fail(EISDIR);
+    if (!S_ISREG(st.st_mode)) fail_special(st.st_mode);
+}
+
 /* ---------- read ---------- */
 
 static int op_read(const char *path, long long offset, long long length) {
+    require_regular(path);
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0) fail(errno);
     struct stat st;
     if (fstat(fd, &st) < 0) fail(errno);
     if (S_ISDIR(st.st_mode)) fail(EISDIR);
-    if (!S_ISREG(st.st_mode)) fail_kind("NotAFile", EINVAL, "not a regular file");
+    if (!S_ISREG(st.st_mode)) fail_special(st.st_mode);
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     grow_pipe(1);
     posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
@@ -550,7 +591,7 @@ static int op_write(const char *path, long long expect) {
         memmove(name, tbase, strlen(tbase) + 1);
     }
     if (exists && S_ISDIR(st.st_mode)) fail(EISDIR);
-    if (exists && !S_ISREG(st.st_mode)) fail_kind("NotAFile", EINVAL, "not a regular file");
+    if (exists && !S_ISREG(st.st_mode)) fail_special(st.st_mode);
 
     int fd = -1;
     for (int tries = 0; fd < 0; tries++) {
@@ -818,14 +859,22 @@ static void answer_ok(uint64_t value) {
     oflush();
 }
 
-static void answer_error(int err) {
+static void answer_error_kind(const char *kind, int err, const char *message) {
     oflush(); /* the record is assembled at the start of the (empty) buffer */
     char head[5] = {'E', 0, 0, 0, 0};
     oput(head, 5);
-    error_json(NULL, err, strerror(err));
+    error_json(kind, err, message);
     uint32_t n = (uint32_t)(olen - 5);
     memcpy(obuf + 1, &n, 4);
     oflush();
+}
+
+static void answer_error(int err) { answer_error_kind(NULL, err, strerror(err)); }
+
+static void answer_special(mode_t m) {
+    char msg[160];
+    special_message(m, msg, sizeof msg);
+    answer_error_kind("NotAFile", EINVAL, msg);
 }
 
 static int read_full(int fd, void *p, size_t n) {
@@ -896,17 +945,36 @@ static int op_open(const char *path, const char *mode) {
     }
     grow_pipe(0);
     grow_pipe(1);
-    int fd = open(path, flags | O_CLOEXEC | O_NOCTTY, 0666);
     struct stat st;
-    if (fd >= 0 && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
-        close(fd);
-        fd = -1;
-        errno = EISDIR;
-    }
-    if (fd < 0) {
-        answer_error(errno);
+    /* Only regular files (see "special files"); with 'x' an existing path of any type is EEXIST. */
+    if (*kind != 'x' && stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+        if (S_ISDIR(st.st_mode)) answer_error(EISDIR);
+        else answer_special(st.st_mode);
         return 1;
     }
+    int fd = open(path, flags | O_CLOEXEC | O_NOCTTY | O_NONBLOCK, 0666);
+    if (fd < 0) {
+        int err = errno;
+        /* ENXIO: a socket, or a FIFO without a reader, put there since the check */
+        if (err == ENXIO && stat(path, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode))
+            answer_special(st.st_mode);
+        else
+            answer_error(err);
+        return 1;
+    }
+    if (fstat(fd, &st) < 0) {
+        int err = errno;
+        close(fd);
+        answer_error(err);
+        return 1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        if (S_ISDIR(st.st_mode)) answer_error(EISDIR);
+        else answer_special(st.st_mode);
+        return 1;
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     answer_ok(0);
     char *buf = malloc(IO_CHUNK);
     if (!buf) fail(ENOMEM);

@@ -229,7 +229,9 @@ _FILESYSTEM_ERRORS: dict[str, type[SandboxFilesystemError]] = {
     "PathAlreadyExists": SandboxFilesystemPathAlreadyExistsError,
     "DirectoryNotEmpty": SandboxFilesystemDirectoryNotEmptyError,
     "FileTooLarge": SandboxFilesystemFileTooLargeError,
+    "NotAFile": SandboxFilesystemError,
 }
+"""``NotAFile``: read/write/open of a FIFO, socket or device, refused at once (the tool never waits on one)."""
 
 
 def filesystem_error(failure: ToolFailed, path: str) -> SandboxFilesystemError:
@@ -241,7 +243,8 @@ def filesystem_error(failure: ToolFailed, path: str) -> SandboxFilesystemError:
 
 
 def legacy_error(failure: ToolFailed, path: str) -> Exception:
-    """The older API's exception: the builtin ``OSError`` subclass for the errno, as Modal's FileIO raises."""
+    """The older API's exception: the builtin ``OSError`` subclass for the errno, as Modal's FileIO raises
+    (a FIFO, socket or device: ``OSError`` with ``EINVAL`` and a message naming what the path is)."""
     if not failure.errno:
         return FilesystemExecutionError(failure.message or f"Operation on '{path}' failed")
     if failure.errno == errno.ENOMEM:

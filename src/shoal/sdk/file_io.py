@@ -6,7 +6,9 @@ as the file is open; each method is one request/response exchange with it over t
 resolve against the sandbox's working directory, as a process started there would see them.
 
 Errors are builtin exceptions chosen by errno, as Modal's FileIO raises them: ``FileNotFoundError``,
-``IsADirectoryError``, ``PermissionError``, ``FileExistsError``, ``NotADirectoryError``, ``OSError``.
+``IsADirectoryError``, ``PermissionError``, ``FileExistsError``, ``NotADirectoryError``, ``OSError``.  Only regular
+files open: a FIFO, socket or device is refused at once with ``OSError`` (``EINVAL``) saying what the path is,
+instead of an open that would wait for a FIFO's other end or a read that never ends (``/dev/zero``).
 
 Trust: the tool's answers are hostile input: records are bounded in size, an answer can never be longer than
 what was asked for, and anything malformed ends the session with an error.

@@ -48,7 +48,8 @@ class SandboxFilesystem:
     """The files of one sandbox, as its own root user sees them.  Paths must be absolute.
 
     Errors inside the sandbox raise ``shoal.exception.SandboxFilesystem*Error`` (not builtin ``OSError``s);
-    a sandbox that has stopped raises ``NotFoundError``.
+    a sandbox that has stopped raises ``NotFoundError``.  Reads, writes and copies take regular files only: a
+    FIFO, socket or device raises ``SandboxFilesystemError`` ("Not a regular file (a FIFO) ...") at once.
 
     Examples:
         sb.filesystem.write_text("hello\\n", "/tmp/hello.txt")

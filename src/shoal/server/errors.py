@@ -22,6 +22,28 @@ STATUS: dict[type[exc.Error], int] = {
 }
 
 
+HTTP_ERRORS: dict[int, type[exc.Error]] = {
+    400: exc.InvalidError,
+    401: exc.AuthError,
+    403: exc.PermissionDeniedError,
+    404: exc.NotFoundError,
+    405: exc.InvalidError,
+    409: exc.ConflictError,
+    411: exc.InvalidError,
+    413: exc.InvalidError,
+    415: exc.InvalidError,
+    429: exc.ResourceExhaustedError,
+}
+"""For aiohttp's own refusals (no such route, wrong method, body too large): the shoal class that names them
+in the error body.  Their HTTP status stays as aiohttp chose it."""
+
+
+def from_http(status: int, reason: str) -> exc.Error:
+    """The shoal exception for an HTTP error the server framework raised (a 4xx; anything else is internal)."""
+    cls = HTTP_ERRORS.get(status, exc.InvalidError if 400 <= status < 500 else exc.InternalError)
+    return cls(reason)
+
+
 def status_for(error: exc.Error) -> int:
     """The HTTP status for a shoal exception (most specific class wins)."""
     for cls in type(error).__mro__:

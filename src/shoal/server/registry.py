@@ -29,6 +29,15 @@ class Route:
     """Query parameter name → description."""
     content_type: str = "application/json"
     raw_body: bool = False
+    """The body is not JSON: the handler reads it itself (streamed, under its own limits, unless ``whole_body``)."""
+    whole_body: bool = False
+    """A raw body the handler reads whole (``request.read()``): the daemon's body limit applies to it."""
+
+    @property
+    def limits_body(self) -> bool:
+        """Whether the daemon's body limit (``shoal.server.app.MAX_BODY``) applies: JSON bodies, routes that take
+        none, and raw bodies read whole.  Streamed bodies (uploads, attach) are the route's own business."""
+        return self.body is not None or not self.raw_body or self.whole_body
 
 
 ROUTES: list[Route] = []
@@ -44,11 +53,12 @@ def route(
     query: dict[str, str] | None = None,
     content_type: str = "application/json",
     raw_body: bool = False,
+    whole_body: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Register a handler ``async def h(request, [body]) -> model | dict | StreamResponse``."""
 
     def register(fn: Handler) -> Handler:
-        ROUTES.append(Route(method, path, fn, summary, body, response, query or {}, content_type, raw_body))
+        ROUTES.append(Route(method, path, fn, summary, body, response, query or {}, content_type, raw_body, whole_body))
         return fn
 
     return register
@@ -135,7 +145,12 @@ def openapi(version: str) -> dict[str, Any]:
     }
 
 
-def install(app: web.Application, wrap: Callable[[Route], Handler]) -> None:
-    """Add every route to an aiohttp application, each wrapped by ``wrap``."""
+def install(
+    app: web.Application,
+    wrap: Callable[[Route], Handler],
+    expect: Callable[[Route], Handler] | None = None,
+) -> None:
+    """Add every route to an aiohttp application, each wrapped by ``wrap``; ``expect(route)``, if given, answers
+    a request's ``Expect: 100-continue`` before its body is sent."""
     for r in ROUTES:
-        app.router.add_route(r.method, r.path, wrap(r))
+        app.router.add_route(r.method, r.path, wrap(r), expect_handler=expect(r) if expect else None)

@@ -495,6 +495,7 @@ async def read_output(request: web.Request) -> web.StreamResponse:
         "eof": "1 to close stdin after the body",
     },
     raw_body=True,
+    whole_body=True,
 )
 async def write_stdin(request: web.Request) -> dict[str, Any]:
     sb = _mgr(request).get(request.match_info["sandbox_id"])

@@ -220,10 +220,14 @@ async def _receive(content: Any, batch: files.UploadBatch) -> None:
         try:
             header = json.loads(await content.readexactly(hlen))
             path, mode, size = header["path"], header.get("mode", 0o644), header["size"]
-        except (asyncio.IncompleteReadError, ValueError, KeyError, TypeError):
+        except (asyncio.IncompleteReadError, ValueError, KeyError, TypeError, RecursionError):
             raise InvalidError("malformed upload frame header") from None
         if not isinstance(path, str) or not isinstance(mode, int) or not isinstance(size, int):
             raise InvalidError("upload frame header: path must be a string, mode and size integers")
+        try:
+            path.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise InvalidError("upload frame header: the path holds a lone surrogate, which is not text") from None
         if not 0 <= size <= MAX_FILE_SIZE or not 0 <= mode <= 0o7777:
             raise InvalidError(f"upload of {path!r}: size or mode out of range")
         fd, parts = batch.open_file(path)
