@@ -80,7 +80,8 @@ class Config:
     warm_pool: int = field(default_factory=lambda: int(os.environ.get("SHOAL_WARM_POOL") or DEFAULT_WARM_POOL))
     """Sandboxes of the default shape kept precreated (``shoal.engine.pool``); 0: none."""
     """Seconds one ``run`` build step may take."""
-    """Sandbox networking (``SHOAL_NETWORK*``, ``SHOAL_DNS_UPSTREAM``, ``SHOAL_TUNNEL_*``: see its module)."""
+    """Sandbox networking (``SHOAL_NETWORK*``, ``SHOAL_ALLOW_PRIVATE_RANGES``, ``SHOAL_DNS_UPSTREAM``,
+    ``SHOAL_TUNNEL_*``: see its module)."""
 
     def __post_init__(self) -> None:
         if self.socket_path is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from shoal.config import Config
+from shoal.network.config import NetworkConfig
 
 
 def _config(
@@ -21,8 +22,14 @@ def _config(
     runtime: str | None,
     host_cas: bool = True,
     warm_pool: int | None = None,
+    allow_private_ranges: tuple[str, ...] = (),
 ) -> Config:
     kwargs: dict[str, object] = {}
+    if allow_private_ranges:
+        try:
+            kwargs["network"] = NetworkConfig(allow_private=list(allow_private_ranges))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--allow-private-range") from None
     if warm_pool is not None:
         kwargs["warm_pool"] = warm_pool
     if not host_cas:
@@ -86,6 +93,15 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     type=click.IntRange(0, 64),
     help="keep N sandboxes of the default shape ready ahead of time (faster create); default 2, or $SHOAL_WARM_POOL",
 )
+@click.option(
+    "--allow-private-range",
+    "allow_private_ranges",
+    metavar="CIDR",
+    multiple=True,
+    help="let sandboxes reach this private range (within 10/8, 172.16/12, 192.168/16, 100.64/10, 192.0.0/24),"
+    " denied by default; repeatable; a cloud metadata address only when given by itself (never 169.254/16);"
+    " default $SHOAL_ALLOW_PRIVATE_RANGES",
+)
 @click.option("--background", is_flag=True, help="detach; return once the daemon is ready")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def serve_cmd(
@@ -96,13 +112,14 @@ def serve_cmd(
     runtime: str | None,
     host_cas: bool,
     warm_pool: int | None,
+    allow_private_ranges: tuple[str, ...],
     background: bool,
     verbose: bool,
 ) -> None:
     """Run the shoal daemon (as root)."""
     if os.geteuid() != 0:
         raise click.ClickException("the shoal daemon must run as root (it creates namespaces, mounts and cgroups)")
-    cfg = _config(socket, data_dir, runtime_dir, tcp, runtime, host_cas, warm_pool)
+    cfg = _config(socket, data_dir, runtime_dir, tcp, runtime, host_cas, warm_pool, allow_private_ranges)
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if not background:

@@ -5,6 +5,10 @@ Environment variables (all optional):
     SHOAL_NETWORK_POOL      IPv4 range from which each daemon takes its sandbox subnet (default 10.200.0.0/14)
     SHOAL_NETWORK_PREFIX    size of one daemon's subnet, as a prefix length (default 20: 4094 sandboxes)
     SHOAL_NETWORK_DENY      extra CIDRs no sandbox may reach (comma-separated), beside the built-in list
+    SHOAL_ALLOW_PRIVATE_RANGES
+                            IPv4 CIDRs (comma-separated) taken out of the private ranges sandboxes are denied by
+                            default (``shoal serve --allow-private-range``); a cloud metadata address stays
+                            denied unless listed by itself, link-local ones always (``ruleset.default_deny``)
     SHOAL_DNS_UPSTREAM      resolvers the sandboxes' DNS is forwarded to, ``ip`` or ``ip:port``, comma-separated
                             (default: the nameservers of the host's /etc/resolv.conf)
     SHOAL_TUNNEL_BIND       address the tunnel listeners bind (default 127.0.0.1)
@@ -19,6 +23,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shoal.network import ruleset
 
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 
@@ -75,7 +81,10 @@ class NetworkConfig:
     enabled: bool = field(default_factory=lambda: os.environ.get("SHOAL_NETWORK", "1") not in ("0", "false", "no"))
     pool: str = field(default_factory=lambda: os.environ.get("SHOAL_NETWORK_POOL") or "10.200.0.0/14")
     prefix_len: int = field(default_factory=lambda: int(os.environ.get("SHOAL_NETWORK_PREFIX") or 20))
-    deny: list[str] = field(default_factory=lambda: _split(os.environ.get("SHOAL_NETWORK_DENY", "")))
+    extra_deny: list[str] = field(default_factory=lambda: _split(os.environ.get("SHOAL_NETWORK_DENY", "")))
+    """CIDRs denied beside the built-in ones; they win over ``allow_private``."""
+    allow_private: list[str] = field(default_factory=lambda: _split(os.environ.get("SHOAL_ALLOW_PRIVATE_RANGES", "")))
+    """CIDRs taken out of the default-deny private ranges (a metadata address only when listed by itself)."""
     dns_upstream: list[str] = field(
         default_factory=lambda: _split(os.environ.get("SHOAL_DNS_UPSTREAM", "")) or host_nameservers()
     )
@@ -88,7 +97,22 @@ class NetworkConfig:
         pool = ipaddress.IPv4Network(self.pool)
         if not pool.prefixlen <= self.prefix_len <= 28:
             raise ValueError(f"network prefix /{self.prefix_len} must lie between the pool's /{pool.prefixlen} and /28")
-        for cidr in self.deny:
-            ipaddress.ip_network(cidr, strict=False)
+        for what, cidrs in (("denied", self.extra_deny), ("allowed private", self.allow_private)):
+            for cidr in cidrs:
+                try:
+                    net = ipaddress.IPv4Network(cidr, strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"{what} range {cidr!r} is not an IPv4 CIDR (sandboxes have IPv4 networking only)"
+                    ) from None
+                always = [a for a in ruleset.ALWAYS_DENIED if net.subnet_of(ipaddress.IPv4Network(a))]
+                if what != "denied" and always:
+                    raise ValueError(f"{cidr!r} lies in {always[0]}, which sandboxes may never reach")
         for item in self.dns_upstream:
             parse_upstream(item)
+
+    @property
+    def deny(self) -> list[str]:
+        """Every destination the packet filter refuses beside the always-denied ones, the host and the pool:
+        the private and metadata ranges less what the operator allowed, and the extra denied ranges."""
+        return ruleset.default_deny(self.allow_private, self.extra_deny)

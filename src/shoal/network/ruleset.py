@@ -12,12 +12,20 @@ match packets arriving from or leaving through this daemon's sandbox links,
   loopback services, the daemon's API port) but the daemon's DNS forwarder on
   its gateway address, and replies to connections the host opened (tunnels);
 - other sandboxes, of this and every other shoal daemon (the whole pool),
-  cloud metadata (169.254.0.0/16, 100.100.100.200) and non-unicast
-  destinations;
-- IPv6 from sandboxes is dropped (they have IPv4 networking only);
+  and non-unicast or reserved destinations (``ALWAYS_DENIED``);
+- link-local addresses, among them the cloud metadata address
+  169.254.169.254, always; and by default other private networks the host
+  can reach: ``PRIVATE_RANGES`` (RFC 1918, carrier-grade NAT, 192.0.0.0/24)
+  less the ranges the operator allowed, and the other clouds' metadata
+  addresses (``METADATA_ADDRESSES``) unless the operator allowed each by
+  itself (``default_deny``; docs/decisions/0016-outbound-private-ranges-denied.md);
+- IPv6 from sandboxes is dropped (they have IPv4 networking only), so IPv6
+  metadata (fd00:ec2::254), unique-local and link-local addresses too;
 - a sandbox with an outbound allowlist reaches only its listed CIDRs and the
   addresses its allowed names resolved to (pinned by the DNS forwarder, with a
-  timeout); established connections outlive a pin's expiry.  When its policy
+  timeout), less everything denied above: the deny rule comes first, so an
+  allowlist narrows and never widens (nor does a pin, whatever a name resolves
+  to); established connections outlive a pin's expiry.  When its policy
   is replaced at run time, the connections it no longer allows lose their
   conntrack entries (``Network.set_policy``); their next packets then meet
   the allowlist again, and a mid-stream TCP packet is refused with a reset so
@@ -33,14 +41,58 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 ALWAYS_DENIED = (
-    "0.0.0.0/8",
-    "127.0.0.0/8",
-    "169.254.0.0/16",  # link-local, with the cloud metadata address 169.254.169.254
-    "100.100.100.200/32",  # another cloud's metadata address
-    "224.0.0.0/4",
-    "240.0.0.0/4",
+    "0.0.0.0/8",  # "this network"
+    "127.0.0.0/8",  # loopback (the sandbox's own; the host's is never routed to)
+    "169.254.0.0/16",  # link-local: cloud metadata 169.254.169.254, ECS/EKS credentials 169.254.170.2/.23, ...
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, and the limited broadcast address 255.255.255.255
 )
-"""Destinations no sandbox may reach, beside the host itself and the sandbox pool."""
+"""Destinations no sandbox may reach, whatever the operator allows, beside the host itself and the sandbox pool."""
+PRIVATE_RANGES = (
+    "10.0.0.0/8",  # RFC 1918
+    "172.16.0.0/12",  # RFC 1918
+    "192.168.0.0/16",  # RFC 1918
+    "100.64.0.0/10",  # RFC 6598 carrier-grade NAT (also overlay VPNs)
+    "192.0.0.0/24",  # IETF protocol assignments
+)
+"""Denied unless the operator allows a range (``--allow-private-range``): networks beside the host, not the internet."""
+METADATA_ADDRESSES = (
+    "168.63.129.16",  # Azure's wire server (a public address)
+    "100.100.100.200",  # Alibaba Cloud
+    "192.0.0.192",  # Oracle Cloud
+)
+"""Cloud metadata services outside link-local: denied unless the operator allows each address by itself (a /32),
+even inside an allowed range.  The link-local ones (169.254.169.254 of AWS, GCP, Azure, ...) are always denied;
+AWS's IPv6 one (fd00:ec2::254) is unreachable with all IPv6."""
+
+
+def _subtract(
+    nets: list[ipaddress.IPv4Network], remove: Iterable[ipaddress.IPv4Network]
+) -> list[ipaddress.IPv4Network]:
+    for r in remove:
+        out: list[ipaddress.IPv4Network] = []
+        for n in nets:
+            if n.subnet_of(r):
+                continue
+            out.extend(n.address_exclude(r) if r.subnet_of(n) else [n])
+        nets = out
+    return nets
+
+
+def default_deny(allowed: Iterable[str] = (), extra: Iterable[str] = ()) -> list[str]:
+    """What every sandbox is denied beside ``ALWAYS_DENIED``, the host and the pool, as collapsed CIDRs.
+
+    ``PRIVATE_RANGES`` less the operator's ``allowed`` CIDRs; each of ``METADATA_ADDRESSES`` unless ``allowed``
+    holds exactly that address; and the operator's ``extra`` CIDRs (``SHOAL_NETWORK_DENY``), which win over
+    ``allowed``.  Allowing anything outside these ranges changes nothing.
+    """
+    allow = [ipaddress.IPv4Network(c, strict=False) for c in allowed]
+    deny = _subtract([ipaddress.IPv4Network(c) for c in PRIVATE_RANGES], allow)
+    deny += [ipaddress.IPv4Network(a) for a in METADATA_ADDRESSES if ipaddress.IPv4Network(a) not in allow]
+    deny += [ipaddress.IPv4Network(c, strict=False) for c in extra]
+    return [str(n) for n in ipaddress.collapse_addresses(deny)]
+
+
 PIN_SECONDS = 600
 """How long an address an allowed name resolved to stays reachable (at least; longer TTLs are kept)."""
 
@@ -83,12 +135,15 @@ class NetNames:
         return f"{self.link_prefix}{int(ip) - int(self.subnet.network_address):x}"
 
 
-def table_body(names: NetNames, extra_deny: Iterable[str]) -> str:
-    """The table's static part: sets and chains, without elements."""
+def table_body(names: NetNames, deny: Iterable[str]) -> str:
+    """The table's static part: sets and chains, without elements.
+
+    ``deny``: the destinations refused beside ``ALWAYS_DENIED`` and the pool, i.e. ``default_deny(...)`` (what
+    ``NetworkConfig.deny`` gives); they are refused before any allowlist is looked at.
+    """
     p = names.link_prefix
-    deny = ", ".join(
-        [*ALWAYS_DENIED, str(names.pool), *(str(ipaddress.ip_network(c, strict=False)) for c in extra_deny)]
-    )
+    nets = [ipaddress.IPv4Network(c, strict=False) for c in (*ALWAYS_DENIED, *deny)]
+    deny_set = ", ".join(str(n) for n in ipaddress.collapse_addresses([*nets, names.pool]))
     return f"""
     set restricted {{ type ipv4_addr; }}
     set allow_cidr {{ type ipv4_addr . ipv4_addr; flags interval; }}
@@ -119,7 +174,7 @@ def table_body(names: NetNames, extra_deny: Iterable[str]) -> str:
         oifname "{p}*" drop
     }}
     chain from_sandbox_fwd {{
-        ip daddr {{ {deny} }} jump deny
+        ip daddr {{ {deny_set} }} jump deny
         fib daddr type {{ local, broadcast, multicast }} jump deny
         ct state established,related accept
         ip saddr @restricted jump restricted
