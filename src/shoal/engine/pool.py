@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,8 @@ class WarmPool:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
+        self._litter: list[Sandbox] = []
+        """Failed precreates whose removal failed too (e.g. out of descriptors): removed again on the next fill."""
         self.taken = 0
         """Requests served from the pool since the daemon started."""
 
@@ -88,11 +91,15 @@ class WarmPool:
         self.image_id, self._image = image_id, image
         while not self._closed:
             while len(self.ready) + self._filling < self.size and not self._closed:
+                await self._sweep()
                 self._filling += 1
                 try:
                     await self._add(image)
-                except Exception:
-                    log.exception("warm pool: precreating a sandbox failed; retrying in %.0f s", RETRY_DELAY)
+                except Exception as exc:
+                    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                        log.warning("warm pool: out of file descriptors; retrying in %.0f s", RETRY_DELAY)
+                    else:
+                        log.exception("warm pool: precreating a sandbox failed; retrying in %.0f s", RETRY_DELAY)
                     self._wake.clear()
                     if not self._closed:
                         with contextlib.suppress(TimeoutError):
@@ -125,7 +132,10 @@ class WarmPool:
         try:
             await sb.precreate(req, self.mgr.images.lowers(image))
         except BaseException:
-            await sb.discard()
+            try:
+                await sb.discard()
+            except Exception:
+                self._litter.append(sb)
             raise
         if self._closed:
             await sb.discard()
@@ -151,6 +161,15 @@ class WarmPool:
         """For ``GET /v1/status``."""
         return {"size": self.size, "ready": len(self.ready), "taken": self.taken, "image_id": self.image_id}
 
+    async def _sweep(self) -> None:
+        """Remove again the failed precreates whose first removal failed."""
+        litter, self._litter = self._litter, []
+        for sb in litter:
+            try:
+                await sb.discard()
+            except Exception:
+                self._litter.append(sb)
+
     async def close(self) -> None:
         """Stop filling and remove every pooled sandbox.
 
@@ -166,7 +185,8 @@ class WarmPool:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._task
-        ready, self.ready = self.ready, []
+        ready, self.ready = self.ready + self._litter, []
+        self._litter = []
         for sb in ready:
             try:
                 await sb.discard()

@@ -273,13 +273,21 @@ class Sandbox:
         if self._pool_socket is not None:
             self._pool_socket.close()
             self._pool_socket = None
-        await self.ctx.runtime.delete(self.container_id)
+        failed: BaseException | None = None
+        try:
+            await self.ctx.runtime.delete(self.container_id)
+        except Exception as exc:
+            failed = exc
         with contextlib.suppress(Exception):
             await self.ctx.network.detach(self.id)
         with contextlib.suppress(OSError):
             rootfs.unmount(str(self.run_dir / "rootfs"))
         await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
         await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+        if failed is not None:
+            raise failed
+        if self.run_dir.exists() or self.data_dir.exists():
+            raise OSError(f"sandbox {self.id}: its directories could not be removed")
 
     async def _connect_agent(
         self, ours: socket.socket, req: CreateSandbox, image: ImageConfig, *, wire_network: bool

@@ -15,6 +15,11 @@ names are compared case-insensitively with ``_`` and ``-`` alike, because CGI/WS
 are not RFC 9110 tokens are refused by aiohttp's parser (400) and, should one get through, dropped here.  The
 values the sandbox sees under those names are the proxy's own.  The sandbox's answers are passed back as they
 are (hop-by-hop headers aside): the proxy serves the sandbox, it does not vouch for it.
+
+Bounds: at most ``MAX_CONNS`` client connections are open (or in their TLS handshake) at once per proxy (one
+sandbox port); more are reset at accept, as they are while the daemon is short of descriptors
+(``shoal.server.limits``).  What the proxy logs about its clients and the sandbox goes through the per-sandbox
+rate limit (``shoal.util.ratelog``).
 """
 
 from __future__ import annotations
@@ -34,9 +39,15 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from shoal.network.tunnels import peer_allowed
+from shoal.network.tunnels import HANDSHAKE_TIMEOUT, peer_allowed
+from shoal.server import limits
+from shoal.util import ratelog
 
 log = logging.getLogger(__name__)
+log.addFilter(ratelog.PER_SANDBOX)
+
+MAX_CONNS = 256
+"""Client connections open at once to one proxy; more are reset at accept."""
 
 TOKEN_NAME = "_modal_connect_token"
 VERIFIED_HEADER = "X-Verified-User-Data"
@@ -95,6 +106,7 @@ class ConnectProxy:
         touch: Callable[[], None],
     ) -> None:
         self.upstream = f"http://{ip}:{port}"
+        self.ip = ip
         self.port = port
         self.tokens = tokens
         """SHA-256 of each token → its user metadata (shared with the attachment record)."""
@@ -104,29 +116,26 @@ class ConnectProxy:
         """Requests in progress (activity for ``idle_timeout``)."""
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._acceptor: limits.Acceptor | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._conns = limits.Gate(MAX_CONNS)
+        self._tasks: set[asyncio.Task[None]] = set()
         self.listen_port = 0
 
     async def start(self, bind: str, want: int, tls: ssl.SSLContext) -> int:
         """Listen on ``want`` if it is free, else on any port; returns the port."""
         app = web.Application(client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        # aiohttp's own lines about this proxy's requests (a client's bad request, a sandbox's broken answer)
+        # go through the per-sandbox rate limit.
+        logger = logging.LoggerAdapter(log, ratelog.about(self.ip))
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, logger=logger)
         await self._runner.setup()
-        sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            try:
-                sock.bind((bind, want))
-            except OSError:
-                if not want:
-                    raise
-                sock.bind((bind, 0))
-            sock.listen(256)
-        except BaseException:
-            sock.close()
-            raise
+        sock = limits.listen_socket(bind, want)
         self.listen_port = int(sock.getsockname()[1])
-        await web.SockSite(self._runner, sock, ssl_context=tls).start()
+        self._tls = tls
+        self._acceptor = limits.Acceptor(sock, self._accepted, f"the connect proxy to {self.ip}:{self.port}")
+        self._acceptor.start()
         self._session = aiohttp.ClientSession(
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
@@ -134,7 +143,37 @@ class ConnectProxy:
         )
         return self.listen_port
 
+    def _accepted(self, sock: socket.socket, addr: Any) -> None:
+        if not self._conns.admit(None, sock):
+            limits.refuse(sock)
+            log.warning(
+                "connect proxy to %s:%d: %d connections open already, refusing more",
+                self.ip,
+                self.port,
+                MAX_CONNS,
+                extra=ratelog.about(self.ip),
+            )
+            return
+        task = asyncio.ensure_future(self._serve(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        server = self._runner.server if self._runner is not None else None
+        if server is None:  # closed meanwhile
+            limits.refuse(sock)
+            return
+        loop = asyncio.get_running_loop()
+        # A failed or timed-out handshake (OSError): the transport is closed, nothing reached the sandbox.
+        with contextlib.suppress(OSError):
+            await loop.connect_accepted_socket(server, sock, ssl=self._tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+
     async def close(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
+        for task in list(self._tasks):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

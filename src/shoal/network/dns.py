@@ -7,10 +7,13 @@ and the source address of a query, which names the sandbox that sent it
 Defends against: hostile queries (parsed by dnspython only for sandboxes
 with a domain allowlist; otherwise only size-checked and passed on as
 bytes), floods (a bounded number of queries in flight per sandbox, the rest
-dropped), and names outside a sandbox's allowlist (answered NXDOMAIN, never
-forwarded).  For a sandbox with a domain allowlist, every IPv4 address in an
-allowed answer is allowed for that sandbox (``on_pins``) *before* the answer
-is sent, so the connection that follows is never refused by a race.
+dropped; at most ``MAX_TCP`` TCP connections per sandbox, more are reset at
+accept, and one idle for ``TCP_IDLE`` seconds is closed; nothing at all while
+the daemon is short of descriptors, ``shoal.server.limits``), and names
+outside a sandbox's allowlist (answered NXDOMAIN, never forwarded).  For a
+sandbox with a domain allowlist, every IPv4 address in an allowed answer
+is allowed for that sandbox (``on_pins``) *before* the answer is sent, so
+the connection that follows is never refused by a race.
 """
 
 from __future__ import annotations
@@ -33,13 +36,19 @@ import dns.rdatatype
 
 from shoal.network.policy import domain_allowed
 from shoal.network.ruleset import PIN_SECONDS
+from shoal.server import limits
+from shoal.util import ratelog
 
 log = logging.getLogger(__name__)
+log.addFilter(ratelog.PER_SANDBOX)
 
 MAX_INFLIGHT = 64
-"""Queries one sandbox may have waiting on the upstream; more are dropped."""
+"""Queries one sandbox may have waiting on the upstream (each holds one socket); more are dropped."""
+MAX_TCP = 16
+"""TCP connections one sandbox (by source address) may hold to the forwarder; more are reset at accept."""
 UPSTREAM_TIMEOUT = 2.0
-TCP_IDLE = 10.0
+TCP_IDLE = 5.0
+"""Seconds a TCP client may take to send a query (or to read an answer) before its connection is closed."""
 MAX_PIN_SECONDS = 24 * 3600
 
 
@@ -62,7 +71,9 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self.owner._spawn(self._answer(data, addr))
+        client = self.owner.clients(str(addr[0]))
+        if client is not None and client.inflight < MAX_INFLIGHT:  # (else dropped before any work)
+            self.owner._spawn(self._answer(data, addr))
 
     async def _answer(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         reply = await self.owner.resolve(str(addr[0]), data, tcp=False)
@@ -83,7 +94,9 @@ class DnsForwarder:
         self.upstreams = upstreams
         self.clients = clients
         self._udp: asyncio.DatagramTransport | None = None
-        self._tcp: asyncio.Server | None = None
+        self._tcp: limits.Acceptor | None = None
+        self._tcp_open = limits.Gate(MAX_TCP)
+        """TCP connections open per source address."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -91,7 +104,9 @@ class DnsForwarder:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(str(self.bind), 53))
         self._udp = transport
-        self._tcp = await asyncio.start_server(self._tcp_client, str(self.bind), 53, reuse_address=True)
+        sock = limits.listen_socket(str(self.bind), 53, backlog=128)
+        self._tcp = limits.Acceptor(sock, self._tcp_accept, f"the DNS forwarder ({self.bind}:53/tcp)")
+        self._tcp.start()
 
     async def close(self) -> None:
         """Stop listening and cancel queries in flight."""
@@ -100,7 +115,6 @@ class DnsForwarder:
             self._udp = None
         if self._tcp is not None:
             self._tcp.close()
-            await self._tcp.wait_closed()
             self._tcp = None
         for t in list(self._tasks):
             t.cancel()
@@ -110,14 +124,20 @@ class DnsForwarder:
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.warning("DNS forwarder: a query failed: %r", exc, extra=ratelog.about("dns"))
 
     # ------------------------------------------------------------------ one query
 
     async def resolve(self, source: str, query: bytes, *, tcp: bool) -> bytes | None:
         """The answer to send back for ``query`` from ``source``, or None to stay silent."""
         client = self.clients(source)
-        if client is None or len(query) < 12 or client.inflight >= MAX_INFLIGHT:
+        if client is None or len(query) < 12 or client.inflight >= MAX_INFLIGHT or not limits.reserve_ok():
             return None
         client.inflight += 1
         try:
@@ -195,9 +215,27 @@ class DnsForwarder:
 
     # ------------------------------------------------------------------ TCP clients
 
-    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        source = str(peer[0]) if peer else ""
+    def _tcp_accept(self, sock: socket.socket, addr: tuple[str | int, ...]) -> None:
+        source = str(addr[0])
+        if self.clients(source) is None:
+            limits.refuse(sock)  # not a sandbox of this daemon
+            return
+        if not self._tcp_open.admit(source, sock):
+            limits.refuse(sock)
+            log.warning(
+                "DNS over TCP from %s: %d connections open already, refusing more",
+                source,
+                MAX_TCP,
+                extra=ratelog.about(source),
+            )
+            return
+        self._spawn(self._tcp_client(sock, source))
+
+    async def _tcp_client(self, sock: socket.socket, source: str) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except OSError:
+            return  # (the transport closed the socket)
         try:
             while True:
                 (size,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), TCP_IDLE))
@@ -206,7 +244,7 @@ class DnsForwarder:
                 if reply is None:
                     break
                 writer.write(struct.pack("!H", len(reply)) + reply)
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), TCP_IDLE)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, struct.error):
             pass
         finally:

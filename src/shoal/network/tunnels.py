@@ -8,7 +8,10 @@ one container port it was made for; a peer outside the sandbox's
 any connection made into the sandbox.  Bytes are passed through untouched
 and unparsed in both directions (HTTP/1.1, HTTP/2, WebSocket or anything
 else), with flow control so a slow reader on either side stops the other
-instead of growing buffers in the daemon.
+instead of growing buffers in the daemon.  At most ``MAX_CONNS`` connections
+are open (or in their TLS handshake) at once per sandbox port, whichever
+listener they came through; more are reset at accept, as they are while the
+daemon is short of descriptors (``shoal.server.limits``).
 
 Kinds (as Modal's): ``encrypted`` — TLS offering HTTP/1.1 by ALPN; ``h2`` —
 TLS offering HTTP/2 first (``h2``, then ``http/1.1``): the sandbox's server
@@ -19,16 +22,26 @@ listener and a raw TCP one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger(__name__)
+from shoal.server import limits
+from shoal.util import ratelog
 
+log = logging.getLogger(__name__)
+log.addFilter(ratelog.PER_SANDBOX)
+
+MAX_CONNS = 256
+"""Connections open at once to one sandbox port (each costs the daemon two descriptors); more are reset."""
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a client has to finish its TLS handshake."""
 CONNECT_RETRY = 2.0
 """How long a new tunnel connection waits for the sandbox's server to accept (it may still be starting)."""
 HIGH_WATER = 4 << 20
@@ -130,19 +143,41 @@ class _Tunnel:
 
     owner: SandboxTunnels
     port: int
-    server: asyncio.Server | None = None
+    tls: ssl.SSLContext | None = None
+    acceptor: limits.Acceptor | None = None
     conns: set[_Conn] = field(default_factory=set)
 
     def accept(self) -> _Side:
         return _Conn(self).client
 
+    def accepted(self, sock: socket.socket, addr: Any) -> None:
+        """A new connection: dropped unless its peer may connect and the port has room, else served."""
+        if not self.owner.allowed(str(addr[0])):
+            limits.refuse(sock)
+            return
+        if not self.owner.open.admit(self.port, sock):
+            limits.refuse(sock)
+            log.warning(
+                "tunnel to %s:%d: %d connections open already, refusing more",
+                self.owner.ip,
+                self.port,
+                MAX_CONNS,
+                extra=ratelog.about(self.owner.ip),
+            )
+            return
+        limits.spent()  # the connection into the sandbox it will open
+        self.owner.spawn(self._serve(sock))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = HANDSHAKE_TIMEOUT if self.tls is not None else None
+        # A failed or timed-out handshake (OSError): the transport is closed, and the sandbox never saw a thing.
+        with contextlib.suppress(OSError):
+            await loop.connect_accepted_socket(self.accept, sock, ssl=self.tls, ssl_handshake_timeout=timeout)
+
     def started(self, conn: _Conn) -> None:
         client = conn.client
         assert client.transport is not None
-        peer = client.transport.get_extra_info("peername")
-        if not self.owner.allowed(str(peer[0]) if peer else ""):
-            client.transport.abort()
-            return
         self.conns.add(conn)
         self.owner.touch()
         client.transport.pause_reading()
@@ -195,6 +230,8 @@ class SandboxTunnels:
         self.touch = touch
         self.listeners: list[_Tunnel] = []
         self.ready = asyncio.Event()
+        self.open = limits.Gate(MAX_CONNS)
+        """Connections open per container port."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     def allowed(self, peer: str) -> bool:
@@ -208,27 +245,28 @@ class SandboxTunnels:
     def spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.warning("tunnel to %s: a connection failed: %r", self.ip, exc, extra=ratelog.about(self.ip))
 
     async def listen(self, port: int, bind: str, want: int, tls: ssl.SSLContext | None) -> int:
         """A listener forwarding to container ``port``; binds ``want`` if free, else any port.  Returns its port."""
-        tunnel = _Tunnel(self, port)
-        loop = asyncio.get_running_loop()
-        try:
-            server = await loop.create_server(tunnel.accept, bind, want, ssl=tls, reuse_address=True, backlog=256)
-        except OSError:
-            if not want:
-                raise
-            server = await loop.create_server(tunnel.accept, bind, 0, ssl=tls, reuse_address=True, backlog=256)
-        tunnel.server = server
+        tunnel = _Tunnel(self, port, tls)
+        sock = limits.listen_socket(bind, want)
+        tunnel.acceptor = limits.Acceptor(sock, tunnel.accepted, f"the tunnel to {self.ip}:{port}")
+        tunnel.acceptor.start()
         self.listeners.append(tunnel)
-        return int(server.sockets[0].getsockname()[1])
+        return tunnel.acceptor.port
 
     async def close(self) -> None:
         """Stop listening and cut every open connection."""
         for t in self.listeners:
-            if t.server is not None:
-                t.server.close()
+            if t.acceptor is not None:
+                t.acceptor.close()
             for c in list(t.conns):
                 c.close()
         for task in list(self._tasks):

@@ -19,6 +19,7 @@ from aiohttp import web
 from shoal.config import Config
 from shoal.engine.manager import Manager
 from shoal.exception import InvalidError
+from shoal.server import limits
 from shoal.server.app import build_app
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     # Before anything is created: what the daemon writes (state, WAL, outputs, bundles) is for root alone.
     # Files meant for sandboxes get their modes explicitly.
     os.umask(0o077)
+    limits.raise_nofile()
     locks = lock_dirs(cfg)
     manager = Manager(cfg)
     await manager.start()

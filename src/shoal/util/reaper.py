@@ -27,7 +27,11 @@ def become_subreaper() -> bool:
 
 def _children() -> set[int]:
     pids: set[int] = set()
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{os.getpid()}/task").iterdir())
+    except OSError:  # out of descriptors: the next SIGCHLD tries again
+        return pids
+    for task in tasks:
         with contextlib.suppress(OSError):
             pids.update(int(p) for p in (task / "children").read_text().split())
     return pids
