@@ -173,11 +173,23 @@ class Manager:
                 for name in ("upper", "work", "mounts"):  # mounts: images mounted with sb.mount_image
                     shutil.rmtree(self.cfg.sandboxes_dir / d.name / name, ignore_errors=True)
 
+    async def _remove_late_strays(self) -> None:
+        """Containers of no sandbox that appeared after the start's sweep: a ``runc create`` that a killed
+        daemon (its warm pool) had in flight can finish after the next daemon has looked."""
+        try:
+            for cid in await self.runtime.list_ids():
+                if cid not in self.sandboxes and ids.is_valid(cid, "sandbox") and self.state.sandbox(cid) is None:
+                    log.info("removing stray container %s", cid)
+                    await self.runtime.delete(cid)
+        except Exception:
+            log.exception("removing stray containers failed")
+
     async def close(self) -> None:
         """Stop managing (sandboxes keep running and are re-adopted by the next daemon)."""
         if self._prune_task is not None:
             self._prune_task.cancel()
         await self.pool.close()
+        await self._remove_late_strays()
         teardowns = [t for sb in self.sandboxes.values() if (t := sb.teardown_task) is not None and not t.done()]
         if teardowns:
             # Finish removing ended sandboxes, so no mount or container outlives its record.

@@ -77,6 +77,8 @@ class Attached:
                 if attempt == 1 and await self._client._maybe_start_daemon(e):
                     continue
                 raise self._client._unreachable(e) from e
+            except aiohttp.ClientError as e:  # reset or closed before the response (a daemon restarted)
+                raise self._client._unreachable(e) from e
         if resp.status >= 400:
             body = await resp.read()
             resp.release()

@@ -141,6 +141,8 @@ class Client:
                 if attempt == 1 and await self._maybe_start_daemon(e):
                     continue
                 raise self._unreachable(e) from e
+            except aiohttp.ClientError as e:  # the connection dropped mid-call (a daemon restarted)
+                raise self._unreachable(e) from e
 
     def _unreachable(self, e: BaseException) -> exc.ConnectionError:
         where = self.cfg.url or str(self.cfg.socket_path)

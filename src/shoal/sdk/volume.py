@@ -24,6 +24,8 @@ from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import IO, Any, BinaryIO
 
+import aiohttp
+
 from shoal.exception import (
     AlreadyExistsError,
     DeprecationError,
@@ -482,13 +484,22 @@ class VolumeUploadBatch:
         client = default_client()
         params = {"force": "1"} if self._force else None
         url = f"{client.base_url}/v1/volumes/{volume_id}/files"
-        async with client._get_session().put(url, data=_frames(self._uploads), params=params) as resp:
-            body = await resp.read()
-            if resp.status >= 400:
-                err = error_from(resp.status, body)
-                if isinstance(err, AlreadyExistsError):
-                    raise FileExistsError(str(err)) from None
-                raise err
+        for attempt in (1, 2):
+            try:
+                async with client._get_session().put(url, data=_frames(self._uploads), params=params) as resp:
+                    body = await resp.read()
+                break
+            except aiohttp.ClientConnectorError as e:
+                if attempt == 1 and await client._maybe_start_daemon(e):
+                    continue
+                raise client._unreachable(e) from e
+            except aiohttp.ClientError as e:  # the daemon went away mid-upload: the batch is committed whole or not
+                raise client._unreachable(e) from e
+        if resp.status >= 400:
+            err = error_from(resp.status, body)
+            if isinstance(err, AlreadyExistsError):
+                raise FileExistsError(str(err)) from None
+            raise err
 
     def __enter__(self) -> VolumeUploadBatch:
         return self
