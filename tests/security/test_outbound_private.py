@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -234,7 +235,11 @@ def test_default_sandbox_cannot_reach_a_private_host(setup, sandboxes):
     host = setup.host
     with socket.create_connection((host.ip, PORT), timeout=5) as s:  # control: the host reaches it
         assert s.recv(16) == b"PRIVATE\n"
+    deadline = time.monotonic() + 10  # the listener's "conn" line reaches us through a pump thread
+    while host.accepted_on(host.ip) == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
     before = host.accepted_on(host.ip)
+    assert before >= 1, "the control connection was never seen by the listener"
     sb = create(setup.app, sandboxes)
     assert connect(sb, host.ip) == REFUSED
     assert connect(sb, host.host_ip) == REFUSED  # the host's own address on that network
