@@ -59,6 +59,7 @@ class Daemon:
     def start(self, *extra: str) -> None:
         assert self.proc is None or self.proc.poll() is not None, "daemon already running"
         log = open(self.log, "ab")  # noqa: SIM115 - handed to the child
+        start_at = log.tell()  # a restart appends: only this start's lines count
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shoal", "serve", *(["-v"] if os.environ.get("SHOAL_TEST_VERBOSE") else []), *extra],
             env=self.env,
@@ -71,7 +72,10 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited at start:\n{self.log.read_text()[-3000:]}")
-            if self.socket.exists() and "daemon ready" in self.log.read_text():
+            with open(self.log, "rb") as f:
+                f.seek(start_at)
+                ready = b"daemon ready" in f.read()
+            if ready and self.socket.exists():
                 return
             time.sleep(0.05)
         raise RuntimeError(f"daemon did not become ready:\n{self.log.read_text()[-3000:]}")
