@@ -362,10 +362,10 @@ def _instrumented_daemon(events_path: str) -> None:
     from shoal.agent import protocol as P
     from shoal.engine import sandbox as sandbox_mod
     from shoal.engine.manager import Manager
-    from shoal.engine.state import State
     from shoal.images.service import ImageService
     from shoal.runtime import rootfs, spec
     from shoal.runtime.oci import OciRuntime
+    from shoal.store.state import State
 
     Manager.create = _request_scope("create", Manager.create, lambda a, r: r.id)  # type: ignore[method-assign]
     Manager.exec = _request_scope("exec", Manager.exec, lambda a, r: a[1])  # type: ignore[method-assign]

@@ -4,7 +4,6 @@
 """
 
 from shoal import exception, types, volume
-from shoal.images.ignore import FilePatternMatcher
 from shoal.sdk.app import App
 from shoal.sdk.file_io import FileIO
 from shoal.sdk.image import Image
@@ -17,8 +16,8 @@ from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
 from shoal.sdk.tunnel import Tunnel
 from shoal.sdk.volume import Volume
 from shoal.types import FileInfo, FileType, FileWatchEvent, FileWatchEventType
-
-__version__ = "0.1.0"
+from shoal.wire.ignore import FilePatternMatcher
+from shoal.wire.version import __version__
 
 __all__ = [
     "App",

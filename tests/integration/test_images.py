@@ -20,10 +20,10 @@ import pytest
 
 import shoal
 from shoal.exception import ImageBuildError
-from shoal.images import context
 from shoal.sdk import _image_build
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import default_client
+from shoal.wire import manifest
 
 uploads: list[str] = []
 """Contexts the ``build`` helper uploaded, in order."""
@@ -466,7 +466,7 @@ def test_context_uploads_are_checked(daemon):
 
     good = tarfile.TarInfo("a.txt")
     body = _tar((good, b"hello"))
-    digest = context.digest([["a.txt", "f", good.mode & 0o777, 5, hashlib.sha256(b"hello").hexdigest()]])
+    digest = manifest.digest([["a.txt", "f", good.mode & 0o777, 5, hashlib.sha256(b"hello").hexdigest()]])
     with pytest.raises(InvalidError, match="do not match"):
         _put_context("0" * 64, body)  # not its content's name
     assert _put_context(digest, body)["stored"] is True

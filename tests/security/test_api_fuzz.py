@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 import shoal
-from shoal import ids
+from shoal.wire import ids
 from tests.conftest import Daemon, _require_root_and_runtime, running_daemon
 
 MAX_EXAMPLES = 20

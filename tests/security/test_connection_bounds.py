@@ -31,7 +31,7 @@ import shoal
 from shoal.network import connect as connect_proxy
 from shoal.network import dns as dns_forwarder
 from shoal.network import tunnels as tunnel_mod
-from shoal.server import limits
+from shoal.util import limits
 from shoal.util.ratelog import RateLimit
 from tests.conftest import Daemon, running_daemon
 

@@ -10,8 +10,9 @@ import pytest
 
 from shoal.exception import InvalidError
 from shoal.images import context
-from shoal.images.dockerfile import parse, words
-from shoal.images.ignore import NON_PYTHON_FILES, FilePatternMatcher
+from shoal.wire import manifest
+from shoal.wire.dockerfile import parse, words
+from shoal.wire.ignore import NON_PYTHON_FILES, FilePatternMatcher
 
 
 def kinds(text: str, **kw) -> list[tuple[str, object]]:
@@ -159,7 +160,7 @@ def test_context_archives_extract_and_hash(tmp_path):
     context.extract(archive, dest)
     entries = context.tree_manifest(dest)
     assert sorted(e[:3] for e in entries) == [["d", "d", 0o750], ["d/f.sh", "f", 0o755], ["l", "l", "/etc/passwd"]]
-    assert context.digest(entries) == context.digest(list(reversed(entries)))  # order does not matter
+    assert manifest.digest(entries) == manifest.digest(list(reversed(entries)))  # order does not matter
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from shoal.engine.state import SandboxRow, State
 from shoal.exception import InvalidError, ResourceExhaustedError, ServiceError
-from shoal.gpu import inventory, request, scheduler
+from shoal.gpu import inventory, scheduler
 from shoal.gpu.inventory import DriverFile, Gpu, Inventory
-from shoal.gpu.request import ANY, GpuRequest
 from shoal.runtime import spec
+from shoal.store.state import SandboxRow, State
+from shoal.wire import gpu as request
+from shoal.wire.gpu import ANY, GpuRequest
+from shoal.wire.sandboxes import SandboxState
 
 # ------------------------------------------------------------------ parsing
 
@@ -182,17 +184,17 @@ def test_gpus_without_uuid_are_known_by_their_device_node():
 
 def _plan_row(state: State, sandbox_id: str, sched: scheduler.GpuScheduler, req: str, lifecycle: str) -> None:
     stored = {"timeout": 60, scheduler.PLAN_KEY: sched.plan(request.parse(req), _held(state), {})}
-    row = SandboxRow(sandbox_id, "ap-x", None, {}, stored, "creating", b"t", time.time(), None)
+    row = SandboxRow(sandbox_id, "ap-x", None, {}, stored, SandboxState.CREATING, b"t", time.time(), None)
     state.add_sandbox(row)
     if lifecycle == "running":
-        state.set_sandbox_state(sandbox_id, "running")
+        state.set_sandbox_state(sandbox_id, SandboxState.RUNNING)
     elif lifecycle == "finished":
         state.finish_sandbox(sandbox_id, "terminated", None, "")
 
 
 def _held(state: State) -> dict[str, str]:
     """What a (re)started daemon holds: the GPUs of the sandboxes it loads as creating or running."""
-    return scheduler.held_gpus((r.id, r.spec) for r in state.sandboxes_in("creating", "running"))
+    return scheduler.held_gpus((r.id, r.spec) for r in state.sandboxes_in(SandboxState.CREATING, SandboxState.RUNNING))
 
 
 def test_allocations_survive_a_restart_through_the_state_database(tmp_path, fake_nodes):
@@ -204,7 +206,7 @@ def test_allocations_survive_a_restart_through_the_state_database(tmp_path, fake
     _plan_row(state, "sb-new", sched, "H100", "creating")
     _plan_row(state, "sb-old", sched, "H100", "finished")
     _plan_row(state, "sb-third", sched, "H100", "running")
-    cpu = SandboxRow("sb-cpu", "ap-x", None, {}, {"timeout": 60}, "running", b"t", time.time(), None)
+    cpu = SandboxRow("sb-cpu", "ap-x", None, {}, {"timeout": 60}, SandboxState.RUNNING, b"t", time.time(), None)
     state.add_sandbox(cpu)
     state.close()
 

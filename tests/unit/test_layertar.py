@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shoal.images import layertar, reference
+from shoal.images import layertar
+from shoal.wire import reference
 
 LOW = 100000
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="unpacking sets owners and whiteouts: needs root")

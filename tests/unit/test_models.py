@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from shoal.engine.models import CreateSandbox, ExecRequest
+from shoal.wire.sandboxes import CreateSandbox, ExecRequest
 
 
 def test_exec_argv_limits():

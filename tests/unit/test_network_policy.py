@@ -6,8 +6,9 @@ import ipaddress
 
 import pytest
 
-from shoal.network import policy, ruleset
+from shoal.network import ruleset
 from shoal.network.config import parse_upstream
+from shoal.wire import policy
 
 
 def test_cidrs_are_normalised_and_checked():

@@ -6,9 +6,9 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from shoal.exception import InvalidError
-from shoal.images import recipe
-from shoal.images.recipe import CmdStep, CopyStep, EnvStep, RunStep, UserStep, WorkdirStep
-from shoal.images.store import ImageConfig
+from shoal.wire import recipe
+from shoal.wire.image_config import ImageConfig
+from shoal.wire.recipe import CmdStep, CopyStep, EnvStep, RunStep, UserStep, WorkdirStep
 
 BASE = ImageConfig(env={"PATH": "/usr/bin"}, cmd=["sleep", "1"], layers=["im-base"], python="3.11")
 STEP = TypeAdapter(recipe.Step)

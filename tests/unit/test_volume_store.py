@@ -13,8 +13,10 @@ import pytest
 
 from shoal.exception import AlreadyExistsError, DataLossError, InvalidError, NotFoundError
 from shoal.secrets.keyring import Keyring
-from shoal.volumes import files, safefs
+from shoal.util import safefs
+from shoal.volumes import files
 from shoal.volumes.store import EPHEMERAL_TTL, VolumeStore
+from shoal.wire import paths
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="gives files to the sandboxes' uid (needs root)")
 
@@ -23,11 +25,11 @@ root_only = pytest.mark.skipif(os.geteuid() != 0, reason="gives files to the san
 
 
 def test_split_refuses_escapes_and_normalises():
-    assert safefs.split("") == [] and safefs.split("/") == [] and safefs.split("./.") == []
-    assert safefs.split("/a//b/./c/") == ["a", "b", "c"]
+    assert paths.split("") == [] and paths.split("/") == [] and paths.split("./.") == []
+    assert paths.split("/a//b/./c/") == ["a", "b", "c"]
     for bad in ("..", "a/../b", "../x", "a/..", "nul\x00", "x" * 256, "a/" * 2100):
-        with pytest.raises(safefs.PathError):
-            safefs.split(bad)
+        with pytest.raises(paths.PathError):
+            paths.split(bad)
 
 
 def test_openat2_never_follows_links(tmp_path):

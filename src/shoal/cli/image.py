@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 import time
 from pathlib import Path
@@ -10,8 +11,9 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from shoal.cli.status import age, call_daemon, console, print_json
+from shoal.cli.status import admin, age, console, print_json
 from shoal.cli.volume import human_size
+from shoal.sdk.admin import AdminClient
 
 
 @click.group("image")
@@ -24,7 +26,7 @@ def image_group() -> None:
 @click.option("-a", "--all", "show_all", is_flag=True, help="also show intermediate images of build steps")
 def ls_cmd(as_json: bool, show_all: bool) -> None:
     """List images (id, what made it, age, layers, size) and the image store's disk use."""
-    store = call_daemon("GET", "/v1/image-store")
+    store = admin(AdminClient.image_store)
     images = store["images"]
     if not show_all:
         parents = {i["recipe"].get("parent") for i in images if i["recipe"].get("kind") == "step"}
@@ -63,7 +65,7 @@ def ls_cmd(as_json: bool, show_all: bool) -> None:
 def rm_cmd(image_ids: tuple[str, ...]) -> None:
     """Remove images, and their layers that no other image or sandbox uses."""
     for image_id in image_ids:
-        r = call_daemon("DELETE", f"/v1/images/{image_id}")
+        r = admin(functools.partial(AdminClient.remove_image, image_id=image_id))
         click.echo(f"removed {image_id} ({r['removed_layers']} layers, {human_size(r['freed_bytes'])} freed)")
 
 
@@ -72,7 +74,7 @@ def rm_cmd(image_ids: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def prune_cmd(everything: bool, as_json: bool) -> None:
     """Remove layers that no image, sandbox or build uses (and uploaded build files)."""
-    r = call_daemon("POST", "/v1/image-store/prune", params={"all": "1"} if everything else None)
+    r = admin(lambda a: a.prune_images(everything))
     if as_json:
         print_json(r)
         return
@@ -92,12 +94,9 @@ def import_cmd(path: Path, cmd: str | None, workdir: str | None) -> None:
 
     Example: IMAGE=$(shoal image import ./rootfs --cmd 'sh -c "sleep infinity"')
     """
-    body: dict[str, object] = {"path": str(path.resolve())}
+    argv = None
     if cmd is not None:
         argv = shlex.split(cmd)
         if not argv:
             raise click.BadParameter("must not be empty", param_hint="--cmd")
-        body["cmd"] = argv
-    if workdir is not None:
-        body["workdir"] = workdir
-    click.echo(call_daemon("POST", "/v1/images/import", json_body=body)["image_id"])
+    click.echo(admin(lambda a: a.import_image(str(path.resolve()), argv, workdir)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from shoal import __version__
 from shoal.cli.image import image_group
 from shoal.cli.run import run_cmd
 from shoal.cli.sandbox import sandbox_group
@@ -13,6 +12,7 @@ from shoal.cli.serve import serve_cmd
 from shoal.cli.setup import setup_cmd
 from shoal.cli.status import status_cmd
 from shoal.cli.volume import volume_group
+from shoal.wire.version import __version__
 
 
 @click.group()

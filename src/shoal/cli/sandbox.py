@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import click
 from rich.table import Table
@@ -14,9 +14,11 @@ from rich.text import Text
 import shoal
 from shoal.cli.files import cp_cmd, list_files
 from shoal.cli.run import INTERRUPTED_EXIT, MAX_TIMEOUT, copy_stream, exit_code, parse_env, sdk_errors, stream_process
-from shoal.cli.status import age, call_daemon, console, print_json, require_daemon
+from shoal.cli.status import admin, age, console, print_json, require_daemon
 from shoal.sdk._sync import run_async
+from shoal.sdk.admin import AdminClient
 from shoal.sdk.transport import default_client
+from shoal.wire.sandboxes import SandboxState
 
 LOGS_IDLE = 0.5
 """Without --follow: stop once a stream has been quiet this long (the daemon streams until the process ends)."""
@@ -42,12 +44,7 @@ def ls_cmd(sandbox_id: str | None, path: str | None, app_id: str | None, include
     if sandbox_id is not None:
         list_files(sandbox_id, path or "/", as_json)
         return
-    params: dict[str, str] = {}
-    if app_id:
-        params["app_id"] = app_id
-    if include_finished:
-        params["include_finished"] = "1"
-    items: list[dict[str, Any]] = call_daemon("GET", "/v1/sandboxes", params=params)["sandboxes"]
+    items = admin(lambda a: a.sandboxes(app_id, include_finished))
     if as_json:
         print_json(items)
         return
@@ -122,13 +119,12 @@ async def _copy_until_quiet(reader: shoal.StreamReader[bytes], out: BinaryIO, id
 
 
 async def _logs(sandbox_id: str, follow: bool) -> None:
-    client = default_client()
-    info = await run_async(client.request("GET", f"/v1/sandboxes/{sandbox_id}"))
-    quiet = not follow and info["state"] != "finished"
+    client = AdminClient(default_client())
+    info = await run_async(client.sandbox(sandbox_id))
+    quiet = not follow and info["state"] != SandboxState.FINISHED
     copies = []
     for fd, out in ((1, sys.stdout.buffer), (2, sys.stderr.buffer)):
-        path = f"/v1/sandboxes/{sandbox_id}/execs/entrypoint/output/{fd}"
-        reader: shoal.StreamReader[bytes] = shoal.StreamReader(client, path, fd, text=False, by_line=False)
+        reader = client.entrypoint_output(sandbox_id, fd)
         copies.append(_copy_until_quiet(reader, out, LOGS_IDLE) if quiet else copy_stream(aiter(reader), out))
     await asyncio.gather(*copies)
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.table import Table
 from rich.text import Text
 
-from shoal.cli.status import age, call_daemon, console, print_json
-from shoal.sdk.secret import _parse_dotenv
+from shoal.cli.status import admin, age, console, print_json
+from shoal.sdk.admin import AdminClient
+from shoal.sdk.secret import parse_dotenv
 
 
 @click.group("secret")
@@ -34,7 +34,7 @@ def create_cmd(name: str, pairs: tuple[str, ...], from_dotenv: Path | None, forc
     Values given on the command line are visible to other users in the process
     list while the command runs; prefer --from-dotenv on shared machines.
     """
-    env: dict[str, str] = _parse_dotenv(from_dotenv.read_text()) if from_dotenv else {}
+    env: dict[str, str] = parse_dotenv(from_dotenv.read_text()) if from_dotenv else {}
     for item in pairs:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -44,8 +44,8 @@ def create_cmd(name: str, pairs: tuple[str, ...], from_dotenv: Path | None, forc
     if not env:
         raise click.UsageError("give at least one KEY=VALUE (or --from-dotenv FILE)")
     if force:
-        call_daemon("DELETE", f"/v1/secrets/by-name/{name}", params={"allow_missing": "1"})
-    call_daemon("POST", "/v1/secrets", json_body={"name": name, "env": env})
+        admin(lambda a: a.delete_secret(name, allow_missing=True))
+    admin(lambda a: a.create_secret(name, env))
     click.echo(f"{name} ({len(env)} key{'s' if len(env) != 1 else ''})")
 
 
@@ -53,7 +53,7 @@ def create_cmd(name: str, pairs: tuple[str, ...], from_dotenv: Path | None, forc
 @click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
 def ls_cmd(as_json: bool) -> None:
     """List named secrets (names and dates; never values), newest first."""
-    items: list[dict[str, Any]] = call_daemon("GET", "/v1/secrets")["secrets"]
+    items = admin(AdminClient.secrets)
     if as_json:
         print_json(items)
         return
@@ -74,5 +74,4 @@ def ls_cmd(as_json: bool) -> None:
 @click.option("--allow-missing", is_flag=True, help="no error if there is no such secret")
 def rm_cmd(name: str, allow_missing: bool) -> None:
     """Delete the secret NAME (running sandboxes keep the values they started with)."""
-    params = {"allow_missing": "1"} if allow_missing else None
-    call_daemon("DELETE", f"/v1/secrets/by-name/{name}", params=params)
+    admin(lambda a: a.delete_secret(name, allow_missing))

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import click
 
-from shoal.config import Config
+from shoal.engine.config import Config
 from shoal.network.config import NetworkConfig
+from shoal.runtime.registry import RUNTIMES
 
 
 def _config(
@@ -80,7 +81,7 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
 @click.option("--tcp", metavar="HOST:PORT", help="also listen on TCP (bearer token required)")
 @click.option(
     "--runtime",
-    type=click.Choice(["runc", "crun"]),
+    type=click.Choice(list(RUNTIMES)),
     help="OCI runtime (default: crun where it works, else runc)",
 )
 @click.option(

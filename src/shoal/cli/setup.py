@@ -9,7 +9,7 @@ import time
 import click
 
 from shoal.agent.build import ensure_agent
-from shoal.config import Config
+from shoal.engine.config import Config
 from shoal.images import base
 from shoal.images.store import LayerStore
 

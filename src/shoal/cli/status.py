@@ -1,6 +1,6 @@
 """``shoal status``: is the daemon up, and what does it hold.
 
-Also ``call_daemon``, the one-shot API call that the listing commands share:
+Also ``admin``, the one-shot operator call that the listing commands share:
 it never starts a daemon and never waits for one, so "not running" is
 answered at once.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -18,22 +19,24 @@ from rich.table import Table
 from rich.text import Text
 
 from shoal import exception
-from shoal.config import ClientConfig
-from shoal.sdk.transport import Client
+from shoal.sdk.admin import AdminClient
+from shoal.sdk.config import ClientConfig
+
+T = TypeVar("T")
 
 
-def call_daemon(method: str, path: str, *, json_body: Any = None, params: Any = None) -> Any:
-    """One API call to the configured daemon; its JSON answer, or a ClickException that says what went wrong."""
+def admin(call: Callable[[AdminClient], Awaitable[T]]) -> T:
+    """One operator call to the configured daemon; its answer, or a ClickException that says what went wrong."""
 
-    async def call() -> Any:
-        client = Client(ClientConfig(autostart=False))
+    async def run() -> T:
+        client = AdminClient()
         try:
-            return await client.request(method, path, json_body=json_body, params=params, idempotent=False)
+            return await call(client)
         finally:
             await client.close()
 
     try:
-        return asyncio.run(call())
+        return asyncio.run(run())
     except exception.ConnectionError as exc:
         raise click.ClickException(f"the shoal daemon is not running: {exc}") from exc
     except exception.Error as exc:
@@ -49,7 +52,7 @@ def require_daemon() -> None:
     cfg = ClientConfig()
     if cfg.url is None and cfg.autostart and os.geteuid() == 0:
         return  # the SDK starts a local daemon on first use
-    call_daemon("GET", "/v1/status")
+    admin(AdminClient.status)
 
 
 def console() -> Console:
@@ -96,7 +99,7 @@ def _pool_summary(pool: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print the daemon's answer as JSON")
 def status_cmd(as_json: bool) -> None:
     """Show whether the daemon runs, and its version, runtime, paths, sandboxes and images."""
-    info = call_daemon("GET", "/v1/status")
+    info = admin(AdminClient.status)
     if as_json:
         print_json(info)
         return

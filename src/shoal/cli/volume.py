@@ -8,14 +8,14 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.table import Table
 from rich.text import Text
 
-from shoal.cli.status import age, call_daemon, console, print_json, require_daemon
+from shoal.cli.status import admin, age, console, print_json, require_daemon
 from shoal.exception import Error
+from shoal.sdk.admin import AdminClient
 from shoal.sdk.volume import FileEntryType, Volume
 
 
@@ -49,7 +49,7 @@ def volume_group() -> None:
 @click.argument("name")
 def create_cmd(name: str) -> None:
     """Create the volume NAME."""
-    call_daemon("POST", "/v1/volumes", json_body={"name": name})
+    admin(lambda a: a.create_volume(name))
     click.echo(name)
 
 
@@ -57,7 +57,7 @@ def create_cmd(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
 def ls_cmd(as_json: bool) -> None:
     """List named volumes with the disk space their files use, newest first."""
-    items: list[dict[str, Any]] = call_daemon("GET", "/v1/volumes", params={"usage": "1"})["volumes"]
+    items = admin(AdminClient.volumes)
     if as_json:
         print_json(items)
         return
@@ -78,8 +78,7 @@ def ls_cmd(as_json: bool) -> None:
 @click.option("--allow-missing", is_flag=True, help="no error if there is no such volume")
 def rm_cmd(name: str, allow_missing: bool) -> None:
     """Delete the volume NAME and every file in it."""
-    params = {"allow_missing": "1"} if allow_missing else None
-    call_daemon("DELETE", f"/v1/volumes/by-name/{name}", params=params)
+    admin(lambda a: a.delete_volume(name, allow_missing))
 
 
 @volume_group.command("put")

@@ -32,13 +32,15 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from shoal.engine.models import CreateSandbox, ExecRequest, ImageRef
 from shoal.engine.output import OutputStream
 from shoal.engine.process import Process
 from shoal.exception import Error, InvalidError
 from shoal.images.builder import Builder, BuildSettings, LogFn, RunOutcome
-from shoal.images.recipe import RunStep
-from shoal.images.store import ImageConfig
+from shoal.images.registry import Registry
+from shoal.wire.image_config import ImageConfig
+from shoal.wire.images import ImageRef
+from shoal.wire.recipe import RunStep
+from shoal.wire.sandboxes import CreateSandbox, ExecRequest, SandboxState
 
 if TYPE_CHECKING:
     from shoal.engine.manager import Manager
@@ -69,7 +71,9 @@ async def recover(mgr: Manager) -> None:
     builder = mgr.images.builder
     if builder is not None:
         builder.recover_mounts()
-    stale = [sb for sb in mgr.sandboxes.values() if sb.row.tags.get(BUILD_TAG) and sb.state != "finished"]
+    stale = [
+        sb for sb in mgr.sandboxes.values() if sb.row.tags.get(BUILD_TAG) and sb.state is not SandboxState.FINISHED
+    ]
     for sb in stale:
         log.info("ending build sandbox %s left by a previous daemon (its build did not finish)", sb.id)
     await asyncio.gather(*(sb.terminate() for sb in stale), return_exceptions=True)
@@ -208,3 +212,26 @@ def _is_plain_empty_dir(path: Path) -> bool:
         return not any(name.startswith("trusted.overlay.") for name in os.listxattr(path, follow_symlinks=False))
     except OSError:
         return False
+
+
+def attach_registry(mgr: Manager) -> Registry:
+    """Give the manager's image service a registry puller (named secrets come from the daemon's store)."""
+
+    def named(name: str) -> dict[str, str]:
+        row = mgr.secrets.lookup(name, [])
+        return mgr.secrets.resolve([row.id])
+
+    def hold(layers: list[str], delta: int) -> None:
+        builder = mgr.images.builder  # prune keeps the layers its builds stand on: pulls use the same count
+        if builder is None:
+            return
+        for layer in layers:
+            n = builder.active_layers.get(layer, 0) + delta
+            if n > 0:
+                builder.active_layers[layer] = n
+            else:
+                builder.active_layers.pop(layer, None)
+
+    registry = Registry(mgr.state, mgr.layers, mgr.cfg.idmap.host_id, mgr.cfg.idmap.size, named, hold)
+    mgr.images.registry = registry
+    return registry

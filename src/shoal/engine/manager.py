@@ -14,29 +14,30 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from shoal import ids
 from shoal.agent.build import ensure_agent
-from shoal.config import Config
 from shoal.engine import build as image_build
-from shoal.engine.models import CreateSandbox, ExecRequest, Result, SandboxInfo
+from shoal.engine.config import Config
 from shoal.engine.pool import WarmPool
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, new_token
-from shoal.engine.state import SandboxRow, State
+from shoal.engine.snapshot import Snapshots
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
 from shoal.gpu import inventory as gpu_inventory
-from shoal.gpu import request as gpu_request
 from shoal.gpu import scheduler as gpu_scheduler
-from shoal.images import registry as image_registry
 from shoal.images.service import ImageService
 from shoal.images.store import LayerStore
 from shoal.network.service import Network
-from shoal.runtime import cgroups, oci, rootfs
+from shoal.runtime import cgroups, rootfs
+from shoal.runtime import registry as runtimes
 from shoal.secrets.keyring import Keyring
 from shoal.secrets.store import SecretStore
+from shoal.store.state import SandboxRow, State
 from shoal.util import reaper
 from shoal.volumes.mounts import VolumeBinds, check_mounts
 from shoal.volumes.store import VolumeStore
+from shoal.wire import gpu as gpu_request
+from shoal.wire import ids
+from shoal.wire.sandboxes import CreateSandbox, ExecRequest, Result, SandboxInfo
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Manager:
         cfg.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.sandboxes_dir, 0o700)
         self.state = State(cfg.db_path)
-        self.runtime = oci.choose(cfg.runtime, str(cfg.oci_state_dir))
+        self.runtime = runtimes.choose(cfg.runtime, str(cfg.oci_state_dir))
         self.layers = LayerStore(cfg.images_dir, cfg.image_caches)
         self.images = ImageService(self.state, self.layers, cfg.idmap.host_id)
         image_build.attach(self)  # image build steps run in build sandboxes
@@ -95,7 +96,7 @@ class Manager:
         self.volumes = VolumeStore(self.state.db, cfg.data_dir / "volumes", cfg.idmap.host_id)
         self.volume_binds = VolumeBinds(self.volumes, cfg.runtime_dir / "volume-binds")
         self.secrets = SecretStore(self.state.db, Keyring(cfg.data_dir / "secrets.key"))
-        image_registry.attach(self)  # Image.from_registry pulls (after secrets: a pull may use a named one)
+        image_build.attach_registry(self)  # Image.from_registry pulls (after secrets: a pull may use a named one)
         self.ctx = Context(
             cfg,
             self.state,
@@ -112,6 +113,8 @@ class Manager:
         self.gpus = gpu_scheduler.GpuScheduler(gpu_inventory.Inventory(problem="not discovered yet"))
         self._prune_task: asyncio.Task[None] | None = None
         self.pool = WarmPool(self, cfg.warm_pool)
+        self.snapshots = Snapshots(self)
+        """Snapshots and image mounts of running sandboxes."""
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -21,11 +21,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from shoal import ids
-from shoal.engine.models import CreateSandbox, ImageRef
 from shoal.engine.sandbox import CREATING, Sandbox
-from shoal.engine.state import SandboxRow
-from shoal.images.store import ImageConfig
+from shoal.store.state import SandboxRow
+from shoal.wire import ids
+from shoal.wire.image_config import ImageConfig
+from shoal.wire.images import ImageRef
+from shoal.wire.sandboxes import CreateSandbox
 
 if TYPE_CHECKING:
     from shoal.engine.manager import Manager

@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from shoal.engine.models import ExecRequest
 from shoal.engine.process import SIGKILL, Process
 from shoal.engine.sandbox import RUNNING, Sandbox
 from shoal.exception import ConflictError, InvalidError
 from shoal.runtime.spec import AGENT_PATH
+from shoal.wire.sandboxes import ExecRequest
 
 if TYPE_CHECKING:
     from shoal.engine.manager import Manager

@@ -28,19 +28,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.agent import protocol as P
-from shoal.config import Config
+from shoal.engine.config import Config
 from shoal.engine.link import AgentLink
 from shoal.engine.logs import LogWriter
-from shoal.engine.models import CreateSandbox, ExecInfo, ExecRequest, Result, SandboxInfo
 from shoal.engine.output import OutputBudget
 from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
-from shoal.engine.state import ExecRow, SandboxRow, State
 from shoal.exception import ConflictError, NotFoundError, ServiceError
 from shoal.gpu import scheduler as gpu_scheduler
-from shoal.images.store import ImageConfig
 from shoal.network.service import Network
 from shoal.runtime import cgroups, rootfs, spec
-from shoal.runtime.oci import OciRuntime
+from shoal.runtime.base import ContainerRuntime
+from shoal.store.state import ExecRow, SandboxRow, State
+from shoal.wire.image_config import ImageConfig
+from shoal.wire.sandboxes import CreateSandbox, ExecInfo, ExecRequest, Result, SandboxInfo, SandboxState
 from shoal.wire.times import micros
 
 if TYPE_CHECKING:
@@ -49,8 +49,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CREATING, RUNNING, FINISHED = "creating", "running", "finished"
-_TRANSITIONS = {CREATING: {RUNNING, FINISHED}, RUNNING: {FINISHED}, FINISHED: set[str]()}
+CREATING, RUNNING, FINISHED = SandboxState.CREATING, SandboxState.RUNNING, SandboxState.FINISHED
+_TRANSITIONS: dict[SandboxState, set[SandboxState]] = {
+    CREATING: {RUNNING, FINISHED},
+    RUNNING: {FINISHED},
+    FINISHED: set(),
+}
 MAX_LISTED = 100_000
 """Most processes an agent may list when it (re)connects."""
 STDIN_WINDOW = 16 << 20
@@ -63,7 +67,7 @@ class Context:
 
     cfg: Config
     state: State
-    runtime: OciRuntime
+    runtime: ContainerRuntime
     network: Network
     volumes: VolumeBinds | None = None
     secrets: SecretStore | None = None
@@ -137,12 +141,23 @@ class Sandbox:
 
     # ---------------------------------------------------------------- state
 
-    def _move(self, new: str) -> None:
+    def _move(self, new: SandboxState, result: Result | None = None) -> None:
+        """The one place a sandbox changes state: checked against ``_TRANSITIONS``, stored, logged.
+
+        Moving to FINISHED records ``result`` (how it ended) and wakes whoever waits for the end.
+        """
         if new not in _TRANSITIONS[self.state]:
             raise AssertionError(f"sandbox {self.id}: illegal transition {self.state} -> {new}")
         self.state = new
+        if new is FINISHED:
+            assert result is not None, "a sandbox finishes with a result"
+            self.result = result
+            self.logs.system(_describe(result))
+            self.ctx.state.finish_sandbox(self.id, result.status, result.exitcode, result.message)
+            self.finished.set()
+            return
         self.ctx.state.set_sandbox_state(self.id, new)
-        if new == RUNNING:
+        if new is RUNNING:
             self.logs.system("Sandbox started")
 
     @property
@@ -317,12 +332,7 @@ class Sandbox:
         self._move(RUNNING)
 
     async def _fail_start(self, exc: BaseException) -> None:
-        message = str(exc) or type(exc).__name__
-        self.result = Result(status="init_failure", exitcode=None, message=message)
-        self.logs.system(_describe(self.result))
-        self.ctx.state.finish_sandbox(self.id, "init_failure", None, message)
-        self.state = FINISHED
-        self.finished.set()
+        self._move(FINISHED, Result(status="init_failure", exitcode=None, message=str(exc) or type(exc).__name__))
         await self._teardown()
 
     def _agent_log_tail(self) -> str:
@@ -746,23 +756,16 @@ class Sandbox:
         """Record the result now and tear down in the background."""
         if self.state == FINISHED:
             return
-        self._record(result)
+        self._move(FINISHED, result)
         self._teardown_task = asyncio.create_task(self._teardown())
 
     async def terminate(self) -> None:
         """Kill the sandbox (returncode 137) and wait until it is gone."""
         if self.state == RUNNING:
-            self._record(Result(status="terminated", message="Sandbox terminated"))
+            self._move(FINISHED, Result(status="terminated", message="Sandbox terminated"))
             self._teardown_task = asyncio.create_task(self._teardown())
         if self._teardown_task is not None:
             await asyncio.shield(self._teardown_task)
-
-    def _record(self, result: Result) -> None:
-        self.logs.system(_describe(result))
-        self.result = result
-        self.ctx.state.finish_sandbox(self.id, result.status, result.exitcode, result.message)
-        self.state = FINISHED
-        self.finished.set()
 
     async def _teardown(self) -> None:
         """Remove the container, its mounts and runtime files; end every stream."""

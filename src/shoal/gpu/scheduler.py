@@ -25,8 +25,8 @@ from typing import Any
 
 from shoal.exception import InvalidError, ResourceExhaustedError, ServiceError
 from shoal.gpu.inventory import Gpu, Inventory
-from shoal.gpu.request import GpuRequest, classify
 from shoal.runtime import spec
+from shoal.wire.gpu import GpuRequest, classify
 
 NVIDIA_DIR = "/.shoal/nvidia"
 """Where the driver's libraries (``lib``) and tools (``bin``) appear in a GPU sandbox."""

@@ -15,9 +15,10 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from shoal import ids
 from shoal.exception import InvalidError
-from shoal.images.store import ImageConfig, LayerStore, shift_tree
+from shoal.images.store import LayerStore, shift_tree
+from shoal.wire import ids
+from shoal.wire.image_config import ImageConfig
 
 RECIPE_VERSION = 1
 PYTHON_SUITES = {"3.11": "bookworm"}

@@ -1,6 +1,6 @@
 """The image builder: applies build steps on a base image, one cached layer at a time.
 
-Each step's result is remembered under its cache key (:mod:`shoal.images.recipe`)
+Each step's result is remembered under its cache key (:mod:`shoal.wire.recipe`)
 in the ``image_steps`` table: key → image id; the image's config (layers,
 env, …) is in the ``images`` table.  A resolve walks the steps: a key whose
 image and layers exist is a hit; the first miss and every step after it are
@@ -43,15 +43,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from shoal.engine.models import ImageRef
-from shoal.engine.state import ImageRow, State
 from shoal.exception import Error, ImageBuildError, InvalidError
 from shoal.images import context as ctx
-from shoal.images import inroot, recipe, trust
-from shoal.images.recipe import AnyStep, CopyStep, HostCasStep, RunStep, WorkdirStep
-from shoal.images.store import ImageConfig, LayerStore
+from shoal.images import inroot, trust
+from shoal.images.store import LayerStore
 from shoal.runtime import rootfs
-from shoal.volumes import safefs
+from shoal.store.state import ImageRow, State
+from shoal.util import safefs
+from shoal.wire import recipe
+from shoal.wire.image_config import ImageConfig
+from shoal.wire.images import ImageRef
+from shoal.wire.recipe import AnyStep, CopyStep, HostCasStep, RunStep, WorkdirStep
 
 LogFn = Callable[[str], None]
 TRUSTING_KINDS = ("debian_slim", "registry")

@@ -19,53 +19,17 @@ never on the host.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from shoal.exception import InvalidError
-from shoal.volumes import safefs
-
-MAX_ENTRIES = 1_000_000
-MAX_NAME = 255
-MAX_PATH = 4096
-CHUNK = 1 << 20
-Entry = list[Any]
-"""``[path, "d", mode]``, ``[path, "f", mode, size, sha256]`` or ``[path, "l", target]``."""
-
-
-def digest(entries: list[Entry]) -> str:
-    """The digest that names a context with these manifest entries (sorted by path)."""
-    ordered = sorted(entries, key=lambda e: e[0])
-    return hashlib.sha256(json.dumps(ordered, separators=(",", ":")).encode()).hexdigest()
-
-
-def check_name(name: str) -> list[str]:
-    """The parts of a relative archive path, or InvalidError (absolute, ``..``, empty, too long)."""
-    if not name or "\x00" in name or len(name.encode()) > MAX_PATH:
-        raise InvalidError(f"invalid path in build context: {name[:200]!r}")
-    if name.startswith("/"):
-        raise InvalidError(f"absolute path in build context: {name[:200]!r}")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." or len(p.encode()) > MAX_NAME for p in parts):
-        raise InvalidError(f"path escapes the build context or is too long: {name[:200]!r}")
-    return parts
-
-
-def hash_file(fd: int) -> tuple[int, str]:
-    """(size, sha256) of an open file, read from its start."""
-    h = hashlib.sha256()
-    size = 0
-    while chunk := os.pread(fd, CHUNK, size):
-        h.update(chunk)
-        size += len(chunk)
-    return size, h.hexdigest()
+from shoal.util import safefs
+from shoal.wire.manifest import CHUNK, MAX_ENTRIES, MAX_PATH, Entry, check_name, digest, hash_file
 
 
 def tree_manifest(root: Path) -> list[Entry]:

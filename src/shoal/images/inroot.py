@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shoal.runtime import rootfs
-from shoal.volumes import safefs
+from shoal.util import safefs
 
 RESOLVE_IN_ROOT = 0x10
 IN_ROOT = RESOLVE_IN_ROOT | safefs.RESOLVE_NO_MAGICLINKS | safefs.RESOLVE_NO_XDEV

@@ -48,7 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
-from shoal.volumes import safefs
+from shoal.util import safefs
+from shoal.wire import paths
 
 OPAQUE_MARKER = ".wh..wh..opq"
 WHITEOUT_PREFIX = ".wh."
@@ -89,14 +90,14 @@ def _parts(name: str, what: str) -> list[str]:
     if "\x00" in name:
         raise LayerError(f"{what} {name!r} contains a NUL byte")
     raw = name.encode(errors="surrogateescape")
-    if len(raw) > safefs.MAX_PATH:
-        raise LayerError(f"{what} is longer than {safefs.MAX_PATH} bytes")
+    if len(raw) > paths.MAX_PATH:
+        raise LayerError(f"{what} is longer than {paths.MAX_PATH} bytes")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     for p in parts:
         if p == "..":
             raise LayerError(f"{what} {name!r} climbs out of the layer with '..'")
-        if len(p.encode(errors="surrogateescape")) > safefs.MAX_NAME:
-            raise LayerError(f"{what} {name!r} has a component longer than {safefs.MAX_NAME} bytes")
+        if len(p.encode(errors="surrogateescape")) > paths.MAX_NAME:
+            raise LayerError(f"{what} {name!r} has a component longer than {paths.MAX_NAME} bytes")
     return parts
 
 
@@ -234,7 +235,7 @@ class _Unpacker:
             self._file(tf, m, parent, base, uid, gid, mode, mtime)
         elif m.issym():
             target = m.linkname
-            if "\x00" in target or len(target.encode(errors="surrogateescape")) >= safefs.MAX_PATH:
+            if "\x00" in target or len(target.encode(errors="surrogateescape")) >= paths.MAX_PATH:
                 raise LayerError(f"symlink {m.name!r} has an invalid target")
             os.symlink(target, base, dir_fd=parent)
             os.chown(base, uid, gid, dir_fd=parent, follow_symlinks=False)

@@ -41,16 +41,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from shoal import ids
-from shoal.engine.state import ImageRow, State
 from shoal.exception import Error, InvalidError, NotFoundError, PermissionDeniedError, ServiceError
-from shoal.images import layertar, reference
+from shoal.images import layertar
 from shoal.images.base import BASE_ENV
-from shoal.images.store import ImageConfig, LayerStore
+from shoal.images.store import LayerStore
+from shoal.store.state import ImageRow, State
+from shoal.wire import ids, reference
+from shoal.wire.image_config import ImageConfig
 
 if TYPE_CHECKING:
-    from shoal.engine.manager import Manager
-    from shoal.engine.models import ImageRef
+    from shoal.wire.images import ImageRef
 
 log = logging.getLogger(__name__)
 
@@ -359,29 +359,6 @@ def image_config(cfg: dict[str, Any], layers: list[str], log_line: LogFn) -> Ima
         layers=layers,
         user=user,
     )
-
-
-def attach(mgr: Manager) -> Registry:
-    """Give the manager's image service a registry puller (named secrets come from the daemon's store)."""
-
-    def named(name: str) -> dict[str, str]:
-        row = mgr.secrets.lookup(name, [])
-        return mgr.secrets.resolve([row.id])
-
-    def hold(layers: list[str], delta: int) -> None:
-        builder = mgr.images.builder  # prune keeps the layers its builds stand on: pulls use the same count
-        if builder is None:
-            return
-        for layer in layers:
-            n = builder.active_layers.get(layer, 0) + delta
-            if n > 0:
-                builder.active_layers[layer] = n
-            else:
-                builder.active_layers.pop(layer, None)
-
-    registry = Registry(mgr.state, mgr.layers, mgr.cfg.idmap.host_id, mgr.cfg.idmap.size, named, hold)
-    mgr.images.registry = registry
-    return registry
 
 
 # ------------------------------------------------------------ helpers

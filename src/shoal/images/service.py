@@ -12,12 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shoal import ids
-from shoal.engine.models import ImageRef, ImportRootfs
-from shoal.engine.state import ImageRow, State
 from shoal.exception import InvalidError, NotFoundError
 from shoal.images import base
-from shoal.images.store import ImageConfig, LayerStore, shift_tree
+from shoal.images.store import LayerStore, shift_tree
+from shoal.store.state import ImageRow, State
+from shoal.wire import ids
+from shoal.wire.image_config import ImageConfig
+from shoal.wire.images import ImageRef, ImportRootfs
 
 if TYPE_CHECKING:
     from shoal.images.builder import Builder

@@ -15,7 +15,7 @@ Defences:
 
 * Every entry is reached relative to its parent's descriptor with
   ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
-  RESOLVE_NO_XDEV)`` (:mod:`shoal.volumes.safefs`): a component that became a
+  RESOLVE_NO_XDEV)`` (:mod:`shoal.util.safefs`): a component that became a
   link fails the lookup, and a mount point is never entered (it is copied as
   an empty directory, like ``cp -x``).
 * Files are opened ``O_PATH`` and re-opened for reading only when ``fstat``
@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 
 from shoal.exception import TimeoutError
-from shoal.volumes import safefs
+from shoal.util import safefs
 
 MAX_DEPTH = 256
 """Deepest directory level copied (each level holds two descriptors)."""

@@ -28,7 +28,7 @@ import stat
 from pathlib import Path
 
 from shoal.images import inroot
-from shoal.images.recipe import HostCasStep
+from shoal.wire.recipe import HostCasStep
 
 DEFAULT_CA_DIR = Path("/usr/local/share/ca-certificates")
 BUNDLES = [

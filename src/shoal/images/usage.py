@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.engine.state import ImageRow
 from shoal.images.store import LayerStore
+from shoal.store.state import ImageRow
 
 _sizes: dict[str, int] = {}
 """Layer sizes by path: layers never change once published."""

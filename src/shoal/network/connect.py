@@ -18,7 +18,7 @@ are (hop-by-hop headers aside): the proxy serves the sandbox, it does not vouch 
 
 Bounds: at most ``MAX_CONNS`` client connections are open (or in their TLS handshake) at once per proxy (one
 sandbox port); more are reset at accept, as they are while the daemon is short of descriptors
-(``shoal.server.limits``).  What the proxy logs about its clients and the sandbox goes through the per-sandbox
+(``shoal.util.limits``).  What the proxy logs about its clients and the sandbox goes through the per-sandbox
 rate limit (``shoal.util.ratelog``).
 """
 
@@ -40,8 +40,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from shoal.network.tunnels import HANDSHAKE_TIMEOUT, peer_allowed
-from shoal.server import limits
-from shoal.util import ratelog
+from shoal.util import limits, ratelog
 
 log = logging.getLogger(__name__)
 log.addFilter(ratelog.PER_SANDBOX)

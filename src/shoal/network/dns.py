@@ -9,7 +9,7 @@ with a domain allowlist; otherwise only size-checked and passed on as
 bytes), floods (a bounded number of queries in flight per sandbox, the rest
 dropped; at most ``MAX_TCP`` TCP connections per sandbox, more are reset at
 accept, and one idle for ``TCP_IDLE`` seconds is closed; nothing at all while
-the daemon is short of descriptors, ``shoal.server.limits``), and names
+the daemon is short of descriptors, ``shoal.util.limits``), and names
 outside a sandbox's allowlist (answered NXDOMAIN, never forwarded).  For a
 sandbox with a domain allowlist, every IPv4 address in an allowed answer
 is allowed for that sandbox (``on_pins``) *before* the answer is sent, so
@@ -34,10 +34,9 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 
-from shoal.network.policy import domain_allowed
 from shoal.network.ruleset import PIN_SECONDS
-from shoal.server import limits
-from shoal.util import ratelog
+from shoal.util import limits, ratelog
+from shoal.wire.policy import domain_allowed
 
 log = logging.getLogger(__name__)
 log.addFilter(ratelog.PER_SANDBOX)

@@ -11,7 +11,7 @@ else), with flow control so a slow reader on either side stops the other
 instead of growing buffers in the daemon.  At most ``MAX_CONNS`` connections
 are open (or in their TLS handshake) at once per sandbox port, whichever
 listener they came through; more are reset at accept, as they are while the
-daemon is short of descriptors (``shoal.server.limits``).
+daemon is short of descriptors (``shoal.util.limits``).
 
 Kinds (as Modal's): ``encrypted`` — TLS offering HTTP/1.1 by ALPN; ``h2`` —
 TLS offering HTTP/2 first (``h2``, then ``http/1.1``): the sandbox's server
@@ -32,8 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.server import limits
-from shoal.util import ratelog
+from shoal.util import limits, ratelog
 
 log = logging.getLogger(__name__)
 log.addFilter(ratelog.PER_SANDBOX)

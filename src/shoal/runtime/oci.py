@@ -1,36 +1,29 @@
-"""Drive an OCI runtime (runc or crun) through its command line.
-
-The runtime layer knows bundles and container ids, nothing of HTTP or of
-sandboxes' meaning.  It is the narrow interface another backend would
-implement.
-"""
+"""runc and crun: the :class:`~shoal.runtime.base.ContainerRuntime` that drives an OCI runtime's command line."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from dataclasses import dataclass
 
+from shoal.runtime.base import ContainerRuntime, RuntimeFailure
 from shoal.util import spawn
 
-RUNTIMES = ("runc", "crun")
 
+class OciRuntime(ContainerRuntime):
+    """One OCI runtime binary (runc or crun) with its own state directory."""
 
-class RuntimeError_(Exception):
-    """The OCI runtime refused or failed an operation."""
+    def __init__(self, binary: str, state_dir: str) -> None:
+        self._binary = binary
+        self.state_dir = state_dir
 
-    def __init__(self, message: str, stderr: str = "") -> None:
-        super().__init__(message + (f": {stderr.strip()}" if stderr.strip() else ""))
-        self.stderr = stderr
+    def __repr__(self) -> str:
+        return f"OciRuntime({self._binary!r}, {self.state_dir!r})"
 
-
-@dataclass
-class OciRuntime:
-    """One OCI runtime binary with its own state directory."""
-
-    binary: str
-    state_dir: str
+    @property
+    def binary(self) -> str:
+        """The runtime's executable."""
+        return self._binary
 
     @property
     def name(self) -> str:
@@ -43,7 +36,7 @@ class OciRuntime:
     async def _run(self, *args: str, check: bool = True) -> str:
         res = await spawn.run(self._argv(*args))
         if check and res.returncode != 0:
-            raise RuntimeError_(
+            raise RuntimeFailure(
                 f"{self.name} {args[0]} failed (exit {res.returncode})",
                 res.stderr.decode(errors="replace"),
             )
@@ -62,7 +55,7 @@ class OciRuntime:
         finally:
             os.close(log_fd)
         if res.returncode != 0:
-            raise RuntimeError_(f"{self.name} run failed (exit {res.returncode})", _tail(log_path))
+            raise RuntimeFailure(f"{self.name} run failed (exit {res.returncode})", _tail(log_path))
 
     async def create(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
         """Like ``start``, but stop short of running the init: it waits until ``start_created`` (a warm pool)."""
@@ -73,7 +66,7 @@ class OciRuntime:
         finally:
             os.close(log_fd)
         if res.returncode != 0:
-            raise RuntimeError_(f"{self.name} create failed (exit {res.returncode})", _tail(log_path))
+            raise RuntimeFailure(f"{self.name} create failed (exit {res.returncode})", _tail(log_path))
 
     async def start_created(self, container_id: str) -> None:
         """Run the init of a container made by ``create``."""
@@ -134,19 +127,3 @@ def probe_crun(binary: str) -> bool:
         if len(ln.split()) > 4
     )
     return bool(shutil.which(binary)) and unified_root and not has_v1
-
-
-def choose(preferred: str | None, state_root: str) -> OciRuntime:
-    """Pick the runtime: ``preferred`` if given, else crun where it works, else runc."""
-    if preferred:
-        path = shutil.which(preferred)
-        if not path:
-            raise RuntimeError_(f"OCI runtime {preferred!r} is not installed")
-        return OciRuntime(path, os.path.join(state_root, os.path.basename(path)))
-    crun = shutil.which("crun")
-    if crun and probe_crun(crun):
-        return OciRuntime(crun, os.path.join(state_root, "crun"))
-    runc = shutil.which("runc") or ("/usr/sbin/runc" if os.path.exists("/usr/sbin/runc") else None)
-    if not runc:
-        raise RuntimeError_("no OCI runtime found: install runc (apt-get install runc)")
-    return OciRuntime(runc, os.path.join(state_root, "runc"))

@@ -188,6 +188,9 @@ class Attached:
                 rest = await resp.content.read()
             if rest:
                 raise ConnectionError("the daemon sent data after a process's exit")
+        except aiohttp.ClientError as e:
+            await self.aclose()
+            raise ConnectionError(f"the connection to the daemon failed after the process's exit ({e})") from e
         except BaseException:
             await self.aclose()
             raise

@@ -26,8 +26,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Self
 
 from shoal.exception import Error, ImageBuildError, InvalidError, UnimplementedError
-from shoal.images import dockerfile, recipe
-from shoal.images.ignore import (
+from shoal.sdk import output
+from shoal.sdk._local_files import IgnoreFn, LocalTree, Source
+from shoal.sdk.secret import Secret, secret_ids
+from shoal.sdk.transport import Client, error_from
+from shoal.wire import dockerfile, recipe
+from shoal.wire.ignore import (
     AUTO_DOCKERIGNORE,
     NON_PYTHON_FILES,
     FilePatternMatcher,
@@ -35,10 +39,6 @@ from shoal.images.ignore import (
     as_matcher,
     dockerignore_for,
 )
-from shoal.sdk import output
-from shoal.sdk._local_files import IgnoreFn, LocalTree, Source
-from shoal.sdk.secret import Secret, secret_ids
-from shoal.sdk.transport import Client, error_from
 
 MAX_UPLOAD_ROUNDS = 20
 

@@ -1,6 +1,6 @@
 """Local files for image builds: what ``add_local_*`` and COPY put in, their manifest and their upload.
 
-The manifest (see :mod:`shoal.images.context`) is computed when the image is
+The manifest (see :mod:`shoal.wire.manifest`) is computed when the image is
 resolved: it is the copy step's cache key.  The files travel only when the
 daemon asks for them (a cache miss), as a tar stream written on the fly, so a
 large tree is never held in memory.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from shoal.exception import InvalidError
-from shoal.images import context
+from shoal.wire import manifest
 
 UPLOAD_CHUNK = 1 << 20
 IgnoreFn = Callable[[Path], bool]
@@ -43,10 +43,10 @@ class LocalTree:
     """The local files of one copy step."""
 
     sources: list[Source]
-    _entries: list[context.Entry] | None = field(default=None, repr=False)
+    _entries: list[manifest.Entry] | None = field(default=None, repr=False)
     _locals: dict[str, Path] = field(default_factory=dict, repr=False)
 
-    def manifest(self) -> list[context.Entry]:
+    def manifest(self) -> list[manifest.Entry]:
         """The manifest entries (computed once per resolve; files are hashed)."""
         if self._entries is None:
             self._entries, self._locals = _manifest(self.sources)
@@ -54,7 +54,7 @@ class LocalTree:
 
     def digest(self) -> str:
         """The context digest: the copy step's cache key."""
-        return context.digest(self.manifest())
+        return manifest.digest(self.manifest())
 
     def reset(self) -> None:
         """Forget the manifest (the next resolve looks at the files again)."""
@@ -99,8 +99,8 @@ class LocalTree:
         yield b"\0" * (tarfile.BLOCKSIZE * 2)
 
 
-def _manifest(sources: list[Source]) -> tuple[list[context.Entry], dict[str, Path]]:
-    entries: dict[str, context.Entry] = {}
+def _manifest(sources: list[Source]) -> tuple[list[manifest.Entry], dict[str, Path]]:
+    entries: dict[str, manifest.Entry] = {}
     locals_: dict[str, Path] = {}
 
     def add_dirs(rel: str) -> None:
@@ -110,14 +110,14 @@ def _manifest(sources: list[Source]) -> tuple[list[context.Entry], dict[str, Pat
             entries.setdefault(parent, [parent, "d", 0o755])
 
     def add_file(rel: str, path: Path, st: os.stat_result) -> None:
-        context.check_name(rel)
+        manifest.check_name(rel)
         add_dirs(rel)
         if stat.S_ISLNK(st.st_mode):
             entries[rel] = [rel, "l", os.readlink(path)]
         elif stat.S_ISREG(st.st_mode):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                size, sha = context.hash_file(fd)
+                size, sha = manifest.hash_file(fd)
             finally:
                 os.close(fd)
             entries[rel] = [rel, "f", stat.S_IMODE(st.st_mode) & 0o777, size, sha]
@@ -132,7 +132,7 @@ def _manifest(sources: list[Source]) -> tuple[list[context.Entry], dict[str, Pat
             base = src.pattern_base or src.local
             prefix = src.target.strip("/")
             if prefix:
-                context.check_name(prefix)
+                manifest.check_name(prefix)
                 add_dirs(prefix + "/x")
                 entries.setdefault(prefix, [prefix, "d", stat.S_IMODE(st.st_mode) & 0o777])
             _walk_dir(src, base, prefix, entries, add_file)
@@ -147,7 +147,7 @@ def _walk_dir(
     src: Source,
     base: Path,
     prefix: str,
-    entries: dict[str, context.Entry],
+    entries: dict[str, manifest.Entry],
     add_file: Callable[[str, Path, os.stat_result], None],
 ) -> None:
     ignore = src.ignore
@@ -167,7 +167,7 @@ def _walk_dir(
             kept_dirs.append(d)
             if not ignored:
                 rel = _join(prefix, path.relative_to(src.local))
-                context.check_name(rel)
+                manifest.check_name(rel)
                 entries.setdefault(rel, [rel, "d", stat.S_IMODE(path.lstat().st_mode) & 0o777])
         dirnames[:] = kept_dirs
         for name in sorted(filenames):

@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from shoal.exception import InvalidError
-from shoal.images import reference
 from shoal.sdk import _image_build
 from shoal.sdk._image_build import ImageBuilder, PendingStep
 from shoal.sdk._sync import live_method
 from shoal.sdk.secret import Secret
 from shoal.sdk.transport import Client, default_client
+from shoal.wire import reference
 
 _resolved: dict[tuple[str, str], str] = {}
 """Image ids by (daemon, recipe): each daemon has its own images."""

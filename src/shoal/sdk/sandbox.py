@@ -22,7 +22,6 @@ from shoal.exception import (
     SandboxTimeoutError,
 )
 from shoal.exception import TimeoutError as NotReadyError
-from shoal.gpu import request as gpu_request
 from shoal.sdk import _snapshots, file_io
 from shoal.sdk._checks import check_port
 from shoal.sdk._sync import live_function, live_generator, live_method, live_method_generator
@@ -38,8 +37,9 @@ from shoal.sdk.transport import Client, default_client
 from shoal.sdk.tunnel import Tunnel, TunnelMap
 from shoal.sdk.volume import mounts_body
 from shoal.types import FileWatchEvent, FileWatchEventType
+from shoal.wire import gpu as gpu_request
+from shoal.wire.base import check_argv
 
-ARG_MAX_BYTES = 1 << 16
 ENTRYPOINT_STDIN_LIMIT = 2 << 20
 WAIT_SECONDS = 10
 READY_POLL = 50.0
@@ -50,10 +50,10 @@ def _check_args(args: Sequence[Any], what: str) -> list[str]:
     for a in args:
         if not isinstance(a, str):
             raise InvalidError(f"{what} arguments must be strings, got {type(a).__name__}: {a!r}")
-    total = sum(len(a.encode()) + 1 for a in args)
-    if total > ARG_MAX_BYTES:
-        raise InvalidError(f"{what} arguments total {total} bytes; the limit is {ARG_MAX_BYTES}")
-    return list(args)
+    try:
+        return check_argv(list(args), what)
+    except ValueError as exc:
+        raise InvalidError(str(exc)) from None
 
 
 def _check_workdir(workdir: str | None) -> None:

@@ -137,7 +137,7 @@ class Secret:
         for d in [start, *start.parents]:
             candidate = d / filename
             if candidate.is_file():
-                return Secret(_parse_dotenv(candidate.read_text()))
+                return Secret(parse_dotenv(candidate.read_text()))
         return Secret({})
 
     @staticmethod
@@ -229,7 +229,7 @@ async def secret_ids(secrets: Collection[Secret] | None) -> list[str]:
     return out
 
 
-def _parse_dotenv(text: str) -> dict[str, str]:
+def parse_dotenv(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for raw in text.splitlines():
         line = raw.strip()

@@ -90,10 +90,14 @@ class StreamReader(Generic[T]):
                 aiohttp.ServerDisconnectedError,
                 aiohttp.ClientOSError,
                 ConnectionError,
-            ):
+            ) as e:
                 failures += 1
                 if failures > RESUME_ATTEMPTS:
-                    raise
+                    if isinstance(e, ConnectionError):
+                        raise
+                    raise ConnectionError(
+                        f"reading the output failed {failures} times in a row ({e}): did the daemon stop or restart?"
+                    ) from e
                 await asyncio.sleep(min(2.0, 0.05 * 2**failures))
         self._done.set()
 

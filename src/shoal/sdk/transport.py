@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from shoal import exception as exc
-from shoal.config import ClientConfig
+from shoal.sdk.config import ClientConfig
 
 BY_STATUS: dict[int, type[exc.Error]] = {
     400: exc.InvalidError,

@@ -17,15 +17,12 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from shoal import ids
-from shoal.engine.models import check_env
 from shoal.exception import AlreadyExistsError, NotFoundError
 from shoal.secrets.keyring import Keyring
-from shoal.volumes.models import check_name
+from shoal.wire import ids
+from shoal.wire.secrets import SecretInfo, check_secret_env
 from shoal.wire.times import micros
 
 log = logging.getLogger(__name__)
@@ -39,73 +36,8 @@ CREATE TABLE IF NOT EXISTS secrets (
     sealed BLOB NOT NULL
 );
 """
-MAX_KEYS = 1000
-MAX_BYTES = 1 << 20
 SANDBOX_CONTEXT = "sandbox-env:"
 """Associated data for a sandbox's sealed environment: this prefix and the sandbox's id."""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _check_env(env: dict[str, str]) -> dict[str, str]:
-    check_env(env)
-    if len(env) > MAX_KEYS:
-        raise ValueError(f"a secret holds at most {MAX_KEYS} keys")
-    if sum(len(k) + len(v.encode()) for k, v in env.items()) > MAX_BYTES:
-        raise ValueError(f"a secret holds at most {MAX_BYTES} bytes")
-    return env
-
-
-class SecretCreate(_Model):
-    """``Secret.objects.create``."""
-
-    name: str
-    env: dict[str, str]
-    allow_existing: bool = False
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v, "secret")
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        return _check_env(v)
-
-
-class SecretLookup(_Model):
-    """``Secret.from_name`` (hydration)."""
-
-    name: str
-    required_keys: Annotated[list[str], Field(max_length=MAX_KEYS)] = []
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v, "secret")
-
-
-class SecretUpdate(_Model):
-    """``secret.update``: keys to add or replace."""
-
-    env: dict[str, str]
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        return _check_env(v)
-
-
-class SecretInfo(BaseModel):
-    """A secret as the API shows it: never its values."""
-
-    secret_id: str
-    name: str
-    created_at_us: int
-    updated_at_us: int
 
 
 @dataclass
@@ -195,7 +127,7 @@ class SecretStore:
         """``secret.update``: merge ``env`` into the stored keys."""
         row = self.get(secret_id)
         merged = {**self._env(row), **env}
-        _check_env(merged)
+        check_secret_env(merged)
         now = time.time()
         sealed = self.keyring.seal_env(merged, secret_id).encode()
         self.db.execute("UPDATE secrets SET sealed = ?, updated_at = ? WHERE id = ?", (sealed, now, secret_id))

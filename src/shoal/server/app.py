@@ -15,20 +15,22 @@ from pydantic import BaseModel, ValidationError
 
 from shoal.engine.manager import Manager
 from shoal.exception import AuthError, Error, InvalidError
-from shoal.server import (
-    attach,  # registers the attach route on import
-    errors,
-    routes,
-    routes_images,  # noqa: F401  (registers the image store routes on import)
-    routes_secrets,  # noqa: F401  (registers the secret routes on import)
-    routes_snapshots,  # noqa: F401  (registers the snapshot and image-mount routes on import)
-    routes_volumes,  # noqa: F401  (registers the volume routes on import)
-)
+from shoal.server import attach, errors, routes, routes_images, routes_secrets, routes_snapshots, routes_volumes
 from shoal.server.registry import Handler, Route, install
+from shoal.wire.base import validation_message
 
 log = logging.getLogger(__name__)
 
 TOKEN = web.AppKey("token", str)
+ROUTES: list[Route] = [
+    *routes.TABLE.routes,
+    *attach.TABLE.routes,
+    *routes_images.TABLE.routes,
+    *routes_secrets.TABLE.routes,
+    *routes_snapshots.TABLE.routes,
+    *routes_volumes.TABLE.routes,
+]
+"""Every route the daemon serves, module by module."""
 MAX_BODY = 64 << 20
 """Largest request body the daemon reads whole, in bytes (64 MiB): every JSON body, and one stdin write.
 
@@ -39,15 +41,6 @@ most 64 KiB of arguments each) come to about 63 MiB of JSON.  Routes that stream
 uploads, attach) read it in chunks under their own limits.  A malformed body (not UTF-8, not JSON, nested too deep
 for the parser, or of the wrong shape) gets 400 with an ``InvalidError``; no client input gets a 5xx.
 """
-
-
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for e in exc.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "request"
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)[:4000]
 
 
 def _error(exc: Error, status: int) -> web.Response:
@@ -114,7 +107,7 @@ def _wrap(r: Route) -> Handler:
                 try:
                     body = r.body.model_validate(payload)
                 except ValidationError as exc:
-                    raise InvalidError(_validation_message(exc)) from None
+                    raise InvalidError(validation_message(exc)) from None
                 result: Any = await r.handler(request, body)
             else:
                 result = await r.handler(request)
@@ -186,6 +179,7 @@ def build_app(manager: Manager, token: str) -> web.Application:
     app = web.Application(middlewares=[_framework_errors, _auth], client_max_size=MAX_BODY)
     app[routes.MANAGER] = manager
     app[TOKEN] = token
-    install(app, _wrap, _expect)
+    app[routes.API] = ROUTES
+    install(app, ROUTES, _wrap, _expect)
     attach.install(app)
     return app

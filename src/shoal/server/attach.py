@@ -33,12 +33,15 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from shoal.engine.models import ExecRequest
 from shoal.engine.process import SIGKILL, Process
 from shoal.engine.sandbox import Sandbox
 from shoal.exception import InvalidError
-from shoal.server.registry import route
+from shoal.server.registry import RouteTable
 from shoal.server.routes import MANAGER
+from shoal.wire.sandboxes import ExecRequest, SandboxState
+
+TABLE = RouteTable()
+"""The routes this module serves."""
 
 STDOUT, STDERR, EXIT = 1, 2, 3
 """Record kinds."""
@@ -102,7 +105,7 @@ class _Session:
             exit_info = {
                 "exec_id": self.proc.id,
                 "returncode": self.proc.returncode,
-                "sandbox_finished": self.sb.state == "finished",
+                "sandbox_finished": self.sb.state is SandboxState.FINISHED,
             }
             await self._record(EXIT, json.dumps(exit_info).encode())
             # The response ends only after the request body has (the client ends it on seeing the exit), so the
@@ -189,7 +192,7 @@ class _Session:
         task.add_done_callback(_reapers.discard)
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/attach",
     summary=(

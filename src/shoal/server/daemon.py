@@ -16,11 +16,11 @@ import signal
 
 from aiohttp import web
 
-from shoal.config import Config
+from shoal.engine.config import Config
 from shoal.engine.manager import Manager
 from shoal.exception import InvalidError
-from shoal.server import limits
 from shoal.server.app import build_app
+from shoal.util import limits
 
 log = logging.getLogger(__name__)
 

@@ -40,32 +40,38 @@ class Route:
         return self.body is not None or not self.raw_body or self.whole_body
 
 
-ROUTES: list[Route] = []
+class RouteTable:
+    """The routes of one module, in the order they are declared there; the app lists every table it serves."""
+
+    def __init__(self) -> None:
+        self.routes: list[Route] = []
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        *,
+        summary: str,
+        body: type[BaseModel] | None = None,
+        response: type[BaseModel] | None = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+        raw_body: bool = False,
+        whole_body: bool = False,
+    ) -> Callable[[Handler], Handler]:
+        """Declare a handler ``async def h(request, [body]) -> model | dict | StreamResponse``."""
+
+        def declare(fn: Handler) -> Handler:
+            self.routes.append(
+                Route(method, path, fn, summary, body, response, query or {}, content_type, raw_body, whole_body)
+            )
+            return fn
+
+        return declare
 
 
-def route(
-    method: str,
-    path: str,
-    *,
-    summary: str,
-    body: type[BaseModel] | None = None,
-    response: type[BaseModel] | None = None,
-    query: dict[str, str] | None = None,
-    content_type: str = "application/json",
-    raw_body: bool = False,
-    whole_body: bool = False,
-) -> Callable[[Handler], Handler]:
-    """Register a handler ``async def h(request, [body]) -> model | dict | StreamResponse``."""
-
-    def register(fn: Handler) -> Handler:
-        ROUTES.append(Route(method, path, fn, summary, body, response, query or {}, content_type, raw_body, whole_body))
-        return fn
-
-    return register
-
-
-def openapi(version: str) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for every registered route."""
+def openapi(version: str, routes: list[Route]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for ``routes``."""
     paths: dict[str, dict[str, Any]] = {}
     schemas: dict[str, Any] = {}
 
@@ -76,7 +82,7 @@ def openapi(version: str) -> dict[str, Any]:
         schemas[model.__name__] = schema
         return {"$ref": f"#/components/schemas/{model.__name__}"}
 
-    for r in ROUTES:
+    for r in routes:
         op: dict[str, Any] = {
             "summary": r.summary,
             "operationId": r.handler.__name__,
@@ -147,10 +153,11 @@ def openapi(version: str) -> dict[str, Any]:
 
 def install(
     app: web.Application,
+    routes: list[Route],
     wrap: Callable[[Route], Handler],
     expect: Callable[[Route], Handler] | None = None,
 ) -> None:
-    """Add every route to an aiohttp application, each wrapped by ``wrap``; ``expect(route)``, if given, answers
+    """Add ``routes`` to an aiohttp application, each wrapped by ``wrap``; ``expect(route)``, if given, answers
     a request's ``Expect: 100-continue`` before its body is sent."""
-    for r in ROUTES:
+    for r in routes:
         app.router.add_route(r.method, r.path, wrap(r), expect_handler=expect(r) if expect else None)

@@ -12,31 +12,34 @@ from typing import Any
 
 from aiohttp import web
 
-from shoal import __version__ as version
 from shoal.engine import logs, readiness
 from shoal.engine.manager import Manager
-from shoal.engine.models import (
-    AppCreate,
-    AppLookup,
+from shoal.engine.process import ENTRYPOINT_ID
+from shoal.engine.sandbox import RUNNING
+from shoal.exception import ConflictError, Error, InvalidError
+from shoal.server import errors, image_wire
+from shoal.server.registry import Route, RouteTable, openapi
+from shoal.wire.apps import AppCreate, AppLookup
+from shoal.wire.images import ImageRef, ImportRootfs
+from shoal.wire.sandboxes import (
     ConnectTokenRequest,
     CreateSandbox,
     ExecInfo,
     ExecRequest,
-    ImageRef,
-    ImportRootfs,
     NetworkPolicy,
     SandboxInfo,
     TagsUpdate,
     WaitResult,
 )
-from shoal.engine.process import ENTRYPOINT_ID
-from shoal.engine.sandbox import RUNNING
-from shoal.exception import ConflictError, Error, InvalidError
-from shoal.server import errors, image_wire
-from shoal.server.registry import openapi, route
 from shoal.wire.times import micros
+from shoal.wire.version import __version__ as version
+
+TABLE = RouteTable()
+"""The routes this module serves."""
 
 MANAGER = web.AppKey("manager", Manager)
+API = web.AppKey("api", list[Route])
+"""Every route the app serves (for its OpenAPI document)."""
 MAX_WAIT = 60.0
 
 
@@ -71,15 +74,15 @@ def _int(request: web.Request, name: str, default: int) -> int:
 # ------------------------------------------------------------------ meta
 
 
-@route("GET", "/openapi.json", summary="This API's OpenAPI document")
+@TABLE.route("GET", "/openapi.json", summary="This API's OpenAPI document")
 async def get_openapi(request: web.Request) -> dict[str, Any]:
-    return openapi(version)
+    return openapi(version, request.app[API])
 
 
-@route("GET", "/v1/status", summary="Daemon status")
+@TABLE.route("GET", "/v1/status", summary="Daemon status")
 async def status(request: web.Request) -> dict[str, Any]:
     mgr = _mgr(request)
-    running = [sb for sb in mgr.sandboxes.values() if sb.state == "running"]
+    running = [sb for sb in mgr.sandboxes.values() if sb.state is RUNNING]
     return {
         "version": version,
         "pid": os.getpid(),
@@ -99,7 +102,7 @@ async def status(request: web.Request) -> dict[str, Any]:
     }
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/debug/memory",
     summary=(
@@ -138,18 +141,18 @@ def _rss_bytes() -> int:
 # ------------------------------------------------------------------ apps
 
 
-@route("POST", "/v1/apps/lookup", summary="Find an app by name (App.lookup)", body=AppLookup)
+@TABLE.route("POST", "/v1/apps/lookup", summary="Find an app by name (App.lookup)", body=AppLookup)
 async def lookup_app(request: web.Request, body: AppLookup) -> dict[str, Any]:
     app_id, name = _mgr(request).lookup_app(body.name, body.create_if_missing)
     return {"app_id": app_id, "name": name}
 
 
-@route("POST", "/v1/apps", summary="Create an ephemeral app (app.run())", body=AppCreate)
+@TABLE.route("POST", "/v1/apps", summary="Create an ephemeral app (app.run())", body=AppCreate)
 async def create_app(request: web.Request, body: AppCreate) -> dict[str, Any]:
     return {"app_id": _mgr(request).create_ephemeral_app(body.name), "name": body.name}
 
 
-@route("POST", "/v1/apps/{app_id}/stop", summary="Stop an ephemeral app and its sandboxes")
+@TABLE.route("POST", "/v1/apps/{app_id}/stop", summary="Stop an ephemeral app and its sandboxes")
 async def stop_app(request: web.Request) -> dict[str, Any]:
     await _mgr(request).stop_app(request.match_info["app_id"])
     return {}
@@ -158,7 +161,7 @@ async def stop_app(request: web.Request) -> dict[str, Any]:
 # ------------------------------------------------------------------ images
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/images/resolve",
     summary="Resolve (and build if needed) an image; streams build logs as NDJSON",
@@ -188,7 +191,7 @@ async def resolve_image(request: web.Request, body: ImageRef) -> web.StreamRespo
     return resp
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/images/import",
     summary="Import a root filesystem directory of the host as an image",
@@ -198,7 +201,7 @@ async def import_image(request: web.Request, body: ImportRootfs) -> dict[str, An
     return {"image_id": await _mgr(request).images.import_rootfs(body)}
 
 
-@route("GET", "/v1/images", summary="List images")
+@TABLE.route("GET", "/v1/images", summary="List images")
 async def list_images(request: web.Request) -> dict[str, Any]:
     mgr = _mgr(request)
     return {
@@ -217,13 +220,13 @@ async def list_images(request: web.Request) -> dict[str, Any]:
 # ------------------------------------------------------------------ sandboxes
 
 
-@route("POST", "/v1/sandboxes", summary="Create a sandbox", body=CreateSandbox, response=SandboxInfo)
+@TABLE.route("POST", "/v1/sandboxes", summary="Create a sandbox", body=CreateSandbox, response=SandboxInfo)
 async def create_sandbox(request: web.Request, body: CreateSandbox) -> SandboxInfo:
     sb = await _mgr(request).create(body, lambda line: None)
     return sb.info()
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/sandboxes",
     summary="List sandboxes, newest first",
@@ -245,12 +248,12 @@ async def list_sandboxes(request: web.Request) -> dict[str, Any]:
     return {"sandboxes": [i.model_dump() for i in items]}
 
 
-@route("GET", "/v1/sandboxes/{sandbox_id}", summary="One sandbox", response=SandboxInfo)
+@TABLE.route("GET", "/v1/sandboxes/{sandbox_id}", summary="One sandbox", response=SandboxInfo)
 async def get_sandbox(request: web.Request) -> SandboxInfo:
     return _mgr(request).get(request.match_info["sandbox_id"]).info()
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/sandboxes/{sandbox_id}/wait",
     summary="Wait (long poll) until the sandbox finishes",
@@ -266,7 +269,7 @@ async def wait_sandbox(request: web.Request) -> SandboxInfo:
     return sb.info()
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/ready",
     summary=(
@@ -281,7 +284,7 @@ async def wait_ready(request: web.Request) -> dict[str, Any]:
     return {"ready": await readiness.wait_ready(mgr, sb, _float(request, "timeout", 10.0, MAX_WAIT))}
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/sandboxes/{sandbox_id}/logs",
     summary="The sandbox's logs: its entrypoint's output as timestamped lines, and lifecycle events",
@@ -316,7 +319,7 @@ async def get_logs(request: web.Request) -> dict[str, Any]:
     return {"entries": [{"timestamp_us": e.micros, "source": e.source, "message": e.message} for e in entries]}
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/connect_tokens",
     summary=(
@@ -334,7 +337,7 @@ async def create_connect_token(request: web.Request, body: ConnectTokenRequest) 
     return {"url": url, "token": token}
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/network_policy",
     summary=(
@@ -352,7 +355,7 @@ async def set_network_policy(request: web.Request, body: NetworkPolicy) -> dict[
     return {}
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/terminate",
     summary="Terminate a sandbox",
@@ -364,7 +367,7 @@ async def terminate_sandbox(request: web.Request) -> SandboxInfo:
     return sb.info()
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/sandboxes/{sandbox_id}/tunnels",
     summary="The sandbox's tunnels, once up (SandboxTimeoutError if not within the timeout)",
@@ -377,7 +380,7 @@ async def get_tunnels(request: web.Request) -> dict[str, Any]:
     return {"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, timeout)}
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/tunnels/{port}",
     summary="Open an encrypted tunnel to a port that was not declared at create",
@@ -388,19 +391,19 @@ async def add_tunnel(request: web.Request) -> dict[str, Any]:
     raw = request.match_info["port"]
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
         raise InvalidError(f"{raw!r} is not a port number (1-65535)")
-    if sb.state != "running":
+    if sb.state is not RUNNING:
         raise ConflictError("the sandbox has finished: it cannot open tunnels")
     await mgr.network.add_tunnel(sb.id, int(raw), sb.touch)
     return {"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, 5.0)}
 
 
-@route("PUT", "/v1/sandboxes/{sandbox_id}/tags", summary="Replace a sandbox's tags", body=TagsUpdate)
+@TABLE.route("PUT", "/v1/sandboxes/{sandbox_id}/tags", summary="Replace a sandbox's tags", body=TagsUpdate)
 async def set_tags(request: web.Request, body: TagsUpdate) -> dict[str, Any]:
     _mgr(request).set_tags(request.match_info["sandbox_id"], body.tags)
     return {"tags": body.tags}
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/apps/by-name/{app_name}/sandboxes/{name}",
     summary="The running sandbox with this name (Sandbox.from_name)",
@@ -413,7 +416,7 @@ async def sandbox_by_name(request: web.Request) -> SandboxInfo:
 # ------------------------------------------------------------------ processes
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/execs",
     summary="Start a process",
@@ -427,19 +430,19 @@ async def create_exec(request: web.Request, body: ExecRequest) -> ExecInfo:
     return mgr.get(sandbox_id).exec_info(proc)
 
 
-@route("GET", "/v1/sandboxes/{sandbox_id}/execs", summary="List a sandbox's processes")
+@TABLE.route("GET", "/v1/sandboxes/{sandbox_id}/execs", summary="List a sandbox's processes")
 async def list_execs(request: web.Request) -> dict[str, Any]:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
     return {"execs": [info.model_dump() for info in sb.exec_infos()]}
 
 
-@route("GET", "/v1/sandboxes/{sandbox_id}/execs/{exec_id}", summary="One process", response=ExecInfo)
+@TABLE.route("GET", "/v1/sandboxes/{sandbox_id}/execs/{exec_id}", summary="One process", response=ExecInfo)
 async def get_exec(request: web.Request) -> ExecInfo:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
     return sb.exec_info(sb.process(request.match_info["exec_id"]))
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/sandboxes/{sandbox_id}/execs/{exec_id}/wait",
     summary="Wait (long poll) for a process to end",
@@ -455,7 +458,7 @@ async def wait_exec(request: web.Request) -> WaitResult:
     return WaitResult(done=proc.exited, returncode=proc.returncode)
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/sandboxes/{sandbox_id}/execs/{exec_id}/output/{fd}",
     summary="Stream a process's stdout (fd 1) or stderr (fd 2) from a byte offset until it ends",
@@ -486,7 +489,7 @@ async def read_output(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/execs/{exec_id}/stdin",
     summary="Write to a process's stdin; offsets make retries safe",

@@ -1,187 +1,55 @@
 """The daemon's image store operations: build context uploads, disk use, ``image rm`` and ``image prune``.
 
-(Resolving and building images is ``POST /v1/images/resolve`` in :mod:`shoal.server.routes`.)
+(Resolving and building images is ``POST /v1/images/resolve`` in :mod:`shoal.server.routes`; the rules are
+in :mod:`shoal.engine.image_store`.)
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import shutil
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
-from shoal import ids
-from shoal.engine.manager import Manager
-from shoal.engine.sandbox import FINISHED
-from shoal.exception import ConflictError, InvalidError, NotFoundError
-from shoal.images import recipe, usage
-from shoal.images.builder import Builder
-from shoal.images.store import ImageConfig
-from shoal.server.registry import route
+from shoal.engine import image_store
+from shoal.server.registry import RouteTable
 from shoal.server.routes import MANAGER
-from shoal.wire.times import micros
 
-MAX_CONTEXT_BYTES = 1 << 36
-"""Largest upload of local files for one build step (64 GiB)."""
+TABLE = RouteTable()
+"""The routes this module serves."""
+
 READ_CHUNK = 1 << 20
 
 
-def _mgr(request: web.Request) -> Manager:
-    return request.app[MANAGER]
-
-
-def _builder(mgr: Manager) -> Builder:
-    if mgr.images.builder is None:
-        raise InvalidError("this daemon has no image builder")
-    return mgr.images.builder
-
-
-def live_specs(mgr: Manager) -> list[dict[str, Any]]:
-    """Specs of the sandboxes whose root is mounted: not finished, or finished and still being torn down."""
-    return [
-        sb.spec
-        for sb in mgr.sandboxes.values()
-        if sb.state != FINISHED or (sb.teardown_task is not None and not sb.teardown_task.done())
-    ] + mgr.pool.specs()
-
-
-def in_use(mgr: Manager) -> set[str]:
-    """The layers in use (the rule is :func:`shoal.images.usage.layers_in_use`)."""
-    builder = mgr.images.builder
-    building = list(builder.active_layers) if builder is not None else []
-    return usage.layers_in_use(mgr.state.images(), live_specs(mgr), building)
-
-
-@route(
+@TABLE.route(
     "PUT",
     "/v1/image-store/contexts/{digest}",
     summary="Upload the local files of a build step (a tar stream); kept only if they match the digest",
     raw_body=True,
 )
 async def upload_context(request: web.Request) -> dict[str, Any]:
-    builder = _builder(_mgr(request))
-    digest = request.match_info["digest"]
-    if not recipe.DIGEST_RE.match(digest):
-        raise InvalidError("the context name must be a sha256 hex digest")
-    if builder.contexts.has(digest):
-        return {"context": digest, "stored": False}
-    tmp = builder.store.tmp / f"upload-{digest[:16]}.{os.getpid()}.{os.urandom(4).hex()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        total = 0
-        try:
-            while chunk := await request.content.read(READ_CHUNK):
-                total += len(chunk)
-                if total > MAX_CONTEXT_BYTES:
-                    raise InvalidError(f"the build context is larger than {MAX_CONTEXT_BYTES >> 30} GiB")
-                await asyncio.to_thread(os.write, fd, chunk)
-        finally:
-            os.close(fd)
-        await asyncio.to_thread(builder.contexts.add_archive, digest, tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"context": digest, "stored": True}
+    async def chunks() -> AsyncIterator[bytes]:
+        while chunk := await request.content.read(READ_CHUNK):
+            yield chunk
+
+    return await image_store.store_context(request.app[MANAGER], request.match_info["digest"], chunks())
 
 
-@route("GET", "/v1/image-store", summary="Images with their sizes, and the store's disk use")
+@TABLE.route("GET", "/v1/image-store", summary="Images with their sizes, and the store's disk use")
 async def store_usage(request: web.Request) -> dict[str, Any]:
-    mgr = _mgr(request)
-    return await asyncio.to_thread(_usage, mgr, in_use(mgr))
+    return await image_store.usage_report(request.app[MANAGER])
 
 
-def _usage(mgr: Manager, used: set[str]) -> dict[str, Any]:
-    store = mgr.layers
-    rows = mgr.state.images()
-    sandbox_images = {spec.get("image_id") for spec in live_specs(mgr)}
-    images = []
-    for r in rows:
-        cfg = ImageConfig.from_json(r.config)
-        images.append(
-            {
-                "image_id": r.id,
-                "recipe": r.recipe,
-                "created_at_us": micros(r.created_at),
-                "layers": cfg.layers,
-                "size": sum(usage.layer_size(store, layer) for layer in cfg.layers),
-                "own_size": usage.layer_size(store, cfg.layers[-1]) if cfg.layers else 0,
-                "in_use": r.id in sandbox_images,
-            }
-        )
-    own = usage.own_layers(store)
-    layer_bytes = sum(usage.layer_size(store, x) for x in own)  # (cache stores' layers are not this store's)
-    unused = [x for x in own if x not in used]
-    builder = mgr.images.builder
-    context_bytes = usage.tree_bytes(builder.contexts.root) if builder is not None else 0
-    disk = shutil.disk_usage(store.root)
-    return {
-        "images": images,
-        "layers": len(own),
-        "layer_bytes": layer_bytes,
-        "unused_layers": len(unused),
-        "reclaimable_bytes": sum(usage.layer_size(store, x) for x in unused) + context_bytes,
-        "context_bytes": context_bytes,
-        "path": str(store.root),
-        "disk_free_bytes": disk.free,
-        "disk_total_bytes": disk.total,
-    }
-
-
-@route("DELETE", "/v1/images/{image_id}", summary="Remove an image, and its layers that nothing else uses")
+@TABLE.route("DELETE", "/v1/images/{image_id}", summary="Remove an image, and its layers that nothing else uses")
 async def remove_image(request: web.Request) -> dict[str, Any]:
-    mgr = _mgr(request)
-    image_id = request.match_info["image_id"]
-    if not ids.is_valid(image_id, "image"):
-        raise NotFoundError(f"no image {image_id!r} (not an image id)")
-    row = mgr.state.image(image_id)
-    if row is None:
-        raise NotFoundError(f"no image {image_id} on this daemon")
-    users = [sb.id for sb in mgr.sandboxes.values() if sb.state != FINISHED and sb.spec.get("image_id") == image_id]
-    if users:
-        raise ConflictError(f"image {image_id} is used by running sandboxes ({', '.join(users[:5])}); end them first")
-    if image_id in {spec.get("image_id") for spec in mgr.pool.specs()}:
-        raise ConflictError(
-            f"image {image_id} is used by running sandboxes (the daemon's warm pool of precreated sandboxes);"
-            " run `shoal serve --warm-pool 0` to remove it"
-        )
-    mgr.state.delete_image(image_id)
-    builder = mgr.images.builder
-    if builder is not None:
-        builder.forget_dangling()
-    unused = usage.unused_layers(mgr.layers, in_use(mgr), row.config.get("layers", []))
-    pruned = await asyncio.to_thread(usage.remove_layers, mgr.layers, unused)
-    return {"image_id": image_id, "removed_layers": pruned.layers, "freed_bytes": pruned.bytes}
+    return await image_store.remove_image(request.app[MANAGER], request.match_info["image_id"])
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/image-store/prune",
     summary="Remove layers no image, sandbox or build uses, and uploaded build contexts",
     query={"all": "1 to first remove every image that no running sandbox uses"},
 )
 async def prune(request: web.Request) -> dict[str, Any]:
-    mgr = _mgr(request)
-    removed_images = 0
-    if request.query.get("all", "") in ("1", "true"):
-        keep = {spec.get("image_id") for spec in live_specs(mgr)}
-        for row in mgr.state.images():
-            if row.id not in keep:
-                mgr.state.delete_image(row.id)
-                removed_images += 1
-    builder = mgr.images.builder
-    contexts = context_bytes = 0
-    if builder is not None:
-        builder.forget_dangling()
-        context_bytes = await asyncio.to_thread(usage.tree_bytes, builder.contexts.root)
-        with contextlib.suppress(OSError):
-            contexts = await asyncio.to_thread(builder.contexts.remove_all, set(builder.active_contexts))
-    unused = usage.unused_layers(mgr.layers, in_use(mgr))
-    pruned = await asyncio.to_thread(usage.remove_layers, mgr.layers, unused)
-    return {
-        "removed_images": removed_images,
-        "removed_layers": pruned.layers,
-        "removed_contexts": contexts,
-        "freed_bytes": pruned.bytes + (context_bytes if contexts else 0),
-    }
+    return await image_store.prune(request.app[MANAGER], request.query.get("all", "") in ("1", "true"))

@@ -6,16 +6,20 @@ from typing import Any
 
 from aiohttp import web
 
-from shoal.secrets.store import SecretCreate, SecretInfo, SecretLookup, SecretStore, SecretUpdate
-from shoal.server.registry import route
+from shoal.secrets.store import SecretStore
+from shoal.server.registry import RouteTable
 from shoal.server.routes import MANAGER
+from shoal.wire.secrets import SecretCreate, SecretInfo, SecretLookup, SecretUpdate
+
+TABLE = RouteTable()
+"""The routes this module serves."""
 
 
 def _store(request: web.Request) -> SecretStore:
     return request.app[MANAGER].secrets
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/secrets",
     summary="Create a named secret (Secret.objects.create)",
@@ -26,12 +30,12 @@ async def create_secret(request: web.Request, body: SecretCreate) -> SecretInfo:
     return _store(request).create(body.name, body.env, body.allow_existing).info()
 
 
-@route("GET", "/v1/secrets", summary="List named secrets, newest first (names only, never values)")
+@TABLE.route("GET", "/v1/secrets", summary="List named secrets, newest first (names only, never values)")
 async def list_secrets(request: web.Request) -> dict[str, Any]:
     return {"secrets": [row.info().model_dump() for row in _store(request).all()]}
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/secrets/lookup",
     summary="Find a named secret (Secret.from_name), checking that it holds required_keys",
@@ -42,12 +46,12 @@ async def lookup_secret(request: web.Request, body: SecretLookup) -> SecretInfo:
     return _store(request).lookup(body.name, body.required_keys).info()
 
 
-@route("GET", "/v1/secrets/{secret_id}", summary="One secret (never its values)", response=SecretInfo)
+@TABLE.route("GET", "/v1/secrets/{secret_id}", summary="One secret (never its values)", response=SecretInfo)
 async def get_secret(request: web.Request) -> SecretInfo:
     return _store(request).get(request.match_info["secret_id"]).info()
 
 
-@route(
+@TABLE.route(
     "PATCH",
     "/v1/secrets/{secret_id}",
     summary="Add or replace keys of a secret (secret.update)",
@@ -58,7 +62,7 @@ async def update_secret(request: web.Request, body: SecretUpdate) -> SecretInfo:
     return _store(request).update(request.match_info["secret_id"], body.env).info()
 
 
-@route(
+@TABLE.route(
     "DELETE",
     "/v1/secrets/by-name/{name}",
     summary="Delete a named secret (Secret.objects.delete)",

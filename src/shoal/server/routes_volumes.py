@@ -23,11 +23,16 @@ from aiohttp import web
 
 from shoal.engine.manager import Manager
 from shoal.exception import ConflictError, InvalidError, NotFoundError
-from shoal.server.registry import route
+from shoal.server.registry import RouteTable
 from shoal.server.routes import MANAGER
-from shoal.volumes import files, safefs
-from shoal.volumes.models import CopyFiles, RemoveFile, VolumeCreate, VolumeInfo, VolumeLookup, VolumeRename
+from shoal.util import safefs
+from shoal.volumes import files
 from shoal.volumes.store import OpenVolume, VolumeStore
+from shoal.wire.sandboxes import SandboxState
+from shoal.wire.volumes import CopyFiles, RemoveFile, VolumeCreate, VolumeInfo, VolumeLookup, VolumeRename
+
+TABLE = RouteTable()
+"""The routes this module serves."""
 
 T = TypeVar("T")
 MAX_HEADER = 1 << 16
@@ -72,7 +77,7 @@ def _path(request: web.Request) -> str:
 # ------------------------------------------------------------------ lifecycle
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/volumes/lookup",
     summary="Find a volume by name (Volume.from_name)",
@@ -83,7 +88,7 @@ async def lookup_volume(request: web.Request, body: VolumeLookup) -> VolumeInfo:
     return _store(request).lookup(body.name, body.create_if_missing, body.version).info()
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/volumes",
     summary="Create a named volume (Volume.objects.create)",
@@ -94,7 +99,7 @@ async def create_volume(request: web.Request, body: VolumeCreate) -> VolumeInfo:
     return _store(request).create(body.name, body.allow_existing, body.version).info()
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/volumes/ephemeral",
     summary="Create an ephemeral volume (Volume.ephemeral); it lives while heartbeats arrive",
@@ -111,7 +116,7 @@ def _usage(store: VolumeStore, volume_id: str) -> int | None:
         return None  # deleted meanwhile
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/volumes",
     summary="List named volumes, newest first",
@@ -126,7 +131,7 @@ async def list_volumes(request: web.Request) -> dict[str, Any]:
     return {"volumes": [r.info(size).model_dump() for r, size in zip(rows, sizes, strict=True)]}
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/volumes/{volume_id}",
     summary="One volume",
@@ -140,13 +145,13 @@ async def get_volume(request: web.Request) -> VolumeInfo:
     return row.info(size)
 
 
-@route("POST", "/v1/volumes/{volume_id}/heartbeat", summary="Keep an ephemeral volume alive")
+@TABLE.route("POST", "/v1/volumes/{volume_id}/heartbeat", summary="Keep an ephemeral volume alive")
 async def heartbeat_volume(request: web.Request) -> dict[str, Any]:
     _store(request).heartbeat(request.match_info["volume_id"])
     return {}
 
 
-@route("DELETE", "/v1/volumes/{volume_id}", summary="Delete a volume by id (ends an ephemeral volume)")
+@TABLE.route("DELETE", "/v1/volumes/{volume_id}", summary="Delete a volume by id (ends an ephemeral volume)")
 async def delete_volume(request: web.Request) -> dict[str, Any]:
     store = _store(request)
     store.delete(request.match_info["volume_id"])
@@ -154,7 +159,7 @@ async def delete_volume(request: web.Request) -> dict[str, Any]:
     return {}
 
 
-@route(
+@TABLE.route(
     "DELETE",
     "/v1/volumes/by-name/{name}",
     summary="Delete a named volume (Volume.objects.delete)",
@@ -167,7 +172,7 @@ async def delete_volume_by_name(request: web.Request) -> dict[str, Any]:
     return {}
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/volumes/rename",
     summary="Rename a named volume (Volume.rename)",
@@ -178,7 +183,7 @@ async def rename_volume(request: web.Request, body: VolumeRename) -> VolumeInfo:
     return _store(request).rename(body.old_name, body.new_name).info()
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/volumes/{volume_id}/commit",
     summary="Flush the volume's changes to disk (vol.commit)",
@@ -189,14 +194,14 @@ async def commit_volume(request: web.Request) -> dict[str, Any]:
     return {}
 
 
-@route(
+@TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/reload_volumes",
     summary="Show a sandbox the latest state of its volumes (sb.reload_volumes)",
 )
 async def reload_volumes(request: web.Request) -> dict[str, Any]:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
-    if sb.state != "running":
+    if sb.state is not SandboxState.RUNNING:
         raise ConflictError("Sandbox already finished")
     # Volumes are bind mounts of one directory: every sandbox already sees every committed change.
     return {}
@@ -245,7 +250,7 @@ async def _receive(content: Any, batch: files.UploadBatch) -> None:
         batch.close_file(fd, parts, mode)
 
 
-@route(
+@TABLE.route(
     "PUT",
     "/v1/volumes/{volume_id}/files",
     summary="Upload a batch of files (vol.batch_upload); all appear together, or none",
@@ -263,7 +268,7 @@ async def upload_files(request: web.Request) -> dict[str, Any]:
     return {"files": count}
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/volumes/{volume_id}/files",
     summary="Read a file (vol.read_file)",
@@ -298,7 +303,7 @@ def _next_batch(entries: Any) -> list[dict[str, Any]]:
     return list(itertools.islice(entries, LIST_BATCH))
 
 
-@route(
+@TABLE.route(
     "GET",
     "/v1/volumes/{volume_id}/entries",
     summary="List a path (vol.listdir / vol.iterdir) as NDJSON FileEntries",
@@ -322,7 +327,7 @@ async def _stream_entries(request: web.Request, vol: OpenVolume, path: str, recu
     return resp
 
 
-@route(
+@TABLE.route(
     "POST", "/v1/volumes/{volume_id}/remove", summary="Remove a file or directory (vol.remove_file)", body=RemoveFile
 )
 async def remove_file(request: web.Request, body: RemoveFile) -> dict[str, Any]:
@@ -331,7 +336,9 @@ async def remove_file(request: web.Request, body: RemoveFile) -> dict[str, Any]:
     return {}
 
 
-@route("POST", "/v1/volumes/{volume_id}/copy", summary="Copy files inside the volume (vol.copy_files)", body=CopyFiles)
+@TABLE.route(
+    "POST", "/v1/volumes/{volume_id}/copy", summary="Copy files inside the volume (vol.copy_files)", body=CopyFiles
+)
 async def copy_files(request: web.Request, body: CopyFiles) -> dict[str, Any]:
     with _store(request).open(request.match_info["volume_id"]) as vol:
         await _in_thread(files.copy, vol, body.src_paths, body.dst_path, body.recursive)

@@ -1,7 +1,7 @@
 """Volume data operations that need no sandbox: upload, read, list, remove, copy.
 
 Trust: the caller of the API (validated paths) and nothing inside the volume.
-Every lookup below the volume's root goes through :mod:`shoal.volumes.safefs`
+Every lookup below the volume's root goes through :mod:`shoal.util.safefs`
 (``openat2`` without links, descriptors only), so a sandbox that planted links
 or races renames cannot make these operations read, list, write, chown or
 delete anything outside the volume.  Messages name the caller's volume path,
@@ -32,9 +32,10 @@ from shoal.exception import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from shoal.volumes import safefs
-from shoal.volumes.safefs import PathError
+from shoal.util import safefs
 from shoal.volumes.store import OpenVolume
+from shoal.wire import paths
+from shoal.wire.paths import PathError
 
 FILE_TYPES = {
     stat.S_IFREG: 1,
@@ -52,7 +53,7 @@ MAX_COPY_ENTRIES = 1_000_000
 def parts_of(path: str) -> list[str]:
     """A volume path's components, or InvalidError."""
     try:
-        return safefs.split(path)
+        return paths.split(path)
     except PathError as exc:
         raise InvalidError(str(exc)) from None
 

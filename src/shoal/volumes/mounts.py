@@ -24,10 +24,10 @@ from pathlib import Path
 from shoal.exception import InvalidError
 from shoal.runtime import rootfs
 from shoal.runtime.spec import Bind
-from shoal.volumes import safefs
+from shoal.util import safefs
 from shoal.volumes.files import fs_error, parts_of
-from shoal.volumes.models import VolumeMount
 from shoal.volumes.store import VolumeStore
+from shoal.wire.volumes import VolumeMount
 
 log = logging.getLogger(__name__)
 

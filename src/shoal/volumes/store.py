@@ -10,7 +10,7 @@ Layout (all on the data dir's filesystem, so renames from staging are atomic)::
 
 Trust: the rows and the directory names are the daemon's own; everything
 below ``root/`` is written by sandboxes and is only ever touched through
-:mod:`shoal.volumes.safefs`.  A volume's directory is named by its id, never by
+:mod:`shoal.util.safefs`.  A volume's directory is named by its id, never by
 its (user-chosen) name, so renaming a volume moves nothing on disk.
 """
 
@@ -28,11 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal import ids
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
-from shoal.volumes import safefs
-from shoal.volumes.models import VolumeInfo
+from shoal.util import safefs
+from shoal.wire import ids
 from shoal.wire.times import micros
+from shoal.wire.volumes import VolumeInfo
 
 log = logging.getLogger(__name__)
 

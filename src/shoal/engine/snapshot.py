@@ -41,14 +41,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shoal import ids
-from shoal.engine.state import ImageRow
 from shoal.exception import ConflictError, ExecutionError, InvalidError, NotFoundError, TimeoutError
 from shoal.images import treecopy
-from shoal.images.store import ImageConfig
 from shoal.runtime import cgroups
-from shoal.util import spawn
-from shoal.volumes import safefs
+from shoal.store.state import ImageRow
+from shoal.util import safefs, spawn
+from shoal.wire import ids, paths
+from shoal.wire.image_config import ImageConfig
+from shoal.wire.sandboxes import SandboxState
 
 if TYPE_CHECKING:
     from shoal.engine.manager import Manager
@@ -76,8 +76,8 @@ def check_path(path: str, what: str, *, allow_root: bool) -> str:
     """``path`` normalized; InvalidError unless absolute, NUL-free and outside the kernel's and shoal's trees."""
     if not isinstance(path, str) or not path.startswith("/"):
         raise InvalidError(f"{what} must be an absolute path (starting with '/'), got {path!r}")
-    if "\x00" in path or len(path.encode()) > safefs.MAX_PATH:
-        raise InvalidError(f"{what} must be at most {safefs.MAX_PATH} bytes without NUL")
+    if "\x00" in path or len(path.encode()) > paths.MAX_PATH:
+        raise InvalidError(f"{what} must be at most {paths.MAX_PATH} bytes without NUL")
     if ".." in path.split("/"):
         raise InvalidError(f"{what} must not contain '..': {path!r}")
     norm = posixpath.normpath(path)
@@ -126,7 +126,7 @@ class Snapshots:
 
     def _running(self, sandbox_id: str) -> Sandbox:
         sb = self.mgr.get(sandbox_id)
-        if sb.state != "running":
+        if sb.state is not SandboxState.RUNNING:
             raise ConflictError(f"sandbox {sb.id} is {sb.state}: snapshots and mounts need a running sandbox")
         return sb
 
@@ -181,10 +181,10 @@ class Snapshots:
                 raise TimeoutError(f"{what} of sandbox {sb.id} did not finish within {timeout:g} s") from None
             if isinstance(exc, treecopy.CopyError):
                 raise ExecutionError(f"{what} of sandbox {sb.id} failed: {exc}") from None
-            if isinstance(exc, FileNotFoundError) and sb.state != "running":
+            if isinstance(exc, FileNotFoundError) and sb.state is not SandboxState.RUNNING:
                 raise ConflictError(f"sandbox {sb.id} ended during the {what}") from None
             raise
-        if sb.state != "running":
+        if sb.state is not SandboxState.RUNNING:
             # Its files were being removed while we copied: what we have may be partial.
             await asyncio.to_thread(shutil.rmtree, staged, True)
             raise ConflictError(f"sandbox {sb.id} ended during the {what}")

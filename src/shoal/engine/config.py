@@ -1,18 +1,18 @@
-"""Every setting of the daemon and the client, with environment overrides.
+"""Every setting of the daemon, with environment overrides.
 
 Environment variables (all optional):
     SHOAL_DATA_DIR      state, images, outputs        (default /var/lib/shoal)
     SHOAL_RUNTIME_DIR   sockets, bundles, mounts      (default /run/shoal)
     SHOAL_SOCKET        the API's Unix socket          (default $SHOAL_RUNTIME_DIR/shoald.sock)
-    SHOAL_URL           http://host:port of a TCP daemon (the client then sends SHOAL_TOKEN)
-    SHOAL_TOKEN         bearer token for SHOAL_URL
     SHOAL_RUNTIME       runc | crun                    (default: crun where it works, else runc)
-    SHOAL_NO_AUTOSTART  set to 1 to stop the SDK starting a local daemon
     SHOAL_CGROUP_PARENT cgroup under which sandboxes' cgroups are made (default /shoal)
     SHOAL_IMAGE_CACHE   extra image stores (colon-separated) whose layers may be used read-only
     SHOAL_NO_HOST_CAS   set to 1 so images do not trust the host's extra CA certificates
+    SHOAL_WARM_POOL     sandboxes of the default shape kept precreated (default 2)
+    SHOAL_SANDBOX_OUTPUT_MIB  recorded output kept per sandbox (default 2048)
     SHOAL_GPU_INVENTORY test/debug hook: a JSON file describing GPUs to use instead of the host's
                         (format in shoal.gpu.inventory)
+The client's settings are in :mod:`shoal.sdk.config`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from pathlib import Path
 
 from shoal.network.config import NetworkConfig
 from shoal.runtime.spec import IdMap
-
-DEFAULT_DATA_DIR = "/var/lib/shoal"
-DEFAULT_RUNTIME_DIR = "/run/shoal"
-
+from shoal.wire.defaults import DEFAULT_DATA_DIR, DEFAULT_RUNTIME_DIR, SOCKET_NAME
 
 DEFAULT_WARM_POOL = "2"
 """Precreated default-shape sandboxes (decision 0008): ~1 MiB and one idle process each."""
@@ -77,15 +74,15 @@ class Config:
     host_ca_dir: Path = Path("/usr/local/share/ca-certificates")
     """Where the host keeps its extra CA certificates (``*.crt``, as ``update-ca-certificates`` reads them)."""
     image_build_timeout: int = 3600
+    """Seconds one ``run`` build step may take."""
     warm_pool: int = field(default_factory=lambda: int(os.environ.get("SHOAL_WARM_POOL") or DEFAULT_WARM_POOL))
     """Sandboxes of the default shape kept precreated (``shoal.engine.pool``); 0: none."""
-    """Seconds one ``run`` build step may take."""
     """Sandbox networking (``SHOAL_NETWORK*``, ``SHOAL_ALLOW_PRIVATE_RANGES``, ``SHOAL_DNS_UPSTREAM``,
     ``SHOAL_TUNNEL_*``: see its module)."""
 
     def __post_init__(self) -> None:
         if self.socket_path is None:
-            self.socket_path = Path(_env("SHOAL_SOCKET", str(self.runtime_dir / "shoald.sock")))
+            self.socket_path = Path(_env("SHOAL_SOCKET", str(self.runtime_dir / SOCKET_NAME)))
 
     @property
     def socket(self) -> Path:
@@ -137,17 +134,3 @@ class Config:
     def pid_path(self) -> Path:
         """The background daemon's pid file."""
         return self.runtime_dir / "shoald.pid"
-
-
-@dataclass
-class ClientConfig:
-    """Where and how the SDK reaches a daemon."""
-
-    socket_path: Path = field(
-        default_factory=lambda: Path(
-            os.environ.get("SHOAL_SOCKET") or str(Path(_env("SHOAL_RUNTIME_DIR", DEFAULT_RUNTIME_DIR)) / "shoald.sock")
-        )
-    )
-    url: str | None = field(default_factory=lambda: os.environ.get("SHOAL_URL") or None)
-    token: str | None = field(default_factory=lambda: os.environ.get("SHOAL_TOKEN") or None)
-    autostart: bool = field(default_factory=lambda: os.environ.get("SHOAL_NO_AUTOSTART", "") not in ("1", "true"))

@@ -33,9 +33,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shoal import ids
 from shoal.exception import InvalidError
-from shoal.images.store import ImageConfig
+from shoal.wire import ids
+from shoal.wire.image_config import ImageConfig
 
 KEY_VERSION = 1
 """Bump to invalidate every cached build step (when what a step produces changes)."""

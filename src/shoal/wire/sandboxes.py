@@ -1,73 +1,28 @@
-"""Validated shapes of what the API accepts and returns.
-
-Validation here is the first defence against bad input: argv and environment
-strings reach C code in the agent, so NUL bytes, oversized argv, malformed
-variable names and relative paths are refused with a message that says what
-to change.
-"""
+"""Sandboxes on the wire: create, exec, network policy, tags, and what the API answers about them."""
 
 from __future__ import annotations
 
-import re
+import enum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 
 from shoal.exception import Error
-from shoal.gpu import request as gpu_request
-from shoal.images import recipe
-from shoal.images.reference import RegistrySource
-from shoal.network import policy
-from shoal.volumes.models import VolumeMount
-
-ARG_MAX_BYTES = 1 << 16
-ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
-NAME_RE = re.compile(r"\A[A-Za-z0-9\-_.]{1,64}\Z")
-MAX_TIMEOUT = 24 * 3600
+from shoal.wire import gpu as gpu_request
+from shoal.wire import policy
+from shoal.wire.base import MAX_TIMEOUT, NAME_RE, EnvDict, WireModel, Workdir, check_argv
+from shoal.wire.images import ImageRef
+from shoal.wire.volumes import VolumeMount
 
 
-def _no_nul(value: str, what: str) -> str:
-    if "\x00" in value:
-        raise ValueError(f"{what} must not contain NUL bytes")
-    return value
+class SandboxState(enum.StrEnum):
+    """Where a sandbox is in its life; it only ever moves forward (``shoal.engine.sandbox``)."""
+
+    CREATING = "creating"
+    RUNNING = "running"
+    FINISHED = "finished"
 
 
-def check_argv(args: list[str], what: str = "command") -> list[str]:
-    """Refuse argv that the kernel or the agent cannot carry."""
-    total = 0
-    for a in args:
-        _no_nul(a, f"{what} arguments")
-        total += len(a.encode()) + 1
-    if total > ARG_MAX_BYTES:
-        raise ValueError(f"{what} arguments total {total} bytes; the limit is {ARG_MAX_BYTES}")
-    return args
-
-
-def check_env(env: dict[str, str]) -> dict[str, str]:
-    """Refuse environment variables that are not NAME=value strings."""
-    for k, v in env.items():
-        if not ENV_NAME_RE.match(k):
-            raise ValueError(f"invalid environment variable name {k!r}: use letters, digits and _")
-        _no_nul(v, f"environment variable {k}")
-    return env
-
-
-def check_abs_path(path: str | None, what: str) -> str | None:
-    """Refuse relative paths and NUL bytes."""
-    if path is None:
-        return None
-    _no_nul(path, what)
-    if not path.startswith("/"):
-        raise ValueError(f"{what} must be an absolute path (starting with '/'), got {path!r}")
-    if len(path) > 4096:
-        raise ValueError(f"{what} is longer than 4096 bytes")
-    return path
-
-
-EnvDict = Annotated[dict[str, str], AfterValidator(check_env)]
-"""Environment variables: NAME=value strings the agent can carry."""
-Workdir = Annotated[str | None, AfterValidator(lambda v: check_abs_path(v, "workdir"))]
-"""An absolute working directory."""
 OutboundCidrs = Annotated[
     list[str] | None, AfterValidator(lambda v: None if v is None else policy.check_cidrs(v, "outbound_cidr_allowlist"))
 ]
@@ -80,53 +35,14 @@ Domains = Annotated[list[str] | None, AfterValidator(lambda v: None if v is None
 """``outbound_domain_allowlist``: names, ``*.`` wildcards allowed (None: no name list)."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ImageRef(_Model):
-    """Which image a sandbox runs: the base image for a Python version, an image id, a registry image, or an
-    empty one (``scratch``)."""
-
-    kind: Literal["debian_slim", "id", "registry", "scratch"] = "debian_slim"
-    python_version: str | None = None
-    image_id: str | None = None
-    registry: RegistrySource | None = None
-    """``Image.from_registry``: the reference and its credentials (``shoal.images.registry``)."""
-    steps: Annotated[list[recipe.Step], Field(max_length=recipe.MAX_STEPS)] = []
-    """Build steps applied on the base (``shoal.images.recipe``); each is a cached layer or a config change."""
-    force_build: bool = False
-    """Rebuild every step (the base itself is bootstrapped once per machine)."""
-
-
-class AppLookup(_Model):
-    """``App.lookup``."""
-
-    name: Annotated[str, Field(min_length=1, max_length=64)]
-    create_if_missing: bool = False
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("app names may use letters, digits, '-', '_' and '.', at most 64 characters")
-        return v
-
-
-class AppCreate(_Model):
-    """An ephemeral app (``with app.run():``)."""
-
-    name: str | None = None
-
-
-class NetworkPolicy(_Model):
+class NetworkPolicy(WireModel):
     """``sb._experimental_set_outbound_network_policy``: the allowlists that replace a sandbox's (None: open)."""
 
     outbound_cidr_allowlist: OutboundCidrs = None
     outbound_domain_allowlist: Domains = None
 
 
-class ConnectTokenRequest(_Model):
+class ConnectTokenRequest(WireModel):
     """``sb.create_connect_token``: a token for the authenticating proxy in front of ``port``."""
 
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
@@ -141,7 +57,7 @@ class ConnectTokenRequest(_Model):
         return v
 
 
-class ReadinessProbe(_Model):
+class ReadinessProbe(WireModel):
     """``Sandbox.create(readiness_probe=Probe...)``: a TCP port on the sandbox's loopback, or a command."""
 
     tcp_port: Annotated[int, Field(ge=1, le=65535)] | None = None
@@ -162,7 +78,7 @@ class ReadinessProbe(_Model):
         return self
 
 
-class CreateSandbox(_Model):
+class CreateSandbox(WireModel):
     """``Sandbox.create``."""
 
     app_id: str
@@ -239,7 +155,7 @@ class CreateSandbox(_Model):
         return self
 
 
-class ExecRequest(_Model):
+class ExecRequest(WireModel):
     """``sb.exec``."""
 
     exec_id: str | None = None
@@ -259,20 +175,10 @@ class ExecRequest(_Model):
         return check_argv(v)
 
 
-class TagsUpdate(_Model):
+class TagsUpdate(WireModel):
     """``sb.set_tags``."""
 
     tags: dict[str, str]
-
-
-class ImportRootfs(_Model):
-    """Import a root filesystem directory on the daemon's host as an image."""
-
-    path: str
-    env: dict[str, str] = {}
-    cmd: list[str] | None = None
-    entrypoint: list[str] | None = None
-    workdir: str | None = None
 
 
 class Result(BaseModel):
@@ -290,7 +196,7 @@ class SandboxInfo(BaseModel):
     app_id: str
     name: str | None
     tags: dict[str, str]
-    state: str
+    state: SandboxState
     created_at_us: int
     image_id: str
     timeout: int

@@ -39,6 +39,8 @@ import os
 import stat
 from collections.abc import Iterator
 
+from shoal.wire.paths import join
+
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -48,8 +50,6 @@ SAFE_RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | R
 RENAME_NOREPLACE = 1
 SYS_OPENAT2 = 437
 """The same number on x86_64 and arm64 (the generic syscall table)."""
-MAX_PATH = 4096
-MAX_NAME = 255
 MAX_DEPTH = 1024
 """Deepest directory tree the recursive operations walk (each level holds one descriptor)."""
 MAX_REFILLS = 1000
@@ -63,34 +63,6 @@ _libc.syncfs.argtypes = [ctypes.c_int]
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-class PathError(ValueError):
-    """A volume path that is not allowed (``..``, NUL, too long)."""
-
-
-def split(path: str) -> list[str]:
-    """The components of a volume path; ``""``, ``"/"`` and ``"."`` are the root (``[]``).
-
-    Leading slashes are ignored (volume paths are relative to the volume's
-    root either way); ``..`` anywhere is refused rather than resolved.
-    """
-    if "\x00" in path:
-        raise PathError("volume paths must not contain NUL bytes")
-    if len(path.encode(errors="surrogateescape")) > MAX_PATH:
-        raise PathError(f"volume paths are limited to {MAX_PATH} bytes")
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    for p in parts:
-        if p == "..":
-            raise PathError(f"volume paths must not contain '..': {path!r}")
-        if len(p.encode(errors="surrogateescape")) > MAX_NAME:
-            raise PathError(f"a volume path component is longer than {MAX_NAME} bytes: {p[:40]!r}…")
-    return parts
-
-
-def join(parts: list[str]) -> str:
-    """The relative path for ``parts`` (``"."`` for the root)."""
-    return "/".join(parts) or "."
 
 
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = SAFE_RESOLVE) -> int:

@@ -5,20 +5,17 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from shoal import ids
-from shoal.volumes.safefs import PathError, split
+from shoal.wire import ids
+from shoal.wire.base import WireModel
+from shoal.wire.paths import PathError, split
 
 NAME_RE = re.compile(r"\A[A-Za-z0-9\-_.]{1,64}\Z")
-"""Names of volumes and secrets: the rule apps and sandboxes follow (``shoal.engine.models.NAME_RE``)."""
+"""Names of volumes and secrets: the rule apps and sandboxes follow (``shoal.wire.sandboxes.NAME_RE``)."""
 
 RESERVED_MOUNT_PREFIXES = ("/proc", "/sys", "/dev", "/.shoal")
 """Where a volume may not be mounted: kernel interfaces and shoal's own mounts."""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def check_name(value: str, what: str = "volume") -> str:
@@ -37,7 +34,7 @@ def check_volume_path(value: str) -> str:
     return value
 
 
-class VolumeMount(_Model):
+class VolumeMount(WireModel):
     """One volume mounted into a sandbox at ``path``."""
 
     path: str
@@ -75,7 +72,7 @@ class VolumeMount(_Model):
         return None if v is None else check_volume_path(v)
 
 
-class VolumeLookup(_Model):
+class VolumeLookup(WireModel):
     """``Volume.from_name``."""
 
     name: str
@@ -88,7 +85,7 @@ class VolumeLookup(_Model):
         return check_name(v)
 
 
-class VolumeCreate(_Model):
+class VolumeCreate(WireModel):
     """``Volume.objects.create``."""
 
     name: str
@@ -101,7 +98,7 @@ class VolumeCreate(_Model):
         return check_name(v)
 
 
-class VolumeRename(_Model):
+class VolumeRename(WireModel):
     """``Volume.rename``."""
 
     old_name: str
@@ -124,7 +121,7 @@ class VolumeInfo(BaseModel):
     size_bytes: int | None = None
 
 
-class RemoveFile(_Model):
+class RemoveFile(WireModel):
     """``vol.remove_file``."""
 
     path: str
@@ -136,7 +133,7 @@ class RemoveFile(_Model):
         return check_volume_path(v)
 
 
-class CopyFiles(_Model):
+class CopyFiles(WireModel):
     """``vol.copy_files``."""
 
     src_paths: Annotated[list[str], Field(min_length=1, max_length=10_000)]

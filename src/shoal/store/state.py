@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.wire.sandboxes import SandboxState
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
     id TEXT PRIMARY KEY,
@@ -67,7 +69,7 @@ class SandboxRow:
     name: str | None
     tags: dict[str, str]
     spec: dict[str, Any]
-    state: str
+    state: SandboxState
     token: bytes
     created_at: float
     deadline: float | None
@@ -154,16 +156,16 @@ class State:
                 row.name,
                 json.dumps(row.tags),
                 json.dumps(row.spec),
-                row.state,
+                row.state.value,
                 row.token,
                 row.created_at,
                 row.deadline,
             ),
         )
 
-    def set_sandbox_state(self, sandbox_id: str, state: str) -> None:
+    def set_sandbox_state(self, sandbox_id: str, state: SandboxState) -> None:
         """Move a sandbox to ``state``."""
-        self.db.execute("UPDATE sandboxes SET state = ? WHERE id = ?", (state, sandbox_id))
+        self.db.execute("UPDATE sandboxes SET state = ? WHERE id = ?", (state.value, sandbox_id))
 
     def set_sandbox_spec(self, sandbox_id: str, spec: dict[str, Any]) -> None:
         """Replace a sandbox's stored spec (images mounted into it since it started)."""
@@ -186,10 +188,10 @@ class State:
         rows = self._sandboxes("WHERE id = ?", (sandbox_id,))
         return rows[0] if rows else None
 
-    def sandboxes_in(self, *states: str) -> list[SandboxRow]:
+    def sandboxes_in(self, *states: SandboxState) -> list[SandboxRow]:
         """Sandboxes in any of ``states``, newest first."""
         marks = ",".join("?" * len(states))
-        return self._sandboxes(f"WHERE state IN ({marks}) ORDER BY created_at DESC", states)
+        return self._sandboxes(f"WHERE state IN ({marks}) ORDER BY created_at DESC", tuple(s.value for s in states))
 
     def finished_before(self, cutoff: float) -> list[str]:
         """Ids of sandboxes that finished before ``cutoff``."""
@@ -216,7 +218,7 @@ class State:
                 name=r[2],
                 tags=json.loads(r[3]),
                 spec=json.loads(r[4]),
-                state=r[5],
+                state=SandboxState(r[5]),
                 token=r[6] or b"",
                 created_at=r[7],
                 deadline=r[8],

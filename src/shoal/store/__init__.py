@@ -1,0 +1,1 @@
+"""The daemon's persistent state: one SQLite database below the engine and every service."""

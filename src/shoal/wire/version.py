@@ -1,0 +1,3 @@
+"""The version of shoal: the SDK and the daemon report the same one."""
+
+__version__ = "0.1.0"
