@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import os
 import secrets
@@ -28,11 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.agent import protocol as P
+from shoal.engine.agent_frames import AgentFrames
+from shoal.engine.bundle import write_bundle
 from shoal.engine.config import Config
 from shoal.engine.link import AgentLink
 from shoal.engine.logs import LogWriter
 from shoal.engine.output import OutputBudget
 from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
+from shoal.engine.results import describe, returncode_of
 from shoal.exception import ConflictError, NotFoundError, ServiceError
 from shoal.gpu import scheduler as gpu_scheduler
 from shoal.network.service import Network
@@ -55,8 +56,6 @@ _TRANSITIONS: dict[SandboxState, set[SandboxState]] = {
     RUNNING: {FINISHED},
     FINISHED: set(),
 }
-MAX_LISTED = 100_000
-"""Most processes an agent may list when it (re)connects."""
 STDIN_WINDOW = 16 << 20
 """Stdin bytes the daemon lets wait in an agent before a writer must wait."""
 
@@ -75,28 +74,7 @@ class Context:
     """Told when a sandbox is gone from the machine (its memory need not be kept: the store has it)."""
 
 
-def _result_for_exit(kind: int, value: int) -> Result:
-    if kind == P.ExitKind.CODE:
-        return Result(status="success" if value == 0 else "failure", exitcode=value)
-    if kind == P.ExitKind.SIGNAL:
-        return Result(status="failure", exitcode=128 + value, message=f"entrypoint killed by signal {value}")
-    if kind == P.ExitKind.SPAWN_FAILED:
-        return Result(status="failure", exitcode=value, message="entrypoint could not be started")
-    return Result(status="failure", exitcode=-1)
-
-
-def returncode_of(result: Result | None) -> int | None:
-    """Modal's mapping: timeout → 124, terminated → 137, else the exit code."""
-    if result is None:
-        return None
-    if result.status == "timeout":
-        return 124
-    if result.status == "terminated":
-        return 137
-    return result.exitcode
-
-
-class Sandbox:
+class Sandbox(AgentFrames):
     """A sandbox known to the daemon (running, or finished and still retained)."""
 
     def __init__(self, ctx: Context, row: SandboxRow) -> None:
@@ -152,7 +130,7 @@ class Sandbox:
         if new is FINISHED:
             assert result is not None, "a sandbox finishes with a result"
             self.result = result
-            self.logs.system(_describe(result))
+            self.logs.system(describe(result))
             self.ctx.state.finish_sandbox(self.id, result.status, result.exitcode, result.message)
             self.finished.set()
             return
@@ -169,11 +147,6 @@ class Sandbox:
     def cgroup_path(self) -> str:
         """The sandbox's cgroup, relative to each hierarchy's root."""
         return f"{self.ctx.cfg.cgroup_parent}/{self.container_id}"
-
-    @property
-    def container_id(self) -> str:
-        """The OCI container id."""
-        return self.id
 
     def info(self) -> SandboxInfo:
         """The sandbox as the API shows it."""
@@ -193,50 +166,10 @@ class Sandbox:
 
     # ---------------------------------------------------------------- start
 
-    def _bundle(self, req: CreateSandbox, lowers: list[str]) -> Path:
-        """Mount the root, take a network address and write the OCI bundle; returns the bundle directory."""
-        cfg = self.ctx.cfg
-        for d in (self.run_dir, self.out_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.run_dir, 0o711)
-        ctl = self.run_dir / "ctl"
-        ctl.mkdir(exist_ok=True)
-        os.chmod(ctl, 0o755)
-        root = self.run_dir / "rootfs"
-        rootfs.mount_overlay(
-            lowers,
-            str(self.data_dir / "upper"),
-            str(self.data_dir / "work"),
-            str(root),
-            cfg.idmap.host_id,
-        )
-        self.ctx.network.prepare(self.id, req, str(root))
-        mem = req.memory_limit or req.memory or cfg.default_memory_mib
-        container = spec.ContainerConfig(
-            container_id=self.container_id,
-            rootfs=str(root),
-            agent_dir=str(cfg.agent_dir),
-            ctl_dir=str(ctl),
-            idmap=cfg.idmap,
-            cgroup_parent=cfg.cgroup_parent,
-            resources=spec.Resources(
-                cpu_request=req.cpu,
-                cpu_limit=req.cpu_limit,
-                memory_limit_mib=mem,
-                pids_limit=cfg.pids_limit,
-            ),
-            binds=self.ctx.volumes.prepare(self.id, req.volumes) if self.ctx.volumes else [],
-        )
-        gpu_scheduler.apply(container, self.spec)
-        bundle = self.run_dir / "bundle"
-        bundle.mkdir(exist_ok=True)
-        (bundle / "config.json").write_text(json.dumps(spec.build(container)))
-        return bundle
-
     async def start(self, req: CreateSandbox, image: ImageConfig, lowers: list[str]) -> None:
         """Mount the root, start the container and the entrypoint.  Raises after cleaning up on failure."""
         try:
-            bundle = self._bundle(req, lowers)
+            bundle = write_bundle(self, req, lowers)
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 await self.ctx.runtime.start(
@@ -258,7 +191,7 @@ class Sandbox:
         Not in the database yet; ``activate`` finishes the start once a request takes it, ``discard`` removes
         it if none does.
         """
-        bundle = self._bundle(req, lowers)
+        bundle = write_bundle(self, req, lowers)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._pool_socket = ours
         try:
@@ -591,160 +524,6 @@ class Sandbox:
             pid=proc.pid,
         )
 
-    # ---------------------------------------------------------------- agent frames
-
-    def _on_frames(self, link: AgentLink, frames: list[P.Frame]) -> None:
-        if not link.verified:
-            self._verify(link, frames[0])
-            frames = frames[1:]
-            if not link.verified:
-                return
-        acks: dict[tuple[str, int], Process] = {}
-        for f in frames:
-            proc = self.processes.get(f.exec_id) if f.exec_id else None
-            if f.msg == P.Msg.HELLO:
-                # The agent lists the processes it tracks in the next `value` STARTED frames.
-                self._hello_remaining = max(0, min(f.value, MAX_LISTED))
-                self._hello_seen.clear()
-                if self._hello_remaining == 0:
-                    self._reconcile()
-            elif f.msg == P.Msg.STARTED and self._hello_remaining > 0:
-                self._hello_remaining -= 1
-                if proc is not None:
-                    proc.pid = f.pid
-                    proc.stdin_offset = proc.stdin_acked = f.offset
-                    self._hello_seen.add(proc.id)
-                else:
-                    # Unrecorded (an attached file operation whose request ended with the old daemon): nobody
-                    # will ever read it or close its stdin.
-                    link.send(P.signal_frame(f.exec_id, SIGKILL))
-                if self._hello_remaining == 0:
-                    self._reconcile()
-            elif proc is None:
-                # Not (or no longer) tracked: an unrecorded process from before a restart, or one already
-                # forgotten.  Acknowledge so the agent can let go of it; keep nothing.
-                if f.msg == P.Msg.EXIT:
-                    link.send(P.exit_ack_frame(f.exec_id))
-                elif f.msg in (P.Msg.OUTPUT, P.Msg.EOF):
-                    end = f.offset + len(f.data)
-                    link.send(P.ack_frame(f.exec_id, f.fd, end, f.msg == P.Msg.EOF))
-            elif f.msg == P.Msg.STARTED:
-                proc.pid = f.pid
-            elif f.msg == P.Msg.OUTPUT:
-                stream = proc.streams[f.fd - 1]
-                before = stream.received
-                if not stream.append(f.offset, f.data):
-                    log.warning("sandbox %s: output gap from agent; dropping connection", self.id)
-                    link.close()
-                    return
-                if proc.is_entrypoint and proc.persist:
-                    self.logs.output(f.fd, before, stream.received - before)
-                acks[(proc.id, f.fd)] = proc
-            elif f.msg == P.Msg.EOF:
-                stream = proc.streams[f.fd - 1]
-                if f.offset == stream.received:
-                    stream.mark_eof()
-                    if proc.persist:
-                        self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
-                acks[(proc.id, f.fd)] = proc
-                self._release(proc)
-            elif f.msg == P.Msg.EXIT:
-                self._on_exit(proc, f.kind, f.value)
-                link.send(P.exit_ack_frame(proc.id))
-                self._release(proc)
-            elif f.msg == P.Msg.STDIN_ACK:
-                proc.stdin_acknowledged(f.offset)
-        for (exec_id, fd), proc in acks.items():
-            stream = proc.streams[fd - 1]
-            link.send(P.ack_frame(exec_id, fd, stream.received, stream.eof))
-
-    def _verify(self, link: AgentLink, first: P.Frame) -> None:
-        if first.msg != P.Msg.HELLO or not hmac.compare_digest(first.token, self.row.token):
-            log.warning("sandbox %s: refusing a control connection without the agent's token", self.id)
-            link.close()
-            return
-        link.verified = True
-        old, self.link = self.link, link
-        if old is not None and old is not link:
-            old.close()
-        self._close_listener()
-        log.info("sandbox %s: agent reconnected", self.id)
-        self._on_frames(link, [first])
-
-    def _reconcile(self) -> None:
-        """After a (re)connection: processes the agent does not know ended unseen."""
-        for proc in list(self.processes.values()):
-            if not proc.exited and proc.id not in self._hello_seen and not proc.placeholder:
-                log.warning("sandbox %s: process %s was lost while the daemon was away", self.id, proc.id)
-                self._on_exit(proc, P.ExitKind.SIGNAL, SIGKILL)
-                proc.end_streams()
-                self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
-        self.connected.set()
-
-    def _on_exit(self, proc: Process, kind: int, value: int) -> None:
-        if kind not in {k.value for k in P.ExitKind} or not -(1 << 31) <= value < (1 << 31):
-            kind, value = P.ExitKind.CODE, 255
-        if not proc.set_exit(kind, value):
-            return
-        if proc.persist:
-            self.ctx.state.finish_exec(self.id, proc.id, kind, value)
-        self.touch()
-        if proc.is_entrypoint and self.state == RUNNING:
-            self.finish_soon(_result_for_exit(kind, value))
-
-    def _on_link_closed(self, link: AgentLink) -> None:
-        if link is not self.link:
-            return
-        self.link = None
-        self.connected.clear()
-        if self.state == RUNNING:
-            # The agent is PID 1: its connection only ends when the sandbox dies.
-            self.finish_soon(
-                Result(
-                    status="terminated",
-                    message="the sandbox stopped unexpectedly (its init process died)",
-                )
-            )
-
-    # ---------------------------------------------------------------- re-adoption
-
-    def load_processes(self) -> None:
-        """Rebuild the records of processes still running or with output to come (after a daemon restart)."""
-        for row in self.ctx.state.execs(self.id, unfinished=True):
-            self.processes[row.id] = self._process_from_row(row)
-
-    async def adopt(self) -> None:
-        """Take a running sandbox back after a daemon restart: wait for its agent to reconnect."""
-        self.load_processes()
-        state = await self.ctx.runtime.state(self.container_id)
-        if state != "running":
-            self.finish_soon(Result(status="terminated", message="the sandbox stopped while the daemon was away"))
-            return
-        path = self.run_dir / "ctl" / "agent.sock"
-        path.unlink(missing_ok=True)
-
-        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            AgentLink(self._on_frames, self._on_link_closed, self.id).attach(reader, writer)
-
-        self._listener = await asyncio.start_unix_server(accepted, path=str(path), limit=1 << 18)
-        os.chmod(path, 0o666)
-        await self.ctx.network.reopen(self.id, self.touch)
-        self._arm_timers()
-        self._background(self._expect_agent())
-
-    async def _expect_agent(self) -> None:
-        try:
-            await asyncio.wait_for(self.connected.wait(), self.ctx.cfg.agent_connect_timeout)
-        except TimeoutError:
-            if self.state == RUNNING:
-                self.finish_soon(Result(status="terminated", message="the sandbox's agent did not reconnect"))
-
-    def _close_listener(self) -> None:
-        if self._listener is not None:
-            self._listener.close()  # unregisters from the loop before closing the socket
-            self._listener = None
-            (self.run_dir / "ctl" / "agent.sock").unlink(missing_ok=True)
-
     # ---------------------------------------------------------------- finish
 
     @property
@@ -836,18 +615,6 @@ def _describe_process(args: list[str], persist: bool) -> str:
     if not persist and args[:2] == [spec.AGENT_PATH, "fs"]:
         return "File operation: " + shlex.join(args[2:])[:1000]
     return "Exec: " + shlex.join(args)[:1000]
-
-
-def _describe(result: Result) -> str:
-    """A lifecycle log line for how a sandbox ended."""
-    what = {
-        "success": "exited with code 0",
-        "failure": f"exited with code {result.exitcode}",
-        "terminated": "was terminated",
-        "timeout": "timed out",
-        "init_failure": "failed to start",
-    }[result.status]
-    return f"Sandbox {what}" + (f": {result.message}" if result.message else "")
 
 
 def new_token() -> bytes:

@@ -11,7 +11,7 @@
 * ``mount_image``: an overlay of an image's layers with a fresh upper
   directory of its own (so the sandbox can write there), attached at a path
   inside the running sandbox's mount namespace by a helper process
-  (:mod:`shoal.images._nsmount`); ``unmount_image`` detaches it.
+  (:mod:`shoal.engine._nsmount`); ``unmount_image`` detaches it.
 
 The sandbox keeps running during a snapshot (no freeze: see
 docs/decisions/0060-snapshots-copy-the-upper-directory.md).  A copy is
@@ -20,7 +20,7 @@ so an interrupted or timed-out snapshot leaves no half layer.
 
 Trust: everything in the sandbox's tree is hostile; the copy never follows
 a link (:mod:`shoal.images.treecopy`), and the mount helper walks the target
-inside the sandbox's own root (:mod:`shoal.images._nsmount`).  Paths from the
+inside the sandbox's own root (:mod:`shoal.engine._nsmount`).  Paths from the
 API are checked here first: absolute, normalized, and not under /proc, /sys,
 /dev or shoal's own /.shoal.
 """

@@ -5,7 +5,7 @@ sandboxes it owns, and the validated create request (``CreateSandbox``).
 Defends: see ``ruleset`` for what the packet filter enforces and
 ``tunnels`` for the listeners; here, that a sandbox's files in its root
 (/etc/resolv.conf, /etc/hosts) are written without following anything the
-image put there (``_write_etc``), and that nothing outlives its sandbox,
+image put there (``etc_files.write_etc``), and that nothing outlives its sandbox,
 also across a daemon crash (``start`` removes links, records and filter
 elements of sandboxes the daemon does not know).
 
@@ -32,9 +32,7 @@ import logging
 import os
 import random
 import re
-import secrets
 import ssl
-import stat
 import string
 import subprocess
 import time
@@ -43,24 +41,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shoal.exception import InvalidError, SandboxTimeoutError, ServiceError
+from shoal.exception import InvalidError, ServiceError
 from shoal.network import ruleset
 from shoal.network.config import NetworkConfig, parse_upstream
 from shoal.network.connect import ConnectProxy
-from shoal.network.connect import digest as token_digest
 from shoal.network.dns import Client, DnsForwarder
+from shoal.network.etc_files import init_pid, write_etc
+from shoal.network.ingress import Ingress
 from shoal.network.netns import NetnsWorker
 from shoal.network.nft import Nft, NftError
 from shoal.network.ruleset import NetNames
 from shoal.network.tls import LocalCA
 from shoal.network.tunnels import ENCRYPTED, H2, UNENCRYPTED, SandboxTunnels
-from shoal.runtime import cgroups
 
 log = logging.getLogger(__name__)
 
 ALLOC_LOCK = Path("/run/shoal-network.lock")
 """Held while a daemon picks its subnet, so two daemons never take the same one."""
-HOSTNAME = "sandbox"
 
 
 @dataclass
@@ -88,7 +85,7 @@ def _netid() -> str:
     return "".join(random.choices(string.ascii_lowercase + string.digits, k=4))
 
 
-class Network:
+class Network(Ingress):
     """Every sandbox's networking on this machine, for one daemon."""
 
     def __init__(self, cfg: NetworkConfig, data_dir: Path, runtime_dir: Path, host_id: int) -> None:
@@ -383,7 +380,7 @@ class Network:
         )
         self._remember(sandbox_id, att)
         (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
-        _write_etc(Path(rootfs), att.ip, self.host_id, str(names.gateway))
+        write_etc(Path(rootfs), att.ip, self.host_id, str(names.gateway))
 
     async def connect(self, sandbox_id: str, cgroup_path: str, touch: Callable[[], None]) -> None:
         """Once the container runs, before its entrypoint: link its namespace to the host, apply its policy, and
@@ -392,7 +389,7 @@ class Network:
         if att is None:
             return
         assert self.names is not None
-        pid = _init_pid(cgroup_path)
+        pid = init_pid(cgroup_path)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending[sandbox_id] = done
         try:
@@ -409,94 +406,6 @@ class Network:
             await self._open_tunnels(sandbox_id, att, touch)
             for port in att.connect:
                 await self._connect_proxy(sandbox_id, att, int(port), touch)
-
-    async def _open_tunnels(self, sandbox_id: str, att: Attachment, touch: Callable[[], None]) -> None:
-        if not att.ports:
-            return
-        tunnels = self.tunnels[sandbox_id] = SandboxTunnels(att.ip, att.inbound, touch)
-        bind = self.cfg.tunnel_bind
-        for port, spec in att.ports.items():
-            tls = self._tls[H2 if spec["kind"] == H2 else ENCRYPTED]
-            spec["tls_port"] = await tunnels.listen(int(port), bind, int(spec.get("tls_port", 0)), tls)
-            if spec["kind"] == UNENCRYPTED:
-                spec["tcp_port"] = await tunnels.listen(int(port), bind, int(spec.get("tcp_port", 0)), None)
-        (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
-        tunnels.ready.set()
-
-    async def add_tunnel(self, sandbox_id: str, port: int, touch: Callable[[], None]) -> None:
-        """Open an encrypted tunnel to a port not declared at create (shoal's extension; see ``Sandbox.tunnels``)."""
-        att = self.attached.get(sandbox_id)
-        if att is None or not self.enabled:
-            raise InvalidError("this sandbox has no network (block_network=True), so it cannot have tunnels")
-        if str(port) in att.ports:
-            return
-        tunnels = self.tunnels.get(sandbox_id)
-        if tunnels is None:
-            tunnels = self.tunnels[sandbox_id] = SandboxTunnels(att.ip, att.inbound, touch)
-            tunnels.ready.set()
-        spec: dict[str, Any] = {"kind": ENCRYPTED}
-        spec["tls_port"] = await tunnels.listen(port, self.cfg.tunnel_bind, 0, self._tls[ENCRYPTED])
-        att.ports[str(port)] = spec
-        (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
-
-    async def tunnels_of(self, sandbox_id: str, finished: asyncio.Event, timeout: float) -> list[dict[str, Any]]:
-        """The sandbox's tunnels once they listen, as Modal's TunnelData; SandboxTimeoutError if not in ``timeout``."""
-        att = self.attached.get(sandbox_id)
-        if finished.is_set():
-            raise SandboxTimeoutError("the sandbox has finished: its tunnels are closed")
-        if att is None or not att.ports:
-            return []
-        deadline = time.monotonic() + timeout
-        while True:
-            tunnels = self.tunnels.get(sandbox_id)
-            if tunnels is not None and tunnels.ready.is_set():
-                break
-            if time.monotonic() >= deadline or finished.is_set():
-                raise SandboxTimeoutError(f"the sandbox's tunnels were not up within {timeout:g} s")
-            await asyncio.sleep(0.05)
-        host = self.cfg.tunnel_host
-        return [
-            {
-                "container_port": int(port),
-                "host": host,
-                "port": spec["tls_port"],
-                "unencrypted_host": host if spec["kind"] == UNENCRYPTED else "",
-                "unencrypted_port": spec.get("tcp_port", 0),
-            }
-            for port, spec in sorted(att.ports.items(), key=lambda item: int(item[0]))
-        ]
-
-    async def create_connect_token(
-        self, sandbox_id: str, port: int, metadata: str, touch: Callable[[], None]
-    ) -> tuple[str, str]:
-        """A new token for the authenticating proxy in front of ``port`` (started on first use): (url, token)."""
-        att = self.attached.get(sandbox_id)
-        if att is None or not self.enabled:
-            raise InvalidError("this sandbox has no network (block_network=True), so nothing can connect to it")
-        token = secrets.token_urlsafe(32)
-        entry = att.connect.setdefault(str(port), {"listen": 0, "tokens": {}})
-        entry["tokens"][token_digest(token)] = metadata
-        proxy = await self._connect_proxy(sandbox_id, att, port, touch)
-        (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
-        return f"https://{self.cfg.tunnel_host}:{proxy.listen_port}", token
-
-    async def _connect_proxy(
-        self, sandbox_id: str, att: Attachment, port: int, touch: Callable[[], None]
-    ) -> ConnectProxy:
-        proxies = self.connects.setdefault(sandbox_id, {})
-        proxy = proxies.get(port)
-        if proxy is None:
-            entry = att.connect[str(port)]
-            proxy = ConnectProxy(att.ip, port, entry["tokens"], att.inbound, touch)
-            entry["listen"] = await proxy.start(self.cfg.tunnel_bind, int(entry.get("listen", 0)), self._tls[ENCRYPTED])
-            proxies[port] = proxy
-        return proxy
-
-    def busy(self, sandbox_id: str) -> bool:
-        """Whether a tunnel connection into the sandbox is open (that counts as activity for ``idle_timeout``)."""
-        tunnels = self.tunnels.get(sandbox_id)
-        proxies = self.connects.get(sandbox_id, {})
-        return (tunnels is not None and tunnels.busy()) or any(p.open for p in proxies.values())
 
     @property
     def ca_path(self) -> str | None:
@@ -639,68 +548,3 @@ class Network:
     def attachment(self, sandbox_id: str) -> Attachment | None:
         """A sandbox's attachment, if it has networking."""
         return self.attached.get(sandbox_id)
-
-
-def _init_pid(cgroup_path: str) -> int:
-    """The host pid of a container's init (pid 1 in its namespace), found through its cgroup."""
-    for pid in cgroups.processes(cgroup_path):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("NSpid:") and line.split()[-1] == "1":
-                return pid
-    raise RuntimeError(f"the sandbox's init process is not in its cgroup {cgroup_path}")
-
-
-def _write_etc(root: Path, ip: str, owner: int, nameserver: str) -> None:
-    """Write /etc/resolv.conf and /etc/hosts into a sandbox's root, owned by its root user.
-
-    /etc/hostname stays the image's (the UTS name is set by the runtime).
-
-    The image is untrusted: /etc or the files may be symlinks pointing
-    anywhere, so nothing is followed (``O_NOFOLLOW`` from a descriptor of the
-    root); a symlink where a file should be is replaced.  When /etc itself is
-    not a plain directory, the files are skipped.
-    """
-    files = {
-        "resolv.conf": f"nameserver {nameserver}\noptions edns0\n",
-        "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{HOSTNAME}\n",
-    }
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            etc = os.open("etc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
-        except FileNotFoundError:
-            os.mkdir("etc", 0o755, dir_fd=root_fd)
-            os.chown("etc", owner, owner, dir_fd=root_fd, follow_symlinks=False)
-            os.chmod("etc", 0o755, dir_fd=root_fd)  # just made, before the sandbox runs; not the daemon's umask
-            etc = os.open("etc", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
-        except OSError:
-            log.warning("the image's /etc is not a directory; leaving its resolver files alone")
-            return
-        try:
-            for name, text in files.items():
-                try:
-                    _write_one(etc, name, text, owner)
-                except OSError as exc:
-                    log.warning("cannot write the sandbox's /etc/%s: %s", name, exc)
-        finally:
-            os.close(etc)
-    finally:
-        os.close(root_fd)
-
-
-def _write_one(etc: int, name: str, text: str, owner: int) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        st = os.stat(name, dir_fd=etc, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode):
-            os.unlink(name, dir_fd=etc)  # a symlink or device the image put there; a directory stays and fails
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=etc)
-    try:
-        os.write(fd, text.encode())
-        os.fchown(fd, owner, owner)
-        os.fchmod(fd, 0o644)
-    finally:
-        os.close(fd)

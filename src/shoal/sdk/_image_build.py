@@ -30,7 +30,7 @@ from shoal.sdk import output
 from shoal.sdk._local_files import IgnoreFn, LocalTree, Source
 from shoal.sdk.secret import Secret, secret_ids
 from shoal.sdk.transport import Client, error_from
-from shoal.wire import dockerfile, recipe
+from shoal.wire import dockerfile, recipe, routes
 from shoal.wire.ignore import (
     AUTO_DOCKERIGNORE,
     NON_PYTHON_FILES,
@@ -586,7 +586,7 @@ async def resolve(
 async def _post(client: Client, body: dict[str, Any]) -> dict[str, Any]:
     final: dict[str, Any] = {}
     buf = b""
-    async for chunk in client.stream("POST", "/v1/images/resolve", json_body=body):
+    async for chunk in client.stream("POST", routes.path("images", "resolve"), json_body=body):
         buf += chunk
         *lines, buf = buf.split(b"\n")
         for line in lines:

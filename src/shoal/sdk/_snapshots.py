@@ -13,6 +13,7 @@ from typing import Any
 from shoal.exception import InvalidError
 from shoal.sdk.image import Image
 from shoal.sdk.transport import Client
+from shoal.wire import routes
 
 
 def _path(path: Any, what: str) -> str:
@@ -36,7 +37,9 @@ def _timeout_ttl(timeout: Any, ttl: Any) -> dict[str, Any]:
 async def snapshot_filesystem(client: Client, sandbox_id: str, timeout: int, ttl: int | None) -> Image:
     """A new image of the sandbox's filesystem."""
     body = _timeout_ttl(timeout, ttl)
-    resp = await client.request("POST", f"/v1/sandboxes/{sandbox_id}/snapshot", json_body=body, idempotent=False)
+    resp = await client.request(
+        "POST", routes.path("sandboxes", sandbox_id, "snapshot"), json_body=body, idempotent=False
+    )
     return Image.from_id(str(resp["image_id"]))
 
 
@@ -44,7 +47,7 @@ async def snapshot_directory(client: Client, sandbox_id: str, path: Any, timeout
     """A new image holding one directory of the sandbox."""
     body = {"path": _path(path, "path"), **_timeout_ttl(timeout, ttl)}
     resp = await client.request(
-        "POST", f"/v1/sandboxes/{sandbox_id}/snapshot_directory", json_body=body, idempotent=False
+        "POST", routes.path("sandboxes", sandbox_id, "snapshot_directory"), json_body=body, idempotent=False
     )
     return Image.from_id(str(resp["image_id"]))
 
@@ -57,7 +60,9 @@ async def mount_image(client: Client, sandbox_id: str, path: Any, image: Any) ->
     if not isinstance(image, Image):
         raise TypeError(f"mount_image needs a shoal.Image, got {type(image).__name__}")
     image_id = await image._resolve(client)
-    await client.request("POST", f"/v1/sandboxes/{sandbox_id}/mounts", json_body={"path": target, "image_id": image_id})
+    await client.request(
+        "POST", routes.path("sandboxes", sandbox_id, "mounts"), json_body={"path": target, "image_id": image_id}
+    )
 
 
 async def unmount_image(client: Client, sandbox_id: str, path: Any) -> None:
@@ -65,4 +70,4 @@ async def unmount_image(client: Client, sandbox_id: str, path: Any) -> None:
     target = _path(path, "path")
     if PurePosixPath(target) == PurePosixPath("/"):
         raise InvalidError("unmount_image cannot unmount '/'")
-    await client.request("POST", f"/v1/sandboxes/{sandbox_id}/unmount", json_body={"path": target})
+    await client.request("POST", routes.path("sandboxes", sandbox_id, "unmount"), json_body={"path": target})

@@ -52,12 +52,18 @@ class AdminClient:
 
     async def sandbox(self, sandbox_id: str) -> dict[str, Any]:
         """One sandbox as the API shows it."""
-        result: dict[str, Any] = await self._call("GET", routes.sandbox(sandbox_id))
+        result: dict[str, Any] = await self._call("GET", routes.path("sandboxes", sandbox_id))
         return result
 
     def entrypoint_output(self, sandbox_id: str, fd: int) -> StreamReader[bytes]:
         """The entrypoint's stdout (1) or stderr (2) as raw bytes, from the start."""
-        return StreamReader(self.client, routes.entrypoint_output(sandbox_id, fd), fd, text=False, by_line=False)
+        return StreamReader(
+            self.client,
+            routes.path("sandboxes", sandbox_id, "execs", "entrypoint", "output", fd),
+            fd,
+            text=False,
+            by_line=False,
+        )
 
     async def image_store(self) -> dict[str, Any]:
         """Images with their sizes, and the image store's disk use."""
@@ -66,18 +72,20 @@ class AdminClient:
 
     async def remove_image(self, image_id: str) -> dict[str, Any]:
         """Remove an image and its layers nothing else uses."""
-        result: dict[str, Any] = await self._call("DELETE", routes.image(image_id))
+        result: dict[str, Any] = await self._call("DELETE", routes.path("images", image_id))
         return result
 
     async def prune_images(self, everything: bool) -> dict[str, Any]:
         """Remove unused layers and build contexts (with ``everything``, first every image no sandbox runs)."""
-        result: dict[str, Any] = await self._call("POST", routes.IMAGE_STORE_PRUNE, params=_flag(everything, "all"))
+        result: dict[str, Any] = await self._call(
+            "POST", routes.path("image-store", "prune"), params=_flag(everything, "all")
+        )
         return result
 
     async def import_image(self, path: str, cmd: list[str] | None = None, workdir: str | None = None) -> str:
         """Import a root filesystem directory on the daemon's host; the new image's id."""
         body = build(ImportRootfs, path=path, cmd=cmd, workdir=workdir)
-        return str((await self._call("POST", routes.IMAGES_IMPORT, body=body))["image_id"])
+        return str((await self._call("POST", routes.path("images", "import"), body=body))["image_id"])
 
     async def secrets(self) -> list[dict[str, Any]]:
         """Named secrets (names and dates, never values), newest first."""
@@ -90,7 +98,9 @@ class AdminClient:
 
     async def delete_secret(self, name: str, allow_missing: bool = False) -> None:
         """Delete a named secret."""
-        await self._call("DELETE", routes.secret_by_name(name), params=_flag(allow_missing, "allow_missing"))
+        await self._call(
+            "DELETE", routes.path("secrets", "by-name", name), params=_flag(allow_missing, "allow_missing")
+        )
 
     async def volumes(self) -> list[dict[str, Any]]:
         """Named volumes with the disk space their files use, newest first."""
@@ -103,4 +113,6 @@ class AdminClient:
 
     async def delete_volume(self, name: str, allow_missing: bool = False) -> None:
         """Delete a named volume and its files."""
-        await self._call("DELETE", routes.volume_by_name(name), params=_flag(allow_missing, "allow_missing"))
+        await self._call(
+            "DELETE", routes.path("volumes", "by-name", name), params=_flag(allow_missing, "allow_missing")
+        )

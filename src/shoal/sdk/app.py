@@ -8,6 +8,7 @@ from typing import Any
 from shoal.exception import InvalidError
 from shoal.sdk._sync import live_function, run_async, run_blocking
 from shoal.sdk.transport import default_client
+from shoal.wire import routes
 
 
 class App:
@@ -49,7 +50,7 @@ class App:
         """The app called ``name``, created if asked and missing."""
         resp = await default_client().request(
             "POST",
-            "/v1/apps/lookup",
+            routes.path("apps", "lookup"),
             json_body={"name": name, "create_if_missing": create_if_missing},
         )
         app = App(resp["name"])
@@ -68,13 +69,13 @@ class _AppRun:
         self._app = app
 
     async def _enter(self) -> App:
-        resp = await default_client().request("POST", "/v1/apps", json_body={"name": self._app.name})
+        resp = await default_client().request("POST", routes.path("apps"), json_body={"name": self._app.name})
         self._app._app_id = resp["app_id"]
         return self._app
 
     async def _exit(self) -> None:
         if self._app._app_id is not None:
-            await default_client().request("POST", f"/v1/apps/{self._app._app_id}/stop")
+            await default_client().request("POST", routes.path("apps", self._app._app_id, "stop"))
             self._app._app_id = None
 
     def __enter__(self) -> App:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from shoal.exception import InvalidError
 from shoal.sdk._sync import live_method_generator
 from shoal.sdk.transport import Client
-from shoal.wire import times
+from shoal.wire import routes, times
 
 Source = Literal["stdout", "stderr", "system"]
 SOURCES = ("stdout", "stderr", "system")
@@ -60,7 +60,7 @@ class SandboxLogs:
         return f"SandboxLogs({self._sandbox_id})"
 
     async def _get(self, params: dict[str, str]) -> AsyncIterator[LogEntry]:
-        answer = await self._client.request("GET", f"/v1/sandboxes/{self._sandbox_id}/logs", params=params)
+        answer = await self._client.request("GET", routes.path("sandboxes", self._sandbox_id, "logs"), params=params)
         for item in answer["entries"]:
             yield LogEntry(
                 message=item["message"],

@@ -10,6 +10,7 @@ from shoal.exception import InvalidError
 from shoal.sdk._sync import live_method, sdk_loop
 from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
 from shoal.sdk.transport import Client
+from shoal.wire import routes
 
 T = TypeVar("T", str, bytes)
 EXEC_STDIN_LIMIT = 16 << 20
@@ -39,7 +40,7 @@ class ContainerProcess(Generic[T]):
         self._client = client
         self._sandbox_id = sandbox_id
         self._exec_id = exec_id
-        base = f"/v1/sandboxes/{sandbox_id}/execs/{exec_id}"
+        base = routes.path("sandboxes", sandbox_id, "execs", exec_id)
         self._base = base
         self._stdout: StreamReader[T] = StreamReader(
             client, f"{base}/output/1", 1, text=text, by_line=by_line, stream_type=stdout

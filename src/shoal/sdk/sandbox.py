@@ -24,6 +24,17 @@ from shoal.exception import (
 from shoal.exception import TimeoutError as NotReadyError
 from shoal.sdk import _snapshots, file_io
 from shoal.sdk._checks import check_port
+from shoal.sdk._sandbox_args import (
+    check_args,
+    check_workdir,
+    deprecated_create_args,
+    merge_env,
+    not_supported,
+    ports,
+    refuse_unsupported,
+    resources,
+    str_list,
+)
 from shoal.sdk._sync import live_function, live_generator, live_method, live_method_generator
 from shoal.sdk.app import App
 from shoal.sdk.filesystem import SandboxFilesystem
@@ -38,76 +49,15 @@ from shoal.sdk.tunnel import Tunnel, TunnelMap
 from shoal.sdk.volume import mounts_body
 from shoal.types import FileWatchEvent, FileWatchEventType
 from shoal.wire import gpu as gpu_request
-from shoal.wire.base import check_argv
+from shoal.wire import routes
+from shoal.wire.base import build
+from shoal.wire.images import ImageRef
+from shoal.wire.sandboxes import CreateSandbox, ExecRequest
 
 ENTRYPOINT_STDIN_LIMIT = 2 << 20
 WAIT_SECONDS = 10
 READY_POLL = 50.0
 """Seconds one readiness request may wait in the daemon."""
-
-
-def _check_args(args: Sequence[Any], what: str) -> list[str]:
-    for a in args:
-        if not isinstance(a, str):
-            raise InvalidError(f"{what} arguments must be strings, got {type(a).__name__}: {a!r}")
-    try:
-        return check_argv(list(args), what)
-    except ValueError as exc:
-        raise InvalidError(str(exc)) from None
-
-
-def _check_workdir(workdir: str | None) -> None:
-    if workdir is not None and not (isinstance(workdir, str) and workdir.startswith("/")):
-        raise InvalidError(f"workdir must be an absolute path (starting with '/'), got {workdir!r}")
-
-
-def _merge_env(
-    env: dict[str, str | None] | None, secrets: Collection[Secret] | None
-) -> tuple[dict[str, str], dict[str, str]]:
-    secret_env: dict[str, str] = {}
-    for s in secrets or ():
-        if not isinstance(s, Secret):
-            raise InvalidError(f"secrets must be shoal.Secret objects, got {type(s).__name__}")
-        secret_env.update(s._as_env())
-    plain: dict[str, str] = {}
-    for k, v in (env or {}).items():
-        if v is None:
-            continue
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise InvalidError(f"env values must be str (or None); {k!r} has {type(v).__name__}")
-        plain[k] = v
-    return plain, secret_env
-
-
-def _resources(value: float | tuple[float, float] | None, what: str) -> tuple[float | None, float | None]:
-    if value is None:
-        return None, None
-    if isinstance(value, tuple):
-        if len(value) != 2:
-            raise InvalidError(f"{what} must be a number or a (request, limit) tuple")
-        request, limit = value
-        if limit < request:
-            raise InvalidError(f"{what} limit ({limit}) must not be below the request ({request})")
-        return request, limit
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidError(f"{what} must be a number or a (request, limit) tuple, got {type(value).__name__}")
-    return value, None
-
-
-def _str_list(value: Sequence[str] | None, what: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-        raise InvalidError(f"{what} must be a list of strings, e.g. ['10.0.0.0/8'] or ['example.com']")
-    return list(value)
-
-
-def _ports(value: Sequence[int], what: str) -> list[int]:
-    return [check_port(p, what) for p in value]
-
-
-def _not_supported(name: str, why: str) -> InvalidError:
-    return InvalidError(f"Sandbox.create({name}=...) is not supported by this shoal version: {why}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +89,7 @@ class Sandbox:
         self._tunnels: dict[int, Tunnel] | None = None
         if info:
             self._absorb(info)
-        base = f"/v1/sandboxes/{sandbox_id}/execs/entrypoint"
+        base = routes.path("sandboxes", sandbox_id, "execs", "entrypoint")
         self._stdout: StreamReader[str] = StreamReader(client, f"{base}/output/1", 1, text=True, by_line=True)
         self._stderr: StreamReader[str] = StreamReader(client, f"{base}/output/2", 2, text=True, by_line=True)
         self._stdin = StreamWriter(client, f"{base}/stdin", ENTRYPOINT_STDIN_LIMIT)
@@ -228,7 +178,7 @@ class Sandbox:
         cidr_allowlist: Sequence[str] | None = None,
     ) -> Sandbox:
         """Create a sandbox; with no command it stays up until ``timeout`` (create-then-exec)."""
-        argv = _check_args(args, "Sandbox.create")
+        argv = check_args(args, "Sandbox.create")
         if app is None:
             raise InvalidError("Sandboxes require an App: pass app=shoal.App.lookup('my-app', create_if_missing=True)")
         if not isinstance(app, App):
@@ -238,103 +188,87 @@ class Sandbox:
                 "App has not been initialized yet. Use App.lookup(...) or run the app (`with app.run():`)"
                 " before creating sandboxes in it."
             )
-        _check_workdir(workdir)
+        check_workdir(workdir)
         if not isinstance(timeout, int) or isinstance(timeout, bool):
             raise InvalidError(f"timeout must be an integer number of seconds, got {timeout!r}")
         if idle_timeout is not None and (not isinstance(idle_timeout, int) or isinstance(idle_timeout, bool)):
             raise InvalidError(f"idle_timeout must be an integer number of seconds, got {idle_timeout!r}")
-        if environment_name is not None:
-            warnings.warn(
-                "Sandbox.create(environment_name=...) is deprecated (2025-01-01): the app decides the environment",
-                DeprecationError,
-                stacklevel=3,
-            )
-        if pty_info is not None:
-            warnings.warn("pty_info is deprecated (2025-06-01); use pty=True", DeprecationError, stacklevel=3)
-            pty = True
-        if cidr_allowlist is not None:
-            warnings.warn(
-                "cidr_allowlist is deprecated (2025-08-01); use outbound_cidr_allowlist",
-                DeprecationError,
-                stacklevel=3,
-            )
-            if outbound_cidr_allowlist is not None:
-                raise InvalidError("pass only one of cidr_allowlist and outbound_cidr_allowlist")
-            outbound_cidr_allowlist = cidr_allowlist
+        pty, outbound_cidr_allowlist = deprecated_create_args(
+            environment_name, pty_info, cidr_allowlist, pty, outbound_cidr_allowlist
+        )
         if block_network and (encrypted_ports or h2_ports or unencrypted_ports):
             raise InvalidError("Cannot specify open ports when `block_network` is enabled")
         if block_network and (outbound_cidr_allowlist or outbound_domain_allowlist or inbound_cidr_allowlist):
             raise InvalidError("Cannot specify network allowlists when `block_network` is enabled")
         gpu_str = None if gpu is None else str(gpu_request.parse(gpu))  # InvalidError for lists and bad strings
-        unsupported = {
-            "network_file_systems": bool(network_file_systems),
-            "cloud": cloud is not None,
-            "region": region is not None,
-            "custom_domain": custom_domain is not None,
-            "proxy": proxy is not None,
-            "include_oidc_identity_token": include_oidc_identity_token,
-            "_experimental_enable_snapshot": _experimental_enable_snapshot,
-        }
-        for key, given in unsupported.items():
-            if given:
-                raise _not_supported(key, "this feature is not implemented yet; leave it unset")
+        refuse_unsupported(
+            network_file_systems=bool(network_file_systems),
+            cloud=cloud is not None,
+            region=region is not None,
+            custom_domain=custom_domain is not None,
+            proxy=proxy is not None,
+            include_oidc_identity_token=include_oidc_identity_token,
+            _experimental_enable_snapshot=_experimental_enable_snapshot,
+        )
         if readiness_probe is not None and not isinstance(readiness_probe, Probe):
             raise InvalidError(
                 "readiness_probe must be a shoal.Probe: Probe.with_tcp(port) or Probe.with_exec(*argv), got"
                 f" {type(readiness_probe).__name__}"
             )
-        cpu_req, cpu_lim = _resources(cpu, "cpu")
-        mem_req, mem_lim = _resources(memory, "memory")
-        plain_env, secret_env = _merge_env(env, secrets)
+        cpu_req, cpu_lim = resources(cpu, "cpu")
+        mem_req, mem_lim = resources(memory, "memory")
+        plain_env, secret_env = merge_env(env, secrets)
         mounts = await mounts_body(volumes)  # InvalidError for anything but {"/path": Volume}
         named_secrets = await secret_ids(secrets)
         c = default_client()
         img = image or Image.debian_slim()
         image_id = await img._resolve(c)
-        body: dict[str, Any] = {
-            "app_id": app.app_id,
-            "args": argv,
-            "image": {"kind": "id", "image_id": image_id},
-            "name": name,
-            "tags": dict(tags or {}),
-            "env": plain_env,
-            "secret_env": secret_env,
-            "secret_ids": named_secrets,
-            "volumes": mounts,
-            "timeout": timeout,
-            "idle_timeout": idle_timeout,
-            "workdir": workdir,
-            "cpu": cpu_req,
-            "cpu_limit": cpu_lim,
-            "memory": None if mem_req is None else int(mem_req),
-            "memory_limit": None if mem_lim is None else int(mem_lim),
-            "block_network": block_network,
-            "gpu": gpu_str,
-            "outbound_cidr_allowlist": _str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),
-            "outbound_domain_allowlist": _str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
-            "inbound_cidr_allowlist": _str_list(inbound_cidr_allowlist, "inbound_cidr_allowlist"),
-            "encrypted_ports": _ports(encrypted_ports, "encrypted_ports"),
-            "h2_ports": _ports(h2_ports, "h2_ports"),
-            "unencrypted_ports": _ports(unencrypted_ports, "unencrypted_ports"),
-            "readiness_probe": None if readiness_probe is None else readiness_probe._body(),
-            "pty": bool(pty),
-            "verbose": bool(verbose),
-        }
+        request = build(
+            CreateSandbox,
+            app_id=app.app_id,
+            args=argv,
+            image=ImageRef(kind="id", image_id=image_id),
+            name=name,
+            tags=dict(tags or {}),
+            env=plain_env,
+            secret_env=secret_env,
+            secret_ids=named_secrets,
+            volumes=mounts,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            workdir=workdir,
+            cpu=cpu_req,
+            cpu_limit=cpu_lim,
+            memory=None if mem_req is None else int(mem_req),
+            memory_limit=None if mem_lim is None else int(mem_lim),
+            block_network=block_network,
+            gpu=gpu_str,
+            outbound_cidr_allowlist=str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),
+            outbound_domain_allowlist=str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
+            inbound_cidr_allowlist=str_list(inbound_cidr_allowlist, "inbound_cidr_allowlist"),
+            encrypted_ports=ports(encrypted_ports, "encrypted_ports"),
+            h2_ports=ports(h2_ports, "h2_ports"),
+            unencrypted_ports=ports(unencrypted_ports, "unencrypted_ports"),
+            readiness_probe=None if readiness_probe is None else readiness_probe._body(),
+            pty=bool(pty),
+            verbose=bool(verbose),
+        )
+        body = request.model_dump(mode="json")
         try:
-            info = await c.request("POST", "/v1/sandboxes", json_body=body, idempotent=False)
+            info = await c.request("POST", routes.path("sandboxes"), json_body=body, idempotent=False)
         except NotFoundError as exc:
             # An image id this process remembered was removed (`shoal image rm` / `prune`): resolve it afresh, once.
             if image_id not in str(exc) or not img._forget(c):
                 raise
             body["image"] = {"kind": "id", "image_id": await img._resolve(c)}
-            info = await c.request("POST", "/v1/sandboxes", json_body=body, idempotent=False)
+            info = await c.request("POST", routes.path("sandboxes"), json_body=body, idempotent=False)
         return Sandbox(c, info["sandbox_id"], info)
 
     @live_function
     async def from_id(sandbox_id: str, client: Any = None) -> Sandbox:  # static
         """A handle to an existing sandbox (running or finished)."""
         c = default_client()
-        info = await c.request("GET", f"/v1/sandboxes/{sandbox_id}")
+        info = await c.request("GET", routes.path("sandboxes", sandbox_id))
         return Sandbox(c, sandbox_id, info)
 
     @live_function
@@ -343,7 +277,7 @@ class Sandbox:
     ) -> Sandbox:
         """The running sandbox called ``name`` in the app called ``app_name``."""
         c = default_client()
-        info = await c.request("GET", f"/v1/apps/by-name/{app_name}/sandboxes/{name}")
+        info = await c.request("GET", routes.path("apps", "by-name", app_name, "sandboxes", name))
         return Sandbox(c, info["sandbox_id"], info)
 
     @live_generator
@@ -357,7 +291,7 @@ class Sandbox:
             params.append(("app_id", app_id))
         for k, v in (tags or {}).items():
             params.append(("tag", f"{k}={v}"))
-        resp = await c.request("GET", "/v1/sandboxes", params=params)
+        resp = await c.request("GET", routes.path("sandboxes"), params=params)
         for info in resp["sandboxes"]:
             yield Sandbox(c, info["sandbox_id"], info)
 
@@ -379,10 +313,10 @@ class Sandbox:
         _pty_info: Any = None,
     ) -> ContainerProcess[Any]:
         self._check_attached()
-        argv = _check_args(args, "exec")
+        argv = check_args(args, "exec")
         if not argv:
             raise InvalidError("exec needs a command, e.g. sb.exec('ls', '-l')")
-        _check_workdir(workdir)
+        check_workdir(workdir)
         if bufsize == 1 and not text:
             raise ValueError("line-buffering is only supported when text=True")
         if bufsize not in (-1, 1):
@@ -395,22 +329,24 @@ class Sandbox:
         if pty_info is not None or _pty_info is not None:
             warnings.warn("pty_info is deprecated (2025-06-01); use pty=True", DeprecationError, stacklevel=3)
             pty = True
-        plain_env, secret_env = _merge_env(env, secrets)
+        plain_env, secret_env = merge_env(env, secrets)
         exec_id = str(uuid.uuid4())
-        body = {
-            "exec_id": exec_id,
-            "args": argv,
-            "workdir": workdir,
-            "env": plain_env,
-            "secret_env": secret_env,
-            "secret_ids": await secret_ids(secrets),
-            "timeout": timeout,
-            "stdout": "devnull" if stdout == StreamType.DEVNULL else "pipe",
-            "stderr": "devnull" if stderr == StreamType.DEVNULL else "pipe",
-            "pty": pty,
-        }
+        request = build(
+            ExecRequest,
+            exec_id=exec_id,
+            args=argv,
+            workdir=workdir,
+            env=plain_env,
+            secret_env=secret_env,
+            secret_ids=await secret_ids(secrets),
+            timeout=timeout,
+            stdout="devnull" if stdout == StreamType.DEVNULL else "pipe",
+            stderr="devnull" if stderr == StreamType.DEVNULL else "pipe",
+            pty=pty,
+        )
+        body = request.model_dump(mode="json", exclude_defaults=True)
         # exec is idempotent on exec_id, so a lost connection can be retried.
-        await self._client.request("POST", f"/v1/sandboxes/{self._id}/execs", json_body=body)
+        await self._client.request("POST", routes.path("sandboxes", self._id, "execs"), json_body=body)
         return ContainerProcess(
             self._client,
             self._id,
@@ -486,7 +422,9 @@ class Sandbox:
     # ------------------------------------------------------------------ lifecycle
 
     async def _wait_once(self, timeout: float) -> dict[str, Any]:
-        info = await self._client.request("GET", f"/v1/sandboxes/{self._id}/wait", params={"timeout": str(timeout)})
+        info = await self._client.request(
+            "GET", routes.path("sandboxes", self._id, "wait"), params={"timeout": str(timeout)}
+        )
         self._absorb(info)
         return cast(dict[str, Any], info)
 
@@ -516,7 +454,7 @@ class Sandbox:
     async def terminate(self, *, wait: bool = False) -> int | None:
         """Stop the sandbox now (its return code becomes 137); ``wait=True`` returns that code."""
         if self._result is None:
-            info = await self._client.request("POST", f"/v1/sandboxes/{self._id}/terminate")
+            info = await self._client.request("POST", routes.path("sandboxes", self._id, "terminate"))
             self._absorb(info)
         if wait:
             while self._result is None:
@@ -531,7 +469,7 @@ class Sandbox:
     @live_method
     async def get_tags(self) -> dict[str, str]:
         """The sandbox's tags."""
-        info = await self._client.request("GET", f"/v1/sandboxes/{self._id}")
+        info = await self._client.request("GET", routes.path("sandboxes", self._id))
         self._absorb(info)
         return dict(info["tags"])
 
@@ -540,7 +478,7 @@ class Sandbox:
         """Replace the sandbox's tags (``{}`` clears them)."""
         if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
             raise InvalidError("tags must be a dict of str to str")
-        await self._client.request("PUT", f"/v1/sandboxes/{self._id}/tags", json_body={"tags": tags})
+        await self._client.request("PUT", routes.path("sandboxes", self._id, "tags"), json_body={"tags": tags})
 
     @live_method
     async def tunnels(self, timeout: int = 50) -> dict[int, Tunnel]:
@@ -561,7 +499,9 @@ class Sandbox:
             left = max(0.0, deadline - time.monotonic())
             try:
                 resp = await self._client.request(
-                    "GET", f"/v1/sandboxes/{self._id}/tunnels", params={"timeout": str(min(left, WAIT_SECONDS))}
+                    "GET",
+                    routes.path("sandboxes", self._id, "tunnels"),
+                    params={"timeout": str(min(left, WAIT_SECONDS))},
                 )
                 break
             except SandboxTimeoutError:
@@ -598,7 +538,7 @@ class Sandbox:
         """A new image holding one directory of the sandbox (for ``mount_image``)."""
         self._check_attached()
         if _experimental_encryption_key is not None:
-            raise _not_supported("_experimental_encryption_key", "snapshots are stored unencrypted on the host")
+            raise not_supported("_experimental_encryption_key", "snapshots are stored unencrypted on the host")
         return await _snapshots.snapshot_directory(self._client, self._id, path, timeout, ttl)
 
     @live_method
@@ -613,7 +553,7 @@ class Sandbox:
         """
         self._check_attached()
         if _experimental_encryption_key is not None:
-            raise _not_supported("_experimental_encryption_key", "snapshots are stored unencrypted on the host")
+            raise not_supported("_experimental_encryption_key", "snapshots are stored unencrypted on the host")
         await _snapshots.mount_image(self._client, self._id, path, image)
 
     @live_method
@@ -625,7 +565,7 @@ class Sandbox:
     @live_method
     async def reload_volumes(self, *, timeout: int = 55) -> None:
         """Pick up the latest committed state of mounted volumes (shoal's volume mounts are always current)."""
-        await self._client.request("POST", f"/v1/sandboxes/{self._id}/reload_volumes")
+        await self._client.request("POST", routes.path("sandboxes", self._id, "reload_volumes"))
 
     @live_method
     async def create_connect_token(
@@ -655,7 +595,7 @@ class Sandbox:
         check_port(port, "port")
         answer = await self._client.request(
             "POST",
-            f"/v1/sandboxes/{self._id}/connect_tokens",
+            routes.path("sandboxes", self._id, "connect_tokens"),
             json_body={"port": port, "user_metadata": metadata},
             idempotent=False,
         )
@@ -676,10 +616,10 @@ class Sandbox:
         """
         self._check_attached()
         body = {
-            "outbound_cidr_allowlist": _str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),
-            "outbound_domain_allowlist": _str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
+            "outbound_cidr_allowlist": str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),
+            "outbound_domain_allowlist": str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
         }
-        await self._client.request("POST", f"/v1/sandboxes/{self._id}/network_policy", json_body=body)
+        await self._client.request("POST", routes.path("sandboxes", self._id, "network_policy"), json_body=body)
 
     @live_method
     async def wait_until_ready(self, *, timeout: int = 300) -> None:
@@ -697,7 +637,7 @@ class Sandbox:
             if left <= 0:
                 raise NotReadyError(f"Sandbox {self._id} did not become ready within {timeout} s")
             answer = await self._client.request(
-                "POST", f"/v1/sandboxes/{self._id}/ready", params={"timeout": f"{min(left, READY_POLL):.3f}"}
+                "POST", routes.path("sandboxes", self._id, "ready"), params={"timeout": f"{min(left, READY_POLL):.3f}"}
             )
             if answer.get("ready"):
                 return

@@ -20,7 +20,7 @@ from shoal.exception import InvalidError
 from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method
 from shoal.sdk.transport import default_client
-from shoal.wire import times
+from shoal.wire import routes, times
 
 
 @dataclass
@@ -61,7 +61,7 @@ class _SecretManager:
         env = _check_env_dict(env_dict, "Secret.objects.create")
         await default_client().request(
             "POST",
-            "/v1/secrets",
+            routes.path("secrets"),
             json_body={"name": name, "env": env, "allow_existing": allow_existing},
             idempotent=False,
         )
@@ -75,7 +75,7 @@ class _SecretManager:
         client: Any = None,
     ) -> list[Secret]:
         """Named secrets, newest first."""
-        items = (await default_client().request("GET", "/v1/secrets"))["secrets"]
+        items = (await default_client().request("GET", routes.path("secrets")))["secrets"]
         items = filter_listing(items, max_objects, created_before)
         out = []
         for item in items:
@@ -90,7 +90,9 @@ class _SecretManager:
     ) -> None:
         """Delete a named secret (running sandboxes keep the values they started with)."""
         params = {"allow_missing": "1"} if allow_missing else None
-        await default_client().request("DELETE", f"/v1/secrets/by-name/{name}", params=params, idempotent=False)
+        await default_client().request(
+            "DELETE", routes.path("secrets", "by-name", name), params=params, idempotent=False
+        )
 
 
 class Secret:
@@ -182,7 +184,7 @@ class Secret:
                 if self._info is None:
                     self._info = await default_client().request(
                         "POST",
-                        "/v1/secrets/lookup",
+                        routes.path("secrets", "lookup"),
                         json_body={"name": self._name, "required_keys": self._required_keys},
                     )
         return self.object_id
@@ -213,7 +215,7 @@ class Secret:
             self._env.update(env)
             return
         secret_id = await self._hydrate()
-        self._info = await default_client().request("PATCH", f"/v1/secrets/{secret_id}", json_body={"env": env})
+        self._info = await default_client().request("PATCH", routes.path("secrets", secret_id), json_body={"env": env})
 
     def _as_env(self) -> dict[str, str]:
         """The values this secret carries itself (a named secret's stay in the daemon)."""

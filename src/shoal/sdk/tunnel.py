@@ -10,6 +10,7 @@ from shoal.exception import DeprecationError, InvalidError
 from shoal.sdk._checks import is_port
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import Client
+from shoal.wire import routes
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class TunnelMap(dict[int, Tunnel]):
     def __missing__(self, port: int) -> Tunnel:
         if not is_port(port):
             raise KeyError(port)
-        resp = run_blocking(self._client.request("POST", f"/v1/sandboxes/{self._sandbox_id}/tunnels/{port}"))
+        resp = run_blocking(self._client.request("POST", routes.path("sandboxes", self._sandbox_id, "tunnels", port)))
         for t in resp["tunnels"]:
             self[int(t["container_port"])] = _tunnel(t)
         if not dict.__contains__(self, port):

@@ -36,7 +36,7 @@ from shoal.exception import (
 from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method, live_method_generator, run_async, run_blocking
 from shoal.sdk.transport import Client, default_client, error_from
-from shoal.wire import times
+from shoal.wire import routes, times
 
 HEARTBEAT_SECONDS = 60.0
 """How often an ephemeral volume tells the daemon its client is alive (the daemon waits 15 minutes)."""
@@ -126,7 +126,7 @@ class _VolumeManager:
             raise InvalidError("VolumeFS version must be either 1 or 2")
         await default_client().request(
             "POST",
-            "/v1/volumes",
+            routes.path("volumes"),
             json_body={"name": name, "allow_existing": allow_existing, "version": version},
             idempotent=False,
         )
@@ -140,7 +140,7 @@ class _VolumeManager:
         client: Any = None,
     ) -> list[Volume]:
         """Named volumes, newest first."""
-        resp = await default_client().request("GET", "/v1/volumes")
+        resp = await default_client().request("GET", routes.path("volumes"))
         return [Volume._hydrated(i) for i in filter_listing(resp["volumes"], max_objects, created_before)]
 
     @live_function
@@ -149,7 +149,9 @@ class _VolumeManager:
     ) -> None:
         """Delete a named volume and everything in it."""
         params = {"allow_missing": "1"} if allow_missing else None
-        await default_client().request("DELETE", f"/v1/volumes/by-name/{name}", params=params, idempotent=False)
+        await default_client().request(
+            "DELETE", routes.path("volumes", "by-name", name), params=params, idempotent=False
+        )
 
 
 class Volume:
@@ -224,7 +226,10 @@ class Volume:
     async def rename(old_name: str, new_name: str, *, client: Any = None, environment_name: str | None = None) -> None:
         """Rename a named volume (its content stays where it is)."""
         await default_client().request(
-            "POST", "/v1/volumes/rename", json_body={"old_name": old_name, "new_name": new_name}, idempotent=False
+            "POST",
+            routes.path("volumes", "rename"),
+            json_body={"old_name": old_name, "new_name": new_name},
+            idempotent=False,
         )
 
     @live_function
@@ -281,11 +286,11 @@ class Volume:
         async with ref.lock:
             if ref.info is None:
                 if ref.volume_id is not None:
-                    info = await self._client().request("GET", f"/v1/volumes/{ref.volume_id}")
+                    info = await self._client().request("GET", routes.path("volumes", ref.volume_id))
                 else:
                     info = await self._client().request(
                         "POST",
-                        "/v1/volumes/lookup",
+                        routes.path("volumes", "lookup"),
                         json_body={
                             "name": ref.name,
                             "create_if_missing": ref.create_if_missing,
@@ -318,7 +323,7 @@ class Volume:
         """Make the volume's changes durable (they are visible to every sandbox at once)."""
         try:
             volume_id = await self._hydrate()
-            await self._client().request("POST", f"/v1/volumes/{volume_id}/commit")
+            await self._client().request("POST", routes.path("volumes", volume_id, "commit"))
         except NotFoundError as exc:
             raise RuntimeError(str(exc)) from None
 
@@ -327,7 +332,7 @@ class Volume:
         """Pick up the latest committed state (shoal's volumes are always current: this checks the volume exists)."""
         try:
             volume_id = await self._hydrate()
-            await self._client().request("GET", f"/v1/volumes/{volume_id}")
+            await self._client().request("GET", routes.path("volumes", volume_id))
         except NotFoundError as exc:
             raise RuntimeError(str(exc)) from None
 
@@ -341,7 +346,7 @@ class Volume:
         params = {"path": path, "recursive": "1" if recursive else "0"}
         buf = b""
         ended = False
-        async for chunk in self._client().stream("GET", f"/v1/volumes/{volume_id}/entries", params=params):
+        async for chunk in self._client().stream("GET", routes.path("volumes", volume_id, "entries"), params=params):
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
@@ -360,7 +365,7 @@ class Volume:
 
     async def _read_stream(self, path: str) -> AsyncIterator[bytes]:
         volume_id = await self._hydrate()
-        stream = self._client().stream("GET", f"/v1/volumes/{volume_id}/files", params={"path": path})
+        stream = self._client().stream("GET", routes.path("volumes", volume_id, "files"), params={"path": path})
         pending: list[bytes] = []
         size = 0
         try:
@@ -402,7 +407,7 @@ class Volume:
         volume_id = await self._hydrate()
         try:
             await self._client().request(
-                "POST", f"/v1/volumes/{volume_id}/remove", json_body={"path": path, "recursive": recursive}
+                "POST", routes.path("volumes", volume_id, "remove"), json_body={"path": path, "recursive": recursive}
             )
         except NotFoundError as exc:
             raise FileNotFoundError(str(exc)) from None
@@ -417,7 +422,7 @@ class Volume:
         volume_id = await self._hydrate()
         await self._client().request(
             "POST",
-            f"/v1/volumes/{volume_id}/copy",
+            routes.path("volumes", volume_id, "copy"),
             json_body={"src_paths": list(src_paths), "dst_path": dst_path, "recursive": recursive},
             idempotent=False,
         )
@@ -568,7 +573,7 @@ class _EphemeralVolume:
         self._heartbeat: asyncio.Task[None] | None = None
 
     async def _enter(self) -> Volume:
-        info = await default_client().request("POST", "/v1/volumes/ephemeral", idempotent=False)
+        info = await default_client().request("POST", routes.path("volumes", "ephemeral"), idempotent=False)
         self._volume = Volume._hydrated(info)
         self._volume._rep = "Volume.ephemeral()"
         self._heartbeat = asyncio.create_task(self._beat(info["volume_id"]))
@@ -579,7 +584,7 @@ class _EphemeralVolume:
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             with contextlib.suppress(ServiceError, OSError):
-                await default_client().request("POST", f"/v1/volumes/{volume_id}/heartbeat")
+                await default_client().request("POST", routes.path("volumes", volume_id, "heartbeat"))
 
     async def _exit(self) -> None:
         if self._heartbeat is not None:
@@ -587,7 +592,7 @@ class _EphemeralVolume:
             self._heartbeat = None
         if self._volume is not None:
             with contextlib.suppress(NotFoundError):
-                await default_client().request("DELETE", f"/v1/volumes/{self._volume.object_id}")
+                await default_client().request("DELETE", routes.path("volumes", self._volume.object_id))
             self._volume = None
 
     def __enter__(self) -> Volume:

@@ -1,0 +1,223 @@
+"""The daemon's side of a sandbox's agent: the frames it sends (process starts, output, exits), the
+reconciliation after a (re)connection, and re-adoption of a running sandbox after a daemon restart.
+
+A part of :class:`shoal.engine.sandbox.Sandbox`, kept apart because it is one job: the attributes it uses
+are the sandbox's own, declared below for the type checker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shoal.agent import protocol as P
+from shoal.engine.link import AgentLink
+from shoal.engine.logs import LogWriter
+from shoal.engine.process import SIGKILL, Process
+from shoal.engine.results import result_for_exit
+from shoal.store.state import ExecRow, SandboxRow
+from shoal.wire.sandboxes import Result, SandboxState
+
+if TYPE_CHECKING:
+    from shoal.engine.sandbox import Context
+
+log = logging.getLogger("shoal.engine.sandbox")
+
+MAX_LISTED = 100_000
+"""Most processes an agent may list when it (re)connects."""
+RUNNING = SandboxState.RUNNING
+
+
+class AgentFrames:
+    """Agent frames and re-adoption, for :class:`~shoal.engine.sandbox.Sandbox`."""
+
+    id: str
+    ctx: Context
+    row: SandboxRow
+    state: SandboxState
+    run_dir: Path
+    processes: dict[str, Process]
+    link: AgentLink | None
+    connected: asyncio.Event
+    logs: LogWriter
+    _hello_remaining: int
+    _hello_seen: set[str]
+    _listener: asyncio.Server | None
+
+    @property
+    def container_id(self) -> str:
+        """The OCI container id."""
+        return self.id
+
+    def touch(self) -> None:
+        raise NotImplementedError
+
+    def finish_soon(self, result: Result) -> None:
+        raise NotImplementedError
+
+    def _release(self, proc: Process) -> None:
+        raise NotImplementedError
+
+    def _process_from_row(self, row: ExecRow) -> Process:
+        raise NotImplementedError
+
+    def _arm_timers(self) -> None:
+        raise NotImplementedError
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        raise NotImplementedError
+
+    def _on_frames(self, link: AgentLink, frames: list[P.Frame]) -> None:
+        if not link.verified:
+            self._verify(link, frames[0])
+            frames = frames[1:]
+            if not link.verified:
+                return
+        acks: dict[tuple[str, int], Process] = {}
+        for f in frames:
+            proc = self.processes.get(f.exec_id) if f.exec_id else None
+            if f.msg == P.Msg.HELLO:
+                # The agent lists the processes it tracks in the next `value` STARTED frames.
+                self._hello_remaining = max(0, min(f.value, MAX_LISTED))
+                self._hello_seen.clear()
+                if self._hello_remaining == 0:
+                    self._reconcile()
+            elif f.msg == P.Msg.STARTED and self._hello_remaining > 0:
+                self._hello_remaining -= 1
+                if proc is not None:
+                    proc.pid = f.pid
+                    proc.stdin_offset = proc.stdin_acked = f.offset
+                    self._hello_seen.add(proc.id)
+                else:
+                    # Unrecorded (an attached file operation whose request ended with the old daemon): nobody
+                    # will ever read it or close its stdin.
+                    link.send(P.signal_frame(f.exec_id, SIGKILL))
+                if self._hello_remaining == 0:
+                    self._reconcile()
+            elif proc is None:
+                # Not (or no longer) tracked: an unrecorded process from before a restart, or one already
+                # forgotten.  Acknowledge so the agent can let go of it; keep nothing.
+                if f.msg == P.Msg.EXIT:
+                    link.send(P.exit_ack_frame(f.exec_id))
+                elif f.msg in (P.Msg.OUTPUT, P.Msg.EOF):
+                    end = f.offset + len(f.data)
+                    link.send(P.ack_frame(f.exec_id, f.fd, end, f.msg == P.Msg.EOF))
+            elif f.msg == P.Msg.STARTED:
+                proc.pid = f.pid
+            elif f.msg == P.Msg.OUTPUT:
+                stream = proc.streams[f.fd - 1]
+                before = stream.received
+                if not stream.append(f.offset, f.data):
+                    log.warning("sandbox %s: output gap from agent; dropping connection", self.id)
+                    link.close()
+                    return
+                if proc.is_entrypoint and proc.persist:
+                    self.logs.output(f.fd, before, stream.received - before)
+                acks[(proc.id, f.fd)] = proc
+            elif f.msg == P.Msg.EOF:
+                stream = proc.streams[f.fd - 1]
+                if f.offset == stream.received:
+                    stream.mark_eof()
+                    if proc.persist:
+                        self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
+                acks[(proc.id, f.fd)] = proc
+                self._release(proc)
+            elif f.msg == P.Msg.EXIT:
+                self._on_exit(proc, f.kind, f.value)
+                link.send(P.exit_ack_frame(proc.id))
+                self._release(proc)
+            elif f.msg == P.Msg.STDIN_ACK:
+                proc.stdin_acknowledged(f.offset)
+        for (exec_id, fd), proc in acks.items():
+            stream = proc.streams[fd - 1]
+            link.send(P.ack_frame(exec_id, fd, stream.received, stream.eof))
+
+    def _verify(self, link: AgentLink, first: P.Frame) -> None:
+        if first.msg != P.Msg.HELLO or not hmac.compare_digest(first.token, self.row.token):
+            log.warning("sandbox %s: refusing a control connection without the agent's token", self.id)
+            link.close()
+            return
+        link.verified = True
+        old, self.link = self.link, link
+        if old is not None and old is not link:
+            old.close()
+        self._close_listener()
+        log.info("sandbox %s: agent reconnected", self.id)
+        self._on_frames(link, [first])
+
+    def _reconcile(self) -> None:
+        """After a (re)connection: processes the agent does not know ended unseen."""
+        for proc in list(self.processes.values()):
+            if not proc.exited and proc.id not in self._hello_seen and not proc.placeholder:
+                log.warning("sandbox %s: process %s was lost while the daemon was away", self.id, proc.id)
+                self._on_exit(proc, P.ExitKind.SIGNAL, SIGKILL)
+                proc.end_streams()
+                self.ctx.state.set_eof(self.id, proc.id, proc.eof_mask)
+        self.connected.set()
+
+    def _on_exit(self, proc: Process, kind: int, value: int) -> None:
+        if kind not in {k.value for k in P.ExitKind} or not -(1 << 31) <= value < (1 << 31):
+            kind, value = P.ExitKind.CODE, 255
+        if not proc.set_exit(kind, value):
+            return
+        if proc.persist:
+            self.ctx.state.finish_exec(self.id, proc.id, kind, value)
+        self.touch()
+        if proc.is_entrypoint and self.state == RUNNING:
+            self.finish_soon(result_for_exit(kind, value))
+
+    def _on_link_closed(self, link: AgentLink) -> None:
+        if link is not self.link:
+            return
+        self.link = None
+        self.connected.clear()
+        if self.state == RUNNING:
+            # The agent is PID 1: its connection only ends when the sandbox dies.
+            self.finish_soon(
+                Result(
+                    status="terminated",
+                    message="the sandbox stopped unexpectedly (its init process died)",
+                )
+            )
+
+    def load_processes(self) -> None:
+        """Rebuild the records of processes still running or with output to come (after a daemon restart)."""
+        for row in self.ctx.state.execs(self.id, unfinished=True):
+            self.processes[row.id] = self._process_from_row(row)
+
+    async def adopt(self) -> None:
+        """Take a running sandbox back after a daemon restart: wait for its agent to reconnect."""
+        self.load_processes()
+        state = await self.ctx.runtime.state(self.container_id)
+        if state != "running":
+            self.finish_soon(Result(status="terminated", message="the sandbox stopped while the daemon was away"))
+            return
+        path = self.run_dir / "ctl" / "agent.sock"
+        path.unlink(missing_ok=True)
+
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            AgentLink(self._on_frames, self._on_link_closed, self.id).attach(reader, writer)
+
+        self._listener = await asyncio.start_unix_server(accepted, path=str(path), limit=1 << 18)
+        os.chmod(path, 0o666)
+        await self.ctx.network.reopen(self.id, self.touch)
+        self._arm_timers()
+        self._background(self._expect_agent())
+
+    async def _expect_agent(self) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), self.ctx.cfg.agent_connect_timeout)
+        except TimeoutError:
+            if self.state == RUNNING:
+                self.finish_soon(Result(status="terminated", message="the sandbox's agent did not reconnect"))
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # unregisters from the loop before closing the socket
+            self._listener = None
+            (self.run_dir / "ctl" / "agent.sock").unlink(missing_ok=True)
