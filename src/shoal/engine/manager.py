@@ -24,6 +24,7 @@ from shoal.engine.snapshot import Snapshots
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
 from shoal.gpu import inventory as gpu_inventory
 from shoal.gpu import scheduler as gpu_scheduler
+from shoal.images import base as image_base
 from shoal.images.service import ImageService
 from shoal.images.store import LayerStore
 from shoal.network.service import Network
@@ -191,6 +192,7 @@ class Manager:
         """Stop managing (sandboxes keep running and are re-adopted by the next daemon)."""
         if self._prune_task is not None:
             self._prune_task.cancel()
+        image_base.stop_builds()  # a first base-image bootstrap would otherwise hold the stop for minutes
         await self.pool.close()
         await self._remove_late_strays()
         teardowns = [t for sb in self.sandboxes.values() if (t := sb.teardown_task) is not None and not t.done()]

@@ -7,15 +7,18 @@ default command that keeps a bare sandbox alive for create-then-exec.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from shoal.exception import InvalidError
+from shoal.exception import InvalidError, ServiceError
 from shoal.images.store import LayerStore, shift_tree
 from shoal.wire import ids
 from shoal.wire.image_config import ImageConfig
@@ -26,6 +29,9 @@ PYTHON_SUITES = {"3.11": "bookworm"}
 DEFAULT_PYTHON = "3.11"
 PACKAGES = ["python3", "python3-pip", "python-is-python3", "ca-certificates", "procps"]
 KEEP_ALIVE_CMD = ["sleep", "172800"]
+_builds: set[subprocess.Popen[str]] = set()
+"""Bootstraps in progress (``stop_builds`` ends them)."""
+_builds_lock = threading.Lock()
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -104,21 +110,51 @@ def build(
             argv.append(sources)
         log(f"building base image: Debian {suite} with Python {python_version} (mmdebstrap, once)")
         # An image's files get the usual modes, whatever the daemon's own umask (0077) is.
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, umask=0o022)
+        # Its own session, so that a stopping daemon can end it with everything it started (apt, dpkg).
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, umask=0o022, start_new_session=True
+        )
         assert proc.stdout is not None
         tail: list[str] = []
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = [*tail[-40:], line]
-            log(line)
-        if proc.wait() != 0:
+        with _builds_lock:
+            _builds.add(proc)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                tail = [*tail[-40:], line]
+                log(line)
+            returncode = proc.wait()
+        except BaseException:
+            _stop(proc)  # Ctrl-C in `shoal setup`: the bootstrap is in another session and did not see it
+            proc.wait()
             shutil.rmtree(staged, ignore_errors=True)
+            raise
+        finally:
+            with _builds_lock:
+                _builds.discard(proc)
+        if returncode != 0:
+            shutil.rmtree(staged, ignore_errors=True)
+            if returncode == -signal.SIGTERM or returncode == 128 + signal.SIGTERM:
+                raise ServiceError("building the base image was stopped (the daemon is stopping)")
             raise InvalidError("building the base image failed:\n" + "\n".join(tail[-15:]))
         _customize(staged)
         shift_tree(staged, uid_offset)
         store.publish(layer_id, staged, {"recipe": recipe(python_version)})
         log("base image ready")
         return layer_id
+
+
+def stop_builds() -> None:
+    """End every base-image bootstrap in progress, with the processes it started (the daemon is stopping)."""
+    with _builds_lock:
+        running = list(_builds)
+    for proc in running:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
 
 
 def _host_sources(suite: str) -> str | None:
