@@ -15,10 +15,11 @@ from shoal.exception import InvalidError, ResourceExhaustedError, ServiceError
 from shoal.gpu import inventory, scheduler
 from shoal.gpu.inventory import DriverFile, Gpu, Inventory
 from shoal.runtime import spec
+from shoal.store.spec import SandboxSpec
 from shoal.store.state import SandboxRow, State
 from shoal.wire import gpu as request
 from shoal.wire.gpu import ANY, GpuRequest
-from shoal.wire.sandboxes import SandboxState
+from shoal.wire.sandboxes import CreateSandbox, SandboxState
 
 # ------------------------------------------------------------------ parsing
 
@@ -183,7 +184,9 @@ def test_gpus_without_uuid_are_known_by_their_device_node():
 
 
 def _plan_row(state: State, sandbox_id: str, sched: scheduler.GpuScheduler, req: str, lifecycle: str) -> None:
-    stored = {"timeout": 60, scheduler.PLAN_KEY: sched.plan(request.parse(req), _held(state), {})}
+    stored = SandboxSpec(
+        CreateSandbox(app_id="ap-x", timeout=60), gpu_plan=sched.plan(request.parse(req), _held(state), {})
+    )
     row = SandboxRow(sandbox_id, "ap-x", None, {}, stored, SandboxState.CREATING, b"t", time.time(), None)
     state.add_sandbox(row)
     if lifecycle == "running":
@@ -194,7 +197,9 @@ def _plan_row(state: State, sandbox_id: str, sched: scheduler.GpuScheduler, req:
 
 def _held(state: State) -> dict[str, str]:
     """What a (re)started daemon holds: the GPUs of the sandboxes it loads as creating or running."""
-    return scheduler.held_gpus((r.id, r.spec) for r in state.sandboxes_in(SandboxState.CREATING, SandboxState.RUNNING))
+    return scheduler.held_gpus(
+        (r.id, r.spec.gpu_plan) for r in state.sandboxes_in(SandboxState.CREATING, SandboxState.RUNNING)
+    )
 
 
 def test_allocations_survive_a_restart_through_the_state_database(tmp_path, fake_nodes):
@@ -206,7 +211,8 @@ def test_allocations_survive_a_restart_through_the_state_database(tmp_path, fake
     _plan_row(state, "sb-new", sched, "H100", "creating")
     _plan_row(state, "sb-old", sched, "H100", "finished")
     _plan_row(state, "sb-third", sched, "H100", "running")
-    cpu = SandboxRow("sb-cpu", "ap-x", None, {}, {"timeout": 60}, SandboxState.RUNNING, b"t", time.time(), None)
+    cpu_spec = SandboxSpec(CreateSandbox(app_id="ap-x", timeout=60))
+    cpu = SandboxRow("sb-cpu", "ap-x", None, {}, cpu_spec, SandboxState.RUNNING, b"t", time.time(), None)
     state.add_sandbox(cpu)
     state.close()
 
@@ -275,7 +281,7 @@ def test_plan_and_spec_pass_exactly_the_allocated_gpu(fake_nodes, tmp_path):
     assert json.loads(json.dumps(plan)) == plan  # stored with the sandbox as JSON
 
     container = spec.ContainerConfig(container_id="sb-1", rootfs="/r", agent_dir="/a", ctl_dir="/c")
-    scheduler.apply(container, {scheduler.PLAN_KEY: plan})
+    scheduler.apply(container, plan)
     built = spec.build(container)
     mounts = {m["destination"]: m for m in built["mounts"]}
     for name in ("nvidia1", "nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"):
@@ -295,11 +301,11 @@ def test_plan_and_spec_pass_exactly_the_allocated_gpu(fake_nodes, tmp_path):
 
 def test_a_cpu_sandbox_spec_has_no_devices_and_no_gpu_env():
     container = spec.ContainerConfig(container_id="sb-1", rootfs="/r", agent_dir="/a", ctl_dir="/c")
-    scheduler.apply(container, {"timeout": 60})
+    scheduler.apply(container, None)
     built = spec.build(container)
     assert "devices" not in built["linux"]["resources"]
     assert not [m for m in built["mounts"] if "nvidia" in m["destination"]]
-    assert scheduler.env({"timeout": 60}) == {}
+    assert scheduler.env(None) == {}
 
 
 def test_plan_keeps_the_images_library_path_after_the_drivers(fake_nodes, tmp_path):

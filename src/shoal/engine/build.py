@@ -53,17 +53,15 @@ NETWORK_FILES = ("etc/resolv.conf", "etc/hosts")
 TAIL = 60
 
 
-def attach(mgr: Manager) -> Builder:
-    """Give the manager's image service a builder whose ``run`` steps use build sandboxes."""
+def make_builder(mgr: Manager) -> Builder:
+    """The image builder, whose ``run`` steps use the manager's build sandboxes."""
     cfg = mgr.cfg
     settings = BuildSettings(
         mounts_dir=cfg.runtime_dir / "image-mounts",
         trust_host_cas=cfg.trust_host_cas,
         host_ca_dir=cfg.host_ca_dir,
     )
-    builder = Builder(mgr.state, mgr.layers, cfg.idmap.host_id, settings, BuildSandboxes(mgr))
-    mgr.images.builder = builder
-    return builder
+    return Builder(mgr.state, mgr.layers, cfg.idmap.host_id, settings, BuildSandboxes(mgr))
 
 
 async def recover(mgr: Manager) -> None:
@@ -214,8 +212,8 @@ def _is_plain_empty_dir(path: Path) -> bool:
         return False
 
 
-def attach_registry(mgr: Manager) -> Registry:
-    """Give the manager's image service a registry puller (named secrets come from the daemon's store)."""
+def make_registry(mgr: Manager) -> Registry:
+    """The registry puller (named secrets from the daemon's store; layers held like a build's while pulled)."""
 
     def named(name: str) -> dict[str, str]:
         row = mgr.secrets.lookup(name, [])
@@ -232,6 +230,4 @@ def attach_registry(mgr: Manager) -> Registry:
             else:
                 builder.active_layers.pop(layer, None)
 
-    registry = Registry(mgr.state, mgr.layers, mgr.cfg.idmap.host_id, mgr.cfg.idmap.size, named, hold)
-    mgr.images.registry = registry
-    return registry
+    return Registry(mgr.state, mgr.layers, mgr.cfg.idmap.host_id, mgr.cfg.idmap.size, named, hold)

@@ -49,7 +49,7 @@ def write_bundle(sb: Sandbox, req: CreateSandbox, lowers: list[str]) -> Path:
         ),
         binds=sb.ctx.volumes.prepare(sb.id, req.volumes) if sb.ctx.volumes else [],
     )
-    gpu_scheduler.apply(container, sb.spec)
+    gpu_scheduler.apply(container, sb.spec.gpu_plan)
     bundle = sb.run_dir / "bundle"
     bundle.mkdir(exist_ok=True)
     (bundle / "config.json").write_text(json.dumps(spec.build(container)))

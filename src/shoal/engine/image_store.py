@@ -17,6 +17,7 @@ from shoal.engine.sandbox import FINISHED
 from shoal.exception import ConflictError, InvalidError, NotFoundError
 from shoal.images import usage
 from shoal.images.builder import Builder
+from shoal.store.spec import SandboxSpec
 from shoal.wire import ids, recipe
 from shoal.wire.image_config import ImageConfig
 from shoal.wire.times import micros
@@ -31,7 +32,7 @@ def _builder(mgr: Manager) -> Builder:
     return mgr.images.builder
 
 
-def live_specs(mgr: Manager) -> list[dict[str, Any]]:
+def live_specs(mgr: Manager) -> list[SandboxSpec]:
     """Specs of the sandboxes whose root is mounted: not finished, or finished and still being torn down."""
     return [
         sb.spec
@@ -80,7 +81,7 @@ async def usage_report(mgr: Manager) -> dict[str, Any]:
 def _usage(mgr: Manager, used: set[str]) -> dict[str, Any]:
     store = mgr.layers
     rows = mgr.state.images()
-    sandbox_images = {spec.get("image_id") for spec in live_specs(mgr)}
+    sandbox_images = {spec.image_id for spec in live_specs(mgr)}
     images = []
     for r in rows:
         cfg = ImageConfig.from_json(r.config)
@@ -121,10 +122,10 @@ async def remove_image(mgr: Manager, image_id: str) -> dict[str, Any]:
     row = mgr.state.image(image_id)
     if row is None:
         raise NotFoundError(f"no image {image_id} on this daemon")
-    users = [sb.id for sb in mgr.sandboxes.values() if sb.state is not FINISHED and sb.spec.get("image_id") == image_id]
+    users = [sb.id for sb in mgr.sandboxes.values() if sb.state is not FINISHED and sb.spec.image_id == image_id]
     if users:
         raise ConflictError(f"image {image_id} is used by running sandboxes ({', '.join(users[:5])}); end them first")
-    if image_id in {spec.get("image_id") for spec in mgr.pool.specs()}:
+    if image_id in {spec.image_id for spec in mgr.pool.specs()}:
         raise ConflictError(
             f"image {image_id} is used by running sandboxes (the daemon's warm pool of precreated sandboxes);"
             " run `shoal serve --warm-pool 0` to remove it"
@@ -143,7 +144,7 @@ async def prune(mgr: Manager, all_images: bool) -> dict[str, Any]:
     every image that no running sandbox uses."""
     removed_images = 0
     if all_images:
-        keep = {spec.get("image_id") for spec in live_specs(mgr)}
+        keep = {spec.image_id for spec in live_specs(mgr)}
         for row in mgr.state.images():
             if row.id not in keep:
                 mgr.state.delete_image(row.id)

@@ -32,6 +32,7 @@ from shoal.runtime import cgroups, rootfs
 from shoal.runtime import registry as runtimes
 from shoal.secrets.keyring import Keyring
 from shoal.secrets.store import SecretStore
+from shoal.store.spec import SandboxSpec
 from shoal.store.state import SandboxRow, State
 from shoal.util import reaper
 from shoal.volumes.mounts import VolumeBinds, check_mounts
@@ -92,12 +93,12 @@ class Manager:
         self.runtime = runtimes.choose(cfg.runtime, str(cfg.oci_state_dir))
         self.layers = LayerStore(cfg.images_dir, cfg.image_caches)
         self.images = ImageService(self.state, self.layers, cfg.idmap.host_id)
-        image_build.attach(self)  # image build steps run in build sandboxes
+        self.images.builder = image_build.make_builder(self)  # image build steps run in build sandboxes
         self.network = Network(cfg.network, cfg.data_dir, cfg.runtime_dir, cfg.idmap.host_id)
         self.volumes = VolumeStore(self.state.db, cfg.data_dir / "volumes", cfg.idmap.host_id)
         self.volume_binds = VolumeBinds(self.volumes, cfg.runtime_dir / "volume-binds")
         self.secrets = SecretStore(self.state.db, Keyring(cfg.data_dir / "secrets.key"))
-        image_build.attach_registry(self)  # Image.from_registry pulls (after secrets: a pull may use a named one)
+        self.images.registry = image_build.make_registry(self)  # after secrets: a pull may use a named one
         self.ctx = Context(
             cfg,
             self.state,
@@ -281,23 +282,23 @@ class Manager:
             self.volumes.get(mount.volume_id)  # NotFoundError before any image work
         secret_env = {**self.secrets.resolve(req.secret_ids), **req.secret_env}
         image_id, image = await self.images.resolve(req.image, image_log)
-        spec = req.model_dump(exclude={"secret_env"})  # secrets are stored sealed (below), never in the clear
-        spec.update(
+        spec = SandboxSpec(
+            request=req.model_copy(update={"secret_env": {}}),  # secrets are stored sealed (below), never in the clear
             image_id=image_id,
-            image_env=image.env,
+            image_env=dict(image.env),
             image_workdir=image.workdir,
             image_user=image.user,
-            image_layers=image.layers,
+            image_layers=list(image.layers),
         )
         if gpu_req is not None:
             # No await from here until the sandbox is in self.sandboxes: that is what reserves its GPUs.
-            spec[gpu_scheduler.PLAN_KEY] = self.gpus.plan(gpu_req, self.gpu_holders(), image.env)
+            spec.gpu_plan = self.gpus.plan(gpu_req, self.gpu_holders(), image.env)
         now = time.time()
         pooled = None if build or gpu_req is not None else self.pool.take(image_id, req)
         sandbox_id = pooled.id if pooled is not None else ids.new("sandbox")
         try:
             if secret_env:
-                spec["sealed_env"] = self.secrets.seal_sandbox_env(sandbox_id, secret_env)
+                spec.sealed_env = self.secrets.seal_sandbox_env(sandbox_id, secret_env)
             row = SandboxRow(
                 id=sandbox_id,
                 app_id=req.app_id,
@@ -327,7 +328,7 @@ class Manager:
     def gpu_holders(self) -> dict[str, str]:
         """GPU key → id of the sandbox holding it: every sandbox whose container is not yet removed."""
         return gpu_scheduler.held_gpus(
-            (sb.id, sb.spec)
+            (sb.id, sb.spec.gpu_plan)
             for sb in self.sandboxes.values()
             if sb.state != FINISHED or (sb.teardown_task is not None and not sb.teardown_task.done())
         )

@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from shoal.engine.sandbox import CREATING, Sandbox
+from shoal.store.spec import SandboxSpec
 from shoal.store.state import SandboxRow
 from shoal.wire import ids
 from shoal.wire.image_config import ImageConfig
@@ -117,7 +118,7 @@ class WarmPool:
     async def _add(self, image: ImageConfig) -> None:
         assert self.image_id is not None
         req = CreateSandbox(app_id="")
-        spec = {**req.model_dump(exclude={"secret_env"}), "image_id": self.image_id, "image_layers": image.layers}
+        spec = SandboxSpec(request=req, image_id=self.image_id, image_layers=list(image.layers))
         row = SandboxRow(
             id=ids.new("sandbox"),
             app_id="",
@@ -152,11 +153,11 @@ class WarmPool:
         self._wake.set()
         return sb
 
-    def specs(self) -> list[dict[str, Any]]:
+    def specs(self) -> list[SandboxSpec]:
         """What the pool holds, as sandbox specs: the layers of its image are in use while it runs."""
         if self.image_id is None or self._image is None:
             return []
-        return [{"image_id": self.image_id, "image_layers": list(self._image.layers)}]
+        return [SandboxSpec(CreateSandbox(app_id=""), image_id=self.image_id, image_layers=list(self._image.layers))]
 
     def status(self) -> dict[str, Any]:
         """For ``GET /v1/status``."""

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from shoal.engine.process import SIGKILL, Process
 from shoal.engine.sandbox import RUNNING, Sandbox
 from shoal.exception import ConflictError, InvalidError
 from shoal.runtime.spec import AGENT_PATH
-from shoal.wire.sandboxes import ExecRequest
+from shoal.wire.sandboxes import ExecRequest, ReadinessProbe
 
 if TYPE_CHECKING:
     from shoal.engine.manager import Manager
@@ -29,7 +29,7 @@ _cleanups: set[asyncio.Task[None]] = set()
 
 async def wait_ready(mgr: Manager, sb: Sandbox, timeout: float) -> bool:
     """Whether the sandbox is ready, waiting up to ``timeout`` seconds for its probe to succeed."""
-    probe: dict[str, Any] | None = sb.spec.get("readiness_probe")
+    probe = sb.spec.request.readiness_probe
     if probe is None:
         raise InvalidError(
             f"Sandbox {sb.id} has no readiness probe: create it with"
@@ -47,7 +47,7 @@ async def wait_ready(mgr: Manager, sb: Sandbox, timeout: float) -> bool:
                         sb.ready = True
                         break
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(sb.finished.wait(), probe["interval_ms"] / 1000)
+                        await asyncio.wait_for(sb.finished.wait(), probe.interval_ms / 1000)
     except TimeoutError:
         pass
     return sb.ready
@@ -58,11 +58,11 @@ def _check_running(sb: Sandbox) -> None:
         raise ConflictError(f"Sandbox {sb.id} has already finished: it cannot become ready")
 
 
-async def _probe_once(mgr: Manager, sb: Sandbox, probe: dict[str, Any]) -> bool:
-    if probe.get("tcp_port") is not None:
-        args = [AGENT_PATH, "probe", "tcp", str(probe["tcp_port"])]
+async def _probe_once(mgr: Manager, sb: Sandbox, probe: ReadinessProbe) -> bool:
+    if probe.tcp_port is not None:
+        args = [AGENT_PATH, "probe", "tcp", str(probe.tcp_port)]
     else:
-        args = list(probe["exec_argv"])
+        args = list(probe.exec_argv or [])
     req = ExecRequest(args=args, timeout=PROBE_TIMEOUT, stdout="devnull", stderr="devnull")
     proc = await mgr.exec(sb.id, req, persist=False)
     try:

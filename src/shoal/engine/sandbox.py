@@ -39,6 +39,7 @@ from shoal.gpu import scheduler as gpu_scheduler
 from shoal.network.service import Network
 from shoal.runtime import cgroups, rootfs, spec
 from shoal.runtime.base import ContainerRuntime
+from shoal.store.spec import SandboxSpec
 from shoal.store.state import ExecRow, SandboxRow, State
 from shoal.wire.image_config import ImageConfig
 from shoal.wire.sandboxes import CreateSandbox, ExecInfo, ExecRequest, Result, SandboxInfo, SandboxState
@@ -139,8 +140,8 @@ class Sandbox(AgentFrames):
             self.logs.system("Sandbox started")
 
     @property
-    def spec(self) -> dict[str, Any]:
-        """The validated create request (secrets included: never return it to callers)."""
+    def spec(self) -> SandboxSpec:
+        """What the sandbox was created with (its secrets sealed: never return them to callers)."""
         return self.row.spec
 
     @property
@@ -157,9 +158,9 @@ class Sandbox(AgentFrames):
             tags=self.row.tags,
             state=self.state,
             created_at_us=micros(self.row.created_at),
-            image_id=self.spec.get("image_id", ""),
-            timeout=self.spec["timeout"],
-            idle_timeout=self.spec.get("idle_timeout"),
+            image_id=self.spec.image_id,
+            timeout=self.spec.request.timeout,
+            idle_timeout=self.spec.request.idle_timeout,
             result=self.result,
             returncode=returncode_of(self.result),
         )
@@ -285,8 +286,8 @@ class Sandbox(AgentFrames):
                     lambda: self.finish_soon(Result(status="timeout", message="Sandbox timed out")),
                 )
             )
-        if self.spec.get("idle_timeout"):
-            self._idle_task = asyncio.create_task(self._watch_idle(float(self.spec["idle_timeout"])))
+        if self.spec.request.idle_timeout:
+            self._idle_task = asyncio.create_task(self._watch_idle(float(self.spec.request.idle_timeout)))
 
     async def _watch_idle(self, idle: float) -> None:
         while self.state == RUNNING:
@@ -311,9 +312,9 @@ class Sandbox(AgentFrames):
 
     def _env_for(self, req: ExecRequest, image_env: dict[str, str]) -> dict[str, str]:
         env = dict(image_env)
-        env.update(gpu_scheduler.env(self.spec))
+        env.update(gpu_scheduler.env(self.spec.gpu_plan))
         env.update(self._secret_env())
-        env.update(self.spec.get("env", {}))
+        env.update(self.spec.request.env)
         env.update(req.secret_env)
         env.update(req.env)
         if req.pty:
@@ -323,7 +324,7 @@ class Sandbox(AgentFrames):
     def _secret_env(self) -> dict[str, str]:
         """The sandbox's secrets, unsealed from its stored spec for one process's environment."""
         if self.ctx.secrets is None:
-            return dict(self.spec.get("secret_env", {}))
+            return dict(self.spec.legacy_secret_env)
         return self.ctx.secrets.open_sandbox_env(self.id, self.spec)
 
     def _add_placeholder_entrypoint(self) -> None:
@@ -335,7 +336,7 @@ class Sandbox(AgentFrames):
     def _start_process(
         self, exec_id: str, req: ExecRequest, *, entrypoint: bool = False, persist: bool = True
     ) -> Process:
-        image_env = self.spec.get("image_env", {})
+        image_env = self.spec.image_env
         stored = {"args": req.args, "workdir": req.workdir, "timeout": req.timeout, "pty": req.pty}
         proc = Process(
             self.id,
@@ -349,7 +350,7 @@ class Sandbox(AgentFrames):
         self.processes[exec_id] = proc
         if persist:
             self.ctx.state.add_exec(ExecRow(self.id, exec_id, stored, "running", time.time()))
-        if self.spec.get("verbose") and not entrypoint:
+        if self.spec.request.verbose and not entrypoint:
             self.logs.system(_describe_process(req.args, persist))
         flags = 0
         if req.pty:
@@ -360,11 +361,11 @@ class Sandbox(AgentFrames):
             flags |= P.ExecFlag.STDERR_NULL
         if entrypoint:
             flags |= P.ExecFlag.ENTRYPOINT
-        cwd = req.workdir or self.spec.get("workdir") or self.spec.get("image_workdir") or "/"
+        cwd = req.workdir or self.spec.request.workdir or self.spec.image_workdir or "/"
         timeout_ms = (req.timeout or 0) * 1000
         assert self.link is not None
         env = self._env_for(req, image_env)
-        user = self.spec.get("image_user")
+        user = self.spec.image_user
         self.link.send(P.exec_frame(exec_id, req.args, env, cwd, timeout_ms, flags, user))
         return proc
 

@@ -143,7 +143,7 @@ class Snapshots:
         return cfg
 
     def _sandbox_image(self, sb: Sandbox) -> tuple[str, ImageConfig]:
-        image_id = str(sb.spec.get("image_id", ""))
+        image_id = sb.spec.image_id
         row = self.mgr.state.image(image_id)
         if row is None:
             raise NotFoundError(f"the image of sandbox {sb.id} ({image_id}) was removed; cannot snapshot it")
@@ -316,14 +316,14 @@ class Snapshots:
 
     def _save_mounts(self, sb: Sandbox, mounts: dict[str, dict[str, Any]]) -> None:
         spec = sb.row.spec
-        spec["image_mounts"] = mounts
-        spec["mounted_layers"] = sorted({layer for m in mounts.values() for layer in m["layers"]})
+        spec.image_mounts = mounts
+        spec.mounted_layers = sorted({layer for m in mounts.values() for layer in m["layers"]})
         self.mgr.state.set_sandbox_spec(sb.id, spec)
 
     def mounts(self, sandbox_id: str) -> dict[str, str]:
         """Path → image id of the images mounted in a sandbox."""
         sb = self.mgr.get(sandbox_id)
-        return {p: str(m["image_id"]) for p, m in dict(sb.spec.get("image_mounts") or {}).items()}
+        return {p: str(m["image_id"]) for p, m in sb.spec.image_mounts.items()}
 
     async def mount(self, sandbox_id: str, path: str, image_id: str) -> None:
         """``sb.mount_image(path, image)``."""
@@ -331,7 +331,7 @@ class Snapshots:
         cfg = self._image(image_id)
         sb = self._running(sandbox_id)
         async with self._lock(sb.id):
-            mounts: dict[str, dict[str, Any]] = dict(sb.spec.get("image_mounts") or {})
+            mounts: dict[str, dict[str, Any]] = dict(sb.spec.image_mounts)
             if path in mounts:
                 await self._detach(sb, path, mounts)
             name = os.urandom(6).hex()
@@ -364,7 +364,7 @@ class Snapshots:
         path = check_path(path, "the mount path", allow_root=False)
         sb = self._running(sandbox_id)
         async with self._lock(sb.id):
-            mounts: dict[str, dict[str, Any]] = dict(sb.spec.get("image_mounts") or {})
+            mounts: dict[str, dict[str, Any]] = dict(sb.spec.image_mounts)
             if path not in mounts:
                 raise InvalidError(f"no image is mounted at {path} in sandbox {sb.id}")
             await self._detach(sb, path, mounts)

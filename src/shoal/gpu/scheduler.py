@@ -32,8 +32,6 @@ NVIDIA_DIR = "/.shoal/nvidia"
 """Where the driver's libraries (``lib``) and tools (``bin``) appear in a GPU sandbox."""
 LIB_DIR = f"{NVIDIA_DIR}/lib"
 BIN_DIR = f"{NVIDIA_DIR}/bin"
-PLAN_KEY = "gpu_plan"
-"""The key of a sandbox's stored spec that holds its plan (absent for CPU sandboxes)."""
 
 
 def gpu_key(gpu: Gpu) -> str:
@@ -41,12 +39,11 @@ def gpu_key(gpu: Gpu) -> str:
     return gpu.uuid or gpu.device
 
 
-def held_gpus(sandboxes: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, str]:
-    """GPU key → sandbox id, for sandboxes (id, stored spec) that still hold their GPUs."""
+def held_gpus(sandboxes: Iterable[tuple[str, Mapping[str, Any] | None]]) -> dict[str, str]:
+    """GPU key → sandbox id, for sandboxes (id, stored GPU plan or None) that still hold their GPUs."""
     held: dict[str, str] = {}
-    for sandbox_id, stored in sandboxes:
-        plan = stored.get(PLAN_KEY)
-        if isinstance(plan, dict):
+    for sandbox_id, plan in sandboxes:
+        if plan is not None:
             for g in plan.get("gpus", []):
                 held[str(g["key"])] = sandbox_id
     return held
@@ -150,10 +147,9 @@ def _device(path: str) -> dict[str, Any]:
     }
 
 
-def apply(container: spec.ContainerConfig, stored: Mapping[str, Any]) -> None:
+def apply(container: spec.ContainerConfig, plan: Mapping[str, Any] | None) -> None:
     """Add a sandbox's GPU devices and driver binds (from its stored plan) to its container config."""
-    plan = stored.get(PLAN_KEY)
-    if not isinstance(plan, dict):
+    if plan is None:
         return
     container.devices.extend(
         spec.DeviceNode(d["source"], d["destination"], int(d["major"]), int(d["minor"])) for d in plan["devices"]
@@ -161,7 +157,6 @@ def apply(container: spec.ContainerConfig, stored: Mapping[str, Any]) -> None:
     container.binds.extend(spec.Bind(b["source"], b["destination"], read_only=True) for b in plan["binds"])
 
 
-def env(stored: Mapping[str, Any]) -> dict[str, str]:
+def env(plan: Mapping[str, Any] | None) -> dict[str, str]:
     """The environment every process of a GPU sandbox starts with (before the caller's own)."""
-    plan = stored.get(PLAN_KEY)
-    return dict(plan["env"]) if isinstance(plan, dict) else {}
+    return dict(plan["env"]) if plan is not None else {}

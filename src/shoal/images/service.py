@@ -40,7 +40,7 @@ class ImageService:
         self.builder: Builder | None = None
         """Applies build steps (set by the engine: ``shoal.engine.build``)."""
         self.registry: Registry | None = None
-        """Pulls ``Image.from_registry`` images (set by the engine: ``shoal.images.registry.attach``)."""
+        """Pulls ``Image.from_registry`` images (set by the engine at start: ``shoal.engine.build.make_registry``)."""
 
     async def resolve(self, ref: ImageRef, log: LogFn) -> tuple[str, ImageConfig]:
         """The image id and config for ``ref``: its base, then its build steps (``shoal.images.builder``)."""

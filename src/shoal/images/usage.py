@@ -23,9 +23,9 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from shoal.images.store import LayerStore
+from shoal.store.spec import SandboxSpec
 from shoal.store.state import ImageRow
 
 _sizes: dict[str, int] = {}
@@ -34,7 +34,7 @@ _sizes: dict[str, int] = {}
 
 def layers_in_use(
     images: Iterable[ImageRow],
-    sandbox_specs: Iterable[dict[str, Any]],
+    sandbox_specs: Iterable[SandboxSpec],
     building: Iterable[str] = (),
 ) -> set[str]:
     """Every layer an image, a live sandbox or a running build uses (see the module docstring)."""
@@ -44,12 +44,12 @@ def layers_in_use(
     for r in rows:
         used.update(r.config.get("layers", []))
     for spec in sandbox_specs:
-        layers = spec.get("image_layers")
-        if layers is None:
-            row = by_id.get(str(spec.get("image_id", "")))
+        layers = spec.image_layers
+        if not layers:  # stored by a version that did not record them
+            row = by_id.get(spec.image_id)
             layers = row.config.get("layers", []) if row is not None else []
         used.update(layers)
-        used.update(spec.get("mounted_layers", []))
+        used.update(spec.mounted_layers)
     return used
 
 

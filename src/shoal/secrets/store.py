@@ -17,10 +17,10 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from shoal.exception import AlreadyExistsError, NotFoundError
 from shoal.secrets.keyring import Keyring
+from shoal.store.spec import SandboxSpec
 from shoal.wire import ids
 from shoal.wire.secrets import SecretInfo, check_secret_env
 from shoal.wire.times import micros
@@ -155,13 +155,11 @@ class SecretStore:
         """A sandbox's secret environment, sealed for its stored spec."""
         return self.keyring.seal_env(env, SANDBOX_CONTEXT + sandbox_id)
 
-    def open_sandbox_env(self, sandbox_id: str, spec: dict[str, Any]) -> dict[str, str]:
+    def open_sandbox_env(self, sandbox_id: str, spec: SandboxSpec) -> dict[str, str]:
         """The secret environment in a sandbox's stored spec (sealed, or from before sealing existed)."""
-        sealed = spec.get("sealed_env")
-        if sealed:
-            return self.keyring.open_env(str(sealed), SANDBOX_CONTEXT + sandbox_id)
-        legacy = spec.get("secret_env") or {}
-        return dict(legacy) if isinstance(legacy, dict) else {}
+        if spec.sealed_env:
+            return self.keyring.open_env(spec.sealed_env, SANDBOX_CONTEXT + sandbox_id)
+        return dict(spec.legacy_secret_env)
 
     def seal_stored_specs(self) -> int:
         """Seal secret environments that older versions stored in the clear in sandbox rows; returns how many."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.store.spec import SandboxSpec
 from shoal.wire.sandboxes import SandboxState
 
 SCHEMA = """
@@ -68,7 +69,7 @@ class SandboxRow:
     app_id: str
     name: str | None
     tags: dict[str, str]
-    spec: dict[str, Any]
+    spec: SandboxSpec
     state: SandboxState
     token: bytes
     created_at: float
@@ -155,7 +156,7 @@ class State:
                 row.app_id,
                 row.name,
                 json.dumps(row.tags),
-                json.dumps(row.spec),
+                json.dumps(row.spec.to_json()),
                 row.state.value,
                 row.token,
                 row.created_at,
@@ -167,9 +168,9 @@ class State:
         """Move a sandbox to ``state``."""
         self.db.execute("UPDATE sandboxes SET state = ? WHERE id = ?", (state.value, sandbox_id))
 
-    def set_sandbox_spec(self, sandbox_id: str, spec: dict[str, Any]) -> None:
+    def set_sandbox_spec(self, sandbox_id: str, spec: SandboxSpec) -> None:
         """Replace a sandbox's stored spec (images mounted into it since it started)."""
-        self.db.execute("UPDATE sandboxes SET spec = ? WHERE id = ?", (json.dumps(spec), sandbox_id))
+        self.db.execute("UPDATE sandboxes SET spec = ? WHERE id = ?", (json.dumps(spec.to_json()), sandbox_id))
 
     def finish_sandbox(self, sandbox_id: str, status: str, code: int | None, message: str) -> None:
         """Record a sandbox's result."""
@@ -217,7 +218,7 @@ class State:
                 app_id=r[1],
                 name=r[2],
                 tags=json.loads(r[3]),
-                spec=json.loads(r[4]),
+                spec=SandboxSpec.from_json(json.loads(r[4]), r[0]),
                 state=SandboxState(r[5]),
                 token=r[6] or b"",
                 created_at=r[7],

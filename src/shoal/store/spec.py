@@ -1,0 +1,89 @@
+"""A sandbox as the daemon stores it: the create request it was made from and what was resolved for it.
+
+Stored as one flat JSON object per sandbox (the request's fields beside the resolved ones), the format
+every version so far has written, so a daemon re-adopts the sandboxes of the one before it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pydantic import ValidationError
+
+from shoal.wire.sandboxes import CreateSandbox
+
+log = logging.getLogger(__name__)
+
+_REQUEST_FIELDS = frozenset(CreateSandbox.model_fields) - {"secret_env"}
+
+
+@dataclass
+class SandboxSpec:
+    """What a sandbox was created with.  Secrets are never here in the clear: only ``sealed_env``."""
+
+    request: CreateSandbox
+    """The validated create request, its ``secret_env`` emptied (the values are in ``sealed_env``)."""
+    image_id: str = ""
+    image_env: dict[str, str] = field(default_factory=dict)
+    image_workdir: str | None = None
+    image_user: str | None = None
+    """The image's USER: build steps run as it (sandboxes still start as root)."""
+    image_layers: list[str] = field(default_factory=list)
+    """Layer ids of the sandbox's root, bottom first: in use while the sandbox runs."""
+    gpu_plan: dict[str, Any] | None = None
+    """The GPUs it holds and how they are passed through (``shoal.gpu.scheduler``); None: no GPU."""
+    sealed_env: str | None = None
+    """Its secret environment, sealed (``shoal.secrets.store``)."""
+    legacy_secret_env: dict[str, str] = field(default_factory=dict)
+    """A secret environment an older version stored in the clear (sealed at the next start; build sandboxes)."""
+    image_mounts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Path → the image mounted there by ``sb.mount_image`` (``shoal.engine.snapshot``)."""
+    mounted_layers: list[str] = field(default_factory=list)
+    """The layers of those images: in use while the sandbox runs."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form: the request's fields and the resolved ones, side by side."""
+        out = self.request.model_dump(mode="json", exclude={"secret_env"})
+        for f in fields(self):
+            if f.name == "request":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "legacy_secret_env":
+                if value:
+                    out["secret_env"] = dict(value)
+            elif f.name == "gpu_plan":
+                if value is not None:
+                    out["gpu_plan"] = value
+            elif f.name == "sealed_env":
+                if value:
+                    out["sealed_env"] = value
+            else:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], sandbox_id: str = "") -> SandboxSpec:
+        """Inverse of ``to_json``; reads what older versions stored too."""
+        body = {k: v for k, v in raw.items() if k in _REQUEST_FIELDS}
+        try:
+            request = CreateSandbox.model_validate(body)
+        except ValidationError as exc:
+            # Stored by an older version under rules since tightened: keep the sandbox, as it was accepted then.
+            log.warning("sandbox %s: its stored request no longer validates (%s); using it as stored", sandbox_id, exc)
+            request = CreateSandbox.model_construct(**body)
+        legacy = raw.get("secret_env")
+        return cls(
+            request=request,
+            image_id=str(raw.get("image_id") or ""),
+            image_env=dict(raw.get("image_env") or {}),
+            image_workdir=raw.get("image_workdir"),
+            image_user=raw.get("image_user"),
+            image_layers=list(raw.get("image_layers") or []),
+            gpu_plan=raw.get("gpu_plan") if isinstance(raw.get("gpu_plan"), dict) else None,
+            sealed_env=raw.get("sealed_env") or None,
+            legacy_secret_env=dict(legacy) if isinstance(legacy, dict) else {},
+            image_mounts=dict(raw.get("image_mounts") or {}),
+            mounted_layers=list(raw.get("mounted_layers") or []),
+        )
