@@ -36,23 +36,23 @@ GOAL_RESOLVE_MS = 50.0
 
 def measure(runs: int, builds: int) -> dict[str, list[float]]:
     import shoal
-    from shoal.sdk import _image_build
+    from shoal.sdk import _image_resolve
     from shoal.sdk._sync import run_blocking
     from shoal.sdk.transport import default_client
 
     client = default_client()
     events: list[dict[str, Any]] = []
-    original = _image_build.show_step
+    original = _image_resolve.show_step
 
     def record(event: dict[str, Any]) -> None:
         events.append(event)
         original(event)
 
-    _image_build.show_step = record
+    _image_resolve.show_step = record
 
     def resolve(image: shoal.Image) -> float:
         t0 = time.perf_counter()
-        run_blocking(_image_build.resolve(image._ref, image._steps, client, {}))
+        run_blocking(_image_resolve.resolve(image._ref, image._steps, client, {}))
         return (time.perf_counter() - t0) * 1000
 
     six = shoal.Image.debian_slim().pip_install("six")

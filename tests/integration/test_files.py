@@ -957,3 +957,26 @@ def test_cli_cp_both_ways_and_ls(sandbox, daemon, tmp_path):
     assert res.returncode == 1 and b"SandboxFilesystemNotFoundError" in res.stderr
     res = _cli(daemon, "cp", str(src), str(tmp_path / "x"))
     assert res.returncode == 2 and b"ID:PATH" in res.stderr
+
+
+@pytest.mark.parametrize("where", ["/tmp/killed", "/dev/shm/killed"])
+def test_a_write_killed_midway_leaves_nothing_behind(sandbox, where):
+    """A file operation ended by SIGKILL (as a restarted daemon ends those of the one before it) leaves neither
+    a partial file nor a temporary one in the directory."""
+    from shoal.runtime.spec import AGENT_PATH
+
+    sandbox.filesystem.make_directory(where, create_parents=True)
+    p = sandbox.exec(AGENT_PATH, "fs", "write", "-n", "1000000", f"{where}/f.bin", text=False)
+    p.stdin.write(b"x" * 4096)
+    p.stdin.drain()
+    deadline = time.monotonic() + 10
+    pid = ""
+    while not pid and time.monotonic() < deadline:
+        finder = sandbox.exec("pgrep", "-f", f"fs write -n 1000000 {where}/")
+        pid = finder.stdout.read().strip()
+        finder.wait()
+    assert pid, "the write did not start"
+    time.sleep(0.2)  # let it take the data
+    assert sandbox.exec("kill", "-9", pid).wait() == 0
+    assert p.wait() == 137
+    assert [f.path for f in sandbox.filesystem.list_files(where)] == []

@@ -20,7 +20,7 @@ import pytest
 
 import shoal
 from shoal.exception import ImageBuildError
-from shoal.sdk import _image_build
+from shoal.sdk import _image_resolve
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import default_client
 from shoal.wire import manifest
@@ -34,7 +34,7 @@ def build(image: shoal.Image) -> tuple[str, list[dict[str, Any]], list[str]]:
 
     async def go() -> tuple[str, list[dict[str, Any]], list[str]]:
         client = default_client()
-        steps, trees = await _image_build.wire_steps(image._steps)
+        steps, trees = await _image_resolve.wire_steps(image._steps)
         body = {**image._ref, "steps": steps}
         for _ in range(5):
             events: list[dict[str, Any]] = []
@@ -55,7 +55,7 @@ def build(image: shoal.Image) -> tuple[str, list[dict[str, Any]], list[str]]:
                             final = item
             if "missing_contexts" in final:
                 for digest in final["missing_contexts"]:
-                    await _image_build.upload(client, digest, trees[digest])
+                    await _image_resolve.upload(client, digest, trees[digest])
                     uploads.append(digest)
                 continue
             if "error" in final:

@@ -554,6 +554,14 @@ static int op_read(const char *path, long long offset, long long length) {
 
 /* ---------- write ---------- */
 
+/* A fresh name for a temporary file beside the target. */
+static void temp_name_for(char *buf, size_t size, int tries) {
+    uint64_t r = 0;
+    if (getrandom(&r, sizeof r, GRND_NONBLOCK) != sizeof r)
+        r ^= (uint64_t)time(NULL) * 2654435761u + (uint64_t)getpid() + (uint64_t)tries;
+    snprintf(buf, size, ".shoal-write-%016llx", (unsigned long long)r);
+}
+
 static int op_write(const char *path, long long expect) {
     char dir[PATH_MAX], tmp[64];
     const char *base = split(path, dir);
@@ -593,16 +601,20 @@ static int op_write(const char *path, long long expect) {
     if (exists && S_ISDIR(st.st_mode)) fail(EISDIR);
     if (exists && !S_ISREG(st.st_mode)) fail_special(st.st_mode);
 
-    int fd = -1;
-    for (int tries = 0; fd < 0; tries++) {
-        uint64_t r = 0;
-        if (getrandom(&r, sizeof r, GRND_NONBLOCK) != sizeof r) r ^= (uint64_t)time(NULL) * 2654435761u + (uint64_t)getpid() + (uint64_t)tries;
-        snprintf(tmp, sizeof tmp, ".shoal-write-%016llx", (unsigned long long)r);
-        fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
-        if (fd < 0 && (errno != EEXIST || tries > 100)) fail(errno);
+    /* The data goes to a file without a name (O_TMPFILE) where the filesystem allows it: if this process is
+       killed mid-write (its daemon died and the next one ends it), nothing is left behind.  It gets a
+       temporary name only once complete, for the rename over the target. */
+    int fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
+    int unnamed = fd >= 0;
+    if (!unnamed) {
+        for (int tries = 0; fd < 0; tries++) {
+            temp_name_for(tmp, sizeof tmp, tries);
+            fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+            if (fd < 0 && (errno != EEXIST || tries > 100)) fail(errno);
+        }
+        temp_dir = dirfd;
+        temp_name = tmp;
     }
-    temp_dir = dirfd;
-    temp_name = tmp;
     if (exists) {
         /* Replace the file, not its ownership and permissions. */
         (void)!fchown(fd, st.st_uid, st.st_gid);
@@ -639,6 +651,17 @@ static int op_write(const char *path, long long expect) {
         snprintf(msg, sizeof msg, "the upload ended after %lld of %lld bytes; the file was left as it was", total,
                  expect);
         fail_kind(NULL, ECANCELED, msg);
+    }
+    if (unnamed) {
+        char self[64];
+        snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+        for (int tries = 0;; tries++) {
+            temp_name_for(tmp, sizeof tmp, tries);
+            if (linkat(AT_FDCWD, self, dirfd, tmp, AT_SYMLINK_FOLLOW) == 0) break;
+            if (errno != EEXIST || tries > 100) fail(errno);
+        }
+        temp_dir = dirfd;
+        temp_name = tmp;
     }
     if (close(fd) < 0) fail(errno);
     if (renameat(dirfd, tmp, dirfd, name) < 0) fail(errno);

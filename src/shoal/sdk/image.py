@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from shoal.exception import InvalidError
-from shoal.sdk import _image_build
+from shoal.sdk import _image_resolve
 from shoal.sdk._image_build import ImageBuilder, PendingStep
 from shoal.sdk._sync import live_method
 from shoal.sdk.secret import Secret
@@ -122,7 +122,7 @@ class Image(ImageBuilder):
         """The image id, asking the daemon (which builds what is missing) on first use."""
         if self._ref.get("kind") == "id" and self._object_id is not None and not self._steps:
             return self._object_id
-        self._object_id = await _image_build.resolve(self._ref, self._steps, client, _resolved)
+        self._object_id = await _image_resolve.resolve(self._ref, self._steps, client, _resolved)
         return self._object_id
 
     def _forget(self, client: Client) -> bool:
