@@ -20,6 +20,7 @@ import aiohttp
 
 from shoal.exception import ConnectionError
 from shoal.sdk.transport import Client, error_from
+from shoal.wire import routes
 
 STDOUT, STDERR, EXIT = 1, 2, 3
 _RECORD = struct.Struct("<BI")
@@ -64,7 +65,7 @@ class Attached:
     async def start(self) -> None:
         """Start the process.  Raises the daemon's error (NotFoundError, ConflictError, ...) if it cannot."""
         spec = json.dumps(self._spec).encode()
-        url = f"{self._client.base_url}/v1/sandboxes/{self._sandbox_id}/attach"
+        url = self._client.base_url + routes.path("sandboxes", self._sandbox_id, "attach")
         for attempt in (1, 2):
             try:
                 resp = await self._client._get_session().post(
@@ -88,6 +89,9 @@ class Attached:
         # still open (a restarted daemon): the connection's own "closed" future is watched as well.
         conn = resp.connection
         self._closed = conn.protocol.closed if conn is not None and conn.protocol is not None else None
+        if self._closed is not None:
+            # Its exception (the connection was lost) is reported through the reads; never left unretrieved.
+            self._closed.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.exec_id = resp.headers.get("X-Shoal-Exec-Id", "")
 
     async def _next_chunk(self, content: aiohttp.StreamReader) -> bytes:

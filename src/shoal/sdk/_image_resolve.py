@@ -105,7 +105,7 @@ async def upload(client: Client, digest: str, tree: LocalTree) -> None:
     size = tree.total_bytes()
     started = time.monotonic()
     output.log_line(f"uploading {files} local file{'s' if files != 1 else ''} ({_human(size)})")
-    url = f"{client.base_url}/v1/image-store/contexts/{digest}"
+    url = client.base_url + routes.path("image-store", "contexts", digest)
     async with client._get_session().put(url, data=tree.tar_stream()) as resp:
         body = await resp.read()
         if resp.status >= 400:
