@@ -116,20 +116,21 @@ def _daemon_env(root: Path) -> dict[str, str]:
     return env
 
 
-def processes_in(cgroup_parent: str) -> set[int]:
-    """Pids of processes in any cgroup under ``cgroup_parent`` (this suite's sandboxes)."""
-    pids = set()
-    marker = cgroup_parent.rstrip("/") + "/"
+def proc_files(name: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, content of /proc/<pid>/<name>) for every process that still exists."""
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
             continue
         try:
-            cgroups = (pid_dir / "cgroup").read_text()
+            yield int(pid_dir.name), (pid_dir / name).read_bytes()
         except OSError:
             continue
-        if marker in cgroups:
-            pids.add(int(pid_dir.name))
-    return pids
+
+
+def processes_in(cgroup_parent: str) -> set[int]:
+    """Pids of processes in any cgroup under ``cgroup_parent`` (this suite's sandboxes)."""
+    marker = (cgroup_parent.rstrip("/") + "/").encode()
+    return {pid for pid, cgroups in proc_files("cgroup") if marker in cgroups}
 
 
 def leaks(d: Daemon) -> list[str]:

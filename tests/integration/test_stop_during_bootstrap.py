@@ -16,23 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, proc_files
 
 
 def _processes_under(path: Path) -> dict[int, str]:
     """Processes whose command line names ``path`` (the bootstrap and what it runs in the staging dir)."""
-    found = {}
     needle = str(path).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmdline:
-            found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]
-    return found
+    return {
+        pid: cmd.replace(b"\0", b" ").decode(errors="replace")[:200]
+        for pid, cmd in proc_files("cmdline")
+        if needle in cmd
+    }
 
 
 def _end_leftovers(staging: Path) -> None:

@@ -14,6 +14,8 @@ from shoal.exception import InvalidError
 from shoal.sdk.image import Image
 from shoal.sdk.transport import Client
 from shoal.wire import routes
+from shoal.wire.base import dump
+from shoal.wire.snapshots import DirectorySnapshotRequest, MountRequest, SnapshotRequest, UnmountRequest
 
 
 def _path(path: Any, what: str) -> str:
@@ -36,7 +38,7 @@ def _timeout_ttl(timeout: Any, ttl: Any) -> dict[str, Any]:
 
 async def snapshot_filesystem(client: Client, sandbox_id: str, timeout: int, ttl: int | None) -> Image:
     """A new image of the sandbox's filesystem."""
-    body = _timeout_ttl(timeout, ttl)
+    body = dump(SnapshotRequest, **_timeout_ttl(timeout, ttl))
     resp = await client.request(
         "POST", routes.path("sandboxes", sandbox_id, "snapshot"), json_body=body, idempotent=False
     )
@@ -45,7 +47,7 @@ async def snapshot_filesystem(client: Client, sandbox_id: str, timeout: int, ttl
 
 async def snapshot_directory(client: Client, sandbox_id: str, path: Any, timeout: int, ttl: int | None) -> Image:
     """A new image holding one directory of the sandbox."""
-    body = {"path": _path(path, "path"), **_timeout_ttl(timeout, ttl)}
+    body = dump(DirectorySnapshotRequest, path=_path(path, "path"), **_timeout_ttl(timeout, ttl))
     resp = await client.request(
         "POST", routes.path("sandboxes", sandbox_id, "snapshot_directory"), json_body=body, idempotent=False
     )
@@ -61,7 +63,9 @@ async def mount_image(client: Client, sandbox_id: str, path: Any, image: Any) ->
         raise TypeError(f"mount_image needs a shoal.Image, got {type(image).__name__}")
     image_id = await image._resolve(client)
     await client.request(
-        "POST", routes.path("sandboxes", sandbox_id, "mounts"), json_body={"path": target, "image_id": image_id}
+        "POST",
+        routes.path("sandboxes", sandbox_id, "mounts"),
+        json_body=dump(MountRequest, path=target, image_id=image_id),
     )
 
 
@@ -70,4 +74,6 @@ async def unmount_image(client: Client, sandbox_id: str, path: Any) -> None:
     target = _path(path, "path")
     if PurePosixPath(target) == PurePosixPath("/"):
         raise InvalidError("unmount_image cannot unmount '/'")
-    await client.request("POST", routes.path("sandboxes", sandbox_id, "unmount"), json_body={"path": target})
+    await client.request(
+        "POST", routes.path("sandboxes", sandbox_id, "unmount"), json_body=dump(UnmountRequest, path=target)
+    )

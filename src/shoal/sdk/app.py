@@ -9,6 +9,8 @@ from shoal.exception import InvalidError
 from shoal.sdk._sync import live_function, run_async, run_blocking
 from shoal.sdk.transport import default_client
 from shoal.wire import routes
+from shoal.wire.apps import AppCreate, AppLookup
+from shoal.wire.base import dump
 
 
 class App:
@@ -51,7 +53,7 @@ class App:
         resp = await default_client().request(
             "POST",
             routes.path("apps", "lookup"),
-            json_body={"name": name, "create_if_missing": create_if_missing},
+            json_body=dump(AppLookup, name=name, create_if_missing=create_if_missing),
         )
         app = App(resp["name"])
         app._app_id = resp["app_id"]
@@ -69,7 +71,9 @@ class _AppRun:
         self._app = app
 
     async def _enter(self) -> App:
-        resp = await default_client().request("POST", routes.path("apps"), json_body={"name": self._app.name})
+        resp = await default_client().request(
+            "POST", routes.path("apps"), json_body=dump(AppCreate, name=self._app.name)
+        )
         self._app._app_id = resp["app_id"]
         return self._app
 

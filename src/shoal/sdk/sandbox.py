@@ -50,9 +50,9 @@ from shoal.sdk.volume import mounts_body
 from shoal.types import FileWatchEvent, FileWatchEventType
 from shoal.wire import gpu as gpu_request
 from shoal.wire import routes
-from shoal.wire.base import build
+from shoal.wire.base import build, dump
 from shoal.wire.images import ImageRef
-from shoal.wire.sandboxes import CreateSandbox, ExecRequest
+from shoal.wire.sandboxes import ConnectTokenRequest, CreateSandbox, ExecRequest, NetworkPolicy, TagsUpdate
 
 ENTRYPOINT_STDIN_LIMIT = 2 << 20
 WAIT_SECONDS = 10
@@ -478,7 +478,9 @@ class Sandbox:
         """Replace the sandbox's tags (``{}`` clears them)."""
         if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
             raise InvalidError("tags must be a dict of str to str")
-        await self._client.request("PUT", routes.path("sandboxes", self._id, "tags"), json_body={"tags": tags})
+        await self._client.request(
+            "PUT", routes.path("sandboxes", self._id, "tags"), json_body=dump(TagsUpdate, tags=tags)
+        )
 
     @live_method
     async def tunnels(self, timeout: int = 50) -> dict[int, Tunnel]:
@@ -596,7 +598,7 @@ class Sandbox:
         answer = await self._client.request(
             "POST",
             routes.path("sandboxes", self._id, "connect_tokens"),
-            json_body={"port": port, "user_metadata": metadata},
+            json_body=dump(ConnectTokenRequest, port=port, user_metadata=metadata),
             idempotent=False,
         )
         return SandboxConnectCredentials(url=answer["url"], token=answer["token"])
@@ -615,10 +617,11 @@ class Sandbox:
         sandboxes, cloud metadata) stay denied whatever the policy.
         """
         self._check_attached()
-        body = {
-            "outbound_cidr_allowlist": str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),
-            "outbound_domain_allowlist": str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
-        }
+        body = dump(
+            NetworkPolicy,
+            outbound_cidr_allowlist=str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),
+            outbound_domain_allowlist=str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
+        )
         await self._client.request("POST", routes.path("sandboxes", self._id, "network_policy"), json_body=body)
 
     @live_method

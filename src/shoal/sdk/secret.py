@@ -21,6 +21,8 @@ from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method
 from shoal.sdk.transport import default_client
 from shoal.wire import routes, times
+from shoal.wire.base import dump
+from shoal.wire.secrets import SecretCreate, SecretLookup, SecretUpdate
 
 
 @dataclass
@@ -62,7 +64,7 @@ class _SecretManager:
         await default_client().request(
             "POST",
             routes.path("secrets"),
-            json_body={"name": name, "env": env, "allow_existing": allow_existing},
+            json_body=dump(SecretCreate, name=name, env=env, allow_existing=allow_existing),
             idempotent=False,
         )
 
@@ -185,7 +187,7 @@ class Secret:
                     self._info = await default_client().request(
                         "POST",
                         routes.path("secrets", "lookup"),
-                        json_body={"name": self._name, "required_keys": self._required_keys},
+                        json_body=dump(SecretLookup, name=self._name, required_keys=self._required_keys),
                     )
         return self.object_id
 
@@ -215,7 +217,9 @@ class Secret:
             self._env.update(env)
             return
         secret_id = await self._hydrate()
-        self._info = await default_client().request("PATCH", routes.path("secrets", secret_id), json_body={"env": env})
+        self._info = await default_client().request(
+            "PATCH", routes.path("secrets", secret_id), json_body=dump(SecretUpdate, env=env)
+        )
 
     def _as_env(self) -> dict[str, str]:
         """The values this secret carries itself (a named secret's stay in the daemon)."""

@@ -34,6 +34,8 @@ from shoal.sdk._sync import live_function, live_method, live_method_generator, r
 from shoal.sdk.transport import Client, default_client
 from shoal.sdk.volume_upload import VolumeUploadBatch
 from shoal.wire import routes, times
+from shoal.wire.base import dump
+from shoal.wire.volumes import CopyFiles, RemoveFile, VolumeCreate, VolumeLookup, VolumeRename
 
 HEARTBEAT_SECONDS = 60.0
 """How often an ephemeral volume tells the daemon its client is alive (the daemon waits 15 minutes)."""
@@ -124,7 +126,7 @@ class _VolumeManager:
         await default_client().request(
             "POST",
             routes.path("volumes"),
-            json_body={"name": name, "allow_existing": allow_existing, "version": version},
+            json_body=dump(VolumeCreate, name=name, allow_existing=allow_existing, version=version),
             idempotent=False,
         )
 
@@ -225,7 +227,7 @@ class Volume:
         await default_client().request(
             "POST",
             routes.path("volumes", "rename"),
-            json_body={"old_name": old_name, "new_name": new_name},
+            json_body=dump(VolumeRename, old_name=old_name, new_name=new_name),
             idempotent=False,
         )
 
@@ -288,11 +290,9 @@ class Volume:
                     info = await self._client().request(
                         "POST",
                         routes.path("volumes", "lookup"),
-                        json_body={
-                            "name": ref.name,
-                            "create_if_missing": ref.create_if_missing,
-                            "version": ref.version,
-                        },
+                        json_body=dump(
+                            VolumeLookup, name=ref.name, create_if_missing=ref.create_if_missing, version=ref.version
+                        ),
                     )
                 ref.absorb(info)
         assert ref.volume_id is not None
@@ -404,7 +404,9 @@ class Volume:
         volume_id = await self._hydrate()
         try:
             await self._client().request(
-                "POST", routes.path("volumes", volume_id, "remove"), json_body={"path": path, "recursive": recursive}
+                "POST",
+                routes.path("volumes", volume_id, "remove"),
+                json_body=dump(RemoveFile, path=path, recursive=recursive),
             )
         except NotFoundError as exc:
             raise FileNotFoundError(str(exc)) from None
@@ -420,7 +422,7 @@ class Volume:
         await self._client().request(
             "POST",
             routes.path("volumes", volume_id, "copy"),
-            json_body={"src_paths": list(src_paths), "dst_path": dst_path, "recursive": recursive},
+            json_body=dump(CopyFiles, src_paths=list(src_paths), dst_path=dst_path, recursive=recursive),
             idempotent=False,
         )
 

@@ -91,3 +91,8 @@ def build(model: type[M], **fields: Any) -> M:
         return model(**fields)
     except ValidationError as exc:
         raise InvalidError(validation_message(exc)) from None
+
+
+def dump(model: type[M], **fields: Any) -> dict[str, Any]:
+    """A request body as JSON: the fields given, checked here the way the daemon checks them."""
+    return build(model, **fields).model_dump(mode="json", exclude_unset=True)
