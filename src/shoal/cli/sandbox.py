@@ -15,9 +15,7 @@ import shoal
 from shoal.cli.files import cp_cmd, list_files
 from shoal.cli.run import INTERRUPTED_EXIT, MAX_TIMEOUT, copy_stream, exit_code, parse_env, sdk_errors, stream_process
 from shoal.cli.status import admin, age, console, print_json, require_daemon
-from shoal.sdk._sync import run_async
 from shoal.sdk.admin import AdminClient
-from shoal.sdk.transport import default_client
 from shoal.wire.sandboxes import SandboxState
 
 LOGS_IDLE = 0.5
@@ -119,8 +117,8 @@ async def _copy_until_quiet(reader: shoal.StreamReader[bytes], out: BinaryIO, id
 
 
 async def _logs(sandbox_id: str, follow: bool) -> None:
-    client = AdminClient(default_client())
-    info = await run_async(client.sandbox(sandbox_id))
+    client = AdminClient.of_sdk()
+    info = await client.sandbox(sandbox_id)
     quiet = not follow and info["state"] != SandboxState.FINISHED
     copies = []
     for fd, out in ((1, sys.stdout.buffer), (2, sys.stderr.buffer)):

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import os
+import secrets
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,3 +222,8 @@ class AgentFrames:
             self._listener.close()  # unregisters from the loop before closing the socket
             self._listener = None
             (self.run_dir / "ctl" / "agent.sock").unlink(missing_ok=True)
+
+
+def new_token() -> bytes:
+    """A fresh agent reconnection token."""
+    return secrets.token_bytes(32)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from shoal.agent.build import ensure_agent
 from shoal.engine import build as image_build
+from shoal.engine.agent_frames import new_token
 from shoal.engine.config import Config
 from shoal.engine.pool import WarmPool
 from shoal.engine.process import ENTRYPOINT_ID, Process
-from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, new_token
+from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox
 from shoal.engine.snapshot import Snapshots
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
 from shoal.gpu import inventory as gpu_inventory

@@ -1,8 +1,11 @@
-"""How a sandbox ended, in Modal's terms: results from exits, return codes, lifecycle log lines."""
+"""How a sandbox ended, in Modal's terms (results from exits, return codes), and its lifecycle log lines."""
 
 from __future__ import annotations
 
+import shlex
+
 from shoal.agent import protocol as P
+from shoal.runtime import spec
 from shoal.wire.sandboxes import Result
 
 
@@ -38,3 +41,10 @@ def describe(result: Result) -> str:
         "init_failure": "failed to start",
     }[result.status]
     return f"Sandbox {what}" + (f": {result.message}" if result.message else "")
+
+
+def describe_process(args: list[str], persist: bool) -> str:
+    """A ``verbose=True`` log line for a process started in the sandbox."""
+    if not persist and args[:2] == [spec.AGENT_PATH, "fs"]:
+        return "File operation: " + shlex.join(args[2:])[:1000]
+    return "Exec: " + shlex.join(args)[:1000]

@@ -15,8 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
-import shlex
 import shutil
 import socket
 import time
@@ -29,15 +27,15 @@ from shoal.agent import protocol as P
 from shoal.engine.agent_frames import AgentFrames
 from shoal.engine.bundle import write_bundle
 from shoal.engine.config import Config
+from shoal.engine.environment import process_env
 from shoal.engine.link import AgentLink
 from shoal.engine.logs import LogWriter
 from shoal.engine.output import OutputBudget
 from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
-from shoal.engine.results import describe, returncode_of
+from shoal.engine.results import describe, describe_process, returncode_of
 from shoal.exception import ConflictError, NotFoundError, ServiceError
-from shoal.gpu import scheduler as gpu_scheduler
 from shoal.network.service import Network
-from shoal.runtime import cgroups, rootfs, spec
+from shoal.runtime import cgroups, rootfs
 from shoal.runtime.base import ContainerRuntime
 from shoal.store.spec import SandboxSpec
 from shoal.store.state import ExecRow, SandboxRow, State
@@ -310,23 +308,6 @@ class Sandbox(AgentFrames):
 
     # ---------------------------------------------------------------- processes
 
-    def _env_for(self, req: ExecRequest, image_env: dict[str, str]) -> dict[str, str]:
-        env = dict(image_env)
-        env.update(gpu_scheduler.env(self.spec.gpu_plan))
-        env.update(self._secret_env())
-        env.update(self.spec.request.env)
-        env.update(req.secret_env)
-        env.update(req.env)
-        if req.pty:
-            env.setdefault("TERM", "xterm-256color")
-        return env
-
-    def _secret_env(self) -> dict[str, str]:
-        """The sandbox's secrets, unsealed from its stored spec for one process's environment."""
-        if self.ctx.secrets is None:
-            return dict(self.spec.legacy_secret_env)
-        return self.ctx.secrets.open_sandbox_env(self.id, self.spec)
-
     def _add_placeholder_entrypoint(self) -> None:
         """No command and none in the image: sb.stdout/stderr are empty streams that end with the sandbox."""
         stored: dict[str, Any] = {"args": [], "workdir": None, "timeout": None, "pty": False}
@@ -351,7 +332,7 @@ class Sandbox(AgentFrames):
         if persist:
             self.ctx.state.add_exec(ExecRow(self.id, exec_id, stored, "running", time.time()))
         if self.spec.request.verbose and not entrypoint:
-            self.logs.system(_describe_process(req.args, persist))
+            self.logs.system(describe_process(req.args, persist))
         flags = 0
         if req.pty:
             flags |= P.ExecFlag.PTY
@@ -364,7 +345,7 @@ class Sandbox(AgentFrames):
         cwd = req.workdir or self.spec.request.workdir or self.spec.image_workdir or "/"
         timeout_ms = (req.timeout or 0) * 1000
         assert self.link is not None
-        env = self._env_for(req, image_env)
+        env = process_env(self.ctx.secrets, self.id, self.spec, req, image_env)
         user = self.spec.image_user
         self.link.send(P.exec_frame(exec_id, req.args, env, cwd, timeout_ms, flags, user))
         return proc
@@ -609,15 +590,3 @@ class Sandbox(AgentFrames):
     def remove_data(self) -> None:
         """Delete everything kept for a finished sandbox (retention)."""
         shutil.rmtree(self.data_dir, ignore_errors=True)
-
-
-def _describe_process(args: list[str], persist: bool) -> str:
-    """A ``verbose=True`` log line for a process started in the sandbox."""
-    if not persist and args[:2] == [spec.AGENT_PATH, "fs"]:
-        return "File operation: " + shlex.join(args[2:])[:1000]
-    return "Exec: " + shlex.join(args)[:1000]
-
-
-def new_token() -> bytes:
-    """A fresh agent reconnection token."""
-    return secrets.token_bytes(32)

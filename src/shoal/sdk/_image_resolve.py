@@ -14,6 +14,8 @@ from shoal.sdk._local_files import LocalTree
 from shoal.sdk.secret import secret_ids
 from shoal.sdk.transport import Client, error_from
 from shoal.wire import routes
+from shoal.wire.base import dump
+from shoal.wire.images import ImageRef
 
 MAX_UPLOAD_ROUNDS = 20
 """How often the daemon may ask for more local files before the client gives up."""
@@ -48,9 +50,7 @@ async def resolve(
 ) -> str:
     """The image id, asking the daemon (which builds what is missing) and uploading local files it asks for."""
     wire_steps_, trees = await wire_steps(steps)
-    body = dict(ref)
-    if wire_steps_:
-        body["steps"] = wire_steps_
+    body = dump(ImageRef, **ref, **({"steps": wire_steps_} if wire_steps_ else {}))
     forced = bool(body.get("force_build")) or any(s.get("force_build") for s in wire_steps_)
     key = (client.identity, json.dumps(body, sort_keys=True))
     if not forced and (cached := cache.get(key)) is not None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from shoal.sdk._sync import run_async
 from shoal.sdk.config import ClientConfig
 from shoal.sdk.streams import StreamReader
-from shoal.sdk.transport import Client
+from shoal.sdk.transport import Client, default_client
 from shoal.wire import routes
 from shoal.wire.base import build
 from shoal.wire.images import ImportRootfs
@@ -27,8 +28,15 @@ def _flag(on: bool, name: str) -> dict[str, str] | None:
 class AdminClient:
     """One connection to the configured daemon, for the CLI's operator commands."""
 
-    def __init__(self, client: Client | None = None) -> None:
+    def __init__(self, client: Client | None = None, *, on_sdk_loop: bool = False) -> None:
         self.client = client or Client(ClientConfig(autostart=False))
+        self._on_sdk_loop = on_sdk_loop
+
+    @classmethod
+    def of_sdk(cls) -> AdminClient:
+        """An admin client on the SDK's own connection (and event loop), to use beside SDK objects such as the
+        ``StreamReader`` of ``entrypoint_output``; callable from any event loop."""
+        return cls(default_client(), on_sdk_loop=True)
 
     async def close(self) -> None:
         """Release the connection."""
@@ -36,7 +44,8 @@ class AdminClient:
 
     async def _call(self, method: str, path: str, *, body: Any = None, params: dict[str, str] | None = None) -> Any:
         json_body = body.model_dump(exclude_defaults=True) if body is not None else None
-        return await self.client.request(method, path, json_body=json_body, params=params, idempotent=False)
+        call = self.client.request(method, path, json_body=json_body, params=params, idempotent=False)
+        return await (run_async(call) if self._on_sdk_loop else call)
 
     async def status(self) -> dict[str, Any]:
         """The daemon's version, runtime, paths, sandboxes, pool, images and GPUs."""

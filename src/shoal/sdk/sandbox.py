@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import dataclasses
-import json
 import time
 import uuid
 import warnings
@@ -23,7 +21,6 @@ from shoal.exception import (
 )
 from shoal.exception import TimeoutError as NotReadyError
 from shoal.sdk import _snapshots, file_io
-from shoal.sdk._checks import check_port
 from shoal.sdk._sandbox_args import (
     check_args,
     check_workdir,
@@ -35,6 +32,7 @@ from shoal.sdk._sandbox_args import (
     resources,
     str_list,
 )
+from shoal.sdk._sandbox_network import SandboxNetworkMethods
 from shoal.sdk._sync import live_function, live_generator, live_method, live_method_generator
 from shoal.sdk.app import App
 from shoal.sdk.filesystem import SandboxFilesystem
@@ -52,7 +50,7 @@ from shoal.wire import gpu as gpu_request
 from shoal.wire import routes
 from shoal.wire.base import build, dump
 from shoal.wire.images import ImageRef
-from shoal.wire.sandboxes import ConnectTokenRequest, CreateSandbox, ExecRequest, NetworkPolicy, TagsUpdate
+from shoal.wire.sandboxes import CreateSandbox, ExecRequest, TagsUpdate
 
 ENTRYPOINT_STDIN_LIMIT = 2 << 20
 WAIT_SECONDS = 10
@@ -60,15 +58,7 @@ READY_POLL = 50.0
 """Seconds one readiness request may wait in the daemon."""
 
 
-@dataclasses.dataclass(frozen=True)
-class SandboxConnectCredentials:
-    """What ``sb.create_connect_token()`` returns: the proxy's URL and the token to show it."""
-
-    url: str
-    token: str
-
-
-class Sandbox:
+class Sandbox(SandboxNetworkMethods):
     """An isolated container.
 
     Examples:
@@ -568,61 +558,6 @@ class Sandbox:
     async def reload_volumes(self, *, timeout: int = 55) -> None:
         """Pick up the latest committed state of mounted volumes (shoal's volume mounts are always current)."""
         await self._client.request("POST", routes.path("sandboxes", self._id, "reload_volumes"))
-
-    @live_method
-    async def create_connect_token(
-        self, user_metadata: str | dict[str, Any] | None = None, port: int = 8080
-    ) -> SandboxConnectCredentials:
-        """Credentials for reaching ``port`` in the sandbox over HTTPS through shoal's authenticating proxy.
-
-        Send the token as ``Authorization: Bearer <token>``, as the ``_modal_connect_token`` query parameter (the
-        answer sets a cookie, for browsers) or as that cookie; the sandbox's server receives ``user_metadata``
-        (a dict is JSON-encoded) in the ``X-Verified-User-Data`` header.  HTTP and WebSockets work.  The
-        certificate comes from shoal's local CA (``shoal status`` prints its path).
-
-        Examples:
-            creds = sb.create_connect_token(user_metadata={"user": "ada"})
-            requests.get(creds.url, headers={"Authorization": f"Bearer {creds.token}"}, verify=ca_path)
-        """
-        self._check_attached()
-        if isinstance(user_metadata, dict):
-            try:
-                metadata = json.dumps(user_metadata)
-            except (TypeError, ValueError) as exc:
-                raise InvalidError(f"user_metadata could not be JSON-encoded: {exc}") from None
-        elif user_metadata is None or isinstance(user_metadata, str):
-            metadata = user_metadata or ""
-        else:
-            raise InvalidError(f"user_metadata must be a str or a dict, got {type(user_metadata).__name__}")
-        check_port(port, "port")
-        answer = await self._client.request(
-            "POST",
-            routes.path("sandboxes", self._id, "connect_tokens"),
-            json_body=dump(ConnectTokenRequest, port=port, user_metadata=metadata),
-            idempotent=False,
-        )
-        return SandboxConnectCredentials(url=answer["url"], token=answer["token"])
-
-    @live_method
-    async def _experimental_set_outbound_network_policy(
-        self,
-        *,
-        outbound_cidr_allowlist: Sequence[str] | None = None,
-        outbound_domain_allowlist: Sequence[str] | None = None,
-    ) -> None:
-        """Replace the sandbox's outbound allowlists while it runs; with neither, it may reach the internet again.
-
-        Open connections the new policy does not allow are cut (a connection to a host allowed by name is cut
-        too; the next lookup of the name opens it again).  The always-denied destinations (the host, other
-        sandboxes, cloud metadata) stay denied whatever the policy.
-        """
-        self._check_attached()
-        body = dump(
-            NetworkPolicy,
-            outbound_cidr_allowlist=str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),
-            outbound_domain_allowlist=str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
-        )
-        await self._client.request("POST", routes.path("sandboxes", self._id, "network_policy"), json_body=body)
 
     @live_method
     async def wait_until_ready(self, *, timeout: int = 300) -> None:
