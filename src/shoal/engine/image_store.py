@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator
-from typing import Any
 
 from shoal.engine.manager import Manager
 from shoal.engine.sandbox import FINISHED
@@ -20,6 +19,7 @@ from shoal.images.builder import Builder
 from shoal.store.spec import SandboxSpec
 from shoal.wire import ids, recipe
 from shoal.wire.image_config import ImageConfig
+from shoal.wire.images import ContextStored, ImageRemoved, ImageStoreUsage, PruneResult, StoredImage
 from shoal.wire.times import micros
 
 MAX_CONTEXT_BYTES = 1 << 36
@@ -48,13 +48,13 @@ def in_use(mgr: Manager) -> set[str]:
     return usage.layers_in_use(mgr.state.images(), live_specs(mgr), building)
 
 
-async def store_context(mgr: Manager, digest: str, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+async def store_context(mgr: Manager, digest: str, chunks: AsyncIterator[bytes]) -> ContextStored:
     """Keep an uploaded build context (a tar stream) if its files match ``digest``."""
     builder = _builder(mgr)
     if not recipe.DIGEST_RE.match(digest):
         raise InvalidError("the context name must be a sha256 hex digest")
     if builder.contexts.has(digest):
-        return {"context": digest, "stored": False}
+        return ContextStored(context=digest, stored=False)
     tmp = builder.store.tmp / f"upload-{digest[:16]}.{os.getpid()}.{os.urandom(4).hex()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -70,15 +70,15 @@ async def store_context(mgr: Manager, digest: str, chunks: AsyncIterator[bytes])
         await asyncio.to_thread(builder.contexts.add_archive, digest, tmp)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"context": digest, "stored": True}
+    return ContextStored(context=digest, stored=True)
 
 
-async def usage_report(mgr: Manager) -> dict[str, Any]:
+async def usage_report(mgr: Manager) -> ImageStoreUsage:
     """Images with their sizes, and the store's disk use."""
     return await asyncio.to_thread(_usage, mgr, in_use(mgr))
 
 
-def _usage(mgr: Manager, used: set[str]) -> dict[str, Any]:
+def _usage(mgr: Manager, used: set[str]) -> ImageStoreUsage:
     store = mgr.layers
     rows = mgr.state.images()
     sandbox_images = {spec.image_id for spec in live_specs(mgr)}
@@ -86,15 +86,15 @@ def _usage(mgr: Manager, used: set[str]) -> dict[str, Any]:
     for r in rows:
         cfg = ImageConfig.from_json(r.config)
         images.append(
-            {
-                "image_id": r.id,
-                "recipe": r.recipe,
-                "created_at_us": micros(r.created_at),
-                "layers": cfg.layers,
-                "size": sum(usage.layer_size(store, layer) for layer in cfg.layers),
-                "own_size": usage.layer_size(store, cfg.layers[-1]) if cfg.layers else 0,
-                "in_use": r.id in sandbox_images,
-            }
+            StoredImage(
+                image_id=r.id,
+                recipe=r.recipe,
+                created_at_us=micros(r.created_at),
+                layers=cfg.layers,
+                size=sum(usage.layer_size(store, layer) for layer in cfg.layers),
+                own_size=usage.layer_size(store, cfg.layers[-1]) if cfg.layers else 0,
+                in_use=r.id in sandbox_images,
+            )
         )
     own = usage.own_layers(store)
     layer_bytes = sum(usage.layer_size(store, x) for x in own)  # (cache stores' layers are not this store's)
@@ -102,20 +102,20 @@ def _usage(mgr: Manager, used: set[str]) -> dict[str, Any]:
     builder = mgr.images.builder
     context_bytes = usage.tree_bytes(builder.contexts.root) if builder is not None else 0
     disk = shutil.disk_usage(store.root)
-    return {
-        "images": images,
-        "layers": len(own),
-        "layer_bytes": layer_bytes,
-        "unused_layers": len(unused),
-        "reclaimable_bytes": sum(usage.layer_size(store, x) for x in unused) + context_bytes,
-        "context_bytes": context_bytes,
-        "path": str(store.root),
-        "disk_free_bytes": disk.free,
-        "disk_total_bytes": disk.total,
-    }
+    return ImageStoreUsage(
+        images=images,
+        layers=len(own),
+        layer_bytes=layer_bytes,
+        unused_layers=len(unused),
+        reclaimable_bytes=sum(usage.layer_size(store, x) for x in unused) + context_bytes,
+        context_bytes=context_bytes,
+        path=str(store.root),
+        disk_free_bytes=disk.free,
+        disk_total_bytes=disk.total,
+    )
 
 
-async def remove_image(mgr: Manager, image_id: str) -> dict[str, Any]:
+async def remove_image(mgr: Manager, image_id: str) -> ImageRemoved:
     """Remove an image, and its layers that nothing else uses; refused while a sandbox runs it."""
     if not ids.is_valid(image_id, "image"):
         raise NotFoundError(f"no image {image_id!r} (not an image id)")
@@ -136,10 +136,10 @@ async def remove_image(mgr: Manager, image_id: str) -> dict[str, Any]:
         builder.forget_dangling()
     unused = usage.unused_layers(mgr.layers, in_use(mgr), row.config.get("layers", []))
     pruned = await asyncio.to_thread(usage.remove_layers, mgr.layers, unused)
-    return {"image_id": image_id, "removed_layers": pruned.layers, "freed_bytes": pruned.bytes}
+    return ImageRemoved(image_id=image_id, removed_layers=pruned.layers, freed_bytes=pruned.bytes)
 
 
-async def prune(mgr: Manager, all_images: bool) -> dict[str, Any]:
+async def prune(mgr: Manager, all_images: bool) -> PruneResult:
     """Remove layers no image, sandbox or build uses, and uploaded build contexts; with ``all_images``, first
     every image that no running sandbox uses."""
     removed_images = 0
@@ -158,9 +158,9 @@ async def prune(mgr: Manager, all_images: bool) -> dict[str, Any]:
             contexts = await asyncio.to_thread(builder.contexts.remove_all, set(builder.active_contexts))
     unused = usage.unused_layers(mgr.layers, in_use(mgr))
     pruned = await asyncio.to_thread(usage.remove_layers, mgr.layers, unused)
-    return {
-        "removed_images": removed_images,
-        "removed_layers": pruned.layers,
-        "removed_contexts": contexts,
-        "freed_bytes": pruned.bytes + (context_bytes if contexts else 0),
-    }
+    return PruneResult(
+        removed_images=removed_images,
+        removed_layers=pruned.layers,
+        removed_contexts=contexts,
+        freed_bytes=pruned.bytes + (context_bytes if contexts else 0),
+    )

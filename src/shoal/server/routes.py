@@ -19,18 +19,29 @@ from shoal.engine.sandbox import RUNNING
 from shoal.exception import ConflictError, Error, InvalidError
 from shoal.server import errors, image_wire
 from shoal.server.registry import Route, RouteTable, openapi
-from shoal.wire.apps import AppCreate, AppLookup
-from shoal.wire.images import ImageRef, ImportRootfs
+from shoal.wire.apps import AppCreate, AppInfo, AppLookup
+from shoal.wire.base import Done
+from shoal.wire.images import ImageId, ImageList, ImageRef, ImageSummary, ImportRootfs
 from shoal.wire.sandboxes import (
+    ConnectCredentials,
     ConnectTokenRequest,
     CreateSandbox,
     ExecInfo,
+    ExecList,
     ExecRequest,
+    LogEntries,
+    LogEntry,
     NetworkPolicy,
+    Readiness,
     SandboxInfo,
+    SandboxList,
+    StdinOffset,
+    Tags,
     TagsUpdate,
+    TunnelList,
     WaitResult,
 )
+from shoal.wire.status import DaemonStatus, StatusImage
 from shoal.wire.times import micros
 from shoal.wire.version import __version__ as version
 
@@ -79,27 +90,27 @@ async def get_openapi(request: web.Request) -> dict[str, Any]:
     return openapi(version, request.app[API])
 
 
-@TABLE.route("GET", "/v1/status", summary="Daemon status")
-async def status(request: web.Request) -> dict[str, Any]:
+@TABLE.route("GET", "/v1/status", summary="Daemon status", response=DaemonStatus)
+async def status(request: web.Request) -> DaemonStatus:
     mgr = _mgr(request)
     running = [sb for sb in mgr.sandboxes.values() if sb.state is RUNNING]
-    return {
-        "version": version,
-        "pid": os.getpid(),
-        "runtime": mgr.runtime.name,
-        "runtime_path": mgr.runtime.binary,
-        "data_dir": str(mgr.cfg.data_dir),
-        "socket": str(mgr.cfg.socket),
-        "sandboxes_running": len(running),
-        "images": [
-            {"image_id": row.id, "kind": row.recipe.get("kind"), "created_at_us": micros(row.created_at)}
+    return DaemonStatus(
+        version=version,
+        pid=os.getpid(),
+        runtime=mgr.runtime.name,
+        runtime_path=mgr.runtime.binary,
+        data_dir=str(mgr.cfg.data_dir),
+        socket=str(mgr.cfg.socket),
+        sandboxes_running=len(running),
+        images=[
+            StatusImage(image_id=row.id, kind=row.recipe.get("kind"), created_at_us=micros(row.created_at))
             for row in mgr.images.list()
         ],
-        "idmap": {"host_id": mgr.cfg.idmap.host_id, "size": mgr.cfg.idmap.size},
-        "tunnel_ca": mgr.network.ca_path,
-        "gpu": mgr.gpus.status(mgr.gpu_holders()),
-        "warm_pool": mgr.pool.status(),
-    }
+        idmap={"host_id": mgr.cfg.idmap.host_id, "size": mgr.cfg.idmap.size},
+        tunnel_ca=mgr.network.ca_path,
+        gpu=mgr.gpus.status(mgr.gpu_holders()),
+        warm_pool=mgr.pool.status(),
+    )
 
 
 @TABLE.route(
@@ -141,21 +152,21 @@ def _rss_bytes() -> int:
 # ------------------------------------------------------------------ apps
 
 
-@TABLE.route("POST", "/v1/apps/lookup", summary="Find an app by name (App.lookup)", body=AppLookup)
-async def lookup_app(request: web.Request, body: AppLookup) -> dict[str, Any]:
+@TABLE.route("POST", "/v1/apps/lookup", summary="Find an app by name (App.lookup)", body=AppLookup, response=AppInfo)
+async def lookup_app(request: web.Request, body: AppLookup) -> AppInfo:
     app_id, name = _mgr(request).lookup_app(body.name, body.create_if_missing)
-    return {"app_id": app_id, "name": name}
+    return AppInfo(app_id=app_id, name=name)
 
 
-@TABLE.route("POST", "/v1/apps", summary="Create an ephemeral app (app.run())", body=AppCreate)
-async def create_app(request: web.Request, body: AppCreate) -> dict[str, Any]:
-    return {"app_id": _mgr(request).create_ephemeral_app(body.name), "name": body.name}
+@TABLE.route("POST", "/v1/apps", summary="Create an ephemeral app (app.run())", body=AppCreate, response=AppInfo)
+async def create_app(request: web.Request, body: AppCreate) -> AppInfo:
+    return AppInfo(app_id=_mgr(request).create_ephemeral_app(body.name), name=body.name)
 
 
-@TABLE.route("POST", "/v1/apps/{app_id}/stop", summary="Stop an ephemeral app and its sandboxes")
-async def stop_app(request: web.Request) -> dict[str, Any]:
+@TABLE.route("POST", "/v1/apps/{app_id}/stop", summary="Stop an ephemeral app and its sandboxes", response=Done)
+async def stop_app(request: web.Request) -> Done:
     await _mgr(request).stop_app(request.match_info["app_id"])
-    return {}
+    return Done()
 
 
 # ------------------------------------------------------------------ images
@@ -196,25 +207,23 @@ async def resolve_image(request: web.Request, body: ImageRef) -> web.StreamRespo
     "/v1/images/import",
     summary="Import a root filesystem directory of the host as an image",
     body=ImportRootfs,
+    response=ImageId,
 )
-async def import_image(request: web.Request, body: ImportRootfs) -> dict[str, Any]:
-    return {"image_id": await _mgr(request).images.import_rootfs(body)}
+async def import_image(request: web.Request, body: ImportRootfs) -> ImageId:
+    return ImageId(image_id=await _mgr(request).images.import_rootfs(body))
 
 
-@TABLE.route("GET", "/v1/images", summary="List images")
-async def list_images(request: web.Request) -> dict[str, Any]:
+@TABLE.route("GET", "/v1/images", summary="List images", response=ImageList)
+async def list_images(request: web.Request) -> ImageList:
     mgr = _mgr(request)
-    return {
-        "images": [
-            {
-                "image_id": r.id,
-                "recipe": r.recipe,
-                "created_at_us": micros(r.created_at),
-                "layers": r.config.get("layers", []),
-            }
+    return ImageList(
+        images=[
+            ImageSummary(
+                image_id=r.id, recipe=r.recipe, created_at_us=micros(r.created_at), layers=r.config.get("layers", [])
+            )
             for r in mgr.images.list()
         ]
-    }
+    )
 
 
 # ------------------------------------------------------------------ sandboxes
@@ -235,8 +244,9 @@ async def create_sandbox(request: web.Request, body: CreateSandbox) -> SandboxIn
         "tag": "key=value; repeat for several (all must match)",
         "include_finished": "1 to include finished sandboxes",
     },
+    response=SandboxList,
 )
-async def list_sandboxes(request: web.Request) -> dict[str, Any]:
+async def list_sandboxes(request: web.Request) -> SandboxList:
     tags: dict[str, str] = {}
     for item in request.query.getall("tag", []):
         key, sep, value = item.partition("=")
@@ -245,7 +255,7 @@ async def list_sandboxes(request: web.Request) -> dict[str, Any]:
         tags[key] = value
     include = request.query.get("include_finished", "") in ("1", "true")
     items = _mgr(request).list(request.query.get("app_id"), tags, include)
-    return {"sandboxes": [i.model_dump() for i in items]}
+    return SandboxList(sandboxes=items)
 
 
 @TABLE.route("GET", "/v1/sandboxes/{sandbox_id}", summary="One sandbox", response=SandboxInfo)
@@ -277,11 +287,12 @@ async def wait_sandbox(request: web.Request) -> SandboxInfo:
         " probe, ConflictError once the sandbox has finished"
     ),
     query={"timeout": "seconds to wait at most (default 10, at most 60)"},
+    response=Readiness,
 )
-async def wait_ready(request: web.Request) -> dict[str, Any]:
+async def wait_ready(request: web.Request) -> Readiness:
     mgr = _mgr(request)
     sb = mgr.get(request.match_info["sandbox_id"])
-    return {"ready": await readiness.wait_ready(mgr, sb, _float(request, "timeout", 10.0, MAX_WAIT))}
+    return Readiness(ready=await readiness.wait_ready(mgr, sb, _float(request, "timeout", 10.0, MAX_WAIT)))
 
 
 @TABLE.route(
@@ -295,8 +306,9 @@ async def wait_ready(request: web.Request) -> dict[str, Any]:
         "search": "only entries containing this text",
         "tail": "only the last N entries",
     },
+    response=LogEntries,
 )
-async def get_logs(request: web.Request) -> dict[str, Any]:
+async def get_logs(request: web.Request) -> LogEntries:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
     q = request.query
     source = q.get("source") or None
@@ -316,7 +328,7 @@ async def get_logs(request: web.Request) -> dict[str, Any]:
         search=q.get("search", ""),
         tail=tail,
     )
-    return {"entries": [{"timestamp_us": e.micros, "source": e.source, "message": e.message} for e in entries]}
+    return LogEntries(entries=[LogEntry(timestamp_us=e.micros, source=e.source, message=e.message) for e in entries])
 
 
 @TABLE.route(
@@ -327,14 +339,15 @@ async def get_logs(request: web.Request) -> dict[str, Any]:
         " reach the port with X-Verified-User-Data set to user_metadata"
     ),
     body=ConnectTokenRequest,
+    response=ConnectCredentials,
 )
-async def create_connect_token(request: web.Request, body: ConnectTokenRequest) -> dict[str, Any]:
+async def create_connect_token(request: web.Request, body: ConnectTokenRequest) -> ConnectCredentials:
     mgr = _mgr(request)
     sb = mgr.get(request.match_info["sandbox_id"])
     if sb.state != RUNNING:
         raise ConflictError(f"Sandbox {sb.id} is not running: nothing can connect to it")
     url, token = await mgr.network.create_connect_token(sb.id, body.port, body.user_metadata, sb.touch)
-    return {"url": url, "token": token}
+    return ConnectCredentials(url=url, token=token)
 
 
 @TABLE.route(
@@ -345,14 +358,15 @@ async def create_connect_token(request: web.Request, body: ConnectTokenRequest) 
         " does not allow"
     ),
     body=NetworkPolicy,
+    response=Done,
 )
-async def set_network_policy(request: web.Request, body: NetworkPolicy) -> dict[str, Any]:
+async def set_network_policy(request: web.Request, body: NetworkPolicy) -> Done:
     mgr = _mgr(request)
     sb = mgr.get(request.match_info["sandbox_id"])
     if sb.state != RUNNING:
         raise ConflictError(f"Sandbox {sb.id} is not running: its network policy can no longer change")
     await mgr.network.set_policy(sb.id, body.outbound_cidr_allowlist, body.outbound_domain_allowlist)
-    return {}
+    return Done()
 
 
 @TABLE.route(
@@ -372,20 +386,22 @@ async def terminate_sandbox(request: web.Request) -> SandboxInfo:
     "/v1/sandboxes/{sandbox_id}/tunnels",
     summary="The sandbox's tunnels, once up (SandboxTimeoutError if not within the timeout)",
     query={"timeout": "seconds to wait at most (default 50, at most 60)"},
+    response=TunnelList,
 )
-async def get_tunnels(request: web.Request) -> dict[str, Any]:
+async def get_tunnels(request: web.Request) -> TunnelList:
     mgr = _mgr(request)
     sb = mgr.get(request.match_info["sandbox_id"])
     timeout = _float(request, "timeout", 50.0, MAX_WAIT)
-    return {"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, timeout)}
+    return TunnelList.model_validate({"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, timeout)})
 
 
 @TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/tunnels/{port}",
     summary="Open an encrypted tunnel to a port that was not declared at create",
+    response=TunnelList,
 )
-async def add_tunnel(request: web.Request) -> dict[str, Any]:
+async def add_tunnel(request: web.Request) -> TunnelList:
     mgr = _mgr(request)
     sb = mgr.get(request.match_info["sandbox_id"])
     raw = request.match_info["port"]
@@ -394,13 +410,15 @@ async def add_tunnel(request: web.Request) -> dict[str, Any]:
     if sb.state is not RUNNING:
         raise ConflictError("the sandbox has finished: it cannot open tunnels")
     await mgr.network.add_tunnel(sb.id, int(raw), sb.touch)
-    return {"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, 5.0)}
+    return TunnelList.model_validate({"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, 5.0)})
 
 
-@TABLE.route("PUT", "/v1/sandboxes/{sandbox_id}/tags", summary="Replace a sandbox's tags", body=TagsUpdate)
-async def set_tags(request: web.Request, body: TagsUpdate) -> dict[str, Any]:
+@TABLE.route(
+    "PUT", "/v1/sandboxes/{sandbox_id}/tags", summary="Replace a sandbox's tags", body=TagsUpdate, response=Tags
+)
+async def set_tags(request: web.Request, body: TagsUpdate) -> Tags:
     _mgr(request).set_tags(request.match_info["sandbox_id"], body.tags)
-    return {"tags": body.tags}
+    return Tags(tags=body.tags)
 
 
 @TABLE.route(
@@ -430,10 +448,10 @@ async def create_exec(request: web.Request, body: ExecRequest) -> ExecInfo:
     return mgr.get(sandbox_id).exec_info(proc)
 
 
-@TABLE.route("GET", "/v1/sandboxes/{sandbox_id}/execs", summary="List a sandbox's processes")
-async def list_execs(request: web.Request) -> dict[str, Any]:
+@TABLE.route("GET", "/v1/sandboxes/{sandbox_id}/execs", summary="List a sandbox's processes", response=ExecList)
+async def list_execs(request: web.Request) -> ExecList:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
-    return {"execs": [info.model_dump() for info in sb.exec_infos()]}
+    return ExecList(execs=sb.exec_infos())
 
 
 @TABLE.route("GET", "/v1/sandboxes/{sandbox_id}/execs/{exec_id}", summary="One process", response=ExecInfo)
@@ -499,14 +517,15 @@ async def read_output(request: web.Request) -> web.StreamResponse:
     },
     raw_body=True,
     whole_body=True,
+    response=StdinOffset,
 )
-async def write_stdin(request: web.Request) -> dict[str, Any]:
+async def write_stdin(request: web.Request) -> StdinOffset:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
     offset = _int(request, "offset", 0)
     eof = request.query.get("eof", "") in ("1", "true")
     data = await request.read()
     next_offset = await sb.write_stdin(request.match_info["exec_id"], offset, data, eof)
-    return {"offset": next_offset}
+    return StdinOffset(offset=next_offset)
 
 
 def error_response(exc: BaseException) -> web.Response:

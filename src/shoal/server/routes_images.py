@@ -7,13 +7,13 @@ in :mod:`shoal.engine.image_store`.)
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
 from shoal.engine import image_store
 from shoal.server.registry import RouteTable
 from shoal.server.routes import MANAGER
+from shoal.wire.images import ContextStored, ImageRemoved, ImageStoreUsage, PruneResult
 
 TABLE = RouteTable()
 """The routes this module serves."""
@@ -26,8 +26,9 @@ READ_CHUNK = 1 << 20
     "/v1/image-store/contexts/{digest}",
     summary="Upload the local files of a build step (a tar stream); kept only if they match the digest",
     raw_body=True,
+    response=ContextStored,
 )
-async def upload_context(request: web.Request) -> dict[str, Any]:
+async def upload_context(request: web.Request) -> ContextStored:
     async def chunks() -> AsyncIterator[bytes]:
         while chunk := await request.content.read(READ_CHUNK):
             yield chunk
@@ -35,13 +36,20 @@ async def upload_context(request: web.Request) -> dict[str, Any]:
     return await image_store.store_context(request.app[MANAGER], request.match_info["digest"], chunks())
 
 
-@TABLE.route("GET", "/v1/image-store", summary="Images with their sizes, and the store's disk use")
-async def store_usage(request: web.Request) -> dict[str, Any]:
+@TABLE.route(
+    "GET", "/v1/image-store", summary="Images with their sizes, and the store's disk use", response=ImageStoreUsage
+)
+async def store_usage(request: web.Request) -> ImageStoreUsage:
     return await image_store.usage_report(request.app[MANAGER])
 
 
-@TABLE.route("DELETE", "/v1/images/{image_id}", summary="Remove an image, and its layers that nothing else uses")
-async def remove_image(request: web.Request) -> dict[str, Any]:
+@TABLE.route(
+    "DELETE",
+    "/v1/images/{image_id}",
+    summary="Remove an image, and its layers that nothing else uses",
+    response=ImageRemoved,
+)
+async def remove_image(request: web.Request) -> ImageRemoved:
     return await image_store.remove_image(request.app[MANAGER], request.match_info["image_id"])
 
 
@@ -50,6 +58,7 @@ async def remove_image(request: web.Request) -> dict[str, Any]:
     "/v1/image-store/prune",
     summary="Remove layers no image, sandbox or build uses, and uploaded build contexts",
     query={"all": "1 to first remove every image that no running sandbox uses"},
+    response=PruneResult,
 )
-async def prune(request: web.Request) -> dict[str, Any]:
+async def prune(request: web.Request) -> PruneResult:
     return await image_store.prune(request.app[MANAGER], request.query.get("all", "") in ("1", "true"))

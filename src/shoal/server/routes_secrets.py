@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from shoal.secrets.store import SecretStore
 from shoal.server.registry import RouteTable
 from shoal.server.routes import MANAGER
-from shoal.wire.secrets import SecretCreate, SecretInfo, SecretLookup, SecretUpdate
+from shoal.wire.base import Done
+from shoal.wire.secrets import SecretCreate, SecretInfo, SecretList, SecretLookup, SecretUpdate
 
 TABLE = RouteTable()
 """The routes this module serves."""
@@ -30,9 +29,11 @@ async def create_secret(request: web.Request, body: SecretCreate) -> SecretInfo:
     return _store(request).create(body.name, body.env, body.allow_existing).info()
 
 
-@TABLE.route("GET", "/v1/secrets", summary="List named secrets, newest first (names only, never values)")
-async def list_secrets(request: web.Request) -> dict[str, Any]:
-    return {"secrets": [row.info().model_dump() for row in _store(request).all()]}
+@TABLE.route(
+    "GET", "/v1/secrets", summary="List named secrets, newest first (names only, never values)", response=SecretList
+)
+async def list_secrets(request: web.Request) -> SecretList:
+    return SecretList(secrets=[row.info() for row in _store(request).all()])
 
 
 @TABLE.route(
@@ -67,7 +68,8 @@ async def update_secret(request: web.Request, body: SecretUpdate) -> SecretInfo:
     "/v1/secrets/by-name/{name}",
     summary="Delete a named secret (Secret.objects.delete)",
     query={"allow_missing": "1: no error if there is no such secret"},
+    response=Done,
 )
-async def delete_secret(request: web.Request) -> dict[str, Any]:
+async def delete_secret(request: web.Request) -> Done:
     _store(request).delete_by_name(request.match_info["name"], request.query.get("allow_missing", "") in ("1", "true"))
-    return {}
+    return Done()

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from shoal.engine.snapshot import Snapshots
 from shoal.server.registry import RouteTable
 from shoal.server.routes import MANAGER
-from shoal.wire.snapshots import DirectorySnapshotRequest, MountRequest, SnapshotRequest, UnmountRequest
+from shoal.wire.images import ImageId
+from shoal.wire.snapshots import (
+    DirectorySnapshotRequest,
+    Mounted,
+    MountList,
+    MountRequest,
+    SnapshotRequest,
+    Unmounted,
+    UnmountRequest,
+)
 
 TABLE = RouteTable()
 """The routes this module serves."""
@@ -24,10 +31,11 @@ def _snapshots(request: web.Request) -> Snapshots:
     "/v1/sandboxes/{sandbox_id}/snapshot",
     summary="Snapshot a running sandbox's filesystem as a new image (its changes over its image, one layer)",
     body=SnapshotRequest,
+    response=ImageId,
 )
-async def snapshot_filesystem(request: web.Request, body: SnapshotRequest) -> dict[str, Any]:
+async def snapshot_filesystem(request: web.Request, body: SnapshotRequest) -> ImageId:
     image_id = await _snapshots(request).filesystem(request.match_info["sandbox_id"], body.timeout, body.ttl)
-    return {"image_id": image_id}
+    return ImageId(image_id=image_id)
 
 
 @TABLE.route(
@@ -35,16 +43,22 @@ async def snapshot_filesystem(request: web.Request, body: SnapshotRequest) -> di
     "/v1/sandboxes/{sandbox_id}/snapshot_directory",
     summary="Snapshot one directory of a running sandbox as a new image (for mount_image)",
     body=DirectorySnapshotRequest,
+    response=ImageId,
 )
-async def snapshot_directory(request: web.Request, body: DirectorySnapshotRequest) -> dict[str, Any]:
+async def snapshot_directory(request: web.Request, body: DirectorySnapshotRequest) -> ImageId:
     snapshots = _snapshots(request)
     image_id = await snapshots.directory(request.match_info["sandbox_id"], body.path, body.timeout, body.ttl)
-    return {"image_id": image_id}
+    return ImageId(image_id=image_id)
 
 
-@TABLE.route("GET", "/v1/sandboxes/{sandbox_id}/mounts", summary="Images mounted into a sandbox (path → image id)")
-async def list_mounts(request: web.Request) -> dict[str, Any]:
-    return {"mounts": _snapshots(request).mounts(request.match_info["sandbox_id"])}
+@TABLE.route(
+    "GET",
+    "/v1/sandboxes/{sandbox_id}/mounts",
+    summary="Images mounted into a sandbox (path → image id)",
+    response=MountList,
+)
+async def list_mounts(request: web.Request) -> MountList:
+    return MountList(mounts=_snapshots(request).mounts(request.match_info["sandbox_id"]))
 
 
 @TABLE.route(
@@ -52,10 +66,11 @@ async def list_mounts(request: web.Request) -> dict[str, Any]:
     "/v1/sandboxes/{sandbox_id}/mounts",
     summary="Mount an image at a path of a running sandbox (writable; replaces what was there)",
     body=MountRequest,
+    response=Mounted,
 )
-async def mount_image(request: web.Request, body: MountRequest) -> dict[str, Any]:
+async def mount_image(request: web.Request, body: MountRequest) -> Mounted:
     await _snapshots(request).mount(request.match_info["sandbox_id"], body.path, body.image_id)
-    return {"path": body.path, "image_id": body.image_id}
+    return Mounted(path=body.path, image_id=body.image_id)
 
 
 @TABLE.route(
@@ -63,7 +78,8 @@ async def mount_image(request: web.Request, body: MountRequest) -> dict[str, Any
     "/v1/sandboxes/{sandbox_id}/unmount",
     summary="Unmount an image mounted with mount_image",
     body=UnmountRequest,
+    response=Unmounted,
 )
-async def unmount_image(request: web.Request, body: UnmountRequest) -> dict[str, Any]:
+async def unmount_image(request: web.Request, body: UnmountRequest) -> Unmounted:
     await _snapshots(request).unmount(request.match_info["sandbox_id"], body.path)
-    return {"path": body.path}
+    return Unmounted(path=body.path)

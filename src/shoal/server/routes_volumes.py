@@ -28,8 +28,18 @@ from shoal.server.routes import MANAGER
 from shoal.util import safefs
 from shoal.volumes import files
 from shoal.volumes.store import OpenVolume, VolumeStore
+from shoal.wire.base import Done
 from shoal.wire.sandboxes import SandboxState
-from shoal.wire.volumes import CopyFiles, RemoveFile, VolumeCreate, VolumeInfo, VolumeLookup, VolumeRename
+from shoal.wire.volumes import (
+    CopyFiles,
+    FilesUploaded,
+    RemoveFile,
+    VolumeCreate,
+    VolumeInfo,
+    VolumeList,
+    VolumeLookup,
+    VolumeRename,
+)
 
 TABLE = RouteTable()
 """The routes this module serves."""
@@ -121,14 +131,15 @@ def _usage(store: VolumeStore, volume_id: str) -> int | None:
     "/v1/volumes",
     summary="List named volumes, newest first",
     query={"usage": "1 to add each volume's disk use (walks every volume)"},
+    response=VolumeList,
 )
-async def list_volumes(request: web.Request) -> dict[str, Any]:
+async def list_volumes(request: web.Request) -> VolumeList:
     store = _store(request)
     rows = store.all()
     sizes: list[int | None] = [None] * len(rows)
     if _flag(request, "usage"):
         sizes = list(await asyncio.gather(*(asyncio.to_thread(_usage, store, r.id) for r in rows)))
-    return {"volumes": [r.info(size).model_dump() for r, size in zip(rows, sizes, strict=True)]}
+    return VolumeList(volumes=[r.info(size) for r, size in zip(rows, sizes, strict=True)])
 
 
 @TABLE.route(
@@ -145,18 +156,20 @@ async def get_volume(request: web.Request) -> VolumeInfo:
     return row.info(size)
 
 
-@TABLE.route("POST", "/v1/volumes/{volume_id}/heartbeat", summary="Keep an ephemeral volume alive")
-async def heartbeat_volume(request: web.Request) -> dict[str, Any]:
+@TABLE.route("POST", "/v1/volumes/{volume_id}/heartbeat", summary="Keep an ephemeral volume alive", response=Done)
+async def heartbeat_volume(request: web.Request) -> Done:
     _store(request).heartbeat(request.match_info["volume_id"])
-    return {}
+    return Done()
 
 
-@TABLE.route("DELETE", "/v1/volumes/{volume_id}", summary="Delete a volume by id (ends an ephemeral volume)")
-async def delete_volume(request: web.Request) -> dict[str, Any]:
+@TABLE.route(
+    "DELETE", "/v1/volumes/{volume_id}", summary="Delete a volume by id (ends an ephemeral volume)", response=Done
+)
+async def delete_volume(request: web.Request) -> Done:
     store = _store(request)
     store.delete(request.match_info["volume_id"])
     store.empty_trash_soon()
-    return {}
+    return Done()
 
 
 @TABLE.route(
@@ -164,12 +177,13 @@ async def delete_volume(request: web.Request) -> dict[str, Any]:
     "/v1/volumes/by-name/{name}",
     summary="Delete a named volume (Volume.objects.delete)",
     query={"allow_missing": "1: no error if there is no such volume"},
+    response=Done,
 )
-async def delete_volume_by_name(request: web.Request) -> dict[str, Any]:
+async def delete_volume_by_name(request: web.Request) -> Done:
     store = _store(request)
     store.delete_by_name(request.match_info["name"], _flag(request, "allow_missing"))
     store.empty_trash_soon()
-    return {}
+    return Done()
 
 
 @TABLE.route(
@@ -187,24 +201,26 @@ async def rename_volume(request: web.Request, body: VolumeRename) -> VolumeInfo:
     "POST",
     "/v1/volumes/{volume_id}/commit",
     summary="Flush the volume's changes to disk (vol.commit)",
+    response=Done,
 )
-async def commit_volume(request: web.Request) -> dict[str, Any]:
+async def commit_volume(request: web.Request) -> Done:
     with _store(request).open(request.match_info["volume_id"]) as vol:
         await _in_thread(safefs.syncfs, vol.root)
-    return {}
+    return Done()
 
 
 @TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/reload_volumes",
     summary="Show a sandbox the latest state of its volumes (sb.reload_volumes)",
+    response=Done,
 )
-async def reload_volumes(request: web.Request) -> dict[str, Any]:
+async def reload_volumes(request: web.Request) -> Done:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
     if sb.state is not SandboxState.RUNNING:
         raise ConflictError("Sandbox already finished")
     # Volumes are bind mounts of one directory: every sandbox already sees every committed change.
-    return {}
+    return Done()
 
 
 # ------------------------------------------------------------------ data
@@ -256,8 +272,9 @@ async def _receive(content: Any, batch: files.UploadBatch) -> None:
     summary="Upload a batch of files (vol.batch_upload); all appear together, or none",
     query={"force": "1 to overwrite existing files (directories are never overwritten)"},
     raw_body=True,
+    response=FilesUploaded,
 )
-async def upload_files(request: web.Request) -> dict[str, Any]:
+async def upload_files(request: web.Request) -> FilesUploaded:
     with _store(request).open(request.match_info["volume_id"]) as vol:
         batch = files.UploadBatch(vol, _flag(request, "force"))
         try:
@@ -265,7 +282,7 @@ async def upload_files(request: web.Request) -> dict[str, Any]:
             count = await _in_thread(batch.commit)
         finally:
             batch.abort()
-    return {"files": count}
+    return FilesUploaded(files=count)
 
 
 @TABLE.route(
@@ -328,18 +345,26 @@ async def _stream_entries(request: web.Request, vol: OpenVolume, path: str, recu
 
 
 @TABLE.route(
-    "POST", "/v1/volumes/{volume_id}/remove", summary="Remove a file or directory (vol.remove_file)", body=RemoveFile
+    "POST",
+    "/v1/volumes/{volume_id}/remove",
+    summary="Remove a file or directory (vol.remove_file)",
+    body=RemoveFile,
+    response=Done,
 )
-async def remove_file(request: web.Request, body: RemoveFile) -> dict[str, Any]:
+async def remove_file(request: web.Request, body: RemoveFile) -> Done:
     with _store(request).open(request.match_info["volume_id"]) as vol:
         await _in_thread(files.remove, vol, body.path, body.recursive)
-    return {}
+    return Done()
 
 
 @TABLE.route(
-    "POST", "/v1/volumes/{volume_id}/copy", summary="Copy files inside the volume (vol.copy_files)", body=CopyFiles
+    "POST",
+    "/v1/volumes/{volume_id}/copy",
+    summary="Copy files inside the volume (vol.copy_files)",
+    body=CopyFiles,
+    response=Done,
 )
-async def copy_files(request: web.Request, body: CopyFiles) -> dict[str, Any]:
+async def copy_files(request: web.Request, body: CopyFiles) -> Done:
     with _store(request).open(request.match_info["volume_id"]) as vol:
         await _in_thread(files.copy, vol, body.src_paths, body.dst_path, body.recursive)
-    return {}
+    return Done()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from shoal.wire.base import NAME_RE, WireModel
 
@@ -27,3 +27,10 @@ class AppCreate(WireModel):
     """An ephemeral app (``with app.run():``)."""
 
     name: str | None = None
+
+
+class AppInfo(BaseModel):
+    """An app as the API shows it."""
+
+    app_id: str
+    name: str | None

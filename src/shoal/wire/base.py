@@ -96,3 +96,7 @@ def build(model: type[M], **fields: Any) -> M:
 def dump(model: type[M], **fields: Any) -> dict[str, Any]:
     """A request body as JSON: the fields given, checked here the way the daemon checks them."""
     return build(model, **fields).model_dump(mode="json", exclude_unset=True)
+
+
+class Done(BaseModel):
+    """The answer of an operation that has nothing to report: ``{}``."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from shoal.wire import recipe
 from shoal.wire.base import WireModel
@@ -34,3 +34,73 @@ class ImportRootfs(WireModel):
     cmd: list[str] | None = None
     entrypoint: list[str] | None = None
     workdir: str | None = None
+
+
+class ImageId(BaseModel):
+    """An image made or found by an operation (an import, a snapshot)."""
+
+    image_id: str
+
+
+class ImageSummary(BaseModel):
+    """An image in a listing."""
+
+    image_id: str
+    recipe: dict[str, Any]
+    """What made it (``shoal.wire.recipe``)."""
+    created_at_us: int
+    layers: list[str]
+
+
+class ImageList(BaseModel):
+    """``GET /v1/images``."""
+
+    images: list[ImageSummary]
+
+
+class StoredImage(ImageSummary):
+    """An image with its disk use."""
+
+    size: int
+    own_size: int
+    """Bytes of its top layer alone (what it adds over its parent)."""
+    in_use: bool
+    """Whether a sandbox runs it now."""
+
+
+class ImageStoreUsage(BaseModel):
+    """``shoal image ls``: images with their sizes, and the store's disk use."""
+
+    images: list[StoredImage]
+    layers: int
+    layer_bytes: int
+    unused_layers: int
+    reclaimable_bytes: int
+    context_bytes: int
+    path: str
+    disk_free_bytes: int
+    disk_total_bytes: int
+
+
+class ImageRemoved(BaseModel):
+    """``shoal image rm``."""
+
+    image_id: str
+    removed_layers: int
+    freed_bytes: int
+
+
+class PruneResult(BaseModel):
+    """``shoal image prune``."""
+
+    removed_images: int
+    removed_layers: int
+    removed_contexts: int
+    freed_bytes: int
+
+
+class ContextStored(BaseModel):
+    """An uploaded build context: kept (``stored``), or already there."""
+
+    context: str
+    stored: bool

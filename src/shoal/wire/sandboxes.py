@@ -220,3 +220,70 @@ class WaitResult(BaseModel):
 
     done: bool
     returncode: int | None = None
+
+
+class SandboxList(BaseModel):
+    """``Sandbox.list``."""
+
+    sandboxes: list[SandboxInfo]
+
+
+class ExecList(BaseModel):
+    """The processes of a sandbox."""
+
+    execs: list[ExecInfo]
+
+
+class Readiness(BaseModel):
+    """``sb.wait_until_ready``: whether the probe succeeded within the wait."""
+
+    ready: bool
+
+
+class LogEntry(BaseModel):
+    """A line of ``sb.logs``: the entrypoint's output or a lifecycle event."""
+
+    timestamp_us: int
+    source: str
+    message: str
+
+
+class LogEntries(BaseModel):
+    """``sb.logs.fetch``."""
+
+    entries: list[LogEntry]
+
+
+class ConnectCredentials(BaseModel):
+    """``sb.create_connect_token``: the proxy's URL and the token to show it."""
+
+    url: str
+    token: str
+
+
+class TunnelData(BaseModel):
+    """One tunnel (Modal's TunnelData)."""
+
+    container_port: int
+    host: str
+    port: int
+    unencrypted_host: str
+    unencrypted_port: int
+
+
+class TunnelList(BaseModel):
+    """``sb.tunnels``."""
+
+    tunnels: list[TunnelData]
+
+
+class Tags(BaseModel):
+    """``sb.get_tags`` / ``sb.set_tags``."""
+
+    tags: dict[str, str]
+
+
+class StdinOffset(BaseModel):
+    """How much of a process's stdin the daemon has taken: the offset the next write starts at."""
+
+    offset: int

@@ -71,3 +71,9 @@ class SecretInfo(BaseModel):
     name: str
     created_at_us: int
     updated_at_us: int
+
+
+class SecretList(BaseModel):
+    """``shoal secret ls``: names and dates, never values."""
+
+    secrets: list[SecretInfo]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from shoal.wire.base import WireModel
 
@@ -36,3 +36,22 @@ class UnmountRequest(WireModel):
     """``sb.unmount_image(path)``."""
 
     path: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class MountList(BaseModel):
+    """The images mounted in a sandbox: path → image id."""
+
+    mounts: dict[str, str]
+
+
+class Mounted(BaseModel):
+    """``sb.mount_image``."""
+
+    path: str
+    image_id: str
+
+
+class Unmounted(BaseModel):
+    """``sb.unmount_image``."""
+
+    path: str

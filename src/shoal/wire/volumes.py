@@ -149,3 +149,15 @@ class CopyFiles(WireModel):
     @classmethod
     def _dst(cls, v: str) -> str:
         return check_volume_path(v)
+
+
+class VolumeList(BaseModel):
+    """``Volume.objects.list``."""
+
+    volumes: list[VolumeInfo]
+
+
+class FilesUploaded(BaseModel):
+    """A batch upload: how many files landed."""
+
+    files: int

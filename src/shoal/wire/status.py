@@ -1,0 +1,34 @@
+"""What ``GET /v1/status`` answers: the daemon, its runtime, paths, sandboxes, images, GPUs and warm pool."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class StatusImage(BaseModel):
+    """An image as ``shoal status`` lists it."""
+
+    image_id: str
+    kind: str | None
+    created_at_us: int
+
+
+class DaemonStatus(BaseModel):
+    """``shoal status``."""
+
+    version: str
+    pid: int
+    runtime: str
+    runtime_path: str
+    data_dir: str
+    socket: str
+    sandboxes_running: int
+    images: list[StatusImage]
+    idmap: dict[str, int]
+    tunnel_ca: str | None
+    gpu: dict[str, Any]
+    """The GPU inventory and who holds what (``shoal.gpu.scheduler``)."""
+    warm_pool: dict[str, Any]
+    """The warm pool's size and state (``shoal.engine.pool``)."""
