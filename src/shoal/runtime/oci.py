@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
+from shoal.exception import Error, ResourceExhaustedError
 from shoal.runtime.base import ContainerRuntime, RuntimeFailure
 from shoal.util import spawn
 
@@ -55,7 +57,7 @@ class OciRuntime(ContainerRuntime):
         finally:
             os.close(log_fd)
         if res.returncode != 0:
-            raise RuntimeFailure(f"{self.name} run failed (exit {res.returncode})", _tail(log_path))
+            raise start_failure(f"{self.name} run failed (exit {res.returncode})", _tail(log_path))
 
     async def create(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
         """Like ``start``, but stop short of running the init: it waits until ``start_created`` (a warm pool)."""
@@ -66,7 +68,7 @@ class OciRuntime(ContainerRuntime):
         finally:
             os.close(log_fd)
         if res.returncode != 0:
-            raise RuntimeFailure(f"{self.name} create failed (exit {res.returncode})", _tail(log_path))
+            raise start_failure(f"{self.name} create failed (exit {res.returncode})", _tail(log_path))
 
     async def start_created(self, container_id: str) -> None:
         """Run the init of a container made by ``create``."""
@@ -99,6 +101,26 @@ class OciRuntime(ContainerRuntime):
         except json.JSONDecodeError:
             return []
         return [str(i["id"]) for i in items if isinstance(i, dict) and "id" in i]
+
+
+def start_failure(message: str, output: str) -> Error:
+    """The error for a container that did not start: ``ResourceExhaustedError`` naming the host limit when
+    one ran out, else ``RuntimeFailure`` with the runtime's own words."""
+    if "session key" in output and "quota exceeded" in output:
+        return ResourceExhaustedError(
+            "the host's kernel key quota for the sandboxes' user is used up (runc gives every container its own"
+            f" session keyring; kernel.keys.maxkeys = {_sysctl('kernel/keys/maxkeys')}, kernel.keys.maxbytes ="
+            f" {_sysctl('kernel/keys/maxbytes')}, counted for all sandboxes together): end some sandboxes, or raise"
+            " the limits, e.g. `sysctl -w kernel.keys.maxkeys=20000 kernel.keys.maxbytes=2000000`"
+        )
+    return RuntimeFailure(message, output)
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return "?"
 
 
 def _tail(path: str, limit: int = 4096) -> str:
