@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,3 +48,25 @@ def test_the_kernel_key_quota_running_out_is_resource_exhausted(own_daemon: Daem
         assert again.exec("echo", "ok").stdout.read() == "ok\n"
     finally:
         again.terminate()
+
+
+def test_the_daemons_own_ceiling_is_resource_exhausted_and_shown_by_status(own_daemon: Daemon) -> None:
+    own_daemon.restart_with("--max-sandboxes", "2")
+    app = shoal.App.lookup("shoal-tests-limits", create_if_missing=True)
+    made = [shoal.Sandbox.create(app=app, timeout=60) for _ in range(2)]
+    try:
+        with pytest.raises(ResourceExhaustedError, match=r"at most 2 sandboxes.*--max-sandboxes"):
+            made.append(shoal.Sandbox.create(app=app, timeout=60))
+        status = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "shoal", "status", "--json"], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        assert status["capacity"]["max_sandboxes"] == 2
+        assert status["capacity"]["live"] == 2 and status["capacity"]["left"] == 0
+        made.pop().terminate()
+        made.append(shoal.Sandbox.create(app=app, timeout=60))  # room again
+        assert made[-1].exec("echo", "ok").stdout.read() == "ok\n"
+    finally:
+        for sb in made:
+            sb.terminate()

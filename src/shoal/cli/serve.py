@@ -24,6 +24,7 @@ def _config(
     host_cas: bool = True,
     warm_pool: int | None = None,
     allow_private_ranges: tuple[str, ...] = (),
+    max_sandboxes: int | None = None,
 ) -> Config:
     kwargs: dict[str, object] = {}
     if allow_private_ranges:
@@ -33,6 +34,8 @@ def _config(
             raise click.BadParameter(str(exc), param_hint="--allow-private-range") from None
     if warm_pool is not None:
         kwargs["warm_pool"] = warm_pool
+    if max_sandboxes is not None:
+        kwargs["max_sandboxes"] = max_sandboxes
     if not host_cas:
         kwargs["trust_host_cas"] = False
     if data_dir:
@@ -95,6 +98,11 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     help="keep N sandboxes of the default shape ready ahead of time (faster create); default 2, or $SHOAL_WARM_POOL",
 )
 @click.option(
+    "--max-sandboxes",
+    type=click.IntRange(1, 1_000_000),
+    help="sandboxes held at once (running or starting); more are refused; default 1000, or $SHOAL_MAX_SANDBOXES",
+)
+@click.option(
     "--allow-private-range",
     "allow_private_ranges",
     metavar="CIDR",
@@ -114,13 +122,14 @@ def serve_cmd(
     host_cas: bool,
     warm_pool: int | None,
     allow_private_ranges: tuple[str, ...],
+    max_sandboxes: int | None,
     background: bool,
     verbose: bool,
 ) -> None:
     """Run the shoal daemon (as root)."""
     if os.geteuid() != 0:
         raise click.ClickException("the shoal daemon must run as root (it creates namespaces, mounts and cgroups)")
-    cfg = _config(socket, data_dir, runtime_dir, tcp, runtime, host_cas, warm_pool, allow_private_ranges)
+    cfg = _config(socket, data_dir, runtime_dir, tcp, runtime, host_cas, warm_pool, allow_private_ranges, max_sandboxes)
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if not background:

@@ -89,6 +89,15 @@ def gpu_summary(gpu: dict[str, Any]) -> str:
     return f"{len(gpus)} ({driver}from {gpu.get('source', '?')}): " + "; ".join(parts)
 
 
+def _capacity_summary(capacity: dict[str, Any]) -> str:
+    if not capacity:
+        return "?"
+    text = f"{capacity['left']} more sandboxes (at most {capacity['max_sandboxes']}, {capacity['live']} live)"
+    if "key_quota_left" in capacity:
+        text += f"; kernel key quota: {capacity['key_quota_left']} left"
+    return text
+
+
 def _pool_summary(pool: dict[str, Any]) -> str:
     if not pool.get("size"):
         return "off"
@@ -113,6 +122,7 @@ def status_cmd(as_json: bool) -> None:
         ("socket", str(info["socket"])),
         ("data dir", str(info["data_dir"])),
         ("sandboxes", f"{info['sandboxes_running']} running"),
+        ("capacity", _capacity_summary(info.get("capacity") or {})),
         ("warm pool", _pool_summary(info.get("warm_pool") or {})),
         ("images", f"{len(images)}" + (": " + ", ".join(str(i["image_id"]) for i in images) if images else "")),
         ("gpus", gpu_summary(info.get("gpu") or {})),

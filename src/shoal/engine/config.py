@@ -9,6 +9,7 @@ Environment variables (all optional):
     SHOAL_IMAGE_CACHE   extra image stores (colon-separated) whose layers may be used read-only
     SHOAL_NO_HOST_CAS   set to 1 so images do not trust the host's extra CA certificates
     SHOAL_WARM_POOL     sandboxes of the default shape kept precreated (default 2)
+    SHOAL_MAX_SANDBOXES sandboxes the daemon holds at once (default 1000)
     SHOAL_SANDBOX_OUTPUT_MIB  recorded output kept per sandbox (default 2048)
     SHOAL_GPU_INVENTORY test/debug hook: a JSON file describing GPUs to use instead of the host's
                         (format in shoal.gpu.inventory)
@@ -26,6 +27,8 @@ from shoal.runtime.spec import IdMap
 from shoal.wire.defaults import DEFAULT_DATA_DIR, DEFAULT_RUNTIME_DIR, SOCKET_NAME
 
 DEFAULT_WARM_POOL = "2"
+DEFAULT_MAX_SANDBOXES = "1000"
+"""The daemon's own ceiling (``shoal serve --max-sandboxes``); the host may run out of something first."""
 """Precreated default-shape sandboxes (decision 0008): ~1 MiB and one idle process each."""
 
 
@@ -77,6 +80,10 @@ class Config:
     """Seconds one ``run`` build step may take."""
     warm_pool: int = field(default_factory=lambda: int(os.environ.get("SHOAL_WARM_POOL") or DEFAULT_WARM_POOL))
     """Sandboxes of the default shape kept precreated (``shoal.engine.pool``); 0: none."""
+    max_sandboxes: int = field(
+        default_factory=lambda: int(os.environ.get("SHOAL_MAX_SANDBOXES") or DEFAULT_MAX_SANDBOXES)
+    )
+    """Sandboxes (running or starting, image builds' included) this daemon holds at once; more are refused."""
     """Sandbox networking (``SHOAL_NETWORK*``, ``SHOAL_ALLOW_PRIVATE_RANGES``, ``SHOAL_DNS_UPSTREAM``,
     ``SHOAL_TUNNEL_*``: see its module)."""
 

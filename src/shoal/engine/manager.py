@@ -22,14 +22,14 @@ from shoal.engine.pool import WarmPool
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox
 from shoal.engine.snapshot import Snapshots
-from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError
+from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError, ResourceExhaustedError
 from shoal.gpu import inventory as gpu_inventory
 from shoal.gpu import scheduler as gpu_scheduler
 from shoal.images import base as image_base
 from shoal.images.service import ImageService
 from shoal.images.store import LayerStore
 from shoal.network.service import Network
-from shoal.runtime import cgroups, rootfs
+from shoal.runtime import cgroups, host_limits, rootfs
 from shoal.runtime import registry as runtimes
 from shoal.secrets.keyring import Keyring
 from shoal.secrets.store import SecretStore
@@ -116,6 +116,8 @@ class Manager:
         self.gpus = gpu_scheduler.GpuScheduler(gpu_inventory.Inventory(problem="not discovered yet"))
         self._prune_task: asyncio.Task[None] | None = None
         self.pool = WarmPool(self, cfg.warm_pool)
+        self._starting = 0
+        """Creates in progress (``max_sandboxes`` counts them)."""
         self.snapshots = Snapshots(self)
         """Snapshots and image mounts of running sandboxes."""
 
@@ -268,6 +270,14 @@ class Manager:
 
     async def create(self, req: CreateSandbox, image_log: Callable[[str], None], *, build: bool = False) -> Sandbox:
         """``Sandbox.create``: returns once the sandbox runs.  ``build``: an image build sandbox (no entrypoint)."""
+        self._check_capacity()
+        self._starting += 1
+        try:
+            return await self._create(req, image_log, build=build)
+        finally:
+            self._starting -= 1
+
+    async def _create(self, req: CreateSandbox, image_log: Callable[[str], None], *, build: bool) -> Sandbox:
         if self.state.app_by_id(req.app_id) is None:
             raise NotFoundError(f"App {req.app_id} not found: look it up with App.lookup(name, create_if_missing=True)")
         if req.name is not None:
@@ -325,6 +335,29 @@ class Manager:
         started = dataclasses.replace(image, cmd=None, entrypoint=None) if build else image
         await sb.start(req, started, self.images.lowers(image))
         return sb
+
+    def _live(self) -> int:
+        """Sandboxes running, and creates in progress (counted once, whether or not they are listed yet)."""
+        return sum(1 for sb in self.sandboxes.values() if sb.state is RUNNING) + self._starting
+
+    def _check_capacity(self) -> None:
+        limit = self.cfg.max_sandboxes
+        live = self._live()
+        if live >= limit:
+            raise ResourceExhaustedError(
+                f"this daemon holds at most {limit} sandboxes and {live} are running or starting: end some, or"
+                " raise the limit with `shoal serve --max-sandboxes N` (or $SHOAL_MAX_SANDBOXES)"
+            )
+
+    def capacity(self) -> dict[str, int]:
+        """How many more sandboxes this daemon and the host take (``shoal status``)."""
+        live = self._live()
+        room = {"max_sandboxes": self.cfg.max_sandboxes, "live": live, "left": max(0, self.cfg.max_sandboxes - live)}
+        keys = host_limits.key_quota_left(self.cfg.idmap.host_id)
+        if keys is not None:
+            room["key_quota_left"] = keys
+            room["left"] = min(room["left"], keys)
+        return room
 
     def gpu_holders(self) -> dict[str, str]:
         """GPU key → id of the sandbox holding it: every sandbox whose container is not yet removed."""

@@ -110,6 +110,7 @@ async def status(request: web.Request) -> DaemonStatus:
         tunnel_ca=mgr.network.ca_path,
         gpu=mgr.gpus.status(mgr.gpu_holders()),
         warm_pool=mgr.pool.status(),
+        capacity=mgr.capacity(),
     )
 
 

@@ -32,3 +32,6 @@ class DaemonStatus(BaseModel):
     """The GPU inventory and who holds what (``shoal.gpu.scheduler``)."""
     warm_pool: dict[str, Any]
     """The warm pool's size and state (``shoal.engine.pool``)."""
+    capacity: dict[str, int]
+    """``max_sandboxes``, ``live`` (running or starting), ``left`` (how many more fit), and ``key_quota_left``
+    (the host's kernel key quota for the sandboxes' user) where the kernel says."""
