@@ -3,7 +3,23 @@
 ``import shoal as modal`` and Modal's sandbox code runs on your own machine.
 """
 
-from shoal import exception, types, volume
+from shoal import (
+    app,
+    container_process,
+    exception,
+    file_io,
+    file_pattern_matcher,
+    image,
+    io_streams,
+    output,
+    sandbox,
+    secret,
+    stream_type,
+    types,
+    volume,
+)
+from shoal._install import install_as_modal
+from shoal.exception import Error
 from shoal.sdk.app import App
 from shoal.sdk.file_io import FileIO
 from shoal.sdk.image import Image
@@ -22,6 +38,7 @@ from shoal.wire.version import __version__
 __all__ = [
     "App",
     "ContainerProcess",
+    "Error",
     "FileIO",
     "FileInfo",
     "FilePatternMatcher",
@@ -38,8 +55,19 @@ __all__ = [
     "Tunnel",
     "Volume",
     "__version__",
+    "app",
+    "container_process",
     "enable_output",
     "exception",
+    "file_io",
+    "file_pattern_matcher",
+    "image",
+    "install_as_modal",
+    "io_streams",
+    "output",
+    "sandbox",
+    "secret",
+    "stream_type",
     "types",
     "volume",
 ]

@@ -20,15 +20,31 @@ BASE = {"wire", "exception", "types"}
 SERVICES = {"images", "network", "volumes", "secrets", "gpu"}
 LOWEST = {"runtime", "store", "agent", "util"}
 
+FACADES = {
+    "volume",
+    "app",
+    "container_process",
+    "file_io",
+    "file_pattern_matcher",
+    "image",
+    "io_streams",
+    "output",
+    "sandbox",
+    "secret",
+    "stream_type",
+}
+"""Modal's module paths (``modal.sandbox``, ...): each re-exports the SDK's objects under Modal's name."""
+
 ALLOWED: dict[str, set[str]] = {
     "exception": set(),
     "types": set(),
     "wire": {"exception", "types"},
     "sdk": BASE,
-    "volume": BASE | {"sdk"},
-    "shoal": BASE | {"sdk", "volume"},
+    **{facade: BASE | {"sdk"} for facade in FACADES},
+    "_install": BASE | FACADES,
+    "shoal": BASE | {"sdk", "_install"} | FACADES,
     "__main__": {"cli"},
-    "cli": BASE | {"sdk", "shoal", "volume"},  # the public package is the SDK too
+    "cli": BASE | {"sdk", "shoal"} | FACADES,  # the public package is the SDK too
     "server": BASE | {"engine"} | SERVICES | LOWEST,
     "engine": BASE | SERVICES | LOWEST,
     **{service: BASE | LOWEST for service in SERVICES},
@@ -138,6 +154,6 @@ def test_import_shoal_loads_only_the_sdk_side():
         check=True,
         env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
     ).stdout.split()
-    outside = [m for m in out if _package(m) not in {"shoal", "sdk", "volume"} | BASE]
+    outside = [m for m in out if _package(m) not in {"shoal", "sdk", "_install"} | FACADES | BASE]
     assert outside == []
     assert "shoal.sdk.sandbox" in out

@@ -1,0 +1,99 @@
+"""Modal's module paths resolve to shoal's objects, and ``install_as_modal`` keeps one copy of each module."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import shoal
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def test_modal_module_paths_hold_the_same_objects():
+    from shoal.app import App
+    from shoal.container_process import ContainerProcess
+    from shoal.file_io import FileIO
+    from shoal.file_pattern_matcher import FilePatternMatcher
+    from shoal.image import Image
+    from shoal.io_streams import StreamReader, StreamWriter
+    from shoal.output import enable_output
+    from shoal.sandbox import Sandbox, SandboxConnectCredentials
+    from shoal.secret import Secret
+    from shoal.stream_type import StreamType
+
+    assert (App, ContainerProcess, FileIO, FilePatternMatcher, Image) == (
+        shoal.App,
+        shoal.ContainerProcess,
+        shoal.FileIO,
+        shoal.FilePatternMatcher,
+        shoal.Image,
+    )
+    assert (StreamReader, StreamWriter, enable_output, Sandbox, Secret, StreamType) == (
+        shoal.StreamReader,
+        shoal.StreamWriter,
+        shoal.enable_output,
+        shoal.Sandbox,
+        shoal.Secret,
+        shoal.StreamType,
+    )
+    assert SandboxConnectCredentials.__name__ == "SandboxConnectCredentials"
+    assert shoal.Error is shoal.exception.Error
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_install_as_modal_makes_modal_imports_resolve_to_shoal_once():
+    res = _run(
+        """
+        import shoal
+        shoal.install_as_modal()
+        import modal
+        import modal.exception
+        from modal.container_process import ContainerProcess
+        from modal.exception import NotFoundError
+        from modal.sandbox import Sandbox
+        from modal.stream_type import StreamType
+        assert modal is shoal
+        assert modal.exception is shoal.exception
+        assert NotFoundError is shoal.exception.NotFoundError
+        try:
+            raise shoal.exception.NotFoundError("x")
+        except modal.exception.NotFoundError:
+            pass
+        assert (ContainerProcess, Sandbox, StreamType) == (shoal.ContainerProcess, shoal.Sandbox, shoal.StreamType)
+        shoal.install_as_modal()  # twice is fine
+        try:
+            import modal.functions  # not something shoal has
+        except ModuleNotFoundError:
+            print("ok")
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+
+
+def test_install_as_modal_refuses_when_another_modal_is_imported():
+    res = _run(
+        """
+        import sys, types
+        sys.modules["modal"] = types.ModuleType("modal")
+        import shoal
+        from shoal.exception import InvalidError
+        try:
+            shoal.install_as_modal()
+        except InvalidError as exc:
+            print(exc)
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    assert "already imported" in res.stdout and "before anything imports modal" in res.stdout
