@@ -10,12 +10,15 @@ Error
 ├── ExecutionError
 ├── FilesystemExecutionError
 ├── InternalError
+├── InternalFailure
 ├── InvalidError
 │   └── ConflictError
+├── LogsFetchError
 ├── NotFoundError
 ├── PermissionDeniedError
 ├── RemoteError
 │   └── ImageBuildError
+├── RequestSizeError
 ├── ResourceExhaustedError
 ├── SandboxFilesystemError
 │   ├── SandboxFilesystemDirectoryNotEmptyError
@@ -26,15 +29,24 @@ Error
 │   ├── SandboxFilesystemPathAlreadyExistsError
 │   └── SandboxFilesystemPermissionError
 ├── SandboxTerminatedError
+├── SerializationError
 ├── ServiceError
 ├── SnapshotCreationError
 ├── TimeoutError
 │   ├── ExecTimeoutError
+│   ├── FunctionTimeoutError
 │   ├── InteractiveTimeoutError
-│   └── SandboxTimeoutError
-└── UnimplementedError
+│   ├── MountUploadTimeoutError
+│   ├── OutputExpiredError
+│   ├── SandboxTimeoutError
+│   └── VolumeUploadTimeoutError
+├── UnimplementedError
+├── VersionError
+└── WorkspaceManagementError
 DeprecationError (UserWarning)
 AsyncUsageWarning (UserWarning)
+ServerWarning (UserWarning)
+InputCancellation (BaseException), ModuleNotMountable (Exception): Modal's, for Functions
 """
 
 from __future__ import annotations
@@ -80,6 +92,10 @@ class InternalError(Error):
     """The daemon hit an unexpected error; its log says more."""
 
 
+class InternalFailure(Error):
+    """Modal's name for a failure inside its own machinery; shoal raises ``InternalError`` instead."""
+
+
 class InvalidError(Error):
     """Bad arguments: the message says what to change."""
 
@@ -90,6 +106,10 @@ class ConflictError(InvalidError):
 
 class NotFoundError(Error):
     """No such object."""
+
+
+class LogsFetchError(Error):
+    """Logs could not be fetched."""
 
 
 class PermissionDeniedError(Error):
@@ -108,6 +128,10 @@ class ImageBuildError(RemoteError):
 
 class ResourceExhaustedError(Error):
     """A limit was reached (resources, quotas)."""
+
+
+class RequestSizeError(Error):
+    """A request was larger than the daemon accepts."""
 
 
 class SandboxFilesystemError(Error):
@@ -150,6 +174,10 @@ class ServiceError(Error):
     """The daemon is unavailable or failed transiently."""
 
 
+class SerializationError(Error):
+    """A value could not be serialized."""
+
+
 class SnapshotCreationError(Error):
     """A snapshot could not be made."""
 
@@ -170,8 +198,32 @@ class SandboxTimeoutError(TimeoutError):
     """The sandbox reached its timeout (return code 124)."""
 
 
+class FunctionTimeoutError(TimeoutError):
+    """Modal's timeout of a Function call (shoal runs no Functions)."""
+
+
+class MountUploadTimeoutError(TimeoutError):
+    """Uploading files for a mount took too long."""
+
+
+class OutputExpiredError(TimeoutError):
+    """Output was asked for after it expired."""
+
+
+class VolumeUploadTimeoutError(TimeoutError):
+    """Uploading files to a volume took too long."""
+
+
 class UnimplementedError(Error):
     """The feature is not implemented by this daemon."""
+
+
+class VersionError(Error):
+    """The client's and the daemon's versions do not work together."""
+
+
+class WorkspaceManagementError(Error):
+    """Modal's workspace management failed (shoal has no workspaces)."""
 
 
 class DeprecationError(UserWarning):
@@ -180,6 +232,18 @@ class DeprecationError(UserWarning):
 
 class AsyncUsageWarning(UserWarning):
     """A blocking shoal call ran inside an event loop: use its ``.aio`` form."""
+
+
+class ServerWarning(UserWarning):
+    """A warning the daemon sends along with an answer."""
+
+
+class InputCancellation(BaseException):
+    """Modal's cancellation of a Function input (shoal runs no Functions)."""
+
+
+class ModuleNotMountable(Exception):
+    """Modal's error for a module that cannot be mounted into a Function."""
 
 
 ERRORS: dict[str, type[Error]] = {
@@ -217,6 +281,16 @@ ERRORS: dict[str, type[Error]] = {
         SnapshotCreationError,
         TimeoutError,
         UnimplementedError,
+        FunctionTimeoutError,
+        InternalFailure,
+        LogsFetchError,
+        MountUploadTimeoutError,
+        OutputExpiredError,
+        RequestSizeError,
+        SerializationError,
+        VersionError,
+        VolumeUploadTimeoutError,
+        WorkspaceManagementError,
         Error,
     ]
 }

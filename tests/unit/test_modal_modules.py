@@ -97,3 +97,68 @@ def test_install_as_modal_refuses_when_another_modal_is_imported():
     )
     assert res.returncode == 0, res.stderr
     assert "already imported" in res.stdout and "before anything imports modal" in res.stdout
+
+
+MODAL_EXCEPTIONS = {
+    "Error": ("Exception",),
+    "AlreadyExistsError": ("Error",),
+    "AuthError": ("Error",),
+    "InternalError": ("Error",),
+    "InvalidError": ("Error",),
+    "ConflictError": ("InvalidError",),
+    "DataLossError": ("Error",),
+    "NotFoundError": ("Error",),
+    "PermissionDeniedError": ("Error",),
+    "ResourceExhaustedError": ("Error",),
+    "ServiceError": ("Error",),
+    "UnimplementedError": ("Error",),
+    "RemoteError": ("Error",),
+    "WorkspaceManagementError": ("Error",),
+    "TimeoutError": ("Error",),
+    "SandboxTimeoutError": ("TimeoutError",),
+    "SnapshotCreationError": ("Error",),
+    "ExecTimeoutError": ("TimeoutError",),
+    "SandboxTerminatedError": ("Error",),
+    "FunctionTimeoutError": ("TimeoutError",),
+    "MountUploadTimeoutError": ("TimeoutError",),
+    "VolumeUploadTimeoutError": ("TimeoutError",),
+    "LogsFetchError": ("Error",),
+    "InteractiveTimeoutError": ("TimeoutError",),
+    "OutputExpiredError": ("TimeoutError",),
+    "ConnectionError": ("Error",),
+    "VersionError": ("Error",),
+    "ExecutionError": ("Error",),
+    "DeserializationError": ("Error",),
+    "SerializationError": ("Error",),
+    "RequestSizeError": ("Error",),
+    "DeprecationError": ("UserWarning",),
+    "ServerWarning": ("UserWarning",),
+    "AsyncUsageWarning": ("UserWarning",),
+    "InternalFailure": ("Error",),
+    "InputCancellation": ("BaseException",),
+    "ModuleNotMountable": ("Exception",),
+    "ClientClosed": ("Error",),
+    "FilesystemExecutionError": ("Error",),
+    "SandboxFilesystemError": ("Error",),
+    "SandboxFilesystemNotFoundError": ("SandboxFilesystemError",),
+    "SandboxFilesystemDirectoryNotEmptyError": ("SandboxFilesystemError",),
+    "SandboxFilesystemIsADirectoryError": ("SandboxFilesystemError",),
+    "SandboxFilesystemNotADirectoryError": ("SandboxFilesystemError",),
+    "SandboxFilesystemPermissionError": ("SandboxFilesystemError",),
+    "SandboxFilesystemFileTooLargeError": ("SandboxFilesystemError",),
+    "SandboxFilesystemPathAlreadyExistsError": ("SandboxFilesystemError",),
+    "ImageBuildError": ("RemoteError",),
+}
+"""Every public exception class of Modal's client (``modal/exception.py``) and its public bases."""
+
+
+def test_every_modal_exception_exists_with_modals_bases():
+    import builtins
+
+    for name, bases in MODAL_EXCEPTIONS.items():
+        cls = getattr(shoal.exception, name, None)
+        assert cls is not None, f"shoal.exception has no {name}"
+        ours = tuple(b.__name__ for b in cls.__bases__)
+        assert ours == bases, (name, ours, bases)
+        for base in cls.__bases__:
+            assert base is getattr(shoal.exception, base.__name__, None) or base is getattr(builtins, base.__name__)
