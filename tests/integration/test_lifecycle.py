@@ -288,6 +288,7 @@ def test_blocking_call_inside_event_loop_warns(sandbox):
         {"proxy": object()},
         {"include_oidc_identity_token": True},
         {"_experimental_enable_snapshot": True},
+        {"experimental_options": {"enable_docker": True}},  # ignoring one could fail open
     ],
     ids=lambda kw: next(iter(kw)),
 )

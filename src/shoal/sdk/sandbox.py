@@ -191,6 +191,13 @@ class Sandbox(SandboxNetworkMethods):
         if block_network and (outbound_cidr_allowlist or outbound_domain_allowlist or inbound_cidr_allowlist):
             raise InvalidError("Cannot specify network allowlists when `block_network` is enabled")
         gpu_str = None if gpu is None else str(gpu_request.parse(gpu))  # InvalidError for lists and bad strings
+        if experimental_options:
+            given = ", ".join(sorted(map(str, experimental_options)))
+            raise not_supported(
+                "experimental_options",
+                f"shoal knows none of Modal's experimental options ({given}), and ignoring one could loosen what"
+                " it was meant to restrict; leave it unset",
+            )
         refuse_unsupported(
             network_file_systems=bool(network_file_systems),
             cloud=cloud is not None,
