@@ -296,3 +296,13 @@ def test_create_keywords_not_implemented_are_clear_errors(app, kwargs):
     name = next(iter(kwargs))
     with pytest.raises(shoal.exception.InvalidError, match=f"{name}=.*not supported"):
         shoal.Sandbox.create(app=app, **kwargs)
+
+
+def test_get_task_id_names_the_sandbox(sandbox):
+    """Agent libraries written for Modal call the private ``_get_task_id``; here the sandbox is its own task."""
+    assert sandbox._get_task_id() == sandbox.object_id
+
+    async def run() -> str:
+        return await sandbox._get_task_id.aio()
+
+    assert asyncio.run(run()) == sandbox.object_id

@@ -464,6 +464,12 @@ class Sandbox(SandboxNetworkMethods):
         self._detached = True
 
     @live_method
+    async def _get_task_id(self) -> str:
+        """Modal's id of the task that runs the sandbox: here a sandbox is its own task, so its id (agent
+        libraries written for Modal call this to name a sandbox)."""
+        return self._id
+
+    @live_method
     async def get_tags(self) -> dict[str, str]:
         """The sandbox's tags."""
         info = await self._client.request("GET", routes.path("sandboxes", self._id))
