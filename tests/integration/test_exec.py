@@ -282,3 +282,27 @@ def test_entrypoint_on_a_pty(app):
     out = sb.stdout.read().replace("\r\n", "\n")
     assert out.startswith("/dev/pts/") and out.endswith("out\nerr\n")
     assert sb.stderr.read() == ""
+
+
+def test_a_stream_is_an_iterator_too(sandbox):
+    """``next(p.stdout)`` and ``await anext(p.stdout)``, as code written for Modal reads a stream."""
+    p = sandbox.exec("bash", "-c", "echo one; echo two", bufsize=1)
+    assert next(p.stdout) == "one\n"
+    assert next(p.stdout) == "two\n"
+    with pytest.raises(StopIteration):
+        next(p.stdout)
+    assert p.wait() == 0
+
+    q = sandbox.exec("bash", "-c", "echo three; sleep 30", bufsize=1)
+    assert next(q.stdout) == "three\n"
+    q.stdout.close()  # gives up the rest: nothing is left waiting on the stream
+
+    async def run() -> list[str]:
+        r = await sandbox.exec.aio("bash", "-c", "echo four; echo five", bufsize=1)
+        got = [await anext(r.stdout), await anext(r.stdout)]
+        with pytest.raises(StopAsyncIteration):
+            await anext(r.stdout)
+        await r.stdout.aclose()
+        return got
+
+    assert asyncio.run(run()) == ["four\n", "five\n"]

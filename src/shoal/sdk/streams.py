@@ -9,7 +9,7 @@ import enum
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from typing import Generic, TypeVar, cast
 
 import aiohttp
@@ -63,6 +63,8 @@ class StreamReader(Generic[T]):
         self._eof = False
         self._finished = False
         self._done = asyncio.Event()
+        self._next_sync: Iterator[T] | None = None
+        self._next_async: AsyncIterator[T] | None = None
 
     @property
     def file_descriptor(self) -> int:
@@ -173,6 +175,30 @@ class StreamReader(Generic[T]):
     def __aiter__(self) -> AsyncIterator[T]:
         self._check_readable()
         return iterate_async(self._items())
+
+    def __next__(self) -> T:
+        """The next chunk (line when line-buffered): ``next(p.stdout)``; ``StopIteration`` at the end."""
+        if self._next_sync is None:
+            self._next_sync = iter(self)
+        return next(self._next_sync)
+
+    async def __anext__(self) -> T:
+        """The next chunk, from any event loop: ``await anext(p.stdout)``; ``StopAsyncIteration`` at the end."""
+        if self._next_async is None:
+            self._next_async = aiter(self)
+        return await anext(self._next_async)
+
+    def close(self) -> None:
+        """Stop reading: release the connection that ``next()`` holds open (a later read starts a new one)."""
+        it, self._next_sync = self._next_sync, None
+        if isinstance(it, Generator):
+            it.close()
+
+    async def aclose(self) -> None:
+        """``close()`` for ``await anext(...)``."""
+        it, self._next_async = self._next_async, None
+        if isinstance(it, AsyncGenerator):
+            await it.aclose()
 
     async def _print_to(self, out: str) -> None:
         """Copy the stream to the local stdout/stderr (StreamType.STDOUT)."""
