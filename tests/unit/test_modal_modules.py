@@ -162,3 +162,15 @@ def test_every_modal_exception_exists_with_modals_bases():
         assert ours == bases, (name, ours, bases)
         for base in cls.__bases__:
             assert base is getattr(shoal.exception, base.__name__, None) or base is getattr(builtins, base.__name__)
+
+
+def test_image_from_id_has_an_aio_form_and_checks_the_id():
+    import asyncio
+
+    import pytest
+
+    image = asyncio.run(shoal.Image.from_id.aio("im-" + "A" * 22))
+    assert isinstance(image, shoal.Image)
+    assert isinstance(shoal.Image.from_id("im-" + "B" * 22), shoal.Image)
+    with pytest.raises(shoal.exception.InvalidError, match="not an image id"):
+        shoal.Image.from_id("sb-123")

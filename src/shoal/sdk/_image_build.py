@@ -421,7 +421,7 @@ def _from_image(cls: Any, ref: str, *, add_python: str | None, force_build: bool
     if ref.startswith("im-"):
         if add_python:
             raise InvalidError("add_python applies to registry images, not to FROM an image id")
-        return cls.from_id(ref)
+        return cls._with_id(ref)
     from_registry = getattr(cls, "from_registry", None)
     if from_registry is None:
         raise UnimplementedError(f"FROM {ref}: this shoal version cannot pull registry images yet")

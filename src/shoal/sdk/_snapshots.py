@@ -42,7 +42,7 @@ async def snapshot_filesystem(client: Client, sandbox_id: str, timeout: int, ttl
     resp = await client.request(
         "POST", routes.path("sandboxes", sandbox_id, "snapshot"), json_body=body, idempotent=False
     )
-    return Image.from_id(str(resp["image_id"]))
+    return Image._with_id(str(resp["image_id"]))
 
 
 async def snapshot_directory(client: Client, sandbox_id: str, path: Any, timeout: int, ttl: int | None) -> Image:
@@ -51,7 +51,7 @@ async def snapshot_directory(client: Client, sandbox_id: str, path: Any, timeout
     resp = await client.request(
         "POST", routes.path("sandboxes", sandbox_id, "snapshot_directory"), json_body=body, idempotent=False
     )
-    return Image.from_id(str(resp["image_id"]))
+    return Image._with_id(str(resp["image_id"]))
 
 
 async def mount_image(client: Client, sandbox_id: str, path: Any, image: Any) -> None:

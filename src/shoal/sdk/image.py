@@ -12,7 +12,7 @@ from typing import Any
 from shoal.exception import InvalidError
 from shoal.sdk import _image_resolve
 from shoal.sdk._image_build import ImageBuilder, PendingStep
-from shoal.sdk._sync import live_method
+from shoal.sdk._sync import live_function, live_method
 from shoal.sdk.secret import Secret
 from shoal.sdk.transport import Client, default_client
 from shoal.wire import reference
@@ -63,9 +63,13 @@ class Image(ImageBuilder):
             ref["force_build"] = True
         return Image(ref)
 
+    @live_function
+    async def from_id(image_id: str, client: Any = None) -> Image:  # static
+        """An image the daemon already has (from ``shoal image ls`` or ``image.object_id``); also ``.aio``."""
+        return Image._with_id(image_id)
+
     @staticmethod
-    def from_id(image_id: str, client: Any = None) -> Image:
-        """An image the daemon already has (from ``shoal image ls`` or ``image.object_id``)."""
+    def _with_id(image_id: str) -> Image:
         if not isinstance(image_id, str) or not image_id.startswith("im-"):
             raise InvalidError(f"{image_id!r} is not an image id (they start with 'im-')")
         return Image({"kind": "id", "image_id": image_id})
