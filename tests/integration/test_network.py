@@ -626,7 +626,8 @@ def test_outbound_policy_replaced_at_run_time(net, sandboxes):
     sb = create(net, sandboxes)
     keepers = {}
     for name, host in (("web", net.web), ("other", net.other)):
-        p = sb.exec("python3", "-u", "-c", KEEP_TALKING, host.ip, "9100", timeout=120)
+        # Line mode: with -u, print writes "ok" and "\n" separately, and a chunk may hold either.
+        p = sb.exec("python3", "-u", "-c", KEEP_TALKING, host.ip, "9100", timeout=120, bufsize=1)
         lines = iter(p.stdout)
         assert next(lines) == "ok\n"
         keepers[name] = (p, lines)
