@@ -27,15 +27,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import dns.message
-import dns.rcode
-import dns.rrset
 import pytest
 
 import shoal
 import shoal as modal
 from shoal.exception import InvalidError
 from tests.conftest import Daemon, running_daemon
+from tests.netkit import CONNECT, DnsServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -137,43 +135,6 @@ class PeerHost:
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
 
 
-class DnsServer:
-    """An authoritative-looking DNS server on loopback for test names; anything else is NXDOMAIN."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, str] = {}
-        self.queries: list[str] = []
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                data, addr = self.sock.recvfrom(4096)
-            except (TimeoutError, OSError):
-                continue
-            q = dns.message.from_wire(data)
-            name = q.question[0].name.to_text(omit_final_dot=True).lower()
-            self.queries.append(name)
-            r = dns.message.make_response(q)
-            if name in self.records:
-                if q.question[0].rdtype == 1:  # A
-                    r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", self.records[name]))
-            else:
-                r.set_rcode(dns.rcode.NXDOMAIN)
-            self.sock.sendto(r.to_wire(), addr)
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join()
-        self.sock.close()
-
-
 def py(sb, code: str, *args: str, timeout: int = 60) -> tuple[int, str, str]:
     p = sb.exec("python3", "-c", code, *args, timeout=timeout)
     rc = p.wait()
@@ -190,15 +151,6 @@ except OSError as e:
     print(json.dumps({"errno": getattr(reason, "errno", None), "error": str(reason)}))
 """
 
-CONNECT = """
-import json, socket, sys
-s = socket.socket(); s.settimeout(5)
-try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    print(json.dumps({"connected": s.recv(16).decode()}))
-except OSError as e:
-    print(json.dumps({"errno": e.errno}))
-"""
 
 RESOLVE = """
 import json, socket, sys

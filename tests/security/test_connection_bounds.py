@@ -14,17 +14,12 @@ import json
 import os
 import resource
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import dns.exception
-import dns.message
-import dns.rcode
-import dns.rrset
 import pytest
 
 import shoal
@@ -34,6 +29,7 @@ from shoal.network import tunnels as tunnel_mod
 from shoal.util import limits
 from shoal.util.ratelog import RateLimit
 from tests.conftest import Daemon, running_daemon
+from tests.netkit import DnsServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -124,43 +120,10 @@ while True:
 """
 
 
-class Upstream:
-    """A DNS responder on loopback (UDP): ``NAME`` is ``ADDRESS``, anything else NXDOMAIN."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                data, addr = self.sock.recvfrom(4096)
-                q = dns.message.from_wire(data)
-            except (TimeoutError, OSError, dns.exception.DNSException):
-                continue
-            r = dns.message.make_response(q)
-            if q.question[0].name.to_text(omit_final_dot=True).lower() == NAME:
-                if q.question[0].rdtype == 1:
-                    r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", ADDRESS))
-            else:
-                r.set_rcode(dns.rcode.NXDOMAIN)
-            self.sock.sendto(r.to_wire(), addr)
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join()
-        self.sock.close()
-
-
 @contextlib.contextmanager
-def dns_upstream() -> Iterator[Upstream]:
-    """``Upstream`` running, and named in SHOAL_DNS_UPSTREAM for daemons started meanwhile."""
-    up = Upstream()
+def dns_upstream() -> Iterator[DnsServer]:
+    """A DNS server where ``NAME`` is ``ADDRESS``, named in SHOAL_DNS_UPSTREAM for daemons started meanwhile."""
+    up = DnsServer({NAME: ADDRESS})
     saved = os.environ.get("SHOAL_DNS_UPSTREAM")
     os.environ["SHOAL_DNS_UPSTREAM"] = f"127.0.0.1:{up.port}"
     try:
@@ -183,16 +146,6 @@ class Setup:
 def setup() -> Iterator[Setup]:
     with dns_upstream(), running_daemon() as d:
         yield Setup(d, shoal.App.lookup("connection-bounds-tests", create_if_missing=True))
-
-
-@pytest.fixture
-def sandboxes() -> Iterator[list]:
-    made: list = []
-    try:
-        yield made
-    finally:
-        for sb in made:
-            sb.terminate()
 
 
 def create(app: shoal.App, made: list, *args: str, **kwargs) -> shoal.Sandbox:

@@ -29,6 +29,7 @@ import pytest
 
 import shoal
 from tests.conftest import Daemon, running_daemon
+from tests.netkit import CONNECT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -45,15 +46,6 @@ while True:
     c.sendall(b"PRIVATE\n"); c.close()
 """
 
-CONNECT = """
-import json, socket, sys
-s = socket.socket(); s.settimeout(3)
-try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    print(json.dumps({"connected": s.recv(16).decode()}))
-except OSError as e:
-    print(json.dumps({"errno": e.errno}))
-"""
 
 REACHED = {"connected": "PRIVATE\n"}
 REFUSED = {"errno": errno.EHOSTUNREACH}
@@ -165,16 +157,6 @@ def private_host() -> Iterator[PrivateHost]:
 def setup(private_host: PrivateHost) -> Iterator[Setup]:
     with default_daemon() as d:
         yield Setup(private_host, d, shoal.App.lookup("outbound-private-tests", create_if_missing=True))
-
-
-@pytest.fixture
-def sandboxes() -> Iterator[list]:
-    made: list = []
-    try:
-        yield made
-    finally:
-        for sb in made:
-            sb.terminate()
 
 
 def create(app: shoal.App, made: list, **kwargs) -> shoal.Sandbox:

@@ -14,25 +14,15 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from shoal._install import MODAL_MODULES
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 BASE = {"wire", "exception", "types"}
 SERVICES = {"images", "network", "volumes", "secrets", "gpu"}
 LOWEST = {"runtime", "store", "agent", "util"}
 
-FACADES = {
-    "volume",
-    "app",
-    "container_process",
-    "file_io",
-    "file_pattern_matcher",
-    "image",
-    "io_streams",
-    "output",
-    "sandbox",
-    "secret",
-    "stream_type",
-}
+FACADES = set(MODAL_MODULES) - BASE
 """Modal's module paths (``modal.sandbox``, ...): each re-exports the SDK's objects under Modal's name."""
 
 ALLOWED: dict[str, set[str]] = {

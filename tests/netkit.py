@@ -1,0 +1,61 @@
+"""Network test helpers shared by the integration and security tests: a DNS server on loopback, and the
+script a sandbox runs to try a TCP connection."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import dns.exception
+import dns.message
+import dns.rcode
+import dns.rrset
+
+
+class DnsServer:
+    """An authoritative-looking DNS server on loopback (UDP) for ``records``; anything else is NXDOMAIN."""
+
+    def __init__(self, records: dict[str, str] | None = None) -> None:
+        self.records: dict[str, str] = dict(records or {})
+        self.queries: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+                q = dns.message.from_wire(data)
+            except (TimeoutError, OSError, dns.exception.DNSException):
+                continue
+            name = q.question[0].name.to_text(omit_final_dot=True).lower()
+            self.queries.append(name)
+            r = dns.message.make_response(q)
+            if name in self.records:
+                if q.question[0].rdtype == 1:  # A
+                    r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", self.records[name]))
+            else:
+                r.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(r.to_wire(), addr)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+
+
+CONNECT = """
+import json, socket, sys
+s = socket.socket(); s.settimeout(5)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print(json.dumps({"connected": s.recv(16).decode()}))
+except OSError as e:
+    print(json.dumps({"errno": e.errno}))
+"""
+"""Run in a sandbox with ``HOST PORT``: prints ``{"connected": first bytes}`` or ``{"errno": n}``."""
