@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -420,7 +421,8 @@ def _env() -> dict[str, str]:
 
 def _error(what: str, message: str) -> Error:
     low = message.lower()
-    if "unauthorized" in low or "authentication required" in low or "denied" in low or "401" in low:
+    # "401" as a word: a registry's port (127.0.0.1:40131) must not read as a status.
+    if "unauthorized" in low or "authentication required" in low or "denied" in low or re.search(r"\b401\b", low):
         return PermissionDeniedError(f"the registry refused access to {what}: {message}")
     if "manifest unknown" in low or "not found" in low or "name unknown" in low:
         return NotFoundError(f"{what} was not found in its registry: {message}")
