@@ -328,6 +328,7 @@ static void set_default_home(char ***envp) {
 }
 
 int fs_main(int argc, char **argv); /* fstool.c: `shoal-agent fs ...`, the filesystem API's tool */
+int userns_main(int argc, char **argv); /* userns.c: `shoal-agent userns ...`, run by the daemon on the host */
 
 #define SELF_PATH "/.shoal/bin/shoal-agent"
 
@@ -850,6 +851,7 @@ static int probe_tcp(const char *port_text) {
 
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "fs")) return fs_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "userns")) return userns_main(argc - 2, argv + 2);
     if (argc == 4 && !strcmp(argv[1], "probe") && !strcmp(argv[2], "tcp")) return probe_tcp(argv[3]);
     cmdline_area = argv[0];
     cmdline_len = (size_t)(argv[argc - 1] + strlen(argv[argc - 1]) + 1 - argv[0]);

@@ -9,8 +9,9 @@ import subprocess
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("agent.c")
-SOURCES = (SOURCE, Path(__file__).with_name("fstool.c"))
-"""Everything compiled into the binary: the agent, and the filesystem tool it becomes as `shoal-agent fs`."""
+SOURCES = (SOURCE, Path(__file__).with_name("fstool.c"), Path(__file__).with_name("userns.c"))
+"""Everything compiled into the binary: the agent, the filesystem tool it becomes as `shoal-agent fs`, and the
+host-side helper that makes sandboxes' user namespaces (`shoal-agent userns`)."""
 BINARY_NAME = "shoal-agent"
 
 
