@@ -108,6 +108,9 @@ def _daemon_env(root: Path) -> dict[str, str]:
         SHOAL_CGROUP_PARENT=f"/shoal-test-{os.getpid()}-{root.name[-6:]}",
         SHOAL_NO_AUTOSTART="1",
         PYTHONPATH=str(REPO / "src"),
+        # The suite tests per-sandbox id ranges (decision 0063): a host that cannot have them fails to start
+        # the daemon, saying why, instead of falling back to the shared range unseen.
+        SHOAL_UID_RANGES="per-sandbox",
     )
     if MACHINE_IMAGES.is_dir():
         env["SHOAL_IMAGE_CACHE"] = str(MACHINE_IMAGES)

@@ -14,30 +14,24 @@ import shoal
 from shoal.exception import ResourceExhaustedError
 from tests.conftest import Daemon
 
-MAXKEYS = Path("/proc/sys/kernel/keys/maxkeys")
-
-
-def _keys_of(uid: int) -> int:
-    """Keys the kernel counts for ``uid`` (``/proc/key-users``: ``uid: usage nkeys/ninstantiated qnkeys/maxkeys``)."""
-    for line in Path("/proc/key-users").read_text().splitlines():
-        fields = line.split()
-        if fields and fields[0] == f"{uid}:":
-            return int(fields[3].split("/")[0])
-    return 0
+MAXBYTES = Path("/proc/sys/kernel/keys/maxbytes")
 
 
 def test_the_kernel_key_quota_running_out_is_resource_exhausted(own_daemon: Daemon) -> None:
     app = shoal.App.lookup("shoal-tests-limits", create_if_missing=True)
     made = [shoal.Sandbox.create(app=app, timeout=60)]
     time.sleep(0.5)  # the warm pool's refill holds keys too: let it settle before the quota is set
-    before = MAXKEYS.read_text()
-    MAXKEYS.write_text(str(_keys_of(100000)))  # every sandbox shares uid 100000 (decision 0002)
+    before = MAXBYTES.read_text()
+    # Each sandbox's root is a host uid of its own (decision 0063) whose first key is the runtime's session
+    # keyring: with one byte of key payload allowed per user (the kernel's least), a new sandbox's start runs
+    # into the quota.
+    MAXBYTES.write_text("1")
     try:
         with pytest.raises(ResourceExhaustedError) as refused:
             for _ in range(4):  # past the warm pool's precreated sandboxes
                 made.append(shoal.Sandbox.create(app=app, timeout=60))
     finally:
-        MAXKEYS.write_text(before)
+        MAXBYTES.write_text(before)
         for sb in made:
             sb.terminate()
     message = str(refused.value)

@@ -40,14 +40,25 @@ def planted(app):
 
 
 def test_the_runtime_dir_is_closed_to_host_users(daemon, planted):
-    """Attack: list the daemon's runtime dir for sandbox ids. Defence: it is root:<sandbox group> 0710."""
-    for d in (daemon.runtime_dir, daemon.runtime_dir / "sandboxes"):
+    """Attack: list the daemon's runtime dir for sandbox ids. Defence: it may be searched (each sandbox's root,
+    a uid of its own, walks to its run directory) but not listed, and each sandbox's run directory is
+    root:<that sandbox's gid> 0710; the data dir is root:<storage gid> 0710."""
+    for d in (daemon.runtime_dir, daemon.runtime_dir / "sandboxes", daemon.runtime_dir / "oci"):
         out = as_nobody("ls", str(d))
         assert out.returncode != 0 and "Permission denied" in out.stderr, out
     # Not even a path whose name is known (ids are in the world-readable /proc/mounts) can be walked.
-    for d in (daemon.runtime_dir / "sandboxes" / planted.object_id, daemon.data_dir / "sandboxes" / planted.object_id):
+    run = daemon.runtime_dir / "sandboxes" / planted.object_id
+    for d in (run / "rootfs", run / "bundle", run / "ctl", daemon.data_dir / "sandboxes" / planted.object_id):
         assert d.is_dir()
         out = as_nobody("stat", str(d))
+        assert out.returncode != 0 and "Permission denied" in out.stderr, out
+    out = as_nobody("ls", str(run))
+    assert out.returncode != 0 and "Permission denied" in out.stderr, out
+    # The runtime's own record of the container (its config: env, mounts) is closed too.
+    states = list((daemon.runtime_dir / "oci").glob(f"*/{planted.object_id}/state.json"))
+    assert states, "no runtime state file found"
+    for state in states:
+        out = as_nobody("cat", str(state))
         assert out.returncode != 0 and "Permission denied" in out.stderr, out
 
 
@@ -106,9 +117,11 @@ def test_the_daemons_own_files_are_private(daemon, planted):
     assert files
     for p in files:
         assert p.stat().st_mode & 0o077 == 0, f"{p}: {oct(p.stat().st_mode)}"
-    for top in (daemon.data_dir, daemon.runtime_dir):
-        st = top.stat()
-        assert st.st_uid == 0 and st.st_mode & 0o007 == 0, f"{top}: {oct(st.st_mode)}"
+    st = daemon.data_dir.stat()
+    assert st.st_uid == 0 and st.st_mode & 0o007 == 0, f"{daemon.data_dir}: {oct(st.st_mode)}"
+    # Sandboxes run as uids of their own (decision 0063): others may search the runtime dir, never list it.
+    st = daemon.runtime_dir.stat()
+    assert st.st_uid == 0 and st.st_mode & 0o006 == 0, f"{daemon.runtime_dir}: {oct(st.st_mode)}"
 
 
 def test_sandboxes_still_work_for_non_root_users_inside(planted):

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import socket
+import sqlite3
 import stat
 import threading
 import time
@@ -26,6 +27,8 @@ from pathlib import Path
 import pytest
 
 import shoal
+from shoal.runtime.idmap import FIRST_SANDBOX_ID
+from tests.conftest import MACHINE_IMAGES
 
 # ---------------------------------------------------------------- helpers
 
@@ -356,14 +359,18 @@ print(json.dumps({{"root": sorted(os.listdir("/")), "host": os.path.exists({str(
 
 
 def _layer_of(daemon, sb) -> Path:
-    """The read-only image layer under the sandbox's root (from the host's mount table)."""
-    upper = str(daemon.data_dir / "sandboxes" / sb.object_id / "upper")
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        if upper in line:
-            opts = line.split(" - ", 1)[1].split()[2].split(",")
-            lowers = next(o for o in opts if o.startswith("lowerdir=")).split("=", 1)[1]
-            return Path(lowers.split(":")[-1])
-    raise AssertionError("the sandbox's overlay is not mounted on the host")
+    """The bottom image layer under the sandbox's root: its stored spec's first layer, in the daemon's image store
+    or the machine's (the overlay is built from id-mapped clones, so the mount table does not name the layer)."""
+    db = sqlite3.connect(f"file:{daemon.data_dir / 'state.db'}?mode=ro", uri=True)
+    try:
+        (raw,) = db.execute("SELECT spec FROM sandboxes WHERE id = ?", (sb.object_id,)).fetchone()
+    finally:
+        db.close()
+    bottom = json.loads(raw)["image_layers"][0]
+    for store in (daemon.data_dir / "images", MACHINE_IMAGES):
+        if (store / "layers" / bottom).is_dir():
+            return store / "layers" / bottom
+    raise AssertionError(f"layer {bottom} of the sandbox's image is in no image store")
 
 
 @pytest.mark.parametrize("path", ["/etc/shadow", "/etc/passwd", "/etc/hostname", "/etc/os-release"])
@@ -496,8 +503,9 @@ def test_capabilities_exclude_sys_admin_and_other_host_powers(shared):
     assert status["Seccomp"] == "2"  # filter mode
 
 
-def test_root_inside_is_uid_100000_outside(daemon, sandbox):
-    """Attack: be root on the host by being root inside.  Files and processes of root inside belong to 100000."""
+def test_root_inside_is_a_sandbox_uid_outside(daemon, sandbox):
+    """Attack: be root on the host by being root inside.  Processes of root inside run as the sandbox's own host
+    uid (2^20 or above, decision 0063); the files it writes are stored as 100000 (decision 0002)."""
     name = f"owned-{uuid.uuid4().hex}"
     rc, out, err = sh(
         sandbox,
@@ -511,7 +519,9 @@ echo y > /{name}.user && chown 1000:1000 /{name}.user
     )
     assert rc == 0, err
     lines = out.splitlines()
-    assert [line.split() for line in lines[:2]] == [["0", "100000", "65536"]] * 2
+    maps = [line.split() for line in lines[:2]]
+    base = int(maps[0][1])
+    assert maps == [["0", str(base), "65536"]] * 2 and base >= FIRST_SANDBOX_ID
     assert lines[2:] == ["0", "0"]
     upper = daemon.data_dir / "sandboxes" / sandbox.object_id / "upper"
     st = (upper / "root" / name).stat()
@@ -521,7 +531,7 @@ echo y > /{name}.user && chown 1000:1000 /{name}.user
     st = (upper / f"{name}.user").stat()
     assert (st.st_uid, st.st_gid) == (101000, 101000)
 
-    # A process that sets every uid to 0 inside is still uid 100000 to the host.
+    # A process that sets every uid to 0 inside is still the sandbox's own uid to the host.
     p = sandbox.exec(
         "python3",
         "-c",
@@ -536,8 +546,8 @@ echo y > /{name}.user && chown 1000:1000 /{name}.user
     p.stdin.write_eof()
     p.stdin.drain()
     p.wait()
-    assert uids == ["100000"] * 4
-    assert gids == ["100000"] * 4
+    assert uids == [str(base)] * 4
+    assert gids == [str(base)] * 4
 
 
 def test_cannot_map_more_ids_or_become_an_unmapped_uid(shared):

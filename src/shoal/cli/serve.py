@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from shoal.engine.config import Config
+from shoal.engine.config import UID_RANGE_MODES, Config
+from shoal.engine.uids import MAX_SLOTS
 from shoal.network.config import NetworkConfig
 from shoal.runtime.registry import RUNTIMES
 
@@ -25,6 +26,8 @@ def _config(
     warm_pool: int | None = None,
     allow_private_ranges: tuple[str, ...] = (),
     max_sandboxes: int | None = None,
+    uid_ranges: str | None = None,
+    uid_slots: int | None = None,
 ) -> Config:
     kwargs: dict[str, object] = {}
     if allow_private_ranges:
@@ -36,6 +39,10 @@ def _config(
         kwargs["warm_pool"] = warm_pool
     if max_sandboxes is not None:
         kwargs["max_sandboxes"] = max_sandboxes
+    if uid_ranges is not None:
+        kwargs["uid_ranges"] = uid_ranges
+    if uid_slots is not None:
+        kwargs["uid_slots"] = uid_slots
     if not host_cas:
         kwargs["trust_host_cas"] = False
     if data_dir:
@@ -103,6 +110,17 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     help="sandboxes held at once (running or starting); more are refused; default 1000, or $SHOAL_MAX_SANDBOXES",
 )
 @click.option(
+    "--uid-ranges",
+    type=click.Choice(UID_RANGE_MODES),
+    help="a host uid range per sandbox (needs id-mapped mounts on the data directory's filesystem), one shared"
+    " by all, or per sandbox where possible; default auto, or $SHOAL_UID_RANGES",
+)
+@click.option(
+    "--uid-slots",
+    type=click.IntRange(1, MAX_SLOTS),
+    help="host uid ranges of 65,536 ids for sandboxes (at most this many at once); default 16384, or $SHOAL_UID_SLOTS",
+)
+@click.option(
     "--allow-private-range",
     "allow_private_ranges",
     metavar="CIDR",
@@ -123,13 +141,27 @@ def serve_cmd(
     warm_pool: int | None,
     allow_private_ranges: tuple[str, ...],
     max_sandboxes: int | None,
+    uid_ranges: str | None,
+    uid_slots: int | None,
     background: bool,
     verbose: bool,
 ) -> None:
     """Run the shoal daemon (as root)."""
     if os.geteuid() != 0:
         raise click.ClickException("the shoal daemon must run as root (it creates namespaces, mounts and cgroups)")
-    cfg = _config(socket, data_dir, runtime_dir, tcp, runtime, host_cas, warm_pool, allow_private_ranges, max_sandboxes)
+    cfg = _config(
+        socket,
+        data_dir,
+        runtime_dir,
+        tcp,
+        runtime,
+        host_cas,
+        warm_pool,
+        allow_private_ranges,
+        max_sandboxes,
+        uid_ranges,
+        uid_slots,
+    )
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if not background:

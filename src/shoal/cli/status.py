@@ -93,9 +93,19 @@ def _capacity_summary(capacity: dict[str, Any]) -> str:
     if not capacity:
         return "?"
     text = f"{capacity['left']} more sandboxes (at most {capacity['max_sandboxes']}, {capacity['live']} live)"
+    if "uid_slots_left" in capacity:
+        text += f"; uid ranges: {capacity['uid_slots_left']} of {capacity['uid_slots']} free"
     if "key_quota_left" in capacity:
         text += f"; kernel key quota: {capacity['key_quota_left']} left"
     return text
+
+
+def _uid_summary(ranges: dict[str, Any]) -> str:
+    if not ranges:
+        return "?"
+    if ranges.get("mode") == "per-sandbox":
+        return f"one per sandbox ({ranges.get('note', '')})"
+    return f"one shared by all sandboxes, from host id {ranges.get('first_host_id')} ({ranges.get('note', '')})"
 
 
 def _pool_summary(pool: dict[str, Any]) -> str:
@@ -123,6 +133,7 @@ def status_cmd(as_json: bool) -> None:
         ("data dir", str(info["data_dir"])),
         ("sandboxes", f"{info['sandboxes_running']} running"),
         ("capacity", _capacity_summary(info.get("capacity") or {})),
+        ("uid ranges", _uid_summary(info.get("uid_ranges") or {})),
         ("warm pool", _pool_summary(info.get("warm_pool") or {})),
         ("images", f"{len(images)}" + (": " + ", ".join(str(i["image_id"]) for i in images) if images else "")),
         ("gpus", gpu_summary(info.get("gpu") or {})),

@@ -44,7 +44,14 @@ MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
 MOVE_MOUNT_T_EMPTY_PATH = 0x00000040
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_IDMAP = 0x00100000
 PIDFD = 3
+MAPPING_FD = 4
+"""Optional: the sandbox's storage id-mapping (a user namespace); the layers and upper directory are then
+mounted through id-mapped clones, as its root is (``shoal.runtime.idmap``)."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -106,10 +113,57 @@ def _walk(path: str, create: bool, owner: int) -> int:
     return fd
 
 
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+
+def _idmapped_clone(source: str, point: str, read_only: bool) -> None:
+    tree = _check(_libc.syscall(SYS_OPEN_TREE, -100, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC), "open_tree")
+    attr = _MountAttr(MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if read_only else 0), 0, 0, MAPPING_FD)
+    _check(
+        _libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)),
+        "mount_setattr(MOUNT_ATTR_IDMAP)",
+    )
+    os.makedirs(point, exist_ok=True)
+    _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", -100, point.encode(), MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
+    os.close(tree)
+
+
+def _idmapped_options(stage: str, overlay_options: str) -> str:
+    """Clone the overlay's layers (read-only) and its upper and work directories' parent through the id-mapping,
+    under ``stage``; the options rewritten to use the clones."""
+    opts: dict[str, str] = {}
+    for option in overlay_options.split(","):
+        key, _, value = option.partition("=")
+        opts[key] = value
+    lowers = []
+    for i, lower in enumerate(opts["lowerdir"].split(":")):
+        point = os.path.join(stage, f"l{i}")
+        _idmapped_clone(lower, point, read_only=True)
+        lowers.append(point)
+    data = os.path.dirname(opts["upperdir"])
+    if os.path.dirname(opts["workdir"]) != data:
+        raise OSError(errno.EINVAL, "upperdir and workdir must share a parent")
+    point = os.path.join(stage, "data")
+    _idmapped_clone(data, point, read_only=False)
+    opts["lowerdir"] = ":".join(lowers)
+    opts["upperdir"] = os.path.join(point, os.path.basename(opts["upperdir"]))
+    opts["workdir"] = os.path.join(point, os.path.basename(opts["workdir"]))
+    return ",".join(f"{k}={v}" if v else k for k, v in opts.items())
+
+
 def do_mount(target: str, owner: int, stage: str, overlay_options: str) -> None:
     """Mount the overlay described by ``overlay_options`` at ``target`` in the sandbox."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare a private mount namespace")
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    try:
+        os.fstat(MAPPING_FD)
+    except OSError:
+        pass
+    else:
+        overlay_options = _idmapped_options(stage, overlay_options)
+        stage = os.path.join(stage, "m")
+        os.makedirs(stage, exist_ok=True)
     _mount("overlay", stage, "overlay", 0, overlay_options)
     tree = _check(
         _libc.syscall(SYS_OPEN_TREE, -100, stage.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE),

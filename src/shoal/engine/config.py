@@ -10,6 +10,9 @@ Environment variables (all optional):
     SHOAL_NO_HOST_CAS   set to 1 so images do not trust the host's extra CA certificates
     SHOAL_WARM_POOL     sandboxes of the default shape kept precreated (default 2)
     SHOAL_MAX_SANDBOXES sandboxes the daemon holds at once (default 1000)
+    SHOAL_UID_RANGES    per-sandbox | shared | auto: a host id range per sandbox (decision 0063), one shared
+                        by all (0002), or per-sandbox where the data filesystem can id-map (default auto)
+    SHOAL_UID_SLOTS     per-sandbox ranges available (default 16384)
     SHOAL_SANDBOX_OUTPUT_MIB  recorded output kept per sandbox (default 2048)
     SHOAL_GPU_INVENTORY test/debug hook: a JSON file describing GPUs to use instead of the host's
                         (format in shoal.gpu.inventory)
@@ -30,6 +33,10 @@ DEFAULT_WARM_POOL = "2"
 DEFAULT_MAX_SANDBOXES = "1000"
 """The daemon's own ceiling (``shoal serve --max-sandboxes``); the host may run out of something first."""
 """Precreated default-shape sandboxes (decision 0008): ~1 MiB and one idle process each."""
+
+
+DEFAULT_UID_SLOTS = "16384"
+UID_RANGE_MODES = ("per-sandbox", "shared", "auto")
 
 
 def _env(name: str, default: str) -> str:
@@ -84,12 +91,18 @@ class Config:
         default_factory=lambda: int(os.environ.get("SHOAL_MAX_SANDBOXES") or DEFAULT_MAX_SANDBOXES)
     )
     """Sandboxes (running or starting, image builds' included) this daemon holds at once; more are refused."""
+    uid_ranges: str = field(default_factory=lambda: _env("SHOAL_UID_RANGES", "auto"))
+    """``per-sandbox``, ``shared`` or ``auto`` (``shoal.runtime.idmap``, decisions 0002 and 0063)."""
+    uid_slots: int = field(default_factory=lambda: int(os.environ.get("SHOAL_UID_SLOTS") or DEFAULT_UID_SLOTS))
+    """Host id ranges of 65,536 ids for sandboxes (per-sandbox mode): at most this many sandboxes at once."""
     """Sandbox networking (``SHOAL_NETWORK*``, ``SHOAL_ALLOW_PRIVATE_RANGES``, ``SHOAL_DNS_UPSTREAM``,
     ``SHOAL_TUNNEL_*``: see its module)."""
 
     def __post_init__(self) -> None:
         if self.socket_path is None:
             self.socket_path = Path(_env("SHOAL_SOCKET", str(self.runtime_dir / SOCKET_NAME)))
+        if self.uid_ranges not in UID_RANGE_MODES:
+            raise ValueError(f"uid ranges must be one of {', '.join(UID_RANGE_MODES)}, not {self.uid_ranges!r}")
 
     @property
     def socket(self) -> Path:

@@ -13,8 +13,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from shoal.agent.build import ensure_agent
+from shoal.agent.build import BINARY_NAME, ensure_agent
 from shoal.engine import build as image_build
 from shoal.engine.agent_frames import new_token
 from shoal.engine.config import Config
@@ -22,6 +23,7 @@ from shoal.engine.pool import WarmPool
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox
 from shoal.engine.snapshot import Snapshots
+from shoal.engine.uids import UidSlots
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError, ResourceExhaustedError
 from shoal.gpu import inventory as gpu_inventory
 from shoal.gpu import scheduler as gpu_scheduler
@@ -29,7 +31,7 @@ from shoal.images import base as image_base
 from shoal.images.service import ImageService
 from shoal.images.store import LayerStore
 from shoal.network.service import Network
-from shoal.runtime import cgroups, host_limits, rootfs
+from shoal.runtime import cgroups, host_limits, idmap, rootfs
 from shoal.runtime import registry as runtimes
 from shoal.secrets.keyring import Keyring
 from shoal.secrets.store import SecretStore
@@ -48,16 +50,16 @@ FINISHED_CACHE = 64
 """Finished sandboxes kept in memory after their last use (the rest are read from the store when asked for)."""
 
 
-def check_traversable(path: Path, gid: int) -> None:
-    """The runtime sets up a sandbox's mounts as the sandbox's own root (host uid and gid ``gid``): it must be
-    able to walk to them.  A directory passes if others may search it, or if it is group ``gid``'s and the
-    group may."""
+def check_traversable(path: Path, gid: int | None) -> None:
+    """The runtime sets up a sandbox's mounts as the sandbox's own root (host uid and gid ``gid``; None: a
+    gid of its own per sandbox): it must be able to walk to them.  A directory passes if others may search
+    it, or if it is group ``gid``'s and the group may."""
     for p in [path, *path.parents]:
         try:
             st = p.stat()
         except FileNotFoundError:
             continue
-        if not st.st_mode & 0o001 and not (st.st_gid == gid and st.st_mode & 0o010):
+        if not st.st_mode & 0o001 and not (gid is not None and st.st_gid == gid and st.st_mode & 0o010):
             raise InvalidError(
                 f"{p} is not searchable by other users (mode {oct(st.st_mode & 0o777)}), so sandboxes cannot"
                 f" mount their files from {path}: run `chmod o+x {p}` or choose other shoal directories"
@@ -120,14 +122,26 @@ class Manager:
         """Creates in progress (``max_sandboxes`` counts them)."""
         self.snapshots = Snapshots(self)
         """Snapshots and image mounts of running sandboxes."""
+        self.uid_mode = "shared"
+        """``per-sandbox`` (decision 0063) or ``shared`` (0002): chosen at start (``_choose_uid_mode``)."""
+        self.uid_note = ""
+        """Why the mode is what it is, for ``shoal status``."""
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         """Prepare the agent, clear leftovers of a crash, re-adopt running sandboxes."""
-        for d in (self.cfg.runtime_dir, self.cfg.agent_dir.parent):
-            check_traversable(d, self.cfg.idmap.host_id)
         await asyncio.to_thread(ensure_agent, self.cfg.agent_dir)
+        self.uid_mode, self.uid_note = await asyncio.to_thread(self._choose_uid_mode)
+        log.info("uid ranges: %s (%s)", self.uid_mode, self.uid_note)
+        if self.uid_mode == "per-sandbox":
+            self.ctx.uids = UidSlots(self.cfg.uid_slots)
+            # Each sandbox's root (its own gid) walks to its run directory, which is root:<its gid> 0710.
+            os.chmod(self.cfg.runtime_dir, 0o711)
+            check_traversable(self.cfg.runtime_dir, None)
+        else:
+            for d in (self.cfg.runtime_dir, self.cfg.agent_dir.parent):
+                check_traversable(d, self.cfg.idmap.host_id)
         pids, memory = cgroups.host_limits()
         cgroups.limit_parent(
             self.cfg.cgroup_parent,
@@ -136,7 +150,7 @@ class Manager:
         )
         if reaper.become_subreaper():
             loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGCHLD, reaper.reap_sandbox_inits, self.cfg.idmap.host_id)
+            loop.add_signal_handler(signal.SIGCHLD, reaper.reap_sandbox_inits, self._is_sandbox_uid)
         self.layers.clean_staging()
         self.volume_binds.release_all()
         self.volumes.recover()
@@ -149,6 +163,8 @@ class Manager:
             sb = Sandbox(self.ctx, row)
             self.sandboxes[row.id] = sb
             known.add(row.id)
+            if row.spec.uid_slot is not None:
+                self._hold_slot(sb)
             if row.state == CREATING:
                 sb.load_processes()
                 sb.finish_soon(
@@ -174,12 +190,45 @@ class Manager:
             if d.name not in known:
                 with contextlib.suppress(OSError):
                     rootfs.unmount(str(d / "rootfs"))
+                idmap.unstage(str(d / "idmap"))  # id-mapped clones of a start that stopped midway
                 shutil.rmtree(d, ignore_errors=True)
         for d in self.cfg.sandboxes_dir.iterdir():
             if ids.is_valid(d.name, "sandbox") and self.state.sandbox(d.name) is None:
                 shutil.rmtree(d, ignore_errors=True)  # a warm pool's sandbox, never taken, from a crashed daemon
                 for name in ("upper", "work", "mounts"):  # mounts: images mounted with sb.mount_image
                     shutil.rmtree(self.cfg.sandboxes_dir / d.name / name, ignore_errors=True)
+
+    def _choose_uid_mode(self) -> tuple[str, str]:
+        """Per-sandbox uid ranges where the stored trees can be id-mapped (decision 0063), else the shared one."""
+        if self.cfg.uid_ranges == "shared":
+            return "shared", "chosen with SHOAL_UID_RANGES=shared"
+        helper = self.cfg.agent_dir / BINARY_NAME
+        for d in [self.cfg.data_dir, *self.cfg.image_caches]:
+            why = idmap.probe(helper, d, self.cfg.runtime_dir, self.cfg.idmap.host_id)
+            if why is not None:
+                if self.cfg.uid_ranges == "per-sandbox":
+                    raise InvalidError(
+                        f"per-sandbox uid ranges need id-mapped mounts, and {why}: put the data directory on"
+                        " ext4, xfs, btrfs or tmpfs, or run with SHOAL_UID_RANGES=shared"
+                    )
+                return "shared", f"per-sandbox ranges are off: {why}"
+        return (
+            "per-sandbox",
+            f"{self.cfg.uid_slots} ranges of {idmap.IDS_PER_SANDBOX} ids from {idmap.FIRST_SANDBOX_ID}",
+        )
+
+    def _hold_slot(self, sb: Sandbox) -> None:
+        slot = sb.spec.uid_slot
+        if slot is None:
+            return
+        if self.ctx.uids is None or slot >= self.ctx.uids.count:
+            log.warning("sandbox %s: its uid range (slot %s) is outside this daemon's; it keeps it", sb.id, slot)
+            return
+        self.ctx.uids.hold(sb.id, slot)
+
+    def _is_sandbox_uid(self, uid: int) -> bool:
+        """Whether a host uid is a sandbox's (the shared range's root, or a per-sandbox range)."""
+        return uid == self.cfg.idmap.host_id or (self.ctx.uids is not None and self.ctx.uids.is_sandbox_id(uid))
 
     async def _remove_late_strays(self) -> None:
         """Containers of no sandbox that appeared after the start's sweep: a ``runc create`` that a killed
@@ -308,6 +357,10 @@ class Manager:
         pooled = None if build or gpu_req is not None else self.pool.take(image_id, req)
         sandbox_id = pooled.id if pooled is not None else ids.new("sandbox")
         try:
+            if pooled is not None:
+                spec.uid_slot = pooled.spec.uid_slot
+            elif self.ctx.uids is not None:
+                spec.uid_slot = self.ctx.uids.take(sandbox_id)  # stored with the row: kept across a kill -9
             if secret_env:
                 spec.sealed_env = self.secrets.seal_sandbox_env(sandbox_id, secret_env)
             row = SandboxRow(
@@ -325,6 +378,8 @@ class Manager:
         except BaseException:
             if pooled is not None:
                 await pooled.discard()  # taken from the pool, but no row: nothing else would remove it
+            elif self.ctx.uids is not None:
+                self.ctx.uids.release(sandbox_id, spec.uid_slot)
             raise
         if pooled is not None:
             self.sandboxes[row.id] = pooled
@@ -353,11 +408,25 @@ class Manager:
         """How many more sandboxes this daemon and the host take (``shoal status``)."""
         live = self._live()
         room = {"max_sandboxes": self.cfg.max_sandboxes, "live": live, "left": max(0, self.cfg.max_sandboxes - live)}
+        if self.ctx.uids is not None:
+            room["uid_slots"] = self.ctx.uids.count
+            room["uid_slots_left"] = self.ctx.uids.free
+            room["left"] = min(room["left"], self.ctx.uids.free)
+            return room
         keys = host_limits.key_quota_left(self.cfg.idmap.host_id)
         if keys is not None:
             room["key_quota_left"] = keys
             room["left"] = min(room["left"], keys)
         return room
+
+    def uid_ranges(self) -> dict[str, Any]:
+        """How sandboxes' ids map to the host's (``shoal status``)."""
+        out: dict[str, Any] = {"mode": self.uid_mode, "note": self.uid_note}
+        if self.ctx.uids is not None:
+            out.update(first_host_id=idmap.FIRST_SANDBOX_ID, ids_per_sandbox=idmap.IDS_PER_SANDBOX)
+        else:
+            out.update(first_host_id=self.cfg.idmap.host_id, ids_per_sandbox=self.cfg.idmap.size)
+        return out
 
     def gpu_holders(self) -> dict[str, str]:
         """GPU key → id of the sandbox holding it: every sandbox whose container is not yet removed."""

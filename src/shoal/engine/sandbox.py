@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.agent import protocol as P
+from shoal.agent.build import BINARY_NAME
 from shoal.engine.agent_frames import AgentFrames
 from shoal.engine.bundle import write_bundle
 from shoal.engine.config import Config
@@ -33,10 +34,12 @@ from shoal.engine.logs import LogWriter
 from shoal.engine.output import OutputBudget
 from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
 from shoal.engine.results import describe, describe_process, returncode_of
+from shoal.engine.uids import UidSlots
 from shoal.exception import ConflictError, NotFoundError, ServiceError
 from shoal.network.service import Network
-from shoal.runtime import cgroups, rootfs
+from shoal.runtime import cgroups, idmap, rootfs
 from shoal.runtime.base import ContainerRuntime
+from shoal.runtime.idmap import IdRange, Namespaces
 from shoal.store.spec import SandboxSpec
 from shoal.store.state import ExecRow, SandboxRow, State
 from shoal.wire.image_config import ImageConfig
@@ -71,6 +74,8 @@ class Context:
     secrets: SecretStore | None = None
     torn_down: Callable[[Sandbox], None] | None = None
     """Told when a sandbox is gone from the machine (its memory need not be kept: the store has it)."""
+    uids: UidSlots | None = None
+    """Per-sandbox host id ranges (decision 0063); None: every sandbox shares one (decision 0002)."""
 
 
 class Sandbox(AgentFrames):
@@ -143,6 +148,29 @@ class Sandbox(AgentFrames):
         return self.row.spec
 
     @property
+    def host_ids(self) -> IdRange:
+        """The host ids the sandbox's ids 0..65535 are."""
+        slot = self.spec.uid_slot
+        if slot is None:
+            return IdRange(self.ctx.cfg.idmap.host_id, self.ctx.cfg.idmap.size)
+        return UidSlots.ids(slot)
+
+    async def _namespaces(self) -> Namespaces | None:
+        """Its own user namespace and storage id-mapping, taking a uid slot if it has none yet (warm pool)."""
+        uids = self.ctx.uids
+        if uids is None:
+            return None
+        if self.spec.uid_slot is None:
+            self.spec.uid_slot = uids.take(self.id)
+        helper = self.ctx.cfg.agent_dir / BINARY_NAME
+        return await asyncio.to_thread(idmap.make_namespaces, helper, self.host_ids, self.ctx.cfg.idmap.host_id)
+
+    def _release_ids(self) -> None:
+        """Its container is gone: its uid slot may go to another sandbox."""
+        if self.ctx.uids is not None:
+            self.ctx.uids.release(self.id, self.spec.uid_slot)
+
+    @property
     def cgroup_path(self) -> str:
         """The sandbox's cgroup, relative to each hierarchy's root."""
         return f"{self.ctx.cfg.cgroup_parent}/{self.container_id}"
@@ -168,16 +196,21 @@ class Sandbox(AgentFrames):
     async def start(self, req: CreateSandbox, image: ImageConfig, lowers: list[str]) -> None:
         """Mount the root, start the container and the entrypoint.  Raises after cleaning up on failure."""
         try:
-            bundle = write_bundle(self, req, lowers)
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ns = await self._namespaces()
             try:
-                await self.ctx.runtime.start(
-                    self.container_id, str(bundle), theirs.fileno(), str(self.run_dir / "agent.log")
-                )
+                bundle = write_bundle(self, req, lowers, ns)
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    await self.ctx.runtime.start(
+                        self.container_id, str(bundle), theirs.fileno(), str(self.run_dir / "agent.log")
+                    )
+                finally:
+                    theirs.close()
+                    if self.ctx.volumes:
+                        self.ctx.volumes.release(self.id)  # the container holds its own copies of the volume mounts
             finally:
-                theirs.close()
-                if self.ctx.volumes:
-                    self.ctx.volumes.release(self.id)  # the container holds its own copies of the volume mounts
+                if ns is not None:
+                    ns.close()
             await self._connect_agent(ours, req, image, wire_network=True)
         except BaseException as exc:
             await self._fail_start(exc)
@@ -190,14 +223,21 @@ class Sandbox(AgentFrames):
         Not in the database yet; ``activate`` finishes the start once a request takes it, ``discard`` removes
         it if none does.
         """
-        bundle = write_bundle(self, req, lowers)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._pool_socket = ours
+        ns = await self._namespaces()
         try:
-            log_path = str(self.run_dir / "agent.log")
-            await self.ctx.runtime.create(self.container_id, str(bundle), theirs.fileno(), log_path)
+            bundle = write_bundle(self, req, lowers, ns)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._pool_socket = ours
+            try:
+                log_path = str(self.run_dir / "agent.log")
+                await self.ctx.runtime.create(self.container_id, str(bundle), theirs.fileno(), log_path)
+            finally:
+                theirs.close()
+                if self.ctx.volumes:
+                    self.ctx.volumes.release(self.id)
         finally:
-            theirs.close()
+            if ns is not None:
+                ns.close()
         await self.ctx.network.connect(self.id, self.cgroup_path, self.touch)
 
     async def activate(self, row: SandboxRow, req: CreateSandbox, image: ImageConfig) -> None:
@@ -229,8 +269,10 @@ class Sandbox(AgentFrames):
             await self.ctx.network.detach(self.id)
         with contextlib.suppress(OSError):
             rootfs.unmount(str(self.run_dir / "rootfs"))
-        await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
+        await asyncio.to_thread(self._remove_run_dir)
         await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
+        if failed is None:
+            self._release_ids()
         if failed is not None:
             raise failed
         if self.run_dir.exists() or self.data_dir.exists():
@@ -573,11 +615,16 @@ class Sandbox(AgentFrames):
         except OSError:
             log.exception("sandbox %s: unmounting its root failed", self.id)
         await asyncio.to_thread(self._remove_files)
+        self._release_ids()
         if self.ctx.torn_down is not None:
             self.ctx.torn_down(self)
 
-    def _remove_files(self) -> None:
+    def _remove_run_dir(self) -> None:
+        idmap.unstage(str(self.run_dir / "idmap"))  # clones left by a start that stopped midway: never rmtree them
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _remove_files(self) -> None:
+        self._remove_run_dir()
         if self.keep_upper is not None:
             try:
                 os.rename(self.data_dir / "upper", self.keep_upper)

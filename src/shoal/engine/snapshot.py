@@ -41,9 +41,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shoal.agent.build import BINARY_NAME
 from shoal.exception import ConflictError, ExecutionError, InvalidError, NotFoundError, TimeoutError
 from shoal.images import treecopy
-from shoal.runtime import cgroups
+from shoal.runtime import cgroups, idmap
 from shoal.store.state import ImageRow
 from shoal.util import safefs, spawn
 from shoal.wire import ids, paths
@@ -155,16 +156,20 @@ class Snapshots:
         work: Callable[[Path, treecopy.CopyOptions], treecopy.CopyStats | None],
         timeout: float,
         what: str,
+        *,
+        source_low: int | None = None,
     ) -> tuple[str, Path, treecopy.CopyStats | None]:
         """Run ``work(staging, opts) -> stats | None`` in a thread into a fresh staging directory.
 
         Returns (new layer id, staging path, stats).  On any failure the staging directory is removed.
+        ``source_low``: the first host id of the source's owners when it is not stored ids (the sandbox's view).
         """
         layer_id = ids.new("image")
         staged = self.mgr.layers.staging(layer_id)
         cancel = threading.Event()
         opts = treecopy.CopyOptions(
             owner_low=self.mgr.cfg.idmap.host_id,
+            source_low=source_low,
             owner_count=self.mgr.cfg.idmap.size,
             deadline=time.monotonic() + timeout,
             cancel=cancel,
@@ -298,7 +303,10 @@ class Snapshots:
                 os.close(src)
 
         try:
-            layer_id, staged, stats = await self._copy(sb, work, timeout, "directory snapshot")
+            # Read through the sandbox's root: owners are in its own id range, stored shifted back.
+            layer_id, staged, stats = await self._copy(
+                sb, work, timeout, "directory snapshot", source_low=sb.host_ids.host_id
+            )
         finally:
             os.close(root)
         assert stats is not None
@@ -339,7 +347,7 @@ class Snapshots:
             upper, work, stage, empty = (base / d for d in ("upper", "work", "stage", "empty"))
             for d in (upper, work, stage, empty):
                 d.mkdir(parents=True, exist_ok=True)
-            host_id = self.mgr.cfg.idmap.host_id
+            host_id = self.mgr.cfg.idmap.host_id  # as stored; the sandbox sees it in its own range
             os.chown(upper, host_id, host_id)
             os.chmod(upper, 0o755)
             lowers = self.mgr.images.lowers(cfg) or [str(empty)]
@@ -351,7 +359,7 @@ class Snapshots:
             mounts[path] = {"image_id": image_id, "layers": list(cfg.layers), "dir": name}
             self._save_mounts(sb, mounts)
             try:
-                await self._helper(sb, ["mount", path, str(host_id), str(stage), options])
+                await self._helper(sb, ["mount", path, str(sb.host_ids.host_id), str(stage), options])
             except BaseException:
                 mounts.pop(path, None)
                 self._save_mounts(sb, mounts)
@@ -379,10 +387,18 @@ class Snapshots:
 
     async def _helper(self, sb: Sandbox, args: list[str]) -> None:
         _, pidfd = open_init(sb)
+        fds = {3: pidfd}
         try:
-            res = await spawn.run([sys.executable, "-I", "-S", str(HELPER), *args], fds={3: pidfd}, env={})
+            if sb.spec.uid_slot is not None and args[0] == "mount":
+                helper = self.mgr.cfg.agent_dir / BINARY_NAME
+                mapping = await asyncio.to_thread(
+                    idmap.storage_mapping, helper, sb.host_ids, self.mgr.cfg.idmap.host_id
+                )
+                fds[4] = mapping
+            res = await spawn.run([sys.executable, "-I", "-S", str(HELPER), *args], fds=fds, env={})
         finally:
-            os.close(pidfd)
+            for fd in fds.values():
+                os.close(fd)
         message = res.stderr.decode(errors="replace").strip()[-500:]
         if res.returncode == 2:
             raise InvalidError(message)

@@ -80,8 +80,11 @@ class CopyOptions:
     """How to copy."""
 
     owner_low: int
-    """First host uid of the sandbox range (the sandbox's root)."""
+    """First host uid of the stored range (the sandbox's root as stored on disk)."""
     owner_count: int = 65536
+    source_low: int | None = None
+    """First host uid of the source's range, when it differs (a sandbox's own range, read through its root):
+    owners are shifted from it to ``owner_low``.  None: the source is stored ids already."""
     exclude: frozenset[str] = frozenset()
     """Paths relative to the source root that are not copied (nor anything below them)."""
     whiteouts: bool = False
@@ -145,12 +148,17 @@ class _Copier:
     # ------------------------------------------------------------ helpers
 
     def _owner(self, uid: int, gid: int, mode: int) -> tuple[int, int, int]:
-        lo, hi = self.opts.owner_low, self.opts.owner_low + self.opts.owner_count
+        low = self.opts.owner_low
+        src = low if self.opts.source_low is None else self.opts.source_low
         foreign = False
-        if not lo <= uid < hi:
-            uid, foreign = lo + NOBODY, True
-        if not lo <= gid < hi:
-            gid, foreign = lo + NOBODY, True
+        if 0 <= uid - src < self.opts.owner_count:
+            uid = uid - src + low
+        else:
+            uid, foreign = low + NOBODY, True
+        if 0 <= gid - src < self.opts.owner_count:
+            gid = gid - src + low
+        else:
+            gid, foreign = low + NOBODY, True
         if foreign:
             mode &= ~0o6000
         return uid, gid, mode
@@ -194,6 +202,8 @@ class _Copier:
                 continue
             if (name == CAPS and not self._namespaced_caps(value)) or (name == OPAQUE and value != b"y"):
                 continue
+            if name == CAPS and self.opts.source_low is not None:
+                value = value[:20] + struct.pack("<I", self.opts.owner_low)  # its root as stored
             try:
                 os.setxattr(dst, name, value)
             except OSError:
@@ -204,7 +214,8 @@ class _Copier:
         if len(value) != 24:
             return False
         fields: tuple[int, ...] = struct.unpack("<IIIIII", value)
-        return (fields[0] & 0xFF000000) == VFS_CAP_REVISION_3 and fields[5] == self.opts.owner_low
+        src = self.opts.owner_low if self.opts.source_low is None else self.opts.source_low
+        return (fields[0] & 0xFF000000) == VFS_CAP_REVISION_3 and fields[5] == src
 
     # ------------------------------------------------------------ the walk
 

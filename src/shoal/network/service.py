@@ -346,8 +346,9 @@ class Network(Ingress):
                 return ip
         raise RuntimeError(f"all {size - 2} sandbox addresses of {subnet} are in use")
 
-    def prepare(self, sandbox_id: str, req: Any, rootfs: str) -> None:
-        """Before the container starts: take an address and write the sandbox's resolv.conf and hosts.
+    def prepare(self, sandbox_id: str, req: Any, rootfs: str, owner: int | None = None) -> None:
+        """Before the container starts: take an address and write the sandbox's resolv.conf and hosts, owned by
+        host uid ``owner`` (its root; default: the shared range's).
 
         ``req`` is the validated ``CreateSandbox``.  Nothing to do with
         ``block_network`` or networking off: the runtime's fresh namespace has
@@ -380,7 +381,7 @@ class Network(Ingress):
         )
         self._remember(sandbox_id, att)
         (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
-        write_etc(Path(rootfs), att.ip, self.host_id, str(names.gateway))
+        write_etc(Path(rootfs), att.ip, self.host_id if owner is None else owner, str(names.gateway))
 
     async def connect(self, sandbox_id: str, cgroup_path: str, touch: Callable[[], None]) -> None:
         """Once the container runs, before its entrypoint: link its namespace to the host, apply its policy, and

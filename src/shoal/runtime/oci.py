@@ -108,10 +108,11 @@ def start_failure(message: str, output: str) -> Error:
     one ran out, else ``RuntimeFailure`` with the runtime's own words."""
     if "session key" in output and "quota exceeded" in output:
         return ResourceExhaustedError(
-            "the host's kernel key quota for the sandboxes' user is used up (runc gives every container its own"
+            "the host's kernel key quota for the sandbox's user is used up (runc gives every container its own"
             f" session keyring; kernel.keys.maxkeys = {_sysctl('kernel/keys/maxkeys')}, kernel.keys.maxbytes ="
-            f" {_sysctl('kernel/keys/maxbytes')}, counted for all sandboxes together): end some sandboxes, or raise"
-            " the limits, e.g. `sysctl -w kernel.keys.maxkeys=20000 kernel.keys.maxbytes=2000000`"
+            f" {_sysctl('kernel/keys/maxbytes')}, counted per host uid, which all sandboxes share when the daemon"
+            " runs with `--uid-ranges shared`): end some sandboxes, or raise the limits, e.g."
+            " `sysctl -w kernel.keys.maxkeys=20000 kernel.keys.maxbytes=2000000`"
         )
     return RuntimeFailure(message, output)
 

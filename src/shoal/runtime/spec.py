@@ -123,6 +123,8 @@ class ContainerConfig:
     cgroup_parent: str = "/shoal"
     binds: list[Bind] = field(default_factory=list)
     netns_path: str | None = None
+    userns_path: str | None = None
+    """A user namespace to join, already mapped as ``idmap`` says (None: the runtime makes one)."""
     devices: list[DeviceNode] = field(default_factory=list)
 
 
@@ -211,7 +213,9 @@ def build(cfg: ContainerConfig) -> dict[str, Any]:
         resources["devices"] = [
             {"allow": True, "type": "c", "major": d.major, "minor": d.minor, "access": "rw"} for d in cfg.devices
         ]
-    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user", "cgroup")]
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
+    # A user namespace made for the sandbox by its own host uid (``shoal.runtime.idmap``), or a fresh one.
+    namespaces.append({"type": "user", "path": cfg.userns_path} if cfg.userns_path else {"type": "user"})
     namespaces.append({"type": "network", "path": cfg.netns_path} if cfg.netns_path else {"type": "network"})
     idmap = [{"containerID": 0, "hostID": cfg.idmap.host_id, "size": cfg.idmap.size}]
     return {
@@ -223,7 +227,9 @@ def build(cfg: ContainerConfig) -> dict[str, Any]:
             "env": [f"PATH={DEFAULT_PATH}"],
             "cwd": "/",
             "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
-            "rlimits": _rlimits(),
+            # In a joined user namespace the runtime would set these with prlimit(2) on a process that already
+            # runs as the sandbox's uid, which needs CAP_SYS_RESOURCE; it inherits the daemon's (the same) instead.
+            **({} if cfg.userns_path else {"rlimits": _rlimits()}),
             "noNewPrivileges": True,
             # Under host-wide memory pressure, sandbox processes go before the host's.
             "oomScoreAdj": OOM_SCORE_ADJ,

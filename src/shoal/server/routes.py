@@ -111,6 +111,7 @@ async def status(request: web.Request) -> DaemonStatus:
         gpu=mgr.gpus.status(mgr.gpu_holders()),
         warm_pool=mgr.pool.status(),
         capacity=mgr.capacity(),
+        uid_ranges=mgr.uid_ranges(),
     )
 
 

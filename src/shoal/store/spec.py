@@ -42,6 +42,8 @@ class SandboxSpec:
     """Path → the image mounted there by ``sb.mount_image`` (``shoal.engine.snapshot``)."""
     mounted_layers: list[str] = field(default_factory=list)
     """The layers of those images: in use while the sandbox runs."""
+    uid_slot: int | None = None
+    """Its host id range (``shoal.engine.uids``); None: the range all sandboxes share (decision 0002)."""
 
     def to_json(self) -> dict[str, Any]:
         """The stored form: the request's fields and the resolved ones, side by side."""
@@ -53,9 +55,9 @@ class SandboxSpec:
             if f.name == "legacy_secret_env":
                 if value:
                     out["secret_env"] = dict(value)
-            elif f.name == "gpu_plan":
+            elif f.name in ("gpu_plan", "uid_slot"):
                 if value is not None:
-                    out["gpu_plan"] = value
+                    out[f.name] = value
             elif f.name == "sealed_env":
                 if value:
                     out["sealed_env"] = value
@@ -86,4 +88,5 @@ class SandboxSpec:
             legacy_secret_env=dict(legacy) if isinstance(legacy, dict) else {},
             image_mounts=dict(raw.get("image_mounts") or {}),
             mounted_layers=list(raw.get("mounted_layers") or []),
+            uid_slot=slot if isinstance(slot := raw.get("uid_slot"), int) and not isinstance(slot, bool) else None,
         )

@@ -4,7 +4,7 @@ A container's init (the agent) is orphaned as soon as ``runc run --detach``
 returns.  The daemon makes itself a child subreaper so that those inits become
 its children, and reaps them when they die; otherwise their zombies wait on
 the host's PID 1, which on some hosts reaps late or never.  Only children that
-run as the sandbox uid are reaped here, so the exit status of the daemon's own
+run as a sandbox uid are reaped here, so the exit status of the daemon's own
 helpers (runc, mmdebstrap) is never taken from their waiters.
 """
 
@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -47,11 +48,12 @@ def _uid(pid: int) -> int | None:
     return None
 
 
-def reap_sandbox_inits(sandbox_uid: int) -> int:
-    """Reap dead children that ran as ``sandbox_uid``; returns how many."""
+def reap_sandbox_inits(is_sandbox_uid: Callable[[int], bool]) -> int:
+    """Reap dead children that ran as a sandbox's uid; returns how many."""
     reaped = 0
     for pid in _children():
-        if _uid(pid) != sandbox_uid:
+        uid = _uid(pid)
+        if uid is None or not is_sandbox_uid(uid):
             continue
         with contextlib.suppress(ChildProcessError):
             done, _ = os.waitpid(pid, os.WNOHANG)

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from shoal.exception import InvalidError
-from shoal.runtime import rootfs
+from shoal.runtime import idmap, rootfs
 from shoal.runtime.spec import Bind
 from shoal.util import safefs
 from shoal.volumes.files import fs_error, parts_of
@@ -58,24 +58,28 @@ class VolumeBinds:
         os.chmod(stage_dir, 0o700)
         self._staged: dict[str, list[str]] = {}
 
-    def prepare(self, sandbox_id: str, mounts: list[VolumeMount]) -> list[Bind]:
-        """The binds for ``mounts`` (parents before children).  Call ``release`` once the container runs."""
+    def prepare(self, sandbox_id: str, mounts: list[VolumeMount], mapping: int | None = None) -> list[Bind]:
+        """The binds for ``mounts`` (parents before children).  Call ``release`` once the container runs.
+
+        ``mapping``: the sandbox's storage id-mapping (``shoal.runtime.idmap``); every volume is then staged as
+        an id-mapped clone, so the sandbox sees the stored owners in its own id range.
+        """
         check_mounts(mounts)
         binds: list[Bind] = []
         try:
             for i, m in enumerate(sorted(mounts, key=lambda m: m.path.count("/"))):
                 self.store.get(m.volume_id)
-                if m.sub_path is None or not parts_of(m.sub_path):
+                if mapping is None and (m.sub_path is None or not parts_of(m.sub_path)):
                     source = str(self.store.root_path(m.volume_id))
                 else:
-                    source = self._stage(sandbox_id, i, m.volume_id, m.sub_path)
+                    source = self._stage(sandbox_id, i, m.volume_id, m.sub_path or "", mapping)
                 binds.append(Bind(source=source, destination=m.path, read_only=m.read_only))
         except BaseException:
             self.release(sandbox_id)
             raise
         return binds
 
-    def _stage(self, sandbox_id: str, index: int, volume_id: str, sub_path: str) -> str:
+    def _stage(self, sandbox_id: str, index: int, volume_id: str, sub_path: str, mapping: int | None) -> str:
         with self.store.open(volume_id) as vol:
             try:
                 fd = safefs.make_dirs(vol.root, parts_of(sub_path), vol.uid, vol.gid)
@@ -85,8 +89,11 @@ class VolumeBinds:
             point = self.stage_dir / f"{sandbox_id}.{index}"
             point.mkdir(mode=0o700, exist_ok=True)
             self._staged.setdefault(sandbox_id, []).append(str(point))
-            rootfs.mount(f"/proc/self/fd/{fd}", str(point), "", MS_BIND)
-            rootfs.mount("", str(point), "", MS_PRIVATE)
+            if mapping is not None:
+                idmap.clone(fd, str(point), mapping)
+            else:
+                rootfs.mount(f"/proc/self/fd/{fd}", str(point), "", MS_BIND)
+                rootfs.mount("", str(point), "", MS_PRIVATE)
         finally:
             os.close(fd)
         return str(point)

@@ -33,5 +33,8 @@ class DaemonStatus(BaseModel):
     warm_pool: dict[str, Any]
     """The warm pool's size and state (``shoal.engine.pool``)."""
     capacity: dict[str, int]
-    """``max_sandboxes``, ``live`` (running or starting), ``left`` (how many more fit), and ``key_quota_left``
-    (the host's kernel key quota for the sandboxes' user) where the kernel says."""
+    """``max_sandboxes``, ``live`` (running or starting), ``left`` (how many more fit); with per-sandbox uid
+    ranges ``uid_slots`` and ``uid_slots_left``, else ``key_quota_left`` (the host's kernel key quota for the
+    sandboxes' shared user) where the kernel says."""
+    uid_ranges: dict[str, Any] = {}
+    """``mode`` (``per-sandbox`` or ``shared``), ``note`` (why), ``first_host_id`` and ``ids_per_sandbox``."""
