@@ -32,6 +32,7 @@ creates one long-lived sandbox (for the exec round trips, and the source of the 
            p50 and p99 over those of the lowest level (normally 0). A level above what the fill reached is
            capped at the count that fit, or one less if a create was refused (each TTI needs a slot).
 
+The daemon runs with ``SHOAL_MAX_SANDBOXES`` = ``--max`` + 2, so its own ceiling is not what the fill measures.
 The long-lived sandbox and the daemon's warm pool (``--warm-pool``; by default the daemon's own, 2 sandboxes)
 run throughout and are counted in no level; the pool is full at both memory readings, so it cancels out of
 the fill's figures. ``MemAvailable`` counts everything a sandbox costs the host (its agent process, kernel
@@ -388,7 +389,7 @@ def measure(args: argparse.Namespace, daemon: BenchDaemon, floor: BurstFloor) ->
         app = shoal.App.lookup(APP_NAME, create_if_missing=True)
         exec_sb = shoal.Sandbox.create(app=app, timeout=SANDBOX_TIMEOUT)
         fleet.add(exec_sb)
-        floor.prepare(daemon.runtime_dir / "sandboxes" / exec_sb.object_id)
+        floor.prepare(daemon.runtime_dir / "sandboxes" / exec_sb.object_id, daemon.image_lowers(exec_sb.object_id))
         floor.prepare_workers(c)
 
         t0 = time.monotonic()
@@ -611,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--settle and --warm-pool must not be negative")
 
     daemon = BenchDaemon()
+    # The daemon's own ceiling (--max-sandboxes) sits just above the fill and the long-lived sandbox: what the
+    # fill runs into before --max is the host's.
+    daemon.env["SHOAL_MAX_SANDBOXES"] = str(args.max + 2)
     if args.warm_pool is not None:
         daemon.env["SHOAL_WARM_POOL"] = str(args.warm_pool)
     floor = BurstFloor(daemon.root, daemon.cgroup_parent)

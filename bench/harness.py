@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -229,6 +230,25 @@ class BenchDaemon:
     def runtime_dir(self) -> Path:
         """Sockets, bundles and overlay mounts."""
         return self.root / "run"
+
+    def image_lowers(self, sandbox_id: str) -> list[str]:
+        """The image layer directories of a sandbox, topmost first, from its stored spec (its overlay is built
+        from id-mapped clones of them, so the mount table does not name them)."""
+        db = sqlite3.connect(f"file:{self.data_dir / 'state.db'}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT spec FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+        finally:
+            db.close()
+        if row is None:
+            raise RuntimeError(f"sandbox {sandbox_id} is not in the daemon's database")
+        lowers = []
+        for layer in reversed(json.loads(row[0])["image_layers"]):
+            stores = (self.data_dir / "images" / "layers" / layer, MACHINE_IMAGES / "layers" / layer)
+            found = [d for d in stores if d.is_dir()]
+            if not found:
+                raise RuntimeError(f"layer {layer} of sandbox {sandbox_id} is in no image store")
+            lowers.append(str(found[0]))
+        return lowers
 
     @property
     def socket(self) -> Path:

@@ -34,7 +34,6 @@ import contextvars
 import functools
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -54,6 +53,9 @@ from bench.harness import (
     run_with_daemon,
 )
 from shoal.runtime import rootfs
+
+STORED_ID = 100000
+"""The host id image layers are stored from (decision 0002): the floor's root maps to it."""
 
 if TYPE_CHECKING:
     import shoal
@@ -126,22 +128,28 @@ class Floor:
         self.runc = shutil.which("runc") or "/usr/sbin/runc"
         self.count = 0
 
-    def prepare(self, sandbox_runtime_dir: Path) -> None:
-        """Build the bundle from a running sandbox's ``config.json`` and its overlay's bottom layer."""
+    def prepare(self, sandbox_runtime_dir: Path, lowers: list[str]) -> None:
+        """Build the bundle from a running sandbox's ``config.json`` over its image layers ``lowers``.
+
+        The sandbox joins a user namespace the daemon made for it (decision 0063); the floor has runc make one
+        itself, mapping the sandbox's ids to the range its layers are stored in, as runc would on its own.
+        """
         config = json.loads((sandbox_runtime_dir / "bundle" / "config.json").read_text())
-        lowers = _overlay_lowers(sandbox_runtime_dir / "rootfs")
         if not lowers:
             raise RuntimeError("the sandbox's root has no lower layer to run the floor on")
         # The same image layers, read-only, under an overlay of the floor's own (layers are root-only on disk).
         self.rootfs.mkdir(parents=True, exist_ok=True)
         upper, work = self.dir / "upper", self.dir / "work"
-        rootfs.mount_overlay(lowers, str(upper), str(work), str(self.rootfs), os.stat(sandbox_runtime_dir).st_uid)
-        os.chown(upper, 100000, 100000)
+        rootfs.mount_overlay(lowers, str(upper), str(work), str(self.rootfs), STORED_ID)
         config["root"] = {"path": str(self.rootfs), "readonly": True}
         config["mounts"] = [m for m in config["mounts"] if not str(m.get("destination", "")).startswith("/.shoal")]
         config["process"]["args"] = ["/bin/true"]
         config["process"]["cwd"] = "/"
-        config["linux"]["cgroupsPath"] = f"{self.cgroup_parent}/true"
+        linux = config["linux"]
+        linux["cgroupsPath"] = f"{self.cgroup_parent}/true"
+        linux["namespaces"] = [{"type": n["type"]} if n["type"] == "user" else n for n in linux["namespaces"]]
+        mapping = [{"containerID": 0, "hostID": STORED_ID, "size": 65536}]
+        linux["uidMappings"], linux["gidMappings"] = mapping, mapping
         self.bundle.mkdir(parents=True, exist_ok=True)
         (self.bundle / "config.json").write_text(json.dumps(config, indent=1))
         self.state.mkdir(parents=True, exist_ok=True)
@@ -170,21 +178,6 @@ class Floor:
         left = [f"floor container {c}" for c in self.state.glob("*") if c.is_dir()] if self.state.is_dir() else []
         rootfs.unmount(str(self.rootfs))
         return left + _remove_cgroup_tree(self.cgroup_parent)
-
-
-def _overlay_lowers(mount_point: Path) -> list[str]:
-    """The ``lowerdir`` layers of the overlay mounted at ``mount_point``."""
-    target = os.path.realpath(mount_point)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] != target:
-                continue
-            options = line.split(" - ", 1)[1].split()[2]
-            for opt in options.split(","):
-                if opt.startswith("lowerdir="):
-                    return opt[len("lowerdir=") :].split(":")
-    raise RuntimeError(f"no overlay mounted at {target}")
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -363,7 +356,7 @@ def _instrumented_daemon(events_path: str) -> None:
     from shoal.engine import sandbox as sandbox_mod
     from shoal.engine.manager import Manager
     from shoal.images.service import ImageService
-    from shoal.runtime import rootfs, spec
+    from shoal.runtime import idmap, rootfs, spec
     from shoal.runtime.oci import OciRuntime
     from shoal.store.state import State
 
@@ -375,6 +368,9 @@ def _instrumented_daemon(events_path: str) -> None:
     ImageService.resolve = _span_async("image_resolve", ImageService.resolve)  # type: ignore[method-assign]
     OciRuntime.start = _span_async("runc_run_detach", OciRuntime.start)  # type: ignore[method-assign]
     OciRuntime.delete = _span_async("runc_delete_force", OciRuntime.delete)  # type: ignore[method-assign]
+    OciRuntime.create = _span_async("runc_create", OciRuntime.create)  # type: ignore[method-assign]
+    OciRuntime.start_created = _span_async("runc_start", OciRuntime.start_created)  # type: ignore[method-assign]
+    idmap.make_namespaces = _span_sync("userns_helper", idmap.make_namespaces)
     State.add_sandbox = _span_sync("db_add_sandbox", State.add_sandbox)  # type: ignore[method-assign]
     State.set_sandbox_state = _span_sync("db_set_state", State.set_sandbox_state)  # type: ignore[method-assign]
     State.add_exec = _span_sync("db_add_exec", State.add_exec)  # type: ignore[method-assign]
@@ -617,7 +613,7 @@ def measure(args: argparse.Namespace, daemon: BenchDaemon, floor: Floor, groups:
     try:
         exec_sb = shoal.Sandbox.create(app=app, timeout=3600)
         try:
-            floor.prepare(daemon.runtime_dir / "sandboxes" / exec_sb.object_id)
+            floor.prepare(daemon.runtime_dir / "sandboxes" / exec_sb.object_id, daemon.image_lowers(exec_sb.object_id))
             steps: list[tuple[str, Callable[[], Sample | float]]] = []
             for g in groups:
                 if g == "tti":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -139,3 +140,25 @@ def test_the_pools_image_is_in_use(pooled):
     sb = shoal.Sandbox.create(app=_app())  # the pool still serves
     assert sb.exec("echo", "ok").stdout.read() == "ok\n"
     sb.terminate()
+
+
+def test_creates_work_at_once_after_the_pools_inits_were_killed(pooled):
+    """The pool's containers wait in runc's ``created`` state; with their inits killed from outside, the next
+    creates still give working sandboxes at once (never a hang on a dead init)."""
+    until_ready(2)
+    killed = 0
+    for state in (pooled.runtime_dir / "oci").glob("*/*/state.json"):  # oci/<runtime>/<container>
+        subprocess.run(["kill", "-9", str(json.loads(state.read_text())["init_process_pid"])], check=True)
+        killed += 1
+    assert killed == 2
+    app = _app()
+    t0 = time.monotonic()
+    made = []
+    try:
+        for _ in range(3):
+            made.append(shoal.Sandbox.create(app=app, timeout=60))
+            assert made[-1].exec("echo", "ok").stdout.read() == "ok\n"
+        assert time.monotonic() - t0 < 10
+    finally:
+        for sb in made:
+            sb.terminate()

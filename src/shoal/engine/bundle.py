@@ -39,7 +39,7 @@ def write_bundle(sb: Sandbox, req: CreateSandbox, lowers: list[str], ns: Namespa
     if ns is None:
         rootfs.mount_overlay(lowers, upper, work, str(root), cfg.idmap.host_id)
     else:
-        idmap.mount_overlay(lowers, upper, work, str(root), cfg.idmap.host_id, ns.storage, str(sb.run_dir / "idmap"))
+        idmap.mount_overlay(lowers, upper, work, str(root), cfg.idmap.host_id, ns.storage)
     sb.ctx.network.prepare(sb.id, req, str(root), ids.host_id)
     mem = req.memory_limit or req.memory or cfg.default_memory_mib
     container = spec.ContainerConfig(

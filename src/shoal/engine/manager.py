@@ -102,6 +102,7 @@ class Manager:
         self.volume_binds = VolumeBinds(self.volumes, cfg.runtime_dir / "volume-binds")
         self.secrets = SecretStore(self.state.db, Keyring(cfg.data_dir / "secrets.key"))
         self.images.registry = image_build.make_registry(self)  # after secrets: a pull may use a named one
+        self._reaper: reaper.InitReaper | None = None
         self.ctx = Context(
             cfg,
             self.state,
@@ -150,7 +151,8 @@ class Manager:
         )
         if reaper.become_subreaper():
             loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGCHLD, reaper.reap_sandbox_inits, self._is_sandbox_uid)
+            self._reaper = reaper.InitReaper(loop, self._is_sandbox_uid)
+            loop.add_signal_handler(signal.SIGCHLD, self._reaper.on_sigchld)
         self.layers.clean_staging()
         self.volume_binds.release_all()
         self.volumes.recover()
@@ -190,7 +192,6 @@ class Manager:
             if d.name not in known:
                 with contextlib.suppress(OSError):
                     rootfs.unmount(str(d / "rootfs"))
-                idmap.unstage(str(d / "idmap"))  # id-mapped clones of a start that stopped midway
                 shutil.rmtree(d, ignore_errors=True)
         for d in self.cfg.sandboxes_dir.iterdir():
             if ids.is_valid(d.name, "sandbox") and self.state.sandbox(d.name) is None:
@@ -254,6 +255,8 @@ class Manager:
             await asyncio.wait(teardowns, timeout=15)
         with contextlib.suppress(ValueError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
+        if self._reaper is not None:
+            self._reaper.close()
         for sb in self.sandboxes.values():
             sb._close_listener()
             if sb.link is not None:

@@ -146,12 +146,18 @@ class WarmPool:
 
     def take(self, image_id: str, req: CreateSandbox) -> Sandbox | None:
         """A pooled sandbox for ``req`` if it has the default shape and image (the caller activates it)."""
-        if not self.ready or image_id != self.image_id or not eligible(req):
+        if image_id != self.image_id or not eligible(req):
             return None
-        sb = self.ready.pop(0)
-        self.taken += 1
-        self._wake.set()
-        return sb
+        while self.ready:
+            sb = self.ready.pop(0)
+            self._wake.set()
+            if self.mgr.runtime.waiting_init_alive(sb.container_id) is False:
+                log.warning("pooled sandbox %s: its init died while it waited; removing it", sb.id)
+                self._litter.append(sb)  # the refill loop removes it
+                continue
+            self.taken += 1
+            return sb
+        return None
 
     def specs(self) -> list[SandboxSpec]:
         """What the pool holds, as sandbox specs: the layers of its image are in use while it runs."""

@@ -620,7 +620,6 @@ class Sandbox(AgentFrames):
             self.ctx.torn_down(self)
 
     def _remove_run_dir(self) -> None:
-        idmap.unstage(str(self.run_dir / "idmap"))  # clones left by a start that stopped midway: never rmtree them
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _remove_files(self) -> None:

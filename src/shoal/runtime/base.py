@@ -48,6 +48,11 @@ class ContainerRuntime(abc.ABC):
     async def start_created(self, container_id: str) -> None:
         """Run the init of a container made by ``create``."""
 
+    def waiting_init_alive(self, container_id: str) -> bool | None:
+        """Whether the init of a container made by ``create`` still waits to be started (None: cannot tell
+        without asking the runtime, which costs a process)."""
+        return None
+
     @abc.abstractmethod
     async def kill(self, container_id: str, signal: str = "KILL") -> None:
         """Signal a container's init (its death ends every process in it); no error if it is gone."""

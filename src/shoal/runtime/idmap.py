@@ -153,6 +153,20 @@ def storage_mapping(helper: Path, ids: IdRange, storage_id: int) -> int:
 def clone(source: str | int, target: str, mapping: int, *, read_only: bool = False, recursive: bool = False) -> None:
     """Attach at ``target`` (a directory) a copy of the mount tree at ``source`` (a path or a descriptor of
     a directory), id-mapped through ``mapping``; ``nosuid,nodev``, and read-only if asked."""
+    tree = detached(source, mapping, read_only=read_only, recursive=recursive)
+    try:
+        _check(
+            _libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+            f"move_mount to {target}",
+        )
+    finally:
+        os.close(tree)
+
+
+def detached(source: str | int, mapping: int, *, read_only: bool = False, recursive: bool = False) -> int:
+    """A descriptor of a detached copy of the mount tree at ``source`` (a path or a directory's descriptor),
+    id-mapped through ``mapping``, ``nosuid,nodev`` and read-only if asked; it goes away when closed, unless
+    attached somewhere (``clone``) or used as an overlay layer (which keeps its own reference)."""
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
     if isinstance(source, int):
         tree = _check(_libc.syscall(SYS_OPEN_TREE, source, b"", flags | AT_EMPTY_PATH), "open_tree")
@@ -176,12 +190,10 @@ def clone(source: str | int, target: str, mapping: int, *, read_only: bool = Fal
             ),
             "mount_setattr(MOUNT_ATTR_IDMAP)",
         )
-        _check(
-            _libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
-            f"move_mount to {target}",
-        )
-    finally:
+    except BaseException:
         os.close(tree)
+        raise
+    return tree
 
 
 def probe(helper: Path, directory: Path, scratch: Path, storage_id: int) -> str | None:
@@ -206,54 +218,19 @@ def probe(helper: Path, directory: Path, scratch: Path, storage_id: int) -> str 
     return None
 
 
-def mount_overlay(lowers: list[str], upper: str, work: str, target: str, owner: int, mapping: int, stage: str) -> None:
-    """``rootfs.mount_overlay`` through id-mapped clones: the sandbox sees stored ids shifted into its range.
+def mount_overlay(lowers: list[str], upper: str, work: str, target: str, owner: int, mapping: int) -> None:
+    """``rootfs.mount_overlay`` through id-mapped copies: the sandbox sees stored ids shifted into its range.
 
-    Each lower layer is cloned read-only, and the directory holding ``upper`` and ``work`` (the overlay wants
-    them on one mount) writable, under ``stage``; the overlay is mounted from the clones, which are then
-    detached (the overlay keeps them) and ``stage`` removed.  ``owner``: the stored owner of ``upper``.
+    Each lower layer is copied read-only, and the directory holding ``upper`` and ``work`` writable, as
+    detached mount trees that only the overlay keeps.  ``owner``: the stored owner of ``upper``.
     """
-    data = os.path.dirname(upper)
-    if os.path.dirname(work) != data:
-        raise ValueError("upper and work must be in one directory")
-    for d in (upper, work, target):
-        os.makedirs(d, exist_ok=True)
-    os.chown(upper, owner, owner)
-    os.chmod(upper, 0o755)
-    os.makedirs(stage, mode=0o700, exist_ok=True)
-    points: list[str] = []
+    rootfs.prepare_upper(upper, work, target, owner)
+    trees: list[int] = []
     try:
-        for i, lower in enumerate(lowers):
-            point = os.path.join(stage, str(i))
-            os.mkdir(point, 0o700)
-            points.append(point)
-            clone(lower, point, mapping, read_only=True)
-        point = os.path.join(stage, "data")
-        os.mkdir(point, 0o700)
-        points.append(point)
-        clone(data, point, mapping)
-        top = os.path.join(point, os.path.basename(upper))
-        opts = (
-            f"lowerdir={':'.join(points[:-1])},upperdir={top},workdir={os.path.join(point, os.path.basename(work))},"
-            "redirect_dir=off,index=off,xino=off"
-        )
-        rootfs.mount("overlay", target, "overlay", rootfs.MS_NOSUID | rootfs.MS_NODEV, opts)
+        for lower in lowers:
+            trees.append(detached(lower, mapping, read_only=True))
+        trees.append(detached(os.path.dirname(upper), mapping))
+        rootfs.mount_overlay_fds(trees[:-1], trees[-1], os.path.basename(upper), os.path.basename(work), target)
     finally:
-        unstage(stage)
-
-
-def unstage(stage: str) -> None:
-    """Detach and remove the clones under ``stage`` (never deletes through one: each is unmounted, then
-    ``rmdir``-ed; a directory that is still a mount point stays)."""
-    try:
-        names = os.listdir(stage)
-    except FileNotFoundError:
-        return
-    for name in names:
-        point = os.path.join(stage, name)
-        with contextlib.suppress(OSError):
-            rootfs.unmount(point)
-        with contextlib.suppress(OSError):
-            os.rmdir(point)
-    with contextlib.suppress(OSError):
-        os.rmdir(stage)
+        for fd in trees:
+            os.close(fd)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from shoal.exception import Error, ResourceExhaustedError
 from shoal.runtime.base import ContainerRuntime, RuntimeFailure
 from shoal.util import spawn
+
+EXEC_FIFO = "exec.fifo"
+"""runc's FIFO in a created container's state dir: the init blocks opening it until ``runc start`` reads it."""
+START_CHECK_INTERVAL = 0.1
+START_TIMEOUT = 30.0
 
 
 class OciRuntime(ContainerRuntime):
@@ -71,8 +79,64 @@ class OciRuntime(ContainerRuntime):
             raise start_failure(f"{self.name} create failed (exit {res.returncode})", _tail(log_path))
 
     async def start_created(self, container_id: str) -> None:
-        """Run the init of a container made by ``create``."""
+        """Run the init of a container made by ``create``.
+
+        For runc this opens the container's ``exec.fifo`` as ``runc start`` does (decision 0064), which saves a
+        runc process and its read of the host's mount table (longer with every sandbox) on the warm pool's path.
+        """
+        if self.name == "runc":
+            fifo = os.path.join(self.state_dir, container_id, EXEC_FIFO)
+            try:
+                fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1
+            if fd >= 0:
+                try:
+                    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                        raise RuntimeFailure(f"runc start failed: {fifo} is not a FIFO")
+                    await self._await_init(container_id, fd)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(fifo)
+                finally:
+                    os.close(fd)
+                return
         await self._run("start", container_id)
+
+    async def _await_init(self, container_id: str, fifo: int) -> None:
+        """Wait until a created container's init has written its byte to the open ``exec.fifo``: it runs then.
+
+        Opened read-write, the FIFO never blocks this side and holds the init's open until the byte arrives;
+        an init that died before is a failure, found within ``START_CHECK_INTERVAL`` (as ``runc start`` does)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while True:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fifo, _resolve_once, ready)  # may fire again before it is removed
+            try:
+                await asyncio.wait_for(ready, START_CHECK_INTERVAL)
+            except TimeoutError:
+                if not self._init_alive(container_id) or loop.time() > deadline:
+                    raise RuntimeFailure(f"runc start failed: the init of {container_id} did not start") from None
+                continue
+            finally:
+                loop.remove_reader(fifo)
+            with contextlib.suppress(BlockingIOError):
+                if os.read(fifo, 1):
+                    return
+
+    def waiting_init_alive(self, container_id: str) -> bool | None:
+        """Whether a created container's init still runs (runc: from its state file and ``/proc``)."""
+        return self._init_alive(container_id) if self.name == "runc" else None
+
+    def _init_alive(self, container_id: str) -> bool:
+        """Whether the init runc recorded for the container still runs (the same process, not a zombie)."""
+        try:
+            state = json.loads(Path(self.state_dir, container_id, "state.json").read_text())
+            pid, start = int(state["init_process_pid"]), int(state["init_process_start"])
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return False
+        return fields[0] != "Z" and int(fields[19]) == start
 
     async def kill(self, container_id: str, signal: str = "KILL") -> None:
         """Signal a container's init (in a pid namespace, its death ends every process); no error if gone."""
@@ -101,6 +165,11 @@ class OciRuntime(ContainerRuntime):
         except json.JSONDecodeError:
             return []
         return [str(i["id"]) for i in items if isinstance(i, dict) and "id" in i]
+
+
+def _resolve_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def start_failure(message: str, output: str) -> Error:

@@ -55,9 +55,36 @@ def mount_overlay(lowers: list[str], upper: str, work: str, target: str, owner: 
     ``nosuid,nodev``: the host sees this mount, and a set-id file or device node a sandbox made must mean
     nothing there.  Inside, the sandbox runs with no-new-privileges, so set-id bits meant nothing anyway.
     """
+    prepare_upper(upper, work, target, owner)
+    fds = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for p in [*lowers, os.path.dirname(upper)]]
+    try:
+        mount_overlay_fds(fds[:-1], fds[-1], os.path.basename(upper), os.path.basename(work), target)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def prepare_upper(upper: str, work: str, target: str, owner: int) -> None:
+    """Make an overlay's directories; ``upper`` owned by ``owner`` and ``work`` beside it (the overlay wants
+    them on one mount)."""
+    if os.path.dirname(work) != os.path.dirname(upper):
+        raise ValueError("upper and work must be in one directory")
     for d in (upper, work, target):
         os.makedirs(d, exist_ok=True)
     os.chown(upper, owner, owner)
     os.chmod(upper, 0o755)
-    opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},redirect_dir=off,index=off,xino=off"
+
+
+def mount_overlay_fds(lowers: list[int], data: int, upper: str, work: str, target: str) -> None:
+    """Mount at ``target`` an overlay of the directories open as ``lowers`` (topmost first), with ``upper`` and
+    ``work`` named inside the directory open as ``data``.
+
+    The layers are named to the kernel as ``/proc/self/fd/N``: the overlay keeps those strings for the mount
+    table, and every reader of ``/proc/*/mountinfo`` (runc reads it on each call) pays for its length per
+    sandbox.  The descriptors may be detached mount trees (``open_tree``); the caller closes them after.
+    """
+    opts = (
+        f"lowerdir={':'.join(f'/proc/self/fd/{fd}' for fd in lowers)},upperdir=/proc/self/fd/{data}/{upper},"
+        f"workdir=/proc/self/fd/{data}/{work},redirect_dir=off,index=off,xino=off"
+    )
     mount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, opts)

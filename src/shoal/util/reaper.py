@@ -10,6 +10,7 @@ helpers (runc, mmdebstrap) is never taken from their waiters.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -38,24 +39,78 @@ def _children() -> set[int]:
     return pids
 
 
-def _uid(pid: int) -> int | None:
+_EXITED = os.WEXITED | os.WNOHANG | os.WNOWAIT
+RESCAN_DELAY = 0.05
+"""Seconds before looking past a helper's exit that its own waiter has not collected yet."""
+
+
+def _exited_uid(idtype: int, pid: int) -> tuple[int, int] | None:
+    """(pid, real uid) of an exited child (``P_ALL``: the first in line), left waitable; None: none."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
-    except OSError:
+        info = os.waitid(idtype, pid, _EXITED)
+    except ChildProcessError:
         return None
-    return None
+    if info is None or info.si_pid == 0:
+        return None
+    return info.si_pid, info.si_uid
+
+
+def _reap(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    return False
+
+
+def reap_first_in_line(is_sandbox_uid: Callable[[int], bool]) -> tuple[int, bool]:
+    """Reap exited sandbox inits while one is first among the exited children: (how many, whether another
+    program's exit, left to its own waiter, is first in line now and may hide more).  Costs nothing per child."""
+    reaped = 0
+    while (found := _exited_uid(os.P_ALL, 0)) is not None:
+        pid, uid = found
+        if not is_sandbox_uid(uid):
+            return reaped, True
+        reaped += _reap(pid)
+    return reaped, False
 
 
 def reap_sandbox_inits(is_sandbox_uid: Callable[[int], bool]) -> int:
-    """Reap dead children that ran as a sandbox's uid; returns how many."""
+    """Reap every exited child that ran as a sandbox's uid, looking at each child; returns how many."""
     reaped = 0
     for pid in _children():
-        uid = _uid(pid)
-        if uid is None or not is_sandbox_uid(uid):
-            continue
-        with contextlib.suppress(ChildProcessError):
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            reaped += done == pid
+        found = _exited_uid(os.P_PID, pid)
+        if found is not None and is_sandbox_uid(found[1]):
+            reaped += _reap(pid)
     return reaped
+
+
+class InitReaper:
+    """Reaps sandbox inits on ``SIGCHLD`` at a cost that does not grow with the number of sandboxes.
+
+    Exited children are looked at first in line (``waitid(P_ALL, WNOWAIT)``); a helper program's exit first in
+    line (its own waiter collects it) hides those behind it, so a moment later the line is looked at again, and
+    if it is still blocked every child is (one ``waitid`` each).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, is_sandbox_uid: Callable[[int], bool]) -> None:
+        self._loop = loop
+        self._is_sandbox_uid = is_sandbox_uid
+        self._later: asyncio.TimerHandle | None = None
+
+    def on_sigchld(self) -> None:
+        """The ``SIGCHLD`` handler."""
+        _, blocked = reap_first_in_line(self._is_sandbox_uid)
+        if blocked and self._later is None:
+            self._later = self._loop.call_later(RESCAN_DELAY, self._again)
+
+    def _again(self) -> None:
+        self._later = None
+        _, blocked = reap_first_in_line(self._is_sandbox_uid)
+        if blocked:
+            reap_sandbox_inits(self._is_sandbox_uid)
+
+    def close(self) -> None:
+        """Cancel a pending look."""
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
