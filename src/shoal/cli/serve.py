@@ -28,6 +28,9 @@ def _config(
     max_sandboxes: int | None = None,
     uid_ranges: str | None = None,
     uid_slots: int | None = None,
+    total_pids: int | None = None,
+    total_memory_mib: int | None = None,
+    min_free_disk_mib: int | None = None,
 ) -> Config:
     kwargs: dict[str, object] = {}
     if allow_private_ranges:
@@ -43,6 +46,12 @@ def _config(
         kwargs["uid_ranges"] = uid_ranges
     if uid_slots is not None:
         kwargs["uid_slots"] = uid_slots
+    if total_pids is not None:
+        kwargs["total_pids_limit"] = total_pids
+    if total_memory_mib is not None:
+        kwargs["total_memory_mib"] = total_memory_mib
+    if min_free_disk_mib is not None:
+        kwargs["min_free_disk_mib"] = min_free_disk_mib
     if not host_cas:
         kwargs["trust_host_cas"] = False
     if data_dir:
@@ -121,6 +130,22 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     help="host uid ranges of 65,536 ids for sandboxes (at most this many at once); default 16384, or $SHOAL_UID_SLOTS",
 )
 @click.option(
+    "--total-pids",
+    type=click.IntRange(16, 1 << 22),
+    help="processes of all sandboxes together; default the host's pid table less a reserve, or $SHOAL_TOTAL_PIDS",
+)
+@click.option(
+    "--total-memory-mib",
+    type=click.IntRange(64, 1 << 30),
+    help="memory of all sandboxes together, in MiB; default the host's less a reserve, or $SHOAL_TOTAL_MEMORY_MIB",
+)
+@click.option(
+    "--min-free-disk-mib",
+    type=click.IntRange(0, 1 << 30),
+    help="free space kept on the data directory's filesystem: creates are refused below it; default 512, or"
+    " $SHOAL_MIN_FREE_DISK_MIB",
+)
+@click.option(
     "--allow-private-range",
     "allow_private_ranges",
     metavar="CIDR",
@@ -143,6 +168,9 @@ def serve_cmd(
     max_sandboxes: int | None,
     uid_ranges: str | None,
     uid_slots: int | None,
+    total_pids: int | None,
+    total_memory_mib: int | None,
+    min_free_disk_mib: int | None,
     background: bool,
     verbose: bool,
 ) -> None:
@@ -161,6 +189,9 @@ def serve_cmd(
         max_sandboxes,
         uid_ranges,
         uid_slots,
+        total_pids,
+        total_memory_mib,
+        min_free_disk_mib,
     )
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -97,6 +97,12 @@ def _capacity_summary(capacity: dict[str, Any]) -> str:
         text += f"; uid ranges: {capacity['uid_slots_left']} of {capacity['uid_slots']} free"
     if "key_quota_left" in capacity:
         text += f"; kernel key quota: {capacity['key_quota_left']} left"
+    if "pids_left" in capacity:
+        text += f"; processes: {capacity['pids_left']} left"
+    if "memory_left_mib" in capacity:
+        text += f"; memory: {capacity['memory_left_mib']} MiB left"
+    if "disk_free_mib" in capacity:
+        text += f"; disk: {capacity['disk_free_mib']} MiB free"
     return text
 
 

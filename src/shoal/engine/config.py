@@ -13,6 +13,9 @@ Environment variables (all optional):
     SHOAL_UID_RANGES    per-sandbox | shared | auto: a host id range per sandbox (decision 0063), one shared
                         by all (0002), or per-sandbox where the data filesystem can id-map (default auto)
     SHOAL_UID_SLOTS     per-sandbox ranges available (default 16384)
+    SHOAL_TOTAL_PIDS    processes of all sandboxes together (default: the host's pid table less a reserve)
+    SHOAL_TOTAL_MEMORY_MIB  memory of all sandboxes together (default: the host's memory less a reserve)
+    SHOAL_MIN_FREE_DISK_MIB free space kept on the data directory's filesystem (default 512)
     SHOAL_SANDBOX_OUTPUT_MIB  recorded output kept per sandbox (default 2048)
     SHOAL_GPU_INVENTORY test/debug hook: a JSON file describing GPUs to use instead of the host's
                         (format in shoal.gpu.inventory)
@@ -30,6 +33,7 @@ from shoal.runtime.spec import IdMap
 from shoal.wire.defaults import DEFAULT_DATA_DIR, DEFAULT_RUNTIME_DIR, SOCKET_NAME
 
 DEFAULT_WARM_POOL = "2"
+DEFAULT_MIN_FREE_DISK_MIB = "512"
 DEFAULT_MAX_SANDBOXES = "1000"
 """The daemon's own ceiling (``shoal serve --max-sandboxes``); the host may run out of something first."""
 """Precreated default-shape sandboxes (decision 0008): ~1 MiB and one idle process each."""
@@ -57,10 +61,14 @@ class Config:
     cgroup_parent: str = field(default_factory=lambda: _env("SHOAL_CGROUP_PARENT", "/shoal"))
     pids_limit: int = 1024
     """Processes per sandbox."""
-    total_pids_limit: int | None = None
+    total_pids_limit: int | None = field(default_factory=lambda: _optional_int("SHOAL_TOTAL_PIDS"))
     """Processes of all sandboxes together (None: the host's pid table less a reserve)."""
-    total_memory_mib: int | None = None
+    total_memory_mib: int | None = field(default_factory=lambda: _optional_int("SHOAL_TOTAL_MEMORY_MIB"))
     """Memory of all sandboxes together (None: the host's memory less a reserve)."""
+    min_free_disk_mib: int = field(
+        default_factory=lambda: int(os.environ.get("SHOAL_MIN_FREE_DISK_MIB") or DEFAULT_MIN_FREE_DISK_MIB)
+    )
+    """Free space kept on the data directory's filesystem: creates are refused below it."""
     default_memory_mib: int | None = 4096
     """Memory limit of a sandbox created without ``memory=``; None for no limit."""
     max_output_bytes: int = 1 << 30
@@ -101,6 +109,12 @@ class Config:
     def __post_init__(self) -> None:
         if self.socket_path is None:
             self.socket_path = Path(_env("SHOAL_SOCKET", str(self.runtime_dir / SOCKET_NAME)))
+        for name in ("total_pids_limit", "total_memory_mib"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+        if self.min_free_disk_mib < 0:
+            raise ValueError(f"min_free_disk_mib must not be negative, not {self.min_free_disk_mib}")
         if self.uid_ranges not in UID_RANGE_MODES:
             raise ValueError(f"uid ranges must be one of {', '.join(UID_RANGE_MODES)}, not {self.uid_ranges!r}")
 
@@ -154,3 +168,8 @@ class Config:
     def pid_path(self) -> Path:
         """The background daemon's pid file."""
         return self.runtime_dir / "shoald.pid"
+
+
+def _optional_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None

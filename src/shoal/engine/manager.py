@@ -31,7 +31,7 @@ from shoal.images import base as image_base
 from shoal.images.service import ImageService
 from shoal.images.store import LayerStore
 from shoal.network.service import Network
-from shoal.runtime import cgroups, host_limits, idmap, rootfs
+from shoal.runtime import cgroups, host_limits, host_room, idmap, rootfs
 from shoal.runtime import registry as runtimes
 from shoal.secrets.keyring import Keyring
 from shoal.secrets.store import SecretStore
@@ -399,6 +399,7 @@ class Manager:
         return sum(1 for sb in self.sandboxes.values() if sb.state is RUNNING) + self._starting
 
     def _check_capacity(self) -> None:
+        """Refuse a create past the daemon's ceiling or the host's room (processes, memory, disk)."""
         limit = self.cfg.max_sandboxes
         live = self._live()
         if live >= limit:
@@ -406,11 +407,13 @@ class Manager:
                 f"this daemon holds at most {limit} sandboxes and {live} are running or starting: end some, or"
                 " raise the limit with `shoal serve --max-sandboxes N` (or $SHOAL_MAX_SANDBOXES)"
             )
+        host_room.check(host_room.measure(self.cfg.cgroup_parent, self.cfg.data_dir), self.cfg.min_free_disk_mib << 20)
 
     def capacity(self) -> dict[str, int]:
         """How many more sandboxes this daemon and the host take (``shoal status``)."""
         live = self._live()
         room = {"max_sandboxes": self.cfg.max_sandboxes, "live": live, "left": max(0, self.cfg.max_sandboxes - live)}
+        room.update(host_room.measure(self.cfg.cgroup_parent, self.cfg.data_dir).as_dict())
         if self.ctx.uids is not None:
             room["uid_slots"] = self.ctx.uids.count
             room["uid_slots_left"] = self.ctx.uids.free
