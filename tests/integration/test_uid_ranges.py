@@ -400,3 +400,28 @@ def test_status_shows_the_ranges_and_shared_mode_still_runs(own_daemon):
     finally:
         a.terminate()
         b.terminate()
+
+
+def test_ranges_running_out_is_resource_exhausted_and_one_ended_is_free_again(own_daemon):
+    """With three ranges, a fourth sandbox is refused naming ``--uid-slots``; ending one frees its range for the
+    next, which gets a range no running sandbox has."""
+    own_daemon.restart_with("--uid-slots", "3", "--warm-pool", "0")
+    app = shoal.App.lookup("uid-range-tests", create_if_missing=True)
+    made = [shoal.Sandbox.create(app=app, timeout=120) for _ in range(3)]
+    try:
+        with pytest.raises(shoal.exception.ResourceExhaustedError, match="--uid-slots"):
+            made.append(shoal.Sandbox.create(app=app, timeout=120))
+        assert _status()["capacity"]["uid_slots_left"] == 0
+        made.pop(0).terminate()
+        deadline = time.monotonic() + 30
+        while _status()["capacity"]["uid_slots_left"] == 0:  # the range is free once the container is removed
+            assert time.monotonic() < deadline, "the ended sandbox's range was never freed"
+            time.sleep(0.1)
+        made.append(shoal.Sandbox.create(app=app, timeout=120))
+        bases = [sandbox_range(sb) for sb in made]
+        for i, a in enumerate(bases):
+            for b in bases[i + 1 :]:
+                assert_disjoint(a, b, "running sandboxes")
+    finally:
+        for sb in made:
+            sb.terminate()

@@ -24,8 +24,9 @@ from shoal.wire import ids
 from shoal.wire.image_config import ImageConfig
 
 RECIPE_VERSION = 1
-PYTHON_SUITES = {"3.11": "bookworm"}
-"""Python versions this machine can provide, and the Debian suite that has each."""
+PYTHON_SUITES = {"3.9": "bullseye", "3.11": "bookworm", "3.13": "trixie"}
+"""Python versions debian_slim provides: the Debian suite whose ``python3`` each is (decision 0065).  No suite
+carries 3.10 or 3.12, and nothing reachable from a host limited to package mirrors ships them."""
 DEFAULT_PYTHON = "3.11"
 PACKAGES = ["python3", "python3-pip", "python-is-python3", "ca-certificates", "procps"]
 KEEP_ALIVE_CMD = ["sleep", "172800"]
@@ -48,9 +49,13 @@ def check_python_version(version: str | None) -> str:
     parts = version.split(".")
     series = ".".join(parts[:2])
     if series not in PYTHON_SUITES or (len(parts) > 2 and not parts[2].isdigit()):
-        available = ", ".join(sorted(PYTHON_SUITES))
+        available = ", ".join(f"{v} (Debian {s})" for v, s in sorted(PYTHON_SUITES.items(), key=_version_key))
         raise InvalidError(f"Python {version} is not available on this machine; debian_slim can provide: {available}")
     return series
+
+
+def _version_key(item: tuple[str, str]) -> tuple[int, ...]:
+    return tuple(int(p) for p in item[0].split("."))
 
 
 def recipe(python_version: str) -> dict[str, object]:
@@ -137,6 +142,13 @@ def build(
             if returncode == -signal.SIGTERM or returncode == 128 + signal.SIGTERM:
                 raise ServiceError("building the base image was stopped (the daemon is stopping)")
             raise InvalidError("building the base image failed:\n" + "\n".join(tail[-15:]))
+        if not (staged / "usr/bin" / f"python{python_version}").exists():
+            found = sorted(p.name for p in (staged / "usr/bin").glob("python3.*") if p.name[7:].isdigit())
+            shutil.rmtree(staged, ignore_errors=True)
+            raise InvalidError(
+                f"Debian {suite} no longer carries Python {python_version} (it has {', '.join(found) or 'none'}):"
+                " shoal's table of suites (shoal.images.base.PYTHON_SUITES) needs updating"
+            )
         _customize(staged)
         shift_tree(staged, uid_offset)
         store.publish(layer_id, staged, {"recipe": recipe(python_version)})
@@ -157,14 +169,16 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
 
 
-def _host_sources(suite: str) -> str | None:
-    """The host's Debian mirror for ``suite`` in one-line sources format, if it has one.
+def _host_sources(suite: str, paths: list[Path] | None = None) -> str | None:
+    """The host's Debian mirror, for ``suite``, in one-line sources format, if it has one.
 
-    Hosts behind a proxy or with a local mirror configure it for apt; the
-    bootstrap uses the same mirror.
+    Hosts behind a proxy or with a local mirror configure it for apt; the bootstrap uses the same mirror, also
+    for a suite the host itself does not use (another Python version's).
     """
-    mirrors: list[str] = []
-    paths = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for_suite: list[str] = []
+    any_suite: list[str] = []
+    if paths is None:
+        paths = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
     for path in paths:
         try:
             text = path.read_text()
@@ -175,16 +189,36 @@ def _host_sources(suite: str) -> str | None:
                 fields = dict(
                     line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#")
                 )
-                uris = fields.get("URIs", "").split()
+                uris = [u for u in fields.get("URIs", "").split() if "debian-security" not in u]
                 suites = fields.get("Suites", "").split()
+                any_suite += [u for u in uris if _is_debian_mirror(u) and any(s in DEBIAN_SUITES for s in suites)]
                 if suite in suites:
-                    mirrors += [u for u in uris if "debian-security" not in u]
+                    for_suite += uris
         else:
             for line in text.splitlines():
                 words = line.split()
-                if len(words) >= 3 and words[0] == "deb" and words[2] == suite and "security" not in words[1]:
-                    mirrors.append(words[1] if not words[1].startswith("[") else words[2])
+                if not words or words[0] != "deb":
+                    continue
+                rest = words[1:]
+                if rest and rest[0].startswith("["):  # options: "[arch=amd64 signed-by=…]"
+                    end = next((i for i, w in enumerate(rest) if w.endswith("]")), len(rest))
+                    rest = rest[end + 1 :]
+                if len(rest) < 2 or "security" in rest[0]:
+                    continue
+                uri, dist = rest[0], rest[1]
+                if dist == suite:
+                    for_suite.append(uri)
+                if dist in DEBIAN_SUITES and _is_debian_mirror(uri):
+                    any_suite.append(uri)
+    mirrors = for_suite or any_suite
     return f"deb {mirrors[0]} {suite} main" if mirrors else None
+
+
+DEBIAN_SUITES = frozenset({"buster", "bullseye", "bookworm", "trixie", "forky", "sid"})
+
+
+def _is_debian_mirror(uri: str) -> bool:
+    return uri.rstrip("/").endswith("/debian")
 
 
 def _customize(root: Path) -> None:

@@ -1,0 +1,38 @@
+"""``Image.debian_slim(python_version=…)``: each version Modal programs ask for that a Debian suite carries.
+
+Each is bootstrapped once from the host's Debian mirror (decision 0065), then behaves like the default image:
+``python``/``pip`` on PATH, pip installing into the system, apt sources of its own suite.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import shoal
+from shoal.exception import InvalidError
+
+
+@pytest.mark.parametrize(("version", "codename"), [("3.9", "bullseye"), ("3.13", "trixie")])
+def test_a_python_version_of_another_debian_suite(app, version: str, codename: str) -> None:
+    image = shoal.Image.debian_slim(python_version=version).pip_install("six").apt_install("jq")
+    sb = shoal.Sandbox.create(app=app, image=image, timeout=300)
+    try:
+        p = sb.exec(
+            "sh",
+            "-c",
+            "python --version; . /etc/os-release; echo $VERSION_CODENAME;"
+            " python -c 'import six; print(\"six\")'; echo '{\"a\": 1}' | jq .a;"
+            " pip install --quiet --no-deps tomli 2>&1 | grep -v WARNING; python -c 'import tomli; print(\"tomli\")'",
+        )
+        out = p.stdout.read().splitlines()
+        assert p.wait() == 0, p.stderr.read()
+        assert out[0].startswith(f"Python {version}."), out
+        assert out[1:] == [codename, "six", "1", "tomli"], out
+    finally:
+        sb.terminate()
+
+
+def test_versions_no_suite_carries_are_refused_with_the_list(app) -> None:
+    for version in ("3.10", "3.12"):
+        with pytest.raises(InvalidError, match=r"3\.9 \(Debian bullseye\), 3\.11 \(Debian bookworm\), 3\.13"):
+            shoal.Sandbox.create(app=app, image=shoal.Image.debian_slim(python_version=version))
