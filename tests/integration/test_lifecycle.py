@@ -289,6 +289,10 @@ def test_blocking_call_inside_event_loop_warns(sandbox):
         {"include_oidc_identity_token": True},
         {"_experimental_enable_snapshot": True},
         {"experimental_options": {"enable_docker": True}},  # ignoring one could fail open
+        {"runtime": "gvisor"},
+        {"runtime": "vm"},
+        {"_experimental_outbound_policy": object()},  # headers a policy adds must not silently go missing
+        {"_experimental_persistent": True},
     ],
     ids=lambda kw: next(iter(kw)),
 )
@@ -296,6 +300,46 @@ def test_create_keywords_not_implemented_are_clear_errors(app, kwargs):
     name = next(iter(kwargs))
     with pytest.raises(shoal.exception.InvalidError, match=f"{name}=.*not supported"):
         shoal.Sandbox.create(app=app, **kwargs)
+
+
+def test_an_unknown_runtime_is_invalid(app):
+    with pytest.raises(shoal.exception.InvalidError, match="'gvisor', 'vm' or None"):
+        shoal.Sandbox.create(app=app, runtime="kata")
+
+
+def test_from_name_include_terminated_finds_the_latest_ended_one(app):
+    name = f"ended-{uuid.uuid4().hex[:8]}"
+    first = shoal.Sandbox.create(app=app, name=name)
+    first.terminate()
+    second = shoal.Sandbox.create("sh", "-c", "exit 7", app=app, name=name)
+    second.wait()
+    assert second.returncode == 7
+    with pytest.raises(NotFoundError):
+        shoal.Sandbox.from_name(app.name, name)  # none runs
+    found = shoal.Sandbox.from_name(app.name, name, include_terminated=True)
+    assert found.object_id == second.object_id
+    assert found.poll() == 7
+    again = shoal.Sandbox.create(app=app, name=name)
+    try:
+        assert shoal.Sandbox.from_name(app.name, name, include_terminated=True).object_id == again.object_id
+    finally:
+        again.terminate()
+
+
+def test_app_stop_terminates_its_sandboxes_and_the_app_stays_usable():
+    app = shoal.App.lookup(f"stop-{uuid.uuid4().hex[:8]}", create_if_missing=True)
+    made = [shoal.Sandbox.create(app=app) for _ in range(2)]
+    app.stop()
+    for sb in made:
+        sb.wait(raise_on_termination=False)
+        assert sb.returncode is not None
+    sb = shoal.Sandbox.create(app=app)
+    try:
+        assert sb.exec("echo", "ok").stdout.read() == "ok\n"
+    finally:
+        sb.terminate()
+    with pytest.raises(shoal.exception.InvalidError, match="not running"):
+        shoal.App("never-looked-up").stop()
 
 
 def test_get_task_id_names_the_sandbox(sandbox):

@@ -134,7 +134,7 @@ def test_deleting_a_volume_removes_its_files(daemon):
 
 
 def test_ephemeral_volume_sync_and_async(daemon):
-    with shoal.Volume.ephemeral() as v:
+    with shoal.Volume.ephemeral(_heartbeat_sleep=60) as v:  # Modal's private heartbeat period: no heartbeat here
         assert v.listdir("/") == []
         _upload(v, {"x.txt": b"x"})
         volume_id = v.object_id

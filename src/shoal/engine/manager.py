@@ -463,14 +463,20 @@ class Manager:
             self.sandboxes[sandbox_id] = sb
         return sb
 
-    def from_name(self, app_name: str, name: str) -> Sandbox:
-        """The running sandbox called ``name`` in the app called ``app_name``."""
+    def from_name(self, app_name: str, name: str, include_terminated: bool = False) -> Sandbox:
+        """The running sandbox called ``name`` in the app called ``app_name``; with ``include_terminated``, the
+        most recently created one that ended when none runs (finished sandboxes are kept for the retention time)."""
         app = self.state.app_by_name(app_name)
         if app is None:
             raise NotFoundError(f"App '{app_name}' not found")
         for sb in self.sandboxes.values():
             if sb.row.app_id == app[0] and sb.row.name == name and sb.state == RUNNING:
                 return sb
+        if include_terminated:
+            ended = [r for r in self.state.sandboxes_in(FINISHED) if r.app_id == app[0] and r.name == name]
+            if ended:
+                row = max(ended, key=lambda r: r.created_at)
+                return self.sandboxes.get(row.id) or self._finished.get(row.id) or Sandbox(self.ctx, row)
         raise NotFoundError(f"no running sandbox named {name!r} in app '{app_name}'")
 
     def list(self, app_id: str | None, tags: dict[str, str], include_finished: bool) -> list[SandboxInfo]:

@@ -113,6 +113,27 @@ def deprecated_create_args(
     return pty, outbound_cidr_allowlist
 
 
+RUNTIMES = ("gvisor", "vm")
+"""What Modal's ``Sandbox.create(runtime=...)`` may name; None is the daemon's own (runc)."""
+
+
+def check_runtime(runtime: object) -> None:
+    """InvalidError unless ``runtime`` is None: shoal runs every sandbox under runc so far."""
+    if runtime is None:
+        return
+    if runtime not in RUNTIMES:
+        raise InvalidError(f"runtime must be one of {', '.join(map(repr, RUNTIMES))} or None, not {runtime!r}")
+    if runtime == "gvisor":
+        raise not_supported(
+            "runtime", "this daemon runs sandboxes under runc only (gVisor's runsc is not wired in yet); leave it unset"
+        )
+    raise not_supported(
+        "runtime",
+        "'vm' needs a virtual-machine runtime (a microVM monitor such as Firecracker or libkrun, and /dev/kvm on"
+        " the host), which shoal does not have; leave it unset",
+    )
+
+
 def refuse_unsupported(**given: bool) -> None:
     """InvalidError for the first Modal argument that was given and shoal does not implement."""
     for key, was_given in given.items():

@@ -6,7 +6,7 @@ from types import TracebackType
 from typing import Any
 
 from shoal.exception import InvalidError
-from shoal.sdk._sync import live_function, run_async, run_blocking
+from shoal.sdk._sync import live_function, live_method, run_async, run_blocking
 from shoal.sdk.transport import default_client
 from shoal.wire import routes
 from shoal.wire.apps import AppCreate, AppLookup
@@ -58,6 +58,13 @@ class App:
         app = App(resp["name"])
         app._app_id = resp["app_id"]
         return app
+
+    @live_method
+    async def stop(self, *, client: Any = None) -> None:
+        """Stop the app: terminate every sandbox of it that runs (it can be looked up and used again after)."""
+        if self._app_id is None:
+            raise InvalidError("the app is not running: look it up with App.lookup(name) or run it with app.run()")
+        await default_client().request("POST", routes.path("apps", self._app_id, "stop"))
 
     def run(self, **kwargs: Any) -> _AppRun:
         """Run the app for the duration of a ``with``/``async with`` block (an ephemeral app)."""

@@ -23,6 +23,7 @@ from shoal.exception import TimeoutError as NotReadyError
 from shoal.sdk import _snapshots, file_io
 from shoal.sdk._sandbox_args import (
     check_args,
+    check_runtime,
     check_workdir,
     deprecated_create_args,
     merge_env,
@@ -145,9 +146,11 @@ class Sandbox(SandboxNetworkMethods):
         region: str | Sequence[str] | None = None,
         cpu: float | tuple[float, float] | None = None,
         memory: int | tuple[int, int] | None = None,
+        runtime: str | None = None,
         block_network: bool = False,
         outbound_cidr_allowlist: Sequence[str] | None = None,
         outbound_domain_allowlist: Sequence[str] | None = None,
+        _experimental_outbound_policy: Any = None,
         inbound_cidr_allowlist: Sequence[str] | None = None,
         volumes: dict[Any, Any] | None = None,
         pty: bool = False,
@@ -161,6 +164,7 @@ class Sandbox(SandboxNetworkMethods):
         verbose: bool = False,
         experimental_options: dict[str, Any] | None = None,
         _experimental_enable_snapshot: bool = False,
+        _experimental_persistent: bool = False,
         restrict_modal_access: bool = False,
         client: Any = None,
         environment_name: str | None = None,
@@ -198,7 +202,15 @@ class Sandbox(SandboxNetworkMethods):
                 f"shoal knows none of Modal's experimental options ({given}), and ignoring one could loosen what"
                 " it was meant to restrict; leave it unset",
             )
+        check_runtime(runtime)
+        if _experimental_outbound_policy is not None:
+            raise not_supported(
+                "_experimental_outbound_policy",
+                "shoal cannot add headers to a sandbox's outbound HTTPS requests, and sending them without the"
+                " headers the policy asks for would be a silent wrong answer; leave it unset",
+            )
         refuse_unsupported(
+            _experimental_persistent=_experimental_persistent,
             network_file_systems=bool(network_file_systems),
             cloud=cloud is not None,
             region=region is not None,
@@ -270,11 +282,18 @@ class Sandbox(SandboxNetworkMethods):
 
     @live_function
     async def from_name(  # static
-        app_name: str, name: str, *, environment_name: str | None = None, client: Any = None
+        app_name: str,
+        name: str,
+        *,
+        environment_name: str | None = None,
+        include_terminated: bool = False,
+        client: Any = None,
     ) -> Sandbox:
-        """The running sandbox called ``name`` in the app called ``app_name``."""
+        """The running sandbox called ``name`` in the app called ``app_name``; with ``include_terminated``, the
+        most recent one that ended when none runs."""
         c = default_client()
-        info = await c.request("GET", routes.path("apps", "by-name", app_name, "sandboxes", name))
+        params = [("include_terminated", "1")] if include_terminated else []
+        info = await c.request("GET", routes.path("apps", "by-name", app_name, "sandboxes", name), params=params)
         return Sandbox(c, info["sandbox_id"], info)
 
     @live_generator

@@ -199,8 +199,9 @@ class Secret:
         return self
 
     @live_method
-    async def info(self) -> SecretInfo:
-        """A named secret's name and creation time."""
+    async def info(self, refresh: bool = False) -> SecretInfo:
+        """A named secret's name and creation time (``refresh``: Modal's cache switch; shoal asks the daemon
+        the first time and the secret's name and creation time never change after)."""
         await self._hydrate()
         assert self._info is not None
         return SecretInfo(

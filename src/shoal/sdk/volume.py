@@ -212,6 +212,7 @@ class Volume:
         environment_name: str | None = None,
         version: int | None = None,
         create_options: Any = None,
+        _heartbeat_sleep: float = 300,
     ) -> _EphemeralVolume:
         """A nameless volume for the duration of a ``with``/``async with`` block; removed when it exits.
 

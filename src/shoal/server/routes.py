@@ -430,7 +430,8 @@ async def set_tags(request: web.Request, body: TagsUpdate) -> Tags:
     response=SandboxInfo,
 )
 async def sandbox_by_name(request: web.Request) -> SandboxInfo:
-    return _mgr(request).from_name(request.match_info["app_name"], request.match_info["name"]).info()
+    ended = request.query.get("include_terminated") in ("1", "true")
+    return _mgr(request).from_name(request.match_info["app_name"], request.match_info["name"], ended).info()
 
 
 # ------------------------------------------------------------------ processes
