@@ -56,8 +56,6 @@ DIFFERENCES: dict[str, str] = {
     "Image.logs: missing": "build output is shown while building (enable_output); it is not kept per image",
     "Image.micromamba: missing": MAMBA,
     "Image.micromamba_install: missing": MAMBA,
-    "Image.pip_install_from_pyproject: missing": TODO_IMAGE,
     "Image.pip_install_private_repos: missing": TODO_IMAGE,
     "Image.poetry_install_from_file: missing": TODO_IMAGE,
-    "Image.uv_sync: missing": TODO_IMAGE,
 }

@@ -18,6 +18,7 @@ import glob
 import importlib.util
 import os
 import posixpath
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -198,6 +199,88 @@ class ImageBuilder:
         cmd = recipe.pip_requirements_command("/.requirements.txt", options)
         return self._with(
             copy_step([Source(local, ".requirements.txt")], "/", force_build=force_build),
+            run_step([recipe.shell(cmd)], env=env, secrets=secrets, gpu=gpu, force_build=force_build),
+        )
+
+    def pip_install_from_pyproject(
+        self,
+        pyproject_toml: str,
+        optional_dependencies: list[str] | None = None,
+        *,
+        find_links: str | None = None,
+        index_url: str | None = None,
+        extra_index_url: str | None = None,
+        pre: bool = False,
+        extra_options: str = "",
+        force_build: bool = False,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        gpu: Any = None,
+    ) -> Self:
+        """Install a local ``pyproject.toml``'s ``[project.dependencies]`` (and the ``optional_dependencies``
+        sections named) with pip; the file is read here, the project itself is not installed."""
+        project = _read_pyproject(pyproject_toml).get("project", {})
+        if "dependencies" not in project:
+            raise InvalidError(
+                f"{pyproject_toml} has no [project.dependencies] section (PEP 621); for [tool.poetry.dependencies]"
+                " use a requirements file (pip_install_from_requirements)"
+            )
+        deps = list(project["dependencies"])
+        optional = project.get("optional-dependencies", {})
+        for name in optional_dependencies or []:
+            if name not in optional:
+                raise InvalidError(f"{pyproject_toml} has no optional-dependencies section {name!r}")
+            deps += optional[name]
+        return self.pip_install(
+            *deps,
+            find_links=find_links,
+            index_url=index_url,
+            extra_index_url=extra_index_url,
+            pre=pre,
+            extra_options=extra_options,
+            force_build=force_build,
+            env=env,
+            secrets=secrets,
+            gpu=gpu,
+        )
+
+    def uv_sync(
+        self,
+        uv_project_dir: str = "./",
+        *,
+        force_build: bool = False,
+        groups: list[str] | None = None,
+        extras: list[str] | None = None,
+        frozen: bool = True,
+        extra_options: str = "",
+        uv_version: str | None = None,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        gpu: Any = None,
+    ) -> Self:
+        """Install a local uv project's locked dependencies (``pyproject.toml`` and, if present, ``uv.lock``;
+        ``frozen``: exactly as locked) into the image's Python; the project itself is not installed."""
+        for value, name in ((groups, "groups"), (extras, "extras")):
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise InvalidError(f"uv_sync: {name} must be None or a list of strings")
+        project = Path(os.path.expanduser(uv_project_dir))
+        pyproject = project / "pyproject.toml"
+        if "workspace" in _read_pyproject(str(pyproject)).get("tool", {}).get("uv", {}):
+            raise InvalidError("uv_sync: uv workspaces are not supported")
+        sources = [Source(pyproject, "pyproject.toml")]
+        lock = project / "uv.lock"
+        if lock.is_file():
+            sources.append(Source(lock, "uv.lock"))
+        cmd = recipe.uv_sync_commands(
+            recipe.UV_PROJECT_DIR,
+            list(groups or []),
+            list(extras or []),
+            frozen and lock.is_file(),
+            extra_options,
+            uv_version,
+        )
+        return self._with(
+            copy_step(sources, recipe.UV_PROJECT_DIR, force_build=force_build),
             run_step([recipe.shell(cmd)], env=env, secrets=secrets, gpu=gpu, force_build=force_build),
         )
 
@@ -514,3 +597,14 @@ def _copy_sources(
 
 
 __all__ = ["FilePatternMatcher", "ImageBuilder", "PendingStep"]
+
+
+def _read_pyproject(path: str) -> dict[str, Any]:
+    local = Path(os.path.expanduser(path))
+    try:
+        with open(local, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise InvalidError(f"{path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidError(f"{path} is not valid TOML: {exc}") from None

@@ -371,6 +371,33 @@ def uv_pip_install_commands(packages: list[str], requirements: list[str], option
     )
 
 
+UV_PROJECT_DIR = "/.uv-project"
+"""Where ``uv_sync`` puts the project's ``pyproject.toml`` and ``uv.lock`` in the image."""
+
+
+def uv_sync_commands(
+    project: str, groups: list[str], extras: list[str], frozen: bool, options: str, uv_version: str | None
+) -> str:
+    """Install uv (as ``uv_pip_install_commands`` does), export the project's locked dependencies as a
+    requirements file and install them into the image's Python (the project itself is not installed)."""
+    pin = f"uv=={uv_version}" if uv_version else "uv"
+    selectors = [f"--group {shlex.quote(g)}" for g in groups] + [f"--extra {shlex.quote(e)}" for e in extras]
+    export = (
+        f"{UV_DIR}/bin/uv export --project {project} --no-emit-project --no-hashes --quiet"
+        f" --output-file {project}/requirements.txt {'--frozen ' if frozen else ''}{' '.join(selectors)} {options}"
+    )
+    install = (
+        f'{UV_DIR}/bin/uv pip install --python "$UV_PYTHON" --compile-bytecode --requirement {project}/requirements.txt'
+    )
+    return " ".join(
+        (
+            f"python -m pip install --no-cache-dir --quiet --target {UV_DIR} {shlex.quote(pin)} &&"
+            ' export UV_PYTHON="$(command -v python)" UV_PYTHON_DOWNLOADS=never UV_NO_CACHE=1 &&'
+            f" {export} && {install}"
+        ).split()
+    )
+
+
 def apt_install_command(packages: list[str]) -> str:
     """``apt-get update && apt-get install -y``; apt's caches and lists are removed afterwards (tens of MB that
     would go stale in the layer)."""
