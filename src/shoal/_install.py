@@ -9,6 +9,7 @@ from shoal.exception import InvalidError
 
 MODAL_MODULES = (
     "app",
+    "config",
     "container_process",
     "exception",
     "file_io",

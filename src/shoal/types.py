@@ -1,11 +1,25 @@
-"""Value types of the filesystem API, as Modal's ``modal.types``: ``FileInfo``, ``FileType``, ``FileWatchEvent``."""
+"""Value types the SDK returns, as Modal's ``modal.types`` has them: files in a sandbox (``FileInfo``,
+``FileWatchEvent``), entries of a volume (``FileEntry``), logs, volume and secret information, connect
+credentials."""
 
 from __future__ import annotations
 
+import datetime
 import enum
 from dataclasses import dataclass
 
-__all__ = ["FileInfo", "FileType", "FileWatchEvent", "FileWatchEventType"]
+__all__ = [
+    "FileEntry",
+    "FileEntryType",
+    "FileInfo",
+    "FileType",
+    "FileWatchEvent",
+    "FileWatchEventType",
+    "LogEntry",
+    "SandboxConnectCredentials",
+    "SecretInfo",
+    "VolumeInfo",
+]
 
 
 class FileType(enum.Enum):
@@ -71,3 +85,68 @@ class FileWatchEvent:
 
     paths: list[str]
     type: FileWatchEventType
+
+
+class FileEntryType(enum.IntEnum):
+    """Type of a file entry listed from a volume."""
+
+    UNSPECIFIED = 0
+    FILE = 1
+    DIRECTORY = 2
+    SYMLINK = 3
+    FIFO = 4
+    SOCKET = 5
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file or directory entry listed from a volume (``path`` is relative to the volume's root)."""
+
+    path: str
+    type: FileEntryType
+    mtime: int
+    size: int
+
+
+@dataclass
+class VolumeInfo:
+    """Information about a volume."""
+
+    name: str | None
+    created_at: datetime.datetime
+    created_by: str | None
+
+
+@dataclass
+class SecretInfo:
+    """Information about a named secret (never its values)."""
+
+    name: str | None
+    created_at: datetime.datetime
+    created_by: str | None
+    environment_name: str | None = None
+    """Modal's environments; shoal has one, and says None."""
+    last_used: datetime.datetime | None = None
+    """Not recorded by shoal."""
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One line of a sandbox's log."""
+
+    message: str
+    """The line, without its newline."""
+    source: str
+    """``stdout`` or ``stderr`` (the entrypoint's), or ``system`` (the sandbox started, ended, and how)."""
+    timestamp: datetime.datetime
+    """When its first byte reached the daemon (UTC)."""
+    object_id: str
+    """The sandbox's id."""
+
+
+@dataclass(frozen=True)
+class SandboxConnectCredentials:
+    """What ``sb.create_connect_token()`` returns: the proxy's URL and the token to show it."""
+
+    url: str
+    token: str

@@ -174,3 +174,51 @@ def test_image_from_id_has_an_aio_form_and_checks_the_id():
     assert isinstance(shoal.Image.from_id("im-" + "B" * 22), shoal.Image)
     with pytest.raises(shoal.exception.InvalidError, match="not an image id"):
         shoal.Image.from_id("sb-123")
+
+
+def test_modal_types_holds_what_the_sdk_returns():
+    from shoal import types
+    from shoal.sdk import logs, secret, volume
+    from shoal.sdk._sandbox_network import SandboxConnectCredentials
+
+    assert (types.LogEntry, types.SecretInfo, types.VolumeInfo) == (logs.LogEntry, secret.SecretInfo, volume.VolumeInfo)
+    assert (types.FileEntry, types.FileEntryType) == (volume.FileEntry, volume.FileEntryType)
+    assert types.SandboxConnectCredentials is SandboxConnectCredentials
+    assert [t.name for t in types.FileEntryType] == ["UNSPECIFIED", "FILE", "DIRECTORY", "SYMLINK", "FIFO", "SOCKET"]
+
+
+def test_modal_config_reads_modal_variables_and_defaults():
+    res = _run(
+        """
+        import os
+        os.environ.pop("MODAL_LOGLEVEL", None)
+        os.environ["SHOAL_URL"] = "http://127.0.0.1:7777"
+        import shoal
+        shoal.install_as_modal()
+        from modal.config import config, config_profiles, _profile
+        import modal.config
+        assert modal.config is shoal.config
+        assert config.get("loglevel") == "WARNING" and config["traceback"] is False
+        assert config.get("server_url") == "http://127.0.0.1:7777"
+        config.override_locally("loglevel", "debug")
+        assert os.environ["MODAL_LOGLEVEL"] == "debug" and config.get("loglevel") == "DEBUG"
+        assert config.get("loglevel", use_env=False) == "WARNING"
+        os.environ["MODAL_TRACEBACK"] = "1"
+        os.environ["MODAL_LOGS_TIMEOUT"] = "2.5"
+        assert config["traceback"] is True and config["logs_timeout"] == 2.5
+        assert "loglevel" in config.to_dict() and config_profiles() == [_profile]
+        try:
+            config.get("no_such_setting")
+        except KeyError:
+            pass
+        else:
+            raise AssertionError("an unknown setting must be a KeyError")
+        os.environ["MODAL_LOGS_TIMEOUT"] = "soon"
+        try:
+            config.get("logs_timeout")
+        except shoal.exception.InvalidError as exc:
+            print(exc)
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Invalid value for logs_timeout" in res.stdout

@@ -16,7 +16,8 @@ from rich.text import Text
 from shoal.cli.status import admin, age, console, print_json, require_daemon
 from shoal.exception import Error
 from shoal.sdk.admin import AdminClient
-from shoal.sdk.volume import FileEntryType, Volume
+from shoal.sdk.volume import Volume
+from shoal.types import FileEntryType
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@ outbound policy.  Part of :class:`shoal.sdk.sandbox.Sandbox`; the attributes it 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -13,17 +12,10 @@ from shoal.sdk._checks import check_port
 from shoal.sdk._sandbox_args import str_list
 from shoal.sdk._sync import live_method
 from shoal.sdk.transport import Client
+from shoal.types import SandboxConnectCredentials
 from shoal.wire import routes
 from shoal.wire.base import dump
 from shoal.wire.sandboxes import ConnectTokenRequest, NetworkPolicy
-
-
-@dataclasses.dataclass(frozen=True)
-class SandboxConnectCredentials:
-    """What ``sb.create_connect_token()`` returns: the proxy's URL and the token to show it."""
-
-    url: str
-    token: str
 
 
 class SandboxNetworkMethods:

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from shoal.exception import InvalidError
 from shoal.sdk._sync import live_method_generator
 from shoal.sdk.transport import Client
+from shoal.types import LogEntry
 from shoal.wire import routes, times
 
 Source = Literal["stdout", "stderr", "system"]
 SOURCES = ("stdout", "stderr", "system")
-
-
-@dataclass(frozen=True)
-class LogEntry:
-    """One line of a sandbox's log."""
-
-    message: str
-    """The line, without its newline."""
-    source: str
-    """``stdout`` or ``stderr`` (the entrypoint's), or ``system`` (the sandbox started, ended, and how)."""
-    timestamp: dt.datetime
-    """When its first byte reached the daemon (UTC)."""
-    object_id: str
-    """The sandbox's id."""
 
 
 def _micros(value: object, what: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Collection
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,10 @@ from shoal.exception import InvalidError
 from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method
 from shoal.sdk.transport import default_client
+from shoal.types import SecretInfo
 from shoal.wire import routes, times
 from shoal.wire.base import dump
 from shoal.wire.secrets import SecretCreate, SecretLookup, SecretUpdate
-
-
-@dataclass
-class SecretInfo:
-    """Information about a named secret (never its values)."""
-
-    name: str | None
-    created_at: datetime
-    created_by: str | None
 
 
 def _check_env_dict(env_dict: Any, what: str) -> dict[str, str]:

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import PurePosixPath
 from types import TracebackType
@@ -33,6 +31,7 @@ from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method, live_method_generator, run_async, run_blocking
 from shoal.sdk.transport import Client, default_client
 from shoal.sdk.volume_upload import VolumeUploadBatch
+from shoal.types import FileEntry, FileEntryType, VolumeInfo
 from shoal.wire import routes, times
 from shoal.wire.base import dump
 from shoal.wire.volumes import CopyFiles, RemoveFile, VolumeCreate, VolumeLookup, VolumeRename
@@ -41,36 +40,6 @@ HEARTBEAT_SECONDS = 60.0
 """How often an ephemeral volume tells the daemon its client is alive (the daemon waits 15 minutes)."""
 UPLOAD_CHUNK = 1 << 20
 READ_CHUNK = 1 << 20
-
-
-class FileEntryType(enum.IntEnum):
-    """Type of a file entry listed from a volume."""
-
-    UNSPECIFIED = 0
-    FILE = 1
-    DIRECTORY = 2
-    SYMLINK = 3
-    FIFO = 4
-    SOCKET = 5
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """A file or directory entry listed from a volume (``path`` is relative to the volume's root)."""
-
-    path: str
-    type: FileEntryType
-    mtime: int
-    size: int
-
-
-@dataclass
-class VolumeInfo:
-    """Information about a volume."""
-
-    name: str | None
-    created_at: datetime
-    created_by: str | None
 
 
 def _read_only_error() -> InvalidError:
