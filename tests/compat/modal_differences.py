@@ -9,7 +9,6 @@ from __future__ import annotations
 FUNCTIONS = "Modal Functions, Classes, web servers and deployments: shoal runs sandboxes only"
 DASHBOARD = "no web dashboard yet (the operators issue)"
 CLIENT = "Modal's gRPC client object: shoal's SDK reaches the daemon through its own HTTP transport"
-HYDRATE = "shoal resolves objects on first use; an explicit hydrate() is not built yet"
 APP_META = "app descriptions, tags, info, logs and stats are not built yet"
 INTERACTIVE = "interactive terminals come with `shoal sandbox shell` (the operators issue)"
 TODO_IMAGE = "image build step not built yet"
@@ -44,8 +43,6 @@ DIFFERENCES: dict[str, str] = {
     "Sandbox.client: missing": CLIENT,
     "Secret.client: missing": CLIENT,
     "Volume.client: missing": CLIENT,
-    "Image.hydrate: missing": HYDRATE,
-    "Sandbox.hydrate: missing": HYDRATE,
     "ContainerProcess.attach: missing": INTERACTIVE,
     "Image.shell: missing": INTERACTIVE,
     "Image.from_aws_ecr: missing": CLOUD_AUTH,

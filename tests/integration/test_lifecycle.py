@@ -350,3 +350,15 @@ def test_get_task_id_names_the_sandbox(sandbox):
         return await sandbox._get_task_id.aio()
 
     assert asyncio.run(run()) == sandbox.object_id
+
+
+def test_hydrate_checks_the_sandbox_and_builds_the_image(app):
+    sb = shoal.Sandbox.create(app=app)
+    try:
+        assert shoal.Sandbox.from_id(sb.object_id).hydrate().object_id == sb.object_id
+    finally:
+        sb.terminate()
+    with pytest.raises(NotFoundError):
+        shoal.Sandbox.from_id("sb-" + "A" * 22).hydrate()
+    image = shoal.Image.debian_slim().run_commands("echo hydrated > /hydrated")
+    assert image.hydrate() is image and image.object_id.startswith("im-")

@@ -141,6 +141,12 @@ class Image(ImageBuilder):
         return True
 
     @live_method
+    async def hydrate(self, client: Any = None) -> Image:
+        """Resolve (and build) the image now, as ``build`` does; returns the image."""
+        await self._resolve(default_client())
+        return self
+
+    @live_method
     async def build(self, app: Any = None) -> Image:
         """Resolve (and build) the image now rather than at the first sandbox."""
         await self._resolve(default_client())

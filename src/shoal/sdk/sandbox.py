@@ -460,6 +460,12 @@ class Sandbox(SandboxNetworkMethods):
             raise SandboxTerminatedError(self._result.get("message") or "Sandbox terminated")
 
     @live_method
+    async def hydrate(self, client: Any = None) -> Sandbox:
+        """Check with the daemon that the sandbox exists (NotFoundError if it does not); returns it."""
+        await self._client.request("GET", routes.path("sandboxes", self._id))
+        return self
+
+    @live_method
     async def poll(self) -> int | None:
         """The return code if finished, else None."""
         if self._result is None:
