@@ -47,7 +47,6 @@ DIFFERENCES: dict[str, str] = {
     "Image.shell: missing": INTERACTIVE,
     "Image.from_aws_ecr: missing": CLOUD_AUTH,
     "Image.from_gcp_artifact_registry: missing": CLOUD_AUTH,
-    "Image.from_dockerfile(registry_secret): missing": "a Dockerfile's FROM is pulled without credentials so far",
     "Image.from_name: missing": "named, published images (a Modal workspace feature) are not built",
     "Image.publish: missing": "named, published images (a Modal workspace feature) are not built",
     "Image.logs: missing": "build output is shown while building (enable_output); it is not kept per image",

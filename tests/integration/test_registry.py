@@ -505,7 +505,7 @@ def private_registry(make_registry) -> LocalRegistry:
     return make_registry(auth=("shoal-user", "s3cret-pw"))
 
 
-def test_a_registry_that_needs_a_login(app, private_registry):
+def test_a_registry_that_needs_a_login(app, private_registry, tmp_path):
     ref = private_registry.push([busybox_layer()], "private/app:v1")
     with pytest.raises(shoal.exception.PermissionDeniedError):
         shoal.Image.from_registry(ref).build()
@@ -524,6 +524,17 @@ def test_a_registry_that_needs_a_login(app, private_registry):
         assert "s3cret-pw" not in sh(sb, "env")
     finally:
         sb.terminate()
+    # A Dockerfile whose FROM is that private image logs in with registry_secret.
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(f"FROM {ref}\nRUN echo built > /built\n")
+    with pytest.raises(shoal.exception.PermissionDeniedError):
+        shoal.Image.from_dockerfile(dockerfile).build()
+    built = shoal.Image.from_dockerfile(dockerfile, registry_secret=good)
+    sb2 = shoal.Sandbox.create(app=app, image=built, timeout=60)
+    try:
+        assert sh(sb2, "cat /built") == "built\n"
+    finally:
+        sb2.terminate()
 
 
 def test_a_named_secret_for_a_registry(app, private_registry):

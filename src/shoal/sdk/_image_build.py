@@ -479,9 +479,11 @@ class ImageBuilder:
         add_python: str | None = None,
         build_args: dict[str, str] | None = None,
         ignore: Ignore | Any = AUTO_DOCKERIGNORE,
+        registry_secret: Secret | None = None,
     ) -> Self:
         """An image built from a Dockerfile.  Its FROM is an image id (``im-…``) or a registry image
-        (``Image.from_registry``); the build context defaults to the Dockerfile's directory.
+        (``Image.from_registry``, logged in with ``registry_secret``'s ``REGISTRY_USERNAME`` and
+        ``REGISTRY_PASSWORD`` when given); the build context defaults to the Dockerfile's directory.
 
         Examples:
             image = shoal.Image.from_dockerfile("./Dockerfile", build_args={"VERSION": "1.2"})
@@ -494,13 +496,15 @@ class ImageBuilder:
         ops = dockerfile.parse(text, build_args)
         ctx_dir = Path(context_dir).expanduser() if context_dir is not None else dockerfile_path.resolve().parent
         base_op, rest = ops[0], ops[1:]
-        base: Self = _from_image(cls, base_op.argv[0], add_python=add_python, force_build=force_build)
+        base: Self = _from_image(
+            cls, base_op.argv[0], add_python=add_python, force_build=force_build, secret=registry_secret
+        )
         matcher = _ignore_for(ignore, ctx_dir, dockerfile_path)
         return base._with(*_dockerfile_steps(rest, ctx_dir, {}, matcher, env, secrets, gpu, force_build))
 
 
-def _from_image(cls: Any, ref: str, *, add_python: str | None, force_build: bool) -> Any:
-    """The base a Dockerfile's FROM names."""
+def _from_image(cls: Any, ref: str, *, add_python: str | None, force_build: bool, secret: Any = None) -> Any:
+    """The base a Dockerfile's FROM names (``secret``: the registry login; an image id needs none)."""
     if ref.startswith("im-"):
         if add_python:
             raise InvalidError("add_python applies to registry images, not to FROM an image id")
@@ -509,6 +513,8 @@ def _from_image(cls: Any, ref: str, *, add_python: str | None, force_build: bool
     if from_registry is None:
         raise UnimplementedError(f"FROM {ref}: this shoal version cannot pull registry images yet")
     kwargs: dict[str, Any] = {"force_build": force_build}
+    if secret is not None:
+        kwargs["secret"] = secret
     if add_python:
         kwargs["add_python"] = add_python
     return from_registry(ref, **kwargs)
