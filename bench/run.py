@@ -371,6 +371,7 @@ def _instrumented_daemon(events_path: str) -> None:
     OciRuntime.create = _span_async("runc_create", OciRuntime.create)  # type: ignore[method-assign]
     OciRuntime.start_created = _span_async("runc_start", OciRuntime.start_created)  # type: ignore[method-assign]
     idmap.make_namespaces = _span_sync("userns_helper", idmap.make_namespaces)
+    idmap.mount_overlay = _span_sync("mount_overlay", idmap.mount_overlay)  # per-sandbox ranges (decision 0063)
     State.add_sandbox = _span_sync("db_add_sandbox", State.add_sandbox)  # type: ignore[method-assign]
     State.set_sandbox_state = _span_sync("db_set_state", State.set_sandbox_state)  # type: ignore[method-assign]
     State.add_exec = _span_sync("db_add_exec", State.add_exec)  # type: ignore[method-assign]
@@ -472,6 +473,7 @@ def tti_phases(sample: Sample, events: list[Event]) -> dict[str, float] | None:
         "  image resolve": _dur(ev.get("image_resolve")),
         "  db insert sandbox": _dur(ev.get("db_add_sandbox")),
         "  spec build": _dur(ev.get("spec_build")),
+        "  user namespace helper (in 2)": _dur(ev.get("userns_helper")),
         "  db state → running": _dur(ev.get("db_set_state")),
         "  db insert exec": _dur(ev.get("db_add_exec")),
         "  agent: exec frame sent → first output frame": (
