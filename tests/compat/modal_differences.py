@@ -8,7 +8,6 @@ from __future__ import annotations
 
 FUNCTIONS = "Modal Functions, Classes, web servers and deployments: shoal runs sandboxes only"
 DASHBOARD = "no web dashboard yet (the operators issue)"
-CLIENT = "Modal's gRPC client object: shoal's SDK reaches the daemon through its own HTTP transport"
 APP_META = "app descriptions, tags, info, logs and stats are not built yet"
 INTERACTIVE = "interactive terminals come with `shoal sandbox shell` (the operators issue)"
 TODO_IMAGE = "image build step not built yet"
@@ -39,10 +38,6 @@ DIFFERENCES: dict[str, str] = {
     "Sandbox.get_dashboard_url: missing": DASHBOARD,
     "Secret.get_dashboard_url: missing": DASHBOARD,
     "Volume.get_dashboard_url: missing": DASHBOARD,
-    "Image.client: missing": CLIENT,
-    "Sandbox.client: missing": CLIENT,
-    "Secret.client: missing": CLIENT,
-    "Volume.client: missing": CLIENT,
     "ContainerProcess.attach: missing": INTERACTIVE,
     "Image.shell: missing": INTERACTIVE,
     "Image.from_aws_ecr: missing": CLOUD_AUTH,

@@ -356,6 +356,8 @@ def test_hydrate_checks_the_sandbox_and_builds_the_image(app):
     sb = shoal.Sandbox.create(app=app)
     try:
         assert shoal.Sandbox.from_id(sb.object_id).hydrate().object_id == sb.object_id
+        again = shoal.Sandbox.from_id(sb.object_id, client=sb.client)  # Modal code passes .client along
+        assert again.exec("echo", "ok").stdout.read() == "ok\n"
     finally:
         sb.terminate()
     with pytest.raises(NotFoundError):

@@ -38,6 +38,12 @@ class Image(ImageBuilder):
         return f"Image({self._object_id or self._ref})"
 
     @property
+    def client(self) -> Client:
+        """The client this object reaches the daemon with (Modal's ``.client``): pass it as ``client=`` to
+        other calls."""
+        return default_client()
+
+    @property
     def object_id(self) -> str | None:
         """The image's id once resolved (``im-…``)."""
         return self._object_id

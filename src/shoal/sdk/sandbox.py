@@ -104,6 +104,12 @@ class Sandbox(SandboxNetworkMethods):
         return self._id
 
     @property
+    def client(self) -> Client:
+        """The client this object reaches the daemon with (Modal's ``.client``): pass it as ``client=`` to
+        other calls."""
+        return self._client
+
+    @property
     def returncode(self) -> int | None:
         """The return code once finished (124 timeout, 137 terminated), else None."""
         return self._returncode

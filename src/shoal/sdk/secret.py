@@ -18,7 +18,7 @@ from typing import Any
 from shoal.exception import InvalidError
 from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method
-from shoal.sdk.transport import default_client
+from shoal.sdk.transport import Client, default_client
 from shoal.types import SecretInfo
 from shoal.wire import routes, times
 from shoal.wire.base import dump
@@ -154,6 +154,12 @@ class Secret:
         if not all(isinstance(k, str) for k in keys):
             raise InvalidError("required_keys must be a list of strings")
         return Secret({}, name=name, required_keys=keys)
+
+    @property
+    def client(self) -> Client:
+        """The client this object reaches the daemon with (Modal's ``.client``): pass it as ``client=`` to
+        other calls."""
+        return default_client()
 
     @property
     def name(self) -> str | None:

@@ -212,6 +212,12 @@ class Volume:
     # ------------------------------------------------------------------ handle
 
     @property
+    def client(self) -> Client:
+        """The client this object reaches the daemon with (Modal's ``.client``): pass it as ``client=`` to
+        other calls."""
+        return default_client()
+
+    @property
     def name(self) -> str | None:
         """The volume's name (None for ephemeral volumes)."""
         return self._ref.name
