@@ -38,20 +38,16 @@ def _config(
             kwargs["network"] = NetworkConfig(allow_private=list(allow_private_ranges))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--allow-private-range") from None
-    if warm_pool is not None:
-        kwargs["warm_pool"] = warm_pool
-    if max_sandboxes is not None:
-        kwargs["max_sandboxes"] = max_sandboxes
-    if uid_ranges is not None:
-        kwargs["uid_ranges"] = uid_ranges
-    if uid_slots is not None:
-        kwargs["uid_slots"] = uid_slots
-    if total_pids is not None:
-        kwargs["total_pids_limit"] = total_pids
-    if total_memory_mib is not None:
-        kwargs["total_memory_mib"] = total_memory_mib
-    if min_free_disk_mib is not None:
-        kwargs["min_free_disk_mib"] = min_free_disk_mib
+    given = {
+        "warm_pool": warm_pool,
+        "max_sandboxes": max_sandboxes,
+        "uid_ranges": uid_ranges,
+        "uid_slots": uid_slots,
+        "total_pids_limit": total_pids,
+        "total_memory_mib": total_memory_mib,
+        "min_free_disk_mib": min_free_disk_mib,
+    }
+    kwargs.update({name: value for name, value in given.items() if value is not None})  # else env or default
     if not host_cas:
         kwargs["trust_host_cas"] = False
     if data_dir:

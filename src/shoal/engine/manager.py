@@ -165,8 +165,7 @@ class Manager:
             sb = Sandbox(self.ctx, row)
             self.sandboxes[row.id] = sb
             known.add(row.id)
-            if row.spec.uid_slot is not None:
-                self._hold_slot(sb)
+            self._hold_slot(sb)
             if row.state == CREATING:
                 sb.load_processes()
                 sb.finish_soon(

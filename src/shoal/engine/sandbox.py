@@ -269,12 +269,11 @@ class Sandbox(AgentFrames):
             await self.ctx.network.detach(self.id)
         with contextlib.suppress(OSError):
             rootfs.unmount(str(self.run_dir / "rootfs"))
-        await asyncio.to_thread(self._remove_run_dir)
+        await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
         await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
-        if failed is None:
-            self._release_ids()
         if failed is not None:
-            raise failed
+            raise failed  # the container may still exist: its uid slot stays taken
+        self._release_ids()
         if self.run_dir.exists() or self.data_dir.exists():
             raise OSError(f"sandbox {self.id}: its directories could not be removed")
 
@@ -619,11 +618,8 @@ class Sandbox(AgentFrames):
         if self.ctx.torn_down is not None:
             self.ctx.torn_down(self)
 
-    def _remove_run_dir(self) -> None:
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-
     def _remove_files(self) -> None:
-        self._remove_run_dir()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         if self.keep_upper is not None:
             try:
                 os.rename(self.data_dir / "upper", self.keep_upper)
