@@ -877,14 +877,25 @@ def test_tunnel_kinds_carry_http_websocket_tcp_and_100mb(net, sandboxes):
     assert h2_get(t.host, t.port, "/two", ctx) == ("h2", 200, b"h2 hello /two\n")
 
 
-def websocket_roundtrip(url: str, ctx) -> list[str]:
+def websocket_roundtrip(url: str, ctx, address: str | None = None) -> list[str]:
+    """Two messages through a WebSocket echo at ``url`` (its host name resolved to ``address`` when given)."""
     import asyncio
 
     import aiohttp
+    import aiohttp.abc
+
+    class Fixed(aiohttp.abc.AbstractResolver):
+        async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
+            addr = {"hostname": host, "host": address, "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}
+            return [addr]
+
+        async def close(self) -> None:
+            pass
 
     async def go() -> list[str]:
         out = []
-        async with aiohttp.ClientSession() as s, s.ws_connect(url, ssl=ctx) as ws:
+        connector = aiohttp.TCPConnector(resolver=Fixed()) if address else None
+        async with aiohttp.ClientSession(connector=connector) as s, s.ws_connect(url, ssl=ctx) as ws:
             for msg in ("hi", "x" * 1000):
                 await ws.send_str(msg)
                 out.append((await ws.receive(timeout=30)).data)
@@ -895,12 +906,16 @@ def websocket_roundtrip(url: str, ctx) -> list[str]:
     return asyncio.run(go())
 
 
-def h2_get(host: str, port: int, path: str, ctx) -> tuple[str, int, bytes]:
+def h2_get(host: str, port: int, path: str, ctx, address: str | None = None) -> tuple[str, int, bytes]:
+    """An HTTP/2 GET of ``https://host:port/path`` (connecting to ``address`` instead of resolving ``host``)."""
     import h2.connection
     import h2.events
 
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, port), timeout=30) as raw, ctx.wrap_socket(raw, server_hostname=host) as s:
+    with (
+        socket.create_connection((address or host, port), timeout=30) as raw,
+        ctx.wrap_socket(raw, server_hostname=host) as s,
+    ):
         proto = s.selected_alpn_protocol()
         conn = h2.connection.H2Connection()
         conn.initiate_connection()

@@ -11,6 +11,7 @@ from shoal.cli.secret import secret_group
 from shoal.cli.serve import serve_cmd
 from shoal.cli.setup import setup_cmd
 from shoal.cli.status import status_cmd
+from shoal.cli.trust import trust_cmd
 from shoal.cli.volume import volume_group
 from shoal.wire.version import __version__
 
@@ -29,6 +30,7 @@ cli.add_command(image_group)
 cli.add_command(status_cmd)
 cli.add_command(volume_group)
 cli.add_command(secret_group)
+cli.add_command(trust_cmd)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import click
 from shoal.engine.config import UID_RANGE_MODES, Config
 from shoal.engine.uids import MAX_SLOTS
 from shoal.network.config import NetworkConfig
+from shoal.network.tls import check_covers
 from shoal.runtime.registry import RUNTIMES
 
 
@@ -31,13 +32,20 @@ def _config(
     total_pids: int | None = None,
     total_memory_mib: int | None = None,
     min_free_disk_mib: int | None = None,
+    tunnels: dict[str, object] | None = None,
 ) -> Config:
     kwargs: dict[str, object] = {}
+    net: dict[str, object] = {k: v for k, v in (tunnels or {}).items() if v is not None}
     if allow_private_ranges:
+        net["allow_private"] = list(allow_private_ranges)
+    if net:
         try:
-            kwargs["network"] = NetworkConfig(allow_private=list(allow_private_ranges))
+            network = kwargs["network"] = NetworkConfig(**net)  # type: ignore[arg-type]
+            if network.tunnel_cert:
+                check_covers(Path(network.tunnel_cert), f"*.{network.tunnel_domain}")
         except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--allow-private-range") from None
+            hint = "--allow-private-range" if "range" in str(exc) else "--tunnel-domain"
+            raise click.BadParameter(str(exc), param_hint=hint) from None
     given = {
         "warm_pool": warm_pool,
         "max_sandboxes": max_sandboxes,
@@ -150,6 +158,25 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     " denied by default; repeatable; a cloud metadata address only when given by itself (never 169.254/16);"
     " default $SHOAL_ALLOW_PRIVATE_RANGES",
 )
+@click.option(
+    "--tunnel-domain",
+    metavar="DOMAIN",
+    help="a DNS domain whose names all point at this machine (a wildcard record): each TLS tunnel is then"
+    " <unique>.DOMAIN on one port (--tunnel-port), routed by name, as Modal's; default $SHOAL_TUNNEL_DOMAIN,"
+    " else each tunnel gets a port of its own",
+)
+@click.option(
+    "--tunnel-port",
+    type=click.IntRange(0, 65535),
+    help="the port name-routed tunnels share (default 443, or $SHOAL_TUNNEL_PORT; 0: any free port)",
+)
+@click.option(
+    "--tunnel-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="a certificate chain (PEM) for *.DOMAIN to serve instead of one from shoal's local CA, e.g. a publicly"
+    " trusted wildcard certificate; needs --tunnel-key",
+)
+@click.option("--tunnel-key", type=click.Path(exists=True, dir_okay=False), help="the key of --tunnel-cert (PEM)")
 @click.option("--background", is_flag=True, help="detach; return once the daemon is ready")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def serve_cmd(
@@ -167,6 +194,10 @@ def serve_cmd(
     total_pids: int | None,
     total_memory_mib: int | None,
     min_free_disk_mib: int | None,
+    tunnel_domain: str | None,
+    tunnel_port: int | None,
+    tunnel_cert: str | None,
+    tunnel_key: str | None,
     background: bool,
     verbose: bool,
 ) -> None:
@@ -188,6 +219,12 @@ def serve_cmd(
         total_pids,
         total_memory_mib,
         min_free_disk_mib,
+        {
+            "tunnel_domain": tunnel_domain,
+            "tunnel_port": tunnel_port,
+            "tunnel_cert": str(Path(tunnel_cert).resolve()) if tunnel_cert else None,
+            "tunnel_key": str(Path(tunnel_key).resolve()) if tunnel_key else None,
+        },
     )
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -114,6 +114,12 @@ def _uid_summary(ranges: dict[str, Any]) -> str:
     return f"one shared by all sandboxes, from host id {ranges.get('first_host_id')} ({ranges.get('note', '')})"
 
 
+def _tunnel_summary(tunnels: dict[str, Any]) -> str:
+    if not tunnels.get("domain"):
+        return "a port of their own each (no --tunnel-domain)"
+    return f"<name>.{tunnels['domain']}:{tunnels['port']}, routed by name (listening on {tunnels['bind']})"
+
+
 def _pool_summary(pool: dict[str, Any]) -> str:
     if not pool.get("size"):
         return "off"
@@ -144,6 +150,7 @@ def status_cmd(as_json: bool) -> None:
         ("images", f"{len(images)}" + (": " + ", ".join(str(i["image_id"]) for i in images) if images else "")),
         ("gpus", gpu_summary(info.get("gpu") or {})),
         ("tunnel CA", info.get("tunnel_ca") or "none (networking off)"),
+        ("tunnels", _tunnel_summary(info.get("tunnels") or {})),
     ]
     for key, value in rows:
         table.add_row(key, Text(value))

@@ -14,12 +14,19 @@ Environment variables (all optional):
     SHOAL_TUNNEL_BIND       address the tunnel listeners bind (default 127.0.0.1)
     SHOAL_TUNNEL_HOST       host name tunnels are advertised under and certified for (default: the bind address,
                             or this machine's name when binding a wildcard address)
+    SHOAL_TUNNEL_DOMAIN     a DNS domain whose names all point at this machine: each TLS tunnel is then
+                            ``<unique>.DOMAIN`` on one shared port, routed by name (``shoal serve --tunnel-domain``)
+    SHOAL_TUNNEL_PORT       that shared port (default 443; 0: any free port)
+    SHOAL_TUNNEL_CERT, SHOAL_TUNNEL_KEY
+                            a certificate (PEM chain) and key for ``*.DOMAIN`` to serve instead of one from the
+                            local CA, e.g. a publicly trusted wildcard certificate
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +34,7 @@ from pathlib import Path
 from shoal.network import ruleset
 
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def _split(value: str) -> list[str]:
@@ -68,6 +76,18 @@ def parse_upstream(item: str) -> tuple[str, int]:
     return host, port
 
 
+def check_domain(domain: str) -> str:
+    """``domain`` lower-cased without a trailing dot, if it can hold tunnel names; ValueError if not."""
+    name = domain.strip().lower().rstrip(".")
+    labels = name.split(".")
+    ok = 0 < len(name) <= 240 and all(_LABEL.fullmatch(label) for label in labels)
+    if not ok:
+        raise ValueError(
+            f"tunnel domain {domain!r} is not a DNS name (letters, digits and '-' in dot-separated labels)"
+        )
+    return name
+
+
 def _default_tunnel_host(bind: str) -> str:
     if bind in ("0.0.0.0", "::", ""):
         return socket.getfqdn()
@@ -90,10 +110,22 @@ class NetworkConfig:
     )
     tunnel_bind: str = field(default_factory=lambda: os.environ.get("SHOAL_TUNNEL_BIND") or "127.0.0.1")
     tunnel_host: str = ""
+    tunnel_domain: str = field(default_factory=lambda: os.environ.get("SHOAL_TUNNEL_DOMAIN", ""))
+    """Each TLS tunnel is ``<unique>.<tunnel_domain>:<tunnel_port>`` when set; else it has its own port."""
+    tunnel_port: int = field(default_factory=lambda: int(os.environ.get("SHOAL_TUNNEL_PORT") or 443))
+    tunnel_cert: str = field(default_factory=lambda: os.environ.get("SHOAL_TUNNEL_CERT", ""))
+    tunnel_key: str = field(default_factory=lambda: os.environ.get("SHOAL_TUNNEL_KEY", ""))
 
     def __post_init__(self) -> None:
         if not self.tunnel_host:
             self.tunnel_host = os.environ.get("SHOAL_TUNNEL_HOST") or _default_tunnel_host(self.tunnel_bind)
+        self.tunnel_domain = check_domain(self.tunnel_domain) if self.tunnel_domain else ""
+        if not 0 <= self.tunnel_port < 65536:
+            raise ValueError(f"tunnel port {self.tunnel_port} is not a TCP port")
+        if bool(self.tunnel_cert) != bool(self.tunnel_key):
+            raise ValueError("a tunnel certificate needs its key, and a key its certificate (give both)")
+        if self.tunnel_cert and not self.tunnel_domain:
+            raise ValueError("a tunnel certificate is served for --tunnel-domain: give the domain too")
         pool = ipaddress.IPv4Network(self.pool)
         if not pool.prefixlen <= self.prefix_len <= 28:
             raise ValueError(f"network prefix /{self.prefix_len} must lie between the pool's /{pool.prefixlen} and /28")

@@ -19,6 +19,8 @@ from shoal.exception import InvalidError, SandboxTimeoutError
 from shoal.network.config import NetworkConfig
 from shoal.network.connect import ConnectProxy
 from shoal.network.connect import digest as token_digest
+from shoal.network.routing import TunnelRouter, new_label
+from shoal.network.tls import LocalCA, check_covers, server_context
 from shoal.network.tunnels import ENCRYPTED, H2, UNENCRYPTED, SandboxTunnels
 
 if TYPE_CHECKING:
@@ -35,6 +37,43 @@ class Ingress:
     tunnels: dict[str, SandboxTunnels]
     connects: dict[str, dict[int, ConnectProxy]]
     _tls: dict[str, ssl.SSLContext]
+    ca: LocalCA
+    router: TunnelRouter | None
+    _router_port: int = 0
+
+    async def _start_router(self) -> None:
+        """Start the shared listener that routes ``<name>.<tunnel_domain>`` to tunnels (``--tunnel-domain``)."""
+        domain = self.cfg.tunnel_domain
+        cert, key = self.ca.cert_path, self.ca.key_path
+        if self.cfg.tunnel_cert:
+            cert, key = Path(self.cfg.tunnel_cert), Path(self.cfg.tunnel_key)
+            check_covers(cert, f"*.{domain}")
+        router = TunnelRouter(
+            domain, server_context(cert, key, ["http/1.1"]), server_context(cert, key, ["h2", "http/1.1"])
+        )
+        self._router_port = await router.start(self.cfg.tunnel_bind, self.cfg.tunnel_port)
+        self.router = router
+
+    def routing_status(self) -> dict[str, Any]:
+        """Where name-routed tunnels are served (``shoal status``): ``domain``, ``port``; empty without a domain."""
+        if self.router is None:
+            return {}
+        return {"domain": self.router.domain, "port": self._router_port, "bind": self.cfg.tunnel_bind}
+
+    def _unroute(self, att: Attachment) -> None:
+        if self.router is not None:
+            for spec in att.ports.values():
+                if "name" in spec:
+                    self.router.remove(spec["name"])
+
+    async def _tls_endpoint(self, tunnels: SandboxTunnels, port: int, spec: dict[str, Any]) -> None:
+        """Make the TLS side of a tunnel: a name on the shared listener, or a listener of its own."""
+        if self.router is not None:
+            label = spec.setdefault("name", new_label())
+            self.router.add(label, tunnels.route(port), spec["kind"] == H2)
+            return
+        tls = self._tls[H2 if spec["kind"] == H2 else ENCRYPTED]
+        spec["tls_port"] = await tunnels.listen(port, self.cfg.tunnel_bind, int(spec.get("tls_port", 0)), tls)
 
     async def _open_tunnels(self, sandbox_id: str, att: Attachment, touch: Callable[[], None]) -> None:
         if not att.ports:
@@ -42,8 +81,7 @@ class Ingress:
         tunnels = self.tunnels[sandbox_id] = SandboxTunnels(att.ip, att.inbound, touch)
         bind = self.cfg.tunnel_bind
         for port, spec in att.ports.items():
-            tls = self._tls[H2 if spec["kind"] == H2 else ENCRYPTED]
-            spec["tls_port"] = await tunnels.listen(int(port), bind, int(spec.get("tls_port", 0)), tls)
+            await self._tls_endpoint(tunnels, int(port), spec)
             if spec["kind"] == UNENCRYPTED:
                 spec["tcp_port"] = await tunnels.listen(int(port), bind, int(spec.get("tcp_port", 0)), None)
         (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
@@ -61,7 +99,7 @@ class Ingress:
             tunnels = self.tunnels[sandbox_id] = SandboxTunnels(att.ip, att.inbound, touch)
             tunnels.ready.set()
         spec: dict[str, Any] = {"kind": ENCRYPTED}
-        spec["tls_port"] = await tunnels.listen(port, self.cfg.tunnel_bind, 0, self._tls[ENCRYPTED])
+        await self._tls_endpoint(tunnels, port, spec)
         att.ports[str(port)] = spec
         (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
 
@@ -81,11 +119,12 @@ class Ingress:
                 raise SandboxTimeoutError(f"the sandbox's tunnels were not up within {timeout:g} s")
             await asyncio.sleep(0.05)
         host = self.cfg.tunnel_host
+        router = self.router
         return [
             {
                 "container_port": int(port),
-                "host": host,
-                "port": spec["tls_port"],
+                "host": router.name(spec["name"]) if router is not None and "name" in spec else host,
+                "port": self._router_port if router is not None and "name" in spec else spec["tls_port"],
                 "unencrypted_host": host if spec["kind"] == UNENCRYPTED else "",
                 "unencrypted_port": spec.get("tcp_port", 0),
             }

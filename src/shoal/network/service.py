@@ -50,6 +50,7 @@ from shoal.network.etc_files import init_pid, write_etc
 from shoal.network.ingress import Ingress
 from shoal.network.netns import NetnsWorker
 from shoal.network.nft import Nft, NftError
+from shoal.network.routing import TunnelRouter
 from shoal.network.ruleset import NetNames
 from shoal.network.tls import LocalCA
 from shoal.network.tunnels import ENCRYPTED, H2, UNENCRYPTED, SandboxTunnels
@@ -71,7 +72,8 @@ class Attachment:
     domains: list[str] | None = None
     inbound: list[str] | None = None
     ports: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """container port → {"kind": "encrypted"|"h2"|"unencrypted", "tls_port": n, "tcp_port": n}."""
+    """container port → {"kind": "encrypted"|"h2"|"unencrypted", "tls_port": n, "tcp_port": n, "name": label}
+    ("name": the tunnel's label on the shared listener of ``--tunnel-domain``, instead of "tls_port")."""
     connect: dict[str, dict[str, Any]] = field(default_factory=dict)
     """container port → {"listen": n, "tokens": {sha256 of a connect token: its user metadata}}."""
 
@@ -95,6 +97,8 @@ class Network(Ingress):
         self.ca = LocalCA(data_dir / "tls")
         self.tunnels: dict[str, SandboxTunnels] = {}
         self._tls: dict[str, ssl.SSLContext] = {}
+        self.router: TunnelRouter | None = None
+        """The shared, name-routed tunnel listener (``--tunnel-domain``), once started."""
         self.dir = runtime_dir / "net"
         self.host_id = host_id
         self.names: NetNames | None = None
@@ -145,6 +149,8 @@ class Network(Ingress):
             ENCRYPTED: self.ca.server_context(["http/1.1"]),
             H2: self.ca.server_context(["h2", "http/1.1"]),
         }
+        if self.cfg.tunnel_domain:
+            await self._start_router()
         upstreams = [parse_upstream(u) for u in self.cfg.dns_upstream]
         self.dns = DnsForwarder(names.gateway, upstreams, self._dns_client)
         await self.dns.start()
@@ -157,6 +163,9 @@ class Network(Ingress):
         for tunnels in self.tunnels.values():
             await tunnels.close()
         self.tunnels.clear()
+        if self.router is not None:
+            await self.router.close()
+            self.router = None
         for proxies in self.connects.values():
             for proxy in proxies.values():
                 await proxy.close()
@@ -417,6 +426,8 @@ class Network(Ingress):
         hosts = [self.cfg.tunnel_host, "localhost", "127.0.0.1", "::1"]
         if self.cfg.tunnel_bind not in ("0.0.0.0", "::", ""):
             hosts.append(self.cfg.tunnel_bind)
+        if self.cfg.tunnel_domain and not self.cfg.tunnel_cert:
+            hosts.append(f"*.{self.cfg.tunnel_domain}")
         return hosts
 
     def _setup(self, pid: int, att: Attachment, names: NetNames) -> None:
@@ -438,6 +449,9 @@ class Network(Ingress):
             await pending
         tunnels = self.tunnels.pop(sandbox_id, None)
         if tunnels is not None:
+            att = self.attached.get(sandbox_id)
+            if att is not None:
+                self._unroute(att)
             await tunnels.close()
         for proxy in self.connects.pop(sandbox_id, {}).values():
             await proxy.close()

@@ -144,8 +144,30 @@ class LocalCA:
 
     def server_context(self, alpn: list[str]) -> ssl.SSLContext:
         """A TLS server context with the tunnel certificate, offering ``alpn``."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.cert_path, self.key_path)
-        ctx.set_alpn_protocols(alpn)
-        return ctx
+        return server_context(self.cert_path, self.key_path, alpn)
+
+
+def server_context(cert: Path, key: Path, alpn: list[str]) -> ssl.SSLContext:
+    """A TLS server context serving ``cert`` (a PEM chain) with ``key``, offering ``alpn``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+def check_covers(cert: Path, name: str) -> None:
+    """ValueError unless the first certificate in ``cert`` names ``name`` (e.g. ``*.example.com``) and is valid."""
+    try:
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the tunnel certificate {cert}: {exc}") from None
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = x509.SubjectAlternativeName([])
+    names = san.get_values_for_type(x509.DNSName)
+    if name not in names:
+        raise ValueError(f"the tunnel certificate {cert} is not for {name} (its names: {', '.join(names) or 'none'})")
+    if leaf.not_valid_after_utc < datetime.datetime.now(datetime.UTC):
+        raise ValueError(f"the tunnel certificate {cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d}")

@@ -64,12 +64,14 @@ class _Side(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         if self is self.conn.client:
             # For TLS, after the handshake: a failed handshake never gets here and costs the sandbox nothing.
-            self.conn.tunnel.started(self.conn)
+            self.conn.ready()
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
         if peer is None or peer.transport is None:
             self.pending.append(data)  # the other side is still connecting
+            if self is self.conn.client:
+                self.conn.held()
             return
         peer.transport.write(data)
         self.conn.active()
@@ -116,6 +118,13 @@ class _Conn:
         self.client = _Side(self)
         self.sandbox: _Side | None = None
         self._last = 0.0
+
+    def ready(self) -> None:
+        """The client is connected (for TLS: its handshake is done): connect into the sandbox."""
+        self.tunnel.started(self)
+
+    def held(self) -> None:
+        """The client sent bytes before the sandbox's side was connected (they wait in ``client.pending``)."""
 
     def active(self) -> None:
         now = time.monotonic()
@@ -251,6 +260,13 @@ class SandboxTunnels:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.warning("tunnel to %s: a connection failed: %r", self.ip, exc, extra=ratelog.about(self.ip))
+
+    def route(self, port: int) -> _Tunnel:
+        """A tunnel to container ``port`` with no listener of its own: the shared one (``routing``) hands it
+        the connections whose name is this tunnel's."""
+        tunnel = _Tunnel(self, port)
+        self.listeners.append(tunnel)
+        return tunnel
 
     async def listen(self, port: int, bind: str, want: int, tls: ssl.SSLContext | None) -> int:
         """A listener forwarding to container ``port``; binds ``want`` if free, else any port.  Returns its port."""

@@ -20,7 +20,10 @@ class Tunnel:
     TLS tunnels are terminated by the shoal daemon with a certificate from its
     local CA: trust the file ``shoal status`` names as "tunnel CA" (e.g.
     ``ssl.create_default_context(cafile=...)``, ``curl --cacert``,
-    ``REQUESTS_CA_BUNDLE``).
+    ``REQUESTS_CA_BUNDLE``), or run ``sudo shoal trust`` once.  A daemon
+    started with ``--tunnel-domain D`` names each TLS tunnel ``<unique>.D`` on
+    port 443, as Modal does; without it, ``host`` is the daemon's address and
+    each tunnel has a port of its own.
 
     Examples:
         sb = shoal.Sandbox.create("python", "-m", "http.server", "8080", encrypted_ports=[8080], app=app)

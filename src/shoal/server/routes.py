@@ -108,6 +108,7 @@ async def status(request: web.Request) -> DaemonStatus:
         ],
         idmap={"host_id": mgr.cfg.idmap.host_id, "size": mgr.cfg.idmap.size},
         tunnel_ca=mgr.network.ca_path,
+        tunnels=mgr.network.routing_status(),
         gpu=mgr.gpus.status(mgr.gpu_holders()),
         warm_pool=mgr.pool.status(),
         capacity=mgr.capacity(),

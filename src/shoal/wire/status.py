@@ -36,5 +36,7 @@ class DaemonStatus(BaseModel):
     """``max_sandboxes``, ``live`` (running or starting), ``left`` (how many more fit); with per-sandbox uid
     ranges ``uid_slots`` and ``uid_slots_left``, else ``key_quota_left`` (the host's kernel key quota for the
     sandboxes' shared user) where the kernel says."""
+    tunnels: dict[str, Any] = {}
+    """``domain`` and ``port`` of the shared, name-routed tunnel listener (``--tunnel-domain``), when there is one."""
     uid_ranges: dict[str, Any] = {}
     """``mode`` (``per-sandbox`` or ``shared``), ``note`` (why), ``first_host_id`` and ``ids_per_sandbox``."""
