@@ -13,13 +13,18 @@ import dns.rrset
 
 
 class DnsServer:
-    """An authoritative-looking DNS server on loopback (UDP) for ``records``; anything else is NXDOMAIN."""
+    """An authoritative-looking DNS server on loopback (UDP) for ``records`` and, for every name under a key of
+    ``zones``, that zone's address (a wildcard record); anything else is NXDOMAIN."""
 
-    def __init__(self, records: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, records: dict[str, str] | None = None, address: str = "127.0.0.1", port: int = 0,
+        zones: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.records: dict[str, str] = dict(records or {})
+        self.zones: dict[str, str] = dict(zones or {})
         self.queries: list[str] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((address, port))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self._stop = False
@@ -36,9 +41,11 @@ class DnsServer:
             name = q.question[0].name.to_text(omit_final_dot=True).lower()
             self.queries.append(name)
             r = dns.message.make_response(q)
-            if name in self.records:
+            zone = next((ip for suffix, ip in self.zones.items() if name.endswith("." + suffix)), None)
+            if name in self.records or zone is not None:
                 if q.question[0].rdtype == 1:  # A
-                    r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", self.records[name]))
+                    address = self.records.get(name) or zone
+                    r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", address))
             else:
                 r.set_rcode(dns.rcode.NXDOMAIN)
             self.sock.sendto(r.to_wire(), addr)

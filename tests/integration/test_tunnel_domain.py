@@ -3,7 +3,8 @@ port 443 of one shared listener, routed by the TLS server name (or an HTTP/1.1 H
 the local CA into the system store so unmodified clients connect to ``https://{tunnel.host}/``.
 
 The daemon listens on 127.0.0.44 (a loopback address of its own, so port 443 is free for it); the names are
-resolved by the test (a client's address, an aiohttp resolver, or /etc/hosts in a private mount namespace).
+resolved by the test (a client's address, an aiohttp resolver, or a wildcard DNS record that programs in a private
+mount namespace see: ``tests.user_machine``).
 """
 
 from __future__ import annotations
@@ -17,28 +18,27 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import shoal
-from tests.conftest import Daemon, _require_root_and_runtime, running_daemon
+from tests.conftest import Daemon, _require_root_and_runtime
 from tests.integration import test_network as tn
-
-BIND = "127.0.0.44"
-DOMAIN = "sb.shoal.test"
+from tests.user_machine import BIND, DOMAIN, UserMachine, user_machine
 
 
 @pytest.fixture(scope="module")
-def routed() -> Iterator[Daemon]:
+def machine() -> Iterator[UserMachine]:
     _require_root_and_runtime()
-    with running_daemon() as d:
-        d.stop()
-        d.env["SHOAL_TUNNEL_BIND"] = BIND
-        d.start("--tunnel-domain", DOMAIN.upper() + ".")
-        yield d
+    with user_machine() as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def routed(machine: UserMachine) -> Daemon:
+    return machine.daemon
 
 
 @pytest.fixture
@@ -196,45 +196,37 @@ print(json.dumps(out))
 
 
 @pytest.mark.skipif(not shutil.which("update-ca-certificates"), reason="needs Debian's ca-certificates")
-def test_shoal_trust_lets_unmodified_clients_use_tunnel_host(routed, made):
+def test_shoal_trust_lets_unmodified_clients_use_tunnel_host(machine, made):
     """Code that builds ``https://{tunnel.host}/`` (as code written for Modal does) works once the name resolves
-    (an operator's wildcard DNS record; here /etc/hosts) and ``shoal trust`` ran.  Both happen in a private mount
-    namespace over copies of the trust store, so the host's own store is never changed."""
+    (the operator's wildcard DNS record) and ``shoal trust`` ran — here in a private mount namespace over copies
+    of the trust store, so the host's own store is never changed."""
     sb = shoal.Sandbox.create(app=shoal.App.lookup("tunnel-domain", create_if_missing=True), encrypted_ports=[8001])
     made.append(sb)
     tn.start_servers(sb, p8001="http")
     tunnel = sb.tunnels()[8001]
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "hosts").write_text(f"127.0.0.1 localhost\n{BIND} {tunnel.host}\n")
-        shutil.copytree("/etc/ssl/certs", root / "certs", symlinks=True)
-        (root / "local").mkdir()
-        (root / "client.py").write_text(UNMODIFIED_CLIENTS)
-        env = {**os.environ, "SHOAL_RUNTIME_DIR": str(routed.runtime_dir), "SHOAL_NO_AUTOSTART": "1"}
-        script = f"""
-set -e
-mount --make-rprivate /
-mount --bind {root}/hosts /etc/hosts
-mount --bind {root}/certs /etc/ssl/certs
-mount --bind {root}/local /usr/local/share/ca-certificates
-{sys.executable} -c 'import urllib.request; urllib.request.urlopen("{tunnel.url}", timeout=30)' 2>/dev/null \
-  && echo "trusted before shoal trust" && exit 1
-{sys.executable} -m shoal trust > {root}/trust.out
-eval "$(grep ^export {root}/trust.out | sed 's/  #.*//')"
-{sys.executable} {root}/client.py {tunnel.url}
-{sys.executable} -m shoal trust --remove > /dev/null
+    py = sys.executable
+    before = machine.run(["sh", "-c", f"{py} -m shoal trust --remove && {py} -c '{UNTRUSTED}' {tunnel.url}"])
+    assert before.returncode == 0 and before.stdout.splitlines()[-1] == "CERTIFICATE_VERIFY_FAILED", before.stderr
+    done = machine.run([py, "-c", UNMODIFIED_CLIENTS, tunnel.url])
+    assert done.returncode == 0, done.stdout + done.stderr
+    trust_out = (machine.root / "trust.out").read_text()
+    assert "REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt" in trust_out
+    assert "WEBSOCKET_CLIENT_CA_BUNDLE" in trust_out
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "urllib": "hello from port 8001 /urllib\n",
+        "requests": "hello from port 8001 /requests\n",
+    }
+    assert (machine.root / "local" / "shoal-local-ca.crt").exists()
+    assert not Path("/usr/local/share/ca-certificates/shoal-local-ca.crt").exists()  # the host's store: untouched
+
+
+UNTRUSTED = """
+import ssl, sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=30)
+except urllib.error.URLError as exc:
+    print(exc.reason.reason if isinstance(exc.reason, ssl.SSLError) else exc)
 """
-        done = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-        trust_out = (root / "trust.out").read_text()
-        assert "REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt" in trust_out
-        assert "WEBSOCKET_CLIENT_CA_BUNDLE" in trust_out
-        assert json.loads(done.stdout.strip().splitlines()[-1]) == {
-            "urllib": "hello from port 8001 /urllib\n",
-            "requests": "hello from port 8001 /requests\n",
-        }
-        assert not (root / "local" / "shoal-local-ca.crt").exists()  # --remove took it out again
-    assert not Path("/usr/local/share/ca-certificates/shoal-local-ca.crt").exists()
 
 
 def test_serve_refuses_bad_domains_and_certificates(tmp_path):
