@@ -244,3 +244,21 @@ def test_serve_refuses_bad_domains_and_certificates(tmp_path):
             timeout=60,
         )
         assert done.returncode == 2 and words in done.stderr, (args, done.stderr)
+
+
+def test_hostile_clients_of_the_shared_listener(routed, made):
+    """The inbound allowlist holds for a named tunnel; an endless request head without a name is cut off."""
+    app = shoal.App.lookup("tunnel-domain", create_if_missing=True)
+    fenced = shoal.Sandbox.create(app=app, encrypted_ports=[8001], inbound_cidr_allowlist=["192.0.2.0/24"])
+    made.append(fenced)
+    tn.start_servers(fenced, p8001="http")
+    with pytest.raises((ConnectionError, http.client.RemoteDisconnected, ssl.SSLError)):
+        get(fenced.tunnels()[8001].host, "/", ca_context(routed))  # 127.0.0.1 is not in 192.0.2.0/24
+    ctx = ca_context(routed)
+    ctx.check_hostname = False
+    with socket.create_connection((BIND, 443), timeout=30) as raw, ctx.wrap_socket(raw) as s:
+        s.sendall(b"GET / HTTP/1.1\r\n" + b"X-Filler: " + b"a" * 20000)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 421 ") and b"too long" in reply
