@@ -52,14 +52,16 @@ def _member(cls: type, name: str) -> dict[str, Any]:
         if not callable(target):
             return {"kind": "attribute"}
     sig = _signature(target) or _signature(getattr(cls, name, None))
+    reason = getattr(target, "__shoal_unimplemented__", None)
+    extra = {"unimplemented": reason} if reason is not None else {}
     if sig is None:
-        return {"kind": "callable", "params": None}
+        return {"kind": "callable", "params": None, **extra}
     params = {}
     for p in sig.parameters.values():
         if p.name in ("self", "cls"):
             continue
         params[p.name] = {"kind": p.kind.name, "default": p.default is not inspect.Parameter.empty}
-    return {"kind": "callable", "params": params}
+    return {"kind": "callable", "params": params, **extra}
 
 
 def dump(package: str) -> dict[str, dict[str, Any]]:

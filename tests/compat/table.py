@@ -40,7 +40,7 @@ def render(theirs: dict[str, Any]) -> str:
         rows = []
         same = 0
         for name in sorted(members):
-            notes = [f"`{d.split(': ', 1)[0]}`: {why}" for d, why in DIFFERENCES.items() if _about(d, cls, name)]
+            notes = [_note(d, why) for d, why in DIFFERENCES.items() if _about(d, cls, name)]
             if notes:
                 rows.append(f"| `{name}` | " + "; ".join(notes) + " |")
             else:
@@ -49,6 +49,15 @@ def render(theirs: dict[str, Any]) -> str:
         summary.append(f"| `{cls}` | {len(members)} | {same} | {len(members) - same} |")
         body += ["", f"## {cls}", "", "| member | shoal |", "|---|---|", *rows]
     return "\n".join([*lines, *summary, *body, ""])
+
+
+def _note(difference: str, why: str) -> str:
+    head, what = difference.split(": ", 1)
+    if what == "unimplemented":
+        return f"raises `UnimplementedError`: {why}"
+    if what == "missing":
+        return f"missing: {why}"
+    return f"`{head}`: {what}: {why}"
 
 
 def _about(difference: str, cls: str, name: str) -> bool:

@@ -41,6 +41,8 @@ def differences(theirs: dict[str, Any], ours: dict[str, Any]) -> set[str]:
             if mine is None:
                 found.add(f"{cls}.{name}: missing")
                 continue
+            if "unimplemented" in mine:  # present with Modal's parameters, but raises UnimplementedError
+                found.add(f"{cls}.{name}: unimplemented")
             if info["kind"] != mine["kind"]:
                 found.add(f"{cls}.{name}: a {mine['kind']} here, a {info['kind']} in modal")
                 continue

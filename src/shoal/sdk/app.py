@@ -7,13 +7,14 @@ from typing import Any
 
 from shoal.exception import InvalidError
 from shoal.sdk._sync import live_function, live_method, run_async, run_blocking
+from shoal.sdk._unbuilt import AppUnbuilt
 from shoal.sdk.transport import default_client
 from shoal.wire import routes
 from shoal.wire.apps import AppCreate, AppLookup
 from shoal.wire.base import dump
 
 
-class App:
+class App(AppUnbuilt):
     """A named group of sandboxes.
 
     Examples:
@@ -35,6 +36,11 @@ class App:
     def name(self) -> str | None:
         """The app's name."""
         return self._name
+
+    @property
+    def description(self) -> str | None:
+        """The app's name if it has one, else its id."""
+        return self._name or self._app_id
 
     @property
     def app_id(self) -> str | None:

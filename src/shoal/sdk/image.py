@@ -13,6 +13,7 @@ from shoal.exception import InvalidError
 from shoal.sdk import _image_resolve
 from shoal.sdk._image_build import ImageBuilder, PendingStep
 from shoal.sdk._sync import live_function, live_method
+from shoal.sdk._unbuilt import ImageUnbuilt
 from shoal.sdk.secret import Secret
 from shoal.sdk.transport import Client, default_client
 from shoal.wire import reference
@@ -21,7 +22,7 @@ _resolved: dict[tuple[str, str], str] = {}
 """Image ids by (daemon, recipe): each daemon has its own images."""
 
 
-class Image(ImageBuilder):
+class Image(ImageBuilder, ImageUnbuilt):
     """A sandbox image.
 
     Examples:

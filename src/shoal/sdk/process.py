@@ -8,6 +8,7 @@ from typing import Generic, TypeVar
 
 from shoal.exception import InvalidError
 from shoal.sdk._sync import live_method, sdk_loop
+from shoal.sdk._unbuilt import ProcessUnbuilt
 from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
 from shoal.sdk.transport import Client
 from shoal.wire import routes
@@ -17,7 +18,7 @@ EXEC_STDIN_LIMIT = 16 << 20
 WAIT_SECONDS = 10
 
 
-class ContainerProcess(Generic[T]):
+class ContainerProcess(ProcessUnbuilt, Generic[T]):
     """A running or finished process in a sandbox.
 
     Examples:

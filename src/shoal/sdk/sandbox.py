@@ -35,6 +35,7 @@ from shoal.sdk._sandbox_args import (
 )
 from shoal.sdk._sandbox_network import SandboxNetworkMethods
 from shoal.sdk._sync import live_function, live_generator, live_method, live_method_generator
+from shoal.sdk._unbuilt import NoDashboard
 from shoal.sdk.app import App
 from shoal.sdk.filesystem import SandboxFilesystem
 from shoal.sdk.image import Image
@@ -59,7 +60,7 @@ READY_POLL = 50.0
 """Seconds one readiness request may wait in the daemon."""
 
 
-class Sandbox(SandboxNetworkMethods):
+class Sandbox(SandboxNetworkMethods, NoDashboard):
     """An isolated container.
 
     Examples:

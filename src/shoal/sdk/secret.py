@@ -18,6 +18,7 @@ from typing import Any
 from shoal.exception import InvalidError
 from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method
+from shoal.sdk._unbuilt import NoDashboard
 from shoal.sdk.transport import Client, default_client
 from shoal.types import SecretInfo
 from shoal.wire import routes, times
@@ -88,7 +89,7 @@ class _SecretManager:
         )
 
 
-class Secret:
+class Secret(NoDashboard):
     """A set of environment variables.
 
     Examples:

@@ -29,6 +29,7 @@ from shoal.exception import (
 )
 from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method, live_method_generator, run_async, run_blocking
+from shoal.sdk._unbuilt import NoDashboard
 from shoal.sdk.transport import Client, default_client
 from shoal.sdk.volume_upload import VolumeUploadBatch
 from shoal.types import FileEntry, FileEntryType, VolumeInfo
@@ -122,7 +123,7 @@ class _VolumeManager:
         )
 
 
-class Volume:
+class Volume(NoDashboard):
     """A persistent, shareable directory.
 
     Examples:
