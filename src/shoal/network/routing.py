@@ -197,7 +197,11 @@ class TunnelRouter:
     def _accepted(self, sock: socket.socket, addr: Any) -> None:
         if not self._open.admit(None, sock):
             limits.refuse(sock)
-            log.warning("the tunnel listener has %d connections open already, refusing more", MAX_OPEN)
+            log.warning(
+                "the tunnel listener has %d connections open already, refusing more",
+                MAX_OPEN,
+                extra=ratelog.about("tunnel-listener"),
+            )
             return
         task = asyncio.ensure_future(self._serve(sock))
         self._tasks.add(task)
