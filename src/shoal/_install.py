@@ -12,6 +12,7 @@ MODAL_MODULES = (
     "config",
     "container_process",
     "exception",
+    "experimental",
     "file_io",
     "file_pattern_matcher",
     "image",

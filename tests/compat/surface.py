@@ -24,6 +24,7 @@ CLASSES = {
     "App": ("", "App"),
     "Probe": ("", "Probe"),
     "Tunnel": ("", "Tunnel"),
+    "OutboundPolicy": ("experimental", "OutboundPolicy"),
 }
 """Name → (submodule of the package, or "" for the top level; attribute)."""
 

@@ -291,7 +291,6 @@ def test_blocking_call_inside_event_loop_warns(sandbox):
         {"experimental_options": {"enable_docker": True}},  # ignoring one could fail open
         {"runtime": "gvisor"},
         {"runtime": "vm"},
-        {"_experimental_outbound_policy": object()},  # headers a policy adds must not silently go missing
         {"_experimental_persistent": True},
     ],
     ids=lambda kw: next(iter(kw)),

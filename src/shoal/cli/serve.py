@@ -177,6 +177,12 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     " trusted wildcard certificate; needs --tunnel-key",
 )
 @click.option("--tunnel-key", type=click.Path(exists=True, dir_okay=False), help="the key of --tunnel-cert (PEM)")
+@click.option(
+    "--egress-ca-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA certificates (PEM) to trust, beside the host's store, for the servers that sandboxes' outbound"
+    " policies add headers for (e.g. a company's TLS-inspecting proxy); default $SHOAL_EGRESS_CA_FILE",
+)
 @click.option("--background", is_flag=True, help="detach; return once the daemon is ready")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def serve_cmd(
@@ -198,6 +204,7 @@ def serve_cmd(
     tunnel_port: int | None,
     tunnel_cert: str | None,
     tunnel_key: str | None,
+    egress_ca_file: str | None,
     background: bool,
     verbose: bool,
 ) -> None:
@@ -224,6 +231,7 @@ def serve_cmd(
             "tunnel_port": tunnel_port,
             "tunnel_cert": str(Path(tunnel_cert).resolve()) if tunnel_cert else None,
             "tunnel_key": str(Path(tunnel_key).resolve()) if tunnel_key else None,
+            "egress_ca_file": str(Path(egress_ca_file).resolve()) if egress_ca_file else None,
         },
     )
     level = logging.DEBUG if verbose else logging.INFO

@@ -101,6 +101,7 @@ class Manager:
         self.volumes = VolumeStore(self.state.db, cfg.data_dir / "volumes", cfg.idmap.host_id)
         self.volume_binds = VolumeBinds(self.volumes, cfg.runtime_dir / "volume-binds")
         self.secrets = SecretStore(self.state.db, Keyring(cfg.data_dir / "secrets.key"))
+        self.network.secret_values = lambda secret_id: self.secrets.resolve([secret_id])
         self.images.registry = image_build.make_registry(self)  # after secrets: a pull may use a named one
         self._reaper: reaper.InitReaper | None = None
         self.ctx = Context(
@@ -328,6 +329,18 @@ class Manager:
         finally:
             self._starting -= 1
 
+    def _check_outbound_policy(self, req: CreateSandbox) -> None:
+        """Refuse, before any image work, an outbound policy this daemon cannot apply."""
+        if not self.network.enabled:
+            raise InvalidError("this daemon runs with networking off: there is no outbound HTTPS to add headers to")
+        assert req.outbound_headers is not None
+        try:
+            self.network.resolve_policy([r.model_dump(mode="json") for r in req.outbound_headers])
+        except KeyError as exc:
+            raise InvalidError(
+                f"an outbound policy header names the secret key ${exc.args[0]}, which its secret does not hold"
+            ) from None
+
     async def _create(self, req: CreateSandbox, image_log: Callable[[str], None], *, build: bool) -> Sandbox:
         if self.state.app_by_id(req.app_id) is None:
             raise NotFoundError(f"App {req.app_id} not found: look it up with App.lookup(name, create_if_missing=True)")
@@ -343,6 +356,8 @@ class Manager:
         for mount in req.volumes:
             self.volumes.get(mount.volume_id)  # NotFoundError before any image work
         secret_env = {**self.secrets.resolve(req.secret_ids), **req.secret_env}
+        if req.outbound_headers is not None:
+            self._check_outbound_policy(req)
         image_id, image = await self.images.resolve(req.image, image_log)
         spec = SandboxSpec(
             request=req.model_copy(update={"secret_env": {}}),  # secrets are stored sealed (below), never in the clear

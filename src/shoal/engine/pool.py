@@ -55,6 +55,7 @@ def eligible(req: CreateSandbox) -> bool:
         and req.outbound_cidr_allowlist is None
         and req.outbound_domain_allowlist is None
         and req.inbound_cidr_allowlist is None
+        and req.outbound_headers is None
         and not req.encrypted_ports
         and not req.h2_ports
         and not req.unencrypted_ports

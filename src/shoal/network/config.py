@@ -115,6 +115,8 @@ class NetworkConfig:
     tunnel_port: int = field(default_factory=lambda: int(os.environ.get("SHOAL_TUNNEL_PORT") or 443))
     tunnel_cert: str = field(default_factory=lambda: os.environ.get("SHOAL_TUNNEL_CERT", ""))
     tunnel_key: str = field(default_factory=lambda: os.environ.get("SHOAL_TUNNEL_KEY", ""))
+    egress_ca_file: str = field(default_factory=lambda: os.environ.get("SHOAL_EGRESS_CA_FILE", ""))
+    """CA certificates (PEM) trusted for servers that outbound policies add headers for, beside the host's store."""
 
     def __post_init__(self) -> None:
         if not self.tunnel_host:
@@ -124,6 +126,8 @@ class NetworkConfig:
             raise ValueError(f"tunnel port {self.tunnel_port} is not a TCP port")
         if bool(self.tunnel_cert) != bool(self.tunnel_key):
             raise ValueError("a tunnel certificate needs its key, and a key its certificate (give both)")
+        if self.egress_ca_file and not os.path.isfile(self.egress_ca_file):
+            raise ValueError(f"the egress CA file {self.egress_ca_file} does not exist")
         if self.tunnel_cert and not self.tunnel_domain:
             raise ValueError("a tunnel certificate is served for --tunnel-domain: give the domain too")
         pool = ipaddress.IPv4Network(self.pool)

@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 
 from shoal.runtime import cgroups
+from shoal.util import safefs
 
 log = logging.getLogger("shoal.network.service")
 
@@ -67,15 +68,70 @@ def write_etc(root: Path, ip: str, owner: int, nameserver: str) -> None:
         os.close(root_fd)
 
 
-def _write_one(etc: int, name: str, text: str, owner: int) -> None:
+def _write_one(etc: int, name: str, text: str | bytes, owner: int) -> None:
     with contextlib.suppress(FileNotFoundError):
         st = os.stat(name, dir_fd=etc, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
             os.unlink(name, dir_fd=etc)  # a symlink or device the image put there; a directory stays and fails
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=etc)
     try:
-        os.write(fd, text.encode())
+        data = memoryview(text.encode() if isinstance(text, str) else text)
+        while data:
+            data = data[os.write(fd, data) :]
         os.fchown(fd, owner, owner)
         os.fchmod(fd, 0o644)
+    finally:
+        os.close(fd)
+
+
+SYSTEM_BUNDLE = ("etc", "ssl", "certs", "ca-certificates.crt")
+"""The CA bundle OpenSSL reads by default on Debian, Ubuntu and Alpine (beneath a sandbox's root)."""
+SHOAL_BUNDLE = ("etc", "shoal", "ca-certificates.crt")
+"""Where shoal puts an outbound-policy sandbox's bundle, whatever the image holds at ``SYSTEM_BUNDLE``."""
+
+
+def write_trust(root: Path, extra_pem: bytes, fallback: bytes, owner: int, limit: int) -> None:
+    """Give a sandbox a CA bundle that also trusts ``extra_pem``: the image's own bundle (or ``fallback``, the
+    host's, when the image has none) plus it, at ``SHOAL_BUNDLE`` and, when that path is a plain file or
+    missing beneath plain directories, at ``SYSTEM_BUNDLE`` too.  Nothing the image put there is followed."""
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        own = _read_plain(root_fd, SYSTEM_BUNDLE, limit)
+        text = (own if own is not None else fallback).rstrip(b"\n")
+        text += b"\n# shoal egress CA (the sandbox's outbound policy)\n" + extra_pem
+        for path in (SHOAL_BUNDLE, SYSTEM_BUNDLE):
+            try:
+                fd = safefs.make_dirs(root_fd, list(path[:-1]), owner, owner)
+            except OSError as exc:
+                log.warning("cannot write the sandbox's /%s: %s", "/".join(path), exc)
+                continue
+            try:
+                _write_one(fd, path[-1], text, owner)
+            except OSError as exc:
+                log.warning("cannot write the sandbox's /%s: %s", "/".join(path), exc)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root_fd)
+
+
+def _read_plain(root_fd: int, path: tuple[str, ...], limit: int) -> bytes | None:
+    """A regular file's first ``limit`` bytes beneath the root, or None if a step is missing, a link or odd."""
+    fd = os.dup(root_fd)
+    try:
+        for name in path[:-1]:
+            nxt = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        file_fd = os.open(path[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+                return None
+            with os.fdopen(os.dup(file_fd), "rb") as f:
+                return f.read(limit)
+        finally:
+            os.close(file_fd)
+    except OSError:
+        return None
     finally:
         os.close(fd)

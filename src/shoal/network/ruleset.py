@@ -30,6 +30,9 @@ match packets arriving from or leaving through this daemon's sandbox links,
   conntrack entries (``Network.set_policy``); their next packets then meet
   the allowlist again, and a mid-stream TCP packet is refused with a reset so
   the process sees the cut at once (a new connection gets "unreachable").
+A sandbox with an outbound policy (``intercept``) has its new TCP connections to port 443 of destinations it
+may reach (the same checks, before NAT) turned to the interceptor on its gateway (``egress.PORT``), the one
+further service on the host it may reach.
 New connections into a sandbox from outside the host are dropped.
 """
 
@@ -40,6 +43,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+EGRESS_PORT = 15443
+"""The outbound-policy interceptor's port on the gateway address (``egress``; that address is the daemon's own)."""
 ALWAYS_DENIED = (
     "0.0.0.0/8",  # "this network"
     "127.0.0.0/8",  # loopback (the sandbox's own; the host's is never routed to)
@@ -148,6 +153,7 @@ def table_body(names: NetNames, deny: Iterable[str]) -> str:
     set restricted {{ type ipv4_addr; }}
     set allow_cidr {{ type ipv4_addr . ipv4_addr; flags interval; }}
     set allow_pin {{ type ipv4_addr . ipv4_addr; flags timeout; }}
+    set intercept {{ type ipv4_addr; }}
     chain pre {{
         type filter hook prerouting priority -150; policy accept;
         iifname "{p}*" jump from_sandbox_pre
@@ -165,6 +171,7 @@ def table_body(names: NetNames, deny: Iterable[str]) -> str:
         ct state established,related accept
         ip daddr {names.gateway} udp dport 53 accept
         ip daddr {names.gateway} tcp dport 53 accept
+        ip saddr @intercept ip daddr {names.gateway} tcp dport {EGRESS_PORT} accept
         jump deny
     }}
     chain forward {{
@@ -189,11 +196,31 @@ def table_body(names: NetNames, deny: Iterable[str]) -> str:
     chain deny {{
         reject with icmpx admin-prohibited
     }}
+    chain egress {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "{p}*" ip saddr @intercept tcp dport 443 jump egress_check
+    }}
+    chain egress_check {{
+        ip daddr {{ {deny_set} }} return
+        fib daddr type != unicast return
+        ip saddr @restricted ip saddr . ip daddr != @allow_cidr return
+        tcp dport 443 dnat ip to {names.gateway}:{EGRESS_PORT}
+    }}
     chain post {{
         type nat hook postrouting priority srcnat; policy accept;
         ip saddr {names.subnet} oifname != "{p}*" masquerade
     }}
 """
+
+
+def add_intercept(names: NetNames, ip: ipaddress.IPv4Address) -> str:
+    """Commands that turn a sandbox's outbound HTTPS to the outbound-policy interceptor (``egress``)."""
+    return f"add element inet {names.table} intercept {{ {ip} }}\n"
+
+
+def remove_intercept(names: NetNames, ip: ipaddress.IPv4Address) -> str:
+    """Commands that undo ``add_intercept``."""
+    return f"delete element inet {names.table} intercept {{ {ip} }}\n"
 
 
 def generation(body: str) -> str:

@@ -46,7 +46,9 @@ from shoal.network import ruleset
 from shoal.network.config import NetworkConfig, parse_upstream
 from shoal.network.connect import ConnectProxy
 from shoal.network.dns import Client, DnsForwarder
-from shoal.network.etc_files import init_pid, write_etc
+from shoal.network.egress import EgressInterceptor, Replacement
+from shoal.network.egress_ca import BUNDLE_MAX, EgressCA, host_bundle, upstream_context
+from shoal.network.etc_files import init_pid, write_etc, write_trust
 from shoal.network.ingress import Ingress
 from shoal.network.netns import NetnsWorker
 from shoal.network.nft import Nft, NftError
@@ -54,6 +56,7 @@ from shoal.network.routing import TunnelRouter
 from shoal.network.ruleset import NetNames
 from shoal.network.tls import LocalCA
 from shoal.network.tunnels import ENCRYPTED, H2, UNENCRYPTED, SandboxTunnels
+from shoal.wire.outbound import render
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ class Attachment:
     ("name": the tunnel's label on the shared listener of ``--tunnel-domain``, instead of "tls_port")."""
     connect: dict[str, dict[str, Any]] = field(default_factory=dict)
     """container port → {"listen": n, "tokens": {sha256 of a connect token: its user metadata}}."""
+    outbound_headers: list[dict[str, Any]] | None = None
+    """Its outbound policy as asked ({"domain", "headers" (templates), "secret_id"}); values are never stored."""
 
     @property
     def address(self) -> ipaddress.IPv4Address:
@@ -90,11 +95,24 @@ def _netid() -> str:
 class Network(Ingress):
     """Every sandbox's networking on this machine, for one daemon."""
 
-    def __init__(self, cfg: NetworkConfig, data_dir: Path, runtime_dir: Path, host_id: int) -> None:
+    def __init__(
+        self,
+        cfg: NetworkConfig,
+        data_dir: Path,
+        runtime_dir: Path,
+        host_id: int,
+        secret_values: Callable[[str], dict[str, str]] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.secret_values = secret_values
+        """A named secret's values by its id (``KeyError``/``NotFoundError`` when gone): for outbound policies."""
         self.enabled = cfg.enabled
         self.state_path = data_dir / "network.json"
         self.ca = LocalCA(data_dir / "tls")
+        self.egress_ca = EgressCA(data_dir / "egress-tls")
+        self.egress: EgressInterceptor | None = None
+        self.policies: dict[str, list[Replacement]] = {}
+        """Sandbox address → its outbound policy, values resolved (in memory only)."""
         self.tunnels: dict[str, SandboxTunnels] = {}
         self._tls: dict[str, ssl.SSLContext] = {}
         self.router: TunnelRouter | None = None
@@ -154,6 +172,12 @@ class Network(Ingress):
         upstreams = [parse_upstream(u) for u in self.cfg.dns_upstream]
         self.dns = DnsForwarder(names.gateway, upstreams, self._dns_client)
         await self.dns.start()
+        await asyncio.to_thread(self.egress_ca.ensure)
+        deny = [ipaddress.IPv4Network(c) for c in (*ruleset.ALWAYS_DENIED, *self.cfg.deny, str(names.pool))]
+        self.egress = EgressInterceptor(
+            names.gateway, self.policies.get, deny, self.egress_ca, upstream_context(self.cfg.egress_ca_file)
+        )
+        self.egress.start()
         log.info("sandbox network %s on %s (gateway %s)", names.netid, names.subnet, names.gateway)
 
     async def close(self, sandboxes_remain: bool) -> None:
@@ -173,6 +197,9 @@ class Network(Ingress):
         if self.dns is not None:
             await self.dns.close()
             self.dns = None
+        if self.egress is not None:
+            await self.egress.close()
+            self.egress = None
         if not sandboxes_remain and self.names is not None:
             names = self.names
             with contextlib.suppress(NftError):
@@ -262,6 +289,8 @@ class Network(Ingress):
         for att in self.attached.values():
             if att.restricted:
                 cmds += ruleset.add_restricted(names, att.address, att.cidrs)
+            if att.outbound_headers is not None:
+                cmds += ruleset.add_intercept(names, att.address)
         self.nft.run(cmds)
 
     async def _remove_strays(self, known: set[str]) -> None:
@@ -281,6 +310,10 @@ class Network(Ingress):
             sid = self.by_ip.get(item)
             if sid is None or not self.attached[sid].restricted:
                 cmds += f"delete element inet {names.table} restricted {{ {ipaddress.IPv4Address(item)} }}\n"
+        for item in await self._run(self._list_set, "intercept"):
+            sid = self.by_ip.get(item)
+            if sid is None or self.attached[sid].outbound_headers is None:
+                cmds += ruleset.remove_intercept(names, ipaddress.IPv4Address(item))
         for sb_ip, dest in await self._run(self._list_pairs, "allow_pin"):
             if sb_ip in self.by_ip:
                 # Kept; its expiry is not known here, so the next answer refreshes it.
@@ -331,12 +364,32 @@ class Network(Ingress):
             domains=att.domains if att.restricted else None,
             on_pins=functools.partial(self._pin, att.address) if att.restricted else None,
         )
+        if att.outbound_headers is not None:
+            try:
+                self.policies[att.ip] = self.resolve_policy(att.outbound_headers)
+            except Exception as exc:  # its secret was deleted or changed while the daemon was down
+                log.warning("sandbox %s: its outbound policy no longer resolves (%s); no headers are added", sid, exc)
+                self.policies[att.ip] = []
+
+    def resolve_policy(self, replacements: list[dict[str, Any]]) -> list[Replacement]:
+        """An outbound policy with each header template filled from its secret (KeyError names a missing key)."""
+        out: list[Replacement] = []
+        for rep in replacements:
+            values: dict[str, str] = {}
+            if rep.get("secret_id"):
+                if self.secret_values is None:
+                    raise InvalidError("outbound policies with secrets need the daemon's secret store")
+                values = self.secret_values(str(rep["secret_id"]))
+            headers = {str(k): render(str(v), values) for k, v in dict(rep["headers"]).items()}
+            out.append(Replacement(domain=str(rep["domain"]), headers=headers))
+        return out
 
     def _forget(self, sid: str) -> Attachment | None:
         att = self.attached.pop(sid, None)
         if att is not None:
             self.by_ip.pop(att.ip, None)
             self.dns_clients.pop(att.ip, None)
+            self.policies.pop(att.ip, None)
         return att
 
     def _dns_client(self, source: str) -> Client | None:
@@ -387,10 +440,16 @@ class Network(Ingress):
                 )
                 for port in ports
             },
+            outbound_headers=(
+                None if req.outbound_headers is None else [r.model_dump(mode="json") for r in req.outbound_headers]
+            ),
         )
         self._remember(sandbox_id, att)
         (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(att)))
-        write_etc(Path(rootfs), att.ip, self.host_id if owner is None else owner, str(names.gateway))
+        uid = self.host_id if owner is None else owner
+        write_etc(Path(rootfs), att.ip, uid, str(names.gateway))
+        if att.outbound_headers is not None:
+            write_trust(Path(rootfs), self.egress_ca.pem(), host_bundle(), uid, BUNDLE_MAX)
 
     async def connect(self, sandbox_id: str, cgroup_path: str, touch: Callable[[], None]) -> None:
         """Once the container runs, before its entrypoint: link its namespace to the host, apply its policy, and
@@ -436,6 +495,9 @@ class Network(Ingress):
         if att.restricted:
             assert self.nft is not None
             self.nft.run(ruleset.add_restricted(names, att.address, att.cidrs))
+        if att.outbound_headers is not None:
+            assert self.nft is not None
+            self.nft.run(ruleset.add_intercept(names, att.address))
 
     async def detach(self, sandbox_id: str) -> None:
         """After the container is gone: remove the sandbox's filter elements and record.  Idempotent.
@@ -457,16 +519,22 @@ class Network(Ingress):
             await proxy.close()
         self._policy_locks.pop(sandbox_id, None)
         att = self._forget(sandbox_id)
-        if att is not None and att.restricted:
+        if att is not None and (att.restricted or att.outbound_headers is not None):
             await self._run(self._teardown, att, self.pins.pop(att.ip, {}))
         (self.dir / f"{sandbox_id}.json").unlink(missing_ok=True)
 
     def _teardown(self, att: Attachment, pins: dict[ipaddress.IPv4Address, float]) -> None:
         assert self.names is not None and self.nft is not None
-        try:
-            self.nft.run(ruleset.remove_restricted(self.names, att.address, att.cidrs))
-        except NftError as exc:
-            log.warning("removing %s from the allowlist sets: %s", att.ip, exc)
+        if att.outbound_headers is not None:
+            try:
+                self.nft.run(ruleset.remove_intercept(self.names, att.address))
+            except NftError as exc:
+                log.warning("removing %s from the outbound policy set: %s", att.ip, exc)
+        if att.restricted:
+            try:
+                self.nft.run(ruleset.remove_restricted(self.names, att.address, att.cidrs))
+            except NftError as exc:
+                log.warning("removing %s from the allowlist sets: %s", att.ip, exc)
         for addr in pins:
             # One by one: a pin may have expired meanwhile, and a failed delete would undo the others.
             with contextlib.suppress(NftError):
@@ -513,6 +581,11 @@ class Network(Ingress):
             old = self.attached.get(sandbox_id)
             if old is None:
                 raise InvalidError("the sandbox has stopped: there is no outbound policy to set")
+            if domains and old.outbound_headers is not None:
+                raise InvalidError(
+                    "this sandbox has an `_experimental_outbound_policy`, which cannot be used with"
+                    " `outbound_domain_allowlist`; give outbound_cidr_allowlist instead"
+                )
             new = replace(
                 old,
                 restricted=cidrs is not None or domains is not None,

@@ -51,6 +51,74 @@ def _names(hosts: list[str]) -> list[x509.GeneralName]:
     return out
 
 
+def make_ca(ca_path: Path, key_path: Path, common_name: str) -> None:
+    """Create a CA certificate (``ca_path``, public) and its key (``key_path``, 0600) that signs server
+    certificates only (path length 0)."""
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "shoal"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(key_path, _key_pem(key), 0o600)
+    _write(ca_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def sign_server_cert(ca_path: Path, ca_key_path: Path, hosts: list[str], days: int) -> tuple[bytes, bytes]:
+    """A server certificate for ``hosts`` (names or addresses) signed by the CA, and its key: both PEM."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(_names(hosts)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
 class LocalCA:
     """``<dir>/ca.pem`` (public), ``ca-key.pem``, and the tunnel certificate ``tunnel.pem`` + ``tunnel-key.pem``."""
 
@@ -67,67 +135,13 @@ class LocalCA:
         ca_key_path = self.dir / "ca-key.pem"
         now = datetime.datetime.now(datetime.UTC)
         if not (self.ca_path.exists() and ca_key_path.exists()):
-            key = ec.generate_private_key(ec.SECP256R1())
-            name = x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "shoal"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, f"shoal local CA ({socket.gethostname()})"),
-                ]
-            )
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(name)
-                .issuer_name(name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(
-                    x509.KeyUsage(
-                        digital_signature=False,
-                        content_commitment=False,
-                        key_encipherment=False,
-                        data_encipherment=False,
-                        key_agreement=False,
-                        key_cert_sign=True,
-                        crl_sign=True,
-                        encipher_only=False,
-                        decipher_only=False,
-                    ),
-                    critical=True,
-                )
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-                .sign(key, hashes.SHA256())
-            )
-            _write(ca_key_path, _key_pem(key), 0o600)
-            _write(self.ca_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            make_ca(self.ca_path, ca_key_path, f"shoal local CA ({socket.gethostname()})")
             self.cert_path.unlink(missing_ok=True)
         if self._cert_current(hosts, now):
             return
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
-        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        ca_cert = x509.load_pem_x509_certificate(self.ca_path.read_bytes())
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
-            .add_extension(x509.SubjectAlternativeName(_names(hosts)), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        _write(self.key_path, _key_pem(key), 0o600)
-        _write(self.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        cert_pem, key_pem = sign_server_cert(self.ca_path, ca_key_path, hosts, CERT_DAYS)
+        _write(self.key_path, key_pem, 0o600)
+        _write(self.cert_path, cert_pem, 0o644)
 
     def _cert_current(self, hosts: list[str], now: datetime.datetime) -> bool:
         try:

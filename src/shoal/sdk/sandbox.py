@@ -40,6 +40,7 @@ from shoal.sdk.app import App
 from shoal.sdk.filesystem import SandboxFilesystem
 from shoal.sdk.image import Image
 from shoal.sdk.logs import SandboxLogs
+from shoal.sdk.outbound_policy import OutboundPolicy
 from shoal.sdk.probe import Probe
 from shoal.sdk.process import ContainerProcess
 from shoal.sdk.secret import Secret, secret_ids
@@ -210,12 +211,18 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
                 " it was meant to restrict; leave it unset",
             )
         check_runtime(runtime)
+        outbound_headers = None
         if _experimental_outbound_policy is not None:
-            raise not_supported(
-                "_experimental_outbound_policy",
-                "shoal cannot add headers to a sandbox's outbound HTTPS requests, and sending them without the"
-                " headers the policy asks for would be a silent wrong answer; leave it unset",
-            )
+            if not isinstance(_experimental_outbound_policy, OutboundPolicy):
+                raise InvalidError(
+                    "_experimental_outbound_policy must be a shoal.experimental.OutboundPolicy, got"
+                    f" {type(_experimental_outbound_policy).__name__}"
+                )
+            if block_network:
+                raise InvalidError("`_experimental_outbound_policy` cannot be used when `block_network` is enabled")
+            if outbound_domain_allowlist:
+                raise InvalidError("`_experimental_outbound_policy` cannot be used with `outbound_domain_allowlist`")
+            outbound_headers = await _experimental_outbound_policy._body()
         refuse_unsupported(
             _experimental_persistent=_experimental_persistent,
             network_file_systems=bool(network_file_systems),
@@ -262,6 +269,7 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
             outbound_cidr_allowlist=str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),
             outbound_domain_allowlist=str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
             inbound_cidr_allowlist=str_list(inbound_cidr_allowlist, "inbound_cidr_allowlist"),
+            outbound_headers=outbound_headers,
             encrypted_ports=ports(encrypted_ports, "encrypted_ports"),
             h2_ports=ports(h2_ports, "h2_ports"),
             unencrypted_ports=ports(unencrypted_ports, "unencrypted_ports"),

@@ -12,6 +12,7 @@ from shoal.wire import gpu as gpu_request
 from shoal.wire import policy
 from shoal.wire.base import MAX_TIMEOUT, NAME_RE, EnvDict, WireModel, Workdir, check_argv
 from shoal.wire.images import ImageRef
+from shoal.wire.outbound import MAX_HEADERS, OutboundHeaders
 from shoal.wire.volumes import VolumeMount
 
 
@@ -102,6 +103,8 @@ class CreateSandbox(WireModel):
     outbound_cidr_allowlist: OutboundCidrs = None
     outbound_domain_allowlist: Domains = None
     inbound_cidr_allowlist: InboundCidrs = None
+    outbound_headers: OutboundHeaders | None = None
+    """``_experimental_outbound_policy``: headers set on its outbound HTTPS requests outside the sandbox."""
     encrypted_ports: list[int] = []
     h2_ports: list[int] = []
     unencrypted_ports: list[int] = []
@@ -125,6 +128,13 @@ class CreateSandbox(WireModel):
         allowlists = (self.outbound_cidr_allowlist, self.outbound_domain_allowlist, self.inbound_cidr_allowlist)
         if self.block_network and any(a is not None for a in allowlists):
             raise ValueError("Cannot specify network allowlists when `block_network` is enabled")
+        if self.outbound_headers is not None:
+            if self.block_network:
+                raise ValueError("`_experimental_outbound_policy` cannot be used when `block_network` is enabled")
+            if self.outbound_domain_allowlist:
+                raise ValueError("`_experimental_outbound_policy` cannot be used with `outbound_domain_allowlist`")
+            if sum(len(r.headers) for r in self.outbound_headers) > MAX_HEADERS:
+                raise ValueError(f"Outbound policy cannot have more than {MAX_HEADERS} header replacements")
         return self
 
     @field_validator("gpu")
