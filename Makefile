@@ -6,9 +6,9 @@ export DEBIAN_FRONTEND := noninteractive
 
 # runc/crun/runsc: OCI runtimes; mmdebstrap: base image; gcc/libc6-dev: the static agent;
 # busybox-static: a Python-less test image; iproute2/nftables: networking; conntrack: cutting
-# connections when a policy changes;
+# connections when a policy changes; patchelf: `from_registry(add_python=)`;
 # skopeo/zstd: registry pulls; docker-registry/apache2-utils (htpasswd): the tests' local registry.
-APT_PACKAGES := runc crun runsc mmdebstrap gcc libc6-dev busybox-static iproute2 nftables conntrack \
+APT_PACKAGES := runc crun runsc mmdebstrap patchelf gcc libc6-dev busybox-static iproute2 nftables conntrack \
 	python3 python3-venv ca-certificates skopeo zstd docker-registry apache2-utils
 
 # Packages install without starting services (policy-rc.d answers 101 while apt runs).

@@ -19,6 +19,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,6 +292,53 @@ def test_a_pulled_image_without_python_runs_with_its_config(app, registry):
         sb.terminate()
 
 
+PY_CHECK = (
+    "import sys, ssl, sqlite3, ctypes, lzma, bz2, zlib, hashlib, decimal, uuid, readline, json;"
+    " sqlite3.connect(':memory:').execute('select 1');"
+    " print('.'.join(map(str, sys.version_info[:2])), sys.executable, ssl.OPENSSL_VERSION.split()[0])"
+)
+
+
+def wheel(name: str) -> bytes:
+    """A pure-Python wheel holding one module ``name`` (built here: the sandbox has no network)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(f"{name}.py", "VALUE = 42\n")
+        info = f"{name}-1.0.dist-info"
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", f"{name}.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
+    return buf.getvalue()
+
+
+def test_add_python_lays_a_python_over_an_image_without_one(app, registry):
+    ref = registry.push([busybox_layer()], "test/busybox:add-python")
+    image = shoal.Image.from_registry(ref, add_python="3.11").run_commands(
+        "python -c \"open('/built', 'w').write('ok')\""
+    )
+    sb = shoal.Sandbox.create(app=app, image=image, timeout=120)
+    try:
+        # A whole interpreter on an image with no C library of its own: its extension modules load.
+        assert sh(sb, f'python3 -c "{PY_CHECK}"') == "3.11 /usr/local/bin/python3 OpenSSL\n"
+        assert (
+            sh(sb, "cat /built; command -v python; command -v pip")
+            == "ok/usr/local/bin/python\n" + "/usr/local/bin/pip\n"
+        )
+        # pip installs beside itself, on sys.path.
+        with sb.open("/tmp/shoal_probe-1.0-py3-none-any.whl", "wb") as f:
+            f.write(wheel("shoal_probe"))
+        out = sh(
+            sb,
+            "pip install -q --no-index /tmp/shoal_probe-1.0-py3-none-any.whl 2>&1; python -c "
+            "'import shoal_probe; print(shoal_probe.VALUE, shoal_probe.__file__)'",
+        )
+        assert out.endswith("42 /usr/local/lib/python3/dist-packages/shoal_probe.py\n"), out
+        # The image's own files and tools are as they were.
+        assert sh(sb, "test -e /usr/bin/python3 || echo none; ls /bin/busybox") == "none\n/bin/busybox\n"
+    finally:
+        sb.terminate()
+
+
 def test_the_image_command_and_entrypoint_run_as_the_sandbox_entrypoint(app, registry):
     ref = registry.push(
         [busybox_layer()],
@@ -557,8 +605,8 @@ def test_reference_and_argument_errors(daemon, registry):
         shoal.Image.from_registry("Not/Valid:tag")
     with pytest.raises(shoal.exception.InvalidError):
         shoal.Image.from_registry("-oops")
-    with pytest.raises(shoal.exception.InvalidError):
-        shoal.Image.from_registry("busybox", add_python="3.11")
+    with pytest.raises(shoal.exception.InvalidError, match=r"Python 3\.12 is not available.*3\.11 \(Debian bookworm\)"):
+        shoal.Image.from_registry("busybox", add_python="3.12")
     with pytest.raises(shoal.exception.InvalidError):
         shoal.Image.from_registry("busybox", unknown_option=True)
     with pytest.raises(shoal.exception.NotFoundError):

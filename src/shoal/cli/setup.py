@@ -12,6 +12,7 @@ from shoal.agent.build import ensure_agent
 from shoal.engine.config import Config
 from shoal.images import base
 from shoal.images.store import LayerStore
+from shoal.wire.pythons import check_python_version
 
 REQUIRED_TOOLS = ["mmdebstrap", "cc"]
 
@@ -31,7 +32,7 @@ def setup_cmd(python_version: str | None) -> None:
     agent = ensure_agent(cfg.agent_dir)
     click.echo(f"agent: {agent}")
     store = LayerStore(cfg.images_dir)
-    version = base.check_python_version(python_version)
+    version = check_python_version(python_version)
     started = time.monotonic()
     layer = base.build(store, version, cfg.idmap.host_id, click.echo)
     click.echo(f"base image: {layer} (Python {version}) in {store.path(layer)} [{time.monotonic() - started:.1f}s]")

@@ -22,12 +22,9 @@ from shoal.exception import InvalidError, ServiceError
 from shoal.images.store import LayerStore, shift_tree
 from shoal.wire import ids
 from shoal.wire.image_config import ImageConfig
+from shoal.wire.pythons import PYTHON_SUITES
 
 RECIPE_VERSION = 1
-PYTHON_SUITES = {"3.9": "bullseye", "3.11": "bookworm", "3.13": "trixie"}
-"""Python versions debian_slim provides: the Debian suite whose ``python3`` each is (decision 0065).  No suite
-carries 3.10 or 3.12, and nothing reachable from a host limited to package mirrors ships them."""
-DEFAULT_PYTHON = "3.11"
 PACKAGES = ["python3", "python3-pip", "python-is-python3", "ca-certificates", "procps"]
 KEEP_ALIVE_CMD = ["sleep", "172800"]
 _builds: set[subprocess.Popen[str]] = set()
@@ -38,24 +35,6 @@ BASE_ENV = {
     "LANG": "C.UTF-8",
 }
 """HOME is not set here: the agent sets it from /etc/passwd for whoever a process runs as (Docker's rule)."""
-
-
-def check_python_version(version: str | None) -> str:
-    """The Python version to use, or InvalidError naming the ones available."""
-    if version is None:
-        return DEFAULT_PYTHON
-    if not isinstance(version, str):
-        raise TypeError(f"python_version must be a string such as '3.11', not {type(version).__name__}")
-    parts = version.split(".")
-    series = ".".join(parts[:2])
-    if series not in PYTHON_SUITES or (len(parts) > 2 and not parts[2].isdigit()):
-        available = ", ".join(f"{v} (Debian {s})" for v, s in sorted(PYTHON_SUITES.items(), key=_version_key))
-        raise InvalidError(f"Python {version} is not available on this machine; debian_slim can provide: {available}")
-    return series
-
-
-def _version_key(item: tuple[str, str]) -> tuple[int, ...]:
-    return tuple(int(p) for p in item[0].split("."))
 
 
 def recipe(python_version: str) -> dict[str, object]:

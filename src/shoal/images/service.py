@@ -9,16 +9,18 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shoal.exception import InvalidError, NotFoundError
-from shoal.images import base
+from shoal.images import base, portable_python
 from shoal.images.store import LayerStore, shift_tree
 from shoal.store.state import ImageRow, State
 from shoal.wire import ids
 from shoal.wire.image_config import ImageConfig
 from shoal.wire.images import ImageRef, ImportRootfs
+from shoal.wire.pythons import check_python_version
 
 if TYPE_CHECKING:
     from shoal.images.builder import Builder
@@ -52,6 +54,10 @@ class ImageService:
         if ref.kind == "registry":
             if self.registry is None:
                 raise InvalidError("this daemon cannot pull registry images")
+            if ref.registry is not None and ref.registry.add_python is not None:
+                version = check_python_version(ref.registry.add_python)  # before any pull
+                pulled = await self.registry.resolve(ref, log)
+                return await self._add_python(pulled, version, log)
             return await self.registry.resolve(ref, log)
         if ref.kind == "id":
             if not ref.image_id or not ids.is_valid(ref.image_id, "image"):
@@ -70,7 +76,7 @@ class ImageService:
             if self.state.image(image_id) is None:
                 self.state.add_image(ImageRow(image_id, dict(SCRATCH), cfg.to_json(), time.time()))
             return image_id, cfg
-        version = base.check_python_version(ref.python_version)
+        version = check_python_version(ref.python_version)
         image_id = base.image_id(version)
         if not self.store.exists(image_id):
             async with self._locks.setdefault(image_id, asyncio.Lock()):
@@ -86,6 +92,30 @@ class ImageService:
         if row is None or row.config != cfg.to_json():
             self.state.add_image(ImageRow(image_id, base.recipe(version), cfg.to_json(), time.time()))
         return image_id, cfg
+
+    async def _add_python(self, pulled: tuple[str, ImageConfig], version: str, log: LogFn) -> tuple[str, ImageConfig]:
+        """A pulled image with ``version``'s self-contained Python laid over it (its own, cached image)."""
+        pulled_id, cfg = pulled
+        base_id, _ = await self.resolve_base(ImageRef(kind="debian_slim", python_version=version), log)
+        loop = asyncio.get_running_loop()
+
+        def threadsafe_log(line: str) -> None:
+            loop.call_soon_threadsafe(log, line)
+
+        layer = await asyncio.to_thread(
+            portable_python.build, self.store, version, base_id, self.uid_offset, threadsafe_log
+        )
+        env = dict(cfg.env)
+        path = env.get("PATH") or base.BASE_ENV["PATH"]
+        if "/usr/local/bin" not in path.split(":"):
+            env["PATH"] = "/usr/local/bin:" + path
+        out = replace(cfg, env=env, layers=[*cfg.layers, layer], python=version)
+        source = {"kind": "add_python", "from": pulled_id, "python": version, "layer": layer}
+        image_id = ids.from_digest("image", hashlib.sha256(json.dumps(source, sort_keys=True).encode()).digest())
+        row = self.state.image(image_id)
+        if row is None or row.config != out.to_json():
+            self.state.add_image(ImageRow(image_id, source, out.to_json(), time.time()))
+        return image_id, out
 
     def _scratch_layer(self) -> str:
         """The empty layer of ``Image.from_scratch()`` (the overlay needs a lower directory), made once."""

@@ -17,6 +17,7 @@ from shoal.sdk._unbuilt import ImageUnbuilt
 from shoal.sdk.secret import Secret
 from shoal.sdk.transport import Client, default_client
 from shoal.wire import reference
+from shoal.wire.pythons import check_python_version
 
 _resolved: dict[tuple[str, str], str] = {}
 """Image ids by (daemon, recipe): each daemon has its own images."""
@@ -108,13 +109,12 @@ class Image(ImageBuilder, ImageUnbuilt):
         except reference.BadReference as exc:
             raise InvalidError(str(exc)) from None
         if add_python is not None:
-            raise InvalidError(
-                "add_python is not supported: shoal's agent needs no Python in the image; pick an image that has"
-                " the Python you want, or install it with a build step (e.g. .apt_install('python3'))"
-            )
+            check_python_version(add_python)  # InvalidError listing the versions there are
         if kwargs:
             raise InvalidError(f"Image.from_registry got unexpected arguments: {', '.join(sorted(kwargs))}")
         source: dict[str, Any] = {"tag": tag}
+        if add_python is not None:
+            source["add_python"] = add_python
         if secret is not None:
             if not isinstance(secret, Secret):
                 raise InvalidError(f"secret must be a shoal.Secret, got {type(secret).__name__}")

@@ -116,6 +116,8 @@ class RegistrySource(BaseModel):
     """REGISTRY_USERNAME and REGISTRY_PASSWORD from a ``Secret.from_dict`` (or other unnamed) secret."""
     secret_name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     """A named secret (``Secret.from_name``) holding them, looked up by the daemon."""
+    add_python: Annotated[str, Field(min_length=1, max_length=16)] | None = None
+    """``add_python="3.X"``: a self-contained Python laid over the image (``shoal.images.portable_python``)."""
 
     @field_validator("tag")
     @classmethod
