@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import datetime
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
+    "AppInfo",
+    "AppLifecycle",
+    "AppState",
     "FileEntry",
     "FileEntryType",
     "FileInfo",
@@ -141,7 +144,12 @@ class LogEntry:
     timestamp: datetime.datetime
     """When its first byte reached the daemon (UTC)."""
     object_id: str
-    """The sandbox's id."""
+    """The sandbox's id (``sb.logs``), or the app's (``app.logs``)."""
+    context_ids: list[str] = field(default_factory=list)
+    """Narrower ids of where it came from: ``[sandbox id]`` in an app's logs."""
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True)
@@ -150,3 +158,42 @@ class SandboxConnectCredentials:
 
     url: str
     token: str
+
+
+class AppState(enum.StrEnum):
+    """Where an app is in its life (``AppLifecycle.state``)."""
+
+    EPHEMERAL = "ephemeral"
+    DETACHED = "detached"
+    DEPLOYED = "deployed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    INITIALIZING = "initializing"
+    DISABLED = "disabled"
+
+
+@dataclass
+class AppLifecycle:
+    """When an app was created and stopped, and by whom.  shoal's apps are either ephemeral (``app.run()``)
+    or named (``App.lookup``, which Modal shows as deployed); they have no versions, and the daemon has no
+    users, so ``created_by`` is ``"local"``."""
+
+    state: AppState
+    version: int | None
+    created_at: datetime.datetime
+    created_by: str
+    deployed_at: datetime.datetime | None
+    deployed_by: str | None
+    stopped_at: datetime.datetime | None
+    stopped_by: str | None
+
+
+@dataclass(frozen=True)
+class AppInfo:
+    """What ``app.info()`` returns.  shoal runs no Functions or Servers, so those maps are empty."""
+
+    app_id: str
+    description: str
+    lifecycle: AppLifecycle
+    functions: dict[str, str]
+    servers: dict[str, str]

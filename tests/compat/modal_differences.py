@@ -8,7 +8,7 @@ from __future__ import annotations
 
 FUNCTIONS = "Modal Functions, Classes, web servers and deployments: shoal runs sandboxes only"
 DASHBOARD = "no web dashboard yet (the operators issue)"
-APP_META = "app descriptions, tags, info, logs and stats are not built yet"
+NO_BILLING = "shoal keeps no cost or usage accounting (Modal's billing statistics)"
 INTERACTIVE = "interactive terminals come with `shoal sandbox shell` (the operators issue)"
 TODO_IMAGE = "image build step not built yet"
 CLOUD_AUTH = "cloud registry credentials: from_registry(secret=) covers registries with a user and password"
@@ -23,12 +23,7 @@ DIFFERENCES: dict[str, str] = {
     "App.local_entrypoint: unimplemented": FUNCTIONS,
     "App.server: unimplemented": FUNCTIONS,
     "Image.run_function: unimplemented": FUNCTIONS,
-    "App.get_tags: missing": APP_META,
-    "App.set_tags: missing": APP_META,
-    "App.info: missing": APP_META,
-    "App.logs: missing": APP_META,
-    "App.stats: missing": APP_META,
-    "App.sandboxes: missing": APP_META,
+    "App.stats: unimplemented": NO_BILLING,
     "App.get_dashboard_url: unimplemented": DASHBOARD,
     "Image.get_dashboard_url: unimplemented": DASHBOARD,
     "Sandbox.get_dashboard_url: unimplemented": DASHBOARD,

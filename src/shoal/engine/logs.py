@@ -28,6 +28,8 @@ MAX_SCAN = 64 << 20
 MAX_LINE = 64 << 10
 """Longer lines are cut into entries of this many bytes."""
 SOURCES = ("stdout", "stderr", "system")
+LIMIT = 10_000
+"""Entries one logs request returns at most."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def read(
     source: str | None = None,
     search: str = "",
     tail: int | None = None,
-    limit: int = 10_000,
+    limit: int = LIMIT,
 ) -> list[Entry]:
     """Entries in time order: ``since <= micros < until`` (microseconds since the epoch), of ``source``,
     containing ``search``; with ``tail``, the last ``tail`` of them; at most ``limit`` (the most recent ones

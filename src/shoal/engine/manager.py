@@ -36,7 +36,7 @@ from shoal.runtime import registry as runtimes
 from shoal.secrets.keyring import Keyring
 from shoal.secrets.store import SecretStore
 from shoal.store.spec import SandboxSpec
-from shoal.store.state import SandboxRow, State
+from shoal.store.state import AppRow, SandboxRow, State
 from shoal.util import reaper
 from shoal.volumes.mounts import VolumeBinds, check_mounts
 from shoal.volumes.store import VolumeStore
@@ -315,8 +315,37 @@ class Manager:
         return app_id
 
     async def stop_app(self, app_id: str) -> None:
-        """End an ephemeral app: terminate its sandboxes."""
+        """``app.stop()`` (and the end of ``app.run()``): terminate the app's sandboxes; the app stays known."""
+        self.app(app_id)
+        self.state.set_app_stopped(app_id, time.time())
         await asyncio.gather(*(sb.terminate() for sb in self.sandboxes.values() if sb.row.app_id == app_id))
+
+    def app(self, app_id: str) -> AppRow:
+        """An app, or NotFoundError."""
+        row = self.state.app_row(app_id) if ids.is_valid(app_id, "app") else None
+        if row is None:
+            raise NotFoundError(f"App {app_id!r} not found")
+        return row
+
+    def set_app_tags(self, app_id: str, tags: dict[str, str]) -> None:
+        """``app.set_tags``: replace the app's tags."""
+        self.app(app_id)
+        self.state.set_app_tags(app_id, dict(tags))
+
+    def running_in_app(self, app_id: str) -> int:
+        """How many of the app's sandboxes are creating or running."""
+        return sum(1 for sb in self.sandboxes.values() if sb.row.app_id == app_id and sb.state != FINISHED)
+
+    def app_log_sources(self, app_id: str) -> list[tuple[str, Path, dict[int, Path]]]:
+        """For ``app.logs``: each of the app's sandboxes whose logs are kept, as (id, data dir, entrypoint output
+        files by descriptor)."""
+        self.app(app_id)
+        out = []
+        for row in self.state.sandboxes_in(CREATING, RUNNING, FINISHED):
+            if row.app_id == app_id:
+                data_dir = self.cfg.sandboxes_dir / row.id
+                out.append((row.id, data_dir, {fd: data_dir / "out" / f"{ENTRYPOINT_ID}.{fd}" for fd in (1, 2)}))
+        return out
 
     # ---------------------------------------------------------------- sandboxes
 

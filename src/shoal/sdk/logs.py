@@ -1,7 +1,9 @@
-"""``sb.logs``: a sandbox's entrypoint output as timestamped lines, and its lifecycle events (Modal's logs API)."""
+"""``sb.logs`` and ``app.logs``: a sandbox's entrypoint output as timestamped lines and its lifecycle events, or
+those of every sandbox of an app merged in time order (Modal's logs API)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -29,30 +31,33 @@ def _source(source: object) -> str | None:
     return source
 
 
-class SandboxLogs:
-    """The logs of one sandbox (``sb.logs``); kept after it ends, as long as its output is.
+STREAM_POLL = 0.25
+"""Seconds between two looks for new entries while streaming."""
 
-    Examples:
-        for entry in sb.logs.tail(20):
-            print(entry.timestamp, entry.source, entry.message)
-        errors = list(sb.logs.fetch(since=started, source="stderr", search_text="Traceback"))
-    """
 
-    def __init__(self, client: Client, sandbox_id: str) -> None:
+class _Logs:
+    """The logs of one object: what ``fetch``, ``tail`` and ``stream`` share."""
+
+    _kind = ""
+
+    def __init__(self, client: Client, object_id: str) -> None:
         self._client = client
-        self._sandbox_id = sandbox_id
+        self._object_id = object_id
 
     def __repr__(self) -> str:
-        return f"SandboxLogs({self._sandbox_id})"
+        return f"{type(self).__name__}({self._object_id})"
 
     async def _get(self, params: dict[str, str]) -> AsyncIterator[LogEntry]:
-        answer = await self._client.request("GET", routes.path("sandboxes", self._sandbox_id, "logs"), params=params)
+        path = routes.path(self._kind, self._object_id, "logs")
+        answer = await self._client.request("GET", path, params=params)
         for item in answer["entries"]:
+            sandbox_id = item.get("sandbox_id")
             yield LogEntry(
                 message=item["message"],
                 source=item["source"],
                 timestamp=times.to_datetime(item["timestamp_us"]),
-                object_id=self._sandbox_id,
+                object_id=self._object_id,
+                context_ids=[sandbox_id] if sandbox_id and sandbox_id != self._object_id else [],
             )
 
     @live_method_generator
@@ -88,3 +93,48 @@ class SandboxLogs:
             params["source"] = source
         async for entry in self._get(params):
             yield entry
+
+    @live_method_generator
+    async def stream(self, timeout: float | None = None) -> AsyncIterator[LogEntry]:
+        """New entries as they arrive (from now on), oldest first; ends once none came for ``timeout`` seconds
+        (None: never, until the caller stops reading)."""
+        if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0):
+            raise InvalidError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        loop = asyncio.get_running_loop()
+        since = times.of_datetime(dt.datetime.now(dt.UTC))
+        last_new = loop.time()
+        while True:
+            got = False
+            async for entry in self._get({"since_us": str(since)}):
+                since = max(since, times.of_datetime(entry.timestamp) + 1)
+                got = True
+                yield entry
+            if got:
+                last_new = loop.time()
+            elif timeout is not None and loop.time() - last_new >= timeout:
+                return
+            await asyncio.sleep(STREAM_POLL)
+
+
+class SandboxLogs(_Logs):
+    """The logs of one sandbox (``sb.logs``); kept after it ends, as long as its output is.
+
+    Examples:
+        for entry in sb.logs.tail(20):
+            print(entry.timestamp, entry.source, entry.message)
+        errors = list(sb.logs.fetch(since=started, source="stderr", search_text="Traceback"))
+    """
+
+    _kind = "sandboxes"
+
+
+class AppLogs(_Logs):
+    """The logs of every sandbox of an app (``app.logs``), merged in time order; each entry's ``context_ids``
+    holds its sandbox's id.
+
+    Examples:
+        for entry in app.logs.tail(50, source="stderr"):
+            print(entry.context_ids[0], entry.message)
+    """
+
+    _kind = "apps"

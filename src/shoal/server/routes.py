@@ -19,7 +19,7 @@ from shoal.engine.sandbox import RUNNING
 from shoal.exception import ConflictError, Error, InvalidError
 from shoal.server import errors, image_wire
 from shoal.server.registry import Route, RouteTable, openapi
-from shoal.wire.apps import AppCreate, AppInfo, AppLookup
+from shoal.wire.apps import AppCreate, AppDetails, AppInfo, AppLookup, AppTags
 from shoal.wire.base import Done
 from shoal.wire.images import ImageId, ImageList, ImageRef, ImageSummary, ImportRootfs
 from shoal.wire.sandboxes import (
@@ -152,6 +152,33 @@ def _rss_bytes() -> int:
     return 0
 
 
+LOG_QUERY = {
+    "since_us": "microseconds since the UNIX epoch of the first entry (inclusive)",
+    "until_us": "microseconds since the UNIX epoch past the last entry (exclusive)",
+    "source": "stdout, stderr or system (default: all)",
+    "search": "only entries containing this text",
+    "tail": "only the last N entries",
+}
+
+
+def _log_query(request: web.Request) -> dict[str, Any]:
+    """The filters of a logs request, checked, as ``logs.read`` takes them."""
+    q = request.query
+    source = q.get("source") or None
+    if source is not None and source not in logs.SOURCES:
+        raise InvalidError(f"source must be one of {', '.join(logs.SOURCES)}, got {source!r}")
+    tail = _int(request, "tail", 0) if "tail" in q else None
+    if tail is not None and tail < 1:
+        raise InvalidError("tail must be at least 1")
+    return {
+        "since": _int(request, "since_us", 0) if "since_us" in q else None,
+        "until": _int(request, "until_us", 0) if "until_us" in q else None,
+        "source": source,
+        "search": q.get("search", ""),
+        "tail": tail,
+    }
+
+
 # ------------------------------------------------------------------ apps
 
 
@@ -163,13 +190,62 @@ async def lookup_app(request: web.Request, body: AppLookup) -> AppInfo:
 
 @TABLE.route("POST", "/v1/apps", summary="Create an ephemeral app (app.run())", body=AppCreate, response=AppInfo)
 async def create_app(request: web.Request, body: AppCreate) -> AppInfo:
-    return AppInfo(app_id=_mgr(request).create_ephemeral_app(body.name), name=body.name)
+    mgr = _mgr(request)
+    app_id = mgr.create_ephemeral_app(body.name)
+    if body.tags:
+        mgr.set_app_tags(app_id, body.tags)
+    return AppInfo(app_id=app_id, name=body.name)
 
 
-@TABLE.route("POST", "/v1/apps/{app_id}/stop", summary="Stop an ephemeral app and its sandboxes", response=Done)
+@TABLE.route("POST", "/v1/apps/{app_id}/stop", summary="Stop an app: terminate its sandboxes", response=Done)
 async def stop_app(request: web.Request) -> Done:
     await _mgr(request).stop_app(request.match_info["app_id"])
     return Done()
+
+
+@TABLE.route("GET", "/v1/apps/{app_id}", summary="What the daemon records of an app (app.info())", response=AppDetails)
+async def get_app(request: web.Request) -> AppDetails:
+    mgr = _mgr(request)
+    row = mgr.app(request.match_info["app_id"])
+    return AppDetails(
+        app_id=row.id,
+        name=row.name,
+        ephemeral=row.ephemeral,
+        created_at_us=micros(row.created_at),
+        stopped_at_us=None if row.stopped_at is None else micros(row.stopped_at),
+        tags=row.tags,
+        sandboxes_running=mgr.running_in_app(row.id),
+    )
+
+
+@TABLE.route("PUT", "/v1/apps/{app_id}/tags", summary="Replace an app's tags", body=AppTags, response=Done)
+async def set_app_tags(request: web.Request, body: AppTags) -> Done:
+    _mgr(request).set_app_tags(request.match_info["app_id"], body.tags)
+    return Done()
+
+
+@TABLE.route(
+    "GET",
+    "/v1/apps/{app_id}/logs",
+    summary="The logs of every sandbox of an app (app.logs), merged in time order, each entry naming its sandbox",
+    query=LOG_QUERY,
+    response=LogEntries,
+)
+async def get_app_logs(request: web.Request) -> LogEntries:
+    sources = _mgr(request).app_log_sources(request.match_info["app_id"])
+    query = _log_query(request)
+
+    def read_all() -> list[LogEntry]:
+        merged = [
+            LogEntry(timestamp_us=e.micros, source=e.source, message=e.message, sandbox_id=sandbox_id)
+            for sandbox_id, data_dir, streams in sources
+            for e in logs.read(data_dir, streams, **query)
+        ]
+        merged.sort(key=lambda e: e.timestamp_us)
+        tail = query["tail"]
+        return merged[-tail:] if tail is not None else merged[: logs.LIMIT]
+
+    return LogEntries(entries=await asyncio.to_thread(read_all))
 
 
 # ------------------------------------------------------------------ images
@@ -302,35 +378,13 @@ async def wait_ready(request: web.Request) -> Readiness:
     "GET",
     "/v1/sandboxes/{sandbox_id}/logs",
     summary="The sandbox's logs: its entrypoint's output as timestamped lines, and lifecycle events",
-    query={
-        "since_us": "microseconds since the UNIX epoch of the first entry (inclusive)",
-        "until_us": "microseconds since the UNIX epoch past the last entry (exclusive)",
-        "source": "stdout, stderr or system (default: all)",
-        "search": "only entries containing this text",
-        "tail": "only the last N entries",
-    },
+    query=LOG_QUERY,
     response=LogEntries,
 )
 async def get_logs(request: web.Request) -> LogEntries:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
-    q = request.query
-    source = q.get("source") or None
-    if source is not None and source not in logs.SOURCES:
-        raise InvalidError(f"source must be one of {', '.join(logs.SOURCES)}, got {source!r}")
-    tail = _int(request, "tail", 0) if "tail" in q else None
-    if tail is not None and tail < 1:
-        raise InvalidError("tail must be at least 1")
     streams = {fd: sb.out_dir / f"{ENTRYPOINT_ID}.{fd}" for fd in (1, 2)}
-    entries = await asyncio.to_thread(
-        logs.read,
-        sb.data_dir,
-        streams,
-        since=_int(request, "since_us", 0) if "since_us" in q else None,
-        until=_int(request, "until_us", 0) if "until_us" in q else None,
-        source=source,
-        search=q.get("search", ""),
-        tail=tail,
-    )
+    entries = await asyncio.to_thread(logs.read, sb.data_dir, streams, **_log_query(request))
     return LogEntries(entries=[LogEntry(timestamp_us=e.micros, source=e.source, message=e.message) for e in entries])
 
 

@@ -24,6 +24,11 @@ CREATE TABLE IF NOT EXISTS apps (
     created_at REAL NOT NULL,
     ephemeral INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS app_meta (
+    app_id TEXT PRIMARY KEY,
+    tags TEXT NOT NULL DEFAULT '{}',
+    stopped_at REAL
+);
 CREATE TABLE IF NOT EXISTS sandboxes (
     id TEXT PRIMARY KEY,
     app_id TEXT NOT NULL,
@@ -59,6 +64,18 @@ CREATE TABLE IF NOT EXISTS images (
     created_at REAL NOT NULL
 );
 """
+
+
+@dataclass
+class AppRow:
+    """One app, from ``apps`` and ``app_meta``."""
+
+    id: str
+    name: str | None
+    created_at: float
+    ephemeral: bool
+    tags: dict[str, str]
+    stopped_at: float | None
 
 
 @dataclass
@@ -143,6 +160,33 @@ class State:
     def delete_app(self, app_id: str) -> None:
         """Forget an app."""
         self.db.execute("DELETE FROM apps WHERE id = ?", (app_id,))
+        self.db.execute("DELETE FROM app_meta WHERE app_id = ?", (app_id,))
+
+    def app_row(self, app_id: str) -> AppRow | None:
+        """An app with what is recorded about it."""
+        row = self.db.execute(
+            "SELECT a.id, a.name, a.created_at, a.ephemeral, m.tags, m.stopped_at"
+            " FROM apps a LEFT JOIN app_meta m ON m.app_id = a.id WHERE a.id = ?",
+            (app_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return AppRow(row[0], row[1], row[2], bool(row[3]), json.loads(row[4] or "{}"), row[5])
+
+    def set_app_tags(self, app_id: str, tags: dict[str, str]) -> None:
+        """Replace an app's tags."""
+        self.db.execute(
+            "INSERT INTO app_meta (app_id, tags) VALUES (?, ?) ON CONFLICT(app_id) DO UPDATE SET tags = excluded.tags",
+            (app_id, json.dumps(tags)),
+        )
+
+    def set_app_stopped(self, app_id: str, when: float) -> None:
+        """Record when an app was last stopped."""
+        self.db.execute(
+            "INSERT INTO app_meta (app_id, stopped_at) VALUES (?, ?)"
+            " ON CONFLICT(app_id) DO UPDATE SET stopped_at = excluded.stopped_at",
+            (app_id, when),
+        )
 
     # sandboxes
 

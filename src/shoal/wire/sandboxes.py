@@ -256,6 +256,8 @@ class LogEntry(BaseModel):
     timestamp_us: int
     source: str
     message: str
+    sandbox_id: str | None = None
+    """Whose line it is (``app.logs``, which merges the app's sandboxes)."""
 
 
 class LogEntries(BaseModel):
