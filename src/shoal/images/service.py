@@ -80,12 +80,7 @@ class ImageService:
         image_id = base.image_id(version)
         if not self.store.exists(image_id):
             async with self._locks.setdefault(image_id, asyncio.Lock()):
-                loop = asyncio.get_running_loop()
-
-                def threadsafe_log(line: str) -> None:
-                    loop.call_soon_threadsafe(log, line)
-
-                await asyncio.to_thread(base.build, self.store, version, self.uid_offset, threadsafe_log)
+                await asyncio.to_thread(base.build, self.store, version, self.uid_offset, _from_thread(log))
         # The base image's config is defined by this code, not by what an older version stored.
         cfg = base.config(version, image_id)
         row = self.state.image(image_id)
@@ -97,13 +92,8 @@ class ImageService:
         """A pulled image with ``version``'s self-contained Python laid over it (its own, cached image)."""
         pulled_id, cfg = pulled
         base_id, _ = await self.resolve_base(ImageRef(kind="debian_slim", python_version=version), log)
-        loop = asyncio.get_running_loop()
-
-        def threadsafe_log(line: str) -> None:
-            loop.call_soon_threadsafe(log, line)
-
         layer = await asyncio.to_thread(
-            portable_python.build, self.store, version, base_id, self.uid_offset, threadsafe_log
+            portable_python.build, self.store, version, base_id, self.uid_offset, _from_thread(log)
         )
         env = dict(cfg.env)
         path = env.get("PATH") or base.BASE_ENV["PATH"]
@@ -158,6 +148,16 @@ class ImageService:
     def list(self) -> list[ImageRow]:
         """Every image."""
         return self.state.images()
+
+
+def _from_thread(log: LogFn) -> LogFn:
+    """``log`` made callable from a worker thread (each line handed to the running event loop)."""
+    loop = asyncio.get_running_loop()
+
+    def threadsafe_log(line: str) -> None:
+        loop.call_soon_threadsafe(log, line)
+
+    return threadsafe_log
 
 
 def _copy_tree(src: Path, dest: Path, uid_offset: int) -> None:
