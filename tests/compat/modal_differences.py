@@ -35,7 +35,6 @@ DIFFERENCES: dict[str, str] = {
     "Image.from_gcp_artifact_registry: unimplemented": CLOUD_AUTH,
     "Image.from_name: unimplemented": "named, published images (a Modal workspace feature) are not built",
     "Image.publish: unimplemented": "named, published images (a Modal workspace feature) are not built",
-    "Image.logs: missing": "build output is shown while building (enable_output); it is not kept per image",
     "Image.micromamba: unimplemented": MAMBA,
     "Image.micromamba_install: unimplemented": MAMBA,
     "Image.pip_install_private_repos: unimplemented": PRIVATE_REPOS,

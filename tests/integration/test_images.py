@@ -12,6 +12,7 @@ import json
 import os
 import tarfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -696,3 +697,51 @@ def test_pipe_and_imports(app):
         import shoal_module_only_in_the_image  # noqa: F401
     with pytest.raises(ZeroDivisionError), image.imports():
         _ = 1 / 0
+
+
+# ---------------------------------------------------------------------------------------------- image.logs
+
+
+def test_image_logs_keep_what_each_step_printed(token):
+    image = (
+        shoal.Image.debian_slim()
+        .run_commands(f"echo one-{token}; echo err-{token} >&2")
+        .run_commands(f"for i in 1 2 3; do echo two-{token}-$i; done")
+    )
+    last = list(image.logs.fetch())  # builds the image first: these are the lines it just printed
+    messages = [e.message for e in last]
+    assert messages == [f"RUN for i in 1 2 3; do echo two-{token}-$i; done", *(f"two-{token}-{i}" for i in (1, 2, 3))]
+    assert {e.object_id for e in last} == {image.object_id}
+    assert {e.source for e in last} == {"stdout"}
+    assert all(abs(time.time() - e.timestamp.timestamp()) < 600 for e in last)
+
+    everything = [e.message for e in image.logs.fetch(layers=None)]
+    assert f"one-{token}" in everything and f"err-{token}" in everything  # stderr too
+    assert everything.index(f"one-{token}") < everything.index(f"two-{token}-1")  # oldest step first
+    assert [e.message for e in image.logs.fetch(layers=2)] == everything[-7:]
+    assert [e.message for e in image.logs.tail(2)] == [f"two-{token}-2", f"two-{token}-3"]
+
+    # the same recipe, resolved again from the cache, shows the lines of the build that made it
+    again = shoal.Image.debian_slim().run_commands(f"echo one-{token}; echo err-{token} >&2")
+    assert f"one-{token}" in [e.message for e in again.logs.fetch()]
+    assert [e.message for e in run_blocking(_aio_tail(shoal.Image.from_id(image.object_id), 1))] == [f"two-{token}-3"]
+
+    with pytest.raises(shoal.exception.InvalidError, match="at least 1"):
+        list(image.logs.fetch(layers=0))
+    with pytest.raises(shoal.exception.InvalidError, match="at least 1"):
+        list(image.logs.tail(0))
+
+
+async def _aio_tail(image: shoal.Image, entries: int) -> list[Any]:
+    return [e async for e in image.logs.tail.aio(entries)]
+
+
+def test_image_logs_of_a_removed_image_are_gone(token):
+    image = shoal.Image.debian_slim().run_commands(f"echo gone-{token}")
+    assert f"gone-{token}" in [e.message for e in image.logs.fetch()]
+    image_id = image.object_id
+    run_blocking(default_client().request("DELETE", f"/v1/images/{image_id}"))
+    with pytest.raises(shoal.exception.NotFoundError, match="no image"):
+        list(shoal.Image.from_id(image_id).logs.fetch())
+    with pytest.raises(shoal.exception.NotFoundError, match="not an image id"):
+        list(shoal.Image.from_id("im-" + "0" * 8).logs.tail())

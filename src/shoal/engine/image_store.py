@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator
 from shoal.engine.manager import Manager
 from shoal.engine.sandbox import FINISHED
 from shoal.exception import ConflictError, InvalidError, NotFoundError
-from shoal.images import usage
+from shoal.images import build_logs, usage
 from shoal.images.builder import Builder
 from shoal.store.spec import SandboxSpec
 from shoal.wire import ids, recipe
 from shoal.wire.image_config import ImageConfig
 from shoal.wire.images import ContextStored, ImageRemoved, ImageStoreUsage, PruneResult, StoredImage
+from shoal.wire.sandboxes import LogEntries, LogEntry
 from shoal.wire.times import micros
 
 MAX_CONTEXT_BYTES = 1 << 36
@@ -112,6 +113,19 @@ def _usage(mgr: Manager, used: set[str]) -> ImageStoreUsage:
         path=str(store.root),
         disk_free_bytes=disk.free,
         disk_total_bytes=disk.total,
+    )
+
+
+def build_log(mgr: Manager, image_id: str, layers: int | None, tail: int | None) -> LogEntries:
+    """What the image's last ``layers`` build steps printed (``image.logs``), oldest first; ``tail``: the last
+    lines only."""
+    if not ids.is_valid(image_id, "image"):
+        raise NotFoundError(f"no image {image_id!r} (not an image id)")
+    if mgr.state.image(image_id) is None:
+        raise NotFoundError(f"no image {image_id} on this daemon")
+    lines = build_logs.read(mgr.state, image_id, layers=layers, tail=tail)
+    return LogEntries(
+        entries=[LogEntry(timestamp_us=ln.timestamp_us, source="stdout", message=ln.message) for ln in lines]
     )
 
 

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shoal.exception import Error, ImageBuildError, InvalidError
+from shoal.images import build_logs, inroot, trust
 from shoal.images import context as ctx
-from shoal.images import inroot, trust
 from shoal.images.store import LayerStore
 from shoal.runtime import rootfs
 from shoal.store.state import ImageRow, State
@@ -138,6 +138,7 @@ class Builder:
         self.active_contexts: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         state.db.executescript(SCHEMA)
+        build_logs.ensure_schema(state.db)
 
     # ------------------------------------------------------------------------------------ resolve
 
@@ -206,6 +207,7 @@ class Builder:
     def forget_dangling(self) -> int:
         """Drop cached steps whose image is gone; returns how many."""
         cur = self.state.db.execute("DELETE FROM image_steps WHERE image_id NOT IN (SELECT id FROM images)")
+        build_logs.forget_dangling(self.state.db)
         return cur.rowcount
 
     # ------------------------------------------------------------------------------------ one step
@@ -230,17 +232,29 @@ class Builder:
         if step.op in recipe.CONFIG_ONLY:
             cfg = recipe.apply_config(parent, step)
             log(Progress(f"[{index}/{total}] {label}", {**event, "status": "done", "seconds": 0.0}))
-            return self._record(key, parent_id, step, cfg), cfg
+            image_id = self._record(key, parent_id, step, cfg)
+            header = build_logs.StepLog()
+            header.add(time.time_ns() // 1000, label)
+            build_logs.record(self.state.db, image_id, key, header)
+            return image_id, cfg
         async with self._build_lock(key):
             if not forced and (hit := self._lookup(key)) is not None:  # built meanwhile, by someone else
                 log(Progress(f"[{index}/{total}] {label}: cached", {**event, "status": "cached"}))
                 return hit
             log(Progress(f"[{index}/{total}] {label}", {**event, "status": "building"}))
             started = time.monotonic()
+            kept = build_logs.StepLog()
+            kept.add(time.time_ns() // 1000, label)
+
+            def log_and_keep(line: str) -> None:
+                if not isinstance(line, Progress):
+                    kept.add(time.time_ns() // 1000, line)
+                log(line)
+
             for layer in parent.layers:
                 self.active_layers[layer] = self.active_layers.get(layer, 0) + 1
             try:
-                cfg = await self._build(key, parent_id, parent, step, forced, log, index, total)
+                cfg = await self._build(key, parent_id, parent, step, forced, log_and_keep, index, total)
             except ImageBuildError as exc:
                 seconds = time.monotonic() - started
                 log(Progress(f"[{index}/{total}] {label}: failed", {**event, "status": "failed", "seconds": seconds}))
@@ -252,6 +266,7 @@ class Builder:
                     if not self.active_layers[layer]:
                         del self.active_layers[layer]
             image_id = self._record(key, parent_id, step, cfg)
+            build_logs.record(self.state.db, image_id, key, kept)
             seconds = time.monotonic() - started
             log(
                 Progress(

@@ -14,6 +14,7 @@ from shoal.sdk import _image_resolve
 from shoal.sdk._image_build import ImageBuilder, PendingStep
 from shoal.sdk._sync import live_function, live_method
 from shoal.sdk._unbuilt import ImageUnbuilt
+from shoal.sdk.logs import ImageLogs
 from shoal.sdk.secret import Secret
 from shoal.sdk.transport import Client, default_client
 from shoal.wire import reference
@@ -49,6 +50,12 @@ class Image(ImageBuilder, ImageUnbuilt):
     def object_id(self) -> str | None:
         """The image's id once resolved (``im-…``)."""
         return self._object_id
+
+    @property
+    def logs(self) -> ImageLogs:
+        """What the image's build steps printed: ``image.logs.fetch(layers=1)`` (the last step's lines; None: every
+        step's) and ``image.logs.tail(entries=100)``; the image is built first if it is not yet."""
+        return ImageLogs(default_client(), self)
 
     @staticmethod
     def debian_slim(python_version: str | None = None, force_build: bool = False) -> Image:

@@ -1,12 +1,13 @@
-"""``sb.logs`` and ``app.logs``: a sandbox's entrypoint output as timestamped lines and its lifecycle events, or
-those of every sandbox of an app merged in time order (Modal's logs API)."""
+"""``sb.logs``, ``app.logs`` and ``image.logs``: a sandbox's entrypoint output as timestamped lines and its lifecycle
+events, those of every sandbox of an app merged in time order, and what an image's build steps printed (Modal's
+logs API)."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from shoal.exception import InvalidError
 from shoal.sdk._sync import live_method_generator
@@ -138,3 +139,58 @@ class AppLogs(_Logs):
     """
 
     _kind = "apps"
+
+
+class _ResolvesImage(Protocol):
+    async def _resolve(self, client: Client) -> str: ...
+
+
+class ImageLogs:
+    """What an image's build steps printed when they were built (``image.logs``), kept with the image; a step
+    found in the cache shows the lines of the build that made it.  The image is built first if it is not yet.
+
+    Examples:
+        image = shoal.Image.debian_slim().pip_install("requests")
+        for entry in image.logs.fetch():          # the last step's lines
+            print(entry.message)
+        print([e.message for e in image.logs.tail(20)])
+    """
+
+    def __init__(self, client: Client, image: _ResolvesImage) -> None:
+        self._client = client
+        self._image = image
+
+    def __repr__(self) -> str:
+        return f"ImageLogs({self._image!r})"
+
+    async def _get(self, params: dict[str, str]) -> AsyncIterator[LogEntry]:
+        image_id = await self._image._resolve(self._client)
+        answer = await self._client.request("GET", routes.path("images", image_id, "logs"), params=params)
+        for item in answer["entries"]:
+            yield LogEntry(
+                message=item["message"],
+                source=item["source"],
+                timestamp=times.to_datetime(item["timestamp_us"]),
+                object_id=image_id,
+            )
+
+    @live_method_generator
+    async def fetch(self, layers: int | None = 1) -> AsyncIterator[LogEntry]:
+        """The lines of the image's last ``layers`` build steps (None: every step), oldest first."""
+        params: dict[str, str] = {}
+        if layers is not None:
+            if not isinstance(layers, int) or isinstance(layers, bool):
+                raise InvalidError(f"layers must be a whole number or None, got {layers!r}")
+            if layers < 1:
+                raise InvalidError("layers must be at least 1")
+            params["layers"] = str(layers)
+        async for entry in self._get(params):
+            yield entry
+
+    @live_method_generator
+    async def tail(self, entries: int = 100) -> AsyncIterator[LogEntry]:
+        """The last ``entries`` lines of the image's build, oldest first."""
+        if not isinstance(entries, int) or isinstance(entries, bool) or entries < 1:
+            raise InvalidError(f"entries must be a whole number of at least 1, got {entries!r}")
+        async for entry in self._get({"tail": str(entries)}):
+            yield entry

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from shoal.engine import image_store
+from shoal.exception import InvalidError
 from shoal.server.registry import RouteTable
 from shoal.server.routes import MANAGER
 from shoal.wire.images import ContextStored, ImageRemoved, ImageStoreUsage, PruneResult
+from shoal.wire.sandboxes import LogEntries
 
 TABLE = RouteTable()
 """The routes this module serves."""
@@ -51,6 +53,31 @@ async def store_usage(request: web.Request) -> ImageStoreUsage:
 )
 async def remove_image(request: web.Request) -> ImageRemoved:
     return await image_store.remove_image(request.app[MANAGER], request.match_info["image_id"])
+
+
+def _count(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise InvalidError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+@TABLE.route(
+    "GET",
+    "/v1/images/{image_id}/logs",
+    summary="What the image's build steps printed when they were built (image.logs)",
+    query={"layers": "only the last N build steps (default: all)", "tail": "only the last N lines"},
+    response=LogEntries,
+)
+async def image_logs(request: web.Request) -> LogEntries:
+    layers, tail = _count(request, "layers"), _count(request, "tail")
+    return image_store.build_log(request.app[MANAGER], request.match_info["image_id"], layers, tail)
 
 
 @TABLE.route(
