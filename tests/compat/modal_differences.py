@@ -10,7 +10,6 @@ FUNCTIONS = "Modal Functions, Classes, web servers and deployments: shoal runs s
 DASHBOARD = "no web dashboard yet (the operators issue)"
 NO_BILLING = "shoal keeps no cost or usage accounting (Modal's billing statistics)"
 INTERACTIVE = "interactive terminals come with `shoal sandbox shell` (the operators issue)"
-TODO_IMAGE = "image build step not built yet"
 CLOUD_AUTH = "cloud registry credentials: from_registry(secret=) covers registries with a user and password"
 PRIVATE_REPOS = "private git repositories are not built; pip_install() of a git+https URL with a token works"
 MAMBA = "micromamba and its conda channels are not reachable from a host limited to PyPI, Debian and npm"
@@ -38,5 +37,4 @@ DIFFERENCES: dict[str, str] = {
     "Image.micromamba: unimplemented": MAMBA,
     "Image.micromamba_install: unimplemented": MAMBA,
     "Image.pip_install_private_repos: unimplemented": PRIVATE_REPOS,
-    "Image.poetry_install_from_file: missing": TODO_IMAGE,
 }

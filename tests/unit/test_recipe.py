@@ -111,3 +111,17 @@ def test_command_builders():
         recipe.apt_install_command(["-o=evil"])
     uv = recipe.uv_pip_install_commands(["six"], ["/r.txt"], "", "0.5.1")
     assert "uv==0.5.1" in uv and "/.uv/bin/uv pip install" in uv and "--requirement /r.txt" in uv
+
+
+def test_poetry_install_commands_pin_select_groups_and_keep_the_exit_code():
+    cmd = recipe.poetry_install_commands(
+        "/p", poetry_version="1.8.3", use_lock=False, old_installer=True, with_=["a", "b c"], without=[], only=[]
+    )
+    assert "python -m pip install --no-cache-dir poetry==1.8.3 &&" in cmd
+    assert "rm -f poetry.lock &&" in cmd  # a lock an earlier step left is not used
+    assert "poetry config --local experimental.new-installer false" in cmd
+    assert cmd.endswith("--with 'a,b c' ); rc=$?; rm -rf /tmp/.shoal-poetry-cache; exit $rc")
+    plain = recipe.poetry_install_commands(
+        "/p", poetry_version=None, use_lock=True, old_installer=False, with_=[], without=["dev"], only=[]
+    )
+    assert "pip install" not in plain and "rm -f poetry.lock" not in plain and "--without dev" in plain

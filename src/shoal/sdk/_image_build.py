@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Self
 
-from shoal.exception import InvalidError, UnimplementedError
+from shoal.exception import InvalidError, NotFoundError, UnimplementedError
 from shoal.sdk._local_files import IgnoreFn, LocalTree, Source
 from shoal.sdk.secret import Secret
 from shoal.wire import dockerfile, recipe
@@ -281,6 +281,66 @@ class ImageBuilder:
         )
         return self._with(
             copy_step(sources, recipe.UV_PROJECT_DIR, force_build=force_build),
+            run_step([recipe.shell(cmd)], env=env, secrets=secrets, gpu=gpu, force_build=force_build),
+        )
+
+    def poetry_install_from_file(
+        self,
+        poetry_pyproject_toml: str,
+        poetry_lockfile: str | None = None,
+        *,
+        ignore_lockfile: bool = False,
+        force_build: bool = False,
+        with_: list[str] = [],  # noqa: B006 (Modal's signature; never mutated)
+        without: list[str] = [],  # noqa: B006
+        only: list[str] = [],  # noqa: B006
+        poetry_version: str | None = "latest",
+        old_installer: bool = False,
+        env: dict[str, str | None] | None = None,
+        secrets: Sequence[Secret] | None = None,
+        gpu: Any = None,
+    ) -> Self:
+        """Install a local Poetry project's dependencies (not the project itself) into the image's Python.
+
+        The lockfile is ``poetry_lockfile`` or the ``poetry.lock`` beside the
+        ``pyproject.toml``; it must exist unless ``ignore_lockfile``.  Poetry
+        is installed with pip first (``poetry_version``: "latest", a version,
+        or None when the image has it); ``with_``/``without``/``only`` pick
+        dependency groups as ``poetry install`` does.
+
+        Examples:
+            image = shoal.Image.debian_slim().poetry_install_from_file("pyproject.toml", with_=["dev"])
+        """
+        for value, name in ((with_, "with_"), (without, "without"), (only, "only")):
+            if not (isinstance(value, list | tuple) and all(isinstance(v, str) and v.strip() for v in value)):
+                raise InvalidError(f"poetry_install_from_file: {name} must be a list of group names")
+            if any("," in v for v in value):
+                raise InvalidError(f"poetry_install_from_file: {name} holds a group name with a comma")
+        if poetry_version is not None and (not isinstance(poetry_version, str) or not poetry_version.strip()):
+            raise InvalidError("poetry_install_from_file: poetry_version must be 'latest', a version, or None")
+        pyproject = Path(os.path.expanduser(poetry_pyproject_toml))
+        _read_pyproject(poetry_pyproject_toml)  # InvalidError now if it is missing or not TOML
+        sources = [Source(pyproject, "pyproject.toml")]
+        if not ignore_lockfile:
+            lock = Path(os.path.expanduser(poetry_lockfile)) if poetry_lockfile else pyproject.parent / "poetry.lock"
+            if not lock.is_file():
+                where = "given" if poetry_lockfile else "inferred"
+                raise NotFoundError(
+                    f"poetry.lock not found at {where} location: {lock.absolute()}. If a lockfile is not needed,"
+                    " pass ignore_lockfile=True."
+                )
+            sources.append(Source(lock, "poetry.lock"))
+        cmd = recipe.poetry_install_commands(
+            recipe.POETRY_PROJECT_DIR,
+            poetry_version=poetry_version,
+            use_lock=not ignore_lockfile,
+            old_installer=bool(old_installer),
+            with_=list(with_),
+            without=list(without),
+            only=list(only),
+        )
+        return self._with(
+            copy_step(sources, recipe.POETRY_PROJECT_DIR, force_build=force_build),
             run_step([recipe.shell(cmd)], env=env, secrets=secrets, gpu=gpu, force_build=force_build),
         )
 

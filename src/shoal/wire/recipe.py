@@ -398,6 +398,42 @@ def uv_sync_commands(
     )
 
 
+POETRY_PROJECT_DIR = "/.poetry-project"
+"""Where ``poetry_install_from_file`` puts the project's ``pyproject.toml`` and ``poetry.lock`` in the image."""
+POETRY_CACHE = "/tmp/.shoal-poetry-cache"
+
+
+def poetry_install_commands(
+    project: str,
+    *,
+    poetry_version: str | None,
+    use_lock: bool,
+    old_installer: bool,
+    with_: list[str],
+    without: list[str],
+    only: list[str],
+) -> str:
+    """Install Poetry into the image's Python with pip (as Modal does; ``poetry_version`` None: the image has
+    it), then ``poetry install --no-root`` the project's dependencies into that Python (no virtualenv)."""
+    words = [
+        f"cd {project} &&",
+        f"export POETRY_VIRTUALENVS_CREATE=false POETRY_NO_INTERACTION=1 POETRY_CACHE_DIR={POETRY_CACHE} &&",
+    ]
+    if not use_lock:
+        words.append("rm -f poetry.lock &&")  # one an earlier step left here must not be used
+    if poetry_version is not None:
+        pin = "poetry" if poetry_version == "latest" else f"poetry=={poetry_version}"
+        words.append(f"python -m pip install --no-cache-dir {shlex.quote(pin)} &&")
+    if old_installer:
+        words.append("poetry config --local experimental.new-installer false &&")
+    install = ["poetry install --no-root --compile"]
+    for flag, groups in (("--with", with_), ("--without", without), ("--only", only)):
+        if groups:
+            install.append(f"{flag} {shlex.quote(','.join(groups))}")
+    words.append(" ".join(install))
+    return f"( {' '.join(words)} ); rc=$?; rm -rf {POETRY_CACHE}; exit $rc"
+
+
 def apt_install_command(packages: list[str]) -> str:
     """``apt-get update && apt-get install -y``; apt's caches and lists are removed afterwards (tens of MB that
     would go stale in the layer)."""
