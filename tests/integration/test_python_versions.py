@@ -1,7 +1,7 @@
 """``Image.debian_slim(python_version=…)``: each version Modal programs ask for that a Debian suite carries.
 
-Each is bootstrapped once from the host's Debian mirror (decision 0065), then behaves like the default image:
-``python``/``pip`` on PATH, pip installing into the system, apt sources of its own suite.
+Each is bootstrapped once from the host's Debian mirror (decision 0065; 3.14 from Debian testing), then behaves
+like the default image: ``python``/``pip`` on PATH, pip installing into the system, apt sources of its own suite.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shoal
 from shoal.exception import InvalidError
 
 
-@pytest.mark.parametrize(("version", "codename"), [("3.9", "bullseye"), ("3.13", "trixie")])
+@pytest.mark.parametrize(("version", "codename"), [("3.9", "bullseye"), ("3.13", "trixie"), ("3.14", "forky")])
 def test_a_python_version_of_another_debian_suite(app, version: str, codename: str) -> None:
     image = shoal.Image.debian_slim(python_version=version).pip_install("six").apt_install("jq")
     sb = shoal.Sandbox.create(app=app, image=image, timeout=300)

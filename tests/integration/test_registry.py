@@ -311,15 +311,16 @@ def wheel(name: str) -> bytes:
     return buf.getvalue()
 
 
-def test_add_python_lays_a_python_over_an_image_without_one(app, registry):
+@pytest.mark.parametrize("version", ["3.11", "3.14"])
+def test_add_python_lays_a_python_over_an_image_without_one(app, registry, version):
     ref = registry.push([busybox_layer()], "test/busybox:add-python")
-    image = shoal.Image.from_registry(ref, add_python="3.11").run_commands(
+    image = shoal.Image.from_registry(ref, add_python=version).run_commands(
         "python -c \"open('/built', 'w').write('ok')\""
     )
     sb = shoal.Sandbox.create(app=app, image=image, timeout=120)
     try:
         # A whole interpreter on an image with no C library of its own: its extension modules load.
-        assert sh(sb, f'python3 -c "{PY_CHECK}"') == "3.11 /usr/local/bin/python3 OpenSSL\n"
+        assert sh(sb, f'python3 -c "{PY_CHECK}"') == f"{version} /usr/local/bin/python3 OpenSSL\n"
         assert (
             sh(sb, "cat /built; command -v python; command -v pip")
             == "ok/usr/local/bin/python\n" + "/usr/local/bin/pip\n"

@@ -42,3 +42,14 @@ def test_no_debian_mirror_leaves_the_default(tmp_path: Path) -> None:
     sources.write_text("deb https://apt.example.com/repo stable main\n")
     assert _host_sources("trixie", [sources]) is None
     assert _host_sources("trixie", [tmp_path / "missing.list"]) is None
+
+
+def test_a_rolling_suite_does_not_check_its_release_files_expiry(tmp_path: Path, monkeypatch) -> None:
+    from shoal.images import base
+
+    monkeypatch.setattr(base, "_host_sources", lambda suite: f"deb http://proxy.local/debian {suite} main")
+    assert base.sources_line("forky") == "deb [check-valid-until=no] http://proxy.local/debian forky main"
+    assert base.sources_line("trixie") == "deb http://proxy.local/debian trixie main"
+    monkeypatch.setattr(base, "_host_sources", lambda suite: None)
+    assert base.sources_line("forky") == "deb [check-valid-until=no] http://deb.debian.org/debian forky main"
+    assert base.sources_line("bookworm") is None

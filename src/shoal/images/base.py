@@ -22,7 +22,7 @@ from shoal.exception import InvalidError, ServiceError
 from shoal.images.store import LayerStore, shift_tree
 from shoal.wire import ids
 from shoal.wire.image_config import ImageConfig
-from shoal.wire.pythons import PYTHON_SUITES
+from shoal.wire.pythons import PYTHON_SUITES, ROLLING_SUITES
 
 RECIPE_VERSION = 1
 PACKAGES = ["python3", "python3-pip", "python-is-python3", "ca-certificates", "procps"]
@@ -89,7 +89,7 @@ def build(
             suite,
             str(staged),
         ]
-        sources = _host_sources(suite)
+        sources = sources_line(suite)
         if sources:
             argv.append(sources)
         log(f"building base image: Debian {suite} with Python {python_version} (mmdebstrap, once)")
@@ -191,6 +191,18 @@ def _host_sources(suite: str, paths: list[Path] | None = None) -> str | None:
                     any_suite.append(uri)
     mirrors = for_suite or any_suite
     return f"deb {mirrors[0]} {suite} main" if mirrors else None
+
+
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+
+def sources_line(suite: str) -> str | None:
+    """The one-line source the bootstrap (and then apt in the image) uses for ``suite``; None: mmdebstrap's
+    default.  A rolling suite's line says not to check its Release file's expiry."""
+    line = _host_sources(suite)
+    if suite not in ROLLING_SUITES:
+        return line
+    return (line or f"deb {DEFAULT_MIRROR} {suite} main").replace("deb ", "deb [check-valid-until=no] ", 1)
 
 
 DEBIAN_SUITES = frozenset({"buster", "bullseye", "bookworm", "trixie", "forky", "sid"})

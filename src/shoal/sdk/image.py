@@ -60,7 +60,7 @@ class Image(ImageBuilder, ImageUnbuilt):
     @staticmethod
     def debian_slim(python_version: str | None = None, force_build: bool = False) -> Image:
         """Debian with Python, ``python`` and ``pip`` on PATH: 3.11 on bookworm (the default), 3.9 on bullseye,
-        3.13 on trixie; another version is an ``InvalidError`` that lists these."""
+        3.13 on trixie, 3.14 on forky (Debian testing); another version is an ``InvalidError`` that lists these."""
         if python_version is not None and not isinstance(python_version, str):
             raise TypeError(f"python_version must be a string such as '3.11', not {type(python_version).__name__}")
         ref: dict[str, Any] = {"kind": "debian_slim", "python_version": python_version}

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from shoal.exception import InvalidError
 
-PYTHON_SUITES = {"3.9": "bullseye", "3.11": "bookworm", "3.13": "trixie"}
+PYTHON_SUITES = {"3.9": "bullseye", "3.11": "bookworm", "3.13": "trixie", "3.14": "forky"}
 """Python versions debian_slim provides: the Debian suite whose ``python3`` each is (decision 0065).  No suite
 carries 3.10 or 3.12, and nothing reachable from a host limited to package mirrors ships them."""
+ROLLING_SUITES = frozenset({"forky", "sid"})
+"""Debian testing and unstable: their Release files expire within days, and a mirror that is not refreshed
+(a snapshot, a frozen proxy) serves them expired, so their expiry is not checked (decision 0065)."""
 DEFAULT_PYTHON = "3.11"
 
 
