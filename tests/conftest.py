@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 MACHINE_IMAGES = Path("/var/lib/shoal/images")
 REGISTRY_TMP_PREFIX = f"shoal-registry-{os.getpid()}-"
 """Temporary directories of the local registries this test run starts (tests/integration/test_registry.py)."""
+os.environ["SHOAL_NO_AUTOSTART"] = "1"
+"""A test that forgets its daemon fixture fails, instead of starting a daemon on the host's own directories."""
 
 
 @dataclass

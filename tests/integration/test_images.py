@@ -129,7 +129,7 @@ def test_a_second_resolve_builds_nothing(app, token):
     assert not logs
 
 
-def test_changing_a_middle_step_rebuilds_only_from_there(token):
+def test_changing_a_middle_step_rebuilds_only_from_there(daemon, token):
     def chain(middle: str) -> shoal.Image:
         return (
             shoal.Image.debian_slim()
@@ -265,7 +265,7 @@ def test_force_build_rebuilds_and_the_new_result_is_kept(app, token):
     assert [s for _, s in statuses(events)] == ["built", "built"]
 
 
-def test_two_builds_racing_build_once(token):
+def test_two_builds_racing_build_once(daemon, token):
     image = shoal.Image.debian_slim().run_commands(f"sleep 2; echo {token} > /raced")
     results: list[tuple[str, list[dict[str, Any]], list[str]]] = []
     errors: list[BaseException] = []
@@ -403,7 +403,7 @@ def test_add_local_file_and_dir_with_ignore_patterns(app, tmp_path, token):
         sb.terminate()
 
 
-def test_local_files_are_uploaded_only_on_a_cache_miss(tmp_path, token):
+def test_local_files_are_uploaded_only_on_a_cache_miss(daemon, tmp_path, token):
     d = tmp_path / "ctx"
     d.mkdir()
     (d / "a.txt").write_text(token)
@@ -702,7 +702,7 @@ def test_pipe_and_imports(app):
 # ---------------------------------------------------------------------------------------------- image.logs
 
 
-def test_image_logs_keep_what_each_step_printed(token):
+def test_image_logs_keep_what_each_step_printed(daemon, token):
     image = (
         shoal.Image.debian_slim()
         .run_commands(f"echo one-{token}; echo err-{token} >&2")
@@ -736,7 +736,7 @@ async def _aio_tail(image: shoal.Image, entries: int) -> list[Any]:
     return [e async for e in image.logs.tail.aio(entries)]
 
 
-def test_image_logs_of_a_removed_image_are_gone(token):
+def test_image_logs_of_a_removed_image_are_gone(daemon, token):
     image = shoal.Image.debian_slim().run_commands(f"echo gone-{token}")
     assert f"gone-{token}" in [e.message for e in image.logs.fetch()]
     image_id = image.object_id

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import shoal
-from tests.conftest import Daemon, _require_root_and_runtime
+from tests.conftest import Daemon, _require_root_and_runtime, network_leaks
 from tests.integration import test_network as tn
 from tests.user_machine import BIND, DOMAIN, UserMachine, user_machine
 
@@ -262,3 +262,17 @@ def test_hostile_clients_of_the_shared_listener(routed, made):
         while chunk := s.recv(65536):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 421 ") and b"too long" in reply
+
+
+def test_a_network_that_fails_to_start_leaves_no_bridge_or_table(own_daemon):
+    """The shared tunnel port is taken: the daemon refuses to start, and takes down the network it had set up."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        with pytest.raises(RuntimeError, match="daemon exited at start"):
+            own_daemon.restart_with("--tunnel-domain", "fail.test", "--tunnel-port", str(holder.getsockname()[1]))
+    finally:
+        holder.close()
+    assert network_leaks(own_daemon) == []
+    own_daemon.start()  # and it starts again once the port is free

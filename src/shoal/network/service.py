@@ -140,6 +140,16 @@ class Network(Ingress):
         if not self.enabled:
             return
         self.worker = NetnsWorker()
+        try:
+            await self._start(known)
+        except BaseException:
+            # undo what was set up (the anchor link, the table), unless sandboxes of an earlier run still use it
+            with contextlib.suppress(Exception):
+                await self.close(sandboxes_remain=bool(self.attached))
+            raise
+
+    async def _start(self, known: set[str]) -> None:
+        assert self.worker is not None
         self.nft = await self._run(Nft)
         self.names = await self._run(self._allocate)
         names = self.names
