@@ -289,7 +289,6 @@ def test_blocking_call_inside_event_loop_warns(sandbox):
         {"include_oidc_identity_token": True},
         {"_experimental_enable_snapshot": True},
         {"experimental_options": {"enable_docker": True}},  # ignoring one could fail open
-        {"runtime": "gvisor"},
         {"runtime": "vm"},
         {"_experimental_persistent": True},
     ],
@@ -302,7 +301,7 @@ def test_create_keywords_not_implemented_are_clear_errors(app, kwargs):
 
 
 def test_an_unknown_runtime_is_invalid(app):
-    with pytest.raises(shoal.exception.InvalidError, match="'gvisor', 'vm' or None"):
+    with pytest.raises(shoal.exception.InvalidError, match="'gvisor', 'vm', 'runc' or None"):
         shoal.Sandbox.create(app=app, runtime="kata")
 
 

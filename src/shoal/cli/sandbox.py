@@ -46,7 +46,9 @@ def ls_cmd(sandbox_id: str | None, path: str | None, app_id: str | None, include
     if as_json:
         print_json(items)
         return
-    table = Table("SANDBOX", "APP", "NAME", "STATE", "AGE", "RETURNCODE", "TAGS", box=None, header_style="bold")
+    table = Table(
+        "SANDBOX", "APP", "NAME", "STATE", "RUNTIME", "AGE", "RETURNCODE", "TAGS", box=None, header_style="bold"
+    )
     table.columns[0].no_wrap = True
     now = time.time()
     for item in items:
@@ -57,6 +59,7 @@ def ls_cmd(sandbox_id: str | None, path: str | None, app_id: str | None, include
             Text(str(item["app_id"])),
             Text(item.get("name") or ""),
             Text(str(item["state"])),
+            Text(str(item.get("runtime", "runc"))),
             age(now - item["created_at_us"] / 1e6),
             "" if rc is None else str(rc),
             Text(tags),

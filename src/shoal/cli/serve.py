@@ -32,10 +32,13 @@ def _config(
     total_pids: int | None = None,
     total_memory_mib: int | None = None,
     min_free_disk_mib: int | None = None,
-    tunnels: dict[str, object] | None = None,
+    options: dict[str, object] | None = None,
 ) -> Config:
+    """The daemon's settings from its options (``options``: the tunnel and runtime ones, by name)."""
     kwargs: dict[str, object] = {}
-    net: dict[str, object] = {k: v for k, v in (tunnels or {}).items() if v is not None}
+    extra = dict(options or {})
+    default_runtime = extra.pop("default_runtime", None)
+    net: dict[str, object] = {k: v for k, v in extra.items() if v is not None}
     if allow_private_ranges:
         net["allow_private"] = list(allow_private_ranges)
     if net:
@@ -54,6 +57,7 @@ def _config(
         "total_pids_limit": total_pids,
         "total_memory_mib": total_memory_mib,
         "min_free_disk_mib": min_free_disk_mib,
+        "default_runtime": default_runtime,
     }
     kwargs.update({name: value for name, value in given.items() if value is not None})  # else env or default
     if not host_cas:
@@ -105,7 +109,13 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
 @click.option(
     "--runtime",
     type=click.Choice(list(RUNTIMES)),
-    help="OCI runtime (default: crun where it works, else runc)",
+    help="OCI runtime of runc sandboxes (default: crun where it works, else runc)",
+)
+@click.option(
+    "--default-runtime",
+    type=click.Choice(["runc", "gvisor"]),
+    help="what sandboxes run under unless they ask (Sandbox.create(runtime=)): runc containers or gVisor"
+    " (runsc); default runc, or $SHOAL_DEFAULT_RUNTIME",
 )
 @click.option(
     "--host-cas/--no-host-cas",
@@ -191,6 +201,7 @@ def serve_cmd(
     runtime_dir: str | None,
     tcp: str | None,
     runtime: str | None,
+    default_runtime: str | None,
     host_cas: bool,
     warm_pool: int | None,
     allow_private_ranges: tuple[str, ...],
@@ -227,6 +238,7 @@ def serve_cmd(
         total_memory_mib,
         min_free_disk_mib,
         {
+            "default_runtime": default_runtime,
             "tunnel_domain": tunnel_domain,
             "tunnel_port": tunnel_port,
             "tunnel_cert": str(Path(tunnel_cert).resolve()) if tunnel_cert else None,

@@ -126,6 +126,16 @@ def _pool_summary(pool: dict[str, Any]) -> str:
     return f"{pool.get('ready', 0)} of {pool['size']} ready, {pool.get('taken', 0)} taken since start"
 
 
+def _runtime_summary(runtimes: dict[str, Any]) -> str:
+    """``default gvisor; runc (/usr/sbin/runc), gvisor (/usr/bin/runsc)``, or why one is missing."""
+    if not runtimes:
+        return "runc"
+    parts = []
+    for kind, about in (runtimes.get("kinds") or {}).items():
+        parts.append(f"{kind} ({about['binary']})" if "binary" in about else f"{kind}: {about.get('missing', '?')}")
+    return f"default {runtimes.get('default', 'runc')}; " + ", ".join(parts)
+
+
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="print the daemon's answer as JSON")
 def status_cmd(as_json: bool) -> None:
@@ -141,6 +151,7 @@ def status_cmd(as_json: bool) -> None:
     rows = [
         ("daemon", f"running, version {info['version']}, pid {info['pid']}"),
         ("runtime", f"{info['runtime']} ({info.get('runtime_path', '?')})"),
+        ("runtimes", _runtime_summary(info.get("runtimes") or {})),
         ("socket", str(info["socket"])),
         ("data dir", str(info["data_dir"])),
         ("sandboxes", f"{info['sandboxes_running']} running"),

@@ -26,6 +26,7 @@ from shoal.wire.sandboxes import Result, SandboxState
 
 if TYPE_CHECKING:
     from shoal.engine.sandbox import Context
+    from shoal.runtime.base import ContainerRuntime
 
 log = logging.getLogger("shoal.engine.sandbox")
 
@@ -54,6 +55,11 @@ class AgentFrames:
     def container_id(self) -> str:
         """The OCI container id."""
         return self.id
+
+    @property
+    def runtime(self) -> ContainerRuntime:
+        """The runtime that runs its container (runc's, or runsc under gVisor)."""
+        return self.ctx.runtimes.get(self.row.spec.runtime) or self.ctx.runtime
 
     def touch(self) -> None:
         raise NotImplementedError
@@ -194,7 +200,7 @@ class AgentFrames:
     async def adopt(self) -> None:
         """Take a running sandbox back after a daemon restart: wait for its agent to reconnect."""
         self.load_processes()
-        state = await self.ctx.runtime.state(self.container_id)
+        state = await self.runtime.state(self.container_id)
         if state != "running":
             self.finish_soon(Result(status="terminated", message="the sandbox stopped while the daemon was away"))
             return

@@ -48,7 +48,9 @@ def write_bundle(sb: Sandbox, req: CreateSandbox, lowers: list[str], ns: Namespa
         agent_dir=str(cfg.agent_dir),
         ctl_dir=str(ctl),
         idmap=spec.IdMap(ids.host_id, ids.size),
-        userns_path=ns.sandbox_path if ns is not None else None,
+        userns_path=ns.sandbox_path if ns is not None and not sb.gvisor else None,
+        netns_path=str(sb.netns_path) if sb.gvisor and sb.ctx.network.wired(sb.id) else None,
+        gvisor=sb.gvisor,
         cgroup_parent=cfg.cgroup_parent,
         resources=spec.Resources(
             cpu_request=req.cpu,
@@ -60,6 +62,11 @@ def write_bundle(sb: Sandbox, req: CreateSandbox, lowers: list[str], ns: Namespa
             sb.ctx.volumes.prepare(sb.id, req.volumes, ns.storage if ns is not None else None) if sb.ctx.volumes else []
         ),
     )
+    tmp = root / "tmp"
+    if sb.gvisor and tmp.is_dir() and not tmp.is_symlink():
+        # runsc mounts a memory-backed tmpfs on an empty /tmp unless the spec mounts something there: keep /tmp in
+        # the sandbox's root, as under runc (snapshots and the upper directory see what is written there)
+        container.binds.append(spec.Bind(source=str(tmp), destination="/tmp", read_only=False))
     gpu_scheduler.apply(container, sb.spec.gpu_plan)
     bundle = sb.run_dir / "bundle"
     bundle.mkdir(exist_ok=True)

@@ -57,6 +57,9 @@ class Config:
     tcp_host: str | None = None
     tcp_port: int | None = None
     runtime: str | None = field(default_factory=lambda: os.environ.get("SHOAL_RUNTIME") or None)
+    """The OCI runtime of ``runc`` sandboxes (runc or crun; None: crun where it works, else runc)."""
+    default_runtime: str = field(default_factory=lambda: os.environ.get("SHOAL_DEFAULT_RUNTIME") or "runc")
+    """What sandboxes that do not say run under: ``runc`` (containers) or ``gvisor`` (runsc; decision 0069)."""
     idmap: IdMap = field(default_factory=IdMap)
     cgroup_parent: str = field(default_factory=lambda: _env("SHOAL_CGROUP_PARENT", "/shoal"))
     pids_limit: int = 1024

@@ -21,7 +21,7 @@ from shoal.engine.agent_frames import new_token
 from shoal.engine.config import Config
 from shoal.engine.pool import WarmPool
 from shoal.engine.process import ENTRYPOINT_ID, Process
-from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox
+from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, unmount_netns
 from shoal.engine.snapshot import Snapshots
 from shoal.engine.uids import UidSlots
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError, ResourceExhaustedError
@@ -94,6 +94,8 @@ class Manager:
         os.chmod(cfg.sandboxes_dir, 0o700)
         self.state = State(cfg.db_path)
         self.runtime = runtimes.choose(cfg.runtime, str(cfg.oci_state_dir))
+        self.gvisor, self.gvisor_note = runtimes.gvisor(str(cfg.oci_state_dir))
+        """gVisor's runtime, None where this daemon cannot run gVisor sandboxes (``gvisor_note`` says why)."""
         self.layers = LayerStore(cfg.images_dir, cfg.image_caches)
         self.images = ImageService(self.state, self.layers, cfg.idmap.host_id)
         self.images.builder = image_build.make_builder(self)  # image build steps run in build sandboxes
@@ -113,6 +115,7 @@ class Manager:
             secrets=self.secrets,
             torn_down=self._torn_down,
         )
+        self.ctx.runtimes["runc"] = self.runtime
         self.sandboxes: dict[str, Sandbox] = {}
         """Sandboxes on this machine: running, or finished and still being removed."""
         self._finished: OrderedDict[str, Sandbox] = OrderedDict()
@@ -136,6 +139,7 @@ class Manager:
         await asyncio.to_thread(ensure_agent, self.cfg.agent_dir)
         self.uid_mode, self.uid_note = await asyncio.to_thread(self._choose_uid_mode)
         log.info("uid ranges: %s (%s)", self.uid_mode, self.uid_note)
+        await asyncio.to_thread(self._check_gvisor)
         if self.uid_mode == "per-sandbox":
             self.ctx.uids = UidSlots(self.cfg.uid_slots)
             # Each sandbox's root (its own gid) walks to its run directory, which is root:<its gid> 0710.
@@ -152,7 +156,7 @@ class Manager:
         )
         if reaper.become_subreaper():
             loop = asyncio.get_running_loop()
-            self._reaper = reaper.InitReaper(loop, self._is_sandbox_uid)
+            self._reaper = reaper.InitReaper(loop, self._is_sandbox_process)
             loop.add_signal_handler(signal.SIGCHLD, self._reaper.on_sigchld)
         self.layers.clean_staging()
         self.volume_binds.release_all()
@@ -184,14 +188,16 @@ class Manager:
 
     async def _remove_strays(self, known: set[str]) -> None:
         """Containers, mounts and runtime dirs that belong to no live sandbox (a crash mid-teardown)."""
-        for cid in await self.runtime.list_ids():
-            if cid not in known:
-                log.info("removing stray container %s", cid)
-                await self.runtime.delete(cid)
+        for runtime in self.ctx.runtimes.values():
+            for cid in await runtime.list_ids():
+                if cid not in known:
+                    log.info("removing stray %s container %s", runtime.name, cid)
+                    await runtime.delete(cid)
         for d in self.cfg.run_sandboxes_dir.iterdir():
             if d.name not in known:
                 with contextlib.suppress(OSError):
                     rootfs.unmount(str(d / "rootfs"))
+                unmount_netns(d / "netns")
                 shutil.rmtree(d, ignore_errors=True)
         for d in self.cfg.sandboxes_dir.iterdir():
             if ids.is_valid(d.name, "sandbox") and self.state.sandbox(d.name) is None:
@@ -218,6 +224,31 @@ class Manager:
             f"{self.cfg.uid_slots} ranges of {idmap.IDS_PER_SANDBOX} ids from {idmap.FIRST_SANDBOX_ID}",
         )
 
+    def _check_gvisor(self) -> None:
+        """Offer gVisor where runsc is installed and the stored trees can be id-mapped (its sandboxes' files are
+        stored through an id-mapped root, decision 0069); refuse to start if it is the default and cannot be."""
+        if self.gvisor is not None and self.uid_mode != "per-sandbox":  # else the probe passed already
+            helper = self.cfg.agent_dir / BINARY_NAME
+            for d in [self.cfg.data_dir, *self.cfg.image_caches]:
+                why = idmap.probe(helper, d, self.cfg.runtime_dir, self.cfg.idmap.host_id)
+                if why is not None:
+                    self.gvisor, self.gvisor_note = None, f"gVisor sandboxes need id-mapped mounts, and {why}"
+                    break
+        if self.gvisor is not None:
+            self.ctx.runtimes["gvisor"] = self.gvisor
+        elif self.cfg.default_runtime == "gvisor":
+            raise InvalidError(f"--default-runtime gvisor, but this daemon cannot run gVisor: {self.gvisor_note}")
+        log.info("gVisor: %s", self.gvisor_note)
+
+    def runtime_status(self) -> dict[str, Any]:
+        """The runtimes for ``shoal status``: the default, and each kind's binary or why it is missing."""
+        kinds: dict[str, Any] = {"runc": {"binary": self.runtime.binary, "name": self.runtime.name}}
+        if self.gvisor is not None:
+            kinds["gvisor"] = {"binary": self.gvisor.binary, "name": self.gvisor.name, "platform": "ptrace"}
+        else:
+            kinds["gvisor"] = {"missing": self.gvisor_note}
+        return {"default": self.cfg.default_runtime, "kinds": kinds}
+
     def _hold_slot(self, sb: Sandbox) -> None:
         slot = sb.spec.uid_slot
         if slot is None:
@@ -231,14 +262,19 @@ class Manager:
         """Whether a host uid is a sandbox's (the shared range's root, or a per-sandbox range)."""
         return uid == self.cfg.idmap.host_id or (self.ctx.uids is not None and self.ctx.uids.is_sandbox_id(uid))
 
+    def _is_sandbox_process(self, pid: int, uid: int) -> bool:
+        """Whether an exited child was a sandbox's: a runc init (by its uid) or one of runsc's processes."""
+        return self._is_sandbox_uid(uid) or (self.gvisor is not None and self.gvisor.is_ours(pid))
+
     async def _remove_late_strays(self) -> None:
         """Containers of no sandbox that appeared after the start's sweep: a ``runc create`` that a killed
         daemon (its warm pool) had in flight can finish after the next daemon has looked."""
         try:
-            for cid in await self.runtime.list_ids():
-                if cid not in self.sandboxes and ids.is_valid(cid, "sandbox") and self.state.sandbox(cid) is None:
-                    log.info("removing stray container %s", cid)
-                    await self.runtime.delete(cid)
+            for runtime in self.ctx.runtimes.values():
+                for cid in await runtime.list_ids():
+                    if cid not in self.sandboxes and ids.is_valid(cid, "sandbox") and self.state.sandbox(cid) is None:
+                        log.info("removing stray %s container %s", runtime.name, cid)
+                        await runtime.delete(cid)
         except Exception:
             log.exception("removing stray containers failed")
 
@@ -358,6 +394,21 @@ class Manager:
         finally:
             self._starting -= 1
 
+    def _runtime_for(self, req: CreateSandbox, build: bool) -> str:
+        """What the sandbox runs under: what it asks, else the daemon's default; build steps run under runc."""
+        if build:
+            return "runc"
+        kind = req.runtime or self.cfg.default_runtime
+        if kind == "gvisor":
+            if self.gvisor is None:
+                raise InvalidError(f"this daemon cannot run gVisor sandboxes: {self.gvisor_note}")
+            if req.gpu is not None:
+                raise InvalidError(
+                    "GPUs cannot be passed into a gVisor sandbox here: that needs runsc's nvproxy, which this runsc"
+                    " (Debian's) does not have; leave runtime unset, or use runtime='runc', for a GPU sandbox"
+                )
+        return kind
+
     def _check_outbound_policy(self, req: CreateSandbox) -> None:
         """Refuse, before any image work, an outbound policy this daemon cannot apply."""
         if not self.network.enabled:
@@ -371,6 +422,7 @@ class Manager:
             ) from None
 
     async def _create(self, req: CreateSandbox, image_log: Callable[[str], None], *, build: bool) -> Sandbox:
+        req = req.model_copy(update={"runtime": self._runtime_for(req, build)})
         if self.state.app_by_id(req.app_id) is None:
             raise NotFoundError(f"App {req.app_id} not found: look it up with App.lookup(name, create_if_missing=True)")
         if req.name is not None:

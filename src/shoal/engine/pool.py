@@ -7,9 +7,10 @@ instruction of the agent, so nothing from any request is in it yet.  A request o
 background.  Pooled sandboxes have no row: a stopping daemon removes them, and a daemon that crashed leaves them
 to the next one's stray clean-up (containers, run and data dirs, network records without a row).
 
-The default shape: the default image (``Image.debian_slim()``), no volumes, GPUs, ports or allowlists, the
-default cpu and memory.  Anything else starts the usual way.  Env, secrets, workdir, the command, timeouts,
-names and tags are all applied when the sandbox is taken, so they do not make a request ineligible.
+The default shape: the default image (``Image.debian_slim()``), the daemon's default runtime, no volumes, GPUs,
+ports or allowlists, the default cpu and memory.  Anything else starts the usual way.  Env, secrets, workdir,
+the command, timeouts, names and tags are all applied when the sandbox is taken, so they do not make a request
+ineligible.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ class WarmPool:
         self.taken = 0
         """Requests served from the pool since the daemon started."""
 
+    @property
+    def runtime(self) -> str:
+        """What the pool's sandboxes run under: the daemon's default runtime (a request for another is not
+        served from the pool)."""
+        return self.mgr.cfg.default_runtime
+
     def start(self) -> None:
         """Begin filling in the background (building the default image first if it is missing)."""
         if self.size > 0:
@@ -118,7 +125,7 @@ class WarmPool:
 
     async def _add(self, image: ImageConfig) -> None:
         assert self.image_id is not None
-        req = CreateSandbox(app_id="")
+        req = CreateSandbox.model_validate({"app_id": "", "runtime": self.runtime})
         spec = SandboxSpec(request=req, image_id=self.image_id, image_layers=list(image.layers))
         row = SandboxRow(
             id=ids.new("sandbox"),
@@ -147,12 +154,12 @@ class WarmPool:
 
     def take(self, image_id: str, req: CreateSandbox) -> Sandbox | None:
         """A pooled sandbox for ``req`` if it has the default shape and image (the caller activates it)."""
-        if image_id != self.image_id or not eligible(req):
+        if image_id != self.image_id or not eligible(req) or req.runtime != self.runtime:
             return None
         while self.ready:
             sb = self.ready.pop(0)
             self._wake.set()
-            if self.mgr.runtime.waiting_init_alive(sb.container_id) is False:
+            if sb.runtime.waiting_init_alive(sb.container_id) is False:
                 log.warning("pooled sandbox %s: its init died while it waited; removing it", sb.id)
                 self._litter.append(sb)  # the refill loop removes it
                 continue
@@ -168,7 +175,13 @@ class WarmPool:
 
     def status(self) -> dict[str, Any]:
         """For ``GET /v1/status``."""
-        return {"size": self.size, "ready": len(self.ready), "taken": self.taken, "image_id": self.image_id}
+        return {
+            "size": self.size,
+            "ready": len(self.ready),
+            "taken": self.taken,
+            "image_id": self.image_id,
+            "runtime": self.runtime,
+        }
 
     async def _sweep(self) -> None:
         """Remove again the failed precreates whose first removal failed."""

@@ -19,7 +19,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,7 @@ class Context:
     cfg: Config
     state: State
     runtime: ContainerRuntime
+    """The runtime of runc sandboxes (runc or crun)."""
     network: Network
     volumes: VolumeBinds | None = None
     secrets: SecretStore | None = None
@@ -76,6 +77,8 @@ class Context:
     """Told when a sandbox is gone from the machine (its memory need not be kept: the store has it)."""
     uids: UidSlots | None = None
     """Per-sandbox host id ranges (decision 0063); None: every sandbox shares one (decision 0002)."""
+    runtimes: dict[str, ContainerRuntime] = field(default_factory=dict)
+    """Every runtime this daemon has, by kind (``runc``, ``gvisor``)."""
 
 
 class Sandbox(AgentFrames):
@@ -148,21 +151,38 @@ class Sandbox(AgentFrames):
         return self.row.spec
 
     @property
+    def gvisor(self) -> bool:
+        """Whether it runs under gVisor (runsc) rather than as a runc container (decision 0069)."""
+        return self.spec.runtime == "gvisor"
+
+    @property
+    def netns_path(self) -> Path:
+        """Where a gVisor sandbox's network namespace is kept (a bind mount), made before runsc starts."""
+        return self.run_dir / "netns"
+
+    @property
     def host_ids(self) -> IdRange:
-        """The host ids the sandbox's ids 0..65535 are."""
+        """The host ids the sandbox's ids 0..65535 are (under gVisor: the ids its root's mount shows, 0..65535;
+        the Sentry, not the host, runs its processes)."""
+        if self.gvisor:
+            return IdRange(0, self.ctx.cfg.idmap.size)
         slot = self.spec.uid_slot
         if slot is None:
             return IdRange(self.ctx.cfg.idmap.host_id, self.ctx.cfg.idmap.size)
         return UidSlots.ids(slot)
 
     async def _namespaces(self) -> Namespaces | None:
-        """Its own user namespace and storage id-mapping, taking a uid slot if it has none yet (warm pool)."""
+        """Its own user namespace and storage id-mapping, taking a uid slot if it has none yet (warm pool); under
+        gVisor only the storage mapping (runsc makes the Sentry's namespace)."""
+        helper = self.ctx.cfg.agent_dir / BINARY_NAME
+        if self.gvisor:
+            storage = await asyncio.to_thread(idmap.gvisor_storage_mapping, helper, self.ctx.cfg.idmap.host_id)
+            return Namespaces(sandbox=-1, storage=storage)
         uids = self.ctx.uids
         if uids is None:
             return None
         if self.spec.uid_slot is None:
             self.spec.uid_slot = uids.take(self.id)
-        helper = self.ctx.cfg.agent_dir / BINARY_NAME
         return await asyncio.to_thread(idmap.make_namespaces, helper, self.host_ids, self.ctx.cfg.idmap.host_id)
 
     def _release_ids(self) -> None:
@@ -189,6 +209,7 @@ class Sandbox(AgentFrames):
             idle_timeout=self.spec.request.idle_timeout,
             result=self.result,
             returncode=returncode_of(self.result),
+            runtime=self.spec.runtime,
         )
 
     # ---------------------------------------------------------------- start
@@ -199,9 +220,10 @@ class Sandbox(AgentFrames):
             ns = await self._namespaces()
             try:
                 bundle = write_bundle(self, req, lowers, ns)
+                await self._wire_gvisor_network()
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
-                    await self.ctx.runtime.start(
+                    await self.runtime.start(
                         self.container_id, str(bundle), theirs.fileno(), str(self.run_dir / "agent.log")
                     )
                 finally:
@@ -211,7 +233,7 @@ class Sandbox(AgentFrames):
             finally:
                 if ns is not None:
                     ns.close()
-            await self._connect_agent(ours, req, image, wire_network=True)
+            await self._connect_agent(ours, req, image, wire_network=not self.gvisor)
         except BaseException as exc:
             await self._fail_start(exc)
             raise
@@ -226,11 +248,12 @@ class Sandbox(AgentFrames):
         ns = await self._namespaces()
         try:
             bundle = write_bundle(self, req, lowers, ns)
+            await self._wire_gvisor_network()
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             self._pool_socket = ours
             try:
                 log_path = str(self.run_dir / "agent.log")
-                await self.ctx.runtime.create(self.container_id, str(bundle), theirs.fileno(), log_path)
+                await self.runtime.create(self.container_id, str(bundle), theirs.fileno(), log_path)
             finally:
                 theirs.close()
                 if self.ctx.volumes:
@@ -238,7 +261,14 @@ class Sandbox(AgentFrames):
         finally:
             if ns is not None:
                 ns.close()
-        await self.ctx.network.connect(self.id, self.cgroup_path, self.touch)
+        if not self.gvisor:
+            await self.ctx.network.connect(self.id, self.cgroup_path, self.touch)
+
+    async def _wire_gvisor_network(self) -> None:
+        """Under gVisor: make and wire the network namespace the bundle names, before runsc copies it."""
+        if self.gvisor and self.ctx.network.wired(self.id):
+            await self.ctx.network.make_netns(str(self.netns_path))
+            await self.ctx.network.connect(self.id, self.cgroup_path, self.touch, netns=str(self.netns_path))
 
     async def activate(self, row: SandboxRow, req: CreateSandbox, image: ImageConfig) -> None:
         """Start a precreated sandbox for a request whose ``row`` is now stored: like ``start``'s second half."""
@@ -248,7 +278,7 @@ class Sandbox(AgentFrames):
         ours, self._pool_socket = self._pool_socket, None
         assert ours is not None, "activate() without precreate()"
         try:
-            await self.ctx.runtime.start_created(self.container_id)
+            await self.runtime.start_created(self.container_id)
             await self._connect_agent(ours, req, image, wire_network=False)
         except BaseException as exc:
             await self._fail_start(exc)
@@ -262,13 +292,14 @@ class Sandbox(AgentFrames):
             self._pool_socket = None
         failed: BaseException | None = None
         try:
-            await self.ctx.runtime.delete(self.container_id)
+            await self.runtime.delete(self.container_id)
         except Exception as exc:
             failed = exc
         with contextlib.suppress(Exception):
             await self.ctx.network.detach(self.id)
         with contextlib.suppress(OSError):
             rootfs.unmount(str(self.run_dir / "rootfs"))
+        unmount_netns(self.netns_path)
         await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
         await asyncio.to_thread(shutil.rmtree, self.data_dir, True)
         if failed is not None:
@@ -577,7 +608,7 @@ class Sandbox(AgentFrames):
             self._idle_task.cancel()
         self._close_listener()
         # kill + wait + delete rather than `delete --force`, which sleeps 100 ms after its kill.
-        runtime = self.ctx.runtime
+        runtime = self.runtime
         await runtime.kill(self.container_id)
         link = self.link
         if link is not None:
@@ -613,6 +644,7 @@ class Sandbox(AgentFrames):
             rootfs.unmount(str(self.run_dir / "rootfs"))
         except OSError:
             log.exception("sandbox %s: unmounting its root failed", self.id)
+        unmount_netns(self.netns_path)
         await asyncio.to_thread(self._remove_files)
         self._release_ids()
         if self.ctx.torn_down is not None:
@@ -632,3 +664,13 @@ class Sandbox(AgentFrames):
     def remove_data(self) -> None:
         """Delete everything kept for a finished sandbox (retention)."""
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def unmount_netns(path: Path) -> None:
+    """Let go of a gVisor sandbox's network namespace (its veth goes with it); nothing if there is none."""
+    if not os.path.lexists(path):
+        return
+    try:
+        rootfs.unmount(str(path))
+    except OSError as exc:
+        log.warning("unmounting the network namespace %s failed: %s", path, exc)

@@ -19,6 +19,12 @@ loop's above all) ever runs in a sandbox's namespace.
 The namespace, and the veth with it, dies with the container's last
 process: a crashed daemon leaves no namespace behind, only possibly a link
 that the kernel has not finished destroying.
+
+gVisor sandboxes are the exception (decision 0069): runsc copies the
+namespace's addresses and routes into its own network stack when it starts,
+so their namespace is made first (:meth:`NetnsWorker.make_netns`, kept by a
+bind mount on a file in the sandbox's run directory), wired, and named in
+the bundle; teardown unmounts it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
 RT_SCOPE_LINK = 253
 RTNH_F_ONLINK = 4
 SANDBOX_IFNAME = "eth0"
@@ -89,21 +96,34 @@ class NetnsWorker:
 
     # ------------------------------------------------------------------ jobs (worker thread)
 
+    def make_netns(self, path: str) -> None:
+        """A new, empty network namespace kept by a bind mount on ``path`` (a file made here)."""
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        _check(_libc.unshare(CLONE_NEWNET), "unshare a network namespace")
+        try:
+            _check(
+                _libc.mount(b"/proc/thread-self/ns/net", path.encode(), None, MS_BIND, None),
+                f"bind-mount the new network namespace on {path}",
+            )
+        finally:
+            _check(_libc.setns(self._host_fd, CLONE_NEWNET), "setns back to the host")
+
     def setup_sandbox(
         self,
-        pid: int,
+        ns_path: str,
         host_link: str,
         host_index: int,
         ip: ipaddress.IPv4Address,
         gateway: ipaddress.IPv4Address,
     ) -> None:
-        """In the namespace of process ``pid``: ``eth0`` = ``ip``/32, default route via ``gateway``, over a veth.
+        """In the namespace at ``ns_path`` (``/proc/<init>/ns/net``, or a gVisor sandbox's): ``eth0`` = ``ip``/32,
+        default route via ``gateway``, over a veth.
 
         The host end is made with ifindex ``host_index`` (chosen by the caller, unique per address) and the
         sandbox end with ifindex 2 (the first after ``lo`` in a fresh namespace), which saves two look-ups
         on the create path; a taken index falls back to the kernel's choice.
         """
-        nsfd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        nsfd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             _check(_libc.setns(nsfd, CLONE_NEWNET), "setns into the sandbox's network namespace")
             try:

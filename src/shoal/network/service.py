@@ -461,22 +461,34 @@ class Network(Ingress):
         if att.outbound_headers is not None:
             write_trust(Path(rootfs), self.egress_ca.pem(), host_bundle(), uid, BUNDLE_MAX)
 
-    async def connect(self, sandbox_id: str, cgroup_path: str, touch: Callable[[], None]) -> None:
+    async def connect(
+        self, sandbox_id: str, cgroup_path: str, touch: Callable[[], None], netns: str | None = None
+    ) -> None:
         """Once the container runs, before its entrypoint: link its namespace to the host, apply its policy, and
-        open its tunnels (``touch`` records their activity for ``idle_timeout``)."""
+        open its tunnels (``touch`` records their activity for ``idle_timeout``).  ``netns``: a namespace made
+        with :meth:`make_netns` (a gVisor sandbox, before it starts), else the container init's."""
         att = self.attached.get(sandbox_id)
         if att is None:
             return
         assert self.names is not None
-        pid = init_pid(cgroup_path)
+        ns_path = netns if netns is not None else f"/proc/{init_pid(cgroup_path)}/ns/net"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending[sandbox_id] = done
         try:
-            await self._run(self._setup, pid, att, self.names)
+            await self._run(self._setup, ns_path, att, self.names)
         finally:
             done.set_result(None)
             self._pending.pop(sandbox_id, None)
         await self._open_tunnels(sandbox_id, att, touch)
+
+    def wired(self, sandbox_id: str) -> bool:
+        """Whether the sandbox has a network to wire (networking is on for this daemon)."""
+        return sandbox_id in self.attached
+
+    async def make_netns(self, path: str) -> None:
+        """A network namespace for a sandbox whose runtime takes one made beforehand (gVisor's runsc)."""
+        assert self.worker is not None
+        await self._run(self.worker.make_netns, path)
 
     async def reopen(self, sandbox_id: str, touch: Callable[[], None]) -> None:
         """After a daemon restart: listen again for a running sandbox's tunnels (on the same ports when free)."""
@@ -499,9 +511,9 @@ class Network(Ingress):
             hosts.append(f"*.{self.cfg.tunnel_domain}")
         return hosts
 
-    def _setup(self, pid: int, att: Attachment, names: NetNames) -> None:
+    def _setup(self, ns_path: str, att: Attachment, names: NetNames) -> None:
         assert self.worker is not None
-        self.worker.setup_sandbox(pid, att.link, names.link_index(att.address), att.address, names.gateway)
+        self.worker.setup_sandbox(ns_path, att.link, names.link_index(att.address), att.address, names.gateway)
         if att.restricted:
             assert self.nft is not None
             self.nft.run(ruleset.add_restricted(names, att.address, att.cidrs))

@@ -150,6 +150,18 @@ def storage_mapping(helper: Path, ids: IdRange, storage_id: int) -> int:
     return fd
 
 
+def gvisor_storage_mapping(helper: Path, storage_id: int, size: int = IDS_PER_SANDBOX) -> int:
+    """The storage id-mapping of a gVisor sandbox (a descriptor): ``STORAGE + x`` appears as ``x``.
+
+    runsc's gofer, which does a gVisor sandbox's file operations, runs as host root in the host's user
+    namespace and creates files as the sandbox's own ids (root: 0); through a root mounted with this mapping
+    they are stored in the shared range, as runc sandboxes' files are (decision 0069)."""
+    # Host root keeps a mapping (to the id just past the sandbox's range) or the daemon could not use the
+    # root-owned directories that hold the layers and the upper directory through such a mount.
+    (fd,) = _spawn(helper, [f"-/{storage_id}:0:{size},0:{size}:1"])
+    return fd
+
+
 def clone(source: str | int, target: str, mapping: int, *, read_only: bool = False, recursive: bool = False) -> None:
     """Attach at ``target`` (a directory) a copy of the mount tree at ``source`` (a path or a descriptor of
     a directory), id-mapped through ``mapping``; ``nosuid,nodev``, and read-only if asked."""

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 
 from shoal.runtime.base import ContainerRuntime, RuntimeFailure
+from shoal.runtime.gvisor import GvisorRuntime
 from shoal.runtime.oci import OciRuntime, probe_crun
 
 RUNTIMES: dict[str, Callable[[str, str], ContainerRuntime]] = {
@@ -34,3 +35,12 @@ def choose(preferred: str | None, state_root: str) -> ContainerRuntime:
     if not runc:
         raise RuntimeFailure("no container runtime found: install runc (apt-get install runc)")
     return RUNTIMES["runc"](runc, os.path.join(state_root, "runc"))
+
+
+def gvisor(state_root: str) -> tuple[GvisorRuntime | None, str]:
+    """gVisor's runsc if installed (its containers' state under ``state_root/runsc``), and a line saying which
+    or why there is none."""
+    path = shutil.which("runsc")
+    if not path:
+        return None, "runsc (gVisor) is not installed: run `make setup`, or apt-get install runsc"
+    return GvisorRuntime(path, os.path.join(state_root, "runsc")), f"runsc at {path}"

@@ -24,6 +24,8 @@ AGENT_PATH = f"{AGENT_DIR}/shoal-agent"
 RECONNECT_SOCKET = f"{CTL_DIR}/agent.sock"
 CTL_FD = 3
 """The agent's inherited control descriptor (runc ``--preserve-fds 1``)."""
+GVISOR_CTL_FD = 0
+"""Under gVisor the control socket is the agent's standard input (runsc passes only its stdio in)."""
 
 CAPABILITIES = [
     "CAP_AUDIT_WRITE",
@@ -126,6 +128,9 @@ class ContainerConfig:
     userns_path: str | None = None
     """A user namespace to join, already mapped as ``idmap`` says (None: the runtime makes one)."""
     devices: list[DeviceNode] = field(default_factory=list)
+    gvisor: bool = False
+    """For runsc (decision 0069): no user namespace in the spec (runsc gives its Sentry one of its own; the root
+    is id-mapped to the stored range instead), the control socket on standard input."""
 
 
 def _rlimits() -> list[dict[str, Any]]:
@@ -214,22 +219,25 @@ def build(cfg: ContainerConfig) -> dict[str, Any]:
             {"allow": True, "type": "c", "major": d.major, "minor": d.minor, "access": "rw"} for d in cfg.devices
         ]
     namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
-    # A user namespace made for the sandbox by its own host uid (``shoal.runtime.idmap``), or a fresh one.
-    namespaces.append({"type": "user", "path": cfg.userns_path} if cfg.userns_path else {"type": "user"})
+    if not cfg.gvisor:
+        # A user namespace made for the sandbox by its own host uid (``shoal.runtime.idmap``), or a fresh one.
+        namespaces.append({"type": "user", "path": cfg.userns_path} if cfg.userns_path else {"type": "user"})
     namespaces.append({"type": "network", "path": cfg.netns_path} if cfg.netns_path else {"type": "network"})
     idmap = [{"containerID": 0, "hostID": cfg.idmap.host_id, "size": cfg.idmap.size}]
+    ctl_fd = GVISOR_CTL_FD if cfg.gvisor else CTL_FD
+    joined = cfg.userns_path is not None and not cfg.gvisor
     return {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
-            "args": [AGENT_PATH, "--fd", str(CTL_FD), "--reconnect", RECONNECT_SOCKET],
+            "args": [AGENT_PATH, "--fd", str(ctl_fd), "--reconnect", RECONNECT_SOCKET],
             "env": [f"PATH={DEFAULT_PATH}"],
             "cwd": "/",
             "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
             # In a joined user namespace the runtime would set these with prlimit(2) on a process that already
             # runs as the sandbox's uid, which needs CAP_SYS_RESOURCE; it inherits the daemon's (the same) instead.
-            **({} if cfg.userns_path else {"rlimits": _rlimits()}),
+            **({} if joined else {"rlimits": _rlimits()}),
             "noNewPrivileges": True,
             # Under host-wide memory pressure, sandbox processes go before the host's.
             "oomScoreAdj": OOM_SCORE_ADJ,
@@ -238,8 +246,7 @@ def build(cfg: ContainerConfig) -> dict[str, Any]:
         "hostname": cfg.hostname,
         "mounts": mounts,
         "linux": {
-            "uidMappings": idmap,
-            "gidMappings": idmap,
+            **({} if cfg.gvisor else {"uidMappings": idmap, "gidMappings": idmap}),
             "namespaces": namespaces,
             "resources": resources,
             "cgroupsPath": f"{cfg.cgroup_parent}/{cfg.container_id}",

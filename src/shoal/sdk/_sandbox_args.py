@@ -113,25 +113,25 @@ def deprecated_create_args(
     return pty, outbound_cidr_allowlist
 
 
-RUNTIMES = ("gvisor", "vm")
-"""What Modal's ``Sandbox.create(runtime=...)`` may name; None is the daemon's own (runc)."""
+RUNTIMES = ("gvisor", "vm", "runc")
+"""What ``Sandbox.create(runtime=...)`` may name: Modal's ``gvisor`` and ``vm``, and shoal's ``runc``; None is the
+daemon's default (``shoal serve --default-runtime``)."""
 
 
-def check_runtime(runtime: object) -> None:
-    """InvalidError unless ``runtime`` is None: shoal runs every sandbox under runc so far."""
+def check_runtime(runtime: object) -> str | None:
+    """The runtime to ask the daemon for; InvalidError for one shoal does not have."""
     if runtime is None:
-        return
+        return None
     if runtime not in RUNTIMES:
         raise InvalidError(f"runtime must be one of {', '.join(map(repr, RUNTIMES))} or None, not {runtime!r}")
-    if runtime == "gvisor":
+    if runtime == "vm":
         raise not_supported(
-            "runtime", "this daemon runs sandboxes under runc only (gVisor's runsc is not wired in yet); leave it unset"
+            "runtime",
+            "'vm' needs a virtual-machine runtime (a microVM monitor such as Firecracker or libkrun, and /dev/kvm on"
+            " the host), which shoal does not have; use runtime='gvisor' for a kernel between the sandbox and the"
+            " host",
         )
-    raise not_supported(
-        "runtime",
-        "'vm' needs a virtual-machine runtime (a microVM monitor such as Firecracker or libkrun, and /dev/kvm on"
-        " the host), which shoal does not have; leave it unset",
-    )
+    return str(runtime)
 
 
 def refuse_unsupported(**given: bool) -> None:

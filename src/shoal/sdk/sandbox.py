@@ -210,7 +210,7 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
                 f"shoal knows none of Modal's experimental options ({given}), and ignoring one could loosen what"
                 " it was meant to restrict; leave it unset",
             )
-        check_runtime(runtime)
+        runtime_kind = check_runtime(runtime)
         outbound_headers = None
         if _experimental_outbound_policy is not None:
             if not isinstance(_experimental_outbound_policy, OutboundPolicy):
@@ -276,6 +276,7 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
             readiness_probe=None if readiness_probe is None else readiness_probe._body(),
             pty=bool(pty),
             verbose=bool(verbose),
+            runtime=runtime_kind,
         )
         body = request.model_dump(mode="json")
         try:

@@ -113,6 +113,7 @@ async def status(request: web.Request) -> DaemonStatus:
         warm_pool=mgr.pool.status(),
         capacity=mgr.capacity(),
         uid_ranges=mgr.uid_ranges(),
+        runtimes=mgr.runtime_status(),
     )
 
 

@@ -45,6 +45,11 @@ class SandboxSpec:
     uid_slot: int | None = None
     """Its host id range (``shoal.engine.uids``); None: the range all sandboxes share (decision 0002)."""
 
+    @property
+    def runtime(self) -> str:
+        """What it runs under: ``runc`` or ``gvisor`` (decided at create; older records: runc)."""
+        return self.request.runtime or "runc"
+
     def to_json(self) -> dict[str, Any]:
         """The stored form: the request's fields and the resolved ones, side by side."""
         out = self.request.model_dump(mode="json", exclude={"secret_env"})

@@ -4,8 +4,9 @@ A container's init (the agent) is orphaned as soon as ``runc run --detach``
 returns.  The daemon makes itself a child subreaper so that those inits become
 its children, and reaps them when they die; otherwise their zombies wait on
 the host's PID 1, which on some hosts reaps late or never.  Only children that
-run as a sandbox uid are reaped here, so the exit status of the daemon's own
-helpers (runc, mmdebstrap) is never taken from their waiters.
+run as a sandbox uid (or that the caller knows as a sandbox's, such as gVisor's
+sandbox and gofer processes) are reaped here, so the exit status of the daemon's
+own helpers (runc, mmdebstrap) is never taken from their waiters.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import ctypes.util
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+IsSandbox = Callable[[int, int], bool]
+"""(pid, real uid) of an exited child → whether it was a sandbox's process, to be reaped here."""
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -62,24 +66,24 @@ def _reap(pid: int) -> bool:
     return False
 
 
-def reap_first_in_line(is_sandbox_uid: Callable[[int], bool]) -> tuple[int, bool]:
+def reap_first_in_line(is_sandbox: IsSandbox) -> tuple[int, bool]:
     """Reap exited sandbox inits while one is first among the exited children: (how many, whether another
     program's exit, left to its own waiter, is first in line now and may hide more).  Costs nothing per child."""
     reaped = 0
     while (found := _exited_uid(os.P_ALL, 0)) is not None:
         pid, uid = found
-        if not is_sandbox_uid(uid):
+        if not is_sandbox(pid, uid):
             return reaped, True
         reaped += _reap(pid)
     return reaped, False
 
 
-def reap_sandbox_inits(is_sandbox_uid: Callable[[int], bool]) -> int:
+def reap_sandbox_inits(is_sandbox: IsSandbox) -> int:
     """Reap every exited child that ran as a sandbox's uid, looking at each child; returns how many."""
     reaped = 0
     for pid in _children():
         found = _exited_uid(os.P_PID, pid)
-        if found is not None and is_sandbox_uid(found[1]):
+        if found is not None and is_sandbox(pid, found[1]):
             reaped += _reap(pid)
     return reaped
 
@@ -92,22 +96,22 @@ class InitReaper:
     if it is still blocked every child is (one ``waitid`` each).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, is_sandbox_uid: Callable[[int], bool]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, is_sandbox: IsSandbox) -> None:
         self._loop = loop
-        self._is_sandbox_uid = is_sandbox_uid
+        self._is_sandbox = is_sandbox
         self._later: asyncio.TimerHandle | None = None
 
     def on_sigchld(self) -> None:
         """The ``SIGCHLD`` handler."""
-        _, blocked = reap_first_in_line(self._is_sandbox_uid)
+        _, blocked = reap_first_in_line(self._is_sandbox)
         if blocked and self._later is None:
             self._later = self._loop.call_later(RESCAN_DELAY, self._again)
 
     def _again(self) -> None:
         self._later = None
-        _, blocked = reap_first_in_line(self._is_sandbox_uid)
+        _, blocked = reap_first_in_line(self._is_sandbox)
         if blocked:
-            reap_sandbox_inits(self._is_sandbox_uid)
+            reap_sandbox_inits(self._is_sandbox)
 
     def close(self) -> None:
         """Cancel a pending look."""

@@ -79,6 +79,11 @@ class ReadinessProbe(WireModel):
         return self
 
 
+Runtime = Literal["runc", "gvisor"]
+"""What a sandbox runs under (decision 0069)."""
+RUNTIMES: tuple[str, ...] = ("runc", "gvisor")
+
+
 class CreateSandbox(WireModel):
     """``Sandbox.create``."""
 
@@ -114,6 +119,9 @@ class CreateSandbox(WireModel):
     """Run the entrypoint on a pseudo-terminal (its stderr then arrives merged into stdout)."""
     verbose: bool = False
     """Record every exec and file operation in the sandbox's logs (source ``system``)."""
+    runtime: Runtime | None = None
+    """``runc`` (a container) or ``gvisor`` (runsc: gVisor's kernel between the sandbox and the host); None: the
+    daemon's default (``shoal serve --default-runtime``)."""
 
     @field_validator("args")
     @classmethod
@@ -213,6 +221,8 @@ class SandboxInfo(BaseModel):
     idle_timeout: int | None
     result: Result | None
     returncode: int | None
+    runtime: str = "runc"
+    """What it runs under: ``runc`` or ``gvisor``."""
 
 
 class ExecInfo(BaseModel):

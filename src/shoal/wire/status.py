@@ -38,5 +38,8 @@ class DaemonStatus(BaseModel):
     sandboxes' shared user) where the kernel says."""
     tunnels: dict[str, Any] = {}
     """``domain`` and ``port`` of the shared, name-routed tunnel listener (``--tunnel-domain``), when there is one."""
+    runtimes: dict[str, Any] = {}
+    """``default`` (what sandboxes run under unless they ask) and ``kinds``: ``runc`` and ``gvisor``, each with its
+    ``binary``, or ``missing`` saying why this daemon lacks it."""
     uid_ranges: dict[str, Any] = {}
     """``mode`` (``per-sandbox`` or ``shared``), ``note`` (why), ``first_host_id`` and ``ids_per_sandbox``."""

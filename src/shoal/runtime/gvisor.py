@@ -1,0 +1,212 @@
+"""gVisor's ``runsc``: the :class:`~shoal.runtime.base.ContainerRuntime` that puts a kernel (the Sentry) between
+a sandbox and the host (decision 0069).
+
+What differs from runc, and why:
+
+* The agent's control socket is the container's standard input: runsc passes only its own stdio into the
+  sandbox (there is no ``--preserve-fds``), and it carries a host socket there intact.
+* ``--host-uds=open`` lets the agent connect to the daemon's reconnection socket in its bind-mounted control
+  directory; nothing else in a sandbox may reach a host socket.
+* The network is gVisor's own TCP/IP stack (``--network=sandbox``): runsc takes the addresses and routes of
+  the namespace shoal prepared (one veth) into the Sentry.  Debian's runsc (2022-12 and 2024-07 builds) refuses
+  any namespace in which ``/proc/sys/net/core/rmem_default`` exists, which it takes for "the host's" — but
+  since Linux 6.x that file exists in every network namespace.  So every runsc command runs in a private mount
+  namespace with an empty tmpfs over ``/proc/sys/net``, and shoal itself makes sure the namespace named in the
+  bundle is not the host's (:func:`check_netns`) before runsc may scrape it.
+* No seccomp filter inside the sandbox: its system calls reach the Sentry, not the host's kernel (runsc
+  filters the Sentry's own calls to the host); runsc 2024-07 applying the runc profile inside broke
+  ``pthread_create`` (the profile's ``clone3`` → ENOSYS rule).
+* No user namespace in the spec: runsc puts the Sentry in a user namespace of its own with no host privilege,
+  and the files it writes through its gofer go through an id-mapped root (the storage mapping), so sandbox
+  root's files are stored as the shared range's root (100000), as runc sandboxes' are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+from shoal.exception import InvalidError
+from shoal.runtime.base import ContainerRuntime, RuntimeFailure
+from shoal.runtime.oci import start_failure
+from shoal.util import spawn
+
+PLATFORM = "ptrace"
+"""``--platform=kvm`` hangs on this kind of host (measured, issue 15); ptrace needs nothing from the host.  An
+operator adds or overrides runsc's flags with ``$SHOAL_RUNSC_FLAGS`` (e.g. ``--debug --debug-log=/tmp/runsc/``)."""
+NET_MASK = 'mount -t tmpfs -o size=4k,mode=555,nosuid,nodev,noexec shoal-runsc /proc/sys/net && exec "$@"'
+"""The shell line that hides ``/proc/sys/net`` from runsc before running it (see the module's docstring)."""
+
+
+class GvisorRuntime(ContainerRuntime):
+    """runsc with its own state directory."""
+
+    kind = "gvisor"
+
+    def __init__(self, binary: str, state_dir: str) -> None:
+        self._binary = binary
+        self.state_dir = state_dir
+        self.pids: set[int] = set()
+        """This daemon's children that are runsc's sandbox and gofer processes (orphaned to it, it reaps them)."""
+        self._networks: dict[str, str] = {}
+        """Container id → the --network its create used (``runsc start`` sets the network up, with its own flags)."""
+
+    def __repr__(self) -> str:
+        return f"GvisorRuntime({self._binary!r}, {self.state_dir!r})"
+
+    @property
+    def name(self) -> str:
+        """``runsc``."""
+        return "runsc"
+
+    @property
+    def binary(self) -> str:
+        """The runsc executable."""
+        return self._binary
+
+    def _argv(self, *args: str, network: str = "sandbox", masked: bool = False) -> list[str]:
+        """runsc's command line; ``masked``: in a private mount namespace without ``/proc/sys/net`` (the commands
+        that set up the sandbox's network: create, run, start)."""
+        runsc = [
+            self.binary,
+            "--root",
+            self.state_dir,
+            f"--platform={PLATFORM}",
+            f"--network={network}",
+            "--host-uds=open",
+            "--overlay2=none",  # what the sandbox writes goes to its upper directory on disk, as under runc
+            *shlex.split(os.environ.get("SHOAL_RUNSC_FLAGS", "")),
+            *args,
+        ]
+        if not masked:
+            return runsc
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", NET_MASK, "sh", *runsc]
+
+    async def _run(self, *args: str, check: bool = True, masked: bool = False) -> str:
+        res = await spawn.run(self._argv(*args, masked=masked))
+        if check and res.returncode != 0:
+            raise RuntimeFailure(f"runsc {args[0]} failed (exit {res.returncode})", res.stderr.decode(errors="replace"))
+        return res.stdout.decode(errors="replace")
+
+    async def _launch(self, verb: str, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
+        network = "sandbox" if check_netns(bundle) else "none"
+        if verb == "create":
+            self._networks[container_id] = network
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            extra = ["--detach"] if verb == "run" else []
+            argv = self._argv(verb, *extra, "--bundle", bundle, container_id, network=network, masked=True)
+            res = await spawn.run(argv, fds={0: ctl_fd, 1: log_fd, 2: log_fd})
+        finally:
+            os.close(log_fd)
+        self._note_children()
+        if res.returncode != 0:
+            raise start_failure(f"runsc {verb} failed (exit {res.returncode})", _tail(log_path))
+
+    def _note_children(self) -> None:
+        """Remember which of this process's children are runsc's (the reaper may take them)."""
+        marker = f"--root={self.state_dir}".encode()
+        for pid in _children():
+            if pid in self.pids:
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith((b"runsc-gofer\0", b"runsc-sandbox\0")) and marker in cmdline:
+                self.pids.add(pid)
+
+    def is_ours(self, pid: int) -> bool:
+        """Whether an exited child was one of runsc's processes (and forget it: it is reaped now)."""
+        if pid in self.pids:
+            self.pids.discard(pid)
+            return True
+        return False
+
+    async def start(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
+        """``runsc run --detach``: the agent's control socket is its standard input."""
+        await self._launch("run", container_id, bundle, ctl_fd, log_path)
+
+    async def create(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
+        """``runsc create``: the sandbox boots; the init waits for ``start_created``."""
+        await self._launch("create", container_id, bundle, ctl_fd, log_path)
+
+    async def start_created(self, container_id: str) -> None:
+        """``runsc start``."""
+        network = self._networks.pop(container_id, "sandbox")
+        res = await spawn.run(self._argv("start", container_id, network=network, masked=True))
+        if res.returncode != 0:
+            raise RuntimeFailure(f"runsc start failed (exit {res.returncode})", res.stderr.decode(errors="replace"))
+
+    async def kill(self, container_id: str, signal: str = "KILL") -> None:
+        """Signal the container's init; no error if it is gone."""
+        await self._run("kill", container_id, signal, check=False)
+
+    async def delete(self, container_id: str) -> None:
+        """Remove the container and its sandbox, killing it first; no error if it is gone."""
+        self._networks.pop(container_id, None)
+        await self._run("delete", "--force", container_id, check=False)
+
+    async def state(self, container_id: str) -> str | None:
+        """``created``/``running``/``stopped``/``paused``, or None if unknown."""
+        res = await spawn.run(self._argv("state", container_id))
+        if res.returncode != 0:
+            return None
+        try:
+            status = json.loads(res.stdout).get("status")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        return status if isinstance(status, str) else None
+
+    async def list_ids(self) -> list[str]:
+        """Ids of every container in this runtime's state directory."""
+        out = await self._run("list", "--format", "json", check=False)
+        try:
+            items = json.loads(out or "[]") or []
+        except json.JSONDecodeError:
+            return []
+        return [str(i["id"]) for i in items if isinstance(i, dict) and "id" in i]
+
+
+def check_netns(bundle: str) -> bool:
+    """Whether the bundle names a network namespace (else the sandbox gets none); refuses one that is the host's
+    or the daemon's own, which runsc would strip of its addresses."""
+    config = json.loads(Path(bundle, "config.json").read_text())
+    paths = [n.get("path") for n in config["linux"]["namespaces"] if n.get("type") == "network"]
+    if not paths or not paths[0]:
+        return False
+    target = os.stat(paths[0])
+    for own in ("/proc/self/ns/net", "/proc/1/ns/net"):
+        try:
+            st = os.stat(own)
+        except PermissionError:  # pid 1 may be out of reach (a VM's agent); the daemon's own is the host's
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            raise InvalidError(f"refusing to start a gVisor sandbox in the host's network namespace ({paths[0]})")
+    return True
+
+
+def _children() -> set[int]:
+    pids: set[int] = set()
+    try:
+        tasks = list(Path(f"/proc/{os.getpid()}/task").iterdir())
+    except OSError:
+        return pids
+    for task in tasks:
+        try:
+            pids.update(int(p) for p in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return pids
+
+
+def _tail(path: str, limit: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

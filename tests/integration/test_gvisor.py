@@ -1,0 +1,234 @@
+"""gVisor sandboxes (``Sandbox.create(runtime="gvisor")``, decision 0069): runsc puts its own kernel between the
+sandbox and the host; everything a user does with a runc sandbox works the same.
+
+These tests look for gVisor where a user could tell: the sandbox's processes are not host processes, its kernel
+is gVisor's; and for what shoal promises either way: root's files are stored as the shared range's root, the
+sandbox has its own network (NAT, DNS, tunnels), and a daemon killed with -9 takes its gVisor sandboxes back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+import shoal
+from shoal.exception import InvalidError, SandboxTimeoutError
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed: make setup")
+
+
+def _app() -> shoal.App:
+    return shoal.App.lookup("gvisor-tests", create_if_missing=True)
+
+
+def sh(sb: shoal.Sandbox, script: str, timeout: int = 120) -> tuple[int, str, str]:
+    p = sb.exec("sh", "-c", script, timeout=timeout)
+    out, err = p.stdout.read(), p.stderr.read()
+    return p.wait(), out, err
+
+
+def host_processes_with(marker: str) -> list[int]:
+    """Host pids whose command line holds ``marker``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture
+def gv(daemon):
+    """A gVisor sandbox of the session's daemon, terminated afterwards."""
+    sb = shoal.Sandbox.create(app=_app(), runtime="gvisor", timeout=300)
+    yield sb
+    sb.terminate()
+
+
+def test_the_sandbox_runs_on_gvisors_kernel_not_the_hosts(daemon, gv):
+    marker = f"gvisor-marker-{uuid.uuid4().hex[:8]}"
+    p = gv.exec("bash", "-c", f"exec -a {marker} sleep 30")
+    time.sleep(0.5)
+    # Under runc the process would be a host process (in a pid namespace); under gVisor the Sentry runs it.
+    assert host_processes_with(marker) == []
+    rc, out, _ = sh(gv, f"ps -eo args | grep -c '^{marker}'")
+    assert out.strip() == "1"
+    assert p.poll() is None
+    rc, out, _ = sh(gv, "cat /proc/version")
+    assert rc == 0 and "Linux version 4.4.0" in out  # gVisor's own kernel, whatever the host runs
+    assert "Linux version 4.4.0" not in Path("/proc/version").read_text()
+    listed = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "shoal", "sandbox", "ls", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**_env(daemon)},
+        ).stdout
+    )
+    assert {i["sandbox_id"]: i["runtime"] for i in listed}[gv.object_id] == "gvisor"
+
+
+def _env(daemon) -> dict[str, str]:
+    import os
+
+    return {**os.environ, "SHOAL_RUNTIME_DIR": str(daemon.runtime_dir), "PYTHONPATH": str(REPO / "src")}
+
+
+def test_exec_streams_stdin_codes_timeouts_workdir_env_and_pty(daemon):
+    sb = shoal.Sandbox.create(
+        "sh", "-c", "echo entry-out; echo entry-err >&2; sleep 600",
+        app=_app(), runtime="gvisor", timeout=300, workdir="/srv", env={"GREETING": "hi"},
+        secrets=[shoal.Secret.from_dict({"TOKEN": "s3cret"})],
+    )  # fmt: skip
+    try:
+        assert next(iter(sb.stdout)) == "entry-out\n"
+        assert next(iter(sb.stderr)) == "entry-err\n"
+        p = sb.exec("sh", "-c", "pwd; echo $GREETING $TOKEN; echo oops >&2; exit 3")
+        assert p.stdout.read() == "/srv\nhi s3cret\n"
+        assert p.stderr.read() == "oops\n"
+        assert p.wait() == 3
+        p = sb.exec("cat")
+        p.stdin.write(b"through stdin\n")
+        p.stdin.write_eof()
+        p.stdin.drain()
+        assert p.stdout.read() == "through stdin\n"
+        assert p.wait() == 0
+        assert sb.exec("sleep", "30", timeout=1).wait() == -1  # Modal's exec timeout
+        assert sb.exec("sh", "-c", "kill -9 $$").wait() == 137
+        assert sb.exec("no-such-command").wait() == 127
+        p = sb.exec("sh", "-c", "tty; stty size", pty=True)
+        out = p.stdout.read()
+        assert p.wait() == 0 and out.startswith("/dev/pts/"), out
+    finally:
+        sb.terminate()
+    assert sb.poll() == 137
+
+
+def test_lifetime_timeout_and_entrypoint_exit_code(daemon):
+    sb = shoal.Sandbox.create("sh", "-c", "exit 7", app=_app(), runtime="gvisor")
+    sb.wait()
+    assert sb.returncode == 7
+    sb = shoal.Sandbox.create("sleep", "600", app=_app(), runtime="gvisor", timeout=2)
+    with pytest.raises(SandboxTimeoutError):
+        sb.wait()
+    assert sb.returncode == 124
+
+
+def test_files_written_as_root_are_stored_in_the_shared_range_and_the_file_api_works(daemon, gv):
+    assert sh(gv, "echo data > /root/f; cp /bin/ls /tmp/ls2; chmod u+s /tmp/ls2")[0] == 0
+    upper = daemon.data_dir / "sandboxes" / gv.object_id / "upper"
+    for rel in ("root/f", "tmp/ls2"):  # /tmp too: not a memory tmpfs of runsc's
+        st = (upper / rel).stat()
+        assert (st.st_uid, st.st_gid) == (100000, 100000), rel  # sandbox root is never host root
+    with gv.open("/srv/note.txt", "w") as f:
+        f.write("from the file API")
+    assert sh(gv, "cat /srv/note.txt")[1] == "from the file API"
+    assert gv.filesystem.read_text("/root/f") == "data\n"
+    assert "note.txt" in gv.ls("/srv")
+    assert gv.filesystem.stat("/root/f").size == 5
+    gv.filesystem.remove("/srv/note.txt")
+    assert sh(gv, "test -e /srv/note.txt; echo $?")[1] == "1\n"
+
+
+def test_network_nat_dns_and_block_network(daemon, gv):
+    # The sandbox has gVisor's own network stack over its veth: it reaches out through shoal's NAT and DNS.
+    rc, out, err = sh(gv, "grep nameserver /etc/resolv.conf; cat /proc/net/dev | grep -o eth0")
+    assert rc == 0 and out.splitlines()[-1] == "eth0", (out, err)
+    gateway = out.split()[1]
+    code = f"import socket; s=socket.create_connection(('{gateway}', 53), timeout=5); print('dns tcp ok')"
+    rc, out, err = sh(gv, f'python3 -c "{code}"')
+    assert (rc, out) == (0, "dns tcp ok\n"), err  # shoal's DNS forwarder on the gateway, through the veth
+    blocked = shoal.Sandbox.create(app=_app(), runtime="gvisor", block_network=True)
+    try:
+        code = "import socket; s=socket.socket(); s.settimeout(3); s.connect(('1.1.1.1', 53))"
+        p = blocked.exec("python3", "-c", code)
+        assert p.wait() == 1
+        err = p.stderr.read()  # gVisor's stack answers "no route", the host's "network unreachable": both refuse
+        assert "No route to host" in err or "Network is unreachable" in err, err
+    finally:
+        blocked.terminate()
+
+
+def test_a_tunnel_reaches_a_server_in_a_gvisor_sandbox(daemon):
+    sb = shoal.Sandbox.create(
+        "sh", "-c", "mkdir -p /srv && echo served-by-gvisor > /srv/t && exec python3 -m http.server 8000 -d /srv",
+        app=_app(), runtime="gvisor", encrypted_ports=[8000], timeout=300,
+    )  # fmt: skip
+    try:
+        tunnel = sb.tunnels()[8000]
+        ctx = ssl.create_default_context(cafile=str(daemon.data_dir / "tls" / "ca.pem"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{tunnel.url}/t", context=ctx, timeout=10) as resp:
+                    assert resp.read() == b"served-by-gvisor\n"
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+    finally:
+        sb.terminate()
+
+
+def test_a_gvisor_sandbox_survives_a_daemon_kill_9_and_leaves_nothing(own_daemon):
+    app = _app()
+    sb = shoal.Sandbox.create("sh", "-c", "sleep 600", app=app, runtime="gvisor", timeout=300)
+    assert sh(sb, "echo state > /tmp/state")[0] == 0
+    link = json.loads((own_daemon.runtime_dir / "net" / f"{sb.object_id}.json").read_text())["link"]
+    own_daemon.restart(signal.SIGKILL)
+    again = shoal.Sandbox.from_id(sb.object_id)
+    assert sh(again, "cat /tmp/state")[1] == "state\n"
+    again.terminate()
+    assert again.poll() == 137
+    # its namespace (a bind mount on a file of its run directory), veth and run directory are gone
+    assert sb.object_id not in Path("/proc/self/mountinfo").read_text()
+    assert not (own_daemon.runtime_dir / "sandboxes" / sb.object_id).exists()
+    deadline = time.monotonic() + 5  # the kernel destroys a namespace, and its veth, in the background
+    while f" {link}@" in subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, f"{link} outlived its sandbox"
+        time.sleep(0.1)
+    state = own_daemon.runtime_dir / "oci" / "runsc"
+    listed = subprocess.run(["runsc", "--root", str(state), "list"], capture_output=True, text=True).stdout
+    assert sb.object_id not in listed
+
+
+def test_what_gvisor_cannot_do_is_a_clear_error(daemon):
+    with pytest.raises(InvalidError, match="nvproxy"):
+        shoal.Sandbox.create(app=_app(), runtime="gvisor", gpu="any")
+    with pytest.raises(InvalidError, match="virtual-machine runtime"):
+        shoal.Sandbox.create(app=_app(), runtime="vm")
+
+
+def test_the_default_runtime_is_the_daemons_choice(own_daemon):
+    own_daemon.restart_with("--default-runtime", "gvisor", "--warm-pool", "1")
+    sb = shoal.Sandbox.create(app=_app(), timeout=120)
+    try:
+        assert sh(sb, "cat /proc/version")[1].startswith("Linux version 4.4.0")
+        explicit = shoal.Sandbox.create(app=_app(), runtime="runc", timeout=120)
+        assert not sh(explicit, "cat /proc/version")[1].startswith("Linux version 4.4.0")
+        explicit.terminate()
+    finally:
+        sb.terminate()
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "shoal", "status", "--json"], capture_output=True, text=True, env=_env(own_daemon)
+        ).stdout
+    )
+    assert status["runtimes"]["default"] == "gvisor"
+    assert status["runtimes"]["kinds"]["gvisor"]["binary"].endswith("runsc")
