@@ -2,7 +2,7 @@
 
 Run as root from the repository root::
 
-    .venv/bin/python -m bench.run [--runs N] [--only tti,exec,...] [--json FILE] [--profile]
+    .venv/bin/python -m bench.run [--runs N] [--only tti,exec,...] [--runtime runc|gvisor] [--json FILE] [--profile]
 
 It starts its own daemon on temporary directories (reading the machine's
 cached base image read-only), warms up, then takes ``--runs`` samples of each
@@ -15,6 +15,9 @@ same machine load:
 ``exec``        ``sb.exec("true").wait()`` in one long-lived sandbox (sync SDK).
 ``exec-async``  the same through ``.aio``.
 ``floor``       ``runc run`` of ``/bin/true`` on a bundle copied from a live sandbox (always measured).
+
+``--runtime gvisor`` creates every timed sandbox with ``runtime="gvisor"`` (runsc, decision 0069); the floor
+stays ``runc run``, so the ratio shows what gVisor costs over a bare container.
 
 ``--profile`` runs the daemon with timestamps around each step of a create, an
 exec and a terminate (no source is changed: the daemon process patches
@@ -192,12 +195,16 @@ class Sample:
     marks: dict[str, int] = field(default_factory=dict)
 
 
+RUNTIME: dict[str, str] = {}
+"""``Sandbox.create`` keyword for the runtime under test (``--runtime``); empty: the daemon's default."""
+
+
 def tti_sync(app: shoal.App) -> Sample:
     """create → exec("echo", "ready") → first stdout chunk, with the blocking SDK; then terminate (timed apart)."""
     import shoal
 
     t0 = now_ns()
-    sb = shoal.Sandbox.create(app=app)
+    sb = shoal.Sandbox.create(app=app, **RUNTIME)
     t1 = now_ns()
     p = sb.exec("echo", "ready")
     t2 = now_ns()
@@ -226,7 +233,7 @@ async def tti_async(app: shoal.App) -> Sample:
     import shoal
 
     t0 = now_ns()
-    sb = await shoal.Sandbox.create.aio(app=app)
+    sb = await shoal.Sandbox.create.aio(app=app, **RUNTIME)
     t1 = now_ns()
     p = await sb.exec.aio("echo", "ready")
     t2 = now_ns()
@@ -613,9 +620,16 @@ def measure(args: argparse.Namespace, daemon: BenchDaemon, floor: Floor, groups:
     app = shoal.App.lookup("bench", create_if_missing=True)
     loop = asyncio.new_event_loop()
     try:
-        exec_sb = shoal.Sandbox.create(app=app, timeout=3600)
+        exec_sb = shoal.Sandbox.create(app=app, timeout=3600, **RUNTIME)
         try:
-            floor.prepare(daemon.runtime_dir / "sandboxes" / exec_sb.object_id, daemon.image_lowers(exec_sb.object_id))
+            # The floor copies a runc sandbox's bundle: under --runtime gvisor, one made for that alone.
+            runc_sb = exec_sb if RUNTIME.get("runtime", "runc") == "runc" else shoal.Sandbox.create(app=app)
+            try:
+                bundle_dir = daemon.runtime_dir / "sandboxes" / runc_sb.object_id
+                floor.prepare(bundle_dir, daemon.image_lowers(runc_sb.object_id))
+            finally:
+                if runc_sb is not exec_sb:
+                    runc_sb.terminate()
             steps: list[tuple[str, Callable[[], Sample | float]]] = []
             for g in groups:
                 if g == "tti":
@@ -674,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write every sample and summary as JSON")
     parser.add_argument("--profile", action="store_true", help="instrument the daemon and show where the time goes")
     parser.add_argument(
+        "--runtime", choices=["runc", "gvisor"], help="what the timed sandboxes run under (default: the daemon's)"
+    )
+    parser.add_argument(
         "--warm-pool",
         type=int,
         default=None,
@@ -686,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 50:
         print(f"note: {args.runs} runs is fewer than 50: p99 is not meaningful", file=sys.stderr)
     groups = _parse_only(args.only)
+    if args.runtime:
+        RUNTIME["runtime"] = args.runtime
 
     events_path: Path | None = None
     daemon = BenchDaemon()

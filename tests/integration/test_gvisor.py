@@ -232,3 +232,45 @@ def test_the_default_runtime_is_the_daemons_choice(own_daemon):
     )
     assert status["runtimes"]["default"] == "gvisor"
     assert status["runtimes"]["kinds"]["gvisor"]["binary"].endswith("runsc")
+
+
+def test_a_volume_is_shared_between_a_gvisor_and_a_runc_sandbox(daemon):
+    name = f"gv-vol-{uuid.uuid4().hex[:8]}"
+    vol = shoal.Volume.from_name(name, create_if_missing=True)
+    try:
+        gv = shoal.Sandbox.create(app=_app(), runtime="gvisor", volumes={"/data": vol}, timeout=120)
+        rc_sb = shoal.Sandbox.create(app=_app(), volumes={"/data": vol}, timeout=120)
+        try:
+            assert sh(gv, "echo from-gvisor > /data/g.txt; mkdir /data/d; echo x > /data/d/f")[0] == 0
+            gv.exec("sync").wait()
+            assert sh(rc_sb, "cat /data/g.txt; stat -c %u:%g /data/g.txt /data/d/f")[1] == (
+                "from-gvisor\n0:0\n0:0\n"  # the runc sandbox's root owns what gVisor's root wrote
+            )
+            assert sh(rc_sb, "echo from-runc > /data/r.txt")[0] == 0
+            assert sh(gv, "cat /data/r.txt; stat -c %u /data/r.txt")[1] == "from-runc\n0\n"
+            stored = daemon.data_dir / "volumes" / vol.object_id / "root" / "g.txt"
+            assert (stored.stat().st_uid, stored.stat().st_gid) == (100000, 100000)
+        finally:
+            gv.terminate()
+            rc_sb.terminate()
+        assert b"".join(vol.read_file("g.txt")) == b"from-gvisor\n"
+    finally:
+        shoal.Volume.objects.delete(name, allow_missing=True)
+
+
+def test_snapshot_filesystem_of_a_gvisor_sandbox_starts_either_runtime(daemon, gv):
+    assert sh(gv, "mkdir -p /work && echo kept > /work/state && echo tmp > /tmp/t")[0] == 0
+    image = gv.snapshot_filesystem()
+    for runtime in ("gvisor", "runc"):
+        sb = shoal.Sandbox.create(app=_app(), image=image, runtime=runtime, timeout=120)
+        try:
+            assert sh(sb, "cat /work/state /tmp/t")[1] == "kept\ntmp\n", runtime
+        finally:
+            sb.terminate()
+
+
+def test_mounts_into_a_running_gvisor_sandbox_are_refused_clearly(daemon, gv):
+    with pytest.raises(InvalidError, match="gVisor"):
+        gv.mount_image("/mnt/img", shoal.Image.debian_slim())
+    with pytest.raises(InvalidError, match="gVisor"):
+        gv.snapshot_directory("/etc")

@@ -264,7 +264,7 @@ class Manager:
 
     def _is_sandbox_process(self, pid: int, uid: int) -> bool:
         """Whether an exited child was a sandbox's: a runc init (by its uid) or one of runsc's processes."""
-        return self._is_sandbox_uid(uid) or (self.gvisor is not None and self.gvisor.is_ours(pid))
+        return self._is_sandbox_uid(uid) or (self.gvisor is not None and self.gvisor.is_ours(pid, uid))
 
     async def _remove_late_strays(self) -> None:
         """Containers of no sandbox that appeared after the start's sweep: a ``runc create`` that a killed

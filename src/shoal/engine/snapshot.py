@@ -90,12 +90,23 @@ def check_path(path: str, what: str, *, allow_root: bool) -> str:
     return norm
 
 
+def refuse_gvisor(sb: Sandbox) -> None:
+    """InvalidError for a mount operation on a gVisor sandbox: its mounts are in gVisor's kernel, out of the
+    host's reach (decision 0069)."""
+    if sb.gvisor:
+        raise InvalidError(
+            f"sandbox {sb.id} runs under gVisor, whose mounts live in its own kernel: mount_image and"
+            " snapshot_directory work in runc sandboxes only for now (snapshot_filesystem works under both)"
+        )
+
+
 def open_init(sb: Sandbox) -> tuple[int, int]:
     """The pid and a pidfd of the sandbox's init (its agent, pid 1 inside), checked to be in the sandbox's cgroup.
 
     A pidfd names one process for good: once it is open and the process was
     seen in the cgroup afterwards, a recycled pid can no longer confuse us.
     """
+    refuse_gvisor(sb)
     for _ in range(3):
         for pid in cgroups.processes(sb.cgroup_path):
             try:
@@ -265,6 +276,7 @@ class Snapshots:
         """``sb.snapshot_directory(path)``: a new one-layer image of that directory."""
         path = check_path(path, "the directory to snapshot", allow_root=True)
         sb = self._running(sandbox_id)
+        refuse_gvisor(sb)
         pid, pidfd = open_init(sb)
         try:
             root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -338,6 +350,7 @@ class Snapshots:
         path = check_path(path, "the mount path", allow_root=False)
         cfg = self._image(image_id)
         sb = self._running(sandbox_id)
+        refuse_gvisor(sb)
         async with self._lock(sb.id):
             mounts: dict[str, dict[str, Any]] = dict(sb.spec.image_mounts)
             if path in mounts:

@@ -36,6 +36,9 @@ from shoal.util import spawn
 PLATFORM = "ptrace"
 """``--platform=kvm`` hangs on this kind of host (measured, issue 15); ptrace needs nothing from the host.  An
 operator adds or overrides runsc's flags with ``$SHOAL_RUNSC_FLAGS`` (e.g. ``--debug --debug-log=/tmp/runsc/``)."""
+SENTRY_UID = 65534
+"""The host uid runsc runs a sandbox's Sentry as (and the ptrace platform's stub processes, which the daemon, a
+child subreaper, inherits when a Sentry ends)."""
 NET_MASK = 'mount -t tmpfs -o size=4k,mode=555,nosuid,nodev,noexec shoal-runsc /proc/sys/net && exec "$@"'
 """The shell line that hides ``/proc/sys/net`` from runsc before running it (see the module's docstring)."""
 
@@ -48,8 +51,6 @@ class GvisorRuntime(ContainerRuntime):
     def __init__(self, binary: str, state_dir: str) -> None:
         self._binary = binary
         self.state_dir = state_dir
-        self.pids: set[int] = set()
-        """This daemon's children that are runsc's sandbox and gofer processes (orphaned to it, it reaps them)."""
         self._networks: dict[str, str] = {}
         """Container id → the --network its create used (``runsc start`` sets the network up, with its own flags)."""
 
@@ -101,29 +102,21 @@ class GvisorRuntime(ContainerRuntime):
             res = await spawn.run(argv, fds={0: ctl_fd, 1: log_fd, 2: log_fd})
         finally:
             os.close(log_fd)
-        self._note_children()
         if res.returncode != 0:
             raise start_failure(f"runsc {verb} failed (exit {res.returncode})", _tail(log_path))
 
-    def _note_children(self) -> None:
-        """Remember which of this process's children are runsc's (the reaper may take them)."""
-        marker = f"--root={self.state_dir}".encode()
-        for pid in _children():
-            if pid in self.pids:
-                continue
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith((b"runsc-gofer\0", b"runsc-sandbox\0")) and marker in cmdline:
-                self.pids.add(pid)
-
-    def is_ours(self, pid: int) -> bool:
-        """Whether an exited child was one of runsc's processes (and forget it: it is reaped now)."""
-        if pid in self.pids:
-            self.pids.discard(pid)
+    @staticmethod
+    def is_ours(pid: int, uid: int) -> bool:
+        """Whether an exited child of the daemon was one of runsc's processes, orphaned to it (the daemon is a child
+        subreaper): a Sentry (uid 65534), a gofer, or the ptrace platform's stubs, which a Sentry leaves when it
+        ends.  runsc starts all of them by re-executing itself through ``/proc/self/exe``, so their name is ``exe``;
+        the daemon runs every program of its own by its path, so none of those is."""
+        if uid == SENTRY_UID:
             return True
-        return False
+        try:
+            return Path(f"/proc/{pid}/comm").read_text().strip() == "exe"
+        except OSError:
+            return False
 
     async def start(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
         """``runsc run --detach``: the agent's control socket is its standard input."""
@@ -186,20 +179,6 @@ def check_netns(bundle: str) -> bool:
         if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
             raise InvalidError(f"refusing to start a gVisor sandbox in the host's network namespace ({paths[0]})")
     return True
-
-
-def _children() -> set[int]:
-    pids: set[int] = set()
-    try:
-        tasks = list(Path(f"/proc/{os.getpid()}/task").iterdir())
-    except OSError:
-        return pids
-    for task in tasks:
-        try:
-            pids.update(int(p) for p in (task / "children").read_text().split())
-        except OSError:
-            continue
-    return pids
 
 
 def _tail(path: str, limit: int = 4096) -> str:
