@@ -873,6 +873,15 @@ int main(int argc, char **argv) {
         close(initial_fd);
         if (ctl < 0) die("control descriptor");
         set_nonblock(ctl);
+        if (initial_fd <= 2) {
+            /* Under gVisor the control socket arrives as stdin: leave no hole in 0-2, or the next open()
+             * (a child's /dev/null) would land there and be overwritten by its own dup2()s. */
+            int null_fd = open("/dev/null", O_RDWR);
+            if (null_fd >= 0 && null_fd != initial_fd) {
+                dup2(null_fd, initial_fd);
+                close(null_fd);
+            }
+        }
     } else {
         disconnect();
     }

@@ -105,6 +105,12 @@ class NetnsWorker:
                 _libc.mount(b"/proc/thread-self/ns/net", path.encode(), None, MS_BIND, None),
                 f"bind-mount the new network namespace on {path}",
             )
+            # runsc copies only interfaces that are up: loopback too (a runc container's runtime brings its own up)
+            inner = IPRoute()
+            try:
+                inner.link("set", index=1, state="up")
+            finally:
+                inner.close()
         finally:
             _check(_libc.setns(self._host_fd, CLONE_NEWNET), "setns back to the host")
 
