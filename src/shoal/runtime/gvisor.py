@@ -30,7 +30,7 @@ from pathlib import Path
 
 from shoal.exception import InvalidError
 from shoal.runtime.base import ContainerRuntime, RuntimeFailure
-from shoal.runtime.oci import start_failure
+from shoal.runtime.oci import log_tail, parse_list, parse_state, start_failure
 from shoal.util import spawn
 
 PLATFORM = "ptrace"
@@ -103,7 +103,7 @@ class GvisorRuntime(ContainerRuntime):
         finally:
             os.close(log_fd)
         if res.returncode != 0:
-            raise start_failure(f"runsc {verb} failed (exit {res.returncode})", _tail(log_path))
+            raise start_failure(f"runsc {verb} failed (exit {res.returncode})", log_tail(log_path))
 
     @staticmethod
     def is_ours(pid: int, uid: int) -> bool:
@@ -145,22 +145,11 @@ class GvisorRuntime(ContainerRuntime):
     async def state(self, container_id: str) -> str | None:
         """``created``/``running``/``stopped``/``paused``, or None if unknown."""
         res = await spawn.run(self._argv("state", container_id))
-        if res.returncode != 0:
-            return None
-        try:
-            status = json.loads(res.stdout).get("status")
-        except (json.JSONDecodeError, AttributeError):
-            return None
-        return status if isinstance(status, str) else None
+        return parse_state(res.returncode, res.stdout)
 
     async def list_ids(self) -> list[str]:
         """Ids of every container in this runtime's state directory."""
-        out = await self._run("list", "--format", "json", check=False)
-        try:
-            items = json.loads(out or "[]") or []
-        except json.JSONDecodeError:
-            return []
-        return [str(i["id"]) for i in items if isinstance(i, dict) and "id" in i]
+        return parse_list(await self._run("list", "--format", "json", check=False))
 
 
 def check_netns(bundle: str) -> bool:
@@ -179,13 +168,3 @@ def check_netns(bundle: str) -> bool:
         if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
             raise InvalidError(f"refusing to start a gVisor sandbox in the host's network namespace ({paths[0]})")
     return True
-
-
-def _tail(path: str, limit: int = 4096) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""

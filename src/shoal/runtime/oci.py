@@ -65,7 +65,7 @@ class OciRuntime(ContainerRuntime):
         finally:
             os.close(log_fd)
         if res.returncode != 0:
-            raise start_failure(f"{self.name} run failed (exit {res.returncode})", _tail(log_path))
+            raise start_failure(f"{self.name} run failed (exit {res.returncode})", log_tail(log_path))
 
     async def create(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
         """Like ``start``, but stop short of running the init: it waits until ``start_created`` (a warm pool)."""
@@ -76,7 +76,7 @@ class OciRuntime(ContainerRuntime):
         finally:
             os.close(log_fd)
         if res.returncode != 0:
-            raise start_failure(f"{self.name} create failed (exit {res.returncode})", _tail(log_path))
+            raise start_failure(f"{self.name} create failed (exit {res.returncode})", log_tail(log_path))
 
     async def start_created(self, container_id: str) -> None:
         """Run the init of a container made by ``create``.
@@ -149,22 +149,31 @@ class OciRuntime(ContainerRuntime):
     async def state(self, container_id: str) -> str | None:
         """``created``/``running``/``stopped``/``paused``, or None if unknown."""
         res = await spawn.run(self._argv("state", container_id))
-        if res.returncode != 0:
-            return None
-        try:
-            status = json.loads(res.stdout).get("status")
-        except (json.JSONDecodeError, AttributeError):
-            return None
-        return status if isinstance(status, str) else None
+        return parse_state(res.returncode, res.stdout)
 
     async def list_ids(self) -> list[str]:
         """Ids of every container in this runtime's state directory."""
-        out = await self._run("list", "--format", "json", check=False)
-        try:
-            items = json.loads(out or "[]") or []
-        except json.JSONDecodeError:
-            return []
-        return [str(i["id"]) for i in items if isinstance(i, dict) and "id" in i]
+        return parse_list(await self._run("list", "--format", "json", check=False))
+
+
+def parse_state(returncode: int, stdout: bytes) -> str | None:
+    """The ``status`` of an OCI runtime's ``state`` answer (runc and runsc print the same JSON); None if unknown."""
+    if returncode != 0:
+        return None
+    try:
+        status = json.loads(stdout).get("status")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return status if isinstance(status, str) else None
+
+
+def parse_list(out: str) -> list[str]:
+    """The container ids of an OCI runtime's ``list --format json`` answer."""
+    try:
+        items = json.loads(out or "[]") or []
+    except json.JSONDecodeError:
+        return []
+    return [str(i["id"]) for i in items if isinstance(i, dict) and "id" in i]
 
 
 def _resolve_once(future: asyncio.Future[None]) -> None:
@@ -193,7 +202,7 @@ def _sysctl(name: str) -> str:
         return "?"
 
 
-def _tail(path: str, limit: int = 4096) -> str:
+def log_tail(path: str, limit: int = 4096) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
