@@ -9,6 +9,7 @@ sandbox has its own network (NAT, DNS, tunnels), and a daemon killed with -9 tak
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import ssl
@@ -84,8 +85,6 @@ def test_the_sandbox_runs_on_gvisors_kernel_not_the_hosts(daemon, gv):
 
 
 def _env(daemon) -> dict[str, str]:
-    import os
-
     return {**os.environ, "SHOAL_RUNTIME_DIR": str(daemon.runtime_dir), "PYTHONPATH": str(REPO / "src")}
 
 

@@ -31,7 +31,7 @@ from shoal.images import base as image_base
 from shoal.images.service import ImageService
 from shoal.images.store import LayerStore
 from shoal.network.service import Network
-from shoal.runtime import cgroups, host_limits, host_room, idmap, rootfs
+from shoal.runtime import cgroups, gvisor, host_limits, host_room, idmap, rootfs
 from shoal.runtime import registry as runtimes
 from shoal.secrets.keyring import Keyring
 from shoal.secrets.store import SecretStore
@@ -209,31 +209,35 @@ class Manager:
         """Per-sandbox uid ranges where the stored trees can be id-mapped (decision 0063), else the shared one."""
         if self.cfg.uid_ranges == "shared":
             return "shared", "chosen with SHOAL_UID_RANGES=shared"
-        helper = self.cfg.agent_dir / BINARY_NAME
-        for d in [self.cfg.data_dir, *self.cfg.image_caches]:
-            why = idmap.probe(helper, d, self.cfg.runtime_dir, self.cfg.idmap.host_id)
-            if why is not None:
-                if self.cfg.uid_ranges == "per-sandbox":
-                    raise InvalidError(
-                        f"per-sandbox uid ranges need id-mapped mounts, and {why}: put the data directory on"
-                        " ext4, xfs, btrfs or tmpfs, or run with SHOAL_UID_RANGES=shared"
-                    )
-                return "shared", f"per-sandbox ranges are off: {why}"
+        why = self._idmap_problem()
+        if why is not None:
+            if self.cfg.uid_ranges == "per-sandbox":
+                raise InvalidError(
+                    f"per-sandbox uid ranges need id-mapped mounts, and {why}: put the data directory on"
+                    " ext4, xfs, btrfs or tmpfs, or run with SHOAL_UID_RANGES=shared"
+                )
+            return "shared", f"per-sandbox ranges are off: {why}"
         return (
             "per-sandbox",
             f"{self.cfg.uid_slots} ranges of {idmap.IDS_PER_SANDBOX} ids from {idmap.FIRST_SANDBOX_ID}",
         )
 
+    def _idmap_problem(self) -> str | None:
+        """Why the stored trees (data dir, image caches) cannot be id-mapped here; None: they can."""
+        helper = self.cfg.agent_dir / BINARY_NAME
+        for d in [self.cfg.data_dir, *self.cfg.image_caches]:
+            why = idmap.probe(helper, d, self.cfg.runtime_dir, self.cfg.idmap.host_id)
+            if why is not None:
+                return why
+        return None
+
     def _check_gvisor(self) -> None:
         """Offer gVisor where runsc is installed and the stored trees can be id-mapped (its sandboxes' files are
         stored through an id-mapped root, decision 0069); refuse to start if it is the default and cannot be."""
         if self.gvisor is not None and self.uid_mode != "per-sandbox":  # else the probe passed already
-            helper = self.cfg.agent_dir / BINARY_NAME
-            for d in [self.cfg.data_dir, *self.cfg.image_caches]:
-                why = idmap.probe(helper, d, self.cfg.runtime_dir, self.cfg.idmap.host_id)
-                if why is not None:
-                    self.gvisor, self.gvisor_note = None, f"gVisor sandboxes need id-mapped mounts, and {why}"
-                    break
+            why = self._idmap_problem()
+            if why is not None:
+                self.gvisor, self.gvisor_note = None, f"gVisor sandboxes need id-mapped mounts, and {why}"
         if self.gvisor is not None:
             self.ctx.runtimes["gvisor"] = self.gvisor
         elif self.cfg.default_runtime == "gvisor":
@@ -244,7 +248,7 @@ class Manager:
         """The runtimes for ``shoal status``: the default, and each kind's binary or why it is missing."""
         kinds: dict[str, Any] = {"runc": {"binary": self.runtime.binary, "name": self.runtime.name}}
         if self.gvisor is not None:
-            kinds["gvisor"] = {"binary": self.gvisor.binary, "name": self.gvisor.name, "platform": "ptrace"}
+            kinds["gvisor"] = {"binary": self.gvisor.binary, "name": self.gvisor.name, "platform": gvisor.PLATFORM}
         else:
             kinds["gvisor"] = {"missing": self.gvisor_note}
         return {"default": self.cfg.default_runtime, "kinds": kinds}

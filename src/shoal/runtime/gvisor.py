@@ -46,8 +46,6 @@ NET_MASK = 'mount -t tmpfs -o size=4k,mode=555,nosuid,nodev,noexec shoal-runsc /
 class GvisorRuntime(ContainerRuntime):
     """runsc with its own state directory."""
 
-    kind = "gvisor"
-
     def __init__(self, binary: str, state_dir: str) -> None:
         self._binary = binary
         self.state_dir = state_dir

@@ -69,7 +69,8 @@ def _float(request: web.Request, name: str, default: float, high: float) -> floa
     return max(0.0, min(value, high))
 
 
-def _int(request: web.Request, name: str, default: int) -> int:
+def query_int(request: web.Request, name: str, default: int) -> int:
+    """A non-negative integer query parameter, or ``default`` when absent; InvalidError otherwise."""
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -138,7 +139,7 @@ async def debug_memory(request: web.Request) -> dict[str, Any]:
     }
     if tracemalloc.is_tracing():
         answer["traced_bytes"] = tracemalloc.get_traced_memory()[0]
-        top = min(_int(request, "top", 0), 100)
+        top = min(query_int(request, "top", 0), 100)
         if top:
             stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
             answer["top"] = [{"site": str(s.traceback), "bytes": s.size, "count": s.count} for s in stats]
@@ -168,12 +169,12 @@ def _log_query(request: web.Request) -> dict[str, Any]:
     source = q.get("source") or None
     if source is not None and source not in logs.SOURCES:
         raise InvalidError(f"source must be one of {', '.join(logs.SOURCES)}, got {source!r}")
-    tail = _int(request, "tail", 0) if "tail" in q else None
+    tail = query_int(request, "tail", 0) if "tail" in q else None
     if tail is not None and tail < 1:
         raise InvalidError("tail must be at least 1")
     return {
-        "since": _int(request, "since_us", 0) if "since_us" in q else None,
-        "until": _int(request, "until_us", 0) if "until_us" in q else None,
+        "since": query_int(request, "since_us", 0) if "since_us" in q else None,
+        "until": query_int(request, "until_us", 0) if "until_us" in q else None,
         "source": source,
         "search": q.get("search", ""),
         "tail": tail,
@@ -549,7 +550,7 @@ async def read_output(request: web.Request) -> web.StreamResponse:
     if fd not in ("1", "2"):
         raise InvalidError("fd must be 1 (stdout) or 2 (stderr)")
     stream = proc.streams[int(fd) - 1]
-    offset = _int(request, "offset", 0)
+    offset = query_int(request, "offset", 0)
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "X-Shoal-Offset": str(offset)})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
@@ -580,7 +581,7 @@ async def read_output(request: web.Request) -> web.StreamResponse:
 )
 async def write_stdin(request: web.Request) -> StdinOffset:
     sb = _mgr(request).get(request.match_info["sandbox_id"])
-    offset = _int(request, "offset", 0)
+    offset = query_int(request, "offset", 0)
     eof = request.query.get("eof", "") in ("1", "true")
     data = await request.read()
     next_offset = await sb.write_stdin(request.match_info["exec_id"], offset, data, eof)

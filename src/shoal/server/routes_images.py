@@ -13,7 +13,7 @@ from aiohttp import web
 from shoal.engine import image_store
 from shoal.exception import InvalidError
 from shoal.server.registry import RouteTable
-from shoal.server.routes import MANAGER
+from shoal.server.routes import MANAGER, query_int
 from shoal.wire.images import ContextStored, ImageRemoved, ImageStoreUsage, PruneResult
 from shoal.wire.sandboxes import LogEntries
 
@@ -56,15 +56,12 @@ async def remove_image(request: web.Request) -> ImageRemoved:
 
 
 def _count(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
+    """An optional count (at least 1) from the query."""
+    if name not in request.query:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidError(f"{name} must be a whole number, got {raw!r}") from None
+    value = query_int(request, name, 0)
     if value < 1:
-        raise InvalidError(f"{name} must be at least 1, got {value}")
+        raise InvalidError(f"query parameter {name} must be at least 1")
     return value
 
 
