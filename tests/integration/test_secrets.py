@@ -192,7 +192,9 @@ def _files_under(*roots: Path) -> Iterator[Path]:
             dirnames[:] = [n for n in dirnames if not os.path.ismount(os.path.join(dirpath, n))]
             for f in filenames:
                 p = Path(dirpath, f)
-                if p.is_file() and not p.is_symlink():
+                # A mounted file is not one the daemon wrote: gVisor sandboxes hold their network
+                # namespace as a bind mount (nsfs), which has no content to read.
+                if p.is_file() and not p.is_symlink() and not os.path.ismount(p):
                     yield p
 
 
