@@ -52,6 +52,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/inotify.h>
+#include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -562,6 +563,50 @@ static void temp_name_for(char *buf, size_t size, int tries) {
     snprintf(buf, size, ".shoal-write-%016llx", (unsigned long long)r);
 }
 
+/* Where a filesystem has no O_TMPFILE (gVisor's), the data goes to a named temporary file, which a SIGKILL
+   mid-write would leave behind.  A detached child holds the read end of a pipe and removes that file when the
+   writer dies without saying it is done: the pipe's end of file is the only news that outlives a SIGKILL. */
+static int janitor_fd = -1;
+
+static void start_janitor(int dirfd, const char *tmp) {
+    int p[2];
+    if (pipe(p) < 0) return;
+    pid_t c = fork();
+    if (c < 0) {
+        close(p[0]);
+        close(p[1]);
+        return;
+    }
+    if (c == 0) {
+        setsid(); /* outlive a kill of the writer's process group */
+        prctl(PR_SET_NAME, "fs-janitor");
+        int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+        if (null >= 0) {
+            /* Let go of the exec's stdin/stdout/stderr pipes so its streams end with the writer. */
+            dup2(null, 0);
+            dup2(null, 1);
+            dup2(null, 2);
+        }
+        for (int fd = 3; fd < 1024; fd++)
+            if (fd != p[0] && fd != dirfd) close(fd);
+        char b;
+        ssize_t n;
+        do n = read(p[0], &b, 1);
+        while (n < 0 && errno == EINTR);
+        if (n == 0) unlinkat(dirfd, tmp, 0);
+        _exit(0);
+    }
+    close(p[0]);
+    janitor_fd = p[1];
+}
+
+static void dismiss_janitor(void) {
+    if (janitor_fd < 0) return;
+    (void)!write(janitor_fd, "", 1);
+    close(janitor_fd);
+    janitor_fd = -1;
+}
+
 static int op_write(const char *path, long long expect) {
     char dir[PATH_MAX], tmp[64];
     const char *base = split(path, dir);
@@ -614,6 +659,7 @@ static int op_write(const char *path, long long expect) {
         }
         temp_dir = dirfd;
         temp_name = tmp;
+        start_janitor(dirfd, tmp);
     }
     if (exists) {
         /* Replace the file, not its ownership and permissions. */
@@ -666,6 +712,7 @@ static int op_write(const char *path, long long expect) {
     if (close(fd) < 0) fail(errno);
     if (renameat(dirfd, tmp, dirfd, name) < 0) fail(errno);
     temp_name = NULL;
+    dismiss_janitor();
     return 0;
 }
 
