@@ -325,6 +325,11 @@ def own_daemon() -> Iterator[Daemon]:
         yield d
 
 
+# The runtime the `sandbox` fixture's sandboxes get: the session daemon's default, as the suite was run
+# (`SHOAL_DEFAULT_RUNTIME=gvisor make test` sweeps the suite under gVisor).
+DEFAULT_RUNTIME = os.environ.get("SHOAL_DEFAULT_RUNTIME") or "runc"
+
+
 @pytest.fixture(scope="session")
 def app(daemon: Daemon):  # type: ignore[no-untyped-def]
     import shoal
