@@ -88,6 +88,28 @@ def _env(daemon) -> dict[str, str]:
     return {**os.environ, "SHOAL_RUNTIME_DIR": str(daemon.runtime_dir), "PYTHONPATH": str(REPO / "src")}
 
 
+def test_code_in_the_sandbox_cannot_open_the_agents_control_connection(daemon, gv):
+    # runsc shows PID 1's descriptors to root in the sandbox (decision 0069); its host-backed control socket must
+    # still not open through /proc/1/fd, or sandbox code could speak for the agent.
+    script = (
+        "import os\n"
+        "for n in os.listdir('/proc/1/fd'):\n"
+        "    t = os.readlink('/proc/1/fd/' + n)\n"
+        "    if not t.startswith('host:'): continue\n"
+        "    try: os.open('/proc/1/fd/' + n, os.O_RDWR | os.O_NONBLOCK)\n"
+        "    except OSError as e: print(n, 'refused', e.errno)\n"
+        "    else: print(n, 'OPENED', t)\n"
+    )
+    p = gv.exec("python3", "-c", script)
+    out = p.stdout.read()
+    assert p.wait() == 0, p.stderr.read()
+    lines = out.splitlines()
+    # The agent's own stdout and stderr (the sandbox's log, which its code writes anyway) may open; no other host fd.
+    opened = [ln for ln in lines if "OPENED" in ln and ln.split()[0] not in ("1", "2")]
+    assert opened == [], out
+    assert any("refused" in ln for ln in lines), out
+
+
 def test_exec_streams_stdin_codes_timeouts_workdir_env_and_pty(daemon):
     sb = shoal.Sandbox.create(
         "sh", "-c", "echo entry-out; echo entry-err >&2; sleep 600",
