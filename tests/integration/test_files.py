@@ -990,14 +990,15 @@ def test_a_write_killed_midway_leaves_nothing_behind(sandbox, where):
     from shoal.runtime.spec import AGENT_PATH
 
     sandbox.filesystem.make_directory(where, create_parents=True)
-    p = sandbox.exec(AGENT_PATH, "fs", "write", "-n", "1000000", f"{where}/f.bin", text=False)
-    p.stdin.write(b"x" * 4096)
+    # More than the 1 MiB a writer without O_TMPFILE (gVisor) holds in memory, so that a temporary file exists.
+    p = sandbox.exec(AGENT_PATH, "fs", "write", "-n", "4000000", f"{where}/f.bin", text=False)
+    p.stdin.write(b"x" * (2 << 20))
     p.stdin.drain()
     deadline = time.monotonic() + 10
     pid = ""
     while not pid and time.monotonic() < deadline:
         # -o: the writer, not the helper it forks where it needs a named temporary file (gVisor)
-        finder = sandbox.exec("pgrep", "-o", "-f", f"fs write -n 1000000 {where}/")
+        finder = sandbox.exec("pgrep", "-o", "-f", f"fs write -n 4000000 {where}/")
         pid = finder.stdout.read().strip()
         finder.wait()
     assert pid, "the write did not start"

@@ -651,10 +651,24 @@ static int op_write(const char *path, long long expect) {
 
     /* The data goes to a file without a name (O_TMPFILE) where the filesystem allows it: if this process is
        killed mid-write (its daemon died and the next one ends it), nothing is left behind.  It gets a
-       temporary name only once complete, for the rename over the target. */
+       temporary name only once complete, for the rename over the target.  Where it does not (gVisor), the
+       first IO_CHUNK bytes are held in memory before a named temporary file exists: a write that fits has that
+       file only between its creation and its rename; a longer one gets a janitor (a fork: costly under gVisor,
+       so not for every write). */
     int fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
     int unnamed = fd >= 0;
+    char *buf = NULL;
+    long long total = 0;
+    int done = 0; /* all the input is read (or more than expected) */
     if (!unnamed) {
+        if (!(buf = malloc(IO_CHUNK))) fail(ENOMEM);
+        while (!done && total < IO_CHUNK) {
+            ssize_t r = read(0, buf + total, (size_t)(IO_CHUNK - total));
+            if (r > 0) total += r;
+            else if (r == 0) done = 1;
+            else if (errno != EINTR) fail(errno);
+            if (expect >= 0 && total > expect) done = 1;
+        }
         for (int tries = 0; fd < 0; tries++) {
             temp_name_for(tmp, sizeof tmp, tries);
             fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
@@ -662,7 +676,8 @@ static int op_write(const char *path, long long expect) {
         }
         temp_dir = dirfd;
         temp_name = tmp;
-        start_janitor(dirfd, tmp);
+        if (!done) start_janitor(dirfd, tmp);
+        if (write_all(fd, buf, (size_t)total) < 0) fail(errno);
     }
     if (exists) {
         /* Replace the file, not its ownership and permissions. */
@@ -670,10 +685,8 @@ static int op_write(const char *path, long long expect) {
         (void)!fchmod(fd, st.st_mode & 07777);
     }
     grow_pipe(0);
-    long long total = 0;
     int use_splice = 1;
-    char *buf = NULL;
-    for (;;) {
+    while (!done) {
         ssize_t r;
         if (use_splice) {
             r = splice(0, NULL, fd, NULL, IO_CHUNK, SPLICE_F_MOVE);
