@@ -32,7 +32,7 @@ import pytest
 import shoal
 import shoal as modal
 from shoal.exception import InvalidError
-from tests.conftest import Daemon, running_daemon
+from tests.conftest import DEFAULT_RUNTIME, Daemon, running_daemon
 from tests.netkit import CONNECT, DnsServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -253,6 +253,14 @@ def init_pid(d: Daemon, sb) -> int:
     raise AssertionError("no init found")
 
 
+def netns_of(d: Daemon, sb) -> str:
+    """A path to a sandbox's network namespace: its init's under runc; under gVisor the Sentry's, which the
+    daemon keeps bound in the sandbox's run directory (the Sentry's own init is not the sandbox's)."""
+    if DEFAULT_RUNTIME == "gvisor":
+        return str(d.runtime_dir / "sandboxes" / sb.object_id / "netns")
+    return f"/proc/{init_pid(d, sb)}/ns/net"
+
+
 # ---------------------------------------------------------------- fixtures
 
 
@@ -324,7 +332,7 @@ def test_outbound_by_default_through_nat_with_dns(net, sandboxes):
     # NAT: the server sees the host's address on its link, not the sandbox's.
     assert f"conn {net.web.host_ip}" in net.web.lines
     assert not any(line.startswith("conn 10.") for line in net.web.lines)
-    rc, out, _ = py(sb, "import os; print(sorted(os.listdir('/sys/class/net')))")
+    rc, out, _ = py(sb, "import socket; print(sorted(n for _, n in socket.if_nameindex()))")
     assert out.strip() == "['eth0', 'lo']"
     rc, out, _ = py(sb, "import socket; print(socket.gethostname(), open('/etc/hosts').read().split()[-1])")
     assert out.split() == ["sandbox", "sandbox"]
@@ -335,9 +343,11 @@ def test_outbound_by_default_through_nat_with_dns(net, sandboxes):
 
 def test_block_network_is_loopback_only(net, sandboxes):
     sb = create(net, sandboxes, block_network=True)
-    _rc, out, _ = py(sb, "import os; print(sorted(os.listdir('/sys/class/net')))")
+    _rc, out, _ = py(sb, "import socket; print(sorted(n for _, n in socket.if_nameindex()))")
     assert out.strip() == "['lo']"
-    assert connect(sb, net.web.ip, 8000) == {"errno": errno.ENETUNREACH}
+    # No route under runc; gVisor's own stack says the host is unreachable instead.
+    unreachable = errno.EHOSTUNREACH if DEFAULT_RUNTIME == "gvisor" else errno.ENETUNREACH
+    assert connect(sb, net.web.ip, 8000) == {"errno": unreachable}
     assert "error" in resolve(sb, "web.shoal.test")
     # Control: the same request from a default sandbox works.
     assert "body" in fetch(create(net, sandboxes), f"http://{net.web.ip}:8000/")
@@ -414,17 +424,26 @@ def test_spoofed_source_is_dropped(net, sandboxes):
     namespace); the test does it for it, from the host, and the filter still drops what it sends."""
     sb, victim = create(net, sandboxes), create(net, sandboxes)
     net.other.start(UDP_RECORDER, "9999")
-    pid = init_pid(net.daemon, sb)
     rc, _, _err = py(
         sb, "import subprocess, sys; sys.exit(subprocess.call(['ip', 'addr', 'add', '198.18.250.9/32', 'dev', 'eth0']))"
     )
     assert rc != 0  # no privilege for it inside
     spoofs = ["198.18.250.9", sandbox_ip(victim)]
-    nsenter = ["nsenter", f"--net=/proc/{pid}/ns/net"]
+    nsenter = ["nsenter", f"--net={netns_of(net.daemon, sb)}"]
     for addr in spoofs:
         subprocess.run([*nsenter, "ip", "addr", "add", f"{addr}/32", "dev", "eth0"], check=True)
-    for addr in [*spoofs, ""]:
-        label = addr or "real"
+    real = ""
+    if DEFAULT_RUNTIME == "gvisor":
+        # runsc moves eth0's addresses and routes into its own network stack; the host's stack in that
+        # namespace gets the sandbox's real address back and a route out, so the control packet takes the
+        # same path as the attack packets.
+        real = sandbox_ip(sb)
+        subprocess.run([*nsenter, "ip", "addr", "add", f"{real}/32", "dev", "eth0"], check=True)
+        subprocess.run(
+            [*nsenter, "ip", "route", "add", "default", "via", gateway(sb), "dev", "eth0", "onlink"], check=True
+        )
+    for addr in [*spoofs, real]:
+        label = addr if addr != real else "real"
         subprocess.run([*nsenter, sys.executable, "-c", SEND_UDP, net.other.ip, "9999", addr, label], check=True)
     deadline = time.monotonic() + 5
     while not any(line.endswith(" real") for line in net.other.lines) and time.monotonic() < deadline:
