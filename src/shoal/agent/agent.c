@@ -382,6 +382,17 @@ static void run_fs_tool(char **argv) {
     exit(fs_main(argc - 2, argv + 2));
 }
 
+/* Linux drops a signal that code in the sandbox sends to its PID namespace's init unless the init handles it;
+ * gVisor's kernel (runsc 20240729) delivers it, so `kill -TERM 1` would end the sandbox.  Ignoring every signal
+ * whose default would end or stop this process keeps it running under both (a real fault still kills: the kernel
+ * forces SIGSEGV and its kind).  SIGKILL and SIGSTOP cannot be ignored; child_exec restores the defaults. */
+static void ignore_signals_from_inside(void) {
+    for (int s = 1; s < NSIG; s++) {
+        if (s == SIGKILL || s == SIGSTOP || s == SIGCHLD || s == SIGCONT || s == SIGURG || s == SIGWINCH) continue;
+        signal(s, SIG_IGN);
+    }
+}
+
 static void child_exec(char **argv, char **envp, const char *cwd, const char *user, int errfd) {
     sigset_t all;
     sigemptyset(&all);
@@ -862,6 +873,7 @@ int main(int argc, char **argv) {
     }
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     signal(SIGPIPE, SIG_IGN);
+    ignore_signals_from_inside();
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
