@@ -33,11 +33,14 @@ from shoal.runtime.base import ContainerRuntime, RuntimeFailure
 from shoal.runtime.oci import log_tail, parse_list, parse_state, start_failure
 from shoal.util import spawn
 
-PLATFORM = "ptrace"
-"""``--platform=kvm`` hangs on this kind of host (measured, issue 15); ptrace needs nothing from the host.  An
-operator adds or overrides runsc's flags with ``$SHOAL_RUNSC_FLAGS`` (e.g. ``--debug --debug-log=/tmp/runsc/``)."""
+PLATFORM = "systrap"
+"""runsc's own default.  ``--platform=kvm`` hangs on this kind of host; ``ptrace`` starts execs faster here (exec
+p50 16 vs 51 ms) but holds ~10 host tasks per sandbox process and keeps them after it ends, so any host pids
+limit ends the whole sandbox under a fork bomb; systrap holds ~2 and a fork bomb stops at the sandbox's
+RLIMIT_NPROC (decision 0069, issue 15).  An operator adds or overrides runsc's flags with ``$SHOAL_RUNSC_FLAGS``
+(e.g. ``--debug --debug-log=/tmp/runsc/``)."""
 SENTRY_UID = 65534
-"""The host uid runsc runs a sandbox's Sentry as (and the ptrace platform's stub processes, which the daemon, a
+"""The host uid runsc runs a sandbox's Sentry as (and the platform's stub processes, which the daemon, a
 child subreaper, inherits when a Sentry ends)."""
 NET_MASK = 'mount -t tmpfs -o size=4k,mode=555,nosuid,nodev,noexec shoal-runsc /proc/sys/net && exec "$@"'
 """The shell line that hides ``/proc/sys/net`` from runsc before running it (see the module's docstring)."""
@@ -106,7 +109,7 @@ class GvisorRuntime(ContainerRuntime):
     @staticmethod
     def is_ours(pid: int, uid: int) -> bool:
         """Whether an exited child of the daemon was one of runsc's processes, orphaned to it (the daemon is a child
-        subreaper): a Sentry (uid 65534), a gofer, or the ptrace platform's stubs, which a Sentry leaves when it
+        subreaper): a Sentry (uid 65534), a gofer, or the platform's stub processes, which a Sentry leaves when it
         ends.  runsc starts all of them by re-executing itself through ``/proc/self/exe``, so their name is ``exe``;
         the daemon runs every program of its own by its path, so none of those is."""
         if uid == SENTRY_UID:

@@ -133,15 +133,36 @@ class ContainerConfig:
     is id-mapped to the stored range instead), the control socket on standard input."""
 
 
-def _rlimits() -> list[dict[str, Any]]:
+GVISOR_HOST_TASKS_PER_PROCESS = 4
+"""Host tasks (threads and stub processes) runsc's systrap platform holds for each process in a gVisor sandbox:
+~2 measured (60 sleeping processes: 27 → 151 host tasks; a shell fork bomb held at 1024 processes: ~1900)."""
+GVISOR_HOST_TASKS_BASE = 256
+"""Host tasks of a gVisor sandbox before its first process: the Sentry's and the gofer's threads (~30 measured)."""
+
+
+def _rlimits(r: Resources, gvisor: bool) -> list[dict[str, Any]]:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     nofile = hard if hard != resource.RLIM_INFINITY else 1 << 20
     nofile = min(nofile, 1 << 20)
-    return [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}]
+    out = [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}]
+    if gvisor:
+        # The Sentry's own kernel counts the sandbox's tasks against this (root in the sandbox cannot raise it:
+        # no CAP_SYS_RESOURCE), so a fork bomb gets EAGAIN there before the host's pids limit, which would end
+        # the whole sandbox, is reached.
+        out.append({"type": "RLIMIT_NPROC", "hard": r.pids_limit, "soft": r.pids_limit})
+    return out
 
 
-def _resources(r: Resources) -> dict[str, Any]:
-    out: dict[str, Any] = {"pids": {"limit": r.pids_limit}}
+def host_pids_limit(r: Resources, gvisor: bool) -> int:
+    """The host pids cgroup limit: the sandbox's own under runc; under gVisor room for the Sentry's host tasks
+    behind that many sandbox processes (the sandbox's limit is then its RLIMIT_NPROC)."""
+    if not gvisor:
+        return r.pids_limit
+    return GVISOR_HOST_TASKS_BASE + r.pids_limit * GVISOR_HOST_TASKS_PER_PROCESS
+
+
+def _resources(r: Resources, gvisor: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"pids": {"limit": host_pids_limit(r, gvisor)}}
     if r.memory_limit_mib is not None:
         out["memory"] = {"limit": r.memory_limit_mib << 20}
     cpu: dict[str, Any] = {}
@@ -213,7 +234,7 @@ def build(cfg: ContainerConfig) -> dict[str, Any]:
         mounts.append({"destination": b.destination, "type": "bind", "source": b.source, "options": opts})
     for d in cfg.devices:  # no "nodev" here, or the node cannot be opened
         mounts.append({"destination": d.destination, "type": "bind", "source": d.source, "options": ["bind", "nosuid"]})
-    resources = _resources(cfg.resources)
+    resources = _resources(cfg.resources, cfg.gvisor)
     if cfg.devices:
         resources["devices"] = [
             {"allow": True, "type": "c", "major": d.major, "minor": d.minor, "access": "rw"} for d in cfg.devices
@@ -237,7 +258,7 @@ def build(cfg: ContainerConfig) -> dict[str, Any]:
             "capabilities": {k: CAPABILITIES for k in ("bounding", "effective", "permitted")},
             # In a joined user namespace the runtime would set these with prlimit(2) on a process that already
             # runs as the sandbox's uid, which needs CAP_SYS_RESOURCE; it inherits the daemon's (the same) instead.
-            **({} if joined else {"rlimits": _rlimits()}),
+            **({} if joined else {"rlimits": _rlimits(cfg.resources, cfg.gvisor)}),
             "noNewPrivileges": True,
             # Under host-wide memory pressure, sandbox processes go before the host's.
             "oomScoreAdj": OOM_SCORE_ADJ,
