@@ -21,6 +21,7 @@ from shoal.engine.link import AgentLink
 from shoal.engine.logs import LogWriter
 from shoal.engine.process import SIGKILL, Process
 from shoal.engine.results import result_for_exit
+from shoal.runtime import cgroups
 from shoal.store.state import ExecRow, SandboxRow
 from shoal.wire.sandboxes import Result, SandboxState
 
@@ -185,12 +186,19 @@ class AgentFrames:
         self.connected.clear()
         if self.state == RUNNING:
             # The agent is PID 1: its connection only ends when the sandbox dies.
-            self.finish_soon(
-                Result(
-                    status="terminated",
-                    message="the sandbox stopped unexpectedly (its init process died)",
-                )
+            self.finish_soon(Result(status="terminated", message=self._death_message()))
+
+    def _death_message(self) -> str:
+        """Why the sandbox died under the daemon, as far as the host can tell (its cgroup is still there)."""
+        cgroup_path = f"{self.ctx.cfg.cgroup_parent}/{self.container_id}"
+        if cgroups.memory_events(cgroup_path).get("oom_kill", 0) > 0:
+            spec = self.row.spec
+            whole = " (under gVisor the whole sandbox ends when it does)" if spec.runtime == "gvisor" else ""
+            return (
+                f"the sandbox ran out of memory{whole} and its init process died: "
+                "give it more with Sandbox.create(memory=...)"
             )
+        return "the sandbox stopped unexpectedly (its init process died)"
 
     def load_processes(self) -> None:
         """Rebuild the records of processes still running or with output to come (after a daemon restart)."""
