@@ -510,10 +510,13 @@ def test_capabilities_exclude_sys_admin_and_other_host_powers(shared):
     for field in ("CapPrm", "CapEff", "CapBnd"):
         caps = decode_caps(status[field])
         assert not caps & FORBIDDEN_CAPS, (field, sorted(caps & FORBIDDEN_CAPS))
-    assert decode_caps(status["CapAmb"]) == set()
+    assert decode_caps(status.get("CapAmb", "0")) == set()  # gVisor's kernel has no ambient set to show
     assert decode_caps(status["CapInh"]) == set()
-    assert status["NoNewPrivs"] == "1"  # setuid binaries and file capabilities cannot raise privileges
-    assert status["Seccomp"] == "2"  # filter mode
+    # setuid binaries and file capabilities cannot raise privileges (gVisor's status does not show it: ask prctl)
+    rc, out, err = sh(shared, "python3 -c 'import ctypes; print(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))'")
+    assert (rc, out, status.get("NoNewPrivs", "1")) == (0, "1\n", "1"), err
+    # Filter mode; under gVisor no filter inside: its system calls reach the Sentry, not the host (0069).
+    assert status["Seccomp"] == ("0" if DEFAULT_RUNTIME == "gvisor" else "2")
 
 
 def test_root_inside_is_a_sandbox_uid_outside(daemon, sandbox):
@@ -684,6 +687,14 @@ def test_privileged_syscalls_refused(sandbox):
     results = py_json(sandbox, SYSCALLS)
     assert results.pop("mounts under /mnt") == []
     assert results.pop("clone3 newuser") in (-errno.ENOSYS, -errno.EPERM)
+    if DEFAULT_RUNTIME == "gvisor":
+        # gVisor's kernel implements these for itself (its own namespaces, keyrings and a made-up kernel log):
+        # they succeed without reaching the host.  Everything else is refused, some calls as not implemented.
+        for name in ("keyctl", "unshare user", "unshare mount", "unshare net", "clone newpid", "syslog"):
+            results.pop(name)
+        assert all(r < 0 for r in results.values()), results
+        assert_healthy(sandbox)
+        return
     refused = {name: r for name, r in results.items() if r == -errno.EPERM}
     assert refused == results, {name: r for name, r in results.items() if r != -errno.EPERM}
     assert_healthy(sandbox)
@@ -708,9 +719,14 @@ def test_privileged_syscalls_refused(sandbox):
 )
 def test_privileged_commands_fail(shared, command):
     """Attack: the command-line tools an attacker would reach for first."""
-    rc, _, err = sh(shared, command)
-    assert rc != 0, f"{command!r} succeeded"
-    assert err.strip(), "a refused command says why"
+    rc, out, err = sh(shared, command)
+    if DEFAULT_RUNTIME == "gvisor" and command in ("unshare -r true", "dmesg"):
+        # gVisor's own user namespaces and its made-up kernel log: nothing of the host's (decision 0069).
+        assert rc == 0, err
+        assert os.uname().release not in out
+    else:
+        assert rc != 0, f"{command!r} succeeded"
+        assert err.strip(), "a refused command says why"
     rc, out, _ = sh(shared, "grep -c ' /mnt ' /proc/self/mountinfo || true")
     assert out.strip() == "0"
 
@@ -767,14 +783,18 @@ for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug
     except OSError as e:
         out[path] = -e.errno
 out["/sys/firmware"] = os.listdir("/sys/firmware")
-out["kallsyms"] = sorted({line.split()[0] for line in open("/proc/kallsyms")})
+try:
+    out["kallsyms"] = sorted({line.split()[0] for line in open("/proc/kallsyms")})
+except FileNotFoundError:  # gVisor's kernel has none
+    out["kallsyms"] = []
 print(json.dumps(out))
 """,
     )
     # Masked files read as empty (bind of /dev/null); absent ones (not built into this kernel) are fine too.
     for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"):
         assert result[path] in (0, -errno.ENOENT), (path, result[path])
-    assert result["/proc/kmsg"] in (-errno.EACCES, -errno.EPERM)
+    absent = (-errno.ENOENT,) if DEFAULT_RUNTIME == "gvisor" else ()  # gVisor's kernel has no /proc/kmsg
+    assert result["/proc/kmsg"] in (-errno.EACCES, -errno.EPERM, *absent)
     assert result["/sys/firmware"] == []
     assert set(result["kallsyms"]) <= {"0000000000000000"}, "kernel addresses are visible"
 
@@ -880,7 +900,7 @@ c, _ = s.accept(); c.sendall(b"SANDBOX\\n"); c.close()
     finally:
         listener.close()
     assert listener.accepted == 0
-    rc, out, _ = sh(shared, "ls /sys/class/net")
+    rc, out, _ = sh(shared, "python3 -c 'import socket; print(*sorted(n for _, n in socket.if_nameindex()))'")
     # Its own veth to the NAT gateway, nothing of the host's (see tests/integration/test_network.py).
     assert (rc, out.split()) == (0, ["eth0", "lo"])
 
