@@ -40,8 +40,8 @@ limit ends the whole sandbox under a fork bomb; systrap holds ~2 and a fork bomb
 RLIMIT_NPROC (decision 0069, issue 15).  An operator adds or overrides runsc's flags with ``$SHOAL_RUNSC_FLAGS``
 (e.g. ``--debug --debug-log=/tmp/runsc/``)."""
 SENTRY_UID = 65534
-"""The host uid runsc runs a sandbox's Sentry as (and the platform's stub processes, which the daemon, a
-child subreaper, inherits when a Sentry ends)."""
+"""The host uid runsc runs a Sentry as when it drops to nobody (runsc 20240729 here keeps uid 0 in a user
+namespace of its own, decision 0069; its processes are then known by their name, see :meth:`is_ours`)."""
 NET_MASK = 'mount -t tmpfs -o size=4k,mode=555,nosuid,nodev,noexec shoal-runsc /proc/sys/net && exec "$@"'
 """The shell line that hides ``/proc/sys/net`` from runsc before running it (see the module's docstring)."""
 
@@ -109,9 +109,10 @@ class GvisorRuntime(ContainerRuntime):
     @staticmethod
     def is_ours(pid: int, uid: int) -> bool:
         """Whether an exited child of the daemon was one of runsc's processes, orphaned to it (the daemon is a child
-        subreaper): a Sentry (uid 65534), a gofer, or the platform's stub processes, which a Sentry leaves when it
-        ends.  runsc starts all of them by re-executing itself through ``/proc/self/exe``, so their name is ``exe``;
-        the daemon runs every program of its own by its path, so none of those is."""
+        subreaper): a Sentry (uid 65534 where runsc drops to nobody), a gofer, or the platform's stub processes,
+        which a Sentry leaves when it ends.  runsc starts all of them by re-executing itself through
+        ``/proc/self/exe``, so their name is ``exe``; the daemon runs every program of its own by its path, so none
+        of those is."""
         if uid == SENTRY_UID:
             return True
         try:
