@@ -14,7 +14,7 @@ import pytest
 import shoal
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import default_client
-from tests.conftest import Daemon, running_daemon
+from tests.conftest import DEFAULT_RUNTIME, Daemon, running_daemon
 
 OWN_ADDRESS = (
     "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('198.18.0.1', 9));"
@@ -109,15 +109,24 @@ def test_timeouts_count_from_create_not_from_the_pool(pooled):
     assert idle.returncode == 124
 
 
+def pool_containers(d: Daemon) -> dict[str, int]:
+    """The pooled containers the runtime holds: container id → the host pid that runs it (runc's init, or under
+    gVisor the Sentry, which runsc records in ``<id>_sandbox:<id>.state``)."""
+    if DEFAULT_RUNTIME == "gvisor":
+        states = (d.runtime_dir / "oci" / "runsc").glob("*.state")
+        return {s.name.split("_sandbox:")[0]: json.loads(s.read_text())["sandbox"]["pid"] for s in states}
+    states = (d.runtime_dir / "oci" / "runc").glob("*/state.json")
+    return {s.parent.name: json.loads(s.read_text())["init_process_pid"] for s in states}
+
+
 def test_a_crashed_daemons_pool_is_cleaned_up_by_the_next(pooled):
     until_ready(2)
-    state_dir = pooled.runtime_dir / "oci" / "runc"
-    old = {p.name for p in state_dir.iterdir()}
+    old = set(pool_containers(pooled))
     assert len(old) == 2
     pooled.stop(signal.SIGKILL)
     pooled.start("--warm-pool", "2")
     until_ready(2)
-    now = {p.name for p in state_dir.iterdir()}
+    now = set(pool_containers(pooled))
     assert len(now) == 2 and not now & old  # the old ones were removed, two new ones made
     assert not [d for d in (pooled.data_dir / "sandboxes").iterdir() if d.name in old]
     sb = shoal.Sandbox.create(app=_app())
@@ -143,12 +152,13 @@ def test_the_pools_image_is_in_use(pooled):
 
 
 def test_creates_work_at_once_after_the_pools_inits_were_killed(pooled):
-    """The pool's containers wait in runc's ``created`` state; with their inits killed from outside, the next
-    creates still give working sandboxes at once (never a hang on a dead init)."""
+    """The pool's containers wait in the runtime's ``created`` state; with their inits (under gVisor: their
+    Sentries) killed from outside, the next creates still give working sandboxes at once (never a hang on a dead
+    init)."""
     until_ready(2)
     killed = 0
-    for state in (pooled.runtime_dir / "oci").glob("*/*/state.json"):  # oci/<runtime>/<container>
-        subprocess.run(["kill", "-9", str(json.loads(state.read_text())["init_process_pid"])], check=True)
+    for pid in pool_containers(pooled).values():
+        subprocess.run(["kill", "-9", str(pid)], check=True)
         killed += 1
     assert killed == 2
     app = _app()

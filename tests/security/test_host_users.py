@@ -55,7 +55,8 @@ def test_the_runtime_dir_is_closed_to_host_users(daemon, planted):
     out = as_nobody("ls", str(run))
     assert out.returncode != 0 and "Permission denied" in out.stderr, out
     # The runtime's own record of the container (its config: env, mounts) is closed too.
-    states = list((daemon.runtime_dir / "oci").glob(f"*/{planted.object_id}/state.json"))
+    oci = daemon.runtime_dir / "oci"
+    states = [*oci.glob(f"runc/{planted.object_id}/state.json"), *oci.glob(f"runsc/{planted.object_id}_*.state")]
     assert states, "no runtime state file found"
     for state in states:
         out = as_nobody("cat", str(state))

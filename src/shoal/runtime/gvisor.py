@@ -120,6 +120,18 @@ class GvisorRuntime(ContainerRuntime):
         except OSError:
             return False
 
+    def waiting_init_alive(self, container_id: str) -> bool | None:
+        """Whether a created container's Sentry still runs (from runsc's state file and ``/proc``): a pooled
+        sandbox whose Sentry was killed while it waited cannot be started."""
+        state_file = Path(self.state_dir, f"{container_id}_sandbox:{container_id}.state")
+        try:
+            pid = int(json.loads(state_file.read_text())["sandbox"]["pid"])
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return False
+        return fields[0] != "Z" and comm == "exe"  # runsc re-executes itself: a reused pid is another program
+
     async def start(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
         """``runsc run --detach``: the agent's control socket is its standard input."""
         await self._launch("run", container_id, bundle, ctl_fd, log_path)
