@@ -10,6 +10,12 @@ import pytest
 import shoal
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import default_client
+from tests.conftest import DEFAULT_RUNTIME
+
+NO_GVISOR_MOUNTS = (
+    "mount_image and snapshot_directory into a running gVisor sandbox are not built yet (decision 0069); "
+    "test_gvisor.py asserts their clear error"
+)
 
 
 def sh(sb: shoal.Sandbox, script: str) -> tuple[int, str, str]:
@@ -70,9 +76,13 @@ def test_a_new_sandbox_from_a_snapshot_sees_the_files_and_the_deletions(sandboxe
     inodes = sh(sb2, "stat -c %i /app/hard /app/data/note.txt")[1].split()
     assert len(inodes) == 2 and inodes[0] == inodes[1]
     assert sh(sb2, "stat -c '%a %u %g' /app/tool")[1] == "4755 1000 1000\n"
-    assert sh(sb2, "stat -c %F /app/fifo")[1] == "fifo\n"
+    # gVisor keeps a FIFO made inside in its kernel's memory, never on disk: no snapshot can carry it (0069).
+    fifo = "No such file" if DEFAULT_RUNTIME == "gvisor" else "fifo\n"
+    assert fifo in sh(sb2, "stat -c %F /app/fifo 2>&1")[1]
     # A sparse file stays sparse: 64 GiB apparent, nothing allocated.
-    assert sh(sb2, "stat -c '%s %b' /app/sparse")[1] == f"{64 << 30} 0\n"
+    # (gVisor's kernel counts a file's blocks from its size, whatever the disk holds: only the size shows.)
+    blocks = "%s" if DEFAULT_RUNTIME == "gvisor" else "%s %b"
+    assert sh(sb2, f"stat -c '{blocks}' /app/sparse")[1] == (f"{64 << 30}\n" if blocks == "%s" else f"{64 << 30} 0\n")
     # The image's config came along: no command given, and the sandbox stays up.
     assert sb2.poll() is None
     # The first sandbox carries on with its own filesystem.
@@ -183,6 +193,7 @@ def test_snapshot_of_a_finished_sandbox_is_refused(sandboxes):
 # ---------------------------------------------------------------------------------------------- directories and mounts
 
 
+@pytest.mark.skipif(DEFAULT_RUNTIME == "gvisor", reason=NO_GVISOR_MOUNTS)
 def test_snapshot_directory_then_mount_image_in_another_sandbox(sandboxes):
     sb = sandboxes.new()
     assert sh(sb, "mkdir -p /repo/src/pkg && echo code > /repo/src/pkg/m.py && echo readme > /repo/README")[0] == 0
@@ -214,6 +225,7 @@ def test_snapshot_directory_then_mount_image_in_another_sandbox(sandboxes):
     assert sh(sb, "cat /repo/README")[1] == "readme\n"
 
 
+@pytest.mark.skipif(DEFAULT_RUNTIME == "gvisor", reason=NO_GVISOR_MOUNTS)
 def test_mount_image_replaces_an_earlier_mount_at_the_same_path(sandboxes):
     a, b = sandboxes.new(), sandboxes.new()
     sh(a, "mkdir /d1 /d2; echo one > /d1/f; echo two > /d2/f")
@@ -226,6 +238,7 @@ def test_mount_image_replaces_an_earlier_mount_at_the_same_path(sandboxes):
     assert sh(b, "ls /m")[1] == ""
 
 
+@pytest.mark.skipif(DEFAULT_RUNTIME == "gvisor", reason=NO_GVISOR_MOUNTS)
 def test_a_filesystem_snapshot_mounts_too(sandboxes):
     a = sandboxes.new()
     sh(a, "echo x > /x")
@@ -235,6 +248,7 @@ def test_a_filesystem_snapshot_mounts_too(sandboxes):
     assert sh(b, "cat /other-root/x; test -x /other-root/usr/bin/python3 && echo py")[1] == "x\npy\n"
 
 
+@pytest.mark.skipif(DEFAULT_RUNTIME == "gvisor", reason=NO_GVISOR_MOUNTS)
 def test_snapshot_and_mount_errors(sandboxes):
     sb = sandboxes.new()
     sh(sb, "mkdir -p /d; ln -s /etc /via-link")
