@@ -281,11 +281,15 @@ def test_a_volume_is_shared_between_a_gvisor_and_a_runc_sandbox(daemon):
 
 def test_snapshot_filesystem_of_a_gvisor_sandbox_starts_either_runtime(daemon, gv):
     assert sh(gv, "mkdir -p /work && echo kept > /work/state && echo tmp > /tmp/t")[0] == 0
+    # What a process that still runs has appended is in the snapshot.
+    writer = gv.exec("sh", "-c", "for i in $(seq 500); do echo line-$i >> /work/log; done; echo written; sleep 120")
+    assert next(iter(writer.stdout)) == "written\n"
     image = gv.snapshot_filesystem()
     for runtime in ("gvisor", "runc"):
         sb = shoal.Sandbox.create(app=_app(), image=image, runtime=runtime, timeout=120)
         try:
             assert sh(sb, "cat /work/state /tmp/t")[1] == "kept\ntmp\n", runtime
+            assert sh(sb, "wc -l < /work/log; tail -n 1 /work/log")[1] == "500\nline-500\n", runtime
         finally:
             sb.terminate()
 

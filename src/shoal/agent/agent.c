@@ -864,8 +864,6 @@ int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "fs")) return fs_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "userns")) return userns_main(argc - 2, argv + 2);
     if (argc == 4 && !strcmp(argv[1], "probe") && !strcmp(argv[2], "tcp")) return probe_tcp(argv[3]);
-    /* Under gVisor the Sentry holds written file data until a sync: the daemon asks before it reads the disk. */
-    if (argc == 2 && !strcmp(argv[1], "sync")) { sync(); return 0; }
     cmdline_area = argv[0];
     cmdline_len = (size_t)(argv[argc - 1] + strlen(argv[argc - 1]) + 1 - argv[0]);
     int initial_fd = -1;

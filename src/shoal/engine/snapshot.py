@@ -45,12 +45,11 @@ from shoal.agent.build import BINARY_NAME
 from shoal.exception import ConflictError, ExecutionError, InvalidError, NotFoundError, TimeoutError
 from shoal.images import treecopy
 from shoal.runtime import cgroups, idmap
-from shoal.runtime.spec import AGENT_PATH
 from shoal.store.state import ImageRow
 from shoal.util import safefs, spawn
 from shoal.wire import ids, paths
 from shoal.wire.image_config import ImageConfig
-from shoal.wire.sandboxes import ExecRequest, SandboxState
+from shoal.wire.sandboxes import SandboxState
 
 if TYPE_CHECKING:
     from shoal.engine.manager import Manager
@@ -215,7 +214,6 @@ class Snapshots:
     async def filesystem(self, sandbox_id: str, timeout: float, ttl: int | None) -> str:
         """``sb.snapshot_filesystem()``: a new image id."""
         sb = self._running(sandbox_id)
-        await self._flush(sb, timeout)
         parent_id, parent = self._sandbox_image(sb)
         upper = sb.data_dir / "upper"
         started = sb.run_dir / "bundle" / "config.json"
@@ -399,24 +397,6 @@ class Snapshots:
         entry = mounts.pop(path)
         self._save_mounts(sb, mounts)
         await asyncio.to_thread(_remove_mount_dir, sb.data_dir / MOUNTS_DIR / str(entry["dir"]))
-
-    async def _flush(self, sb: Sandbox, timeout: float) -> None:
-        """Under gVisor, have the sandbox's kernel write what it caches to its upper directory first: the Sentry
-        keeps written file data in its own memory (the host's page cache is not the sandbox's)."""
-        if not sb.gvisor:
-            return
-        req = ExecRequest(args=[AGENT_PATH, "sync"], timeout=max(1, int(timeout)), stdout="devnull", stderr="devnull")
-        proc = await self.mgr.exec(sb.id, req, persist=False)
-        try:
-            await proc.wait(timeout)
-        finally:
-            if proc.exited:
-                for stream in proc.streams:
-                    while not stream.eof and sb.state is SandboxState.RUNNING:
-                        await stream.wait(stream.size, 1.0)
-                sb.forget(proc.id)
-        if proc.returncode != 0:
-            raise ExecutionError(f"could not flush sandbox {sb.id}'s files to disk before the snapshot")
 
     async def _helper(self, sb: Sandbox, args: list[str]) -> None:
         _, pidfd = open_init(sb)
