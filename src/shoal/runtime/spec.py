@@ -135,7 +135,7 @@ class ContainerConfig:
 
 GVISOR_HOST_TASKS_PER_PROCESS = 4
 """Host tasks (threads and stub processes) runsc's systrap platform holds for each process in a gVisor sandbox:
-~2 measured (60 sleeping processes: 27 → 151 host tasks; a shell fork bomb held at 1024 processes: ~1900)."""
+~2 measured (60 sleeping processes: 27 → 151 host tasks; a shell fork bomb after 20 s: ~1900)."""
 GVISOR_HOST_TASKS_BASE = 256
 """Host tasks of a gVisor sandbox before its first process: the Sentry's and the gofer's threads (~30 measured)."""
 
