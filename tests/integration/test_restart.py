@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pytest
 
 import shoal
 from shoal.exception import SandboxTimeoutError
+from tests.conftest import DEFAULT_RUNTIME
 
 pytestmark = pytest.mark.restart
 
@@ -87,10 +89,9 @@ def test_a_sandbox_killed_while_the_daemon_is_down_is_reported(own_daemon):
     sb = shoal.Sandbox.create(app=_app(), timeout=120)
     p = sb.exec("sleep", "100")
     own_daemon.stop(signal.SIGKILL)
-    import subprocess
-
+    runtime = "runsc" if DEFAULT_RUNTIME == "gvisor" else "runc"
     subprocess.run(
-        ["runc", "--root", str(own_daemon.runtime_dir / "oci" / "runc"), "kill", sb.object_id, "KILL"], check=True
+        [runtime, "--root", str(own_daemon.runtime_dir / "oci" / runtime), "kill", sb.object_id, "KILL"], check=True
     )
     time.sleep(0.5)
     own_daemon.start()
