@@ -62,6 +62,10 @@ class AgentFrames:
         """The runtime that runs its container (runc's, or runsc under gVisor)."""
         return self.ctx.runtimes.get(self.row.spec.runtime) or self.ctx.runtime
 
+    @property
+    def cgroup_path(self) -> str:
+        raise NotImplementedError
+
     def touch(self) -> None:
         raise NotImplementedError
 
@@ -190,8 +194,7 @@ class AgentFrames:
 
     def _death_message(self) -> str:
         """Why the sandbox died under the daemon, as far as the host can tell (its cgroup is still there)."""
-        cgroup_path = f"{self.ctx.cfg.cgroup_parent}/{self.container_id}"
-        if cgroups.memory_events(cgroup_path).get("oom_kill", 0) > 0:
+        if cgroups.memory_events(self.cgroup_path).get("oom_kill", 0) > 0:
             spec = self.row.spec
             whole = " (under gVisor the whole sandbox ends when it does)" if spec.runtime == "gvisor" else ""
             return (

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from shoal.exception import InvalidError
 from shoal.runtime.base import ContainerRuntime, RuntimeFailure
-from shoal.runtime.oci import log_tail, parse_list, parse_state, start_failure
+from shoal.runtime.oci import live_stat, log_tail, parse_list, parse_state, start_failure
 from shoal.util import spawn
 
 PLATFORM = "systrap"
@@ -126,11 +126,10 @@ class GvisorRuntime(ContainerRuntime):
         state_file = Path(self.state_dir, f"{container_id}_sandbox:{container_id}.state")
         try:
             pid = int(json.loads(state_file.read_text())["sandbox"]["pid"])
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+        except (OSError, ValueError, KeyError, TypeError):
             return False
-        return fields[0] != "Z" and comm == "exe"  # runsc re-executes itself: a reused pid is another program
+        return live_stat(pid) is not None and comm == "exe"  # runsc re-executes itself: another name is a reused pid
 
     async def start(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
         """``runsc run --detach``: the agent's control socket is its standard input."""

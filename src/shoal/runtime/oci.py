@@ -133,10 +133,10 @@ class OciRuntime(ContainerRuntime):
         try:
             state = json.loads(Path(self.state_dir, container_id, "state.json").read_text())
             pid, start = int(state["init_process_pid"]), int(state["init_process_start"])
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+        except (OSError, ValueError, KeyError, TypeError):
             return False
-        return fields[0] != "Z" and int(fields[19]) == start
+        fields = live_stat(pid)
+        return fields is not None and len(fields) > 19 and int(fields[19]) == start
 
     async def kill(self, container_id: str, signal: str = "KILL") -> None:
         """Signal a container's init (in a pid namespace, its death ends every process); no error if gone."""
@@ -228,3 +228,12 @@ def probe_crun(binary: str) -> bool:
         if len(ln.split()) > 4
     )
     return bool(shutil.which(binary)) and unified_root and not has_v1
+
+
+def live_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name, or None if the process is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if fields and fields[0] != "Z" else None
