@@ -747,15 +747,19 @@ static void handle_frame(uint8_t type, struct fields f) {
     }
 }
 
-static void read_ctl(void) {
+/* Read and act on what the daemon sent; ``closing``: the connection failed on a write, so end it after. */
+static void read_ctl(int closing) {
     char tmp[CHUNK];
+    int hung_up = closing;
     for (;;) {
         ssize_t r = read(ctl, tmp, sizeof tmp);
         if (r > 0) { buf_put(&in, tmp, (size_t)r); continue; }
         if (r < 0 && errno == EINTR) continue;
         if (r < 0 && errno == EAGAIN) break;
-        disconnect();
-        return;
+        /* Frames read before the hang-up were sent by a daemon that counted on them (an EXEC it already
+         * recorded): act on them first, and the reconnection's HELLO reports what they started. */
+        hung_up = 1;
+        break;
     }
     while (in.len >= 5) {
         uint32_t n;
@@ -767,6 +771,7 @@ static void read_ctl(void) {
         if (ctl < 0) return;
         buf_drop(&in, 4 + n);
     }
+    if (hung_up && ctl >= 0) disconnect();
 }
 
 static void write_ctl(void) {
@@ -775,7 +780,9 @@ static void write_ctl(void) {
         if (w > 0) { buf_drop(&out, (size_t)w); continue; }
         if (w < 0 && errno == EINTR) continue;
         if (w < 0 && errno == EAGAIN) return;
-        disconnect();
+        /* The daemon is gone, but frames it sent may still wait unread (gVisor can report the failed write before
+         * the data is readable): an EXEC it accepted must still start. */
+        read_ctl(1);
     }
 }
 
@@ -941,7 +948,7 @@ int main(int argc, char **argv) {
             while (read(sfd, &si, sizeof si) > 0) {}
             reap();
         }
-        if (ctl >= 0 && pfds[1].revents & (POLLIN | POLLHUP | POLLERR)) read_ctl();
+        if (ctl >= 0 && pfds[1].revents & (POLLIN | POLLHUP | POLLERR)) read_ctl(0);
         if (ctl >= 0 && pfds[1].revents & POLLOUT) write_ctl();
         for (size_t i = 2; i < n; i++) {
             if (!pfds[i].revents) continue;
