@@ -15,6 +15,7 @@ from shoal import (
     output,
     sandbox,
     secret,
+    snapshot,
     stream_type,
     types,
     volume,
@@ -29,6 +30,7 @@ from shoal.sdk.probe import Probe
 from shoal.sdk.process import ContainerProcess
 from shoal.sdk.sandbox import Sandbox
 from shoal.sdk.secret import Secret
+from shoal.sdk.snapshot import SandboxSnapshot
 from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
 from shoal.sdk.tunnel import Tunnel
 from shoal.sdk.volume import Volume
@@ -49,6 +51,7 @@ __all__ = [
     "Image",
     "Probe",
     "Sandbox",
+    "SandboxSnapshot",
     "Secret",
     "StreamReader",
     "StreamType",
@@ -69,6 +72,7 @@ __all__ = [
     "output",
     "sandbox",
     "secret",
+    "snapshot",
     "stream_type",
     "types",
     "volume",

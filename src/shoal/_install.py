@@ -20,6 +20,7 @@ MODAL_MODULES = (
     "output",
     "sandbox",
     "secret",
+    "snapshot",
     "stream_type",
     "types",
     "volume",

@@ -47,9 +47,9 @@
 
 enum {
     MSG_INIT = 1, MSG_EXEC = 2, MSG_STDIN = 3, MSG_ACK = 4,
-    MSG_SIGNAL = 5, MSG_EXIT_ACK = 6,
+    MSG_SIGNAL = 5, MSG_EXIT_ACK = 6, MSG_SUSPEND = 7, MSG_RESUME = 8,
     MSG_HELLO = 101, MSG_STARTED = 102, MSG_OUTPUT = 103, MSG_EOF = 104,
-    MSG_EXIT = 105, MSG_STDIN_ACK = 106,
+    MSG_EXIT = 105, MSG_STDIN_ACK = 106, MSG_SUSPENDED = 107,
 };
 enum {
     T_ID = 1, T_ARG = 2, T_ENV = 3, T_CWD = 4, T_TIMEOUT_MS = 5, T_FLAGS = 6,
@@ -58,6 +58,7 @@ enum {
 };
 enum { F_PTY = 1, F_STDOUT_NULL = 2, F_STDERR_NULL = 4, F_ENTRYPOINT = 8 };
 enum { F_EOF = 1 };
+enum { F_RESTORED = 1 };  /* RESUME's flag: the sandbox was restored from a checkpoint */
 enum { EXIT_CODE = 0, EXIT_SIGNAL = 1, EXIT_TIMEOUT = 2, EXIT_SPAWN_FAILED = 3 };
 
 #define MAX_FRAME (8u << 20)
@@ -185,6 +186,9 @@ static const char *reconnect_path;
 static struct timespec reconnect_at;
 static int reconnect_ms = 20;
 static int entrypoint_done;
+/* Between SUSPEND and RESUME the agent sends nothing, so that a checkpoint of the sandbox holds no frame half
+ * sent or half read (runsc checkpoint, for a memory snapshot). */
+static int suspended;
 
 static struct proc *find_proc(const char *id, uint32_t n) {
     for (struct proc *p = procs; p; p = p->next)
@@ -521,7 +525,7 @@ static void queue_exit(struct proc *p) {
 
 /* Turn buffered output, EOFs and exits into frames while the queue is short. */
 static void pump(void) {
-    if (ctl < 0) return;
+    if (ctl < 0 || suspended) return;
     for (struct proc *p = procs; p; p = p->next) {
         for (int i = 0; i < 2; i++) {
             struct stream *s = &p->st[i];
@@ -556,6 +560,7 @@ static void pump(void) {
 static void disconnect(void) {
     if (ctl >= 0) close(ctl);
     ctl = -1;
+    suspended = 0;  /* a daemon that went away mid-snapshot took the snapshot with it */
     out.off = out.len = 0;
     in.off = in.len = 0;
     for (struct proc *p = procs; p; p = p->next) {
@@ -564,6 +569,20 @@ static void disconnect(void) {
     }
     now(&reconnect_at);
     reconnect_ms = 20;
+}
+
+/* Number every stream anew from what is not yet acknowledged: it is the restored sandbox's output. */
+static void rebase_for_restore(void) {
+    for (struct proc *p = procs; p; p = p->next) {
+        for (int i = 0; i < 2; i++) {
+            struct stream *s = &p->st[i];
+            s->exit_mark = s->exit_mark > s->base ? s->exit_mark - s->base : 0;
+            s->base = s->sent = 0;
+            s->eof_sent = s->eof_acked = 0;
+        }
+        p->exit_sent = p->exit_acked = 0;
+        p->stdin_offset = 0;
+    }
 }
 
 static void send_hello(void) {
@@ -640,10 +659,12 @@ static void handle_exec(struct fields f) {
 }
 
 static void ack_stdin(struct proc *p) {
-    if (ctl < 0) return;
+    if (ctl < 0 || suspended) return;
+    /* After a restore, pending bytes can predate this sandbox's numbering (see rebase_for_restore). */
+    uint64_t written = p->stdin_offset > p->stdin_pending.len ? p->stdin_offset - p->stdin_pending.len : 0;
     frame_begin(MSG_STDIN_ACK);
     field_str(T_ID, p->id);
-    field_u64(T_OFFSET, p->stdin_offset - p->stdin_pending.len);
+    field_u64(T_OFFSET, written);
     frame_end();
 }
 
@@ -713,6 +734,24 @@ static void handle_frame(uint8_t type, struct fields f) {
         }
     }
     if (type == MSG_INIT) { send_hello(); return; }
+    if (type == MSG_SUSPEND) {
+        frame_begin(MSG_SUSPENDED);
+        frame_end();
+        suspended = 1;
+        return;
+    }
+    if (type == MSG_RESUME) {
+        suspended = 0;
+        if (flags & F_RESTORED) {
+            /* A sandbox restored from a checkpoint: this connection is a new daemon's, which numbers every
+             * stream from 0 and knows nothing of what the old one acknowledged. */
+            rebase_for_restore();
+            send_hello();
+        } else {
+            for (struct proc *q = procs; q; q = q->next) ack_stdin(q);
+        }
+        return;
+    }
     struct proc *p = id ? find_proc(id, idlen) : NULL;
     if (!p) return;
     switch (type) {

@@ -40,12 +40,15 @@ class Msg(IntEnum):
     ACK = 4
     SIGNAL = 5
     EXIT_ACK = 6
+    SUSPEND = 7
+    RESUME = 8
     HELLO = 101
     STARTED = 102
     OUTPUT = 103
     EOF = 104
     EXIT = 105
     STDIN_ACK = 106
+    SUSPENDED = 107
 
 
 class Tag(IntEnum):
@@ -82,6 +85,9 @@ class ExecFlag(IntEnum):
 
 EOF_FLAG = 1
 """FLAGS bit on STDIN (close stdin after this data) and ACK (EOF recorded)."""
+
+RESTORED_FLAG = 1
+"""FLAGS bit on RESUME: the sandbox was restored from a checkpoint and this connection belongs to its daemon."""
 
 
 class ExitKind(IntEnum):
@@ -168,6 +174,17 @@ def signal_frame(exec_id: str, signo: int) -> bytes:
 def exit_ack_frame(exec_id: str) -> bytes:
     """Tell the agent that a process's exit is recorded."""
     return frame(Msg.EXIT_ACK, _field(Tag.ID, exec_id.encode()))
+
+
+def suspend_frame() -> bytes:
+    """Ask the agent to stop sending (it answers SUSPENDED, then is quiet until RESUME): before a checkpoint."""
+    return frame(Msg.SUSPEND)
+
+
+def resume_frame(*, restored: bool) -> bytes:
+    """End a SUSPEND; ``restored``: on a restored sandbox's new connection (the agent numbers its streams anew and
+    says HELLO)."""
+    return frame(Msg.RESUME, _u64(Tag.FLAGS, RESTORED_FLAG if restored else 0))
 
 
 @dataclass(slots=True)

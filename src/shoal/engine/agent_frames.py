@@ -21,6 +21,7 @@ from shoal.engine.link import AgentLink
 from shoal.engine.logs import LogWriter
 from shoal.engine.process import SIGKILL, Process
 from shoal.engine.results import result_for_exit
+from shoal.exception import ConflictError, ExecutionError
 from shoal.runtime import cgroups
 from shoal.store.state import ExecRow, SandboxRow
 from shoal.wire.sandboxes import Result, SandboxState
@@ -51,6 +52,10 @@ class AgentFrames:
     _hello_remaining: int
     _hello_seen: set[str]
     _listener: asyncio.Server | None
+    agent_on_stdin = False
+    """Whether the agent's connection is the socket it was started (or restored) with, its standard input — not one
+    it made after a daemon restart: gVisor can checkpoint only the former."""
+    _suspended: asyncio.Event | None = None
 
     @property
     def container_id(self) -> str:
@@ -111,6 +116,9 @@ class AgentFrames:
                     link.send(P.signal_frame(f.exec_id, SIGKILL))
                 if self._hello_remaining == 0:
                     self._reconcile()
+            elif f.msg == P.Msg.SUSPENDED:
+                if self._suspended is not None:
+                    self._suspended.set()
             elif proc is None:
                 # Not (or no longer) tracked: an unrecorded process from before a restart, or one already
                 # forgotten.  Acknowledge so the agent can let go of it; keep nothing.
@@ -155,6 +163,7 @@ class AgentFrames:
             link.close()
             return
         link.verified = True
+        self.agent_on_stdin = False
         old, self.link = self.link, link
         if old is not None and old is not link:
             old.close()
@@ -202,6 +211,25 @@ class AgentFrames:
                 "give it more with Sandbox.create(memory=...)"
             )
         return "the sandbox stopped unexpectedly (its init process died)"
+
+    async def suspend_agent(self, timeout: float) -> None:
+        """Have the agent finish the frame it is sending and then send nothing until ``resume_agent``: a
+        checkpoint taken meanwhile holds no frame half sent (a memory snapshot)."""
+        if self.link is None:
+            raise ConflictError(f"sandbox {self.id}'s agent is not connected")
+        self._suspended = asyncio.Event()
+        self.link.send(P.suspend_frame())
+        try:
+            await asyncio.wait_for(self._suspended.wait(), timeout)
+        except TimeoutError:
+            self.resume_agent()
+            raise ExecutionError(f"sandbox {self.id}'s agent did not pause its output within {timeout:g} s") from None
+
+    def resume_agent(self) -> None:
+        """End ``suspend_agent``."""
+        self._suspended = None
+        if self.link is not None:
+            self.link.send(P.resume_frame(restored=False))
 
     def load_processes(self) -> None:
         """Rebuild the records of processes still running or with output to come (after a daemon restart)."""

@@ -19,6 +19,7 @@ from shoal.agent.build import BINARY_NAME, ensure_agent
 from shoal.engine import build as image_build
 from shoal.engine.agent_frames import new_token
 from shoal.engine.config import Config
+from shoal.engine.memory_snapshots import MemorySnapshots
 from shoal.engine.pool import WarmPool
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, unmount_netns
@@ -126,6 +127,7 @@ class Manager:
         self._starting = 0
         """Creates in progress (``max_sandboxes`` counts them)."""
         self.snapshots = Snapshots(self)
+        self.memory_snapshots = MemorySnapshots(self)
         """Snapshots and image mounts of running sandboxes."""
         self.uid_mode = "shared"
         """``per-sandbox`` (decision 0063) or ``shared`` (0002): chosen at start (``_choose_uid_mode``)."""
@@ -199,6 +201,7 @@ class Manager:
                     rootfs.unmount(str(d / "rootfs"))
                 unmount_netns(d / "netns")
                 shutil.rmtree(d, ignore_errors=True)
+        self.memory_snapshots.prune(leftovers=True)
         for d in self.cfg.sandboxes_dir.iterdir():
             if ids.is_valid(d.name, "sandbox") and self.state.sandbox(d.name) is None:
                 shutil.rmtree(d, ignore_errors=True)  # a warm pool's sandbox, never taken, from a crashed daemon
@@ -313,6 +316,7 @@ class Manager:
         """Forget finished sandboxes older than the retention period; delete abandoned ephemeral volumes."""
         self.volumes.prune_ephemeral()
         self.volumes.empty_trash_soon()
+        self.memory_snapshots.prune()
         cutoff = time.time() - self.cfg.retention_seconds
         for sandbox_id in self.state.finished_before(cutoff):
             self._finished.pop(sandbox_id, None)
@@ -402,7 +406,7 @@ class Manager:
         """What the sandbox runs under: what it asks, else the daemon's default; build steps run under runc."""
         if build:
             return "runc"
-        kind = req.runtime or self.cfg.default_runtime
+        kind = req.runtime or ("gvisor" if req.enable_snapshot and self.gvisor else self.cfg.default_runtime)
         if kind == "gvisor":
             if self.gvisor is None:
                 raise InvalidError(f"this daemon cannot run gVisor sandboxes: {self.gvisor_note}")

@@ -239,6 +239,51 @@ class Sandbox(AgentFrames):
             raise
         self._arm_timers()
 
+    async def start_restored(
+        self, req: CreateSandbox, lowers: list[str], checkpoint: Path, carried: list[ExecRow]
+    ) -> None:
+        """Start from a memory snapshot (``runsc restore``): its processes carry on.  ``carried``: the processes
+        that ran when it was taken, recorded again as this sandbox's (their output here starts at the snapshot).
+
+        The restored agent is still suspended, and its standard input is now our socket: RESUME tells it that it
+        was restored, and it answers HELLO with the snapshotted sandbox's token (``row.token``) and its processes.
+        """
+        try:
+            ns = await self._namespaces()
+            try:
+                bundle = write_bundle(self, req, lowers, ns)
+                await self._wire_gvisor_network()
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    log_path = str(self.run_dir / "agent.log")
+                    await self.runtime.restore(
+                        self.container_id, str(bundle), str(checkpoint), theirs.fileno(), log_path
+                    )
+                finally:
+                    theirs.close()
+                    if self.ctx.volumes:
+                        self.ctx.volumes.release(self.id)
+            finally:
+                if ns is not None:
+                    ns.close()
+            now = time.time()
+            for row in carried:
+                self.ctx.state.add_exec(ExecRow(self.id, row.id, row.spec, "running", now))
+                self.processes[row.id] = self._process_from_row(self.ctx.state.exec(self.id, row.id) or row)
+            link = AgentLink(self._on_frames, self._on_link_closed, self.id)  # verified by its HELLO's token
+            await link.start(ours)
+            link.send(P.resume_frame(restored=True))
+            try:
+                await asyncio.wait_for(self.connected.wait(), self.ctx.cfg.agent_connect_timeout)
+            except TimeoutError:
+                raise ServiceError(f"the restored sandbox's agent did not answer: {self._agent_log_tail()}") from None
+            self.agent_on_stdin = True
+            self._move(RUNNING)
+        except BaseException as exc:
+            await self._fail_start(exc)
+            raise
+        self._arm_timers()
+
     async def precreate(self, req: CreateSandbox, lowers: list[str]) -> None:
         """For the warm pool: everything up to the init's first instruction (``runc create``, network wired).
 
@@ -315,6 +360,7 @@ class Sandbox(AgentFrames):
         link = AgentLink(self._on_frames, self._on_link_closed, self.id)
         link.verified = True
         self.link = link
+        self.agent_on_stdin = True
         await link.start(ours)
         workdir = req.workdir
         link.send(P.init_frame(self.row.token, workdir))

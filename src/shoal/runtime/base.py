@@ -69,6 +69,14 @@ class ContainerRuntime(abc.ABC):
     async def list_ids(self) -> list[str]:
         """Ids of every container this runtime holds (to find strays after a crash)."""
 
+    async def pause(self, container_id: str) -> None:
+        """Freeze every process of a container (``resume`` thaws them)."""
+        raise UnimplementedError(f"the {self.name} runtime cannot pause a sandbox here")
+
+    async def resume(self, container_id: str) -> None:
+        """Thaw a container frozen by ``pause``."""
+        raise UnimplementedError(f"the {self.name} runtime cannot resume a sandbox here")
+
     async def checkpoint(self, container_id: str, image_dir: str) -> None:
         """Save a running container's processes and memory to ``image_dir`` (for ``snapshot_memory``)."""
         raise UnimplementedError(f"the {self.name} runtime cannot checkpoint a running sandbox")

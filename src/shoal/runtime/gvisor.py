@@ -92,13 +92,12 @@ class GvisorRuntime(ContainerRuntime):
             raise RuntimeFailure(f"runsc {args[0]} failed (exit {res.returncode})", res.stderr.decode(errors="replace"))
         return res.stdout.decode(errors="replace")
 
-    async def _launch(self, verb: str, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
+    async def _launch(self, verb: str, container_id: str, bundle: str, ctl_fd: int, log_path: str, *extra: str) -> None:
         network = "sandbox" if check_netns(bundle) else "none"
         if verb == "create":
             self._networks[container_id] = network
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            extra = ["--detach"] if verb == "run" else []
             argv = self._argv(verb, *extra, "--bundle", bundle, container_id, network=network, masked=True)
             res = await spawn.run(argv, fds={0: ctl_fd, 1: log_fd, 2: log_fd})
         finally:
@@ -133,7 +132,25 @@ class GvisorRuntime(ContainerRuntime):
 
     async def start(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
         """``runsc run --detach``: the agent's control socket is its standard input."""
-        await self._launch("run", container_id, bundle, ctl_fd, log_path)
+        await self._launch("run", container_id, bundle, ctl_fd, log_path, "--detach")
+
+    async def pause(self, container_id: str) -> None:
+        """``runsc pause``: the Sentry stops every task of the sandbox."""
+        await self._run("pause", container_id)
+
+    async def resume(self, container_id: str) -> None:
+        """``runsc resume``."""
+        await self._run("resume", container_id)
+
+    async def checkpoint(self, container_id: str, image_dir: str) -> None:
+        """``runsc checkpoint --leave-running``: the sandbox's kernel state and memory into ``image_dir`` (the
+        files it uses stay on the host; a paused sandbox stays paused)."""
+        await self._run("checkpoint", "--leave-running", "--image-path", image_dir, container_id)
+
+    async def restore(self, container_id: str, bundle: str, image_dir: str, ctl_fd: int, log_path: str) -> None:
+        """``runsc restore --detach``: a new sandbox from a checkpoint, its processes carrying on; its standard
+        input (the agent's control socket, kept by number) is the new ``ctl_fd``."""
+        await self._launch("restore", container_id, bundle, ctl_fd, log_path, "--detach", "--image-path", image_dir)
 
     async def create(self, container_id: str, bundle: str, ctl_fd: int, log_path: str) -> None:
         """``runsc create``: the sandbox boots; the init waits for ``start_created``."""

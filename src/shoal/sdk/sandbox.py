@@ -44,6 +44,7 @@ from shoal.sdk.outbound_policy import OutboundPolicy
 from shoal.sdk.probe import Probe
 from shoal.sdk.process import ContainerProcess
 from shoal.sdk.secret import Secret, secret_ids
+from shoal.sdk.snapshot import SandboxSnapshot
 from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
 from shoal.sdk.transport import Client, default_client
 from shoal.sdk.tunnel import Tunnel, TunnelMap
@@ -54,6 +55,10 @@ from shoal.wire import routes
 from shoal.wire.base import build, dump
 from shoal.wire.images import ImageRef
 from shoal.wire.sandboxes import CreateSandbox, ExecRequest, TagsUpdate
+from shoal.wire.snapshots import RestoreRequest
+
+_KEEP_NAME = object()
+"""``_experimental_from_snapshot``'s default: the snapshotted sandbox's name."""
 
 ENTRYPOINT_STDIN_LIMIT = 2 << 20
 WAIT_SECONDS = 10
@@ -231,7 +236,6 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
             custom_domain=custom_domain is not None,
             proxy=proxy is not None,
             include_oidc_identity_token=include_oidc_identity_token,
-            _experimental_enable_snapshot=_experimental_enable_snapshot,
         )
         if readiness_probe is not None and not isinstance(readiness_probe, Probe):
             raise InvalidError(
@@ -277,6 +281,7 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
             pty=bool(pty),
             verbose=bool(verbose),
             runtime=runtime_kind,
+            enable_snapshot=bool(_experimental_enable_snapshot),
         )
         body = request.model_dump(mode="json")
         try:
@@ -287,6 +292,27 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
                 raise
             body["image"] = {"kind": "id", "image_id": await img._resolve(c)}
             info = await c.request("POST", routes.path("sandboxes"), json_body=body, idempotent=False)
+        return Sandbox(c, info["sandbox_id"], info)
+
+    @live_function
+    async def _experimental_from_snapshot(  # static
+        snapshot: SandboxSnapshot, client: Any = None, *, name: str | object | None = _KEEP_NAME
+    ) -> Sandbox:
+        """A new sandbox from a memory snapshot: its processes carry on where they were, with their memory, open
+        files and streams (``sb.stdout`` follows its entrypoint from the snapshot on).  ``name``: the snapshotted
+        sandbox's by default, None for none, or a new one.  Restoring a snapshot twice gives two sandboxes."""
+        if not isinstance(snapshot, SandboxSnapshot):
+            raise TypeError(f"snapshot must be a SandboxSnapshot, got {type(snapshot).__name__}")
+        if name is _KEEP_NAME:
+            body: dict[str, Any] = {"keep_name": True}
+        elif name is None or isinstance(name, str):
+            body = dump(RestoreRequest, keep_name=False, name=name)  # InvalidError for a malformed name
+        else:
+            raise InvalidError(f"name must be a str or None, got {type(name).__name__}")
+        c = default_client()
+        info = await c.request(
+            "POST", routes.path("memory_snapshots", snapshot.object_id, "restore"), json_body=body, idempotent=False
+        )
         return Sandbox(c, info["sandbox_id"], info)
 
     @live_function
@@ -558,6 +584,17 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
                     raise
         self._tunnels = TunnelMap(self._client, self._id, resp["tunnels"])
         return self._tunnels
+
+    @live_method
+    async def _experimental_snapshot(self) -> SandboxSnapshot:
+        """A memory snapshot of this gVisor sandbox: its processes, their memory and its filesystem now (it keeps
+        running; it is frozen for the copy).  InvalidError for a runc sandbox (create it with runtime='gvisor' or
+        ``_experimental_enable_snapshot=True``)."""
+        self._check_attached()
+        info = await self._client.request(
+            "POST", routes.path("sandboxes", self._id, "memory_snapshot"), idempotent=False
+        )
+        return SandboxSnapshot(str(info["snapshot_id"]), info)
 
     @live_method
     async def snapshot_filesystem(self, timeout: int = 55, *, ttl: int | None = 30 * 24 * 3600) -> Image:

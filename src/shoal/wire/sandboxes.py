@@ -122,6 +122,9 @@ class CreateSandbox(WireModel):
     runtime: Runtime | None = None
     """``runc`` (a container) or ``gvisor`` (runsc: gVisor's kernel between the sandbox and the host); None: the
     daemon's default (``shoal serve --default-runtime``)."""
+    enable_snapshot: bool = False
+    """``_experimental_enable_snapshot``: the sandbox will have memory snapshots taken, which need gVisor (it runs
+    under gVisor when ``runtime`` is not given and the daemon has it)."""
 
     @field_validator("args")
     @classmethod

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from shoal.wire.base import WireModel
+from shoal.wire.base import NAME_RE, WireModel
 
 MAX_SNAPSHOT_TIMEOUT = 24 * 3600
 
@@ -55,3 +55,42 @@ class Unmounted(BaseModel):
     """``sb.unmount_image``."""
 
     path: str
+
+
+class MemorySnapshotInfo(WireModel):
+    """A memory snapshot of a gVisor sandbox (``sb._experimental_snapshot()``): its processes' memory and kernel
+    state, and its filesystem as an image."""
+
+    snapshot_id: str
+    sandbox_id: str
+    """The sandbox it was taken of."""
+    app_id: str
+    image_id: str
+    """Its filesystem at the moment of the snapshot."""
+    created_at: float
+    expires_at: float | None = None
+    size: int = 0
+    """Bytes of its checkpoint on disk (the image's layer not counted)."""
+
+
+class MemorySnapshotList(WireModel):
+    """Memory snapshots, newest first."""
+
+    snapshots: list[MemorySnapshotInfo]
+
+
+class RestoreRequest(WireModel):
+    """``Sandbox._experimental_from_snapshot(snapshot, name=...)``."""
+
+    keep_name: bool = True
+    """Give the new sandbox the snapshotted sandbox's name (Modal's default); False: ``name``."""
+    name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError(
+                f"invalid sandbox name {v!r}: use letters, digits, '-', '_' and '.', at most 64 characters"
+            )
+        return v

@@ -1,0 +1,320 @@
+"""Memory snapshots of gVisor sandboxes (``sb._experimental_snapshot()``) and sandboxes restored from them
+(``Sandbox._experimental_from_snapshot``): a fork of a running sandbox whose processes carry on.
+
+Taking one (the sandbox keeps running; it is frozen for the time of the copy):
+
+1. the agent is suspended: it finishes the frame it is sending and sends nothing more, so the checkpoint holds
+   no frame half sent;
+2. ``runsc pause`` freezes every task; the filesystem becomes an image (``snapshot_filesystem``'s copy of the
+   upper directory, consistent because nothing runs), and ``runsc checkpoint --leave-running`` saves the
+   kernel's state and memory (files stay on the host, named by path);
+3. ``runsc resume`` and the agent's RESUME let the sandbox go on.
+
+Restoring one starts a new sandbox from the snapshot's image with the snapshotted sandbox's create request (its
+volumes, network settings, limits), its own id, address and uid slot, and ``runsc restore`` instead of ``run``.
+The restored agent is still suspended; its standard input, the control socket, is the new sandbox's: RESUME
+with the "restored" flag makes it number its streams anew and say HELLO with the old sandbox's token (so that
+token is the new sandbox's too, as each sandbox's reconnection socket is its own).  The processes running at
+the snapshot are recorded as the new sandbox's, so ``sb.wait()`` and ``sb.stdout`` follow its entrypoint.
+
+Stored under ``<data dir>/memory-snapshots/<id>/``: ``meta.json`` and ``checkpoint/``; the filesystem is an image
+in the image store.  Both expire after ``RETENTION`` (Modal keeps memory snapshots 7 days).
+
+Decision 0070 records what this does not carry (connections, a sandbox that reconnected after a daemon restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shoal.engine.process import ENTRYPOINT_ID
+from shoal.engine.sandbox import Sandbox
+from shoal.exception import AlreadyExistsError, ConflictError, ExecutionError, InvalidError, NotFoundError
+from shoal.store.spec import SandboxSpec
+from shoal.store.state import ExecRow, SandboxRow
+from shoal.wire import ids
+from shoal.wire.images import ImageRef
+from shoal.wire.sandboxes import SandboxState
+from shoal.wire.snapshots import MemorySnapshotInfo
+
+if TYPE_CHECKING:
+    from shoal.engine.manager import Manager
+
+log = logging.getLogger(__name__)
+
+RETENTION = 7 * 24 * 3600
+"""Seconds a memory snapshot (and its filesystem image) is kept."""
+SUSPEND_TIMEOUT = 10.0
+"""Seconds the agent has to finish the frame it is sending."""
+COPY_TIMEOUT = 55
+"""Seconds the filesystem copy may take (as ``snapshot_filesystem``'s default)."""
+DIR_NAME = "memory-snapshots"
+
+
+@dataclass
+class SnapshotMeta:
+    """What a restore needs besides the checkpoint: the snapshotted sandbox's request, token and processes."""
+
+    info: MemorySnapshotInfo
+    name: str | None
+    tags: dict[str, str]
+    spec: dict[str, Any]
+    token: str
+    execs: list[dict[str, Any]]
+    """``{"id", "spec"}`` of each process running when it was taken."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form."""
+        return {
+            "info": self.info.model_dump(mode="json"),
+            "name": self.name,
+            "tags": self.tags,
+            "spec": self.spec,
+            "token": self.token,
+            "execs": self.execs,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> SnapshotMeta:
+        """Inverse of ``to_json``."""
+        return cls(
+            info=MemorySnapshotInfo.model_validate(raw["info"]),
+            name=raw.get("name"),
+            tags=dict(raw.get("tags") or {}),
+            spec=dict(raw["spec"]),
+            token=str(raw["token"]),
+            execs=list(raw.get("execs") or []),
+        )
+
+
+class MemorySnapshots:
+    """Memory snapshots of one daemon."""
+
+    def __init__(self, mgr: Manager) -> None:
+        self.mgr = mgr
+        self.root = mgr.cfg.data_dir / DIR_NAME
+        self._busy: set[str] = set()
+
+    # ------------------------------------------------------------ taking
+
+    async def take(self, sandbox_id: str) -> MemorySnapshotInfo:
+        """``sb._experimental_snapshot()``: the sandbox keeps running."""
+        sb = self.mgr.snapshots._running(sandbox_id)
+        if not sb.gvisor:
+            raise InvalidError(
+                f"sandbox {sb.id} runs under runc, which cannot save a running sandbox's memory on this host (CRIU"
+                " does not work here): create it with runtime='gvisor' (or _experimental_enable_snapshot=True)"
+            )
+        if not sb.agent_on_stdin:
+            raise ExecutionError(
+                f"sandbox {sb.id} cannot be snapshotted: its agent reconnected after a daemon restart over a host"
+                " socket, which gVisor cannot save; sandboxes started (or restored) by this daemon can be"
+            )
+        if sb.id in self._busy:
+            raise ConflictError(f"sandbox {sb.id} is already being snapshotted: wait for that snapshot first")
+        self._busy.add(sb.id)
+        try:
+            return await self._take(sb)
+        finally:
+            self._busy.discard(sb.id)
+
+    async def _take(self, sb: Sandbox) -> MemorySnapshotInfo:
+        snapshot_id = ids.new("memory_snapshot")
+        staged = self.root / f".{snapshot_id}.tmp"
+        staged.mkdir(parents=True, mode=0o700)
+        t0 = time.monotonic()
+        try:
+            await sb.suspend_agent(SUSPEND_TIMEOUT)
+            try:
+                execs = [
+                    {"id": row.id, "spec": row.spec}
+                    for row in self.mgr.state.execs(sb.id, unfinished=True)
+                    if row.exit_kind is None
+                ]
+                await sb.runtime.pause(sb.container_id)
+                try:
+                    image_id = await self.mgr.snapshots.filesystem(sb.id, COPY_TIMEOUT, RETENTION)
+                    await sb.runtime.checkpoint(sb.container_id, str(staged / "checkpoint"))
+                finally:
+                    await sb.runtime.resume(sb.container_id)
+            finally:
+                sb.resume_agent()
+            now = time.time()
+            info = MemorySnapshotInfo(
+                snapshot_id=snapshot_id,
+                sandbox_id=sb.id,
+                app_id=sb.row.app_id,
+                image_id=image_id,
+                created_at=now,
+                expires_at=now + RETENTION,
+                size=_size(staged / "checkpoint"),
+            )
+            meta = SnapshotMeta(
+                info=info,
+                name=sb.row.name,
+                tags=dict(sb.row.tags),
+                spec=sb.spec.to_json(),
+                token=sb.row.token.hex(),
+                execs=execs,
+            )
+            (staged / "meta.json").write_text(json.dumps(meta.to_json()))
+            os.rename(staged, self.root / snapshot_id)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, staged, True)
+            raise
+        log.info("sandbox %s: memory snapshot %s in %.0f ms", sb.id, snapshot_id, (time.monotonic() - t0) * 1000)
+        return info
+
+    # ------------------------------------------------------------ restoring
+
+    async def restore(self, snapshot_id: str, name: str | None, keep_name: bool) -> Sandbox:
+        """``Sandbox._experimental_from_snapshot(snapshot)``: a new sandbox whose processes carry on."""
+        meta = self._meta(snapshot_id)
+        mgr = self.mgr
+        if mgr.gvisor is None:
+            raise InvalidError(f"this daemon cannot run gVisor sandboxes: {mgr.gvisor_note}")
+        old = SandboxSpec.from_json(meta.spec, meta.info.sandbox_id)
+        new_name = meta.name if keep_name else name
+        req = old.request.model_copy(
+            update={"image": ImageRef(kind="id", image_id=meta.info.image_id), "name": new_name}
+        )
+        if mgr.state.app_by_id(req.app_id) is None:
+            raise NotFoundError(f"App {req.app_id} of memory snapshot {snapshot_id} no longer exists")
+        if new_name is not None:
+            for other in mgr.sandboxes.values():
+                if (
+                    other.row.app_id == req.app_id
+                    and other.row.name == new_name
+                    and other.state != SandboxState.FINISHED
+                ):
+                    raise AlreadyExistsError(
+                        f"a running sandbox of this app is already named {new_name!r}: restore with name=None or"
+                        " another name"
+                    )
+        mgr._check_capacity()
+        mgr._starting += 1
+        try:
+            image_id, image = await mgr.images.resolve(req.image, lambda line: None)
+            spec = SandboxSpec(
+                request=req,
+                image_id=image_id,
+                image_env=dict(image.env),
+                image_workdir=image.workdir,
+                image_user=image.user,
+                image_layers=list(image.layers),
+            )
+            sandbox_id = ids.new("sandbox")
+            secret_env = mgr.secrets.open_sandbox_env(meta.info.sandbox_id, old) if old.sealed_env else {}
+            if secret_env:
+                spec.sealed_env = mgr.secrets.seal_sandbox_env(sandbox_id, secret_env)
+            if mgr.ctx.uids is not None:
+                spec.uid_slot = mgr.ctx.uids.take(sandbox_id)  # released by the sandbox's teardown from here on
+            now = time.time()
+            row = SandboxRow(
+                id=sandbox_id,
+                app_id=req.app_id,
+                name=new_name,
+                tags=dict(meta.tags),
+                spec=spec,
+                state=SandboxState.CREATING,
+                token=bytes.fromhex(meta.token),
+                created_at=now,
+                deadline=now + req.timeout,
+            )
+            mgr.state.add_sandbox(row)
+            sb = Sandbox(mgr.ctx, row)
+            mgr.sandboxes[row.id] = sb
+            carried = [ExecRow(meta.info.sandbox_id, e["id"], e["spec"], "running", now) for e in meta.execs]
+            if not any(e.id == ENTRYPOINT_ID for e in carried):
+                # The entrypoint had ended: this sandbox's streams are empty and it runs until its timeout.
+                carried.append(ExecRow(meta.info.sandbox_id, ENTRYPOINT_ID, _PLACEHOLDER, "running", now))
+            t0 = time.monotonic()
+            await sb.start_restored(req, mgr.images.lowers(image), self.root / snapshot_id / "checkpoint", carried)
+        finally:
+            mgr._starting -= 1
+        log.info("sandbox %s: restored from %s in %.0f ms", sb.id, snapshot_id, (time.monotonic() - t0) * 1000)
+        return sb
+
+    # ------------------------------------------------------------ listing
+
+    def _meta(self, snapshot_id: str) -> SnapshotMeta:
+        if not ids.is_valid(snapshot_id, "memory_snapshot"):
+            raise NotFoundError(f"SandboxSnapshot {snapshot_id!r} not found (not a snapshot id)")
+        try:
+            raw = json.loads((self.root / snapshot_id / "meta.json").read_text())
+        except FileNotFoundError:
+            raise NotFoundError(f"SandboxSnapshot {snapshot_id} not found") from None
+        meta = SnapshotMeta.from_json(raw)
+        if meta.info.expires_at is not None and meta.info.expires_at < time.time():
+            raise NotFoundError(f"SandboxSnapshot {snapshot_id} expired (memory snapshots are kept 7 days)")
+        return meta
+
+    def get(self, snapshot_id: str) -> MemorySnapshotInfo:
+        """One snapshot, or NotFoundError."""
+        return self._meta(snapshot_id).info
+
+    def list(self) -> list[MemorySnapshotInfo]:
+        """Every snapshot kept, newest first."""
+        out = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                with contextlib.suppress(NotFoundError, OSError, ValueError, KeyError):
+                    out.append(self._meta(entry.name).info)
+        return sorted(out, key=lambda i: i.created_at, reverse=True)
+
+    async def delete(self, snapshot_id: str) -> None:
+        """Remove a snapshot (its filesystem image stays until it expires or is removed)."""
+        if not ids.is_valid(snapshot_id, "memory_snapshot"):
+            raise NotFoundError(f"SandboxSnapshot {snapshot_id!r} not found (not a snapshot id)")
+        path = self.root / snapshot_id
+        if not path.is_dir():
+            raise NotFoundError(f"SandboxSnapshot {snapshot_id} not found")
+        gone = self.root / f".{snapshot_id}.deleted"
+        os.rename(path, gone)
+        await asyncio.to_thread(shutil.rmtree, gone, True)
+
+    def prune(self, *, leftovers: bool = False) -> int:
+        """Remove expired snapshots (and, ``leftovers``: what interrupted ones left, at start-up); how many went."""
+        removed = 0
+        now = time.time()
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                if leftovers:
+                    shutil.rmtree(path, ignore_errors=True)
+                continue
+            try:
+                expires = json.loads((path / "meta.json").read_text())["info"].get("expires_at")
+            except (OSError, ValueError, KeyError):
+                continue
+            if expires is not None and expires < now:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+_PLACEHOLDER: dict[str, Any] = {"args": [], "workdir": None, "timeout": None, "pty": False}
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total

@@ -1,0 +1,5 @@
+"""Modal's ``modal.snapshot``, as code written for Modal imports it: ``SandboxSnapshot``."""
+
+from shoal.sdk.snapshot import SandboxSnapshot
+
+__all__ = ["SandboxSnapshot"]
