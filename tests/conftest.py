@@ -177,8 +177,10 @@ def leaks(d: Daemon) -> list[str]:
 
 
 def snapshot_leaks(d: Daemon) -> list[str]:
-    """Upper directories of images mounted into sandboxes that have ended, and registries tests started."""
+    """Upper directories of images mounted into sandboxes that have ended, memory snapshots left half made, and
+    registries tests started."""
     found = [f"image mount dir {p}" for p in (d.data_dir / "sandboxes").glob("*/mounts")]
+    found += [f"half-made memory snapshot {p}" for p in (d.data_dir / "memory-snapshots").glob(".*")]
     for pid_dir in Path("/proc").iterdir():
         try:
             cmdline = (pid_dir / "cmdline").read_bytes() if pid_dir.name.isdigit() else b""

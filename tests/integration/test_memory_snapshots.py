@@ -4,13 +4,18 @@ streams; both copies carry on independently."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
 
 import shoal
-from shoal.exception import InvalidError, NotFoundError
+from shoal.exception import ExecutionError, InvalidError, NotFoundError
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed: make setup")
 
@@ -147,3 +152,94 @@ def test_unknown_snapshots_and_bad_arguments_are_refused(daemon):
         shoal.Sandbox._experimental_from_snapshot("sn-" + "A" * 22)
     with pytest.raises(InvalidError, match="invalid sandbox name"):
         shoal.Sandbox._experimental_from_snapshot(missing, name="no spaces allowed")
+
+
+def _cli(d, *args: str) -> str:
+    res = subprocess.run(
+        [sys.executable, "-m", "shoal", *args], env=d.env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr.decode()
+    return res.stdout.decode()
+
+
+def test_snapshots_survive_a_daemon_restart_and_are_listed_and_removed_with_the_cli(own_daemon):
+    sb = shoal.Sandbox.create(
+        "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
+    )
+    sb.stdin.write("7\n")
+    sb.stdin.drain()
+    assert _read_lines(sb.stdout, 1) == ["total 7"]
+    snap = sb._experimental_snapshot()
+    listed = json.loads(_cli(own_daemon, "snapshot", "ls", "--json"))
+    assert [(s["snapshot_id"], s["sandbox_id"]) for s in listed] == [(snap.object_id, sb.object_id)]
+    assert listed[0]["size"] > 0
+
+    own_daemon.restart(signal.SIGKILL)
+    # The snapshotted sandbox is taken back; its agent's connection is now one gVisor cannot save.
+    sb = shoal.Sandbox.from_id(sb.object_id)
+    with pytest.raises(ExecutionError, match="daemon restart"):
+        sb._experimental_snapshot()
+    fork = shoal.Sandbox._experimental_from_snapshot(shoal.SandboxSnapshot.from_id(snap.object_id))
+    try:
+        fork.stdin.write("1\n")
+        fork.stdin.drain()
+        assert _read_lines(fork.stdout, 1) == ["total 8"]
+        assert snap.object_id in _cli(own_daemon, "snapshot", "ls")
+        # Its filesystem image cannot go while the snapshot needs it.
+        res = subprocess.run(
+            [sys.executable, "-m", "shoal", "image", "rm", listed[0]["image_id"]],
+            env=own_daemon.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+        )
+        assert res.returncode != 0 and b"shoal snapshot rm" in res.stderr
+    finally:
+        fork.terminate()
+        sb.terminate()
+    assert snap.object_id in _cli(own_daemon, "snapshot", "rm", snap.object_id)
+    assert json.loads(_cli(own_daemon, "snapshot", "ls", "--json")) == []
+    with pytest.raises(NotFoundError):
+        shoal.Sandbox._experimental_from_snapshot(snap)
+
+
+def test_execs_and_stdin_during_a_snapshot_are_kept(daemon):
+    sb = shoal.Sandbox.create(
+        "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
+    )
+    results: list[tuple[int, str]] = []
+
+    def busy() -> None:
+        for i in range(15):
+            p = sb.exec("echo", str(i))
+            results.append((p.wait(), p.stdout.read()))
+            sb.stdin.write("1\n")
+            sb.stdin.drain()
+
+    try:
+        worker = threading.Thread(target=busy)
+        worker.start()
+        snaps = [sb._experimental_snapshot() for _ in range(3)]
+        worker.join(120)
+        assert results == [(0, f"{i}\n") for i in range(15)]
+        assert _read_lines(sb.stdout, 15)[-1] == "total 15"
+        for snap in snaps:
+            fork = shoal.Sandbox._experimental_from_snapshot(snap)
+            try:
+                fork.stdin.write("1000\n")
+                fork.stdin.drain()
+                # Whatever it had counted when it was taken, it goes on from there; input sent before the
+                # snapshot that it had not read yet reaches it first.
+                totals: list[int] = []
+                for line in fork.stdout:
+                    totals.append(int(line.split()[1]))
+                    if totals[-1] >= 1000:
+                        break
+                before, last = totals[:-1], totals[-1]
+                assert before == sorted(before) and all(t <= 15 for t in before), totals
+                assert 1000 <= last <= 1015 and (not before or last == 1000 + before[-1]), totals
+                assert fork.exec("true").wait() == 0
+            finally:
+                fork.terminate()
+    finally:
+        sb.terminate()

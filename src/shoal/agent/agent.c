@@ -571,12 +571,15 @@ static void disconnect(void) {
     reconnect_ms = 20;
 }
 
-/* Number every stream anew from what is not yet acknowledged: it is the restored sandbox's output. */
+/* Number every stream anew from what was not yet sent when the checkpoint was taken (the old daemon had all
+ * that was sent: SUSPENDED came after it): that is the restored sandbox's output. */
 static void rebase_for_restore(void) {
     for (struct proc *p = procs; p; p = p->next) {
         for (int i = 0; i < 2; i++) {
             struct stream *s = &p->st[i];
-            s->exit_mark = s->exit_mark > s->base ? s->exit_mark - s->base : 0;
+            uint64_t sent = s->sent - s->base;
+            buf_drop(&s->data, sent > s->data.len ? s->data.len : sent);
+            s->exit_mark = s->exit_mark > s->sent ? s->exit_mark - s->sent : 0;
             s->base = s->sent = 0;
             s->eof_sent = s->eof_acked = 0;
         }
@@ -745,6 +748,7 @@ static void handle_frame(uint8_t type, struct fields f) {
         if (flags & F_RESTORED) {
             /* A sandbox restored from a checkpoint: this connection is a new daemon's, which numbers every
              * stream from 0 and knows nothing of what the old one acknowledged. */
+            out.off = out.len = 0;  /* (nothing should be left for the old connection, but it is not ours) */
             rebase_for_restore();
             send_hello();
         } else {

@@ -10,6 +10,7 @@ from shoal.cli.sandbox import sandbox_group
 from shoal.cli.secret import secret_group
 from shoal.cli.serve import serve_cmd
 from shoal.cli.setup import setup_cmd
+from shoal.cli.snapshot import snapshot_group
 from shoal.cli.status import status_cmd
 from shoal.cli.trust import trust_cmd
 from shoal.cli.volume import volume_group
@@ -27,6 +28,7 @@ cli.add_command(setup_cmd)
 cli.add_command(run_cmd)
 cli.add_command(sandbox_group)
 cli.add_command(image_group)
+cli.add_command(snapshot_group)
 cli.add_command(status_cmd)
 cli.add_command(volume_group)
 cli.add_command(secret_group)

@@ -219,6 +219,7 @@ class AgentFrames:
             raise ConflictError(f"sandbox {self.id}'s agent is not connected")
         self._suspended = asyncio.Event()
         self.link.send(P.suspend_frame())
+        self.link.hold()
         try:
             await asyncio.wait_for(self._suspended.wait(), timeout)
         except TimeoutError:
@@ -229,7 +230,7 @@ class AgentFrames:
         """End ``suspend_agent``."""
         self._suspended = None
         if self.link is not None:
-            self.link.send(P.resume_frame(restored=False))
+            self.link.release(P.resume_frame(restored=False))
 
     def load_processes(self) -> None:
         """Rebuild the records of processes still running or with output to come (after a daemon restart)."""
@@ -240,6 +241,9 @@ class AgentFrames:
         """Take a running sandbox back after a daemon restart: wait for its agent to reconnect."""
         self.load_processes()
         state = await self.runtime.state(self.container_id)
+        if state == "paused":  # the daemon died during a memory snapshot, which froze it
+            await self.runtime.resume(self.container_id)
+            state = await self.runtime.state(self.container_id)
         if state != "running":
             self.finish_soon(Result(status="terminated", message="the sandbox stopped while the daemon was away"))
             return

@@ -136,6 +136,12 @@ async def remove_image(mgr: Manager, image_id: str) -> ImageRemoved:
     row = mgr.state.image(image_id)
     if row is None:
         raise NotFoundError(f"no image {image_id} on this daemon")
+    held = [i.snapshot_id for i in mgr.memory_snapshots.list() if i.image_id == image_id]
+    if held:
+        raise ConflictError(
+            f"image {image_id} is the filesystem of memory snapshot {held[0]}: remove the snapshot first"
+            f" (`shoal snapshot rm {held[0]}`)"
+        )
     users = [sb.id for sb in mgr.sandboxes.values() if sb.state is not FINISHED and sb.spec.image_id == image_id]
     if users:
         raise ConflictError(f"image {image_id} is used by running sandboxes ({', '.join(users[:5])}); end them first")
@@ -155,10 +161,10 @@ async def remove_image(mgr: Manager, image_id: str) -> ImageRemoved:
 
 async def prune(mgr: Manager, all_images: bool) -> PruneResult:
     """Remove layers no image, sandbox or build uses, and uploaded build contexts; with ``all_images``, first
-    every image that no running sandbox uses."""
+    every image that no running sandbox or memory snapshot uses."""
     removed_images = 0
     if all_images:
-        keep = {spec.image_id for spec in live_specs(mgr)}
+        keep = {spec.image_id for spec in live_specs(mgr)} | {i.image_id for i in mgr.memory_snapshots.list()}
         for row in mgr.state.images():
             if row.id not in keep:
                 mgr.state.delete_image(row.id)

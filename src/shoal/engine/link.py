@@ -37,6 +37,7 @@ class AgentLink:
         self.closed = asyncio.Event()
         self.verified = False
         """Whether this connection proved it is the sandbox's agent."""
+        self._held: list[bytes] | None = None
 
     async def start(self, sock: socket.socket) -> None:
         """Begin reading from a connected socket."""
@@ -49,9 +50,23 @@ class AgentLink:
         self._task = asyncio.create_task(self._read_loop(reader), name=f"agent-{self.label}")
 
     def send(self, data: bytes) -> None:
-        """Queue bytes for the agent (no-op once closed)."""
-        if self._writer is not None and not self.closed.is_set():
+        """Queue bytes for the agent (no-op once closed); held back while ``hold`` is in force."""
+        if self._held is not None:
+            self._held.append(data)
+        elif self._writer is not None and not self.closed.is_set():
             self._writer.write(data)
+
+    def hold(self) -> None:
+        """Keep what is sent from now on until ``release``: the agent must receive nothing while a checkpoint may
+        be taken (a frame half read would be in the checkpoint)."""
+        if self._held is None:
+            self._held = []
+
+    def release(self, first: bytes | None) -> None:
+        """Send ``first`` and then what ``hold`` kept."""
+        held, self._held = self._held or [], None
+        for data in [first, *held] if first is not None else held:
+            self.send(data)
 
     async def drain(self) -> None:
         """Wait until queued bytes are handed to the kernel."""

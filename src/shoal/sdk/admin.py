@@ -91,6 +91,15 @@ class AdminClient:
         )
         return result
 
+    async def memory_snapshots(self) -> list[dict[str, Any]]:
+        """Memory snapshots of gVisor sandboxes, newest first."""
+        result: list[dict[str, Any]] = (await self._call("GET", routes.path("memory_snapshots")))["snapshots"]
+        return result
+
+    async def delete_memory_snapshot(self, snapshot_id: str) -> None:
+        """Remove a memory snapshot."""
+        await self._call("DELETE", routes.path("memory_snapshots", snapshot_id))
+
     async def import_image(self, path: str, cmd: list[str] | None = None, workdir: str | None = None) -> str:
         """Import a root filesystem directory on the daemon's host; the new image's id."""
         body = build(ImportRootfs, path=path, cmd=cmd, workdir=workdir)
