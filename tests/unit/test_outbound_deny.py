@@ -43,8 +43,11 @@ def covered(cidrs: list[str], addr: str) -> bool:
 
 
 def forward_deny_set(body: str) -> list[str]:
-    """The destinations of the forward chain's first rule (``ip daddr { ... } jump deny``)."""
-    m = re.search(r"chain from_sandbox_fwd \{\s*ip daddr \{ ([^}]*) \} jump deny", body)
+    """The destinations of the forward chain's deny rule (``ip daddr { ... } jump deny``), which only the exact
+    pairs of a sandbox and its sidecars (``@peers``) come before."""
+    m = re.search(
+        r"chain from_sandbox_fwd \{\s*ip saddr \. ip daddr @peers accept\s*ip daddr \{ ([^}]*) \} jump deny", body
+    )
     assert m, body
     return [c.strip() for c in m.group(1).split(",")]
 

@@ -23,6 +23,7 @@ from shoal.engine.memory_snapshots import MemorySnapshots
 from shoal.engine.pool import WarmPool
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, unmount_netns
+from shoal.engine.sidecars import Sidecars
 from shoal.engine.snapshot import Snapshots
 from shoal.engine.uids import UidSlots
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError, ResourceExhaustedError
@@ -128,6 +129,7 @@ class Manager:
         """Creates in progress (``max_sandboxes`` counts them)."""
         self.snapshots = Snapshots(self)
         self.memory_snapshots = MemorySnapshots(self)
+        self.sidecars = Sidecars(self)
         """Snapshots and image mounts of running sandboxes."""
         self.uid_mode = "shared"
         """``per-sandbox`` (decision 0063) or ``shared`` (0002): chosen at start (``_choose_uid_mode``)."""
@@ -183,6 +185,7 @@ class Manager:
                 )
             else:
                 await sb.adopt()
+        self.sidecars.end_orphans()
         await self._remove_strays(known)
         await image_build.recover(self)
         self._prune_task = asyncio.create_task(self._prune_loop())
@@ -332,6 +335,7 @@ class Manager:
         if self.sandboxes.get(sb.id) is sb:
             del self.sandboxes[sb.id]
             self._remember_finished(sb)
+        self.sidecars.sandbox_ended(sb.id)
 
     def _remember_finished(self, sb: Sandbox) -> None:
         self._finished[sb.id] = sb
@@ -589,6 +593,8 @@ class Manager:
         for row in self.state.sandboxes_in(*states):
             if app_id and row.app_id != app_id:
                 continue
+            if row.spec.request.sidecar_of is not None:
+                continue  # listed with its sandbox (sb._experimental_sidecars.list())
             if any(row.tags.get(k) != v for k, v in tags.items()):
                 continue
             sb = self.sandboxes.get(row.id)

@@ -25,7 +25,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import dns.flags
@@ -33,6 +33,7 @@ import dns.message
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 
 from shoal.network.ruleset import PIN_SECONDS
 from shoal.util import limits, ratelog
@@ -49,6 +50,8 @@ UPSTREAM_TIMEOUT = 2.0
 TCP_IDLE = 5.0
 """Seconds a TCP client may take to send a query (or to read an answer) before its connection is closed."""
 MAX_PIN_SECONDS = 24 * 3600
+LOCAL_TTL = 5
+"""Seconds a sidecar's name may be cached (it changes only when the sidecar is made again)."""
 
 
 @dataclass
@@ -59,6 +62,9 @@ class Client:
     """Names it may resolve (None: any, and nothing to pin)."""
     on_pins: Callable[[dict[ipaddress.IPv4Address, int]], Awaitable[None]] | None = None
     inflight: int = 0
+    names: dict[str, str] = field(default_factory=dict)
+    """Names answered here with an address (its sidecars, or a sidecar's sandbox as ``main``), before any
+    allowlist or upstream."""
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -140,11 +146,34 @@ class DnsForwarder:
             return None
         client.inflight += 1
         try:
+            if client.names:
+                local = self._local(client, query)
+                if local is not None:
+                    return local
             if client.domains is None:
                 return await self._forward(query, tcp)
             return await self._filtered(client, query, tcp)
         finally:
             client.inflight -= 1
+
+    @staticmethod
+    def _local(client: Client, query: bytes) -> bytes | None:
+        """The answer for a name of ``client.names`` (A: its address; any other type: no records), else None."""
+        try:
+            msg = dns.message.from_wire(query)
+        except Exception:
+            return None
+        if msg.flags & dns.flags.QR or msg.opcode() != dns.opcode.QUERY or len(msg.question) != 1:
+            return None
+        question = msg.question[0]
+        address = client.names.get(question.name.to_text(omit_final_dot=True).lower())
+        if address is None:
+            return None
+        reply = dns.message.make_response(msg)
+        reply.flags |= dns.flags.AA
+        if question.rdtype == dns.rdatatype.A:
+            reply.answer.append(dns.rrset.from_text(question.name, LOCAL_TTL, "IN", "A", address))
+        return reply.to_wire()
 
     async def _filtered(self, client: Client, query: bytes, tcp: bool) -> bytes | None:
         assert client.domains is not None

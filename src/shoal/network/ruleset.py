@@ -12,7 +12,10 @@ match packets arriving from or leaving through this daemon's sandbox links,
   loopback services, the daemon's API port) but the daemon's DNS forwarder on
   its gateway address, and replies to connections the host opened (tunnels);
 - other sandboxes, of this and every other shoal daemon (the whole pool),
-  and non-unicast or reserved destinations (``ALWAYS_DENIED``);
+  and non-unicast or reserved destinations (``ALWAYS_DENIED``) — except that a
+  sandbox and its sidecars reach each other (``peers``: pairs of addresses, each
+  direction added by the daemon when it makes the sidecar and removed when either
+  ends; whatever their allowlists say, as a sidecar is part of its sandbox);
 - link-local addresses, among them the cloud metadata address
   169.254.169.254, always; and by default other private networks the host
   can reach: ``PRIVATE_RANGES`` (RFC 1918, carrier-grade NAT, 192.0.0.0/24)
@@ -154,6 +157,7 @@ def table_body(names: NetNames, deny: Iterable[str]) -> str:
     set allow_cidr {{ type ipv4_addr . ipv4_addr; flags interval; }}
     set allow_pin {{ type ipv4_addr . ipv4_addr; flags timeout; }}
     set intercept {{ type ipv4_addr; }}
+    set peers {{ type ipv4_addr . ipv4_addr; }}
     chain pre {{
         type filter hook prerouting priority -150; policy accept;
         iifname "{p}*" jump from_sandbox_pre
@@ -181,6 +185,7 @@ def table_body(names: NetNames, deny: Iterable[str]) -> str:
         oifname "{p}*" drop
     }}
     chain from_sandbox_fwd {{
+        ip saddr . ip daddr @peers accept
         ip daddr {{ {deny_set} }} jump deny
         fib daddr type {{ local, broadcast, multicast }} jump deny
         ct state established,related accept
@@ -271,3 +276,13 @@ def delete_pins(names: NetNames, ip: ipaddress.IPv4Address, addrs: Iterable[ipad
     """Commands that remove pins."""
     items = ", ".join(f"{ip} . {a}" for a in addrs)
     return f"delete element inet {names.table} allow_pin {{ {items} }}\n" if items else ""
+
+
+def add_peers(names: NetNames, a: ipaddress.IPv4Address, b: ipaddress.IPv4Address) -> str:
+    """Commands that let two sandboxes (a sandbox and its sidecar) reach each other."""
+    return f"add element inet {names.table} peers {{ {a} . {b}, {b} . {a} }}\n"
+
+
+def remove_peers(names: NetNames, a: ipaddress.IPv4Address, b: ipaddress.IPv4Address) -> str:
+    """Commands that undo ``add_peers``."""
+    return f"delete element inet {names.table} peers {{ {a} . {b}, {b} . {a} }}\n"

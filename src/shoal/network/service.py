@@ -81,6 +81,9 @@ class Attachment:
     """container port → {"listen": n, "tokens": {sha256 of a connect token: its user metadata}}."""
     outbound_headers: list[dict[str, Any]] | None = None
     """Its outbound policy as asked ({"domain", "headers" (templates), "secret_id"}); values are never stored."""
+    peers: dict[str, str] = field(default_factory=dict)
+    """Name → address of the sandboxes it may reach and resolve by name: its sidecars (a sidecar: its sandbox,
+    as ``main``)."""
 
     @property
     def address(self) -> ipaddress.IPv4Address:
@@ -301,6 +304,9 @@ class Network(Ingress):
                 cmds += ruleset.add_restricted(names, att.address, att.cidrs)
             if att.outbound_headers is not None:
                 cmds += ruleset.add_intercept(names, att.address)
+            for peer in att.peers.values():
+                if peer in self.by_ip:
+                    cmds += ruleset.add_peers(names, att.address, ipaddress.IPv4Address(peer))
         self.nft.run(cmds)
 
     async def _remove_strays(self, known: set[str]) -> None:
@@ -330,6 +336,11 @@ class Network(Ingress):
                 self.pins.setdefault(sb_ip, {})[ipaddress.IPv4Address(dest)] = time.monotonic()
             else:
                 cmds += ruleset.delete_pins(names, ipaddress.IPv4Address(sb_ip), [ipaddress.IPv4Address(dest)])
+        for a, b in await self._run(self._list_pairs, "peers"):
+            att = self.attached.get(self.by_ip.get(a, ""))
+            if att is None or b not in att.peers.values() or b not in self.by_ip:
+                pair = f"{ipaddress.IPv4Address(a)} . {ipaddress.IPv4Address(b)}"
+                cmds += f"delete element inet {names.table} peers {{ {pair} }}\n"
         for sb_ip, dest in await self._run(self._list_pairs, "allow_cidr"):
             att = self.attached.get(self.by_ip.get(sb_ip, ""))
             net = ipaddress.IPv4Network(dest)
@@ -373,6 +384,7 @@ class Network(Ingress):
         self.dns_clients[att.ip] = Client(
             domains=att.domains if att.restricted else None,
             on_pins=functools.partial(self._pin, att.address) if att.restricted else None,
+            names=att.peers,
         )
         if att.outbound_headers is not None:
             try:
@@ -541,9 +553,40 @@ class Network(Ingress):
             await proxy.close()
         self._policy_locks.pop(sandbox_id, None)
         att = self._forget(sandbox_id)
+        if att is not None and att.peers:
+            await self._unpeer(att)
         if att is not None and (att.restricted or att.outbound_headers is not None):
             await self._run(self._teardown, att, self.pins.pop(att.ip, {}))
         (self.dir / f"{sandbox_id}.json").unlink(missing_ok=True)
+
+    async def link_peers(self, a_id: str, name_of_b: str, b_id: str, name_of_a: str) -> None:
+        """Let two wired sandboxes (a sandbox and its sidecar) reach each other, and resolve each other's names
+        through the DNS forwarder (``a`` knows ``b`` as ``name_of_b``)."""
+        a, b = self.attached.get(a_id), self.attached.get(b_id)
+        if a is None or b is None:
+            raise InvalidError("a sandbox and its sidecars both need networking (not block_network)")
+        assert self.names is not None
+        a.peers[name_of_b] = b.ip
+        b.peers[name_of_a] = a.ip
+        for sid, att in ((a_id, a), (b_id, b)):
+            (self.dir / f"{sid}.json").write_text(json.dumps(asdict(att)))
+        await self._run(self._nft_run, ruleset.add_peers(self.names, a.address, b.address))
+
+    async def _unpeer(self, gone: Attachment) -> None:
+        """Forget a sandbox that ended in its peers' records, and remove both directions of each pair."""
+        assert self.names is not None
+        cmds = ""
+        for peer_ip in set(gone.peers.values()):
+            sid = self.by_ip.get(peer_ip)
+            peer = self.attached.get(sid or "")
+            if peer is not None:
+                for name in [n for n, ip in peer.peers.items() if ip == gone.ip]:
+                    del peer.peers[name]
+                (self.dir / f"{sid}.json").write_text(json.dumps(asdict(peer)))
+            cmds += ruleset.remove_peers(self.names, gone.address, ipaddress.IPv4Address(peer_ip))
+        for line in cmds.splitlines():
+            with contextlib.suppress(NftError):
+                await self._run(self._nft_run, line + "\n")
 
     def _teardown(self, att: Attachment, pins: dict[ipaddress.IPv4Address, float]) -> None:
         assert self.names is not None and self.nft is not None

@@ -44,6 +44,7 @@ from shoal.sdk.outbound_policy import OutboundPolicy
 from shoal.sdk.probe import Probe
 from shoal.sdk.process import ContainerProcess
 from shoal.sdk.secret import Secret, secret_ids
+from shoal.sdk.sidecars import SidecarManager
 from shoal.sdk.snapshot import SandboxSnapshot
 from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
 from shoal.sdk.transport import Client, default_client
@@ -584,6 +585,12 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
                     raise
         self._tunnels = TunnelMap(self._client, self._id, resp["tunnels"])
         return self._tunnels
+
+    @property
+    def _experimental_sidecars(self) -> SidecarManager:
+        """Containers beside this sandbox, each with its own image and outbound policy, that it reaches by name."""
+        self._check_attached()
+        return SidecarManager(self)
 
     @live_method
     async def _experimental_snapshot(self) -> SandboxSnapshot:

@@ -15,7 +15,16 @@ from pydantic import BaseModel, ValidationError
 
 from shoal.engine.manager import Manager
 from shoal.exception import AuthError, Error, InvalidError
-from shoal.server import attach, errors, routes, routes_images, routes_secrets, routes_snapshots, routes_volumes
+from shoal.server import (
+    attach,
+    errors,
+    routes,
+    routes_images,
+    routes_secrets,
+    routes_sidecars,
+    routes_snapshots,
+    routes_volumes,
+)
 from shoal.server.registry import Handler, Route, install
 from shoal.wire.base import validation_message
 
@@ -27,6 +36,7 @@ ROUTES: list[Route] = [
     *attach.TABLE.routes,
     *routes_images.TABLE.routes,
     *routes_secrets.TABLE.routes,
+    *routes_sidecars.TABLE.routes,
     *routes_snapshots.TABLE.routes,
     *routes_volumes.TABLE.routes,
 ]

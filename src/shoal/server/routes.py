@@ -312,6 +312,8 @@ async def list_images(request: web.Request) -> ImageList:
 
 @TABLE.route("POST", "/v1/sandboxes", summary="Create a sandbox", body=CreateSandbox, response=SandboxInfo)
 async def create_sandbox(request: web.Request, body: CreateSandbox) -> SandboxInfo:
+    if body.sidecar_of is not None or body.sidecar_name is not None:
+        raise InvalidError("sidecars are made with POST /v1/sandboxes/{sandbox_id}/sidecars")
     sb = await _mgr(request).create(body, lambda line: None)
     return sb.info()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
@@ -122,6 +123,10 @@ class CreateSandbox(WireModel):
     runtime: Runtime | None = None
     """``runc`` (a container) or ``gvisor`` (runsc: gVisor's kernel between the sandbox and the host); None: the
     daemon's default (``shoal serve --default-runtime``)."""
+    sidecar_of: str | None = None
+    """A sidecar's sandbox (set by the daemon for ``sb._experimental_sidecars.create``, refused from clients)."""
+    sidecar_name: str | None = None
+    """A sidecar's name: its sandbox reaches it by it (``http://<name>:port``)."""
     enable_snapshot: bool = False
     """``_experimental_enable_snapshot``: the sandbox will have memory snapshots taken, which need gVisor (it runs
     under gVisor when ``runtime`` is not given and the daemon has it)."""
@@ -312,3 +317,55 @@ class StdinOffset(BaseModel):
     """How much of a process's stdin the daemon has taken: the offset the next write starts at."""
 
     offset: int
+
+
+SIDECAR_NAME_RE = r"\A[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z"
+"""A sidecar's name: one DNS label, in lower case (its sandbox resolves it)."""
+
+
+class CreateSidecar(WireModel):
+    """``sb._experimental_sidecars.create(*args, name=..., image=...)``: a container beside the sandbox, with its own
+    image, process, environment and outbound policy, that the sandbox reaches by ``name``."""
+
+    name: str
+    args: list[str] = []
+    image: ImageRef = ImageRef()
+    env: EnvDict = {}
+    secret_env: EnvDict = {}
+    secret_ids: Annotated[list[str], Field(max_length=100)] = []
+    workdir: Workdir = None
+    volumes: Annotated[list[VolumeMount], Field(max_length=64)] = []
+    outbound_cidr_allowlist: OutboundCidrs = None
+    outbound_domain_allowlist: Domains = None
+    pty: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v == "main":
+            raise ValueError("the name 'main' is reserved for the sandbox's main container")
+        if not re.match(SIDECAR_NAME_RE, v):
+            raise ValueError(
+                f"invalid sidecar name {v!r}: its sandbox resolves it as a host name, so use 1-63 lower-case"
+                " letters, digits and '-', not starting or ending with '-'"
+            )
+        return v
+
+
+class SidecarInfo(BaseModel):
+    """A sidecar as the API shows it."""
+
+    sidecar_id: str
+    """Its own sandbox id (``exec``, files, ``wait`` and ``terminate`` go through it)."""
+    name: str
+    sandbox_id: str
+    """The sandbox it belongs to."""
+    state: SandboxState
+    result: Result | None
+    returncode: int | None
+
+
+class SidecarList(BaseModel):
+    """A sandbox's sidecars, oldest first."""
+
+    sidecars: list[SidecarInfo]
