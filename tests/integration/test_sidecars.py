@@ -4,6 +4,7 @@ environment and outbound policy, which the sandbox reaches by name whatever its 
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -144,3 +145,24 @@ def test_sidecars_run_under_their_sandboxs_runtime(main):
     side = main._experimental_sidecars.create("sleep", "infinity", name="rt", image=shoal.Image.debian_slim())
     info = shoal.Sandbox.from_id(side.object_id)
     assert info._info.get("runtime") == DEFAULT_RUNTIME
+
+
+def test_sidecars_are_taken_back_after_a_daemon_restart(own_daemon):
+    sb = shoal.Sandbox.create(app=_app(), outbound_cidr_allowlist=[], timeout=300)
+    web = sb._experimental_sidecars.create(
+        "sh",
+        "-c",
+        f'mkdir -p /srv && cd /srv && echo up > index.html && exec python3 -c "{SERVE.format(port=8080)}"',
+        name="web",
+        image=shoal.Image.debian_slim(),
+    )
+    assert _fetch(sb, "http://web:8080/index.html") == (0, "up\n")
+    own_daemon.restart(signal.SIGKILL)
+    # Its name, its pair in the packet filter and its link to the sandbox's lifecycle survive.
+    assert _fetch(sb, "http://web:8080/index.html") == (0, "up\n")
+    assert [s.name for s in sb._experimental_sidecars.list()] == ["web"]
+    sb.terminate()
+    deadline = time.monotonic() + 30
+    while web.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert web.poll() == 137

@@ -58,6 +58,8 @@ from shoal.wire.images import ImageRef
 from shoal.wire.sandboxes import CreateSandbox, ExecRequest, TagsUpdate
 from shoal.wire.snapshots import RestoreRequest
 
+PERSISTENT_ONLY = "`{}` requires a persistent Sandbox, created with `_experimental_persistent=True`."
+"""Modal's words for pause and resume of a sandbox that is not persistent (every shoal sandbox)."""
 _KEEP_NAME = object()
 """``_experimental_from_snapshot``'s default: the snapshotted sandbox's name."""
 
@@ -585,6 +587,18 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
                     raise
         self._tunnels = TunnelMap(self._client, self._id, resp["tunnels"])
         return self._tunnels
+
+    @live_method
+    async def _experimental_pause(self) -> None:
+        """Modal's pause of a persistent sandbox (its session stops; ``_experimental_resume`` starts another from
+        its files).  shoal has no persistent sandboxes (``_experimental_persistent`` is refused at create), so, as
+        Modal does for every other sandbox: NotImplementedError."""
+        raise NotImplementedError(PERSISTENT_ONLY.format("_experimental_pause()"))
+
+    @live_method
+    async def _experimental_resume(self) -> None:
+        """See ``_experimental_pause``: NotImplementedError, as Modal for a sandbox that is not persistent."""
+        raise NotImplementedError(PERSISTENT_ONLY.format("_experimental_resume()"))
 
     @property
     def _experimental_sidecars(self) -> SidecarManager:
