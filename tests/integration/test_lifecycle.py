@@ -287,7 +287,6 @@ def test_blocking_call_inside_event_loop_warns(sandbox):
         {"custom_domain": "example.com"},
         {"proxy": object()},
         {"include_oidc_identity_token": True},
-        {"_experimental_enable_snapshot": True},
         {"experimental_options": {"enable_docker": True}},  # ignoring one could fail open
         {"runtime": "vm"},
         {"_experimental_persistent": True},
