@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import socket
 import sqlite3
 import stat
@@ -103,14 +104,45 @@ def wait_until(predicate, what: str, limit: float = 60.0) -> None:  # type: igno
         time.sleep(0.1)
 
 
+RUNTIMES = [
+    "runc",
+    pytest.param(
+        "gvisor",
+        marks=pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed: make setup"),
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def runtime(request) -> str:  # type: ignore[no-untyped-def]
+    """Every probe here runs against a runc sandbox and a gVisor one (decision 0069 says where they differ)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def shared(app) -> Iterator[shoal.Sandbox]:
+def shared(app, runtime) -> Iterator[shoal.Sandbox]:  # type: ignore[no-untyped-def]
     """One sandbox for the read-only probes that do not change its state."""
-    sb = shoal.Sandbox.create(app=app, timeout=600)
+    sb = shoal.Sandbox.create(app=app, runtime=runtime, timeout=600)
     try:
         yield sb
     finally:
         sb.terminate()
+
+
+@pytest.fixture
+def sandbox(app, runtime) -> Iterator[shoal.Sandbox]:  # type: ignore[no-untyped-def]
+    """A fresh sandbox of the runtime under test, terminated afterwards."""
+    sb = shoal.Sandbox.create(app=app, runtime=runtime, timeout=120)
+    yield sb
+    sb.terminate()
+
+
+@pytest.fixture
+def default_sandbox(app) -> Iterator[shoal.Sandbox]:  # type: ignore[no-untyped-def]
+    """A fresh sandbox of the suite's runtime (for the fork bomb, ~30 s under gVisor: the gVisor sweep has it)."""
+    sb = shoal.Sandbox.create(app=app, timeout=120)
+    yield sb
+    sb.terminate()
 
 
 # ---------------------------------------------------------------- processes
@@ -130,13 +162,13 @@ import sys; sys.stdin.read()
 """
 
 
-def test_proc_lists_only_the_sandboxes_own_processes(daemon, app, sandbox):
+def test_proc_lists_only_the_sandboxes_own_processes(daemon, app, sandbox, runtime):
     """Attack: enumerate the host's processes (ps, /proc).  Only the sandbox's own are listed, PID 1 is the agent."""
-    other = shoal.Sandbox.create(app=app, timeout=60)
+    other = shoal.Sandbox.create(app=app, runtime=runtime, timeout=60)
     try:
         tag = uuid.uuid4().hex
         other.exec("bash", "-c", f"exec -a other-{tag} sleep 300")
-        if DEFAULT_RUNTIME == "gvisor":
+        if runtime == "gvisor":
             wait_until(lambda: sh(other, f"pgrep -f other-{tag}")[0] == 0, "other")
         else:
             wait_until(
@@ -145,7 +177,7 @@ def test_proc_lists_only_the_sandboxes_own_processes(daemon, app, sandbox):
         # The lister stays alive (waiting on stdin) while the host counts the sandbox's processes.
         p = sandbox.exec("python3", "-c", LIST_PROCS)
         inside = {int(k): v for k, v in json.loads(next(iter(p.stdout))).items()}
-        if DEFAULT_RUNTIME == "gvisor":
+        if runtime == "gvisor":
             # No host process is one of the sandbox's (decision 0069): its agent, its entrypoint (the default
             # one sleeps) and the lister are all there is.
             host = {pid: c for pid, c in inside.items() if pid == 1 or c.startswith(("python3 -c", "sleep "))}
@@ -171,10 +203,10 @@ def test_proc_lists_only_the_sandboxes_own_processes(daemon, app, sandbox):
 NAMESPACES = ("pid", "mnt", "net", "user", "ipc", "uts", "cgroup")
 
 
-def test_every_namespace_is_the_sandboxes_own(shared):
+def test_every_namespace_is_the_sandboxes_own(shared, runtime):
     """Attack: share any of the host's namespaces (pid, mount, network, user, ipc, uts, cgroup).  None is shared."""
     # gVisor's kernel has no cgroup namespace: the sandbox sees no cgroup tree at all (decision 0069).
-    names = [ns for ns in NAMESPACES if not (DEFAULT_RUNTIME == "gvisor" and ns == "cgroup")]
+    names = [ns for ns in NAMESPACES if not (runtime == "gvisor" and ns == "cgroup")]
     rc, out, err = sh(shared, "for ns in " + " ".join(names) + "; do readlink /proc/self/ns/$ns; done")
     assert rc == 0, err
     inside = out.split()
@@ -201,12 +233,12 @@ def test_ps_shows_agent_as_pid_1_and_nothing_of_the_host(shared):
             assert seen in by_pid, f"{pid} has an ancestor outside the sandbox"
 
 
-def test_cannot_signal_host_or_other_sandbox_processes(daemon, app, shared):
+def test_cannot_signal_host_or_other_sandbox_processes(daemon, app, shared, runtime):
     """Attack: kill -9 the daemon, the test runner, and another sandbox's process by their host pids."""
-    other = shoal.Sandbox.create(app=app, timeout=60)
+    other = shoal.Sandbox.create(app=app, runtime=runtime, timeout=60)
     try:
         victim = other.exec("bash", "-c", "exec -a isolation-victim sleep 300")
-        if DEFAULT_RUNTIME == "gvisor":
+        if runtime == "gvisor":
             # The other sandbox's processes are its Sentry's, not the host's: aim at its Sentry and gofer instead.
             wait_until(lambda: sh(other, "pgrep -f isolation-victim")[0] == 0, "the victim runs")
             victim_pids = sorted(host_pids_of(daemon, other))
@@ -246,9 +278,9 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("signal_name", ["KILL", "TERM", "INT", "HUP", "QUIT", "USR1", "SEGV", "STOP", "CHLD"])
-def test_agent_pid_1_survives_signals_from_inside(sandbox, signal_name):
+def test_agent_pid_1_survives_signals_from_inside(sandbox, signal_name, runtime):
     """Attack: kill the sandbox's PID 1 (the agent) from inside, to break the daemon's control of the sandbox."""
-    if DEFAULT_RUNTIME == "gvisor" and signal_name in ("KILL", "STOP"):
+    if runtime == "gvisor" and signal_name in ("KILL", "STOP"):
         # gVisor's kernel lets root in the sandbox kill or stop its init (decision 0069): the sandbox can end
         # itself, as by killing its entrypoint, but the daemon keeps control of it.
         sandbox.exec("bash", "-c", f"kill -{signal_name} 1")
@@ -268,7 +300,7 @@ def test_agent_pid_1_survives_signals_from_inside(sandbox, signal_name):
     assert sh(sandbox, "cat /proc/1/comm")[1] == "shoal-agent\n"
 
 
-def test_agent_control_channel_cannot_be_stolen(shared):
+def test_agent_control_channel_cannot_be_stolen(shared, runtime):
     """Attack: take the agent's control socket to the daemon (inherited fd, pidfd_getfd, ptrace, /proc/1)."""
     if platform.machine() != "x86_64":
         pytest.skip("syscall numbers below are x86_64's")
@@ -300,13 +332,13 @@ print(json.dumps(out))
     )
     # The listing itself opens one descriptor: an exec inherits stdin/stdout/stderr and nothing else.
     assert len(result["fds"]) == 4 and result["fds"][:3] == [0, 1, 2], result
-    if DEFAULT_RUNTIME == "gvisor":
+    if runtime == "gvisor":
         assert result["pidfd_open"] == -1  # gVisor's kernel has no pidfd_open (ENOSYS)
     else:
         assert result["pidfd_getfd"] == -errno.EPERM
     assert result["ptrace"] == -errno.EPERM
     assert any(name.startswith("fd/") for name in result["opened"])
-    if DEFAULT_RUNTIME == "gvisor":
+    if runtime == "gvisor":
         # gVisor's /proc opens PID 1's environment and pipes to root in the sandbox (same-tenant reach, decision
         # 0069); its memory stays closed and its control socket does not open (ENXIO; test_gvisor.py names it).
         opened = result["opened"]
@@ -378,7 +410,7 @@ def test_host_files_unreachable_by_any_path(daemon, shared, tmp_path):
             assert outcome == errno.ENOENT, f"{path}: {outcome}"
 
 
-def test_chroot_breakout_stays_in_sandbox_root(shared, tmp_path):
+def test_chroot_breakout_stays_in_sandbox_root(shared, tmp_path, runtime):
     """Attack: the classic chroot escape (chroot into a subdir, chdir .. many times, chroot .) with CAP_SYS_CHROOT."""
     (tmp_path / "host-only").write_text("x")
     result = py_json(
@@ -395,7 +427,7 @@ os.chroot(".")
 print(json.dumps({{"root": sorted(os.listdir("/")), "host": os.path.exists({str(tmp_path / "host-only")!r})}}))
 """,
     )
-    if DEFAULT_RUNTIME == "gvisor":
+    if runtime == "gvisor":
         # gVisor's kernel leaves the climbing process in no directory at all: nothing to list, nothing of the host.
         assert result["root"] == [] or ".shoal" in result["root"], result
     else:
@@ -434,7 +466,7 @@ def test_identity_files_are_the_images_not_the_hosts(daemon, shared, path):
         assert out.strip() != hashlib.sha256(host_file.read_bytes()).hexdigest()
 
 
-def test_host_devices_absent_and_not_creatable(shared):
+def test_host_devices_absent_and_not_creatable(shared, runtime):
     """Attack: open host disks, /dev/mem, /dev/kvm; mknod them when absent."""
     result = py_json(
         shared,
@@ -455,11 +487,11 @@ print(json.dumps(out))
     standard = ["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty"]
     # gVisor's kernel adds its own FUSE and TUN devices (served by the Sentry, not the host's drivers) and has
     # no mqueue directory in /dev.
-    own = ["fuse", "net"] if DEFAULT_RUNTIME == "gvisor" else ["mqueue"]
+    own = ["fuse", "net"] if runtime == "gvisor" else ["mqueue"]
     assert result["dev"] == sorted([*standard, *own, "urandom", "zero"])
     assert result["pts"] == ["ptmx"]
     for path in ("/dev/sda", "/dev/vda", "/dev/nvme0n1", "/dev/kvm", "/dev/mem", "/dev/kmsg", "/dev/port", "/dev/fuse"):
-        assert result[path] is (path in ("/dev/fuse",) and DEFAULT_RUNTIME == "gvisor"), path
+        assert result[path] is (path in ("/dev/fuse",) and runtime == "gvisor"), path
     for name in ("sda", "vda", "mem"):
         assert result[name] == errno.EPERM, (name, result[name])
 
@@ -537,7 +569,7 @@ def decode_caps(hex_mask: str) -> set[str]:
     return {CAP_NAMES.get(bit, f"bit{bit}") for bit in range(64) if mask >> bit & 1}
 
 
-def test_capabilities_exclude_sys_admin_and_other_host_powers(shared):
+def test_capabilities_exclude_sys_admin_and_other_host_powers(shared, runtime):
     """Attack: use root's capabilities (CAP_SYS_ADMIN, SYS_MODULE, ...) or regain them via setuid/file caps."""
     rc, out, err = sh(shared, "grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status")
     assert rc == 0, err
@@ -551,10 +583,10 @@ def test_capabilities_exclude_sys_admin_and_other_host_powers(shared):
     rc, out, err = sh(shared, "python3 -c 'import ctypes; print(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))'")
     assert (rc, out, status.get("NoNewPrivs", "1")) == (0, "1\n", "1"), err
     # Filter mode; under gVisor no filter inside: its system calls reach the Sentry, not the host (0069).
-    assert status["Seccomp"] == ("0" if DEFAULT_RUNTIME == "gvisor" else "2")
+    assert status["Seccomp"] == ("0" if runtime == "gvisor" else "2")
 
 
-def test_root_inside_is_a_sandbox_uid_outside(daemon, sandbox):
+def test_root_inside_is_a_sandbox_uid_outside(daemon, sandbox, runtime):
     """Attack: be root on the host by being root inside.  Processes of root inside run as the sandbox's own host
     uid (2^20 or above, decision 0063); the files it writes are stored as 100000 (decision 0002)."""
     name = f"owned-{uuid.uuid4().hex}"
@@ -572,7 +604,7 @@ echo y > /{name}.user && chown 1000:1000 /{name}.user
     lines = out.splitlines()
     maps = [line.split() for line in lines[:2]]
     base = int(maps[0][1])
-    if DEFAULT_RUNTIME == "gvisor":
+    if runtime == "gvisor":
         # gVisor's kernel maps every id to itself; the host sees only the Sentry (uid 65534), and the gofer stores
         # root's files as the shared range's root, checked below (decision 0069).
         assert maps == [["0", "0", "4294967295"]] * 2
@@ -586,7 +618,7 @@ echo y > /{name}.user && chown 1000:1000 /{name}.user
     assert st.st_mode & stat.S_ISUID and st.st_uid == 100000  # a setuid binary of root inside is not setuid-root
     st = (upper / f"{name}.user").stat()
     assert (st.st_uid, st.st_gid) == (101000, 101000)
-    if DEFAULT_RUNTIME == "gvisor":
+    if runtime == "gvisor":
         # The Sentry, the one host process that runs the sandbox's code, holds its capabilities in a user
         # namespace of its own, not the host's (decision 0069 records that its uid there is the host's 0).
         sentries = [pid for pid in host_pids_of(daemon, sandbox) if "boot" in safe_cmdline(pid).split()]
@@ -614,7 +646,7 @@ echo y > /{name}.user && chown 1000:1000 /{name}.user
     assert gids == [str(base)] * 4
 
 
-def test_cannot_map_more_ids_or_become_an_unmapped_uid(shared):
+def test_cannot_map_more_ids_or_become_an_unmapped_uid(shared, runtime):
     """Attack: rewrite /proc/self/uid_map to map host root, or setuid to a uid outside the mapping."""
     result = py_json(
         shared,
@@ -639,7 +671,7 @@ print(json.dumps(out))
     assert result["uid_map"] in (errno.EPERM, errno.EACCES), result
     assert result["gid_map"] in (errno.EPERM, errno.EACCES), result
     assert result["setgroups"] in (errno.EPERM, errno.EACCES), result
-    if DEFAULT_RUNTIME == "gvisor":
+    if runtime == "gvisor":
         # gVisor's kernel has every uid, but 70000 has none on the host: nothing it writes can be stored.
         assert result["setuid"] == "ok"
         rc, _, err = sh(shared, "python3 -c \"import os; os.setuid(70000); open('/tmp/as-70000', 'w')\"")
@@ -732,7 +764,7 @@ print(json.dumps(results))
 """
 
 
-def test_privileged_syscalls_refused(sandbox):
+def test_privileged_syscalls_refused(sandbox, runtime):
     """Attack: mount (tmpfs, cgroup for release_agent, bind /), unmount masks, load or unload kernel modules,
     kexec, swap, reboot, keyrings, BPF, perf, setns/unshare/clone into new namespaces, userfaultfd, io_uring,
     file handles (shocker), new mount API, pivot_root, syslog, acct, port I/O, setting the clock."""
@@ -741,7 +773,7 @@ def test_privileged_syscalls_refused(sandbox):
     results = py_json(sandbox, SYSCALLS)
     assert results.pop("mounts under /mnt") == []
     assert results.pop("clone3 newuser") in (-errno.ENOSYS, -errno.EPERM)
-    if DEFAULT_RUNTIME == "gvisor":
+    if runtime == "gvisor":
         # gVisor's kernel implements these for itself (its own namespaces, keyrings and a made-up kernel log):
         # they succeed without reaching the host.  Everything else is refused, some calls as not implemented.
         for name in ("keyctl", "unshare user", "unshare mount", "unshare net", "clone newpid", "syslog"):
@@ -771,10 +803,10 @@ def test_privileged_syscalls_refused(sandbox):
         "setpriv --reuid=0 --inh-caps=+sys_admin --ambient-caps=+sys_admin true",
     ],
 )
-def test_privileged_commands_fail(shared, command):
+def test_privileged_commands_fail(shared, command, runtime):
     """Attack: the command-line tools an attacker would reach for first."""
     rc, out, err = sh(shared, command)
-    if DEFAULT_RUNTIME == "gvisor" and command in ("unshare -r true", "dmesg"):
+    if runtime == "gvisor" and command in ("unshare -r true", "dmesg"):
         # gVisor's own user namespaces and its made-up kernel log: nothing of the host's (decision 0069).
         assert rc == 0, err
         assert os.uname().release not in out
@@ -785,7 +817,7 @@ def test_privileged_commands_fail(shared, command):
     assert out.strip() == "0"
 
 
-def test_proc_sys_and_sys_are_read_only(daemon, shared):
+def test_proc_sys_and_sys_are_read_only(daemon, shared, runtime):
     """Attack: write host kernel settings (core_pattern escape, uevent_helper, pid_max) through /proc/sys and /sys."""
     before = {p: Path(p).read_text() for p in ("/proc/sys/kernel/core_pattern", "/proc/sys/kernel/pid_max")}
     result = py_json(
@@ -813,7 +845,7 @@ print(json.dumps(out))
 """,
     )
     opts = result.pop("opts")
-    if DEFAULT_RUNTIME == "gvisor":
+    if runtime == "gvisor":
         assert "ro" in opts["/sys"], opts  # gVisor's /proc/sys is its own kernel's, read-only in itself
     else:
         assert "ro" in opts["/sys"] and "ro" in opts["/proc/sys"], opts
@@ -821,14 +853,14 @@ print(json.dumps(out))
         # uevent_helper, THP and sysrq-trigger depend on the kernel's configuration: absent is as good as closed.
         optional = not path.startswith(("/proc/sys/kernel/", "/proc/sys/vm/"))
         allowed = (errno.EROFS, errno.EACCES, errno.EPERM) + ((errno.ENOENT,) if optional else ())
-        if DEFAULT_RUNTIME == "gvisor" and optional:
+        if runtime == "gvisor" and optional:
             allowed += (errno.EIO,)  # gVisor's kernel takes no sysrq command
         assert outcome in allowed, (path, outcome)
     after = {p: Path(p).read_text() for p in before}
     assert after == before
 
 
-def test_kernel_memory_and_firmware_masked(shared):
+def test_kernel_memory_and_firmware_masked(shared, runtime):
     """Attack: read kernel memory (/proc/kcore), firmware tables (/sys/firmware), kernel logs and key lists."""
     result = py_json(
         shared,
@@ -852,7 +884,7 @@ print(json.dumps(out))
     # Masked files read as empty (bind of /dev/null); absent ones (not built into this kernel) are fine too.
     for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"):
         assert result[path] in (0, -errno.ENOENT), (path, result[path])
-    absent = (-errno.ENOENT,) if DEFAULT_RUNTIME == "gvisor" else ()  # gVisor's kernel has no /proc/kmsg
+    absent = (-errno.ENOENT,) if runtime == "gvisor" else ()  # gVisor's kernel has no /proc/kmsg
     assert result["/proc/kmsg"] in (-errno.EACCES, -errno.EPERM, *absent)
     assert result["/sys/firmware"] == []
     assert set(result["kallsyms"]) <= {"0000000000000000"}, "kernel addresses are visible"
@@ -1031,8 +1063,9 @@ print(json.dumps({"forked": n, "errno": err}), flush=True)
 """
 
 
-def test_fork_bomb_stops_at_the_pids_limit(daemon, sandbox):
+def test_fork_bomb_stops_at_the_pids_limit(daemon, default_sandbox):
     """Attack: fork without end.  Forks start failing with EAGAIN at the sandbox's pids limit."""
+    sandbox = default_sandbox
     pids = cgroup_dir(daemon, sandbox, "pids")
     host_limit = int((pids / "pids.max").read_text())
     limit = sandbox_pids_limit(sandbox) if DEFAULT_RUNTIME == "gvisor" else host_limit
@@ -1118,22 +1151,22 @@ while len(chunks) < 128:  # 2 GiB at most: a missing limit fails the test instea
 """
 
 
-def test_memory_bomb_killed_with_137_and_sandbox_survives(daemon, app):
+def test_memory_bomb_killed_with_137_and_sandbox_survives(daemon, app, runtime):
     """Attack: allocate memory without end in a 256 MiB sandbox.  The cgroup's OOM killer kills the allocating
     process (exit 137), the host is untouched, and the sandbox and daemon stay usable."""
-    sb = shoal.Sandbox.create(app=app, memory=256, timeout=120)
+    sb = shoal.Sandbox.create(app=app, runtime=runtime, memory=256, timeout=120)
     try:
         memory = cgroup_dir(daemon, sb, "memory")
         assert int((memory / "memory.limit_in_bytes").read_text()) == 256 << 20
         p = sb.exec("python3", "-c", MEMORY_BOMB)
         assert p.wait() == 137
         assert p.returncode == 137
-        if DEFAULT_RUNTIME == "gvisor":
+        if runtime == "gvisor":
             # gVisor's kernel has no OOM killer of its own: the host's kills the Sentry, and the whole sandbox
             # ends (decision 0069), with a result that says why.  The daemon and other sandboxes go on.
             with pytest.raises(SandboxTerminatedError, match="ran out of memory"):
                 sb.wait()
-            other = shoal.Sandbox.create(app=app, timeout=60)
+            other = shoal.Sandbox.create(app=app, runtime=runtime, timeout=60)
             try:
                 assert_healthy(other)
             finally:
