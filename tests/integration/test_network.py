@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -32,7 +33,7 @@ import pytest
 import shoal
 import shoal as modal
 from shoal.exception import InvalidError
-from tests.conftest import DEFAULT_RUNTIME, Daemon, running_daemon
+from tests.conftest import Daemon, running_daemon
 from tests.netkit import CONNECT, DnsServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -85,6 +86,7 @@ class PeerHost:
         self.procs: list[subprocess.Popen[str]] = []
         self.pumps: list[threading.Thread] = []
         self.lines: list[str] = []
+        self.started: set[tuple[str, tuple[str, ...]]] = set()
         run("ip", "netns", "add", self.netns)
         try:
             run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", "eth0", "netns", self.netns)
@@ -104,6 +106,11 @@ class PeerHost:
         run("ip", "route", "add", f"{address}/32", "via", self.ip, "dev", self.host_if)
 
     def start(self, script: str, *args: str) -> None:
+        """Run a server script in the namespace until the module ends (once: a test run again finds it running)."""
+        key = (script, args)
+        if key in self.started:
+            return
+        self.started.add(key)
         cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-u", "-c", script, *args]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         self.procs.append(p)
@@ -256,8 +263,9 @@ def init_pid(d: Daemon, sb) -> int:
 def netns_of(d: Daemon, sb) -> str:
     """A path to a sandbox's network namespace: its init's under runc; under gVisor the Sentry's, which the
     daemon keeps bound in the sandbox's run directory (the Sentry's own init is not the sandbox's)."""
-    if DEFAULT_RUNTIME == "gvisor":
-        return str(d.runtime_dir / "sandboxes" / sb.object_id / "netns")
+    bound = d.runtime_dir / "sandboxes" / sb.object_id / "netns"
+    if bound.exists():
+        return str(bound)
     return f"/proc/{init_pid(d, sb)}/ns/net"
 
 
@@ -305,16 +313,40 @@ def net() -> Iterator[Net]:
             os.environ["SHOAL_DNS_UPSTREAM"] = saved
 
 
+class Made(list):  # type: ignore[type-arg]
+    """The sandboxes a test made, and the runtime they run under."""
+
+    def __init__(self, runtime: str) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+
+RUNTIMES = [
+    "runc",
+    pytest.param(
+        "gvisor",
+        marks=pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed: make setup"),
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def runtime(request) -> str:  # type: ignore[no-untyped-def]
+    """The tests that make sandboxes with ``create`` run once with runc sandboxes and once with gVisor ones."""
+    return str(request.param)
+
+
 @pytest.fixture
-def sandboxes(net: Net) -> Iterator[list]:
-    """Sandboxes a test creates (append to the list); all terminated afterwards."""
-    made: list = []
+def sandboxes(net: Net, runtime: str) -> Iterator[Made]:
+    """Sandboxes a test creates (append to the list), of the runtime under test; all terminated afterwards."""
+    made = Made(runtime)
     yield made
     for sb in made:
         sb.terminate()
 
 
 def create(net: Net, made: list, **kwargs) -> shoal.Sandbox:
+    kwargs.setdefault("runtime", getattr(made, "runtime", None))
     sb = shoal.Sandbox.create(app=net.app, timeout=300, **kwargs)
     made.append(sb)
     return sb
@@ -346,7 +378,7 @@ def test_block_network_is_loopback_only(net, sandboxes):
     _rc, out, _ = py(sb, "import socket; print(sorted(n for _, n in socket.if_nameindex()))")
     assert out.strip() == "['lo']"
     # No route under runc; gVisor's own stack says the host is unreachable instead.
-    unreachable = errno.EHOSTUNREACH if DEFAULT_RUNTIME == "gvisor" else errno.ENETUNREACH
+    unreachable = errno.EHOSTUNREACH if sandboxes.runtime == "gvisor" else errno.ENETUNREACH
     assert connect(sb, net.web.ip, 8000) == {"errno": unreachable}
     assert "error" in resolve(sb, "web.shoal.test")
     # Control: the same request from a default sandbox works.
@@ -424,6 +456,7 @@ def test_spoofed_source_is_dropped(net, sandboxes):
     namespace); the test does it for it, from the host, and the filter still drops what it sends."""
     sb, victim = create(net, sandboxes), create(net, sandboxes)
     net.other.start(UDP_RECORDER, "9999")
+    net.other.lines.clear()  # (what the other runtime's run recorded)
     rc, _, _err = py(
         sb, "import subprocess, sys; sys.exit(subprocess.call(['ip', 'addr', 'add', '198.18.250.9/32', 'dev', 'eth0']))"
     )
@@ -433,7 +466,7 @@ def test_spoofed_source_is_dropped(net, sandboxes):
     for addr in spoofs:
         subprocess.run([*nsenter, "ip", "addr", "add", f"{addr}/32", "dev", "eth0"], check=True)
     real = ""
-    if DEFAULT_RUNTIME == "gvisor":
+    if sandboxes.runtime == "gvisor":
         # runsc moves eth0's addresses and routes into its own network stack; the host's stack in that
         # namespace gets the sandbox's real address back and a route out, so the control packet takes the
         # same path as the attack packets.
