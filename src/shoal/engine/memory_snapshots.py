@@ -8,7 +8,8 @@ Taking one (the sandbox keeps running; it is frozen for the time of the copy):
 2. ``runsc pause`` freezes every task; the filesystem becomes an image (``snapshot_filesystem``'s copy of the
    upper directory, consistent because nothing runs), and ``runsc checkpoint --leave-running`` saves the
    kernel's state and memory (files stay on the host, named by path);
-3. ``runsc resume`` and the agent's RESUME let the sandbox go on.
+3. the caller has its answer; then ``runsc resume`` and the agent's RESUME let the sandbox go on (what was sent
+   to the agent meanwhile follows RESUME; a second snapshot of the same sandbox waits for this).
 
 Restoring one starts a new sandbox from the snapshot's image with the snapshotted sandbox's create request (its
 volumes, network settings, limits), its own id, address and uid slot, and ``runsc restore`` instead of ``run``.
@@ -38,12 +39,12 @@ from typing import TYPE_CHECKING, Any
 
 from shoal.engine.process import ENTRYPOINT_ID
 from shoal.engine.sandbox import Sandbox
-from shoal.exception import AlreadyExistsError, ConflictError, ExecutionError, InvalidError, NotFoundError
+from shoal.exception import AlreadyExistsError, ExecutionError, InvalidError, NotFoundError
 from shoal.store.spec import SandboxSpec
 from shoal.store.state import ExecRow, SandboxRow
 from shoal.wire import ids
 from shoal.wire.images import ImageRef
-from shoal.wire.sandboxes import SandboxState
+from shoal.wire.sandboxes import Result, SandboxState
 from shoal.wire.snapshots import MemorySnapshotInfo
 
 if TYPE_CHECKING:
@@ -102,7 +103,8 @@ class MemorySnapshots:
     def __init__(self, mgr: Manager) -> None:
         self.mgr = mgr
         self.root = mgr.cfg.data_dir / DIR_NAME
-        self._busy: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._resuming: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ taking
 
@@ -119,21 +121,32 @@ class MemorySnapshots:
                 f"sandbox {sb.id} cannot be snapshotted: its agent reconnected after a daemon restart over a host"
                 " socket, which gVisor cannot save; sandboxes started (or restored) by this daemon can be"
             )
-        if sb.id in self._busy:
-            raise ConflictError(f"sandbox {sb.id} is already being snapshotted: wait for that snapshot first")
-        self._busy.add(sb.id)
+        # One snapshot of a sandbox at a time: the next waits until the previous one has let the sandbox go.
+        lock = self._locks.setdefault(sb.id, asyncio.Lock())
+        await lock.acquire()
         try:
-            return await self._take(sb)
-        finally:
-            self._busy.discard(sb.id)
+            return await self._take(sb, lock)
+        except BaseException:
+            if lock.locked():
+                lock.release()
+            raise
 
-    async def _take(self, sb: Sandbox) -> MemorySnapshotInfo:
+    async def _take(self, sb: Sandbox, lock: asyncio.Lock) -> MemorySnapshotInfo:
+        """Suspend, pause, copy, checkpoint; answer, and resume in the background (``_resume``), which releases
+        ``lock`` (on failure the sandbox is resumed here, and the caller releases it)."""
         snapshot_id = ids.new("memory_snapshot")
         staged = self.root / f".{snapshot_id}.tmp"
         staged.mkdir(parents=True, mode=0o700)
         t0 = time.monotonic()
+        marks: list[tuple[str, float]] = []
+
+        def mark(phase: str) -> None:
+            marks.append((phase, time.monotonic()))
+
         try:
             await sb.suspend_agent(SUSPEND_TIMEOUT)
+            mark("suspend")
+            paused = False
             try:
                 execs = [
                     {"id": row.id, "spec": row.spec}
@@ -141,13 +154,17 @@ class MemorySnapshots:
                     if row.exit_kind is None
                 ]
                 await sb.runtime.pause(sb.container_id)
-                try:
-                    image_id = await self.mgr.snapshots.filesystem(sb.id, COPY_TIMEOUT, RETENTION)
-                    await sb.runtime.checkpoint(sb.container_id, str(staged / "checkpoint"))
-                finally:
+                paused = True
+                mark("pause")
+                image_id = await self.mgr.snapshots.filesystem(sb.id, COPY_TIMEOUT, RETENTION)
+                mark("files")
+                await sb.runtime.checkpoint(sb.container_id, str(staged / "checkpoint"))
+                mark("checkpoint")
+            except BaseException:
+                if paused:
                     await sb.runtime.resume(sb.container_id)
-            finally:
                 sb.resume_agent()
+                raise
             now = time.time()
             info = MemorySnapshotInfo(
                 snapshot_id=snapshot_id,
@@ -171,8 +188,37 @@ class MemorySnapshots:
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staged, True)
             raise
-        log.info("sandbox %s: memory snapshot %s in %.0f ms", sb.id, snapshot_id, (time.monotonic() - t0) * 1000)
+        task = asyncio.create_task(self._resume(sb, lock, snapshot_id, t0, marks))
+        self._resuming.add(task)
+        task.add_done_callback(self._resuming.discard)
         return info
+
+    async def _resume(
+        self, sb: Sandbox, lock: asyncio.Lock, snapshot_id: str, t0: float, marks: list[tuple[str, float]]
+    ) -> None:
+        """After the answer: thaw the sandbox and the agent (what was sent to it meanwhile follows RESUME).  A
+        sandbox that cannot be resumed is ended: it would never run again."""
+        try:
+            await sb.runtime.resume(sb.container_id)
+            marks.append(("resume", time.monotonic()))
+            sb.resume_agent()
+        except Exception as exc:
+            if sb.state is SandboxState.RUNNING:
+                log.error("sandbox %s: could not resume after memory snapshot %s: %s", sb.id, snapshot_id, exc)
+                sb.finish_soon(Result(status="terminated", message=f"it could not be resumed after a snapshot: {exc}"))
+        finally:
+            lock.release()
+        steps, last = [], t0
+        for phase, at in marks:
+            steps.append(f"{phase} {(at - last) * 1000:.0f}")
+            last = at
+        log.info(
+            "sandbox %s: memory snapshot %s in %.0f ms (%s ms)",
+            sb.id,
+            snapshot_id,
+            (marks[-1][1] - t0) * 1000,
+            ", ".join(steps),
+        )
 
     # ------------------------------------------------------------ restoring
 
@@ -286,6 +332,8 @@ class MemorySnapshots:
 
     def prune(self, *, leftovers: bool = False) -> int:
         """Remove expired snapshots (and, ``leftovers``: what interrupted ones left, at start-up); how many went."""
+        for sandbox_id in [k for k, lock in self._locks.items() if k not in self.mgr.sandboxes and not lock.locked()]:
+            del self._locks[sandbox_id]
         removed = 0
         now = time.time()
         try:
