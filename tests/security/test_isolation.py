@@ -619,12 +619,17 @@ echo y > /{name}.user && chown 1000:1000 /{name}.user
     st = (upper / f"{name}.user").stat()
     assert (st.st_uid, st.st_gid) == (101000, 101000)
     if runtime == "gvisor":
-        # The Sentry, the one host process that runs the sandbox's code, holds its capabilities in a user
-        # namespace of its own, not the host's (decision 0069 records that its uid there is the host's 0).
+        # The Sentry, the one host process that runs the sandbox's code, is host uid nobody with no capability,
+        # in a user namespace of its own that maps nobody alone (runsc with --directfs=false, decision 0069).
         sentries = [pid for pid in host_pids_of(daemon, sandbox) if "boot" in safe_cmdline(pid).split()]
         assert sentries
         host_userns = os.readlink("/proc/self/ns/user")
-        assert all(os.readlink(f"/proc/{pid}/ns/user") != host_userns for pid in sentries)
+        for pid in sentries:
+            status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
+            assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+            assert os.readlink(f"/proc/{pid}/ns/user") != host_userns
+            assert Path(f"/proc/{pid}/uid_map").read_text().split() == ["65534", "65534", "1"]
         return
 
     # A process that sets every uid to 0 inside is still the sandbox's own uid to the host.

@@ -16,6 +16,9 @@ What differs from runc, and why:
 * No seccomp filter inside the sandbox: its system calls reach the Sentry, not the host's kernel (runsc
   filters the Sentry's own calls to the host); runsc 2024-07 applying the runc profile inside broke
   ``pthread_create`` (the profile's ``clone3`` → ENOSYS rule).
+* ``--directfs=false``: the Sentry reaches files only through the gofer, so runsc runs it as host uid nobody
+  with no capability (with directfs it keeps uid 0 and capabilities in an identity-mapped user namespace);
+  small-file work costs about twice as much (decision 0069).
 * No user namespace in the spec: runsc puts the Sentry in a user namespace of its own with no host privilege,
   and the files it writes through its gofer go through an id-mapped root (the storage mapping), so sandbox
   root's files are stored as the shared range's root (100000), as runc sandboxes' are.
@@ -40,8 +43,9 @@ limit ends the whole sandbox under a fork bomb; systrap holds ~2 and a fork bomb
 RLIMIT_NPROC (decision 0069, issue 15).  An operator adds or overrides runsc's flags with ``$SHOAL_RUNSC_FLAGS``
 (e.g. ``--debug --debug-log=/tmp/runsc/``)."""
 SENTRY_UID = 65534
-"""The host uid runsc runs a Sentry as when it drops to nobody (runsc 20240729 here keeps uid 0 in a user
-namespace of its own, decision 0069; its processes are then known by their name, see :meth:`is_ours`)."""
+"""The host uid a Sentry runs as: runsc drops it to nobody, with no capability, when its files go through the
+gofer (``--directfs=false``, decision 0069); with directfs it would keep uid 0 in a user namespace of its own
+whose map is the identity, with capabilities there.  Its other processes are known by name (:meth:`is_ours`)."""
 NET_MASK = 'mount -t tmpfs -o size=4k,mode=555,nosuid,nodev,noexec shoal-runsc /proc/sys/net && exec "$@"'
 """The shell line that hides ``/proc/sys/net`` from runsc before running it (see the module's docstring)."""
 
@@ -79,6 +83,7 @@ class GvisorRuntime(ContainerRuntime):
             f"--network={network}",
             "--host-uds=open",
             "--overlay2=none",  # what the sandbox writes goes to its upper directory on disk, as under runc
+            "--directfs=false",  # the Sentry runs as nobody with no capabilities; files go through the gofer
             *shlex.split(os.environ.get("SHOAL_RUNSC_FLAGS", "")),
             *args,
         ]
