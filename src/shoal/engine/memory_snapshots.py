@@ -231,7 +231,13 @@ class MemorySnapshots:
         old = SandboxSpec.from_json(meta.spec, meta.info.sandbox_id)
         new_name = meta.name if keep_name else name
         req = old.request.model_copy(
-            update={"image": ImageRef(kind="id", image_id=meta.info.image_id), "name": new_name}
+            # A snapshotted sidecar comes back as a sandbox of its own: its sandbox is not part of the snapshot.
+            update={
+                "image": ImageRef(kind="id", image_id=meta.info.image_id),
+                "name": new_name,
+                "sidecar_of": None,
+                "sidecar_name": None,
+            }
         )
         if mgr.state.app_by_id(req.app_id) is None:
             raise NotFoundError(f"App {req.app_id} of memory snapshot {snapshot_id} no longer exists")
