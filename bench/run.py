@@ -623,7 +623,11 @@ def measure(args: argparse.Namespace, daemon: BenchDaemon, floor: Floor, groups:
         exec_sb = shoal.Sandbox.create(app=app, timeout=3600, **RUNTIME)
         try:
             # The floor copies a runc sandbox's bundle: under --runtime gvisor, one made for that alone.
-            runc_sb = exec_sb if RUNTIME.get("runtime", "runc") == "runc" else shoal.Sandbox.create(app=app)
+            runc_sb = (
+                exec_sb
+                if RUNTIME.get("runtime", "runc") == "runc"
+                else shoal.Sandbox.create(app=app, runtime="runc")  # (the daemon's default may be gVisor)
+            )
             try:
                 bundle_dir = daemon.runtime_dir / "sandboxes" / runc_sb.object_id
                 floor.prepare(bundle_dir, daemon.image_lowers(runc_sb.object_id))
