@@ -331,6 +331,15 @@ def own_daemon() -> Iterator[Daemon]:
 # (`SHOAL_DEFAULT_RUNTIME=gvisor make test` sweeps the suite under gVisor).
 DEFAULT_RUNTIME = os.environ.get("SHOAL_DEFAULT_RUNTIME") or "runc"
 
+RUNTIMES = [
+    "runc",
+    pytest.param(
+        "gvisor",
+        marks=pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed: make setup"),
+    ),
+]
+"""Parameters for tests that run once with runc sandboxes and once with gVisor ones (``runtime=``)."""
+
 
 @pytest.fixture(scope="session")
 def app(daemon: Daemon):  # type: ignore[no-untyped-def]

@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import ssl
@@ -33,7 +32,7 @@ import pytest
 import shoal
 import shoal as modal
 from shoal.exception import InvalidError
-from tests.conftest import Daemon, running_daemon
+from tests.conftest import RUNTIMES, Daemon, running_daemon
 from tests.netkit import CONNECT, DnsServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -319,15 +318,6 @@ class Made(list):  # type: ignore[type-arg]
     def __init__(self, runtime: str) -> None:
         super().__init__()
         self.runtime = runtime
-
-
-RUNTIMES = [
-    "runc",
-    pytest.param(
-        "gvisor",
-        marks=pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed: make setup"),
-    ),
-]
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import socket
 import sqlite3
 import stat
@@ -30,7 +29,7 @@ import pytest
 import shoal
 from shoal.exception import SandboxTerminatedError
 from shoal.runtime.idmap import FIRST_SANDBOX_ID
-from tests.conftest import DEFAULT_RUNTIME, MACHINE_IMAGES
+from tests.conftest import DEFAULT_RUNTIME, MACHINE_IMAGES, RUNTIMES
 
 # ---------------------------------------------------------------- helpers
 
@@ -102,15 +101,6 @@ def wait_until(predicate, what: str, limit: float = 60.0) -> None:  # type: igno
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
         time.sleep(0.1)
-
-
-RUNTIMES = [
-    "runc",
-    pytest.param(
-        "gvisor",
-        marks=pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed: make setup"),
-    ),
-]
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)

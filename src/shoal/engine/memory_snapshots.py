@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from shoal.engine.process import ENTRYPOINT_ID
 from shoal.engine.sandbox import Sandbox
 from shoal.exception import AlreadyExistsError, ExecutionError, InvalidError, NotFoundError
+from shoal.images import usage
 from shoal.store.spec import SandboxSpec
 from shoal.store.state import ExecRow, SandboxRow
 from shoal.wire import ids
@@ -173,7 +174,7 @@ class MemorySnapshots:
                 image_id=image_id,
                 created_at=now,
                 expires_at=now + RETENTION,
-                size=_size(staged / "checkpoint"),
+                size=usage.tree_bytes(staged / "checkpoint"),
             )
             meta = SnapshotMeta(
                 info=info,
@@ -363,12 +364,3 @@ class MemorySnapshots:
 
 
 _PLACEHOLDER: dict[str, Any] = {"args": [], "workdir": None, "timeout": None, "pty": False}
-
-
-def _size(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-    return total

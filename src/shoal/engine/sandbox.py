@@ -18,7 +18,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,25 +214,37 @@ class Sandbox(AgentFrames):
 
     # ---------------------------------------------------------------- start
 
+    async def _launch(
+        self, req: CreateSandbox, lowers: list[str], launch: Callable[[str, int], Awaitable[None]]
+    ) -> socket.socket:
+        """Mount the root, write the bundle, wire a gVisor sandbox's network, and ``launch(bundle, their_fd)``
+        the container with one end of a fresh socketpair as the agent's control socket; our end."""
+        ns = await self._namespaces()
+        try:
+            bundle = write_bundle(self, req, lowers, ns)
+            await self._wire_gvisor_network()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await launch(str(bundle), theirs.fileno())
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+                if self.ctx.volumes:
+                    self.ctx.volumes.release(self.id)  # the container holds its own copies of the volume mounts
+        finally:
+            if ns is not None:
+                ns.close()
+        return ours
+
     async def start(self, req: CreateSandbox, image: ImageConfig, lowers: list[str]) -> None:
         """Mount the root, start the container and the entrypoint.  Raises after cleaning up on failure."""
+        log_path = str(self.run_dir / "agent.log")
         try:
-            ns = await self._namespaces()
-            try:
-                bundle = write_bundle(self, req, lowers, ns)
-                await self._wire_gvisor_network()
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    await self.runtime.start(
-                        self.container_id, str(bundle), theirs.fileno(), str(self.run_dir / "agent.log")
-                    )
-                finally:
-                    theirs.close()
-                    if self.ctx.volumes:
-                        self.ctx.volumes.release(self.id)  # the container holds its own copies of the volume mounts
-            finally:
-                if ns is not None:
-                    ns.close()
+            ours = await self._launch(
+                req, lowers, lambda bundle, fd: self.runtime.start(self.container_id, bundle, fd, log_path)
+            )
             await self._connect_agent(ours, req, image, wire_network=not self.gvisor)
         except BaseException as exc:
             await self._fail_start(exc)
@@ -248,24 +260,13 @@ class Sandbox(AgentFrames):
         The restored agent is still suspended, and its standard input is now our socket: RESUME tells it that it
         was restored, and it answers HELLO with the snapshotted sandbox's token (``row.token``) and its processes.
         """
+        log_path = str(self.run_dir / "agent.log")
         try:
-            ns = await self._namespaces()
-            try:
-                bundle = write_bundle(self, req, lowers, ns)
-                await self._wire_gvisor_network()
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    log_path = str(self.run_dir / "agent.log")
-                    await self.runtime.restore(
-                        self.container_id, str(bundle), str(checkpoint), theirs.fileno(), log_path
-                    )
-                finally:
-                    theirs.close()
-                    if self.ctx.volumes:
-                        self.ctx.volumes.release(self.id)
-            finally:
-                if ns is not None:
-                    ns.close()
+            ours = await self._launch(
+                req,
+                lowers,
+                lambda bundle, fd: self.runtime.restore(self.container_id, bundle, str(checkpoint), fd, log_path),
+            )
             now = time.time()
             for row in carried:
                 self.ctx.state.add_exec(ExecRow(self.id, row.id, row.spec, "running", now))
@@ -290,22 +291,10 @@ class Sandbox(AgentFrames):
         Not in the database yet; ``activate`` finishes the start once a request takes it, ``discard`` removes
         it if none does.
         """
-        ns = await self._namespaces()
-        try:
-            bundle = write_bundle(self, req, lowers, ns)
-            await self._wire_gvisor_network()
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._pool_socket = ours
-            try:
-                log_path = str(self.run_dir / "agent.log")
-                await self.runtime.create(self.container_id, str(bundle), theirs.fileno(), log_path)
-            finally:
-                theirs.close()
-                if self.ctx.volumes:
-                    self.ctx.volumes.release(self.id)
-        finally:
-            if ns is not None:
-                ns.close()
+        log_path = str(self.run_dir / "agent.log")
+        self._pool_socket = await self._launch(
+            req, lowers, lambda bundle, fd: self.runtime.create(self.container_id, bundle, fd, log_path)
+        )
         if not self.gvisor:
             await self.ctx.network.connect(self.id, self.cgroup_path, self.touch)
 

@@ -66,6 +66,13 @@ Workdir = Annotated[str | None, AfterValidator(lambda v: check_abs_path(v, "work
 """An absolute working directory."""
 
 
+def check_sandbox_name(v: str | None) -> str | None:
+    """A sandbox name as a validator checks it: None, or ``NAME_RE`` (ValueError naming the rule)."""
+    if v is not None and not NAME_RE.match(v):
+        raise ValueError(f"invalid sandbox name {v!r}: use letters, digits, '-', '_' and '.', at most 64 characters")
+    return v
+
+
 class WireModel(BaseModel):
     """A request or response body: unknown fields are refused, not ignored."""
 

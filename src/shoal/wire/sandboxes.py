@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator, model_va
 from shoal.exception import Error
 from shoal.wire import gpu as gpu_request
 from shoal.wire import policy
-from shoal.wire.base import MAX_TIMEOUT, NAME_RE, EnvDict, WireModel, Workdir, check_argv
+from shoal.wire.base import MAX_TIMEOUT, EnvDict, WireModel, Workdir, check_argv, check_sandbox_name
 from shoal.wire.images import ImageRef
 from shoal.wire.outbound import MAX_HEADERS, OutboundHeaders
 from shoal.wire.volumes import VolumeMount
@@ -166,11 +166,7 @@ class CreateSandbox(WireModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not NAME_RE.match(v):
-            raise ValueError(
-                f"invalid sandbox name {v!r}: use letters, digits, '-', '_' and '.', at most 64 characters"
-            )
-        return v
+        return check_sandbox_name(v)
 
     @model_validator(mode="after")
     def _limits(self) -> CreateSandbox:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, field_validator
 
-from shoal.wire.base import NAME_RE, WireModel
+from shoal.wire.base import WireModel, check_sandbox_name
 
 MAX_SNAPSHOT_TIMEOUT = 24 * 3600
 
@@ -89,8 +89,4 @@ class RestoreRequest(WireModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not NAME_RE.match(v):
-            raise ValueError(
-                f"invalid sandbox name {v!r}: use letters, digits, '-', '_' and '.', at most 64 characters"
-            )
-        return v
+        return check_sandbox_name(v)
