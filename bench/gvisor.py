@@ -40,6 +40,7 @@ from bench.harness import (
     now_ns,
     parse_args_as_root,
     run_with_daemon,
+    stats_lines,
 )
 from shoal.runtime import rootfs
 from shoal.runtime.gvisor import GvisorRuntime
@@ -184,7 +185,11 @@ def _exec(sb: Any) -> float:
     return ms(t0, now_ns())
 
 
-def _snapshot_rounds(app: Any, floor: RunscFloor, mib: int, runs: int, values: dict[str, list[float]], key: str):
+def _snapshot_rounds(
+    app: Any, floor: RunscFloor, mib: int, runs: int, values: dict[str, list[float]], key: str
+) -> None:
+    """``runs`` rounds of snapshot and restore of a sandbox holding ``mib`` MiB, beside bare runsc's, into
+    ``values`` under keys ending in ``key``."""
     import shoal
 
     sb = shoal.Sandbox.create(*holder(mib), app=app, runtime="gvisor", memory=max(1024, 2 * mib + 512), timeout=3600)
@@ -248,18 +253,7 @@ ROWS = (
 
 
 def report(values: dict[str, list[float]], mib: int, facts: dict[str, Any], loads: dict[str, Any]) -> str:
-    lines = [
-        *header_lines(facts, loads),
-        "",
-        f"{'measurement (ms)':44} {'n':>3} {'p50':>8} {'p95':>8} {'p99':>8} {'min':>8} {'max':>8}",
-    ]
-    for key, label in ROWS:
-        v = values.get(key) or []
-        if v:
-            s = Stats.of(v)
-            lines.append(
-                f"{label.format(mib=mib):44} {s.n:3d} {s.p50:8.1f} {s.p95:8.1f} {s.p99:8.1f} {s.min:8.1f} {s.max:8.1f}"
-            )
+    lines = [*header_lines(facts, loads), "", *stats_lines(values, ROWS, mib=mib)]
     p50 = {k: Stats.of(v).p50 for k, v in values.items() if v}
     lines.append("")
     for what, ours, theirs, goal in (

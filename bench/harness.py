@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -143,6 +143,20 @@ def header_lines(facts: dict[str, Any], loads: dict[str, LoadAverage]) -> list[s
 
 
 # ---------------------------------------------------------------------------------------------- daemon
+
+
+def stats_lines(values: dict[str, list[float]], rows: Iterable[tuple[str, str]], **fmt: Any) -> list[str]:
+    """A table of n, p50, p95, p99, min and max (ms) for each ``(key, label)`` row with samples; ``fmt`` fills the
+    labels' ``{placeholders}``."""
+    lines = [f"{'measurement (ms)':44} {'n':>3} {'p50':>8} {'p95':>8} {'p99':>8} {'min':>8} {'max':>8}"]
+    for key, label in rows:
+        v = values.get(key) or []
+        if v:
+            s = Stats.of(v)
+            lines.append(
+                f"{label.format(**fmt):44} {s.n:3d} {s.p50:8.1f} {s.p95:8.1f} {s.p99:8.1f} {s.min:8.1f} {s.max:8.1f}"
+            )
+    return lines
 
 
 def _cgroup_dirs(rel: str) -> list[Path]:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import BenchDaemon, Stats, header_lines, ms, now_ns, parse_args_as_root, run_with_daemon
+from bench.harness import BenchDaemon, Stats, header_lines, ms, now_ns, parse_args_as_root, run_with_daemon, stats_lines
 
 GOAL_BIG_MS = 1000.0
 GOAL_UNCHANGED_MS = 50.0
@@ -129,17 +129,7 @@ ROWS = (
 
 
 def report(values: dict[str, list[float]], mib: int, facts: dict[str, Any], loads: dict[str, Any]) -> str:
-    lines = [
-        *header_lines(facts, loads),
-        "",
-        f"{'measurement (ms)':44} {'n':>3} {'p50':>8} {'p95':>8} {'min':>8} {'max':>8}",
-    ]
-    for key, label in ROWS:
-        v = values.get(key) or []
-        if not v:
-            continue
-        s = Stats.of(v)
-        lines.append(f"{label.format(mib=mib):44} {s.n:3d} {s.p50:8.1f} {s.p95:8.1f} {s.min:8.1f} {s.max:8.1f}")
+    lines = [*header_lines(facts, loads), "", *stats_lines(values, ROWS, mib=mib)]
     big, unchanged = Stats.of(values["big"]).p50, Stats.of(values["unchanged"]).p50
     lines += [
         "",
