@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from shoal.engine.process import ENTRYPOINT_ID
 from shoal.engine.sandbox import Sandbox
 from shoal.exception import AlreadyExistsError, ExecutionError, InvalidError, NotFoundError
 from shoal.images import usage
+from shoal.runtime import host_room
 from shoal.store.spec import SandboxSpec
 from shoal.store.state import ExecRow, SandboxRow
 from shoal.wire import ids
@@ -122,6 +124,11 @@ class MemorySnapshots:
                 f"sandbox {sb.id} cannot be snapshotted: its agent reconnected after a daemon restart over a host"
                 " socket, which gVisor cannot save; sandboxes started (or restored) by this daemon can be"
             )
+        # Its checkpoint and image go to the data directory: keep the reserve a create keeps (processes and memory
+        # are the sandbox's own already).
+        cfg = self.mgr.cfg
+        room = host_room.measure(cfg.cgroup_parent, cfg.data_dir)
+        host_room.check(dataclasses.replace(room, pids_left=None, memory_left=None), cfg.min_free_disk_mib << 20)
         # One snapshot of a sandbox at a time: the next waits until the previous one has let the sandbox go.
         lock = self._locks.setdefault(sb.id, asyncio.Lock())
         await lock.acquire()
