@@ -69,6 +69,25 @@ def test_entrypoint_stdin(app):
     assert sb.returncode == 0
 
 
+def test_a_handle_from_from_id_writes_stdin_after_the_creators(app):
+    # Another handle to the same sandbox carries on the stream where the first one left it (bytes of the same
+    # length at offset 0 would look like a retry of what the creator sent).
+    sb = shoal.Sandbox.create("bash", "-c", "while read x; do echo got $x; done", app=app, timeout=60)
+    try:
+        sb.stdin.write("1\n")
+        sb.stdin.drain()
+        other = shoal.Sandbox.from_id(sb.object_id)
+        other.stdin.write("2\n")
+        other.stdin.drain()
+        other.stdin.write("3\n")
+        other.stdin.write_eof()
+        other.stdin.drain()
+        assert sb.stdout.read() == "got 1\ngot 2\ngot 3\n"
+        assert sb.wait() is None and sb.returncode == 0
+    finally:
+        sb.terminate()
+
+
 def test_idle_timeout_ends_an_idle_sandbox(app):
     sb = shoal.Sandbox.create(app=app, idle_timeout=2, timeout=60)
     started = time.monotonic()

@@ -204,6 +204,27 @@ def test_snapshots_survive_a_daemon_restart_and_are_listed_and_removed_with_the_
         shoal.Sandbox._experimental_from_snapshot(snap)
 
 
+def test_a_daemon_killed_right_after_a_snapshot_leaves_the_sandbox_running(own_daemon):
+    # The answer comes before the sandbox is resumed (in the background): a daemon killed in between must not
+    # leave it frozen or deaf.
+    sb = shoal.Sandbox.create(
+        "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
+    )
+    try:
+        sb.stdin.write("2\n")
+        sb.stdin.drain()
+        assert _read_lines(sb.stdout, 1) == ["total 2"]
+        sb._experimental_snapshot()
+        own_daemon.restart(signal.SIGKILL)
+        sb = shoal.Sandbox.from_id(sb.object_id)
+        sb.stdin.write("3\n")
+        sb.stdin.drain()
+        assert _read_lines(sb.stdout, 2) == ["total 2", "total 5"]
+        assert sb.exec("true").wait() == 0
+    finally:
+        sb.terminate()
+
+
 def test_execs_and_stdin_during_a_snapshot_are_kept(daemon):
     sb = shoal.Sandbox.create(
         "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300

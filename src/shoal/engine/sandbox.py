@@ -559,6 +559,14 @@ class Sandbox(AgentFrames):
         out += [self.exec_info(p) for p in self.processes.values() if p.id not in listed]
         return out
 
+    async def stdin_offset(self, exec_id: str) -> int:
+        """How many bytes of a process's stdin the daemon has taken: where a writer that did not start the
+        process (a handle from ``Sandbox.from_id``) goes on."""
+        proc = self.process(exec_id)
+        if not proc.exited and self.state == RUNNING:
+            await self._await_agent()  # after a restart the agent's HELLO says how far its stdin got
+        return proc.stdin_offset
+
     async def write_stdin(self, exec_id: str, offset: int, data: bytes, eof: bool) -> int:
         """Forward stdin bytes starting at ``offset``; returns the next expected offset."""
         proc = self.process(exec_id)

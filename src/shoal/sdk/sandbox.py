@@ -80,7 +80,10 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
         sb.terminate()
     """
 
-    def __init__(self, client: Client, sandbox_id: str, info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, client: Client, sandbox_id: str, info: dict[str, Any] | None = None, *, started: bool = False
+    ) -> None:
+        """``started``: this handle started the sandbox, so no one else wrote to its stdin yet."""
         self._client = client
         self._id = sandbox_id
         self._info = info or {}
@@ -93,7 +96,7 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
         base = routes.path("sandboxes", sandbox_id, "execs", "entrypoint")
         self._stdout: StreamReader[str] = StreamReader(client, f"{base}/output/1", 1, text=True, by_line=True)
         self._stderr: StreamReader[str] = StreamReader(client, f"{base}/output/2", 2, text=True, by_line=True)
-        self._stdin = StreamWriter(client, f"{base}/stdin", ENTRYPOINT_STDIN_LIMIT)
+        self._stdin = StreamWriter(client, f"{base}/stdin", ENTRYPOINT_STDIN_LIMIT, offset=0 if started else None)
 
     def __repr__(self) -> str:
         return f"Sandbox({self._id})"
@@ -295,7 +298,7 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
                 raise
             body["image"] = {"kind": "id", "image_id": await img._resolve(c)}
             info = await c.request("POST", routes.path("sandboxes"), json_body=body, idempotent=False)
-        return Sandbox(c, info["sandbox_id"], info)
+        return Sandbox(c, info["sandbox_id"], info, started=True)
 
     @live_function
     async def _experimental_from_snapshot(  # static
@@ -316,7 +319,7 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
         info = await c.request(
             "POST", routes.path("memory_snapshots", snapshot.object_id, "restore"), json_body=body, idempotent=False
         )
-        return Sandbox(c, info["sandbox_id"], info)
+        return Sandbox(c, info["sandbox_id"], info, started=True)
 
     @live_function
     async def from_id(sandbox_id: str, client: Any = None) -> Sandbox:  # static

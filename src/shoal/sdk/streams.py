@@ -216,12 +216,14 @@ class StreamReader(Generic[T]):
 class StreamWriter:
     """A process's stdin: ``write``/``write_eof`` buffer locally; ``drain()`` sends."""
 
-    def __init__(self, client: Client, path: str, limit: int) -> None:
+    def __init__(self, client: Client, path: str, limit: int, *, offset: int | None = 0) -> None:
+        """``offset``: how much of the stream was written before this writer (0 for a process it starts);
+        None when another handle may have written (a sandbox found with ``from_id``): the daemon is asked."""
         self._client = client
         self._path = path
         self._limit = limit
         self._buffer = bytearray()
-        self._sent = 0
+        self._sent = offset
         self._eof = False
         self._eof_sent = False
 
@@ -246,6 +248,8 @@ class StreamWriter:
         """Send buffered bytes (and EOF if ``write_eof`` was called).  Safe to retry."""
         if not self._buffer and (not self._eof or self._eof_sent):
             return
+        if self._sent is None:
+            self._sent = int((await self._client.request("GET", self._path))["offset"])
         while True:
             data = bytes(self._buffer[:DRAIN_CHUNK])
             last = len(data) == len(self._buffer)

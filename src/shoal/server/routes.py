@@ -570,6 +570,17 @@ async def read_output(request: web.Request) -> web.StreamResponse:
 
 
 @TABLE.route(
+    "GET",
+    "/v1/sandboxes/{sandbox_id}/execs/{exec_id}/stdin",
+    summary="How many bytes of a process's stdin the daemon has taken (where the next write starts)",
+    response=StdinOffset,
+)
+async def stdin_offset(request: web.Request) -> StdinOffset:
+    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    return StdinOffset(offset=await sb.stdin_offset(request.match_info["exec_id"]))
+
+
+@TABLE.route(
     "POST",
     "/v1/sandboxes/{sandbox_id}/execs/{exec_id}/stdin",
     summary="Write to a process's stdin; offsets make retries safe",
