@@ -308,7 +308,6 @@ def test_blocking_call_inside_event_loop_warns(sandbox):
         {"include_oidc_identity_token": True},
         {"experimental_options": {"enable_docker": True}},  # ignoring one could fail open
         {"runtime": "vm"},
-        {"_experimental_persistent": True},
     ],
     ids=lambda kw: next(iter(kw)),
 )

@@ -268,8 +268,8 @@ def test_execs_and_stdin_during_a_snapshot_are_kept(daemon):
 
 
 def test_pause_and_resume_need_a_persistent_sandbox_as_in_modal(sandbox):
-    # modal 1.6.4 pauses only persistent sandboxes (its session stops and a later one starts from its files);
-    # shoal refuses _experimental_persistent at create, so every sandbox answers as Modal's non-persistent ones.
+    # modal 1.6.4 pauses only persistent sandboxes (its session stops and a later one starts from its files;
+    # tests/integration/test_persistent.py); any other sandbox answers with Modal's error.
     for call in (sandbox._experimental_pause, sandbox._experimental_resume):
         with pytest.raises(NotImplementedError, match="_experimental_persistent=True"):
             call()

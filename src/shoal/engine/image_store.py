@@ -142,6 +142,11 @@ async def remove_image(mgr: Manager, image_id: str) -> ImageRemoved:
             f"image {image_id} is the filesystem of memory snapshot {held[0]}: remove the snapshot first"
             f" (`shoal snapshot rm {held[0]}`)"
         )
+    if image_id in mgr.persistents.images():
+        raise ConflictError(
+            f"image {image_id} is the files of a paused persistent sandbox, which its next session starts from:"
+            " terminate that sandbox first"
+        )
     users = [sb.id for sb in mgr.sandboxes.values() if sb.state is not FINISHED and sb.spec.image_id == image_id]
     if users:
         raise ConflictError(f"image {image_id} is used by running sandboxes ({', '.join(users[:5])}); end them first")
@@ -165,6 +170,7 @@ async def prune(mgr: Manager, all_images: bool) -> PruneResult:
     removed_images = 0
     if all_images:
         keep = {spec.image_id for spec in live_specs(mgr)} | {i.image_id for i in mgr.memory_snapshots.list()}
+        keep |= mgr.persistents.images()
         for row in mgr.state.images():
             if row.id not in keep:
                 mgr.state.delete_image(row.id)

@@ -20,6 +20,7 @@ from shoal.engine import build as image_build
 from shoal.engine.agent_frames import new_token
 from shoal.engine.config import Config
 from shoal.engine.memory_snapshots import MemorySnapshots
+from shoal.engine.persistent import Persistents
 from shoal.engine.pool import WarmPool
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, unmount_netns
@@ -130,6 +131,8 @@ class Manager:
         self.snapshots = Snapshots(self)
         self.memory_snapshots = MemorySnapshots(self)
         self.sidecars = Sidecars(self)
+        self.persistents = Persistents(self)
+        self.ctx.ending = self.persistents.session_ending
         """Snapshots and image mounts of running sandboxes."""
         self.uid_mode = "shared"
         """``per-sandbox`` (decision 0063) or ``shared`` (0002): chosen at start (``_choose_uid_mode``)."""
@@ -169,6 +172,7 @@ class Manager:
         self.gpus.inventory = await asyncio.to_thread(gpu_inventory.discover)
         log.info("GPUs: %s (from %s)", self.gpus.inventory.describe(), self.gpus.inventory.source)
         await self.network.start({row.id for row in self.state.sandboxes_in(CREATING, RUNNING)})
+        self.persistents.load()  # before adoption: a session that died meanwhile keeps its files on the way out
         known: set[str] = set()
         for row in self.state.sandboxes_in(CREATING, RUNNING):
             sb = Sandbox(self.ctx, row)
@@ -186,6 +190,7 @@ class Manager:
             else:
                 await sb.adopt()
         self.sidecars.end_orphans()
+        self.persistents.settle()
         await self._remove_strays(known)
         await image_build.recover(self)
         self._prune_task = asyncio.create_task(self._prune_loop())
@@ -320,8 +325,12 @@ class Manager:
         self.volumes.prune_ephemeral()
         self.volumes.empty_trash_soon()
         self.memory_snapshots.prune()
+        self.persistents.prune()
         cutoff = time.time() - self.cfg.retention_seconds
+        keep = self.persistents.last_sessions()
         for sandbox_id in self.state.finished_before(cutoff):
+            if sandbox_id in keep:
+                continue  # what a paused persistent sandbox shows (``Sandbox.from_id``, its logs)
             self._finished.pop(sandbox_id, None)
             sb = self.sandboxes.pop(sandbox_id, None)
             self.state.delete_sandbox(sandbox_id)

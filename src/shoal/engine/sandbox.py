@@ -75,6 +75,9 @@ class Context:
     secrets: SecretStore | None = None
     torn_down: Callable[[Sandbox], None] | None = None
     """Told when a sandbox is gone from the machine (its memory need not be kept: the store has it)."""
+    ending: Callable[[Sandbox], Awaitable[None]] | None = None
+    """Awaited by the teardown of a persistent sandbox's session once its processes are gone and before its files
+    go (its exit snapshot)."""
     uids: UidSlots | None = None
     """Per-sandbox host id ranges (decision 0063); None: every sandbox shares one (decision 0002)."""
     runtimes: dict[str, ContainerRuntime] = field(default_factory=dict)
@@ -665,6 +668,11 @@ class Sandbox(AgentFrames):
             await runtime.delete(self.container_id)
         except Exception:
             log.exception("sandbox %s: deleting the container failed", self.id)
+        if self.ctx.ending is not None and self.spec.request.persistent_of:
+            try:
+                await self.ctx.ending(self)
+            except Exception:
+                log.exception("sandbox %s: keeping its files for its next session failed", self.id)
         if self.ctx.volumes:
             self.ctx.volumes.release(self.id)
         try:

@@ -169,11 +169,13 @@ class Snapshots:
         what: str,
         *,
         source_low: int | None = None,
+        ending: bool = False,
     ) -> tuple[str, Path, treecopy.CopyStats | None]:
         """Run ``work(staging, opts) -> stats | None`` in a thread into a fresh staging directory.
 
         Returns (new layer id, staging path, stats).  On any failure the staging directory is removed.
         ``source_low``: the first host id of the source's owners when it is not stored ids (the sandbox's view).
+        ``ending``: the sandbox is finished and its teardown waits for this copy (an exit snapshot).
         """
         layer_id = ids.new("image")
         staged = self.mgr.layers.staging(layer_id)
@@ -197,10 +199,10 @@ class Snapshots:
                 raise TimeoutError(f"{what} of sandbox {sb.id} did not finish within {timeout:g} s") from None
             if isinstance(exc, treecopy.CopyError):
                 raise ExecutionError(f"{what} of sandbox {sb.id} failed: {exc}") from None
-            if isinstance(exc, FileNotFoundError) and sb.state is not SandboxState.RUNNING:
+            if isinstance(exc, FileNotFoundError) and sb.state is not SandboxState.RUNNING and not ending:
                 raise ConflictError(f"sandbox {sb.id} ended during the {what}") from None
             raise
-        if sb.state is not SandboxState.RUNNING:
+        if sb.state is not SandboxState.RUNNING and not ending:
             # Its files were being removed while we copied: what we have may be partial.
             await asyncio.to_thread(shutil.rmtree, staged, True)
             raise ConflictError(f"sandbox {sb.id} ended during the {what}")
@@ -213,7 +215,14 @@ class Snapshots:
 
     async def filesystem(self, sandbox_id: str, timeout: float, ttl: int | None) -> str:
         """``sb.snapshot_filesystem()``: a new image id."""
-        sb = self._running(sandbox_id)
+        return await self._filesystem(self._running(sandbox_id), timeout, ttl)
+
+    async def exit_snapshot(self, sb: Sandbox, timeout: float) -> str:
+        """The files of a finished sandbox whose processes are gone and whose root is still mounted (a persistent
+        sandbox's session on its way out): a new image id."""
+        return await self._filesystem(sb, timeout, None, ending=True)
+
+    async def _filesystem(self, sb: Sandbox, timeout: float, ttl: int | None, *, ending: bool = False) -> str:
         parent_id, parent = self._sandbox_image(sb)
         upper = sb.data_dir / "upper"
         started = sb.run_dir / "bundle" / "config.json"
@@ -249,7 +258,7 @@ class Snapshots:
             return stats
 
         t0 = time.monotonic()
-        layer_id, staged, stats = await self._copy(sb, work, timeout, "snapshot")
+        layer_id, staged, stats = await self._copy(sb, work, timeout, "snapshot", ending=ending)
         if stats is None:
             layers = list(parent.layers)
         else:

@@ -23,6 +23,7 @@ class SandboxNetworkMethods:
 
     _client: Client
     _id: str
+    _persistent: dict[str, Any] | None
 
     def _check_attached(self) -> None:
         raise NotImplementedError
@@ -75,6 +76,8 @@ class SandboxNetworkMethods:
         sandboxes, cloud metadata) stay denied whatever the policy.
         """
         self._check_attached()
+        if self._persistent is not None:
+            raise NotImplementedError("Updating network access isn't supported for persistent Sandboxes yet.")
         body = dump(
             NetworkPolicy,
             outbound_cidr_allowlist=str_list(outbound_cidr_allowlist, "outbound_cidr_allowlist"),

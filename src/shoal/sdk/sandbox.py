@@ -96,7 +96,15 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
         base = routes.path("sandboxes", sandbox_id, "execs", "entrypoint")
         self._stdout: StreamReader[str] = StreamReader(client, f"{base}/output/1", 1, text=True, by_line=True)
         self._stderr: StreamReader[str] = StreamReader(client, f"{base}/output/2", 2, text=True, by_line=True)
-        self._stdin = StreamWriter(client, f"{base}/stdin", ENTRYPOINT_STDIN_LIMIT, offset=0 if started else None)
+        self._persistent: dict[str, Any] | None = self._info.get("persistent")
+        # A persistent sandbox's stdin is its current session's, which starts anew with each session.
+        self._stdin = StreamWriter(
+            client,
+            f"{base}/stdin",
+            ENTRYPOINT_STDIN_LIMIT,
+            offset=0 if started and self._persistent is None else None,
+            ask_each_drain=self._persistent is not None,
+        )
 
     def __repr__(self) -> str:
         return f"Sandbox({self._id})"
@@ -157,7 +165,7 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
         env: dict[str, str | None] | None = None,
         secrets: Collection[Secret] | None = None,
         network_file_systems: dict[Any, Any] | None = None,
-        timeout: int = 300,
+        timeout: int | None = 300,
         idle_timeout: int | None = None,
         workdir: str | None = None,
         gpu: str | None = None,
@@ -202,7 +210,17 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
                 " before creating sandboxes in it."
             )
         check_workdir(workdir)
-        if not isinstance(timeout, int) or isinstance(timeout, bool):
+        if _experimental_persistent:
+            # Each session has the daemon's lifetime and idle limits (an hour, five minutes), as in modal 1.6.
+            if timeout is not None or idle_timeout is not None:
+                raise InvalidError("Persistent Sandboxes require `timeout=None` and don't support `idle_timeout`.")
+            if name is not None:
+                raise InvalidError("Named persistent Sandboxes are not supported yet.")
+            if _experimental_enable_snapshot:
+                raise InvalidError("Memory snapshots are not supported by persistent Sandboxes.")
+        elif timeout is None:
+            raise InvalidError("`timeout=None` is only supported for experimental persistent Sandboxes.")
+        if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool)):
             raise InvalidError(f"timeout must be an integer number of seconds, got {timeout!r}")
         if idle_timeout is not None and (not isinstance(idle_timeout, int) or isinstance(idle_timeout, bool)):
             raise InvalidError(f"idle_timeout must be an integer number of seconds, got {idle_timeout!r}")
@@ -235,7 +253,6 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
                 raise InvalidError("`_experimental_outbound_policy` cannot be used with `outbound_domain_allowlist`")
             outbound_headers = await _experimental_outbound_policy._body()
         refuse_unsupported(
-            _experimental_persistent=_experimental_persistent,
             network_file_systems=bool(network_file_systems),
             cloud=cloud is not None,
             region=region is not None,
@@ -267,7 +284,7 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
             secret_env=secret_env,
             secret_ids=named_secrets,
             volumes=mounts,
-            timeout=timeout,
+            timeout=300 if timeout is None else timeout,  # (a persistent sandbox's sessions have their own)
             idle_timeout=idle_timeout,
             workdir=workdir,
             cpu=cpu_req,
@@ -288,6 +305,7 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
             verbose=bool(verbose),
             runtime=runtime_kind,
             enable_snapshot=bool(_experimental_enable_snapshot),
+            persistent=bool(_experimental_persistent),
         )
         body = request.model_dump(mode="json")
         try:
@@ -545,6 +563,8 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
     @live_method
     async def get_tags(self) -> dict[str, str]:
         """The sandbox's tags."""
+        if self._persistent is not None:
+            raise NotImplementedError("Tags aren't supported for persistent Sandboxes yet.")
         info = await self._client.request("GET", routes.path("sandboxes", self._id))
         self._absorb(info)
         return dict(info["tags"])
@@ -554,6 +574,8 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
         """Replace the sandbox's tags (``{}`` clears them)."""
         if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
             raise InvalidError("tags must be a dict of str to str")
+        if self._persistent is not None:
+            raise NotImplementedError("Tags aren't supported for persistent Sandboxes yet.")
         await self._client.request(
             "PUT", routes.path("sandboxes", self._id, "tags"), json_body=dump(TagsUpdate, tags=tags)
         )
@@ -593,15 +615,22 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
 
     @live_method
     async def _experimental_pause(self) -> None:
-        """Modal's pause of a persistent sandbox (its session stops; ``_experimental_resume`` starts another from
-        its files).  shoal has no persistent sandboxes (``_experimental_persistent`` is refused at create), so, as
-        Modal does for every other sandbox: NotImplementedError."""
-        raise NotImplementedError(PERSISTENT_ONLY.format("_experimental_pause()"))
+        """Pause a persistent sandbox: its session stops and its files are kept; the next session
+        (``_experimental_resume``, or any call that needs the sandbox running) starts from them, its processes
+        afresh.  NotImplementedError for a sandbox that is not persistent, as in Modal."""
+        self._check_attached()
+        if self._persistent is None:
+            raise NotImplementedError(PERSISTENT_ONLY.format("_experimental_pause()"))
+        self._absorb(await self._client.request("POST", routes.path("sandboxes", self._id, "pause")))
 
     @live_method
     async def _experimental_resume(self) -> None:
-        """See ``_experimental_pause``: NotImplementedError, as Modal for a sandbox that is not persistent."""
-        raise NotImplementedError(PERSISTENT_ONLY.format("_experimental_resume()"))
+        """Start a paused persistent sandbox's next session from the files the last one left (nothing if one
+        runs).  NotImplementedError for a sandbox that is not persistent, as in Modal."""
+        self._check_attached()
+        if self._persistent is None:
+            raise NotImplementedError(PERSISTENT_ONLY.format("_experimental_resume()"))
+        self._absorb(await self._client.request("POST", routes.path("sandboxes", self._id, "resume")))
 
     @property
     def _experimental_sidecars(self) -> SidecarManager:
@@ -615,6 +644,8 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
         running; it is frozen for the copy).  InvalidError for a runc sandbox (create it with runtime='gvisor' or
         ``_experimental_enable_snapshot=True``)."""
         self._check_attached()
+        if self._persistent is not None:
+            raise NotImplementedError("Memory snapshots aren't supported for persistent Sandboxes.")
         info = await self._client.request(
             "POST", routes.path("sandboxes", self._id, "memory_snapshot"), idempotent=False
         )

@@ -216,14 +216,18 @@ class StreamReader(Generic[T]):
 class StreamWriter:
     """A process's stdin: ``write``/``write_eof`` buffer locally; ``drain()`` sends."""
 
-    def __init__(self, client: Client, path: str, limit: int, *, offset: int | None = 0) -> None:
+    def __init__(
+        self, client: Client, path: str, limit: int, *, offset: int | None = 0, ask_each_drain: bool = False
+    ) -> None:
         """``offset``: how much of the stream was written before this writer (0 for a process it starts);
-        None when another handle may have written (a sandbox found with ``from_id``): the daemon is asked."""
+        None when another handle may have written (a sandbox found with ``from_id``): the daemon is asked.
+        ``ask_each_drain``: ask before every drain (a persistent sandbox's stdin, which each session restarts)."""
         self._client = client
         self._path = path
         self._limit = limit
         self._buffer = bytearray()
         self._sent = offset
+        self._ask_each_drain = ask_each_drain
         self._eof = False
         self._eof_sent = False
 
@@ -248,7 +252,7 @@ class StreamWriter:
         """Send buffered bytes (and EOF if ``write_eof`` was called).  Safe to retry."""
         if not self._buffer and (not self._eof or self._eof_sent):
             return
-        if self._sent is None:
+        if self._sent is None or self._ask_each_drain:
             self._sent = int((await self._client.request("GET", self._path))["offset"])
         while True:
             data = bytes(self._buffer[:DRAIN_CHUNK])

@@ -155,6 +155,10 @@ class SecretStore:
         """A sandbox's secret environment, sealed for its stored spec."""
         return self.keyring.seal_env(env, SANDBOX_CONTEXT + sandbox_id)
 
+    def open_sealed_env(self, owner_id: str, sealed: str) -> dict[str, str]:
+        """What ``seal_sandbox_env(owner_id, …)`` sealed (empty for nothing sealed)."""
+        return self.keyring.open_env(sealed, SANDBOX_CONTEXT + owner_id) if sealed else {}
+
     def open_sandbox_env(self, sandbox_id: str, spec: SandboxSpec) -> dict[str, str]:
         """The secret environment in a sandbox's stored spec (sealed, or from before sealing existed)."""
         if spec.sealed_env:

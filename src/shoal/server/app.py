@@ -20,6 +20,7 @@ from shoal.server import (
     errors,
     routes,
     routes_images,
+    routes_persistent,
     routes_secrets,
     routes_sidecars,
     routes_snapshots,
@@ -37,6 +38,7 @@ ROUTES: list[Route] = [
     *routes_images.TABLE.routes,
     *routes_secrets.TABLE.routes,
     *routes_sidecars.TABLE.routes,
+    *routes_persistent.TABLE.routes,
     *routes_snapshots.TABLE.routes,
     *routes_volumes.TABLE.routes,
 ]
@@ -186,7 +188,7 @@ async def _framework_errors(request: web.Request, handler: Handler) -> web.Strea
 
 def build_app(manager: Manager, token: str) -> web.Application:
     """The daemon's web application."""
-    app = web.Application(middlewares=[_framework_errors, _auth], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[_framework_errors, _auth, routes_persistent.sessions], client_max_size=MAX_BODY)
     app[routes.MANAGER] = manager
     app[TOKEN] = token
     app[routes.API] = ROUTES

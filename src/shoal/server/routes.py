@@ -314,7 +314,13 @@ async def list_images(request: web.Request) -> ImageList:
 async def create_sandbox(request: web.Request, body: CreateSandbox) -> SandboxInfo:
     if body.sidecar_of is not None or body.sidecar_name is not None:
         raise InvalidError("sidecars are made with POST /v1/sandboxes/{sandbox_id}/sidecars")
-    sb = await _mgr(request).create(body, lambda line: None)
+    if body.persistent_of is not None:
+        raise InvalidError("persistent_of is set by the daemon: create a persistent sandbox with persistent=true")
+    mgr = _mgr(request)
+    if body.persistent:
+        sb = await mgr.persistents.create(body, lambda line: None)
+        return mgr.persistents.info(sb.id)
+    sb = await mgr.create(body, lambda line: None)
     return sb.info()
 
 
@@ -343,7 +349,11 @@ async def list_sandboxes(request: web.Request) -> SandboxList:
 
 @TABLE.route("GET", "/v1/sandboxes/{sandbox_id}", summary="One sandbox", response=SandboxInfo)
 async def get_sandbox(request: web.Request) -> SandboxInfo:
-    return _mgr(request).get(request.match_info["sandbox_id"]).info()
+    mgr = _mgr(request)
+    sandbox_id = request.match_info["sandbox_id"]
+    if mgr.persistents.record(sandbox_id) is not None:
+        return mgr.persistents.info(sandbox_id)
+    return mgr.get(sandbox_id).info()
 
 
 @TABLE.route(
@@ -354,8 +364,11 @@ async def get_sandbox(request: web.Request) -> SandboxInfo:
     query={"timeout": "seconds to wait at most (default 10, at most 60)"},
 )
 async def wait_sandbox(request: web.Request) -> SandboxInfo:
-    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    mgr = _mgr(request)
     timeout = _float(request, "timeout", 10.0, MAX_WAIT)
+    if mgr.persistents.record(request.match_info["sandbox_id"]) is not None:
+        return await mgr.persistents.wait(request.match_info["sandbox_id"], timeout)
+    sb = mgr.get(request.match_info["sandbox_id"])
     if not sb.finished.is_set() and timeout > 0:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sb.finished.wait(), timeout)
@@ -437,7 +450,11 @@ async def set_network_policy(request: web.Request, body: NetworkPolicy) -> Done:
     response=SandboxInfo,
 )
 async def terminate_sandbox(request: web.Request) -> SandboxInfo:
-    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    mgr = _mgr(request)
+    if mgr.persistents.record(request.match_info["sandbox_id"]) is not None:
+        await mgr.persistents.terminate(request.match_info["sandbox_id"])
+        return mgr.persistents.info(request.match_info["sandbox_id"])
+    sb = mgr.get(request.match_info["sandbox_id"])
     await sb.terminate()
     return sb.info()
 

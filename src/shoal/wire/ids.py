@@ -14,8 +14,9 @@ PREFIXES = {
     "volume": "vo",
     "exec": "ex",
     "memory_snapshot": "sn",
+    "persistent": "ps",
 }
-_ID_RE = re.compile(r"\A(ap|sb|im|st|vo|ex|sn)-[0-9A-Za-z]{22}\Z")
+_ID_RE = re.compile(r"\A(ap|sb|im|st|vo|ex|sn|ps)-[0-9A-Za-z]{22}\Z")
 EXEC_ID_RE = re.compile(r"\A[A-Za-z0-9_.\-]{1,64}\Z")
 """Exec ids a caller may choose (Modal's client sends UUIDs)."""
 

@@ -130,6 +130,11 @@ class CreateSandbox(WireModel):
     enable_snapshot: bool = False
     """``_experimental_enable_snapshot``: the sandbox will have memory snapshots taken, which need gVisor (it runs
     under gVisor when ``runtime`` is not given and the daemon has it)."""
+    persistent: bool = False
+    """``_experimental_persistent``: a sandbox that runs as a sequence of sessions, each starting from the files
+    the last one left (pause/resume); ``timeout`` and ``idle_timeout`` are the daemon's per session."""
+    persistent_of: str | None = None
+    """A persistent sandbox's session: its ``ps-…`` id (set by the daemon, refused from clients)."""
 
     @field_validator("args")
     @classmethod
@@ -211,6 +216,18 @@ class Result(BaseModel):
     message: str = ""
 
 
+class PersistentInfo(BaseModel):
+    """What a persistent sandbox adds to its ``SandboxInfo``."""
+
+    persistent_id: str
+    session_id: str | None
+    """The running session; None while paused (the next call that needs one starts it)."""
+    sessions: int
+    """How many sessions it has had."""
+    exit_image: str | None = None
+    """The files the next session starts from (the last session's exit snapshot)."""
+
+
 class SandboxInfo(BaseModel):
     """A sandbox as the API shows it (never its secrets)."""
 
@@ -227,6 +244,8 @@ class SandboxInfo(BaseModel):
     returncode: int | None
     runtime: str = "runc"
     """What it runs under: ``runc`` or ``gvisor``."""
+    persistent: PersistentInfo | None = None
+    """Set for a persistent sandbox (under its object id)."""
 
 
 class ExecInfo(BaseModel):

@@ -1,0 +1,160 @@
+"""Persistent sandboxes (``Sandbox.create(_experimental_persistent=True)``), as modal 1.6 has them: a sandbox
+that runs as a sequence of sessions; pausing ends one and keeps its files, and the next session (explicitly
+resumed, or started by the next call that needs it) carries on from them with its processes started afresh."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import shoal
+from shoal.exception import InvalidError, NotFoundError
+
+
+def _app() -> shoal.App:
+    return shoal.App.lookup("persistent-tests", create_if_missing=True)
+
+
+def _run(sb: shoal.Sandbox, *argv: str) -> tuple[int, str]:
+    p = sb.exec(*argv)
+    rc = p.wait()
+    return rc, p.stdout.read()
+
+
+SLEEPERS = (
+    "import os; print(sum(open(f'/proc/{p}/cmdline', 'rb').read() == b'sleep\\x001000\\x00'"
+    " for p in os.listdir('/proc') if p.isdigit()))"
+)
+"""How many ``sleep 1000`` processes run in the sandbox."""
+
+
+def _persistent(**kwargs) -> shoal.Sandbox:
+    return shoal.Sandbox.create(app=_app(), timeout=None, _experimental_persistent=True, **kwargs)
+
+
+def test_files_outlive_a_pause_and_the_next_call_resumes_it(daemon):
+    secret = shoal.Secret.from_dict({"TOKEN": "s3cret"})
+    sb = _persistent(secrets=[secret], env={"GREETING": "hi"})
+    try:
+        first = sb._info["persistent"]["session_id"]
+        assert first == sb.object_id and sb._info["persistent"]["persistent_id"].startswith("ps-")
+        assert _run(sb, "sh", "-c", "echo kept > /root/notes; sleep 1000 >/dev/null 2>&1 &") == (0, "")
+        assert _run(sb, "python3", "-c", SLEEPERS) == (0, "1\n")
+        p = sb.exec("echo", "from the first session")
+        assert p.wait() == 0
+
+        sb._experimental_pause()
+        info = shoal.Sandbox.from_id(sb.object_id)._info
+        assert info["persistent"]["session_id"] is None and info["persistent"]["exit_image"].startswith("im-")
+        assert sb.poll() is None  # paused is not finished: only terminate ends a persistent sandbox
+        assert p.stdout.read() == "from the first session\n"  # a process of the first session is still readable
+
+        # The next exec starts a session from the files the first one left: same object, new processes.
+        assert _run(sb, "cat", "/root/notes") == (0, "kept\n")
+        info = shoal.Sandbox.from_id(sb.object_id)._info
+        second = info["persistent"]["session_id"]
+        assert second not in (None, first) and info["persistent"]["sessions"] == 2
+        assert _run(sb, "python3", "-c", SLEEPERS) == (0, "0\n")
+        # The definition carries over: environment and secrets.
+        assert _run(sb, "sh", "-c", "echo $GREETING $TOKEN") == (0, "hi s3cret\n")
+
+        # An explicit pause and resume; resume of a running one changes nothing.
+        sb._experimental_pause()
+        sb._experimental_resume()
+        third = shoal.Sandbox.from_id(sb.object_id)._info["persistent"]["session_id"]
+        sb._experimental_resume()
+        assert shoal.Sandbox.from_id(sb.object_id)._info["persistent"]["session_id"] == third not in (first, second)
+        assert _run(sb, "cat", "/root/notes") == (0, "kept\n")
+        sb.filesystem.write_text("written by the file API", "/root/api.txt")
+        sb._experimental_pause()
+        assert sb.filesystem.read_text("/root/api.txt") == "written by the file API"
+    finally:
+        sb.terminate()
+    assert sb.poll() == 137
+    sb.wait(raise_on_termination=False)
+    with pytest.raises(InvalidError, match="has been terminated"):
+        sb.exec("true")
+
+
+def test_persistent_sandboxes_take_modal_arguments_and_refuse_what_modal_refuses(daemon):
+    with pytest.raises(InvalidError, match="require `timeout=None`"):
+        shoal.Sandbox.create(app=_app(), _experimental_persistent=True)
+    with pytest.raises(InvalidError, match="require `timeout=None`"):
+        shoal.Sandbox.create(app=_app(), timeout=None, idle_timeout=60, _experimental_persistent=True)
+    with pytest.raises(InvalidError, match="only supported for experimental persistent"):
+        shoal.Sandbox.create(app=_app(), timeout=None)
+    with pytest.raises(InvalidError, match="Named persistent"):
+        _persistent(name="p1")
+    with pytest.raises(InvalidError, match="tags"):
+        _persistent(tags={"a": "b"})
+    sb = _persistent()
+    try:
+        assert sb._info["timeout"] == 3600 and sb._info["idle_timeout"] == 300  # each session's, as modal 1.6
+        with pytest.raises(NotImplementedError, match="Tags"):
+            sb.set_tags({"a": "b"})
+        with pytest.raises(NotImplementedError, match="Memory snapshots"):
+            sb._experimental_snapshot()
+        with pytest.raises(NotImplementedError, match="network access"):
+            sb._experimental_set_outbound_network_policy(outbound_cidr_allowlist=[])
+    finally:
+        sb.terminate()
+
+
+def test_a_paused_persistent_sandbox_survives_a_daemon_restart(own_daemon):
+    sb = _persistent()
+    try:
+        assert _run(sb, "sh", "-c", "echo one > /root/a")[0] == 0
+        sb._experimental_pause()
+        image = shoal.Sandbox.from_id(sb.object_id)._info["persistent"]["exit_image"]
+        res = subprocess.run(
+            [sys.executable, "-m", "shoal", "image", "rm", image],
+            env=own_daemon.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+        )
+        assert res.returncode != 0 and b"persistent sandbox" in res.stderr
+
+        own_daemon.restart(signal.SIGKILL)
+        assert sb.poll() is None
+        assert _run(sb, "sh", "-c", "cat /root/a; echo two >> /root/a") == (0, "one\n")
+
+        # Killed while a session runs: the session is taken back, and pausing it keeps its files.
+        own_daemon.restart(signal.SIGKILL)
+        sb._experimental_pause()
+        assert _run(sb, "cat", "/root/a") == (0, "one\ntwo\n")
+    finally:
+        sb.terminate()
+    with pytest.raises(NotFoundError):
+        shoal.Sandbox.from_id("sb-" + "0" * 22)
+
+
+def test_a_session_whose_entrypoint_ends_is_paused_and_the_next_runs_it_again(daemon):
+    sb = shoal.Sandbox.create(
+        "sh", "-c", "echo run >> /root/runs; sleep 2", app=_app(), timeout=None, _experimental_persistent=True
+    )
+
+    def paused() -> dict:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = shoal.Sandbox.from_id(sb.object_id)._info
+            if info["persistent"]["session_id"] is None:
+                return info
+            time.sleep(0.1)
+        raise AssertionError("the session did not end with its entrypoint")
+
+    try:
+        first = paused()
+        assert first["state"] == "running" and sb.poll() is None  # the persistent sandbox goes on
+        sb._experimental_resume()
+        second = paused()
+        assert second["persistent"]["sessions"] == 2
+        assert second["persistent"]["exit_image"] != first["persistent"]["exit_image"]
+        rc, out = _run(sb, "sh", "-c", "sleep 0.3; cat /root/runs")  # a third session (its entrypoint ran too)
+        assert (rc, out) == (0, "run\nrun\nrun\n")
+    finally:
+        sb.terminate()
