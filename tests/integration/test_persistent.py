@@ -4,6 +4,7 @@ resumed, or started by the next call that needs it) carries on from them with it
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -104,6 +105,18 @@ def test_persistent_sandboxes_take_modal_arguments_and_refuse_what_modal_refuses
         sb.terminate()
 
 
+def _images(d) -> set[str]:
+    res = subprocess.run(
+        [sys.executable, "-m", "shoal", "image", "ls", "--json"],
+        env=d.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return {i["image_id"] for i in json.loads(res.stdout)}
+
+
 def test_a_paused_persistent_sandbox_survives_a_daemon_restart(own_daemon):
     sb = _persistent()
     try:
@@ -127,8 +140,12 @@ def test_a_paused_persistent_sandbox_survives_a_daemon_restart(own_daemon):
         own_daemon.restart(signal.SIGKILL)
         sb._experimental_pause()
         assert _run(sb, "cat", "/root/a") == (0, "one\ntwo\n")
+        sb._experimental_pause()
+        image = shoal.Sandbox.from_id(sb.object_id)._info["persistent"]["exit_image"]
+        assert image in _images(own_daemon)
     finally:
         sb.terminate()
+    assert image not in _images(own_daemon)  # terminated for good: its files go
     with pytest.raises(NotFoundError):
         shoal.Sandbox.from_id("sb-" + "0" * 22)
 
@@ -158,3 +175,12 @@ def test_a_session_whose_entrypoint_ends_is_paused_and_the_next_runs_it_again(da
         assert (rc, out) == (0, "run\nrun\nrun\n")
     finally:
         sb.terminate()
+
+
+def test_the_end_of_app_run_terminates_its_persistent_sandboxes(daemon):
+    app = shoal.App("persistent-ephemeral")
+    with app.run():
+        sb = shoal.Sandbox.create(app=app, timeout=None, _experimental_persistent=True)
+        assert _run(sb, "true")[0] == 0
+        sb._experimental_pause()
+    assert sb.poll() == 137  # paused or not, it does not outlive its app

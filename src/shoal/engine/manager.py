@@ -375,6 +375,7 @@ class Manager:
         """``app.stop()`` (and the end of ``app.run()``): terminate the app's sandboxes; the app stays known."""
         self.app(app_id)
         self.state.set_app_stopped(app_id, time.time())
+        await self.persistents.stop_app(app_id)  # for good: a paused one would otherwise outlive its app
         await asyncio.gather(*(sb.terminate() for sb in self.sandboxes.values() if sb.row.app_id == app_id))
 
     def app(self, app_id: str) -> AppRow:

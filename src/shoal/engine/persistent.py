@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shoal.engine.process import ENTRYPOINT_ID
-from shoal.exception import ConflictError, InvalidError, NotFoundError
+from shoal.exception import ConflictError, Error, InvalidError, NotFoundError
 from shoal.wire import ids
 from shoal.wire.images import ImageRef
 from shoal.wire.sandboxes import CreateSandbox, PersistentInfo, Result, SandboxInfo, SandboxState
@@ -214,9 +214,14 @@ class Persistents:
             running = self._running_session(rec)
             if running is not None:
                 await running.terminate()
-            self._drop_exit_image(rec)
+            await self._drop_exit_image(rec)
             rec.session_id = None
             self._save(rec)
+
+    async def stop_app(self, app_id: str) -> None:
+        """Terminate the app's persistent sandboxes (``app.stop()``, the end of ``app.run()``)."""
+        live = [r for r in self._records.values() if r.app_id == app_id and r.sandbox_id and r.terminated_at is None]
+        await asyncio.gather(*(self.terminate(r.sandbox_id) for r in live))
 
     async def session_ending(self, sb: Sandbox) -> None:
         """A session's processes are gone and its files still there: keep them as the exit snapshot."""
@@ -233,7 +238,7 @@ class Persistents:
                 # The previous exit snapshot (or the image) stays what the next session starts from.
                 log.error("persistent sandbox %s: exit snapshot of session %s failed: %s", rec.sandbox_id, sb.id, exc)
             else:
-                self._drop_exit_image(rec)
+                await self._drop_exit_image(rec)
                 rec.exit_image = image_id
                 log.info(
                     "persistent sandbox %s: session %s paused, exit snapshot %s in %.0f ms",
@@ -252,14 +257,17 @@ class Persistents:
                 if task is not None:
                     await asyncio.shield(task)
 
-    def _drop_exit_image(self, rec: Record) -> None:
+    async def _drop_exit_image(self, rec: Record) -> None:
+        """Remove the exit snapshot and its layers that nothing else uses (a later one builds on them)."""
         if rec.exit_image is None:
             return
         old, rec.exit_image = rec.exit_image, None
-        if self.mgr.state.image(old) is not None and not any(
-            sb.spec.image_id == old for sb in self.mgr.sandboxes.values() if sb.state is not SandboxState.FINISHED
-        ):
-            self.mgr.state.delete_image(old)  # its layers go with the next prune, as any unused layer's
+        from shoal.engine import image_store  # (it imports the manager, which imports this module)
+
+        try:
+            await image_store.remove_image(self.mgr, old)
+        except Error as exc:
+            log.warning("persistent sandbox %s: removing its old exit snapshot %s: %s", rec.sandbox_id, old, exc)
 
     def settle(self) -> None:
         """After re-adoption: a record whose session is no longer running is paused."""
