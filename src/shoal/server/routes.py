@@ -365,10 +365,10 @@ async def get_sandbox(request: web.Request) -> SandboxInfo:
 )
 async def wait_sandbox(request: web.Request) -> SandboxInfo:
     mgr = _mgr(request)
-    timeout = _float(request, "timeout", 10.0, MAX_WAIT)
     if mgr.persistents.record(request.match_info["sandbox_id"]) is not None:
-        return await mgr.persistents.wait(request.match_info["sandbox_id"], timeout)
+        return await mgr.persistents.wait(request.match_info["sandbox_id"], _float(request, "timeout", 10.0, MAX_WAIT))
     sb = mgr.get(request.match_info["sandbox_id"])
+    timeout = _float(request, "timeout", 10.0, MAX_WAIT)
     if not sb.finished.is_set() and timeout > 0:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sb.finished.wait(), timeout)
