@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import shoal
-from shoal.exception import InvalidError, SandboxTimeoutError
+from shoal.exception import InvalidError, NotFoundError, SandboxTimeoutError
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed: make setup")
@@ -297,5 +297,37 @@ def test_snapshot_filesystem_of_a_gvisor_sandbox_starts_either_runtime(daemon, g
 def test_mounts_into_a_running_gvisor_sandbox_are_refused_clearly(daemon, gv):
     with pytest.raises(InvalidError, match="gVisor"):
         gv.mount_image("/mnt/img", shoal.Image.debian_slim())
-    with pytest.raises(InvalidError, match="gVisor"):
-        gv.snapshot_directory("/etc")
+
+
+def test_snapshot_directory_of_a_gvisor_sandbox(daemon):
+    vol = shoal.Volume.from_name("gvisor-snapdir", create_if_missing=True)
+    gv = shoal.Sandbox.create(app=_app(), runtime="gvisor", volumes={"/data/vol": vol}, timeout=120)
+    rc = None
+    try:
+        script = (
+            "mkdir -p /repo/src /data/own && echo code > /repo/src/m.py && echo tmp > /tmp/t"
+            " && chown 1000:1000 /repo/src && ln -s /etc /repo/etc-link && ln -s /etc /via-link"
+        )
+        assert sh(gv, script)[0] == 0
+        image = gv.snapshot_directory("/repo")
+        tmp = gv.snapshot_directory("/tmp")
+        # Read back in a runc sandbox (mount_image is runc's): files, owners and links as the gVisor one had them.
+        rc = shoal.Sandbox.create(app=_app(), runtime="runc", timeout=120)
+        rc.mount_image("/r", image)
+        rc.mount_image("/t", tmp)
+        assert sh(rc, "cat /r/src/m.py /t/t; stat -c %u /r/src; readlink /r/etc-link")[1] == "code\ntmp\n1000\n/etc\n"
+        with pytest.raises(NotFoundError):
+            gv.snapshot_directory("/no/such/dir")
+        with pytest.raises(InvalidError):
+            gv.snapshot_directory("/via-link")  # links are not followed
+        # The gofer mounts volumes out of the host's view of the root: refused, not copied without their files.
+        for on_or_holding in ("/data/vol", "/data/vol/x", "/data", "/"):
+            with pytest.raises(InvalidError, match="volume"):
+                gv.snapshot_directory(on_or_holding)
+        assert gv.snapshot_directory("/data/own")  # beside the volume is fine
+        with pytest.raises(InvalidError, match="cannot be under"):
+            gv.snapshot_directory("/proc/1")
+    finally:
+        gv.terminate()
+        if rc is not None:
+            rc.terminate()

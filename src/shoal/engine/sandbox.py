@@ -122,6 +122,8 @@ class Sandbox(AgentFrames):
         self._tasks: set[asyncio.Task[None]] = set()
         self.keep_upper: Path | None = None
         self._pool_socket: socket.socket | None = None
+        self._pool_started = False
+        """A precreated sandbox whose agent already runs (gVisor's pool), waiting for its INIT."""
         self._budget: OutputBudget | None = None
         self.logs = LogWriter(self.data_dir)
         """Timestamps of the entrypoint's output and lifecycle events (``sb.logs``)."""
@@ -300,6 +302,11 @@ class Sandbox(AgentFrames):
         )
         if not self.gvisor:
             await self.ctx.network.connect(self.id, self.cgroup_path, self.touch)
+        else:
+            # `runsc start` (a runsc process, then the agent's start inside gVisor) is most of a pooled gVisor
+            # sandbox's start: do it now; the agent waits for its INIT, which carries nothing of the pool's.
+            await self.runtime.start_created(self.container_id)
+            self._pool_started = True
 
     async def _wire_gvisor_network(self) -> None:
         """Under gVisor: make and wire the network namespace the bundle names, before runsc copies it."""
@@ -315,7 +322,8 @@ class Sandbox(AgentFrames):
         ours, self._pool_socket = self._pool_socket, None
         assert ours is not None, "activate() without precreate()"
         try:
-            await self.runtime.start_created(self.container_id)
+            if not self._pool_started:
+                await self.runtime.start_created(self.container_id)
             await self._connect_agent(ours, req, image, wire_network=False)
         except BaseException as exc:
             await self._fail_start(exc)

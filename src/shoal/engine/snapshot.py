@@ -91,12 +91,12 @@ def check_path(path: str, what: str, *, allow_root: bool) -> str:
 
 
 def refuse_gvisor(sb: Sandbox) -> None:
-    """InvalidError for a mount operation on a gVisor sandbox: its mounts are in gVisor's kernel, out of the
-    host's reach (decision 0069)."""
+    """InvalidError for mounting into a gVisor sandbox: its mounts are in gVisor's kernel, out of the host's reach
+    (decision 0069)."""
     if sb.gvisor:
         raise InvalidError(
-            f"sandbox {sb.id} runs under gVisor, whose mounts live in its own kernel: mount_image and"
-            " snapshot_directory work in runc sandboxes only for now (snapshot_filesystem works under both)"
+            f"sandbox {sb.id} runs under gVisor, whose mounts live in its own kernel: mount_image works in runc"
+            " sandboxes only for now (snapshot_filesystem and snapshot_directory work under both)"
         )
 
 
@@ -285,21 +285,14 @@ class Snapshots:
         """``sb.snapshot_directory(path)``: a new one-layer image of that directory."""
         path = check_path(path, "the directory to snapshot", allow_root=True)
         sb = self._running(sandbox_id)
-        refuse_gvisor(sb)
-        pid, pidfd = open_init(sb)
-        try:
-            root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            os.close(pidfd)
-            raise ConflictError(f"sandbox {sb.id} ended") from None
-        try:
-            signal.pidfd_send_signal(pidfd, 0)  # still the process whose root we opened
-        except ProcessLookupError:
-            os.close(root)
-            os.close(pidfd)
-            raise ConflictError(f"sandbox {sb.id} ended") from None
-        os.close(pidfd)
         rel = path.lstrip("/") or "."
+        exclude: frozenset[str] = frozenset()
+        if sb.gvisor:
+            root, source_low = self._gvisor_root(sb, path)
+            if rel == ".":
+                exclude = frozenset({ENGINE_DIR})  # the engine's own mounts, empty directories on the host side
+        else:
+            root, source_low = self._init_root(sb), sb.host_ids.host_id
 
         def work(staged: Path, opts: treecopy.CopyOptions) -> treecopy.CopyStats:
             try:
@@ -314,6 +307,7 @@ class Snapshots:
                 raise NotFoundError(f"{path} does not exist in sandbox {sb.id}") from None
             except OSError as exc:
                 raise InvalidError(f"{path} is not a directory in sandbox {sb.id} (links are not followed)") from exc
+            opts.exclude = exclude
             try:
                 dst = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
@@ -324,10 +318,8 @@ class Snapshots:
                 os.close(src)
 
         try:
-            # Read through the sandbox's root: owners are in its own id range, stored shifted back.
-            layer_id, staged, stats = await self._copy(
-                sb, work, timeout, "directory snapshot", source_low=sb.host_ids.host_id
-            )
+            # Owners are as the source shows them (``source_low``), stored shifted back.
+            layer_id, staged, stats = await self._copy(sb, work, timeout, "directory snapshot", source_low=source_low)
         finally:
             os.close(root)
         assert stats is not None
@@ -337,6 +329,42 @@ class Snapshots:
             recipe["expires_at"] = time.time() + ttl
         self._add_image(layer_id, recipe, ImageConfig(layers=[layer_id]))
         return layer_id
+
+    def _init_root(self, sb: Sandbox) -> int:
+        """The sandbox's root as its init sees it, mounts included (runc): an O_PATH descriptor."""
+        pid, pidfd = open_init(sb)
+        try:
+            root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            os.close(pidfd)
+            raise ConflictError(f"sandbox {sb.id} ended") from None
+        try:
+            signal.pidfd_send_signal(pidfd, 0)  # still the process whose root we opened
+        except ProcessLookupError:
+            os.close(root)
+            raise ConflictError(f"sandbox {sb.id} ended") from None
+        finally:
+            os.close(pidfd)
+        return root
+
+    def _gvisor_root(self, sb: Sandbox, path: str) -> tuple[int, int]:
+        """A gVisor sandbox's root as the host holds it (its files reach the host through the gofer, with the ids
+        the sandbox sees) and the first id of its owners.  Volumes are mounted by the gofer, out of this view: a
+        path on one, or holding one, is refused rather than copied without the volume's files."""
+        for mount in sb.spec.request.volumes:
+            inside = path == mount.path or path.startswith(mount.path.rstrip("/") + "/")
+            holds = path == "/" or mount.path.startswith(path.rstrip("/") + "/")
+            if inside or holds:
+                raise InvalidError(
+                    f"{path} {'is on' if inside else 'holds'} the volume mounted at {mount.path}: under gVisor"
+                    " snapshot_directory copies the sandbox's own files only; read the volume itself"
+                    " (Volume.read_file / listdir), or snapshot a directory beside it"
+                )
+        try:
+            root = os.open(sb.run_dir / "rootfs", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise ConflictError(f"sandbox {sb.id} ended") from None
+        return root, 0
 
     # ------------------------------------------------------------ mount_image
 
