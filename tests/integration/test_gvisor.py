@@ -24,6 +24,8 @@ import pytest
 
 import shoal
 from shoal.exception import InvalidError, NotFoundError, SandboxTimeoutError
+from shoal.sdk._sync import run_blocking
+from shoal.sdk.transport import default_client
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (gVisor) is not installed: make setup")
@@ -236,10 +238,22 @@ def test_what_gvisor_cannot_do_is_a_clear_error(daemon):
         shoal.Sandbox.create(app=_app(), runtime="vm")
 
 
+def _pool() -> dict:
+    return run_blocking(default_client().request("GET", "/v1/status"))["warm_pool"]
+
+
 def test_the_default_runtime_is_the_daemons_choice(own_daemon):
     own_daemon.restart_with("--default-runtime", "gvisor", "--warm-pool", "1")
-    sb = shoal.Sandbox.create(app=_app(), timeout=120)
+    deadline = time.monotonic() + 60
+    while _pool()["ready"] != 1:  # a gVisor pool's sandboxes wait with their agent already started
+        assert time.monotonic() < deadline, _pool()
+        time.sleep(0.1)
+    sb = shoal.Sandbox.create("cat", app=_app(), timeout=120)
     try:
+        assert _pool()["taken"] == 1
+        sb.stdin.write("from the pool\n")
+        sb.stdin.drain()
+        assert next(iter(sb.stdout)) == "from the pool\n"
         assert sh(sb, "cat /proc/version")[1].startswith("Linux version 4.4.0")
         explicit = shoal.Sandbox.create(app=_app(), runtime="runc", timeout=120)
         assert not sh(explicit, "cat /proc/version")[1].startswith("Linux version 4.4.0")
