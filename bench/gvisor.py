@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -169,8 +168,8 @@ class RunscFloor:
         return left + _remove_cgroup_tree(self.cgroup_parent)
 
 
-COLD = {"cpu_limit": float(os.cpu_count() or 1)}
-"""What makes a create one the warm pool cannot serve (a CPU limit of every CPU: no limit in effect)."""
+COLD = {"cpu": 1.0}
+"""What makes a create one the warm pool cannot serve (a CPU request of one CPU: the default weight)."""
 
 
 def _pool_ready() -> int:
