@@ -56,8 +56,9 @@ def test_constructor_tags_and_lifecycle_of_an_ephemeral_app(daemon):
 def test_app_logs_merge_its_sandboxes(app):
     mine = shoal.App.lookup(f"logs-{uuid.uuid4().hex[:8]}", create_if_missing=True)
     since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
-    a = shoal.Sandbox.create("sh", "-c", "echo from-a; sleep 0.3; echo again-a >&2", app=mine, timeout=60)
-    b = shoal.Sandbox.create("sh", "-c", "sleep 0.15; echo from-b", app=mine, timeout=60)
+    # The order in time is from-a, from-b, again-a as long as b's create takes under a second (gVisor's take ~0.3).
+    a = shoal.Sandbox.create("sh", "-c", "echo from-a; sleep 1.5; echo again-a >&2", app=mine, timeout=60)
+    b = shoal.Sandbox.create("sh", "-c", "sleep 0.5; echo from-b", app=mine, timeout=60)
     other = shoal.Sandbox.create("sh", "-c", "echo not-this-app", app=app, timeout=60)
     for sb in (a, b, other):
         sb.wait()

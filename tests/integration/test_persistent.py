@@ -4,6 +4,7 @@ resumed, or started by the next call that needs it) carries on from them with it
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import signal
 import subprocess
@@ -79,6 +80,19 @@ def test_files_outlive_a_pause_and_the_next_call_resumes_it(daemon):
     sb.wait(raise_on_termination=False)
     with pytest.raises(InvalidError, match="has been terminated"):
         sb.exec("true")
+
+
+def test_calls_at_once_on_a_paused_sandbox_resume_it_once(daemon):
+    sb = _persistent()
+    try:
+        assert _run(sb, "sh", "-c", "echo 1 > /root/n")[0] == 0
+        sb._experimental_pause()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: _run(sb, "cat", "/root/n"), range(4)))
+        assert results == [(0, "1\n")] * 4
+        assert shoal.Sandbox.from_id(sb.object_id)._info["persistent"]["sessions"] == 2
+    finally:
+        sb.terminate()
 
 
 def test_persistent_sandboxes_take_modal_arguments_and_refuse_what_modal_refuses(daemon):
