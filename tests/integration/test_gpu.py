@@ -200,7 +200,8 @@ def test_gpus_stay_held_across_a_restart_and_are_released_when_the_sandbox_ended
         shoal.Sandbox.create(app=gpu_app, gpu="H100")
     # The sandbox dies while the daemon is down: the next daemon releases its GPU.
     gpu_daemon.stop()
-    runtime_root = next((gpu_daemon.runtime_dir / "oci").iterdir())
+    # GPU sandboxes run under the runc-compatible runtime (runc or crun), never gVisor's runsc.
+    runtime_root = next(d for d in (gpu_daemon.runtime_dir / "oci").iterdir() if d.name != "runsc")
     runc = shutil.which(runtime_root.name) or runtime_root.name
     subprocess.run([runc, "--root", str(runtime_root), "kill", sb.object_id, "KILL"], check=True, timeout=30)
     gpu_daemon.start()

@@ -417,10 +417,19 @@ class Manager:
             self._starting -= 1
 
     def _runtime_for(self, req: CreateSandbox, build: bool) -> str:
-        """What the sandbox runs under: what it asks, else the daemon's default; build steps run under runc."""
+        """What the sandbox runs under: what it asks, else what it needs (gVisor for memory snapshots, runc for
+        GPUs), else the daemon's default; build steps run under runc."""
         if build:
             return "runc"
-        kind = req.runtime or ("gvisor" if req.enable_snapshot and self.gvisor else self.cfg.default_runtime)
+        kind: str | None = req.runtime
+        if kind is None:
+            # Unset: what the request needs decides first (memory snapshots need gVisor; GPUs need runc here).
+            if req.enable_snapshot and self.gvisor:
+                kind = "gvisor"
+            elif req.gpu is not None:
+                kind = "runc"
+            else:
+                kind = self.cfg.default_runtime
         if kind == "gvisor":
             if self.gvisor is None:
                 raise InvalidError(f"this daemon cannot run gVisor sandboxes: {self.gvisor_note}")
