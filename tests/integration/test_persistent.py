@@ -5,16 +5,19 @@ resumed, or started by the next call that needs it) carries on from them with it
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 import shoal
 from shoal.exception import InvalidError, NotFoundError
+from tests.conftest import DEFAULT_RUNTIME
 
 
 def _app() -> shoal.App:
@@ -198,3 +201,53 @@ def test_the_end_of_app_run_terminates_its_persistent_sandboxes(daemon):
         assert _run(sb, "true")[0] == 0
         sb._experimental_pause()
     assert sb.poll() == 137  # paused or not, it does not outlive its app
+
+
+def test_a_session_that_died_while_the_daemon_was_away_keeps_its_files(own_daemon):
+    sb = _persistent()
+    try:
+        assert _run(sb, "sh", "-c", "echo kept > /root/f")[0] == 0
+        own_daemon.stop(signal.SIGKILL)
+        runtime = "runsc" if DEFAULT_RUNTIME == "gvisor" else "runc"
+        root = own_daemon.runtime_dir / "oci" / runtime
+        subprocess.run([runtime, "--root", str(root), "kill", sb.object_id, "KILL"], check=True, timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # (gVisor's sandbox outlives its init for a moment)
+            res = subprocess.run([runtime, "--root", str(root), "state", sb.object_id], capture_output=True, timeout=30)
+            if res.returncode != 0 or json.loads(res.stdout)["status"] != "running":
+                break
+            time.sleep(0.1)
+        own_daemon.start()
+        assert sb.poll() is None
+        assert _run(sb, "cat", "/root/f") == (0, "kept\n")
+        assert shoal.Sandbox.from_id(sb.object_id)._info["persistent"]["sessions"] == 2
+    finally:
+        sb.terminate()
+
+
+def test_a_daemon_killed_while_a_session_ends_keeps_its_files(own_daemon):
+    sb = _persistent()
+    try:
+        # Enough files that copying them outlasts the moment the daemon is killed.
+        script = "import os\nos.makedirs('/root/many')\nfor i in range(20000): open(f'/root/many/{i}', 'w').close()"
+        assert _run(sb, "python3", "-c", script)[0] == 0
+        start = own_daemon.log.stat().st_size
+
+        def pause() -> None:
+            with contextlib.suppress(Exception):  # its daemon is killed under it
+                sb._experimental_pause()
+
+        pauser = threading.Thread(target=pause, daemon=True)
+        pauser.start()
+        deadline = time.monotonic() + 60
+        while b"keeping its files" not in own_daemon.log.read_bytes()[start:]:
+            assert time.monotonic() < deadline, "the session did not start to end"
+            time.sleep(0.005)
+        own_daemon.stop(signal.SIGKILL)
+        own_daemon.start()
+        assert b"taken after a restart" in own_daemon.log.read_bytes()[start:]
+        pauser.join(60)  # (its client retries the pause on the new daemon: let that be done first)
+        assert not pauser.is_alive()
+        assert _run(sb, "sh", "-c", "ls /root/many | wc -l") == (0, "20000\n")
+    finally:
+        sb.terminate()

@@ -190,7 +190,7 @@ class Manager:
             else:
                 await sb.adopt()
         self.sidecars.end_orphans()
-        self.persistents.settle()
+        await self.persistents.settle()
         await self._remove_strays(known)
         await image_build.recover(self)
         self._prune_task = asyncio.create_task(self._prune_loop())

@@ -231,6 +231,7 @@ class Persistents:
         if rec.session_id == sb.id:
             rec.session_id = None
         if rec.terminated_at is None:
+            log.info("persistent sandbox %s: session %s ended; keeping its files", rec.sandbox_id, sb.id)
             t0 = time.monotonic()
             try:
                 image_id = await self.mgr.snapshots.exit_snapshot(sb, EXIT_SNAPSHOT_TIMEOUT)
@@ -269,12 +270,46 @@ class Persistents:
         except Error as exc:
             log.warning("persistent sandbox %s: removing its old exit snapshot %s: %s", rec.sandbox_id, old, exc)
 
-    def settle(self) -> None:
-        """After re-adoption: a record whose session is no longer running is paused."""
-        for rec in self._records.values():
-            if rec.session_id is not None and self._running_session(rec) is None:
-                rec.session_id = None
-                self._save(rec)
+    async def settle(self) -> None:
+        """After re-adoption, before stray run directories are removed: a record whose session no longer runs is
+        paused, and a session the last daemon died while ending gets its exit snapshot now, from what it left."""
+        for rec in list(self._records.values()):
+            if rec.session_id is None or self._running_session(rec) is not None:
+                continue
+            sid = rec.session_id
+            try:
+                sb = self.mgr.get(sid)
+            except NotFoundError:
+                sb = None
+            if sb is not None and sb.teardown_task is not None and not sb.teardown_task.done():
+                continue  # it ended while the daemon was away: its teardown (now) keeps its files
+            rec.session_id = None
+            if sb is not None and rec.terminated_at is None:
+                await self._recover_exit_snapshot(rec, sb)
+            self._save(rec)
+
+    async def _recover_exit_snapshot(self, rec: Record, sb: Sandbox) -> None:
+        if not await asyncio.to_thread(_files_left, sb):
+            return  # its files are gone (or its root is): the last exit snapshot stays what resumes
+        try:
+            await sb.runtime.delete(sb.container_id)  # nothing may write on while the files are copied
+            image_id = await self.mgr.snapshots.exit_snapshot(sb, EXIT_SNAPSHOT_TIMEOUT)
+        except Exception as exc:
+            log.error(
+                "persistent sandbox %s: exit snapshot of session %s after a restart failed: %s",
+                rec.sandbox_id,
+                sb.id,
+                exc,
+            )
+            return
+        await self._drop_exit_image(rec)
+        rec.exit_image = image_id
+        log.info(
+            "persistent sandbox %s: exit snapshot %s of session %s taken after a restart",
+            rec.sandbox_id,
+            image_id,
+            sb.id,
+        )
 
     def prune(self) -> int:
         """Forget persistent sandboxes terminated longer than ``RETENTION`` ago; how many."""
@@ -387,3 +422,8 @@ class Persistents:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), left)
         return self.info(object_id)
+
+
+def _files_left(sb: Sandbox) -> bool:
+    """Whether an ended session's upper directory and mounted root are still there (a teardown cut short)."""
+    return (sb.data_dir / "upper").is_dir() and os.path.ismount(sb.run_dir / "rootfs")
