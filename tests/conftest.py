@@ -294,6 +294,11 @@ def running_daemon() -> Iterator[Daemon]:
         yield d
     finally:
         try:
+            if d.proc is None or d.proc.poll() is not None:
+                # A test that failed with its daemon stopped: start it again, so that it takes its sandboxes
+                # back and they can be ended (otherwise they run on with no daemon).
+                with contextlib.suppress(Exception):
+                    d.start()
             if d.proc is not None and d.proc.poll() is None:
                 terminate_all(d)
         finally:
