@@ -55,6 +55,9 @@ def test_files_outlive_a_pause_and_the_next_call_resumes_it(daemon):
         sb._experimental_pause()
         info = shoal.Sandbox.from_id(sb.object_id)._info
         assert info["persistent"]["session_id"] is None and info["persistent"]["exit_image"].startswith("im-")
+        # Listed once, under its object id, paused or not (its sessions are not listed on their own).
+        listed = [s.object_id for s in shoal.Sandbox.list(app_id=_app().app_id)]
+        assert listed.count(sb.object_id) == 1 and first in listed
         assert sb.poll() is None  # paused is not finished: only terminate ends a persistent sandbox
         assert p.stdout.read() == "from the first session\n"  # a process of the first session is still readable
 
@@ -63,6 +66,7 @@ def test_files_outlive_a_pause_and_the_next_call_resumes_it(daemon):
         info = shoal.Sandbox.from_id(sb.object_id)._info
         second = info["persistent"]["session_id"]
         assert second not in (None, first) and info["persistent"]["sessions"] == 2
+        assert second not in [s.object_id for s in shoal.Sandbox.list(app_id=_app().app_id)]
         assert _run(sb, "python3", "-c", SLEEPERS) == (0, "0\n")
         # The definition carries over: environment and secrets.
         assert _run(sb, "sh", "-c", "echo $GREETING $TOKEN") == (0, "hi s3cret\n")

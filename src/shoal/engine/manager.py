@@ -614,10 +614,15 @@ class Manager:
                 continue
             if row.spec.request.sidecar_of is not None:
                 continue  # listed with its sandbox (sb._experimental_sidecars.list())
+            if row.spec.request.persistent_of is not None:
+                continue  # a persistent sandbox's session: the sandbox is listed once, under its object id
             if any(row.tags.get(k) != v for k, v in tags.items()):
                 continue
             sb = self.sandboxes.get(row.id)
             out.append(sb.info() if sb else Sandbox(self.ctx, row).info())
+        if not tags:  # (persistent sandboxes have no tags)
+            out += self.persistents.listed(app_id, include_finished)
+            out.sort(key=lambda info: info.created_at_us, reverse=True)
         return out
 
     def set_tags(self, sandbox_id: str, tags: dict[str, str]) -> None:

@@ -29,6 +29,7 @@ from shoal.exception import ConflictError, Error, InvalidError, NotFoundError
 from shoal.wire import ids
 from shoal.wire.images import ImageRef
 from shoal.wire.sandboxes import CreateSandbox, PersistentInfo, Result, SandboxInfo, SandboxState
+from shoal.wire.times import micros
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -396,6 +397,7 @@ class Persistents:
         return base.model_copy(
             update={
                 "sandbox_id": rec.sandbox_id,
+                "created_at_us": micros(rec.created_at),
                 "state": SandboxState.FINISHED if terminated else SandboxState.RUNNING,
                 "result": result,
                 "returncode": 137 if terminated else None,
@@ -409,6 +411,18 @@ class Persistents:
                 ),
             }
         )
+
+    def listed(self, app_id: str | None, include_terminated: bool) -> list[SandboxInfo]:
+        """Persistent sandboxes for ``Sandbox.list``: running (paused or not) ones, and terminated ones if asked."""
+        out = []
+        for rec in list(self._records.values()):
+            if not rec.sandbox_id or (app_id and rec.app_id != app_id):
+                continue
+            if rec.terminated_at is not None and not include_terminated:
+                continue
+            with contextlib.suppress(NotFoundError):
+                out.append(self.info(rec.sandbox_id))
+        return out
 
     async def wait(self, object_id: str, timeout: float) -> SandboxInfo:
         """Long poll until the persistent sandbox is terminated (its sessions come and go meanwhile)."""
