@@ -255,3 +255,34 @@ def test_a_daemon_killed_while_a_session_ends_keeps_its_files(own_daemon):
         assert _run(sb, "sh", "-c", "ls /root/many | wc -l") == (0, "20000\n")
     finally:
         sb.terminate()
+
+
+def test_stdin_goes_to_the_current_session(daemon):
+    sb = shoal.Sandbox.create(
+        "sh",
+        "-c",
+        "while read l; do echo $l >> /root/in; done",
+        app=_app(),
+        timeout=None,
+        _experimental_persistent=True,
+    )
+
+    def lines(n: int) -> str:
+        deadline = time.monotonic() + 30
+        while True:
+            out = _run(sb, "sh", "-c", "cat /root/in 2>/dev/null")[1]
+            if out.count("\n") >= n or time.monotonic() > deadline:
+                return out
+            time.sleep(0.1)
+
+    try:
+        sb.stdin.write("a\n")
+        sb.stdin.drain()
+        assert lines(1) == "a\n"
+        sb._experimental_pause()
+        # Each session's stdin starts anew; the writer goes on in the one that runs (the write starts it).
+        sb.stdin.write("b\n")
+        sb.stdin.drain()
+        assert lines(2) == "a\nb\n"
+    finally:
+        sb.terminate()
