@@ -35,8 +35,9 @@ REFUSED = {
 }
 """What modal 1.6 does not do for a persistent sandbox, with its words."""
 
-STARTS_SESSION_GET = {f"GET {_BASE}/tunnels"}
-"""Reads that need a running session (other reads go to the last session when it is paused)."""
+STARTS_SESSION_GET = {f"GET {_BASE}/tunnels", f"GET {_BASE}/execs/{{exec_id}}/stdin"}
+"""Reads that need a running session (other reads go to the last session when it is paused): tunnels, and where
+stdin stands, which a writer asks just before it writes (to the running session)."""
 
 
 @TABLE.route(
