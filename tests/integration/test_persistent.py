@@ -153,6 +153,8 @@ def test_a_paused_persistent_sandbox_survives_a_daemon_restart(own_daemon):
         )
         assert res.returncode != 0 and b"persistent sandbox" in res.stderr
 
+        # Its record (definition, environment) is root's alone.
+        assert (own_daemon.data_dir / "persistent").stat().st_mode & 0o777 == 0o700
         own_daemon.restart(signal.SIGKILL)
         assert sb.poll() is None
         assert _run(sb, "sh", "-c", "cat /root/a; echo two >> /root/a") == (0, "one\n")

@@ -98,7 +98,7 @@ class Persistents:
 
     def load(self) -> None:
         """Read the records (at start, before sessions are re-adopted)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._ensure_root()
         for path in sorted(self.root.glob("ps-*.json")):
             try:
                 rec = Record(**json.loads(path.read_text()))
@@ -106,6 +106,11 @@ class Persistents:
                 log.warning("ignoring unreadable persistent sandbox record %s: %s", path.name, exc)
                 continue
             self._index(rec)
+
+    def _ensure_root(self) -> None:
+        # Records hold a sandbox's definition (its arguments and environment): root's alone, as sandboxes' data.
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
 
     def _index(self, rec: Record) -> None:
         self._records[rec.persistent_id] = rec
@@ -133,7 +138,7 @@ class Persistents:
     async def create(self, req: CreateSandbox, image_log: Callable[[str], None]) -> Sandbox:
         """``Sandbox.create(_experimental_persistent=True)``: its first session."""
         check_request(req)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._ensure_root()
         secret_env = {**self.mgr.secrets.resolve(req.secret_ids), **req.secret_env}
         rec = Record(persistent_id=ids.new("persistent"), app_id=req.app_id, created_at=time.time())
         rec.definition = req.model_copy(

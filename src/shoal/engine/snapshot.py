@@ -353,7 +353,7 @@ class Snapshots:
         path on one, or holding one, is refused rather than copied without the volume's files."""
         for mount in sb.spec.request.volumes:
             inside = path == mount.path or path.startswith(mount.path.rstrip("/") + "/")
-            holds = path == "/" or mount.path.startswith(path.rstrip("/") + "/")
+            holds = mount.path.startswith(path.rstrip("/") + "/")
             if inside or holds:
                 raise InvalidError(
                     f"{path} {'is on' if inside else 'holds'} the volume mounted at {mount.path}: under gVisor"
