@@ -175,6 +175,9 @@ struct proc {
     struct timespec deadline;
     int has_deadline, timed_out;
     int exited, exit_kind, exit_value, exit_sent, exit_acked;
+    int spawn_fd;               /* read end of the child's exec report until it is settled, else -1 */
+    const char *spawn_cwd, *spawn_user;
+    char spawn_argv0[256];
 };
 
 static struct proc *procs;
@@ -462,10 +465,13 @@ static struct proc *spawn(const char *id, uint32_t idlen, char **argv, char **en
     }
     p->pid = pid;
     close(ep[1]);
-    int report[2];
-    ssize_t r;
-    do r = read(ep[0], report, sizeof report); while (r < 0 && errno == EINTR);
-    close(ep[0]);
+    /* The child's exec is not waited for here (under gVisor it takes tens of ms, and the next EXEC — the first
+     * exec after a sandbox's entrypoint — would queue behind it): `settle_spawn` reads its report later. */
+    p->spawn_fd = ep[0];
+    set_nonblock(ep[0]);
+    snprintf(p->spawn_argv0, sizeof p->spawn_argv0, "%s", argv[0] ? argv[0] : "");
+    p->spawn_cwd = cwd && *cwd ? strdup(cwd) : NULL;
+    p->spawn_user = user && *user ? strdup(user) : NULL;
     if (flags & F_PTY) {
         close(slave);
         set_nonblock(master);
@@ -482,19 +488,6 @@ static struct proc *spawn(const char *id, uint32_t idlen, char **argv, char **en
         else p->st[1].eof = 1;
     }
     close(devnull);
-    if (r == (ssize_t)sizeof report) {
-        /* chdir or execve failed in the child: say so on stderr, exit 126/127. */
-        char msg[512];
-        static const char *what[] = {"", "cannot change to directory", "cannot execute", "cannot switch to user"};
-        const char *subject = report[0] == 1 ? cwd : report[0] == 3 ? user : argv[0];
-        int n = snprintf(msg, sizeof msg, "shoal: %s: %s: %s\n", what[report[0] >= 1 && report[0] <= 3 ? report[0] : 2],
-                         subject, strerror(report[1]));
-        int which = (flags & F_PTY) ? 0 : 1;
-        if (!(flags & (which ? F_STDERR_NULL : F_STDOUT_NULL)))
-            buf_put(&p->st[which].data, msg, (size_t)n);
-        p->exit_value = (report[0] == 2 && report[1] == ENOENT) ? 127 : 126;
-        p->exit_kind = EXIT_SPAWN_FAILED;
-    }
     if (timeout_ms) {
         now(&p->deadline);
         p->deadline.tv_sec += (time_t)(timeout_ms / 1000);
@@ -504,12 +497,46 @@ static struct proc *spawn(const char *id, uint32_t idlen, char **argv, char **en
     }
     p->next = procs;
     procs = p;
-    if (ctl >= 0) send_started(p);
     return p;
 
 spawn_error:
     die("cannot set up a process");
     return NULL;
+}
+
+/* Read the child's exec report: nothing (exec happened: the descriptor closed with it) or a failed step, which
+ * becomes the process's stderr and its 126/127.  `wait`: block until the child has exec'd or died. Sends STARTED
+ * once settled, so that STARTED comes before any of the process's output or its exit. */
+static void settle_spawn(struct proc *p, int wait) {
+    if (p->spawn_fd < 0) return;
+    int report[2];
+    ssize_t r;
+    for (;;) {
+        r = read(p->spawn_fd, report, sizeof report);
+        if (r >= 0 || errno == EINTR) { if (r >= 0) break; continue; }
+        if (errno != EAGAIN || !wait) return;
+        struct pollfd one = {.fd = p->spawn_fd, .events = POLLIN};
+        poll(&one, 1, -1);
+    }
+    close(p->spawn_fd);
+    p->spawn_fd = -1;
+    if (r == (ssize_t)sizeof report) {
+        /* chdir or execve failed in the child: say so on stderr, exit 126/127. */
+        char msg[512];
+        static const char *what[] = {"", "cannot change to directory", "cannot execute", "cannot switch to user"};
+        const char *subject = report[0] == 1 ? p->spawn_cwd : report[0] == 3 ? p->spawn_user : p->spawn_argv0;
+        int n = snprintf(msg, sizeof msg, "shoal: %s: %s: %s\n", what[report[0] >= 1 && report[0] <= 3 ? report[0] : 2],
+                         subject ? subject : "", strerror(report[1]));
+        int which = (p->flags & F_PTY) ? 0 : 1;
+        if (!(p->flags & (which ? F_STDERR_NULL : F_STDOUT_NULL)))
+            buf_put(&p->st[which].data, msg, (size_t)n);
+        p->exit_value = (report[0] == 2 && report[1] == ENOENT) ? 127 : 126;
+        p->exit_kind = EXIT_SPAWN_FAILED;
+    }
+    free((void *)p->spawn_cwd);
+    free((void *)p->spawn_user);
+    p->spawn_cwd = p->spawn_user = NULL;
+    if (ctl >= 0) send_started(p);
 }
 
 /* ---------- sending ---------- */
@@ -832,6 +859,7 @@ static void write_ctl(void) {
 /* ---------- exits and deadlines ---------- */
 
 static void on_exit_status(struct proc *p, int status) {
+    settle_spawn(p, 1);
     p->exited = 1;
     if (p->timed_out) { p->exit_kind = EXIT_TIMEOUT; p->exit_value = 0; }
     else if (p->exit_kind == EXIT_SPAWN_FAILED) { /* keep the 126/127 */ }
@@ -863,6 +891,7 @@ static long check_deadlines(void) {
         if (!p->has_deadline || p->exited || p->timed_out) continue;
         long ms = ms_until(&p->deadline);
         if (ms <= 1) {
+            settle_spawn(p, 1);
             p->timed_out = 1;
             kill(-p->pid, SIGKILL);
             /* The output streams end at the deadline, whoever still holds them. */
@@ -967,6 +996,12 @@ int main(int argc, char **argv) {
         pfds[n++] = (struct pollfd){.fd = sfd, .events = POLLIN};
         pfds[n++] = (struct pollfd){.fd = ctl, .events = (short)(POLLIN | (out.len ? POLLOUT : 0))};
         for (struct proc *p = procs; p; p = p->next) {
+            if (p->spawn_fd >= 0) {
+                /* Its output waits until its exec is settled (STARTED goes first). */
+                owner[n] = p; which[n] = 3;
+                pfds[n++] = (struct pollfd){.fd = p->spawn_fd, .events = POLLIN};
+                continue;
+            }
             for (int i = 0; i < 2; i++)
                 if (p->st[i].fd >= 0 && p->st[i].data.len < STREAM_CAP) {
                     owner[n] = p; which[n] = i;
@@ -995,7 +1030,8 @@ int main(int argc, char **argv) {
         if (ctl >= 0 && pfds[1].revents & POLLOUT) write_ctl();
         for (size_t i = 2; i < n; i++) {
             if (!pfds[i].revents) continue;
-            if (which[i] == 2) flush_stdin(owner[i]);
+            if (which[i] == 3) settle_spawn(owner[i], 0);
+            else if (which[i] == 2) flush_stdin(owner[i]);
             else read_stream(&owner[i]->st[which[i]]);
         }
         pump();
