@@ -809,7 +809,8 @@ static void handle_frame(uint8_t type, struct fields f) {
         }
         break;
     case MSG_SIGNAL:
-        if (!p->exited && signo > 0 && signo < NSIG) kill(-p->pid, (int)signo);
+        /* Its process group exists once the child has exec'd (setsid() comes first). */
+        if (!p->exited && signo > 0 && signo < NSIG) { settle_spawn(p, 1); kill(-p->pid, (int)signo); }
         break;
     case MSG_EXIT_ACK:
         p->exit_acked = 1;
