@@ -562,6 +562,30 @@ def test_image_user_runs_every_process(app):
     assert "cannot switch to user: nobody-here" in sb.stderr.read()
 
 
+def test_an_exec_stuck_before_it_starts_still_times_out(app):
+    """Code in the sandbox swaps the image user's /etc/passwd for a FIFO: a new process, which must look its user
+    up before it runs, blocks there; its timeout still ends it, and the sandbox goes on answering."""
+    image = shoal.Image.debian_slim().dockerfile_commands(
+        "RUN useradd -m -u 1234 worker && chmod 777 /etc", "USER worker"
+    )
+    trap = "mv /etc/passwd /etc/passwd.real && mkfifo /etc/passwd && echo trapped"
+    trap += " && read _ && rm /etc/passwd && mv /etc/passwd.real /etc/passwd && echo freed && sleep 600"
+    sb = shoal.Sandbox.create("sh", "-c", trap, app=app, image=image, timeout=120)
+    try:
+        lines = iter(sb.stdout)
+        assert next(lines) == "trapped\n"
+        started = time.monotonic()
+        p = sb.exec("true", timeout=2)
+        assert p.wait() == -1
+        assert time.monotonic() - started < 30
+        sb.stdin.write("go\n")
+        sb.stdin.drain()
+        assert next(lines) == "freed\n"
+        assert sh(sb, "id -un")[1] == "worker\n"
+    finally:
+        sb.terminate()
+
+
 def test_dockerfile_commands_with_context_files(app, tmp_path, token):
     local = tmp_path / "settings.ini"
     local.write_text(f"token={token}\n")

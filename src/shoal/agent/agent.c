@@ -43,7 +43,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION 1
+#define AGENT_VERSION 2  /* 2: SUSPEND can park (F_PARK) */
 
 enum {
     MSG_INIT = 1, MSG_EXEC = 2, MSG_STDIN = 3, MSG_ACK = 4,
@@ -59,6 +59,7 @@ enum {
 enum { F_PTY = 1, F_STDOUT_NULL = 2, F_STDERR_NULL = 4, F_ENTRYPOINT = 8 };
 enum { F_EOF = 1 };
 enum { F_RESTORED = 1 };  /* RESUME's flag: the sandbox was restored from a checkpoint */
+enum { F_PARK = 1 };      /* SUSPEND's flag: close the connection once SUSPENDED is sent (see park()) */
 enum { EXIT_CODE = 0, EXIT_SIGNAL = 1, EXIT_TIMEOUT = 2, EXIT_SPAWN_FAILED = 3 };
 
 #define MAX_FRAME (8u << 20)
@@ -192,6 +193,13 @@ static int entrypoint_done;
 /* Between SUSPEND and RESUME the agent sends nothing, so that a checkpoint of the sandbox holds no frame half
  * sent or half read (runsc checkpoint, for a memory snapshot). */
 static int suspended;
+/* A connection made after a daemon restart is a host socket, which gVisor cannot checkpoint: for a memory
+ * snapshot the agent "parks" instead of staying suspended on it (it closes it once SUSPENDED is sent, keeping
+ * every stream's offsets).  It comes back either by reconnecting (the sandbox that was snapshotted, once the
+ * daemon listens again) or, in a sandbox restored from that checkpoint, through home_fd: the descriptor it was
+ * started with, kept open for this, which a restore connects to the new daemon. */
+static int parking, parked;
+static int home_fd = -1;
 
 static struct proc *find_proc(const char *id, uint32_t n) {
     for (struct proc *p = procs; p; p = p->next)
@@ -587,7 +595,7 @@ static void pump(void) {
 static void disconnect(void) {
     if (ctl >= 0) close(ctl);
     ctl = -1;
-    suspended = 0;  /* a daemon that went away mid-snapshot took the snapshot with it */
+    suspended = parking = parked = 0;  /* a daemon that went away mid-snapshot took the snapshot with it */
     out.off = out.len = 0;
     in.off = in.len = 0;
     for (struct proc *p = procs; p; p = p->next) {
@@ -634,14 +642,31 @@ static void send_hello(void) {
     }
 }
 
+static void read_ctl(int closing);
+
 static void try_reconnect(void) {
     if (!reconnect_path || !token_len) return;
+    if (parked && home_fd >= 0) {
+        /* Restored from a checkpoint taken while parked: the new daemon's RESUME waits on home_fd (in the
+         * snapshotted sandbox that descriptor's peer is long gone and it reads end-of-file). */
+        char tmp[CHUNK];
+        set_nonblock(home_fd);
+        ssize_t r = read(home_fd, tmp, sizeof tmp);
+        if (r > 0 && (ctl = fcntl(home_fd, F_DUPFD_CLOEXEC, 3)) >= 0) {
+            parked = 0;  /* still suspended, until that RESUME */
+            buf_put(&in, tmp, (size_t)r);
+            read_ctl(0);
+            return;
+        }
+    }
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     strncpy(a.sun_path, reconnect_path, sizeof a.sun_path - 1);
     if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
         set_nonblock(fd);
         ctl = fd;
+        /* Back from parking, the daemon has every byte sent before SUSPENDED: streams go on from there. */
+        suspended = parked = 0;
         send_hello();
         return;
     }
@@ -649,7 +674,7 @@ static void try_reconnect(void) {
     now(&reconnect_at);
     reconnect_at.tv_nsec += (long)reconnect_ms * 1000000;
     while (reconnect_at.tv_nsec >= 1000000000) { reconnect_at.tv_sec++; reconnect_at.tv_nsec -= 1000000000; }
-    if (reconnect_ms < 500) reconnect_ms *= 2;
+    if (reconnect_ms < 500 && !parked) reconnect_ms *= 2;  /* parked: the daemon is back within moments */
 }
 
 /* ---------- handling daemon frames ---------- */
@@ -768,6 +793,7 @@ static void handle_frame(uint8_t type, struct fields f) {
         frame_begin(MSG_SUSPENDED);
         frame_end();
         suspended = 1;
+        if (flags & F_PARK) parking = 1;
         return;
     }
     if (type == MSG_RESUME) {
@@ -810,7 +836,11 @@ static void handle_frame(uint8_t type, struct fields f) {
         break;
     case MSG_SIGNAL:
         /* Its process group exists once the child has exec'd (setsid() comes first). */
-        if (!p->exited && signo > 0 && signo < NSIG) { settle_spawn(p, 1); kill(-p->pid, (int)signo); }
+        if (!p->exited && signo > 0 && signo < NSIG) {
+            if (signo == SIGKILL && p->spawn_fd >= 0) kill(p->pid, SIGKILL);  /* it may never get to its exec */
+            settle_spawn(p, 1);
+            kill(-p->pid, (int)signo);
+        }
         break;
     case MSG_EXIT_ACK:
         p->exit_acked = 1;
@@ -845,7 +875,18 @@ static void read_ctl(int closing) {
     if (hung_up && ctl >= 0) disconnect();
 }
 
+static void park(void) {
+    close(ctl);
+    ctl = -1;
+    parking = 0;
+    parked = 1;
+    in.off = in.len = 0;
+    now(&reconnect_at);
+    reconnect_ms = 20;
+}
+
 static void write_ctl(void) {
+    if (ctl >= 0 && parking && !out.len) { park(); return; }
     while (ctl >= 0 && out.len) {
         ssize_t w = send(ctl, buf_data(&out), out.len, MSG_NOSIGNAL);
         if (w > 0) { buf_drop(&out, (size_t)w); continue; }
@@ -855,6 +896,7 @@ static void write_ctl(void) {
          * the data is readable): an EXEC it accepted must still start. */
         read_ctl(1);
     }
+    if (ctl >= 0 && parking && !out.len) park();
 }
 
 /* ---------- exits and deadlines ---------- */
@@ -892,6 +934,9 @@ static long check_deadlines(void) {
         if (!p->has_deadline || p->exited || p->timed_out) continue;
         long ms = ms_until(&p->deadline);
         if (ms <= 1) {
+            /* A child that never got to its exec (stuck opening a hostile /etc/passwd, say) dies here, which
+             * settles it, instead of holding the agent. */
+            if (p->spawn_fd >= 0) kill(p->pid, SIGKILL);
             settle_spawn(p, 1);
             p->timed_out = 1;
             kill(-p->pid, SIGKILL);
@@ -962,8 +1007,9 @@ int main(int argc, char **argv) {
     if (sfd < 0) die("signalfd");
     if (initial_fd >= 0) {
         ctl = fcntl(initial_fd, F_DUPFD_CLOEXEC, 3);
+        home_fd = fcntl(initial_fd, F_DUPFD_CLOEXEC, 3);
         close(initial_fd);
-        if (ctl < 0) die("control descriptor");
+        if (ctl < 0 || home_fd < 0) die("control descriptor");
         set_nonblock(ctl);
         if (initial_fd <= 2) {
             /* Under gVisor the control socket arrives as stdin: leave no hole in 0-2, or the next open()

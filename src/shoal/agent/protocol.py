@@ -89,6 +89,12 @@ EOF_FLAG = 1
 RESTORED_FLAG = 1
 """FLAGS bit on RESUME: the sandbox was restored from a checkpoint and this connection belongs to its daemon."""
 
+PARK_FLAG = 1
+"""FLAGS bit on SUSPEND: close the connection once SUSPENDED is sent (a connection gVisor cannot checkpoint)."""
+
+PARK_VERSION = 2
+"""The first agent version (HELLO's VERSION) that understands ``PARK_FLAG``."""
+
 
 class ExitKind(IntEnum):
     """How a process ended, as the agent reports it."""
@@ -176,9 +182,10 @@ def exit_ack_frame(exec_id: str) -> bytes:
     return frame(Msg.EXIT_ACK, _field(Tag.ID, exec_id.encode()))
 
 
-def suspend_frame() -> bytes:
-    """Ask the agent to stop sending (it answers SUSPENDED, then is quiet until RESUME): before a checkpoint."""
-    return frame(Msg.SUSPEND)
+def suspend_frame(*, park: bool = False) -> bytes:
+    """Ask the agent to stop sending (it answers SUSPENDED, then is quiet until RESUME): before a checkpoint.
+    ``park``: it also closes the connection once SUSPENDED is sent, and comes back by reconnecting."""
+    return frame(Msg.SUSPEND, _u64(Tag.FLAGS, PARK_FLAG if park else 0))
 
 
 def resume_frame(*, restored: bool) -> bytes:

@@ -56,6 +56,16 @@ class AgentFrames:
     """Whether the agent's connection is the socket it was started (or restored) with, its standard input — not one
     it made after a daemon restart: gVisor can checkpoint only the former."""
     _suspended: asyncio.Event | None = None
+    agent_version = 0
+    """The agent's protocol version (from its HELLO)."""
+    parked = False
+    """Between a parking SUSPEND and the agent's reconnection: its connection's end is expected, and frames sent
+    meanwhile are kept by that (closed) link for the next one."""
+    _parked_execs: set[str]
+    """Processes started while parked: the agent lists them in no HELLO (their EXEC is still kept)."""
+    _unparking = False
+    """Between the reconnection after parking and the end of its HELLO's list."""
+    _relinked: asyncio.Event | None = None
 
     @property
     def container_id(self) -> str:
@@ -101,6 +111,7 @@ class AgentFrames:
             if f.msg == P.Msg.HELLO:
                 # The agent lists the processes it tracks in the next `value` STARTED frames.
                 self._hello_remaining = max(0, min(f.value, MAX_LISTED))
+                self.agent_version = f.version
                 self._hello_seen.clear()
                 if self._hello_remaining == 0:
                     self._reconcile()
@@ -108,7 +119,9 @@ class AgentFrames:
                 self._hello_remaining -= 1
                 if proc is not None:
                     proc.pid = f.pid
-                    proc.stdin_offset = proc.stdin_acked = f.offset
+                    # Back from parking, STDIN frames kept meanwhile follow: what the daemon counted stands.
+                    proc.stdin_acked = f.offset
+                    proc.stdin_offset = max(proc.stdin_offset, f.offset) if self._unparking else f.offset
                     self._hello_seen.add(proc.id)
                 else:
                     # Unrecorded (an attached file operation whose request ended with the old daemon): nobody
@@ -165,15 +178,29 @@ class AgentFrames:
         link.verified = True
         self.agent_on_stdin = False
         old, self.link = self.link, link
+        kept: list[bytes] = []
         if old is not None and old is not link:
+            if self.parked:
+                kept = old.take_held()
             old.close()
         self._close_listener()
-        log.info("sandbox %s: agent reconnected", self.id)
+        unparked, self.parked = self.parked, False
+        self._unparking = unparked
+        log.info("sandbox %s: agent reconnected%s", self.id, " after a memory snapshot" if unparked else "")
         self._on_frames(link, [first])
+        for data in kept:
+            link.send(data)
+        if self._relinked is not None:
+            self._relinked.set()
 
     def _reconcile(self) -> None:
         """After a (re)connection: processes the agent does not know ended unseen."""
+        started_parked = self._parked_execs if self._unparking else set()
+        self._unparking = False
+        self._parked_execs = set()
         for proc in list(self.processes.values()):
+            if proc.id in started_parked:
+                continue
             if not proc.exited and proc.id not in self._hello_seen and not proc.placeholder:
                 log.warning("sandbox %s: process %s was lost while the daemon was away", self.id, proc.id)
                 self._on_exit(proc, P.ExitKind.SIGNAL, SIGKILL)
@@ -195,6 +222,8 @@ class AgentFrames:
     def _on_link_closed(self, link: AgentLink) -> None:
         if link is not self.link:
             return
+        if self.parked:
+            return  # the agent closed it for a memory snapshot and reconnects after (``unpark_agent``)
         self.link = None
         self.connected.clear()
         if self.state == RUNNING:
@@ -212,25 +241,61 @@ class AgentFrames:
             )
         return "the sandbox stopped unexpectedly (its init process died)"
 
-    async def suspend_agent(self, timeout: float) -> None:
+    @property
+    def can_park(self) -> bool:
+        """Whether the agent can close its connection for a checkpoint and come back (``suspend_agent(park=True)``)."""
+        return self.agent_version >= P.PARK_VERSION
+
+    async def suspend_agent(self, timeout: float, *, park: bool = False) -> None:
         """Have the agent finish the frame it is sending and then send nothing until ``resume_agent``: a
-        checkpoint taken meanwhile holds no frame half sent (a memory snapshot)."""
-        if self.link is None:
+        checkpoint taken meanwhile holds no frame half sent (a memory snapshot).
+
+        ``park``: its connection is one gVisor cannot checkpoint (made after a daemon restart), so the agent also
+        closes it; ``unpark_agent`` ends this, and what is sent meanwhile goes to its next connection."""
+        link = self.link
+        if link is None or self.parked:
             raise ConflictError(f"sandbox {self.id}'s agent is not connected")
         self._suspended = asyncio.Event()
-        self.link.send(P.suspend_frame())
-        self.link.hold()
+        if park:
+            self.parked = True
+            self._parked_execs = set()
+        link.send(P.suspend_frame(park=park))
+        link.hold()
         try:
             await asyncio.wait_for(self._suspended.wait(), timeout)
+            if park:
+                await asyncio.wait_for(link.closed.wait(), timeout)
         except TimeoutError:
-            self.resume_agent()
+            await self.resume_agent()
             raise ExecutionError(f"sandbox {self.id}'s agent did not pause its output within {timeout:g} s") from None
 
-    def resume_agent(self) -> None:
-        """End ``suspend_agent``."""
+    async def resume_agent(self) -> None:
+        """End ``suspend_agent``: a parked agent is let reconnect, and waited for (the sandbox must be running)."""
         self._suspended = None
-        if self.link is not None:
+        if self.parked:
+            await self._unpark()
+        elif self.link is not None:
             self.link.release(P.resume_frame(restored=False))
+
+    async def _unpark(self) -> None:
+        """Listen for the parked agent and wait until it is back (a next snapshot must find it connected)."""
+        link = self.link
+        if link is not None and not link.closed.is_set():
+            link.close_quietly()  # it did not park (it timed out): drop it, and its agent reconnects
+        relinked = self._relinked = asyncio.Event()
+        await self._listen()
+        try:
+            await asyncio.wait_for(relinked.wait(), self.ctx.cfg.agent_connect_timeout)
+        except TimeoutError:
+            if self.state == RUNNING and self.parked:
+                self.parked = False
+                self.link = None
+                self.connected.clear()
+                self.finish_soon(
+                    Result(status="terminated", message="the sandbox's agent did not come back after a snapshot")
+                )
+        finally:
+            self._relinked = None
 
     def load_processes(self) -> None:
         """Rebuild the records of processes still running or with output to come (after a daemon restart)."""
@@ -247,6 +312,14 @@ class AgentFrames:
         if state != "running":
             self.finish_soon(Result(status="terminated", message="the sandbox stopped while the daemon was away"))
             return
+        await self._listen()
+        await self.ctx.network.reopen(self.id, self.touch)
+        self._arm_timers()
+        self._background(self._expect_agent())
+
+    async def _listen(self) -> None:
+        """Listen on the sandbox's reconnection socket, for its agent's next connection (verified by its token)."""
+        self._close_listener()
         path = self.run_dir / "ctl" / "agent.sock"
         path.unlink(missing_ok=True)
 
@@ -255,9 +328,6 @@ class AgentFrames:
 
         self._listener = await asyncio.start_unix_server(accepted, path=str(path), limit=1 << 18)
         os.chmod(path, 0o666)
-        await self.ctx.network.reopen(self.id, self.touch)
-        self._arm_timers()
-        self._background(self._expect_agent())
 
     async def _expect_agent(self) -> None:
         try:

@@ -62,6 +62,11 @@ class AgentLink:
         if self._held is None:
             self._held = []
 
+    def take_held(self) -> list[bytes]:
+        """What ``hold`` kept, which is no longer this link's to send (its agent parked and reconnected)."""
+        held, self._held = self._held or [], None
+        return held
+
     def release(self, first: bytes | None) -> None:
         """Send ``first`` and then what ``hold`` kept."""
         held, self._held = self._held or [], None

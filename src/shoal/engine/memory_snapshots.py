@@ -21,7 +21,10 @@ the snapshot are recorded as the new sandbox's, so ``sb.wait()`` and ``sb.stdout
 Stored under ``<data dir>/memory-snapshots/<id>/``: ``meta.json`` and ``checkpoint/``; the filesystem is an image
 in the image store.  Both expire after ``RETENTION`` (Modal keeps memory snapshots 7 days).
 
-Decision 0070 records what this does not carry (connections, a sandbox that reconnected after a daemon restart).
+A sandbox re-adopted after a daemon restart talks to its agent over a host socket, which gVisor cannot save: its
+agent "parks" (closes that socket once SUSPENDED is sent) and reconnects once the checkpoint is taken; a restored
+copy reaches it through the descriptor it was first started with (see agent.c).  Decision 0070 records what this
+does not carry (connections).
 """
 
 from __future__ import annotations
@@ -119,10 +122,12 @@ class MemorySnapshots:
                 f"sandbox {sb.id} runs under runc, which cannot save a running sandbox's memory on this host (CRIU"
                 " does not work here): create it with runtime='gvisor' (or _experimental_enable_snapshot=True)"
             )
-        if not sb.agent_on_stdin:
+        await sb._await_agent()  # after a daemon restart: its version and connection are known once it is back
+        if not sb.agent_on_stdin and not sb.can_park:
             raise ExecutionError(
-                f"sandbox {sb.id} cannot be snapshotted: its agent reconnected after a daemon restart over a host"
-                " socket, which gVisor cannot save; sandboxes started (or restored) by this daemon can be"
+                f"sandbox {sb.id} cannot be snapshotted: it was started by an older shoal, whose agent cannot let go"
+                " of the host socket it reconnected over after a daemon restart (gVisor cannot save one); sandboxes"
+                " started (or restored) by this version can be"
             )
         # Its checkpoint and image go to the data directory: keep the reserve a create keeps (processes and memory
         # are the sandbox's own already).
@@ -152,7 +157,8 @@ class MemorySnapshots:
             marks.append((phase, time.monotonic()))
 
         try:
-            await sb.suspend_agent(SUSPEND_TIMEOUT)
+            # After a daemon restart the agent's connection is a host socket, which gVisor cannot save: it parks.
+            await sb.suspend_agent(SUSPEND_TIMEOUT, park=not sb.agent_on_stdin)
             mark("suspend")
             paused = False
             try:
@@ -171,7 +177,7 @@ class MemorySnapshots:
             except BaseException:
                 if paused:
                     await sb.runtime.resume(sb.container_id)
-                sb.resume_agent()
+                await sb.resume_agent()
                 raise
             now = time.time()
             info = MemorySnapshotInfo(
@@ -209,7 +215,7 @@ class MemorySnapshots:
         try:
             await sb.runtime.resume(sb.container_id)
             marks.append(("resume", time.monotonic()))
-            sb.resume_agent()
+            await sb.resume_agent()
         except Exception as exc:
             if sb.state is SandboxState.RUNNING:
                 log.error("sandbox %s: could not resume after memory snapshot %s: %s", sb.id, snapshot_id, exc)

@@ -119,6 +119,7 @@ class Sandbox(AgentFrames):
         self._listener: asyncio.Server | None = None
         self._hello_remaining = 0
         self._hello_seen: set[str] = set()
+        self._parked_execs: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.keep_upper: Path | None = None
         self._pool_socket: socket.socket | None = None
@@ -447,6 +448,8 @@ class Sandbox(AgentFrames):
             budget=self._output_budget() if persist else None,
         )
         self.processes[exec_id] = proc
+        if self.parked:
+            self._parked_execs.add(exec_id)
         if persist:
             self.ctx.state.add_exec(ExecRow(self.id, exec_id, stored, "running", time.time()))
         if self.spec.request.verbose and not entrypoint:
