@@ -179,6 +179,7 @@ struct proc {
     int spawn_fd;               /* read end of the child's exec report until it is settled, else -1 */
     const char *spawn_cwd, *spawn_user;
     char spawn_argv0[256];
+    int started_pending;  /* settled while suspended: its STARTED waits for the resume */
 };
 
 static struct proc *procs;
@@ -344,6 +345,7 @@ static void set_default_home(char ***envp) {
 
 int fs_main(int argc, char **argv); /* fstool.c: `shoal-agent fs ...`, the filesystem API's tool */
 int userns_main(int argc, char **argv); /* userns.c: `shoal-agent userns ...`, run by the daemon on the host */
+int nomembarrier_main(int argc, char **argv); /* nomembarrier.c: how the daemon runs runsc's quick commands */
 
 #define SELF_PATH "/.shoal/bin/shoal-agent"
 
@@ -544,7 +546,10 @@ static void settle_spawn(struct proc *p, int wait) {
     free((void *)p->spawn_cwd);
     free((void *)p->spawn_user);
     p->spawn_cwd = p->spawn_user = NULL;
-    if (ctl >= 0) send_started(p);
+    /* Suspended, nothing may be sent (a checkpoint would hold the frame, and a restored copy would send it to
+     * its new daemon before HELLO): pump() sends it after the resume. */
+    if (ctl >= 0 && suspended) p->started_pending = 1;
+    else if (ctl >= 0) send_started(p);
 }
 
 /* ---------- sending ---------- */
@@ -562,6 +567,7 @@ static void queue_exit(struct proc *p) {
 static void pump(void) {
     if (ctl < 0 || suspended) return;
     for (struct proc *p = procs; p; p = p->next) {
+        if (p->started_pending) { send_started(p); p->started_pending = 0; }  /* before its output and exit */
         for (int i = 0; i < 2; i++) {
             struct stream *s = &p->st[i];
             while (out.len < OUT_HIGH && s->sent < s->base + s->data.len) {
@@ -988,6 +994,7 @@ static int probe_tcp(const char *port_text) {
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "fs")) return fs_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "userns")) return userns_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "no-membarrier")) return nomembarrier_main(argc - 2, argv + 2);
     if (argc == 4 && !strcmp(argv[1], "probe") && !strcmp(argv[2], "tcp")) return probe_tcp(argv[3]);
     cmdline_area = argv[0];
     cmdline_len = (size_t)(argv[argc - 1] + strlen(argv[argc - 1]) + 1 - argv[0]);

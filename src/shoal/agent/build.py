@@ -9,9 +9,10 @@ import subprocess
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("agent.c")
-SOURCES = (SOURCE, Path(__file__).with_name("fstool.c"), Path(__file__).with_name("userns.c"))
-"""Everything compiled into the binary: the agent, the filesystem tool it becomes as `shoal-agent fs`, and the
-host-side helper that makes sandboxes' user namespaces (`shoal-agent userns`)."""
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("agent.c", "fstool.c", "userns.c", "nomembarrier.c"))
+"""Everything compiled into the binary: the agent, the filesystem tool it becomes as `shoal-agent fs`, and two
+host-side helpers: one makes sandboxes' user namespaces (`shoal-agent userns`), one runs runsc's quick commands
+without the cost of its memory-barrier registration (`shoal-agent no-membarrier`)."""
 BINARY_NAME = "shoal-agent"
 
 
