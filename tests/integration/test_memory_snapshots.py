@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -270,6 +271,52 @@ def test_a_daemon_killed_right_after_a_snapshot_leaves_the_sandbox_running(own_d
         sb.stdin.drain()
         assert _read_lines(sb.stdout, 2) == ["total 2", "total 5"]
         assert sb.exec("true").wait() == 0
+    finally:
+        sb.terminate()
+
+
+def _sentry_call(d, sandbox_id: str, method: str) -> None:
+    """What the daemon does to pause or resume a gVisor sandbox for a snapshot (its Sentry's control socket)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(d.runtime_dir / "oci" / "runsc" / f"runsc-{sandbox_id}.sock"))
+        s.sendall(json.dumps({"method": method, "arg": None}).encode())
+        assert b'"success":true' in s.recv(65536)
+
+
+def test_a_daemon_that_died_while_pausing_or_resuming_leaves_no_frozen_sandbox(own_daemon):
+    # The daemon writes where a pause stands beside runsc's state (runsc's own state file does not see a pause
+    # through the Sentry's socket).  Killed between that mark and the Sentry's answer, it cannot know whether the
+    # sandbox is paused: the next daemon finds out from whether its agent comes back, and thaws it if not (a
+    # resume too many would panic the Sentry and end the sandbox).
+    sb = shoal.Sandbox.create(
+        "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
+    )
+    marker = own_daemon.runtime_dir / "oci" / "runsc" / f"{sb.object_id}.shoal-frozen"
+    try:
+        sb.stdin.write("4\n")
+        sb.stdin.drain()
+        assert _read_lines(sb.stdout, 1) == ["total 4"]
+        # Killed after marking "pausing", before the Sentry paused it: it runs.
+        own_daemon.stop(signal.SIGKILL)
+        marker.write_text("pausing")
+        own_daemon.start()
+        sb = shoal.Sandbox.from_id(sb.object_id)
+        assert sb.exec("echo", "running").stdout.read() == "running\n"
+        deadline = time.monotonic() + 10
+        while marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not marker.exists()
+        # Killed after marking "resuming", before the Sentry resumed it: it is paused, and thawed.
+        own_daemon.stop(signal.SIGKILL)
+        _sentry_call(own_daemon, sb.object_id, "containerManager.Pause")
+        marker.write_text("resuming")
+        own_daemon.start()
+        sb = shoal.Sandbox.from_id(sb.object_id)
+        sb.stdin.write("5\n")
+        sb.stdin.drain()
+        assert _read_lines(sb.stdout, 2) == ["total 4", "total 9"]
+        assert sb.exec("echo", "thawed").stdout.read() == "thawed\n"
+        assert not marker.exists()
     finally:
         sb.terminate()
 

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.engine.sandbox")
 
+FROZEN_PROBE = 3.0
+"""Seconds an adopted sandbox that may be paused has for its agent to reconnect before it is taken for paused."""
 MAX_LISTED = 100_000
 """Most processes an agent may list when it (re)connects."""
 RUNNING = SandboxState.RUNNING
@@ -306,7 +308,8 @@ class AgentFrames:
         """Take a running sandbox back after a daemon restart: wait for its agent to reconnect."""
         self.load_processes()
         state = await self.runtime.state(self.container_id)
-        if state == "paused":  # the daemon died during a memory snapshot, which froze it
+        frozen = self.runtime.frozen(self.container_id)
+        if state == "paused" or frozen == "paused":  # the daemon died during a memory snapshot, which froze it
             await self.runtime.resume(self.container_id)
             state = await self.runtime.state(self.container_id)
         if state != "running":
@@ -315,7 +318,22 @@ class AgentFrames:
         await self._listen()
         await self.ctx.network.reopen(self.id, self.touch)
         self._arm_timers()
+        if frozen in ("pausing", "resuming"):
+            self._background(self._thaw_if_frozen())
         self._background(self._expect_agent())
+
+    async def _thaw_if_frozen(self) -> None:
+        """The daemon died while pausing or resuming it: whether the Sentry got that far is unknown, and a resume
+        too many would panic it.  An agent that reconnects runs; one that does not within a few seconds (it
+        retries at least twice a second) is frozen, and is thawed."""
+        try:
+            await asyncio.wait_for(self.connected.wait(), FROZEN_PROBE)
+        except TimeoutError:
+            if self.state == RUNNING:
+                log.warning("sandbox %s: thawing it (a daemon died while it was paused for a snapshot)", self.id)
+                await self.runtime.resume(self.container_id)
+            return
+        self.runtime.clear_frozen(self.container_id)
 
     async def _listen(self) -> None:
         """Listen on the sandbox's reconnection socket, for its agent's next connection (verified by its token)."""

@@ -5,10 +5,10 @@ Taking one (the sandbox keeps running; it is frozen for the time of the copy):
 
 1. the agent is suspended: it finishes the frame it is sending and sends nothing more, so the checkpoint holds
    no frame half sent;
-2. ``runsc pause`` freezes every task; the filesystem becomes an image (``snapshot_filesystem``'s copy of the
-   upper directory, consistent because nothing runs), and ``runsc checkpoint --leave-running`` saves the
-   kernel's state and memory (files stay on the host, named by path);
-3. the caller has its answer; then ``runsc resume`` and the agent's RESUME let the sandbox go on (what was sent
+2. the Sentry freezes every task (a Pause through its control socket, decision 0073); the filesystem becomes an
+   image (``snapshot_filesystem``'s copy of the upper directory, consistent because nothing runs), and ``runsc
+   checkpoint --leave-running`` saves the kernel's state and memory (files stay on the host, named by path);
+3. the caller has its answer; then the Sentry's Resume and the agent's RESUME let the sandbox go on (what was sent
    to the agent meanwhile follows RESUME; a second snapshot of the same sandbox waits for this).
 
 Restoring one starts a new sandbox from the snapshot's image with the snapshotted sandbox's create request (its
@@ -177,6 +177,10 @@ class MemorySnapshots:
             except BaseException:
                 if paused:
                     await sb.runtime.resume(sb.container_id)
+                elif sb.runtime.frozen(sb.container_id) == "pausing":
+                    # The Sentry's answer was lost: it may be paused, and a resume too many would panic it.
+                    sb.finish_soon(Result(status="terminated", message="it could not be paused for a snapshot"))
+                    raise
                 await sb.resume_agent()
                 raise
             now = time.time()

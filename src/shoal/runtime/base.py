@@ -77,6 +77,15 @@ class ContainerRuntime(abc.ABC):
         """Thaw a container frozen by ``pause``."""
         raise UnimplementedError(f"the {self.name} runtime cannot resume a sandbox here")
 
+    def frozen(self, container_id: str) -> str | None:
+        """Where a ``pause`` the runtime's own state does not record stands (``pausing``, ``paused``, ``resuming``:
+        a daemon that died meanwhile left it so), or None."""
+        return None
+
+    def clear_frozen(self, container_id: str) -> None:
+        """Forget what ``frozen`` says (the container was found running)."""
+        return None
+
     async def checkpoint(self, container_id: str, image_dir: str) -> None:
         """Save a running container's processes and memory to ``image_dir`` (for ``snapshot_memory``)."""
         raise UnimplementedError(f"the {self.name} runtime cannot checkpoint a running sandbox")

@@ -26,6 +26,8 @@ What differs from runc, and why:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -50,6 +52,8 @@ QUICK_VERBS = frozenset({"pause", "resume", "checkpoint", "state", "kill", "dele
 """runsc commands that start no Sentry or gofer (they call one that runs): run through ``quick_wrapper``, which
 saves each ~10 ms of memory-barrier registration at start that only a Sentry needs (``shoal-agent
 no-membarrier``, decision 0073).  ``create``, ``run`` and ``restore`` are never among them."""
+CONTROL_TIMEOUT = 10.0
+"""Seconds a call on a Sentry's control socket may take."""
 NET_MASK = 'mount -t tmpfs -o size=4k,mode=555,nosuid,nodev,noexec shoal-runsc /proc/sys/net && exec "$@"'
 """The shell line that hides ``/proc/sys/net`` from runsc before running it (see the module's docstring)."""
 
@@ -147,12 +151,68 @@ class GvisorRuntime(ContainerRuntime):
         await self._launch("run", container_id, bundle, ctl_fd, log_path, "--detach")
 
     async def pause(self, container_id: str) -> None:
-        """``runsc pause``: the Sentry stops every task of the sandbox."""
-        await self._run("pause", container_id)
+        """The Sentry stops every task of the sandbox: its ``containerManager.Pause`` through its control socket
+        (~0.5 ms, against ~11 ms for a ``runsc pause`` process; decision 0073).  runsc's state file does not see
+        that, so a marker beside it does (``frozen``): ``pausing`` until the Sentry has answered, then
+        ``paused``.  Every pause must be matched by exactly one ``resume`` (an unmatched one panics the Sentry)."""
+        marker = self._marker(container_id)
+        _write_marker(marker, "pausing")
+        answered = await self._control(container_id, "containerManager.Pause")
+        if not answered:
+            marker.unlink(missing_ok=True)  # it said no: nothing is paused
+            raise RuntimeFailure("runsc pause failed", "the sandbox's Sentry refused to pause it")
+        _write_marker(marker, "paused")
 
     async def resume(self, container_id: str) -> None:
-        """``runsc resume``."""
-        await self._run("resume", container_id)
+        """Thaw a sandbox frozen by ``pause`` (or by a ``runsc pause`` command, whose state file says so)."""
+        marker = self._marker(container_id)
+        if not marker.exists():
+            await self._run("resume", container_id)
+            return
+        _write_marker(marker, "resuming")
+        if not await self._control(container_id, "containerManager.Resume"):
+            raise RuntimeFailure("runsc resume failed", "the sandbox's Sentry refused to resume it")
+        marker.unlink(missing_ok=True)
+
+    def frozen(self, container_id: str) -> str | None:
+        """``pausing``/``paused``/``resuming`` while a ``pause`` holds the sandbox (or a daemon died then), or None."""
+        try:
+            return self._marker(container_id).read_text().strip() or None
+        except OSError:
+            return None
+
+    def clear_frozen(self, container_id: str) -> None:
+        """Drop the marker of a sandbox found running."""
+        self._marker(container_id).unlink(missing_ok=True)
+
+    def _marker(self, container_id: str) -> Path:
+        return Path(self.state_dir, f"{container_id}.shoal-frozen")
+
+    async def _control(self, container_id: str, method: str) -> bool:
+        """One call of the Sentry's urpc control socket (one JSON object each way); whether it succeeded."""
+        path = os.path.join(self.state_dir, f"runsc-{container_id}.sock")
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), CONTROL_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            raise RuntimeFailure(f"runsc {method} failed", f"cannot reach the sandbox's Sentry: {exc}") from None
+        try:
+            writer.write(json.dumps({"method": method, "arg": None}).encode())
+            answer, data, decoder = None, b"", json.JSONDecoder()
+            async with asyncio.timeout(CONTROL_TIMEOUT):
+                while answer is None:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        raise RuntimeFailure(f"runsc {method} failed", "the Sentry closed its control socket")
+                    data += chunk
+                    if len(data) > 1 << 20:
+                        raise RuntimeFailure(f"runsc {method} failed", "the Sentry's answer is too long")
+                    with contextlib.suppress(ValueError):
+                        answer = decoder.raw_decode(data.decode())[0]
+        except TimeoutError:
+            raise RuntimeFailure(f"runsc {method} failed", "the Sentry did not answer") from None
+        finally:
+            writer.close()
+        return isinstance(answer, dict) and answer.get("success") is True
 
     async def checkpoint(self, container_id: str, image_dir: str) -> None:
         """``runsc checkpoint --leave-running``: the sandbox's kernel state and memory into ``image_dir`` (the
@@ -183,6 +243,7 @@ class GvisorRuntime(ContainerRuntime):
         """Remove the container and its sandbox, killing it first; no error if it is gone."""
         self._networks.pop(container_id, None)
         await self._run("delete", "--force", container_id, check=False)
+        self.clear_frozen(container_id)
 
     async def state(self, container_id: str) -> str | None:
         """``created``/``running``/``stopped``/``paused``, or None if unknown."""
@@ -210,3 +271,9 @@ def check_netns(bundle: str) -> bool:
         if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
             raise InvalidError(f"refusing to start a gVisor sandbox in the host's network namespace ({paths[0]})")
     return True
+
+
+def _write_marker(path: Path, state: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(state)
+    os.replace(tmp, path)
