@@ -345,7 +345,7 @@ static void set_default_home(char ***envp) {
 
 int fs_main(int argc, char **argv); /* fstool.c: `shoal-agent fs ...`, the filesystem API's tool */
 int userns_main(int argc, char **argv); /* userns.c: `shoal-agent userns ...`, run by the daemon on the host */
-int nomembarrier_main(int argc, char **argv); /* nomembarrier.c: how the daemon runs runsc's quick commands */
+int runscexec_main(int argc, char **argv); /* runscexec.c: `shoal-agent runsc-exec ...`, how the daemon runs runsc */
 
 #define SELF_PATH "/.shoal/bin/shoal-agent"
 
@@ -994,7 +994,7 @@ static int probe_tcp(const char *port_text) {
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "fs")) return fs_main(argc - 2, argv + 2);
     if (argc >= 2 && !strcmp(argv[1], "userns")) return userns_main(argc - 2, argv + 2);
-    if (argc >= 2 && !strcmp(argv[1], "no-membarrier")) return nomembarrier_main(argc - 2, argv + 2);
+    if (argc >= 2 && !strcmp(argv[1], "runsc-exec")) return runscexec_main(argc - 2, argv + 2);
     if (argc == 4 && !strcmp(argv[1], "probe") && !strcmp(argv[2], "tcp")) return probe_tcp(argv[3]);
     cmdline_area = argv[0];
     cmdline_len = (size_t)(argv[argc - 1] + strlen(argv[argc - 1]) + 1 - argv[0]);

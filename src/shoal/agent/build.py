@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("agent.c")
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("agent.c", "fstool.c", "userns.c", "nomembarrier.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("agent.c", "fstool.c", "userns.c", "runscexec.c"))
 """Everything compiled into the binary: the agent, the filesystem tool it becomes as `shoal-agent fs`, and two
-host-side helpers: one makes sandboxes' user namespaces (`shoal-agent userns`), one runs runsc's quick commands
-without the cost of its memory-barrier registration (`shoal-agent no-membarrier`)."""
+host-side helpers: one makes sandboxes' user namespaces (`shoal-agent userns`), one is how runsc is run
+(`shoal-agent runsc-exec`: /proc/sys/net hidden, membarrier off for commands that start no Sentry)."""
 BINARY_NAME = "shoal-agent"
 
 

@@ -250,7 +250,7 @@ class Manager:
             if why is not None:
                 self.gvisor, self.gvisor_note = None, f"gVisor sandboxes need id-mapped mounts, and {why}"
         if self.gvisor is not None:
-            self.gvisor.quick_wrapper = [str(self.cfg.agent_dir / BINARY_NAME), "no-membarrier"]
+            self.gvisor.helper = str(self.cfg.agent_dir / BINARY_NAME)
             self.ctx.runtimes["gvisor"] = self.gvisor
         elif self.cfg.default_runtime == "gvisor":
             raise InvalidError(f"--default-runtime gvisor, but this daemon cannot run gVisor: {self.gvisor_note}")

@@ -10,9 +10,10 @@ What differs from runc, and why:
 * The network is gVisor's own TCP/IP stack (``--network=sandbox``): runsc takes the addresses and routes of
   the namespace shoal prepared (one veth) into the Sentry.  Debian's runsc (2022-12 and 2024-07 builds) refuses
   any namespace in which ``/proc/sys/net/core/rmem_default`` exists, which it takes for "the host's" — but
-  since Linux 6.x that file exists in every network namespace.  So every runsc command runs in a private mount
-  namespace with an empty tmpfs over ``/proc/sys/net``, and shoal itself makes sure the namespace named in the
-  bundle is not the host's (:func:`check_netns`) before runsc may scrape it.
+  since Linux 6.x that file exists in every network namespace.  So the runsc commands that set a network up
+  run in a private mount namespace with an empty tmpfs over ``/proc/sys/net`` (``shoal-agent runsc-exec
+  --hide-net``), and shoal itself makes sure the namespace named in the bundle is not the host's
+  (:func:`check_netns`) before runsc may scrape it.
 * No seccomp filter inside the sandbox: its system calls reach the Sentry, not the host's kernel (runsc
   filters the Sentry's own calls to the host); runsc 2024-07 applying the runc profile inside broke
   ``pthread_create`` (the profile's ``clone3`` → ENOSYS rule).
@@ -49,13 +50,14 @@ SENTRY_UID = 65534
 gofer (``--directfs=false``, decision 0069); with directfs it would keep uid 0 in a user namespace of its own
 whose map is the identity, with capabilities there.  Its other processes are known by name (:meth:`is_ours`)."""
 QUICK_VERBS = frozenset({"pause", "resume", "checkpoint", "state", "kill", "delete", "list", "start"})
-"""runsc commands that start no Sentry or gofer (they call one that runs): run through ``quick_wrapper``, which
-saves each ~10 ms of memory-barrier registration at start that only a Sentry needs (``shoal-agent
-no-membarrier``, decision 0073).  ``create``, ``run`` and ``restore`` are never among them."""
+"""runsc commands that start no Sentry or gofer (they call one that runs): run with membarrier(2) failing, which
+saves each ~10 ms of memory-barrier registration at start that only a Sentry needs (``shoal-agent runsc-exec
+--no-membarrier``, decision 0073).  ``create``, ``run`` and ``restore`` are never among them."""
 CONTROL_TIMEOUT = 10.0
 """Seconds a call on a Sentry's control socket may take."""
 NET_MASK = 'mount -t tmpfs -o size=4k,mode=555,nosuid,nodev,noexec shoal-runsc /proc/sys/net && exec "$@"'
-"""The shell line that hides ``/proc/sys/net`` from runsc before running it (see the module's docstring)."""
+"""The shell line that hides ``/proc/sys/net`` from runsc before running it (see the module's docstring) where no
+``helper`` does it (the bench's floor: bare runsc)."""
 
 
 class GvisorRuntime(ContainerRuntime):
@@ -65,8 +67,9 @@ class GvisorRuntime(ContainerRuntime):
         self._binary = binary
         self.state_dir = state_dir
         self._networks: dict[str, str] = {}
-        self.quick_wrapper: list[str] = []
-        """The command line ``QUICK_VERBS`` run under (the daemon sets ``shoal-agent no-membarrier``)."""
+        self.helper: str | None = None
+        """``shoal-agent``, which runs runsc more cheaply (``runsc-exec``; the daemon sets it).  Without it runsc runs
+        bare, its network commands under ``unshare`` and ``sh`` (as the bench's floor does)."""
         """Container id → the --network its create used (``runsc start`` sets the network up, with its own flags)."""
 
     def __repr__(self) -> str:
@@ -85,8 +88,8 @@ class GvisorRuntime(ContainerRuntime):
     def _argv(self, *args: str, network: str = "sandbox", masked: bool = False) -> list[str]:
         """runsc's command line; ``masked``: in a private mount namespace without ``/proc/sys/net`` (the commands
         that set up the sandbox's network: create, run, start)."""
+        quick = bool(args) and args[0] in QUICK_VERBS
         runsc = [
-            *(self.quick_wrapper if args and args[0] in QUICK_VERBS else []),
             self.binary,
             "--root",
             self.state_dir,
@@ -98,6 +101,9 @@ class GvisorRuntime(ContainerRuntime):
             *shlex.split(os.environ.get("SHOAL_RUNSC_FLAGS", "")),
             *args,
         ]
+        if self.helper is not None and (masked or quick):
+            flags = [*(["--hide-net"] if masked else []), *(["--no-membarrier"] if quick else [])]
+            return [self.helper, "runsc-exec", *flags, *runsc]
         if not masked:
             return runsc
         return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", NET_MASK, "sh", *runsc]
