@@ -202,6 +202,46 @@ def test_snapshots_survive_a_daemon_restart_and_are_listed_and_removed_with_the_
         shoal.Sandbox._experimental_from_snapshot(snap)
 
 
+def _snapshots_while_busy(sb: shoal.Sandbox, execs: int, snapshots: int) -> list[shoal.SandboxSnapshot]:
+    """Take ``snapshots`` memory snapshots while another thread runs ``execs`` execs, each followed by "1" on the
+    entrypoint's stdin; every exec must come through whole."""
+    results: list[tuple[int, str]] = []
+
+    def busy() -> None:
+        for i in range(execs):
+            p = sb.exec("echo", str(i))
+            results.append((p.wait(), p.stdout.read()))
+            sb.stdin.write("1\n")
+            sb.stdin.drain()
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    snaps = [sb._experimental_snapshot() for _ in range(snapshots)]
+    worker.join(120)
+    assert results == [(0, f"{i}\n") for i in range(execs)]
+    return snaps
+
+
+def _check_fork_goes_on(snap: shoal.SandboxSnapshot, low: int, high: int) -> None:
+    """A fork of ``snap`` counts on from whatever it had counted (between ``low`` and ``high``); input sent before
+    the snapshot that it had not read yet reaches it first."""
+    fork = shoal.Sandbox._experimental_from_snapshot(snap)
+    try:
+        fork.stdin.write("1000\n")
+        fork.stdin.drain()
+        totals: list[int] = []
+        for line in fork.stdout:
+            totals.append(int(line.split()[1]))
+            if totals[-1] >= 1000:
+                break
+        before, last = totals[:-1], totals[-1]
+        assert before == sorted(before) and all(low <= t <= high for t in before), totals
+        assert 1000 + low <= last <= 1000 + high and (not before or last == 1000 + before[-1]), totals
+        assert fork.exec("true").wait() == 0
+    finally:
+        fork.terminate()
+
+
 def test_a_sandbox_taken_back_after_a_daemon_restart_can_be_snapshotted(own_daemon):
     # Its agent's connection is then a host socket, which gVisor cannot save: the agent lets go of it for the
     # checkpoint and comes back; execs and input sent meanwhile are kept, and a fork of it carries on too.
@@ -214,37 +254,10 @@ def test_a_sandbox_taken_back_after_a_daemon_restart_can_be_snapshotted(own_daem
         assert _read_lines(sb.stdout, 1) == ["total 7"]
         own_daemon.restart(signal.SIGKILL)
         sb = shoal.Sandbox.from_id(sb.object_id)
-        results: list[tuple[int, str]] = []
-
-        def busy() -> None:
-            for i in range(8):
-                p = sb.exec("echo", str(i))
-                results.append((p.wait(), p.stdout.read()))
-                sb.stdin.write("1\n")
-                sb.stdin.drain()
-
-        worker = threading.Thread(target=busy)
-        worker.start()
-        snaps = [sb._experimental_snapshot() for _ in range(2)]
-        worker.join(120)
-        assert results == [(0, f"{i}\n") for i in range(8)]
+        snaps = _snapshots_while_busy(sb, 8, 2)
         assert _read_lines(sb.stdout, 9)[-1] == "total 15"
         for snap in snaps:
-            fork = shoal.Sandbox._experimental_from_snapshot(snap)
-            try:
-                fork.stdin.write("1000\n")
-                fork.stdin.drain()
-                totals: list[int] = []
-                for line in fork.stdout:
-                    totals.append(int(line.split()[1]))
-                    if totals[-1] >= 1000:
-                        break
-                before, last = totals[:-1], totals[-1]
-                assert all(7 <= t <= 15 for t in before), totals
-                assert 1007 <= last <= 1015 and (not before or last == 1000 + before[-1]), totals
-                assert fork.exec("true").wait() == 0
-            finally:
-                fork.terminate()
+            _check_fork_goes_on(snap, 7, 15)
         # The original goes on after its snapshots: its memory, its streams, new execs.
         sb.stdin.write("100\n")
         sb.stdin.drain()
@@ -325,40 +338,11 @@ def test_execs_and_stdin_during_a_snapshot_are_kept(daemon):
     sb = shoal.Sandbox.create(
         "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
     )
-    results: list[tuple[int, str]] = []
-
-    def busy() -> None:
-        for i in range(15):
-            p = sb.exec("echo", str(i))
-            results.append((p.wait(), p.stdout.read()))
-            sb.stdin.write("1\n")
-            sb.stdin.drain()
-
     try:
-        worker = threading.Thread(target=busy)
-        worker.start()
-        snaps = [sb._experimental_snapshot() for _ in range(3)]
-        worker.join(120)
-        assert results == [(0, f"{i}\n") for i in range(15)]
+        snaps = _snapshots_while_busy(sb, 15, 3)
         assert _read_lines(sb.stdout, 15)[-1] == "total 15"
         for snap in snaps:
-            fork = shoal.Sandbox._experimental_from_snapshot(snap)
-            try:
-                fork.stdin.write("1000\n")
-                fork.stdin.drain()
-                # Whatever it had counted when it was taken, it goes on from there; input sent before the
-                # snapshot that it had not read yet reaches it first.
-                totals: list[int] = []
-                for line in fork.stdout:
-                    totals.append(int(line.split()[1]))
-                    if totals[-1] >= 1000:
-                        break
-                before, last = totals[:-1], totals[-1]
-                assert before == sorted(before) and all(t <= 15 for t in before), totals
-                assert 1000 <= last <= 1015 and (not before or last == 1000 + before[-1]), totals
-                assert fork.exec("true").wait() == 0
-            finally:
-                fork.terminate()
+            _check_fork_goes_on(snap, 0, 15)
     finally:
         sb.terminate()
 
