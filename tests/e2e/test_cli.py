@@ -93,6 +93,19 @@ def test_run_passes_the_exit_code_through(daemon, cli_app):
     assert r.returncode == 4, r.stderr
 
 
+def test_run_shows_build_steps_only_when_something_is_built(daemon, cli_app):
+    def steps(r: subprocess.CompletedProcess[bytes]) -> list[str]:
+        assert r.returncode == 0, r.stderr
+        return [line for line in r.stderr.decode().splitlines() if line.startswith(("✓", "→"))]
+
+    first = steps(shoal_cli(daemon, "run", "-v", "--app", cli_app, "--", "true"))  # builds what is missing
+    # The image is built now: a plain run says nothing of it (as Modal says nothing of an image it has).
+    assert steps(shoal_cli(daemon, "run", "--app", cli_app, "--", "true")) == []
+    # -v lists the steps found in the cache (the default image has one per host CA bundle shoal trusts, if any).
+    again = steps(shoal_cli(daemon, "run", "-v", "--app", cli_app, "--", "true"))
+    assert len(again) == len(first) and all(line.endswith("(cached)") for line in again), again
+
+
 def test_run_streams_output_as_it_arrives(daemon, cli_app):
     with started_cli(daemon, "run", "--app", cli_app, "--", "sh", "-c", "echo first; sleep 4; echo second") as proc:
         assert proc.stdout is not None
@@ -301,6 +314,19 @@ def test_status(daemon, sandbox):
     text = r.stdout.decode()
     assert f"pid {daemon.proc.pid}" in text
     assert str(daemon.socket) in text
+    # Read by a script (a pipe here): plain lines, no colour codes, no padding after the last column.
+    assert "\x1b" not in text
+    assert [line for line in text.splitlines() if line != line.rstrip()] == []
+
+
+def test_listings_are_plain_text_in_a_pipe(daemon, sandbox):
+    for args in (["sandbox", "ls"], ["image", "ls"]):
+        r = shoal_cli(daemon, *args)
+        assert r.returncode == 0, r.stderr
+        text = r.stdout.decode()
+        assert text.strip(), args
+        assert "\x1b" not in text
+        assert [line for line in text.splitlines() if line != line.rstrip()] == [], args
 
 
 @pytest.mark.parametrize(

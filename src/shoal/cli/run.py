@@ -23,6 +23,7 @@ import click
 import shoal
 from shoal.cli.status import require_daemon
 from shoal.exception import Error
+from shoal.sdk import output as shoal_output
 
 TIMEOUT_EXIT = 124
 """What timeout(1) exits with when the command ran out of time."""
@@ -188,6 +189,7 @@ class _Run:
 @click.option("--env", "env", multiple=True, metavar="K=V", callback=parse_env, help="environment (repeatable)")
 @click.option("--app", "app_name", default="shoal-cli", show_default=True, help="app the sandbox belongs to")
 @click.option("--stdin", "stdin", is_flag=True, help="send our standard input to the command")
+@click.option("-v", "--verbose", is_flag=True, help="also show image build steps found in the cache")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_cmd(
     cmd: tuple[str, ...],
@@ -198,6 +200,7 @@ def run_cmd(
     env: dict[str, str],
     app_name: str,
     stdin: bool,
+    verbose: bool,
 ) -> None:
     """Run CMD in a fresh sandbox, stream its output, and exit with its code.
 
@@ -213,6 +216,7 @@ def run_cmd(
     with sdk_errors():
         image = shoal.Image.from_id(image_id) if image_id else shoal.Image.debian_slim(python_version=image_python)
     require_daemon()
+    shoal_output.set_verbose(verbose)
     run = _Run()
     try:
         with sdk_errors():

@@ -55,10 +55,25 @@ def require_daemon() -> None:
     admin(AdminClient.status)
 
 
+class PlainConsole(Console):
+    """Output for a pipe or a file (a script reading it): no colour, no width limit, and no padding after the
+    last column (a table pads every row to its widest, which made ``shoal status`` lines ~950 columns)."""
+
+    def __init__(self) -> None:
+        super().__init__(highlight=False, width=1000, color_system=None)
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        with self.capture() as captured:
+            super().print(*objects, **kwargs)
+        text = captured.get()
+        if text:
+            click.echo("\n".join(line.rstrip() for line in text.splitlines()))
+
+
 def console() -> Console:
-    """A console for tables: the terminal's width, or unbounded when output goes to a file or pipe."""
+    """A console for tables: the terminal's width and colours, or plain text when output goes to a file or pipe."""
     out = Console(highlight=False)
-    return out if out.is_terminal else Console(highlight=False, width=1000)
+    return out if out.is_terminal else PlainConsole()
 
 
 def age(seconds: float) -> str:

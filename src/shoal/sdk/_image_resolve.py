@@ -114,9 +114,10 @@ async def upload(client: Client, digest: str, tree: LocalTree) -> None:
 
 
 def show_step(event: dict[str, Any]) -> None:
-    """A progress line for a build step (only with ``enable_output()``)."""
+    """A progress line for a build step (only with ``enable_output()``; a step found in the cache only when verbose,
+    as Modal says nothing of an image it did not have to build)."""
     console = output.console()
-    if console is None:
+    if console is None or (event.get("status") == "cached" and not output.is_verbose()):
         return
     where = f"[{event.get('index')}/{event.get('total')}]"
     label = str(event.get("label", ""))

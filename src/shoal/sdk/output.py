@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from rich.console import Console
 
 _console: Console | None = None
+_verbose = False
 
 
 @contextlib.contextmanager
@@ -41,3 +42,14 @@ def console() -> Console | None:
 def is_enabled() -> bool:
     """Whether ``enable_output()`` is active."""
     return _console is not None
+
+
+def set_verbose(verbose: bool) -> None:
+    """Also show what needed no work (build steps found in the cache): ``shoal run -v``."""
+    global _verbose
+    _verbose = verbose
+
+
+def is_verbose() -> bool:
+    """Whether ``set_verbose(True)`` is in force."""
+    return _verbose
