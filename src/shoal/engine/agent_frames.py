@@ -225,7 +225,7 @@ class AgentFrames:
         if link is not self.link:
             return
         if self.parked:
-            return  # the agent closed it for a memory snapshot and reconnects after (``unpark_agent``)
+            return  # the agent closed it for a memory snapshot and reconnects after (``resume_agent``)
         self.link = None
         self.connected.clear()
         if self.state == RUNNING:
@@ -253,7 +253,7 @@ class AgentFrames:
         checkpoint taken meanwhile holds no frame half sent (a memory snapshot).
 
         ``park``: its connection is one gVisor cannot checkpoint (made after a daemon restart), so the agent also
-        closes it; ``unpark_agent`` ends this, and what is sent meanwhile goes to its next connection."""
+        closes it; ``resume_agent`` ends this, and what is sent meanwhile goes to its next connection."""
         link = self.link
         if link is None or self.parked:
             raise ConflictError(f"sandbox {self.id}'s agent is not connected")

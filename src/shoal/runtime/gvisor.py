@@ -60,6 +60,10 @@ NET_MASK = 'mount -t tmpfs -o size=4k,mode=555,nosuid,nodev,noexec shoal-runsc /
 ``helper`` does it (the bench's floor: bare runsc)."""
 
 
+class SentryUnreachable(RuntimeFailure):
+    """A call on a Sentry's control socket that never reached it (so it did nothing)."""
+
+
 class GvisorRuntime(ContainerRuntime):
     """runsc with its own state directory."""
 
@@ -163,7 +167,11 @@ class GvisorRuntime(ContainerRuntime):
         ``paused``.  Every pause must be matched by exactly one ``resume`` (an unmatched one panics the Sentry)."""
         marker = self._marker(container_id)
         _write_marker(marker, "pausing")
-        answered = await self._control(container_id, "containerManager.Pause")
+        try:
+            answered = await self._control(container_id, "containerManager.Pause")
+        except SentryUnreachable:
+            marker.unlink(missing_ok=True)  # the call never reached it: nothing is paused
+            raise
         if not answered:
             marker.unlink(missing_ok=True)  # it said no: nothing is paused
             raise RuntimeFailure("runsc pause failed", "the sandbox's Sentry refused to pause it")
@@ -200,7 +208,7 @@ class GvisorRuntime(ContainerRuntime):
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), CONTROL_TIMEOUT)
         except (OSError, TimeoutError) as exc:
-            raise RuntimeFailure(f"runsc {method} failed", f"cannot reach the sandbox's Sentry: {exc}") from None
+            raise SentryUnreachable(f"runsc {method} failed", f"cannot reach the sandbox's Sentry: {exc}") from None
         try:
             writer.write(json.dumps({"method": method, "arg": None}).encode())
             answer, data, decoder = None, b"", json.JSONDecoder()
