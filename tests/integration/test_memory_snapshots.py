@@ -50,16 +50,26 @@ def _read_lines(stream, count: int, timeout: float = 30) -> list[str]:
     return lines
 
 
-def test_a_restored_sandbox_carries_on_with_memory_files_and_streams(daemon):
-    sb = shoal.Sandbox.create(
+def _counter() -> shoal.Sandbox:
+    """A sandbox whose entrypoint is ``COUNTER``, made for memory snapshots."""
+    return shoal.Sandbox.create(
         "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
     )
+
+
+def _add(sb: shoal.Sandbox, n: int, total: int) -> None:
+    """Send ``n`` to the counter; it must answer ``total``."""
+    sb.stdin.write(f"{n}\n")
+    sb.stdin.drain()
+    assert _read_lines(sb.stdout, 1) == [f"total {total}"]
+
+
+def test_a_restored_sandbox_carries_on_with_memory_files_and_streams(daemon):
+    sb = _counter()
     try:
         # _experimental_enable_snapshot without a runtime picks gVisor, the runtime that can take one.
         assert shoal.Sandbox.from_id(sb.object_id)._info["runtime"] == "gvisor"
-        sb.stdin.write("5\n")
-        sb.stdin.drain()
-        assert _read_lines(sb.stdout, 1) == ["total 5"]
+        _add(sb, 5, 5)
         snap = sb._experimental_snapshot()
         assert snap.object_id.startswith("sn-")
 
@@ -165,12 +175,8 @@ def _cli(d, *args: str) -> str:
 
 
 def test_snapshots_survive_a_daemon_restart_and_are_listed_and_removed_with_the_cli(own_daemon):
-    sb = shoal.Sandbox.create(
-        "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
-    )
-    sb.stdin.write("7\n")
-    sb.stdin.drain()
-    assert _read_lines(sb.stdout, 1) == ["total 7"]
+    sb = _counter()
+    _add(sb, 7, 7)
     snap = sb._experimental_snapshot()
     listed = json.loads(_cli(own_daemon, "snapshot", "ls", "--json"))
     assert [(s["snapshot_id"], s["sandbox_id"]) for s in listed] == [(snap.object_id, sb.object_id)]
@@ -245,13 +251,9 @@ def _check_fork_goes_on(snap: shoal.SandboxSnapshot, low: int, high: int) -> Non
 def test_a_sandbox_taken_back_after_a_daemon_restart_can_be_snapshotted(own_daemon):
     # Its agent's connection is then a host socket, which gVisor cannot save: the agent lets go of it for the
     # checkpoint and comes back; execs and input sent meanwhile are kept, and a fork of it carries on too.
-    sb = shoal.Sandbox.create(
-        "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
-    )
+    sb = _counter()
     try:
-        sb.stdin.write("7\n")
-        sb.stdin.drain()
-        assert _read_lines(sb.stdout, 1) == ["total 7"]
+        _add(sb, 7, 7)
         own_daemon.restart(signal.SIGKILL)
         sb = shoal.Sandbox.from_id(sb.object_id)
         snaps = _snapshots_while_busy(sb, 8, 2)
@@ -259,9 +261,7 @@ def test_a_sandbox_taken_back_after_a_daemon_restart_can_be_snapshotted(own_daem
         for snap in snaps:
             _check_fork_goes_on(snap, 7, 15)
         # The original goes on after its snapshots: its memory, its streams, new execs.
-        sb.stdin.write("100\n")
-        sb.stdin.drain()
-        assert _read_lines(sb.stdout, 1) == ["total 115"]
+        _add(sb, 100, 115)
         assert sb.exec("cat", "/tmp/counter.log").stdout.read().split()[-1] == "115"
     finally:
         sb.terminate()
@@ -270,13 +270,9 @@ def test_a_sandbox_taken_back_after_a_daemon_restart_can_be_snapshotted(own_daem
 def test_a_daemon_killed_right_after_a_snapshot_leaves_the_sandbox_running(own_daemon):
     # The answer comes before the sandbox is resumed (in the background): a daemon killed in between must not
     # leave it frozen or deaf.
-    sb = shoal.Sandbox.create(
-        "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
-    )
+    sb = _counter()
     try:
-        sb.stdin.write("2\n")
-        sb.stdin.drain()
-        assert _read_lines(sb.stdout, 1) == ["total 2"]
+        _add(sb, 2, 2)
         sb._experimental_snapshot()
         own_daemon.restart(signal.SIGKILL)
         sb = shoal.Sandbox.from_id(sb.object_id)
@@ -301,14 +297,10 @@ def test_a_daemon_that_died_while_pausing_or_resuming_leaves_no_frozen_sandbox(o
     # through the Sentry's socket).  Killed between that mark and the Sentry's answer, it cannot know whether the
     # sandbox is paused: the next daemon finds out from whether its agent comes back, and thaws it if not (a
     # resume too many would panic the Sentry and end the sandbox).
-    sb = shoal.Sandbox.create(
-        "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
-    )
+    sb = _counter()
     marker = own_daemon.runtime_dir / "oci" / "runsc" / f"{sb.object_id}.shoal-frozen"
     try:
-        sb.stdin.write("4\n")
-        sb.stdin.drain()
-        assert _read_lines(sb.stdout, 1) == ["total 4"]
+        _add(sb, 4, 4)
         # Killed after marking "pausing", before the Sentry paused it: it runs.
         own_daemon.stop(signal.SIGKILL)
         marker.write_text("pausing")
@@ -335,9 +327,7 @@ def test_a_daemon_that_died_while_pausing_or_resuming_leaves_no_frozen_sandbox(o
 
 
 def test_execs_and_stdin_during_a_snapshot_are_kept(daemon):
-    sb = shoal.Sandbox.create(
-        "python3", "-u", "-c", COUNTER, app=_app(), _experimental_enable_snapshot=True, timeout=300
-    )
+    sb = _counter()
     try:
         snaps = _snapshots_while_busy(sb, 15, 3)
         assert _read_lines(sb.stdout, 15)[-1] == "total 15"
