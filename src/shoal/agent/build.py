@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("agent.c")
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("agent.c", "fstool.c", "userns.c", "runscexec.c"))
 """Everything compiled into the binary: the agent, the filesystem tool it becomes as `shoal-agent fs`, and two
 host-side helpers: one makes sandboxes' user namespaces (`shoal-agent userns`), one is how runsc is run
