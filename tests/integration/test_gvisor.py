@@ -269,6 +269,49 @@ def test_the_default_runtime_is_the_daemons_choice(own_daemon):
     assert status["runtimes"]["kinds"]["gvisor"]["binary"].endswith("runsc")
 
 
+def _await_pool(ready: int) -> None:
+    deadline = time.monotonic() + 60
+    while _pool()["ready"] != ready:
+        assert time.monotonic() < deadline, _pool()
+        time.sleep(0.05)
+
+
+SLEEPERS = (  # the pids of the keep-alive command's processes
+    "for p in /proc/[0-9]*; do [ \"$(cat $p/cmdline | tr '\\0' ' ')\" = 'sleep 172800 ' ] && echo ${p#/proc/}; done;"
+    " true"
+)
+
+
+def test_a_pooled_gvisor_sandbox_is_taken_with_its_entrypoint_running_or_replaced(own_daemon):
+    # A gVisor pool's sandboxes run the default image's keep-alive command already; a request whose entrypoint
+    # would differ in any way (its env here) gets its own, and the pool's is gone without a trace.
+    own_daemon.restart_with("--default-runtime", "gvisor", "--warm-pool", "1")
+    _await_pool(1)
+    plain = shoal.Sandbox.create(app=_app(), timeout=120)
+    try:
+        assert _pool()["taken"] == 1
+        code, pids, _ = sh(plain, SLEEPERS)
+        assert code == 0 and len(pids.split()) == 1, pids
+        assert sh(plain, f"tr '\\0' '\\n' < /proc/{pids.strip()}/environ")[1].count("POOL_TEST") == 0
+        _await_pool(1)
+        with_env = shoal.Sandbox.create(app=_app(), timeout=120, env={"POOL_TEST": "mine"})
+        try:
+            assert _pool()["taken"] == 2
+            code, pids, _ = sh(with_env, SLEEPERS)
+            assert code == 0 and len(pids.split()) == 1, pids  # the pool's own was killed
+            environ = sh(with_env, f"tr '\\0' '\\n' < /proc/{pids.strip()}/environ")[1].split()
+            assert "POOL_TEST=mine" in environ
+            assert with_env.poll() is None
+        finally:
+            with_env.terminate()
+        assert with_env.returncode == 137
+        assert plain.poll() is None and plain.exec("true").wait() == 0
+    finally:
+        plain.terminate()
+    assert plain.returncode == 137
+    assert plain.stdout.read() == "" and plain.stderr.read() == ""
+
+
 def test_a_volume_is_shared_between_a_gvisor_and_a_runc_sandbox(daemon):
     name = f"gv-vol-{uuid.uuid4().hex[:8]}"
     vol = shoal.Volume.from_name(name, create_if_missing=True)

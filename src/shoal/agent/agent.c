@@ -43,7 +43,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION 2  /* 2: SUSPEND can park (F_PARK) */
+#define AGENT_VERSION 3  /* 2: SUSPEND can park (F_PARK); 3: SIGNAL can forget (F_FORGET) */
 
 enum {
     MSG_INIT = 1, MSG_EXEC = 2, MSG_STDIN = 3, MSG_ACK = 4,
@@ -60,6 +60,7 @@ enum { F_PTY = 1, F_STDOUT_NULL = 2, F_STDERR_NULL = 4, F_ENTRYPOINT = 8 };
 enum { F_EOF = 1 };
 enum { F_RESTORED = 1 };  /* RESUME's flag: the sandbox was restored from a checkpoint */
 enum { F_PARK = 1 };      /* SUSPEND's flag: close the connection once SUSPENDED is sent (see park()) */
+enum { F_FORGET = 1 };    /* SIGNAL's flag: kill the process and drop it unreported (see forget()) */
 enum { EXIT_CODE = 0, EXIT_SIGNAL = 1, EXIT_TIMEOUT = 2, EXIT_SPAWN_FAILED = 3 };
 
 #define MAX_FRAME (8u << 20)
@@ -183,6 +184,7 @@ struct proc {
 };
 
 static struct proc *procs;
+static struct proc *forgotten;  /* unlinked by forget(), freed at the end of the loop's turn */
 static int ctl = -1;
 static struct buf in;
 static char token[128];
@@ -768,6 +770,25 @@ static void mkdir_p(const char *path) {
     mkdir(buf, 0755);
 }
 
+/* A warm pool's sandbox runs the default entrypoint before any request takes it; a request that wants another
+ * one has it dropped first: killed, and gone without a word to the daemon (which never recorded it), so that
+ * neither its exit nor its id stands in the way of the entrypoint that replaces it.  Its record outlives this
+ * turn of the main loop, which may still hold pointers to it. */
+static void forget(struct proc *p) {
+    if (!p->exited) {
+        kill(p->pid, SIGKILL);
+        settle_spawn(p, 1);
+        kill(-p->pid, SIGKILL);
+    }
+    if (p->flags & F_ENTRYPOINT) entrypoint_done = 0;  /* its exit, if it came, ended nothing yet */
+    for (struct proc **pp = &procs; *pp; pp = &(*pp)->next)
+        if (*pp == p) { *pp = p->next; break; }
+    close_stdin(p);
+    for (int i = 0; i < 2; i++) close_stream(&p->st[i]);
+    p->next = forgotten;
+    forgotten = p;
+}
+
 static void handle_frame(uint8_t type, struct fields f) {
     uint8_t tag; const char *v; uint32_t n;
     const char *id = NULL, *data = NULL; uint32_t idlen = 0, datalen = 0;
@@ -841,6 +862,7 @@ static void handle_frame(uint8_t type, struct fields f) {
         }
         break;
     case MSG_SIGNAL:
+        if (flags & F_FORGET) { forget(p); break; }
         /* Its process group exists once the child has exec'd (setsid() comes first). */
         if (!p->exited && signo > 0 && signo < NSIG) {
             if (signo == SIGKILL && p->spawn_fd >= 0) kill(p->pid, SIGKILL);  /* it may never get to its exec */
@@ -958,6 +980,13 @@ static long check_deadlines(void) {
 
 /* Forget a process once the daemon has acknowledged its exit and both EOFs. */
 static void free_finished(void) {
+    while (forgotten) {
+        struct proc *p = forgotten;
+        forgotten = p->next;
+        for (int i = 0; i < 2; i++) buf_free(&p->st[i].data);
+        buf_free(&p->stdin_pending);
+        free(p);
+    }
     struct proc **pp = &procs;
     while (*pp) {
         struct proc *p = *pp;

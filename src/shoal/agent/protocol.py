@@ -95,6 +95,10 @@ PARK_FLAG = 1
 PARK_VERSION = 2
 """The first agent version (HELLO's VERSION) that understands ``PARK_FLAG``."""
 
+FORGET_FLAG = 1
+"""FLAGS bit on SIGNAL: kill the process and drop it without reporting anything more of it (a warm pool's
+prestarted entrypoint that the request replaces; agent version 3)."""
+
 
 class ExitKind(IntEnum):
     """How a process ended, as the agent reports it."""
@@ -172,9 +176,14 @@ def ack_frame(exec_id: str, fd: int, offset: int, eof: bool) -> bytes:
     )
 
 
-def signal_frame(exec_id: str, signo: int) -> bytes:
-    """Send a signal to a process's group."""
-    return frame(Msg.SIGNAL, _field(Tag.ID, exec_id.encode()), _u64(Tag.SIGNO, signo))
+def signal_frame(exec_id: str, signo: int, *, forget: bool = False) -> bytes:
+    """Send a signal to a process's group; ``forget``: kill it and drop it unreported (``signo`` is ignored)."""
+    return frame(
+        Msg.SIGNAL,
+        _field(Tag.ID, exec_id.encode()),
+        _u64(Tag.SIGNO, signo),
+        _u64(Tag.FLAGS, FORGET_FLAG if forget else 0),
+    )
 
 
 def exit_ack_frame(exec_id: str) -> bytes:

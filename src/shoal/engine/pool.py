@@ -126,7 +126,14 @@ class WarmPool:
     async def _add(self, image: ImageConfig) -> None:
         assert self.image_id is not None
         req = CreateSandbox.model_validate({"app_id": "", "runtime": self.runtime})
-        spec = SandboxSpec(request=req, image_id=self.image_id, image_layers=list(image.layers))
+        spec = SandboxSpec(
+            request=req,
+            image_id=self.image_id,
+            image_env=dict(image.env),
+            image_workdir=image.workdir,
+            image_user=image.user,
+            image_layers=list(image.layers),
+        )
         row = SandboxRow(
             id=ids.new("sandbox"),
             app_id="",
@@ -140,7 +147,7 @@ class WarmPool:
         )
         sb = Sandbox(self.mgr.ctx, row)
         try:
-            await sb.precreate(req, self.mgr.images.lowers(image))
+            await sb.precreate(req, image, self.mgr.images.lowers(image))
         except BaseException:
             try:
                 await sb.discard()

@@ -36,6 +36,7 @@ from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
 from shoal.engine.results import describe, describe_process, returncode_of
 from shoal.engine.uids import UidSlots
 from shoal.exception import ConflictError, NotFoundError, ServiceError
+from shoal.images.base import KEEP_ALIVE_CMD
 from shoal.network.service import Network
 from shoal.runtime import cgroups, idmap, rootfs
 from shoal.runtime.base import ContainerRuntime
@@ -60,6 +61,9 @@ _TRANSITIONS: dict[SandboxState, set[SandboxState]] = {
 }
 STDIN_WINDOW = 16 << 20
 """Stdin bytes the daemon lets wait in an agent before a writer must wait."""
+PRESTART_FRESH = 24 * 3600.0
+"""Seconds for which a pooled sandbox's prestarted keep-alive entrypoint (a 48 h ``sleep``) may still be a
+request's entrypoint; an older one is replaced."""
 
 
 @dataclass
@@ -122,13 +126,15 @@ class Sandbox(AgentFrames):
         self._parked_execs: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.keep_upper: Path | None = None
+        """Image builds: at teardown, move the upper directory here instead of deleting it (None if that failed)."""
         self._pool_socket: socket.socket | None = None
         self._pool_started = False
         """A precreated sandbox whose agent already runs (gVisor's pool), waiting for its INIT."""
+        self._prestarted: tuple[bytes, float] | None = None
+        """A pooled gVisor sandbox's entrypoint, started before a request took it: its EXEC frame, and when."""
         self._budget: OutputBudget | None = None
         self.logs = LogWriter(self.data_dir)
         """Timestamps of the entrypoint's output and lifecycle events (``sb.logs``)."""
-        """Image builds: at teardown, move the upper directory here instead of deleting it (None if that failed)."""
 
     # ---------------------------------------------------------------- state
 
@@ -291,11 +297,13 @@ class Sandbox(AgentFrames):
             raise
         self._arm_timers()
 
-    async def precreate(self, req: CreateSandbox, lowers: list[str]) -> None:
+    async def precreate(self, req: CreateSandbox, image: ImageConfig, lowers: list[str]) -> None:
         """For the warm pool: everything up to the init's first instruction (``runc create``, network wired).
 
         Not in the database yet; ``activate`` finishes the start once a request takes it, ``discard`` removes
-        it if none does.
+        it if none does.  Under gVisor the agent runs already, and so does the image's keep-alive command as the
+        entrypoint a request of the default shape would start (exec'ing it costs a fresh gVisor sandbox tens of
+        milliseconds, which would otherwise compete with the request's first exec).
         """
         log_path = str(self.run_dir / "agent.log")
         self._pool_socket = await self._launch(
@@ -308,6 +316,11 @@ class Sandbox(AgentFrames):
             # sandbox's start: do it now; the agent waits for its INIT, which carries nothing of the pool's.
             await self.runtime.start_created(self.container_id)
             self._pool_started = True
+            entrypoint = self._entrypoint_request(req, image)
+            if entrypoint is not None and entrypoint.args == KEEP_ALIVE_CMD:
+                frame = self._exec_frame(ENTRYPOINT_ID, entrypoint, entrypoint=True)
+                self._pool_socket.sendall(frame)  # a small frame on an empty socket: it does not block
+                self._prestarted = (frame, time.monotonic())
 
     async def _wire_gvisor_network(self) -> None:
         """Under gVisor: make and wire the network namespace the bundle names, before runsc copies it."""
@@ -325,7 +338,7 @@ class Sandbox(AgentFrames):
         try:
             if not self._pool_started:
                 await self.runtime.start_created(self.container_id)
-            await self._connect_agent(ours, req, image, wire_network=False)
+            await self._connect_agent(ours, req, image, wire_network=False, prestarted=self._prestarted)
         except BaseException as exc:
             await self._fail_start(exc)
             raise
@@ -355,14 +368,37 @@ class Sandbox(AgentFrames):
             raise OSError(f"sandbox {self.id}: its directories could not be removed")
 
     async def _connect_agent(
-        self, ours: socket.socket, req: CreateSandbox, image: ImageConfig, *, wire_network: bool
+        self,
+        ours: socket.socket,
+        req: CreateSandbox,
+        image: ImageConfig,
+        *,
+        wire_network: bool,
+        prestarted: tuple[bytes, float] | None = None,
     ) -> None:
+        """Link the agent, INIT it and start the entrypoint.  ``prestarted``: the entrypoint a pooled sandbox runs
+        already (its EXEC frame, and when it was sent); it becomes this request's if that is the very EXEC the
+        request would send, and is dropped (killed, never reported) otherwise."""
         cfg = self.ctx.cfg
         link = AgentLink(self._on_frames, self._on_link_closed, self.id)
         link.verified = True
         self.link = link
         self.agent_on_stdin = True
+        entrypoint = self._entrypoint_request(req, image)
+        adopted = False
+        if prestarted is not None:
+            frame, sent_at = prestarted
+            fresh = time.monotonic() - sent_at < PRESTART_FRESH
+            wanted = None if entrypoint is None else self._exec_frame(ENTRYPOINT_ID, entrypoint, entrypoint=True)
+            if fresh and frame == wanted:
+                # Recorded before the link reads a frame: its STARTED (and the HELLO's list) find it.
+                assert entrypoint is not None
+                self._start_process(ENTRYPOINT_ID, entrypoint, entrypoint=True, send=False)
+                adopted = True
         await link.start(ours)
+        if prestarted is not None and not adopted:
+            # Before INIT: every frame the agent sent of it comes before the HELLO, while nothing here knows the id.
+            link.send(P.signal_frame(ENTRYPOINT_ID, SIGKILL, forget=True))
         workdir = req.workdir
         link.send(P.init_frame(self.row.token, workdir))
         if wire_network:
@@ -371,16 +407,19 @@ class Sandbox(AgentFrames):
             await asyncio.wait_for(self.connected.wait(), cfg.agent_connect_timeout)
         except TimeoutError:
             raise ServiceError(f"the sandbox's agent did not start: {self._agent_log_tail()}") from None
-        argv = list(req.args) or [*(image.entrypoint or []), *(image.cmd or [])]
-        if argv:
-            self._start_process(
-                ENTRYPOINT_ID,
-                ExecRequest(args=argv, workdir=workdir or image.workdir, pty=req.pty),
-                entrypoint=True,
-            )
-        else:
+        if entrypoint is None:
             self._add_placeholder_entrypoint()
+        elif not adopted:
+            self._start_process(ENTRYPOINT_ID, entrypoint, entrypoint=True)
         self._move(RUNNING)
+
+    @staticmethod
+    def _entrypoint_request(req: CreateSandbox, image: ImageConfig) -> ExecRequest | None:
+        """The entrypoint's command as an exec (the request's, else the image's), or None when there is none."""
+        argv = list(req.args) or [*(image.entrypoint or []), *(image.cmd or [])]
+        if not argv:
+            return None
+        return ExecRequest(args=argv, workdir=req.workdir or image.workdir, pty=req.pty)
 
     async def _fail_start(self, exc: BaseException) -> None:
         self._move(FINISHED, Result(status="init_failure", exitcode=None, message=str(exc) or type(exc).__name__))
@@ -434,9 +473,9 @@ class Sandbox(AgentFrames):
         self.ctx.state.add_exec(ExecRow(self.id, ENTRYPOINT_ID, stored, "running", time.time()))
 
     def _start_process(
-        self, exec_id: str, req: ExecRequest, *, entrypoint: bool = False, persist: bool = True
+        self, exec_id: str, req: ExecRequest, *, entrypoint: bool = False, persist: bool = True, send: bool = True
     ) -> Process:
-        image_env = self.spec.image_env
+        """Record a process and send its EXEC (``send=False``: the agent runs it already)."""
         stored = {"args": req.args, "workdir": req.workdir, "timeout": req.timeout, "pty": req.pty}
         proc = Process(
             self.id,
@@ -454,6 +493,13 @@ class Sandbox(AgentFrames):
             self.ctx.state.add_exec(ExecRow(self.id, exec_id, stored, "running", time.time()))
         if self.spec.request.verbose and not entrypoint:
             self.logs.system(describe_process(req.args, persist))
+        if send:
+            assert self.link is not None
+            self.link.send(self._exec_frame(exec_id, req, entrypoint=entrypoint))
+        return proc
+
+    def _exec_frame(self, exec_id: str, req: ExecRequest, *, entrypoint: bool) -> bytes:
+        """The EXEC frame that starts ``req`` in this sandbox (its environment, directory and user resolved)."""
         flags = 0
         if req.pty:
             flags |= P.ExecFlag.PTY
@@ -465,11 +511,8 @@ class Sandbox(AgentFrames):
             flags |= P.ExecFlag.ENTRYPOINT
         cwd = req.workdir or self.spec.request.workdir or self.spec.image_workdir or "/"
         timeout_ms = (req.timeout or 0) * 1000
-        assert self.link is not None
-        env = process_env(self.ctx.secrets, self.id, self.spec, req, image_env)
-        user = self.spec.image_user
-        self.link.send(P.exec_frame(exec_id, req.args, env, cwd, timeout_ms, flags, user))
-        return proc
+        env = process_env(self.ctx.secrets, self.id, self.spec, req, self.spec.image_env)
+        return P.exec_frame(exec_id, req.args, env, cwd, timeout_ms, flags, self.spec.image_user)
 
     async def exec(self, req: ExecRequest, exec_id: str, *, persist: bool = True) -> Process:
         """Start a process (idempotent on ``exec_id``).
