@@ -275,15 +275,18 @@ def _require_root_and_runtime() -> None:
 
 
 @contextlib.contextmanager
-def running_daemon() -> Iterator[Daemon]:
+def running_daemon(default_runtime: str | None = None) -> Iterator[Daemon]:
     """A daemon on fresh temporary directories that the SDK in this process talks to while the block runs.
 
+    ``default_runtime``: its sandboxes' runtime when they do not name one (else the suite's, ``DEFAULT_RUNTIME``).
     On exit: every sandbox is terminated, the daemon stopped, and anything left
     behind fails the test.
     """
     root = Path(tempfile.mkdtemp(prefix="shoal-test-"))
     root.chmod(0o711)  # sandboxes' mounts are set up as their (unprivileged) user
     d = Daemon(root, _daemon_env(root))
+    if default_runtime is not None:
+        d.env["SHOAL_DEFAULT_RUNTIME"] = default_runtime
     saved = {k: os.environ.get(k) for k in ("SHOAL_RUNTIME_DIR", "SHOAL_NO_AUTOSTART", "SHOAL_URL", "SHOAL_SOCKET")}
     os.environ["SHOAL_RUNTIME_DIR"] = str(d.runtime_dir)
     os.environ["SHOAL_NO_AUTOSTART"] = "1"
@@ -344,6 +347,34 @@ RUNTIMES = [
     ),
 ]
 """Parameters for tests that run once with runc sandboxes and once with gVisor ones (``runtime=``)."""
+
+
+@pytest.fixture(scope="session")
+def other_runtime_daemon(daemon: Daemon) -> Iterator[Daemon]:
+    """A second session daemon, started on first use, whose sandboxes default to the runtime the session daemon's
+    do not (gVisor in a plain run).  The SDK talks to it only within ``each_runtime`` tests."""
+    other = "runc" if DEFAULT_RUNTIME == "gvisor" else "gvisor"
+    if other == "gvisor" and shutil.which("runsc") is None:
+        pytest.skip("runsc (gVisor) is not installed: make setup")
+    with running_daemon(default_runtime=other) as d:
+        os.environ["SHOAL_RUNTIME_DIR"] = str(daemon.runtime_dir)
+        yield d
+
+
+@pytest.fixture(params=RUNTIMES)
+def each_runtime(request: pytest.FixtureRequest, daemon: Daemon) -> Iterator[str]:
+    """Runs a test twice, its sandboxes under runc and then under gVisor, with the code unchanged (no ``runtime=``):
+    the SDK talks to the session daemon, then to ``other_runtime_daemon``.  Apps and sandboxes of one daemon are
+    unknown to the other: such a test looks up its own app (not the session's ``app`` fixture)."""
+    if request.param == DEFAULT_RUNTIME:
+        yield request.param
+        return
+    other = request.getfixturevalue("other_runtime_daemon")
+    os.environ["SHOAL_RUNTIME_DIR"] = str(other.runtime_dir)
+    try:
+        yield request.param
+    finally:
+        os.environ["SHOAL_RUNTIME_DIR"] = str(daemon.runtime_dir)
 
 
 @pytest.fixture(scope="session")

@@ -559,6 +559,7 @@ def test_async_faces(sandbox):
     asyncio.run(main())
 
 
+@pytest.mark.usefixtures("each_runtime")
 def test_seed_file_system_access_snippet(daemon):
     """The seed's "File System Access" section, unchanged, in a sandbox whose working directory is /app."""
     app = modal.App.lookup("sandbox-app", create_if_missing=True)

@@ -1,7 +1,7 @@
 """The first half of the seed (reference/seed-modal-sandboxes.txt), run as written with `import shoal as modal`.
 
 Each test holds one section's snippet unchanged and then asserts what a user
-would check.
+would check.  Every test runs twice: with the sandboxes under runc, then under gVisor (``each_runtime``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,21 @@ import time
 import pytest
 
 import shoal as modal
+
+pytestmark = pytest.mark.usefixtures("each_runtime")
+
+
+@pytest.fixture
+def sandbox(each_runtime):
+    """A fresh default sandbox of the daemon this run of the test talks to."""
+    sb = modal.Sandbox.create(app=modal.App.lookup("sandbox-app", create_if_missing=True), timeout=120)
+    yield sb
+    sb.terminate()
+
+
+def test_the_sections_run_under_each_runtime(sandbox, each_runtime):
+    p = sandbox.exec("cat", "/proc/version")
+    assert p.stdout.read().startswith("Linux version 4.4.0") == (each_runtime == "gvisor")  # gVisor's own kernel
 
 
 def test_basic_usage(daemon, capsys):

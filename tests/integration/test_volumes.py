@@ -342,6 +342,7 @@ def test_read_only_handles_refuse_writes(daemon, vol):
 # ------------------------------------------------------------------ mounting
 
 
+@pytest.mark.usefixtures("each_runtime")
 def test_seed_volume_example(daemon):
     app = modal.App.lookup("sandbox-app", create_if_missing=True)
     name = _name("my-volume")
@@ -367,6 +368,7 @@ def test_seed_volume_example(daemon):
         modal.Volume.objects.delete(name, allow_missing=True)
 
 
+@pytest.mark.usefixtures("each_runtime")
 def test_seed_ephemeral_volume_example(daemon, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("local.txt").write_text("local contents\n")
