@@ -50,7 +50,7 @@ venv: $(BIN)/shoal
 $(BIN)/shoal: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,gateway]'
 	@touch $@
 
 prepare: venv

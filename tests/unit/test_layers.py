@@ -1,6 +1,6 @@
 """The direction of imports between shoal's packages (docs/architecture.md).
 
-    cli → sdk → wire ← server → engine → (images, network, volumes, secrets, gpu) → (runtime, store, agent, util)
+    cli → sdk → wire ← server (→ gateway) → engine → (images, network, volumes, secrets, gpu) → (runtime, store, agent, util)
 
 Every package may also import ``wire``, ``exception`` and ``types``.  Imports under ``if TYPE_CHECKING:``
 count: a type-only import still ties two packages together.
@@ -35,7 +35,8 @@ ALLOWED: dict[str, set[str]] = {
     "shoal": BASE | {"sdk", "_install"} | FACADES,
     "__main__": {"cli"},
     "cli": BASE | {"sdk", "shoal"} | FACADES,  # the public package is the SDK too
-    "server": BASE | {"engine"} | SERVICES | LOWEST,
+    "server": BASE | {"engine", "gateway"} | SERVICES | LOWEST,
+    "gateway": BASE | {"engine"} | SERVICES | LOWEST,  # Modal's protocol in front of the same engine
     "engine": BASE | SERVICES | LOWEST,
     **{service: BASE | LOWEST for service in SERVICES},
     "runtime": BASE | {"util"},

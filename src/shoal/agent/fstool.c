@@ -327,11 +327,21 @@ static void oname(struct idtable *t, const char *file, unsigned id) {
 
 /* ---------- entries ---------- */
 
-/* One JSON entry for `name`, an entry of directory dirfd, with its lstat. */
-static void oentry(int dirfd, const char *name, const char *shown, const struct stat *st) {
+/* One JSON entry for `name`, an entry of directory dirfd, with its lstat; its "path" is `dir`/`shown`, or `shown`
+ * alone when `dir` is NULL. */
+static void oentry(int dirfd, const char *name, const char *shown, const struct stat *st, const char *dir) {
     const char *type = S_ISLNK(st->st_mode) ? "symlink" : S_ISDIR(st->st_mode) ? "directory" : "file";
     ostr("{\"name\":");
     ojson_str(shown);
+    ostr(",\"path\":");
+    if (dir) {
+        static char full[2 * PATH_MAX + 2];
+        size_t n = strlen(dir);
+        snprintf(full, sizeof full, "%s%s%s", dir, n && dir[n - 1] == '/' ? "" : "/", shown);
+        ojson_str(full);
+    } else {
+        ojson_str(name);
+    }
     ofmt(",\"type\":\"%s\",\"size\":%lld,\"mode\":%u,\"permissions\":\"%04o\",\"owner\":", type,
          (long long)st->st_size, (unsigned)st->st_mode, (unsigned)(st->st_mode & 07777));
     oname(&users, "/etc/passwd", st->st_uid);
@@ -360,7 +370,7 @@ static int op_stat(const char *path) {
     memcpy(trimmed, path, n);
     trimmed[n] = 0;
     const char *base = strcmp(trimmed, "/") ? split(trimmed, dir) : "/";
-    oentry(AT_FDCWD, path, base, &st);
+    oentry(AT_FDCWD, path, base, &st, NULL);
     ostr("\n");
     oflush();
     return 0;
@@ -395,7 +405,7 @@ static int op_ls(const char *path) {
         if (fstatat(fd, names[i], &st, AT_SYMLINK_NOFOLLOW) < 0) continue; /* removed meanwhile */
         if (!first) ostr(",");
         first = 0;
-        oentry(fd, names[i], names[i], &st);
+        oentry(fd, names[i], names[i], &st, path);
     }
     ostr("]\n");
     oflush();

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from shoal.engine.config import UID_RANGE_MODES, Config
+from shoal.engine.config import UID_RANGE_MODES, Config, gateway_address
 from shoal.engine.uids import MAX_SLOTS
 from shoal.network.config import NetworkConfig
 from shoal.network.tls import check_covers
@@ -107,6 +107,12 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
 @click.option("--runtime-dir", help="sockets, bundles and mounts (default /run/shoal)")
 @click.option("--tcp", metavar="HOST:PORT", help="also listen on TCP (bearer token required)")
 @click.option(
+    "--gateway",
+    metavar="HOST:PORT|off",
+    help="where the gateway for the official modal client listens (loopback only; `shoal gateway env`);"
+    " default 127.0.0.1:8719, or $SHOAL_GATEWAY; off: no gateway",
+)
+@click.option(
     "--runtime",
     type=click.Choice(list(RUNTIMES)),
     help="OCI runtime of runc sandboxes (default: crun where it works, else runc)",
@@ -200,6 +206,7 @@ def serve_cmd(
     data_dir: str | None,
     runtime_dir: str | None,
     tcp: str | None,
+    gateway: str | None,
     runtime: str | None,
     default_runtime: str | None,
     host_cas: bool,
@@ -246,6 +253,8 @@ def serve_cmd(
             "egress_ca_file": str(Path(egress_ca_file).resolve()) if egress_ca_file else None,
         },
     )
+    if gateway is not None:
+        cfg.gateway = gateway_address(gateway)
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if not background:

@@ -43,6 +43,16 @@ DEFAULT_UID_SLOTS = "16384"
 UID_RANGE_MODES = ("per-sandbox", "shared", "auto")
 
 
+DEFAULT_GATEWAY = "127.0.0.1:8719"
+
+
+def gateway_address(value: str | None) -> str | None:
+    """The gateway's HOST:PORT from an option or ``$SHOAL_GATEWAY`` (``off``: None, no gateway)."""
+    if value in ("off", "0", "none"):
+        return None
+    return value or DEFAULT_GATEWAY
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -56,6 +66,8 @@ class Config:
     socket_path: Path | None = None
     tcp_host: str | None = None
     tcp_port: int | None = None
+    gateway: str | None = field(default_factory=lambda: gateway_address(os.environ.get("SHOAL_GATEWAY")))
+    """Loopback HOST:PORT of the gateway for the official modal client (``shoal.gateway``); None: off."""
     runtime: str | None = field(default_factory=lambda: os.environ.get("SHOAL_RUNTIME") or None)
     """The OCI runtime of ``runc`` sandboxes (runc or crun; None: crun where it works, else runc)."""
     default_runtime: str = field(default_factory=lambda: os.environ.get("SHOAL_DEFAULT_RUNTIME") or "runc")

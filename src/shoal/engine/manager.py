@@ -126,6 +126,8 @@ class Manager:
         self.gpus = gpu_scheduler.GpuScheduler(gpu_inventory.Inventory(problem="not discovered yet"))
         self._prune_task: asyncio.Task[None] | None = None
         self.pool = WarmPool(self, cfg.warm_pool)
+        self.gateway_env: dict[str, str] | None = None
+        """What points the official modal client at this daemon's gateway (``shoal gateway env``); None: off."""
         self._starting = 0
         """Creates in progress (``max_sandboxes`` counts them)."""
         self.snapshots = Snapshots(self)

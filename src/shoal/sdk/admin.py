@@ -52,6 +52,11 @@ class AdminClient:
         result: dict[str, Any] = await self._call("GET", routes.STATUS)
         return result
 
+    async def gateway_env(self) -> dict[str, str]:
+        """``MODAL_SERVER_URL``, ``MODAL_TOKEN_ID`` and ``MODAL_TOKEN_SECRET`` for the daemon's gateway."""
+        result: dict[str, str] = (await self._call("GET", routes.GATEWAY))["env"]
+        return result
+
     async def sandboxes(self, app_id: str | None = None, include_finished: bool = False) -> list[dict[str, Any]]:
         """Sandboxes, newest first (running ones; with ``include_finished``, retained finished ones too)."""
         params = {"app_id": app_id} if app_id else {}

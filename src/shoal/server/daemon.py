@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+from typing import Any
 
 from aiohttp import web
 
@@ -64,6 +65,24 @@ def load_token(cfg: Config) -> str:
     return path.read_text().strip()
 
 
+async def _start_gateway(manager: Manager, cfg: Config) -> Any:
+    """The gateway for the official modal client, unless it is off or its extra is missing (said in the log)."""
+    if cfg.gateway is None:
+        return None
+    try:
+        from shoal.gateway import server as gateway
+    except ImportError as exc:
+        log.info("no gateway for the official modal client (%s): install shoal[gateway]", exc)
+        return None
+    try:
+        gw = await gateway.start(manager, cfg.gateway)
+    except (OSError, ValueError) as exc:
+        log.warning("no gateway for the official modal client: %s", exc)
+        return None
+    manager.gateway_env = gw.env()
+    return gw
+
+
 async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
     # Before anything is created: what the daemon writes (state, WAL, outputs, bundles) is for root alone.
@@ -96,6 +115,7 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
             cfg.tcp_port,
             cfg.token_path,
         )
+    gateway = await _start_gateway(manager, cfg)
     log.info("shoal daemon ready on %s (runtime %s)", sock_path, manager.runtime.name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -109,6 +129,8 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
         log.info("shutting down; sandboxes keep running")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if gateway is not None:
+            await gateway.close()
         await runner.cleanup()
         await manager.close()
         with contextlib.suppress(FileNotFoundError):

@@ -16,7 +16,7 @@ from shoal.engine import logs, readiness
 from shoal.engine.manager import Manager
 from shoal.engine.process import ENTRYPOINT_ID
 from shoal.engine.sandbox import RUNNING
-from shoal.exception import ConflictError, Error, InvalidError
+from shoal.exception import ConflictError, Error, InvalidError, NotFoundError
 from shoal.server import errors, image_wire
 from shoal.server.registry import Route, RouteTable, openapi
 from shoal.wire.apps import AppCreate, AppDetails, AppInfo, AppLookup, AppTags
@@ -41,7 +41,7 @@ from shoal.wire.sandboxes import (
     TunnelList,
     WaitResult,
 )
-from shoal.wire.status import DaemonStatus, StatusImage
+from shoal.wire.status import DaemonStatus, GatewayEnv, StatusImage
 from shoal.wire.times import micros
 from shoal.wire.version import __version__ as version
 
@@ -116,6 +116,22 @@ async def status(request: web.Request) -> DaemonStatus:
         uid_ranges=mgr.uid_ranges(),
         runtimes=mgr.runtime_status(),
     )
+
+
+@TABLE.route(
+    "GET",
+    "/v1/gateway",
+    summary="What points the official modal client at this daemon's gateway (the secret token included)",
+    response=GatewayEnv,
+)
+async def gateway_env(request: web.Request) -> GatewayEnv:
+    env = _mgr(request).gateway_env
+    if env is None:
+        raise NotFoundError(
+            "this daemon runs no gateway for the official modal client: install the `gateway` extra"
+            " (pip install 'shoal[gateway]') and do not pass --gateway off"
+        )
+    return GatewayEnv(env=env)
 
 
 @TABLE.route(

@@ -17,6 +17,7 @@ def path(*parts: str | int) -> str:
 
 
 STATUS = path("status")
+GATEWAY = path("gateway")
 SANDBOXES = path("sandboxes")
 SECRETS = path("secrets")
 VOLUMES = path("volumes")

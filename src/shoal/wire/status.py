@@ -43,3 +43,9 @@ class DaemonStatus(BaseModel):
     ``binary``, or ``missing`` saying why this daemon lacks it."""
     uid_ranges: dict[str, Any] = {}
     """``mode`` (``per-sandbox`` or ``shared``), ``note`` (why), ``first_host_id`` and ``ids_per_sandbox``."""
+
+
+class GatewayEnv(BaseModel):
+    """``shoal gateway env``: the environment that points the official modal client at the daemon's gateway."""
+
+    env: dict[str, str]

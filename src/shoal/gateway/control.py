@@ -1,0 +1,255 @@
+"""Modal's control plane (``modal.client.ModalClient``): apps, images, and sandboxes' lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from google.protobuf import empty_pb2
+from grpclib import GRPCError, Status
+from modal_proto import api_pb2
+from modal_proto.api_grpc import ModalClientBase
+
+from shoal.engine.manager import Manager
+from shoal.engine.sandbox import Sandbox
+from shoal.gateway.auth import GatewayAuth
+from shoal.gateway.convert import create_request, generic_result, grpc_errors, task_id
+from shoal.gateway.images import BUILDER_VERSION, GatewayImages
+from shoal.wire.sandboxes import SandboxState
+
+ENVIRONMENT_ID = "en-shoal"
+WAIT_SLICE = 10.0
+"""Most seconds one ``SandboxWait`` answers after (the client allows 15 per attempt and calls again)."""
+LIST_PAGE = 100
+
+
+class ControlPlane(ModalClientBase):
+    """The control-plane RPCs the official client's sandbox workflows send; every other one is UNIMPLEMENTED
+    (``shoal.gateway.server.complete``)."""
+
+    def __init__(self, mgr: Manager, auth: GatewayAuth, router_url: str) -> None:
+        self.mgr = mgr
+        self.auth = auth
+        self.router_url = router_url
+        self.images = GatewayImages(mgr)
+
+    # ------------------------------------------------------------------ apps, environment, auth
+
+    @grpc_errors
+    async def AppGetOrCreate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        create = req.object_creation_type in (
+            api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING,
+            api_pb2.OBJECT_CREATION_TYPE_EPHEMERAL,
+        )
+        app_id, _ = self.mgr.lookup_app(req.app_name, create)
+        await stream.send_message(api_pb2.AppGetOrCreateResponse(app_id=app_id))
+
+    @grpc_errors
+    async def EnvironmentGetOrCreate(self, stream: Any) -> None:
+        await stream.recv_message()
+        settings = api_pb2.EnvironmentSettings(image_builder_version=BUILDER_VERSION)
+        meta = api_pb2.EnvironmentMetadata(name="main", settings=settings)
+        await stream.send_message(api_pb2.EnvironmentGetOrCreateResponse(environment_id=ENVIRONMENT_ID, metadata=meta))
+
+    @grpc_errors
+    async def AuthTokenGet(self, stream: Any) -> None:
+        await stream.recv_message()
+        await stream.send_message(api_pb2.AuthTokenGetResponse(token=self.auth.sign("client")))
+
+    # ------------------------------------------------------------------ images
+
+    @grpc_errors
+    async def ImageGetOrCreate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await stream.send_message(await self.images.get_or_create(req))
+
+    @grpc_errors
+    async def ImageJoinStreaming(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await self.images.join(req, stream.send_message)
+
+    # ------------------------------------------------------------------ sandboxes
+
+    def _router_access(self, sandbox_id: str) -> tuple[str, str]:
+        return self.auth.sign(sandbox_id), self.router_url
+
+    def _sandbox(self, sandbox_id: str) -> Sandbox:
+        return self.mgr.get(sandbox_id)
+
+    async def _create(self, req: Any) -> Sandbox:
+        definition = req.definition
+        create = create_request(req.app_id, definition, req.secret_sources, getattr(req, "tags", []))
+        create = create.model_copy(
+            update={"image": create.image.model_copy(update={"image_id": self.images.image_id(definition.image_id)})}
+        )
+        return await self.mgr.create(create, lambda line: None)
+
+    @grpc_errors
+    async def SandboxCreateV2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = await self._create(req)
+        jwt, url = self._router_access(sb.id)
+        await stream.send_message(
+            api_pb2.SandboxCreateV2Response(
+                sandbox_id=sb.id,
+                task_id=task_id(sb.id),
+                command_router_access=api_pb2.CommandRouterAccess(jwt=jwt, url=url),
+                metadata=api_pb2.SandboxHandleMetadata(app_id=sb.row.app_id),
+            )
+        )
+
+    @grpc_errors
+    async def SandboxCreate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = await self._create(req)
+        await stream.send_message(api_pb2.SandboxCreateResponse(sandbox_id=sb.id))
+
+    async def _task_id(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(req.sandbox_id)
+        if sb.state == SandboxState.FINISHED:
+            resp = api_pb2.SandboxGetTaskIdResponse(task_result=generic_result(sb.result))
+        else:
+            resp = api_pb2.SandboxGetTaskIdResponse(task_id=task_id(sb.id))
+        await stream.send_message(resp)
+
+    @grpc_errors
+    async def SandboxGetTaskIdV2(self, stream: Any) -> None:
+        await self._task_id(stream)
+
+    @grpc_errors
+    async def SandboxGetTaskId(self, stream: Any) -> None:
+        await self._task_id(stream)
+
+    @grpc_errors
+    async def SandboxGetCommandRouterAccess(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sandbox_id = req.sandbox_id or "sb-" + req.task_id.removeprefix("ta-")
+        self._sandbox(sandbox_id)
+        jwt, url = self._router_access(sandbox_id)
+        await stream.send_message(api_pb2.SandboxGetCommandRouterAccessResponse(jwt=jwt, url=url))
+
+    @grpc_errors
+    async def TaskGetCommandRouterAccess(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sandbox_id = "sb-" + req.task_id.removeprefix("ta-")
+        self._sandbox(sandbox_id)
+        jwt, url = self._router_access(sandbox_id)
+        await stream.send_message(api_pb2.TaskGetCommandRouterAccessResponse(jwt=jwt, url=url))
+
+    async def _wait(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(req.sandbox_id)
+        timeout = min(max(req.timeout, 0.0), WAIT_SLICE)
+        if not sb.finished.is_set() and timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sb.finished.wait(), timeout)
+        meta = api_pb2.SandboxHandleMetadata(app_id=sb.row.app_id, result=generic_result(sb.result))
+        await stream.send_message(api_pb2.SandboxWaitResponse(result=generic_result(sb.result), metadata=meta))
+
+    @grpc_errors
+    async def SandboxWaitV2(self, stream: Any) -> None:
+        await self._wait(stream)
+
+    @grpc_errors
+    async def SandboxWait(self, stream: Any) -> None:
+        await self._wait(stream)
+
+    async def _terminate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(req.sandbox_id)
+        await sb.terminate()
+        await stream.send_message(api_pb2.SandboxTerminateResponse(existing_result=generic_result(sb.result)))
+
+    @grpc_errors
+    async def SandboxTerminateV2(self, stream: Any) -> None:
+        await self._terminate(stream)
+
+    @grpc_errors
+    async def SandboxTerminate(self, stream: Any) -> None:
+        await self._terminate(stream)
+
+    async def _from_name(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self.mgr.from_name(req.app_name, req.sandbox_name, req.include_terminated)
+        meta = api_pb2.SandboxHandleMetadata(app_id=sb.row.app_id, result=generic_result(sb.result))
+        await stream.send_message(api_pb2.SandboxGetFromNameResponse(sandbox_id=sb.id, metadata=meta))
+
+    @grpc_errors
+    async def SandboxGetFromNameV2(self, stream: Any) -> None:
+        await self._from_name(stream)
+
+    @grpc_errors
+    async def SandboxGetFromName(self, stream: Any) -> None:
+        await self._from_name(stream)
+
+    async def _list(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        tags = {t.tag_name: t.tag_value for t in req.tags}
+        items = self.mgr.list(req.app_id or None, tags, req.include_finished)
+        before = req.before_timestamp
+        page = [i for i in items if not before or i.created_at_us / 1e6 < before][:LIST_PAGE]
+        out = []
+        for info in page:
+            result = generic_result(info.result)
+            out.append(
+                api_pb2.SandboxInfo(
+                    id=info.sandbox_id,
+                    created_at=info.created_at_us / 1e6,
+                    app_id=info.app_id,
+                    name=info.name or "",
+                    image_id=info.image_id,
+                    timeout_secs=info.timeout,
+                    tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in info.tags.items()],
+                    task_info=api_pb2.TaskInfo(id=task_id(info.sandbox_id), result=result),
+                    metadata=api_pb2.SandboxHandleMetadata(app_id=info.app_id, result=result),
+                )
+            )
+        await stream.send_message(api_pb2.SandboxListResponse(sandboxes=out))
+
+    @grpc_errors
+    async def SandboxListV2(self, stream: Any) -> None:
+        await self._list(stream)
+
+    @grpc_errors
+    async def SandboxList(self, stream: Any) -> None:
+        await self._list(stream)
+
+    async def _tags_get(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(req.sandbox_id)
+        tags = [api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.row.tags.items()]
+        await stream.send_message(api_pb2.SandboxTagsGetResponse(tags=tags))
+
+    @grpc_errors
+    async def SandboxTagsGetV2(self, stream: Any) -> None:
+        await self._tags_get(stream)
+
+    @grpc_errors
+    async def SandboxTagsGet(self, stream: Any) -> None:
+        await self._tags_get(stream)
+
+    async def _tags_set(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        self.mgr.set_tags(req.sandbox_id, {t.tag_name: t.tag_value for t in req.tags})
+        await stream.send_message(empty_pb2.Empty())
+
+    @grpc_errors
+    async def SandboxTagsSetV2(self, stream: Any) -> None:
+        await self._tags_set(stream)
+
+    @grpc_errors
+    async def SandboxTagsSet(self, stream: Any) -> None:
+        await self._tags_set(stream)
+
+
+def not_served(name: str) -> Any:
+    """A handler for an RPC the gateway does not serve: UNIMPLEMENTED, which the client does not retry."""
+
+    async def handler(self: Any, stream: Any) -> None:
+        raise GRPCError(Status.UNIMPLEMENTED, f"shoal's gateway does not serve {name} yet (decision 0075)")
+
+    handler.__name__ = name
+    return handler

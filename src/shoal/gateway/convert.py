@@ -1,0 +1,143 @@
+"""Between Modal's messages and shoal's: sandbox definitions, results, ids and errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from grpclib import GRPCError, Status
+from modal_proto import api_pb2
+
+from shoal import exception as exc
+from shoal.wire.images import ImageRef
+from shoal.wire.sandboxes import CreateSandbox, Result
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 300
+"""Modal's sandbox lifetime when ``timeout_secs`` is 0 (unset)."""
+
+_STATUS = {
+    "success": api_pb2.GenericResult.GENERIC_STATUS_SUCCESS,
+    "failure": api_pb2.GenericResult.GENERIC_STATUS_FAILURE,
+    "terminated": api_pb2.GenericResult.GENERIC_STATUS_TERMINATED,
+    "timeout": api_pb2.GenericResult.GENERIC_STATUS_TIMEOUT,
+    "init_failure": api_pb2.GenericResult.GENERIC_STATUS_INIT_FAILURE,
+}
+
+_GRPC_STATUS: list[tuple[type[exc.Error], Status]] = [
+    (exc.ConflictError, Status.FAILED_PRECONDITION),
+    (exc.InvalidError, Status.INVALID_ARGUMENT),
+    (exc.NotFoundError, Status.NOT_FOUND),
+    (exc.AlreadyExistsError, Status.ALREADY_EXISTS),
+    (exc.PermissionDeniedError, Status.PERMISSION_DENIED),
+    (exc.AuthError, Status.UNAUTHENTICATED),
+    (exc.ResourceExhaustedError, Status.RESOURCE_EXHAUSTED),
+    (exc.UnimplementedError, Status.UNIMPLEMENTED),
+]
+"""shoal's errors as the statuses the client turns back into the same Modal classes.  Anything else is
+FAILED_PRECONDITION (a ConflictError with shoal's message): never a status the client retries without end."""
+
+
+def task_id(sandbox_id: str) -> str:
+    """The task id the client addresses a sandbox's router calls with (``ta-`` and the sandbox id's suffix)."""
+    return "ta-" + sandbox_id.removeprefix("sb-")
+
+
+def sandbox_of_task(task: str) -> str:
+    """The sandbox id behind a task id (``task_id``'s inverse)."""
+    if not task.startswith("ta-"):
+        raise GRPCError(Status.NOT_FOUND, f"no task {task!r} on this shoal gateway")
+    return "sb-" + task.removeprefix("ta-")
+
+
+def generic_result(result: Result | None) -> api_pb2.GenericResult:
+    """A sandbox's end as Modal's GenericResult (unset status while it runs)."""
+    if result is None:
+        return api_pb2.GenericResult()
+    return api_pb2.GenericResult(
+        status=_STATUS[result.status], exitcode=result.exitcode or 0, exception=result.message or ""
+    )
+
+
+def create_request(app_id: str, definition: Any, secret_sources: Any, tags: Any) -> CreateSandbox:
+    """``SandboxCreateV2``/``SandboxCreate``'s definition as shoal's create request (unsupported fields refused)."""
+    d = definition
+    refuse = [
+        name
+        for name, present in (
+            ("mount_ids (Image.add_local_*)", bool(d.mount_ids)),
+            ("volume_mounts", bool(d.volume_mounts)),
+            ("nfs_mounts", bool(d.nfs_mounts)),
+            ("cloud_bucket_mounts", bool(d.cloud_bucket_mounts)),
+            ("open_ports (tunnels)", bool(d.open_ports.ports)),
+            ("readiness_probe", d.HasField("readiness_probe")),
+            ("pty_info", d.HasField("pty_info")),
+            ("gpu", d.resources.HasField("gpu_config") and bool(d.resources.gpu_config.count)),
+        )
+        if present
+    ]
+    if refuse:
+        raise exc.UnimplementedError(f"shoal's gateway does not serve {', '.join(refuse)} yet (decision 0075)")
+    secret_env: dict[str, str] = {}
+    secret_ids: list[str] = []
+    for source in secret_sources:
+        if source.secret_id:
+            secret_ids.append(source.secret_id)
+        secret_env.update(dict(source.env.contents))
+    for sid in d.secret_ids:
+        if sid not in secret_ids:
+            secret_ids.append(sid)
+    access = d.network_access
+    allow_cidrs = list(access.allowed_cidrs) if access.network_access_type == api_pb2.NetworkAccess.ALLOWLIST else None
+    allow_domains = (
+        list(access.allowed_domains) if access.network_access_type == api_pb2.NetworkAccess.ALLOWLIST else None
+    )
+    fields: dict[str, Any] = {
+        "app_id": app_id,
+        "args": list(d.entrypoint_args),
+        "image": ImageRef(kind="id", image_id=d.image_id),
+        "name": d.name or None,
+        "tags": {t.tag_name: t.tag_value for t in tags},
+        "secret_env": secret_env,
+        "secret_ids": secret_ids,
+        "timeout": d.timeout_secs or DEFAULT_TIMEOUT,
+        "idle_timeout": d.idle_timeout_secs or None,
+        "workdir": d.workdir or None,
+        "cpu": d.resources.milli_cpu / 1000 if d.resources.milli_cpu else None,
+        "cpu_limit": d.resources.milli_cpu_max / 1000 if d.resources.milli_cpu_max else None,
+        "memory": d.resources.memory_mb or None,
+        "memory_limit": d.resources.memory_mb_max or None,
+        "block_network": d.block_network or access.network_access_type == api_pb2.NetworkAccess.BLOCKED,
+        "outbound_cidr_allowlist": allow_cidrs if allow_cidrs else None,
+        "outbound_domain_allowlist": allow_domains if allow_domains else None,
+        "verbose": d.verbose,
+        "enable_snapshot": d.enable_snapshot,
+    }
+    if d.runtime:
+        fields["runtime"] = d.runtime
+    return CreateSandbox.model_validate(fields)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[None]])
+
+
+def grpc_errors(func: F) -> F:
+    """Turn shoal's errors raised by a handler into the gRPC statuses the client maps to the same Modal errors."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            await func(*args, **kwargs)
+        except GRPCError:
+            raise
+        except exc.Error as e:
+            status = next((s for cls, s in _GRPC_STATUS if isinstance(e, cls)), Status.FAILED_PRECONDITION)
+            raise GRPCError(status, str(e) or type(e).__name__) from None
+        except Exception as e:
+            log.exception("gateway: %s failed", func.__name__)
+            raise GRPCError(Status.FAILED_PRECONDITION, f"shoal: {type(e).__name__}: {e}") from None
+
+    return wrapper  # type: ignore[return-value]

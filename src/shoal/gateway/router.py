@@ -1,0 +1,210 @@
+"""Modal's task command router (``modal.task_command_router.TaskCommandRouter``): processes in a sandbox, their
+output and input, and the entrypoint's.  Every call carries a bearer token the control plane signed for one
+sandbox, and may only touch that sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from grpclib import GRPCError, Status
+from modal_proto import task_command_router_pb2 as tcr
+from modal_proto.task_command_router_grpc import TaskCommandRouterBase
+
+from shoal.agent.protocol import ExitKind
+from shoal.engine.manager import Manager
+from shoal.engine.process import ENTRYPOINT_ID, Process
+from shoal.engine.sandbox import Sandbox
+from shoal.gateway.auth import GatewayAuth
+from shoal.gateway.convert import grpc_errors, sandbox_of_task
+from shoal.wire.sandboxes import ExecRequest
+
+FS_TOOLS = "/__modal/.bin/modal-sandbox-fs-tools"
+"""The helper the client execs for ``sb.filesystem``, with one JSON command: shoal's own tool runs instead."""
+AGENT_PATH = "/.shoal/bin/shoal-agent"
+"""Where every sandbox has shoal's agent binary, whose ``fs`` mode is the filesystem tool."""
+CHUNK = 1 << 20
+"""Most bytes in one output message."""
+EXEC_WAIT_SLICE = 50.0
+"""Seconds a ``TaskExecWait`` waits before DEADLINE_EXCEEDED, which the client retries (it allows 60)."""
+
+
+def fs_tool_args(args: list[str]) -> list[str]:
+    """shoal's filesystem tool (``shoal-agent fs``) for one JSON command of Modal's: the same operation, the same
+    error payload on stderr, and entries with the same fields (``agent/fstool.c``)."""
+    try:
+        command = json.loads(args[0]) if len(args) == 1 else None
+    except ValueError:
+        command = None
+    params: dict[str, Any] = {}
+    op = None
+    if isinstance(command, dict) and len(command) == 1:
+        op, value = next(iter(command.items()))
+        params = value if isinstance(value, dict) else {}
+    path = params.get("path")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise GRPCError(Status.INVALID_ARGUMENT, f"not a filesystem command on an absolute path: {args[:1]!r}")
+    simple = {"ReadFile": ["read"], "WriteFile": ["write"], "ListFiles": ["ls"], "Stat": ["stat"]}
+    if op in simple:
+        return [AGENT_PATH, "fs", *simple[op], path]
+    if op == "MakeDirectory":
+        return [AGENT_PATH, "fs", "mkdir", *(["-p"] if params.get("parents") else []), path]
+    if op == "Remove":
+        return [AGENT_PATH, "fs", "rm", *(["-r"] if params.get("recursive") else []), path]
+    raise GRPCError(Status.UNIMPLEMENTED, f"shoal's gateway does not serve the filesystem's {op} yet (decision 0075)")
+
+
+class CommandRouter(TaskCommandRouterBase):
+    """The router RPCs of exec, stdio and stdin."""
+
+    def __init__(self, mgr: Manager, auth: GatewayAuth) -> None:
+        self.mgr = mgr
+        self.auth = auth
+
+    def _sandbox(self, stream: Any, task: str) -> Sandbox:
+        header = str(stream.metadata.get("authorization", ""))
+        token = header.removeprefix("Bearer ").strip()
+        sandbox_id = sandbox_of_task(task)
+        if self.auth.verify(token) != sandbox_id:
+            raise GRPCError(Status.PERMISSION_DENIED, f"this token is not for task {task}")
+        return self.mgr.get(sandbox_id)
+
+    def _process(self, stream: Any, task: str, exec_id: str) -> Process:
+        return self._sandbox(stream, task).process(exec_id)
+
+    @grpc_errors
+    async def TaskExecStart(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        args = list(req.command_args)
+        if args and args[0] == FS_TOOLS:
+            args = fs_tool_args(args[1:])
+        if req.HasField("pty_info"):
+            raise GRPCError(Status.UNIMPLEMENTED, "shoal's gateway does not serve exec with a pty yet")
+        secret_env: dict[str, str] = {}
+        for source in req.secret_sources:
+            secret_env.update(dict(source.env.contents))
+        secret_ids = [s.secret_id for s in req.secret_sources if s.secret_id] + list(req.secret_ids)
+        exec_req = ExecRequest(
+            exec_id=req.exec_id,
+            args=args,
+            workdir=req.workdir or None,
+            env={e.key: e.value for e in req.env} if req.env else {},
+            secret_env=secret_env,
+            secret_ids=secret_ids,
+            timeout=req.timeout_secs or None,
+            stdout="pipe" if req.stdout_config == tcr.TASK_EXEC_STDOUT_CONFIG_PIPE else "devnull",
+            stderr="devnull" if req.stderr_config == tcr.TASK_EXEC_STDERR_CONFIG_DEVNULL else "pipe",
+        )
+        if req.stderr_config == tcr.TASK_EXEC_STDERR_CONFIG_STDOUT:
+            raise GRPCError(Status.UNIMPLEMENTED, "shoal's gateway does not merge stderr into stdout yet")
+        await self.mgr.exec(sb.id, exec_req)
+        await stream.send_message(tcr.TaskExecStartResponse())
+
+    async def _stream_output(self, stream: Any, proc: Process, fd: int, offset: int, v2: bool) -> None:
+        out = proc.streams[fd - 1]
+        while True:
+            data = out.read(offset, CHUNK)
+            if data:
+                if v2:
+                    await stream.send_message(tcr.SandboxStdioReadV2Response(data=data, starting_offset=offset))
+                else:
+                    await stream.send_message(tcr.TaskExecStdioReadResponse(data=data))
+                offset += len(data)
+                continue
+            if out.eof:
+                return  # the end of the stream is the end of the output
+            await out.wait(offset, None)
+
+    @grpc_errors
+    async def TaskExecStdioRead(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        proc = self._process(stream, req.task_id, req.exec_id)
+        fd = 2 if req.file_descriptor == tcr.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDERR else 1
+        await self._stream_output(stream, proc, fd, req.offset, v2=False)
+
+    @grpc_errors
+    async def SandboxStdioReadV2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        proc = self._process(stream, req.task_id, ENTRYPOINT_ID)
+        fd = 2 if req.file_descriptor == tcr.SANDBOX_STDIO_FILE_DESCRIPTOR_STDERR else 1
+        await self._stream_output(stream, proc, fd, req.offset, v2=True)
+
+    @staticmethod
+    def _exit(proc: Process, response: Any) -> Any:
+        kind, value = proc.exit_kind, proc.exit_value or 0
+        if kind == ExitKind.SIGNAL:
+            return response(signal=value)
+        return response(code=value)
+
+    @staticmethod
+    def _ended(proc: Process) -> bool:
+        """Whether a process's end is to be reported.  One killed at its deadline never is: the client holds the
+        same deadline and answers -1 itself when it passes (as Modal's does), which the daemon's kill at that
+        moment would otherwise race."""
+        return proc.exited and proc.exit_kind != ExitKind.TIMEOUT
+
+    @grpc_errors
+    async def TaskExecWait(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        proc = self._process(stream, req.task_id, req.exec_id)
+        if not proc.exited:
+            await proc.wait(EXEC_WAIT_SLICE)
+        if not self._ended(proc):
+            if proc.exited:
+                await asyncio.sleep(EXEC_WAIT_SLICE)  # the client's own deadline ends this call first
+            raise GRPCError(Status.DEADLINE_EXCEEDED, "still running")
+        await stream.send_message(self._exit(proc, tcr.TaskExecWaitResponse))
+
+    @grpc_errors
+    async def TaskExecPoll(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        proc = self._process(stream, req.task_id, req.exec_id)
+        if not self._ended(proc):
+            await stream.send_message(tcr.TaskExecPollResponse())
+            return
+        await stream.send_message(self._exit(proc, tcr.TaskExecPollResponse))
+
+    async def _write_stdin(self, sb: Sandbox, exec_id: str, offset: int, data: bytes, eof: bool) -> None:
+        await sb.write_stdin(exec_id, offset, data, eof)
+
+    @grpc_errors
+    async def TaskExecStdinWrite(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        await self._write_stdin(sb, req.exec_id, req.offset, req.data, req.eof)
+        await stream.send_message(tcr.TaskExecStdinWriteResponse())
+
+    @grpc_errors
+    async def SandboxStdinWriteV2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        await self._write_stdin(sb, ENTRYPOINT_ID, req.offset, req.data, req.eof)
+        await stream.send_message(tcr.SandboxStdinWriteV2Response())
+
+    @grpc_errors
+    async def TaskExecStdinStatus(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        offset = await sb.stdin_offset(req.exec_id)
+        proc = sb.process(req.exec_id)
+        await stream.send_message(tcr.TaskExecStdinStatusResponse(num_bytes_written=offset, closed=proc.exited))
+
+    @grpc_errors
+    async def TaskExecStdinWriteStream(self, stream: Any) -> None:
+        sb: Sandbox | None = None
+        exec_id = ""
+        offset = 0
+        async for msg in stream:
+            if msg.HasField("start"):
+                sb = self._sandbox(stream, msg.start.task_id)
+                exec_id, offset = msg.start.exec_id, msg.start.offset
+            elif sb is None:
+                raise GRPCError(Status.INVALID_ARGUMENT, "the stream must start with `start`")
+            elif msg.HasField("end"):
+                await self._write_stdin(sb, exec_id, offset, b"", True)
+            elif msg.data:
+                await self._write_stdin(sb, exec_id, offset, msg.data, False)
+                offset += len(msg.data)
+        await stream.send_message(tcr.TaskExecStdinWriteStreamResponse())

@@ -1,0 +1,102 @@
+"""The gateway's listener: one grpclib server on a loopback TCP port with the control plane and the router."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+from typing import Any
+
+from grpclib.const import Handler
+from grpclib.server import Server
+
+from shoal.engine.manager import Manager
+from shoal.gateway.auth import GatewayAuth
+from shoal.gateway.control import ControlPlane, not_served
+from shoal.gateway.router import CommandRouter
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def complete(cls: type) -> type:
+    """``cls`` with every abstract RPC it leaves out answering UNIMPLEMENTED (the generated bases declare every
+    RPC Modal has; the gateway serves those of the sandbox workflows)."""
+    missing = {name: not_served(name) for name in getattr(cls, "__abstractmethods__", ())}
+    return type(cls.__name__, (cls,), missing) if missing else cls
+
+
+class _Authenticated:
+    """The control plane's handlers, each checking the client's token pair first."""
+
+    def __init__(self, inner: Any, auth: GatewayAuth) -> None:
+        self.inner = inner
+        self.auth = auth
+
+    def __mapping__(self) -> dict[str, Handler]:
+        def guarded(func: Any) -> Any:
+            async def call(stream: Any) -> None:
+                self.auth.check_client(stream.metadata)
+                await func(stream)
+
+            return call
+
+        return {path: h._replace(func=guarded(h.func)) for path, h in self.inner.__mapping__().items()}
+
+
+@dataclasses.dataclass
+class Gateway:
+    """A running gateway: its URL and the credentials clients need."""
+
+    server: Server
+    url: str
+    auth: GatewayAuth
+
+    def env(self) -> dict[str, str]:
+        """The environment that points an official ``modal`` client at this gateway."""
+        return {
+            "MODAL_SERVER_URL": self.url,
+            "MODAL_TOKEN_ID": self.auth.token_id,
+            "MODAL_TOKEN_SECRET": self.auth.token_secret,
+        }
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT for the gateway, not {address!r}")
+    if host not in LOOPBACK:
+        # The router may be plain HTTP only when the client reaches the control plane as localhost
+        # (reference/modal-wire.md §1); TLS for other addresses is not built yet.
+        raise ValueError(f"the gateway listens on loopback only (127.0.0.1 or ::1), not {host!r}")
+    return host, int(port)
+
+
+async def start(mgr: Manager, address: str) -> Gateway:
+    """Listen on ``address`` (a loopback HOST:PORT; a port in use falls back to any free one, said in the log)."""
+    host, port = _split(address)
+    auth = GatewayAuth(mgr.cfg.data_dir)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        log.warning("gateway: %s:%d is taken (%s); listening on another port", host, port, exc)
+        sock.bind((host, 0))
+    sock.listen(128)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    url = f"http://{shown}:{bound}"
+    control = complete(ControlPlane)(mgr, auth, url)
+    router = complete(CommandRouter)(mgr, auth)
+    server = Server([_Authenticated(control, auth), router])
+    await server.start(sock=sock)
+    log.info("gateway for the official modal client on %s (`shoal gateway env`)", url)
+    return Gateway(server, url, auth)

@@ -1,0 +1,315 @@
+"""The gateway (``shoal.gateway``, decision 0075): the unmodified official ``modal`` client (1.6.4, a test
+dependency) drives the daemon, with nothing but the environment ``shoal gateway env`` prints.
+
+Each test runs a client program in a process of its own, as a user would, and checks what it printed; sandboxes
+it makes are the daemon's like any other (the SDK sees them, and the session's leak check covers them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+import shoal
+from shoal.sdk._sync import run_blocking
+from shoal.sdk.transport import default_client
+from tests.conftest import REPO
+
+pytest.importorskip("modal_proto", reason="the official modal client is a test dependency: make setup")
+
+
+def gateway_env() -> dict[str, str]:
+    env: dict[str, str] = run_blocking(default_client().request("GET", "/v1/gateway"))["env"]
+    return env
+
+
+def run_client(program: str, *, env: dict[str, str] | None = None, timeout: int = 240) -> Any:
+    """Run ``program`` (Python that imports the official ``modal``) against the session daemon's gateway; the JSON
+    value of its last printed line."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SHOAL_"))}
+    environ.update(gateway_env() if env is None else env)
+    environ["MODAL_CONFIG_PATH"] = "/nonexistent/.modal.toml"  # no user's profile in the way
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(program)],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, f"the client failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_gateway_env_prints_what_points_the_client_here(daemon):
+    env = {**os.environ, "SHOAL_RUNTIME_DIR": str(daemon.runtime_dir), "PYTHONPATH": str(REPO / "src")}
+    out = subprocess.run(
+        [sys.executable, "-m", "shoal", "gateway", "env"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    lines = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())
+    assert set(lines) == {"MODAL_SERVER_URL", "MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"}
+    assert lines["MODAL_SERVER_URL"].startswith("http://127.0.0.1:")
+    assert lines["MODAL_TOKEN_ID"] == gateway_env()["MODAL_TOKEN_ID"]
+    assert (daemon.root / "data" / "gateway-tokens.json").stat().st_mode & 0o077 == 0
+
+
+def test_the_seeds_basic_usage_through_the_official_client(daemon):
+    got = run_client(
+        """
+        import json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        sb = modal.Sandbox.create(app=app)
+        p = sb.exec("python", "-c", "import sys; print('Hello!'); print('oops', file=sys.stderr); sys.exit(3)")
+        out, err, code = p.stdout.read(), p.stderr.read(), p.wait()
+        running = sb.poll()
+        sb.terminate()
+        print(json.dumps([out, err, code, running, sb.poll(), sb.object_id]))
+        """
+    )
+    assert got[:5] == ["Hello!\n", "oops\n", 3, None, 137]
+    # The daemon's own API sees the same sandbox, ended the same way.
+    assert shoal.Sandbox.from_id(got[5]).poll() == 137
+
+
+def test_entrypoint_streams_stdin_and_timeouts(daemon):
+    got = run_client(
+        """
+        import json, time, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        sb = modal.Sandbox.create("bash", "-c", "for i in 1 2 3; do echo line$i; done; echo bad >&2; exit 4",
+                                  app=app, timeout=60)
+        lines = list(sb.stdout)
+        err = sb.stderr.read()
+        sb.wait(raise_on_termination=False)
+        cat = modal.Sandbox.create("cat", app=app, timeout=60)
+        cat.stdin.write(b"echoed back\\n")
+        cat.stdin.write_eof()
+        cat.stdin.drain()
+        echoed = cat.stdout.read()
+        cat.wait()
+        short = modal.Sandbox.create(app=app, timeout=2)
+        t0 = time.monotonic()
+        try:
+            short.wait()
+            raised = None
+        except modal.exception.SandboxTimeoutError:
+            raised = "SandboxTimeoutError"
+        print(json.dumps([lines, err, sb.returncode, echoed, cat.returncode, raised, short.returncode,
+                          time.monotonic() - t0]))
+        """
+    )
+    lines, err, code, echoed, cat_code, raised, short_code, waited = got
+    assert (lines, err, code) == (["line1\n", "line2\n", "line3\n"], "bad\n", 4)
+    assert (echoed, cat_code) == ("echoed back\n", 0)
+    assert (raised, short_code) == ("SandboxTimeoutError", 124)
+    assert waited < 30
+
+
+def test_exec_env_secrets_workdir_stdin_timeout_and_poll(daemon):
+    got = run_client(
+        """
+        import json, time, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        sb = modal.Sandbox.create(app=app, workdir="/work", env={"FROM_ENV": "e"},
+                                  secrets=[modal.Secret.from_dict({"FROM_SECRET": "s"})])
+        p = sb.exec("bash", "-c", "pwd; echo $FROM_ENV $FROM_SECRET $PER_EXEC", env={"PER_EXEC": "x"})
+        env_out = p.stdout.read()
+        c = sb.exec("cat")
+        c.stdin.write(b"to stdin")
+        c.stdin.write_eof()
+        c.stdin.drain()
+        stdin_out = c.stdout.read()
+        t0 = time.monotonic()
+        slow = sb.exec("sleep", "30", timeout=1)
+        timed_out = slow.wait()
+        took = time.monotonic() - t0
+        q = sb.exec("sleep", "1")
+        first = q.poll()
+        time.sleep(2)
+        print(json.dumps([env_out, stdin_out, c.wait(), timed_out, took, first, q.poll()]))
+        sb.terminate()
+        """
+    )
+    env_out, stdin_out, cat_code, timed_out, took, first, later = got
+    assert env_out == "/work\ne s x\n"
+    assert (stdin_out, cat_code) == ("to stdin", 0)
+    assert timed_out == -1 and took < 5  # Modal's client answers -1 for an exec past its timeout
+    assert (first, later) == (None, 0)
+
+
+def test_one_engine_behind_both_clients(daemon):
+    """A sandbox made through the gateway is the SDK's, and one made by the SDK is the official client's."""
+    app = shoal.App.lookup("gateway-tests", create_if_missing=True)
+    mine = shoal.Sandbox.create(app=app, name="made-by-shoal", timeout=120)
+    try:
+        mine.set_tags({"made": "shoal"})
+        got = run_client(
+            f"""
+            import json, modal
+            app = modal.App.lookup("gateway-tests")
+            theirs = modal.Sandbox.from_id({mine.object_id!r})
+            p = theirs.exec("echo", "reached")
+            by_name = modal.Sandbox.from_name("gateway-tests", "made-by-shoal")
+            listed = [s.object_id for s in modal.Sandbox.list(app_id=app.app_id, tags={{"made": "shoal"}})]
+            made = modal.Sandbox.create(app=app, tags={{"made": "modal"}})
+            made.set_tags({{"made": "modal", "extra": "1"}})
+            print(json.dumps([p.stdout.read(), p.wait(), by_name.object_id, listed, theirs.get_tags(),
+                              made.object_id]))
+            """
+        )
+        out, code, by_name, listed, tags, made_id = got
+        assert (out, code) == ("reached\n", 0)
+        assert by_name == mine.object_id and listed == [mine.object_id]
+        assert tags == {"made": "shoal"}
+        made = shoal.Sandbox.from_id(made_id)
+        try:
+            assert made.get_tags() == {"made": "modal", "extra": "1"}
+            assert made.exec("echo", "from shoal").stdout.read() == "from shoal\n"
+        finally:
+            made.terminate()
+    finally:
+        mine.terminate()
+
+
+def test_images_are_built_with_their_logs_shown(daemon):
+    got = run_client(
+        """
+        import contextlib, io, json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        image = modal.Image.debian_slim().run_commands("echo built-by-gateway > /built.txt").env({"IMAGE_VAR": "1"})
+        shown = io.StringIO()
+        with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(shown), modal.enable_output():
+            sb = modal.Sandbox.create(app=app, image=image)
+        p = sb.exec("bash", "-c", "cat /built.txt; echo $IMAGE_VAR; python3 --version")
+        out = p.stdout.read()
+        sb.terminate()
+        print(json.dumps([out, shown.getvalue()]))
+        """
+    )
+    out, shown = got
+    lines = out.splitlines()
+    assert lines[:2] == ["built-by-gateway", "1"] and lines[2].startswith("Python 3.")
+    assert "echo built-by-gateway" in shown  # the build's log reached the client's output
+
+
+def test_block_network_holds_through_the_gateway(daemon):
+    got = run_client(
+        """
+        import json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        sb = modal.Sandbox.create(app=app, block_network=True)
+        p = sb.exec("python3", "-c", "import socket; socket.create_connection(('1.1.1.1', 53), timeout=3)")
+        code = p.wait()
+        sb.terminate()
+        print(json.dumps(code))
+        """
+    )
+    assert got == 1
+
+
+def test_sandbox_filesystem_through_the_official_client(daemon):
+    got = run_client(
+        """
+        import json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        sb = modal.Sandbox.create(app=app)
+        fs = sb.filesystem
+        fs.write_text("hello", "/work/dir/a.txt")  # parents made
+        fs.write_bytes(b"\\x00\\x01", "/work/dir/b.bin")
+        fs.make_directory("/work/dir/sub")
+        listed = [(i.name, i.path, i.type.value, i.size) for i in fs.list_files("/work/dir")]
+        st = fs.stat("/work/dir/a.txt")
+        errors = []
+        try:
+            fs.read_text("/work/missing.txt")
+        except Exception as e:
+            errors.append(type(e).__name__)
+        try:
+            fs.remove("/work/dir")
+        except Exception as e:
+            errors.append(type(e).__name__)
+        fs.remove("/work/dir", recursive=True)
+        gone = sb.exec("test", "-e", "/work/dir").wait()
+        out = [fs.read_text("/etc/hostname") != "", listed, [st.name, st.path, st.size, st.permissions], errors, gone]
+        sb.terminate()
+        print(json.dumps(out))
+        """
+    )
+    nonempty, listed, st, errors, gone = got
+    assert nonempty
+    assert listed == [
+        ["a.txt", "/work/dir/a.txt", "file", 5],
+        ["b.bin", "/work/dir/b.bin", "file", 2],
+        ["sub", "/work/dir/sub", "directory", listed[2][3]],
+    ]
+    assert st == ["a.txt", "/work/dir/a.txt", 5, "0644"]
+    assert errors == ["SandboxFilesystemNotFoundError", "SandboxFilesystemDirectoryNotEmptyError"]
+    assert gone == 1
+
+
+def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
+    got = run_client(
+        """
+        import json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        errors = []
+        try:
+            modal.Sandbox.create(app=app, volumes={"/data": modal.Volume.from_name("gw-vol", create_if_missing=True)})
+        except Exception as e:
+            errors.append([type(e).__name__, str(e)])
+        try:
+            modal.Sandbox.create(app=app, encrypted_ports=[8000])
+        except Exception as e:
+            errors.append([type(e).__name__, str(e)])
+        print(json.dumps(errors))
+        """,
+        timeout=120,
+    )
+    assert got[0][0] == "UnimplementedError" and "VolumeGetOrCreate" in got[0][1], got
+    assert got[1][0] == "UnimplementedError" and "open_ports (tunnels)" in got[1][1], got
+
+
+def test_a_wrong_token_is_refused(daemon):
+    env = {**gateway_env(), "MODAL_TOKEN_SECRET": "as-not-the-secret"}
+    got = run_client(
+        """
+        import json, modal
+        try:
+            modal.App.lookup("gateway-tests", create_if_missing=True)
+            print(json.dumps("accepted"))
+        except modal.exception.AuthError as e:
+            print(json.dumps(["AuthError", str(e)]))
+        """,
+        env=env,
+    )
+    assert got[0] == "AuthError" and "shoal gateway env" in got[1]
+
+
+def test_a_sandbox_cannot_reach_the_gateway(daemon):
+    port = int(gateway_env()["MODAL_SERVER_URL"].rsplit(":", 1)[1])
+    app = shoal.App.lookup("gateway-tests", create_if_missing=True)
+    sb = shoal.Sandbox.create(app=app, timeout=120)
+    try:
+        probe = (
+            "import socket, struct\n"
+            "gw = [l.split() for l in open('/proc/net/route').read().splitlines()[1:] if l.split()[1] == '00000000']\n"
+            "hosts = ['127.0.0.1'] + [socket.inet_ntoa(struct.pack('<I', int(g[2], 16))) for g in gw]\n"
+            "for host in hosts:\n"
+            "    try:\n"
+            f"        socket.create_connection((host, {port}), timeout=2).close()\n"
+            "        print('reached', host)\n"
+            "    except OSError:\n"
+            "        print('refused', host)\n"
+        )
+        p = sb.exec("python3", "-c", probe)
+        lines = p.stdout.read().splitlines()
+        assert p.wait() == 0 and len(lines) == 2, lines  # the sandbox's own loopback and its gateway (the host)
+        assert all(line.startswith("refused") for line in lines), lines
+    finally:
+        sb.terminate()
