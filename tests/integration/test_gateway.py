@@ -253,6 +253,66 @@ def test_sandbox_filesystem_through_the_official_client(daemon):
     assert gone == 1
 
 
+def test_tunnels_and_filesystem_snapshots(daemon):
+    got = run_client(
+        """
+        import json, socket, time, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        sb = modal.Sandbox.create("python3", "-m", "http.server", "8000", app=app, unencrypted_ports=[8000],
+                                  encrypted_ports=[8001])
+        tunnels = sb.tunnels()
+        host, port = tunnels[8000].tcp_socket
+        answer = b""
+        for _ in range(100):
+            try:
+                with socket.create_connection((host, port), timeout=2) as s:
+                    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+                    answer = s.recv(100)
+                if answer:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        sb.exec("bash", "-c", "echo kept > /kept.txt").wait()
+        image = sb.snapshot_filesystem()
+        sb.terminate()
+        again = modal.Sandbox.create(app=app, image=image)
+        kept = again.exec("cat", "/kept.txt").stdout.read()
+        again.terminate()
+        print(json.dumps([sorted(tunnels), tunnels[8001].url[:8], answer[:15].decode(), image.object_id[:3], kept]))
+        """
+    )
+    assert got == [[8000, 8001], "https://", "HTTP/1.0 200 OK", "im-", "kept\n"]
+
+
+def test_app_run_named_secrets_and_handles_from_id(daemon):
+    name = f"gateway-secret-{os.getpid()}"
+    shoal.Secret.objects.create(name, {"NAMED": "from-shoal"})
+    try:
+        got = run_client(
+            f"""
+            import json, time, modal
+            eph = modal.App("gateway-ephemeral")
+            with eph.run():
+                sb = modal.Sandbox.create(app=eph, secrets=[modal.Secret.from_name({name!r})])
+                named = sb.exec("bash", "-c", "echo $NAMED").stdout.read()
+            time.sleep(0.5)
+            ended_with_run = sb.poll()
+            app = modal.App.lookup("gateway-tests", create_if_missing=True)
+            reader = modal.Sandbox.create("bash", "-c", "read x; echo got $x; echo err >&2", app=app, timeout=60)
+            handle = modal.Sandbox.from_id(reader.object_id)  # a handle of the other kind (V1 calls)
+            handle.stdin.write(b"abc\\n")
+            handle.stdin.drain()
+            out, err = handle.stdout.read(), handle.stderr.read()
+            handle.wait(raise_on_termination=False)
+            print(json.dumps([named, ended_with_run, out, err, handle.returncode]))
+            """
+        )
+    finally:
+        shoal.Secret.objects.delete(name)
+    assert got == ["from-shoal\n", 137, "got abc\n", "err\n", 0]
+
+
 def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
     got = run_client(
         """
@@ -264,7 +324,7 @@ def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
         except Exception as e:
             errors.append([type(e).__name__, str(e)])
         try:
-            modal.Sandbox.create(app=app, encrypted_ports=[8000])
+            modal.Sandbox.create(app=app, readiness_probe=modal.Probe.with_tcp(8000))
         except Exception as e:
             errors.append([type(e).__name__, str(e)])
         print(json.dumps(errors))
@@ -272,7 +332,7 @@ def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
         timeout=120,
     )
     assert got[0][0] == "UnimplementedError" and "VolumeGetOrCreate" in got[0][1], got
-    assert got[1][0] == "UnimplementedError" and "open_ports (tunnels)" in got[1][1], got
+    assert got[1][0] == "UnimplementedError" and "readiness_probe" in got[1][1], got
 
 
 def test_a_wrong_token_is_refused(daemon):

@@ -1,6 +1,8 @@
 """The direction of imports between shoal's packages (docs/architecture.md).
 
-    cli → sdk → wire ← server (→ gateway) → engine → (images, network, volumes, secrets, gpu) → (runtime, store, agent, util)
+    cli → sdk → wire ← server → engine → (images, network, volumes, secrets, gpu) → (runtime, store, agent, util)
+
+``gateway`` (Modal's protocol, in front of the same engine) stands where ``server`` does.
 
 Every package may also import ``wire``, ``exception`` and ``types``.  Imports under ``if TYPE_CHECKING:``
 count: a type-only import still ties two packages together.

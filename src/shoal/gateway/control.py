@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -11,7 +12,9 @@ from grpclib import GRPCError, Status
 from modal_proto import api_pb2
 from modal_proto.api_grpc import ModalClientBase
 
+from shoal import exception as exc
 from shoal.engine.manager import Manager
+from shoal.engine.process import ENTRYPOINT_ID
 from shoal.engine.sandbox import Sandbox
 from shoal.gateway.auth import GatewayAuth
 from shoal.gateway.convert import create_request, generic_result, grpc_errors, task_id
@@ -19,6 +22,11 @@ from shoal.gateway.images import BUILDER_VERSION, GatewayImages
 from shoal.wire.sandboxes import SandboxState
 
 ENVIRONMENT_ID = "en-shoal"
+LOGS_SLICE = 55.0
+"""Most seconds one ``SandboxGetLogs`` streams (the client calls again from the last entry)."""
+LOG_CHUNK = 64 << 10
+STDIN_WRITERS = 10_000
+"""Sandboxes whose last V1 stdin write is remembered (the oldest are forgotten)."""
 WAIT_SLICE = 10.0
 """Most seconds one ``SandboxWait`` answers after (the client allows 15 per attempt and calls again)."""
 LIST_PAGE = 100
@@ -33,6 +41,8 @@ class ControlPlane(ModalClientBase):
         self.auth = auth
         self.router_url = router_url
         self.images = GatewayImages(mgr)
+        self._stdin_writes: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+        """Per sandbox, its last V1 stdin write: index, start and end offsets (a retry and the next write line up)."""
 
     # ------------------------------------------------------------------ apps, environment, auth
 
@@ -57,6 +67,51 @@ class ControlPlane(ModalClientBase):
     async def AuthTokenGet(self, stream: Any) -> None:
         await stream.recv_message()
         await stream.send_message(api_pb2.AuthTokenGetResponse(token=self.auth.sign("client")))
+
+    @grpc_errors
+    async def AppCreate(self, stream: Any) -> None:
+        req = await stream.recv_message()  # ``with app.run():`` — an ephemeral app, stopped at the block's end
+        app_id = self.mgr.create_ephemeral_app(req.description or None)
+        if req.tags:
+            self.mgr.set_app_tags(app_id, dict(req.tags))
+        await stream.send_message(api_pb2.AppCreateResponse(app_id=app_id))
+
+    @grpc_errors
+    async def AppPublish(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        self.mgr.app(req.app_id)  # an app with nothing to deploy: a sandbox app has no functions
+        await stream.send_message(api_pb2.AppPublishResponse())
+
+    @grpc_errors
+    async def AppHeartbeat(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        self.mgr.app(req.app_id)
+        await stream.send_message(empty_pb2.Empty())
+
+    @grpc_errors
+    async def AppClientDisconnect(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await self.mgr.stop_app(req.app_id)  # the end of ``app.run()``: its sandboxes end with it
+        await stream.send_message(empty_pb2.Empty())
+
+    @grpc_errors
+    async def SecretGetOrCreate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        secrets = self.mgr.secrets
+        kind = req.object_creation_type
+        if kind == api_pb2.OBJECT_CREATION_TYPE_ANONYMOUS_OWNED_BY_APP:
+            raise exc.UnimplementedError("shoal's gateway does not make anonymous secrets (V1 sandboxes' env) yet")
+        if kind in (
+            api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING,
+            api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS,
+        ):
+            allow = kind == api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING
+            row = secrets.create(req.deployment_name, dict(req.env_dict), allow)
+        elif kind == api_pb2.OBJECT_CREATION_TYPE_UNSPECIFIED:
+            row = secrets.lookup(req.deployment_name, list(req.required_keys))
+        else:
+            raise exc.UnimplementedError("shoal's gateway does not overwrite secrets: use `shoal secret`")
+        await stream.send_message(api_pb2.SecretGetOrCreateResponse(secret_id=row.id))
 
     # ------------------------------------------------------------------ images
 
@@ -170,6 +225,73 @@ class ControlPlane(ModalClientBase):
     @grpc_errors
     async def SandboxTerminate(self, stream: Any) -> None:
         await self._terminate(stream)
+
+    async def _tunnels(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(req.sandbox_id)
+        try:
+            tunnels = await self.mgr.network.tunnels_of(sb.id, sb.finished, min(max(req.timeout, 0.0), 55.0))
+        except exc.SandboxTimeoutError:
+            timeout = api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_TIMEOUT)
+            await stream.send_message(api_pb2.SandboxGetTunnelsResponse(result=timeout))
+            return
+        data = [api_pb2.TunnelData(**t) for t in tunnels]
+        ok = api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_SUCCESS)
+        await stream.send_message(api_pb2.SandboxGetTunnelsResponse(result=ok, tunnels=data))
+
+    @grpc_errors
+    async def SandboxGetTunnelsV2(self, stream: Any) -> None:
+        await self._tunnels(stream)
+
+    @grpc_errors
+    async def SandboxGetTunnels(self, stream: Any) -> None:
+        await self._tunnels(stream)
+
+    @grpc_errors
+    async def SandboxGetLogs(self, stream: Any) -> None:
+        """The entrypoint's output for handles of the V1 kind (``from_id``): batches from ``last_entry_id`` (a
+        byte offset), ``eof`` at its end; a call ends after ``timeout`` and the client calls again from there."""
+        req = await stream.recv_message()
+        sb = self._sandbox(req.sandbox_id)
+        fd = 2 if req.file_descriptor == api_pb2.FILE_DESCRIPTOR_STDERR else 1
+        out = sb.process(ENTRYPOINT_ID).streams[fd - 1]
+        offset = int(req.last_entry_id) if req.last_entry_id.isdigit() else 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(req.timeout, 1.0), LOGS_SLICE)
+        while True:
+            data = out.read(offset, LOG_CHUNK)
+            if data:
+                offset += len(data)
+                item = api_pb2.TaskLogs(data=data.decode(errors="replace"), file_descriptor=req.file_descriptor)
+                await stream.send_message(api_pb2.TaskLogsBatch(items=[item], entry_id=str(offset)))
+                continue
+            if out.eof:
+                await stream.send_message(api_pb2.TaskLogsBatch(entry_id=str(offset), eof=True))
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await out.wait(offset, remaining)
+
+    @grpc_errors
+    async def SandboxStdinWrite(self, stream: Any) -> None:
+        """The entrypoint's stdin for handles of the V1 kind: ``index`` numbers the writes from 1, so a retried
+        one is taken once (shoal's stdin offsets, here the bytes taken before this write)."""
+        req = await stream.recv_message()
+        sb = self._sandbox(req.sandbox_id)
+        last = self._stdin_writes.pop(sb.id, None)
+        if last is not None and last[0] == req.index:
+            start = last[1]  # a retry of the last write: the same bytes at the same place
+        elif last is not None and last[0] == req.index - 1:
+            start = last[2]
+        else:
+            start = await sb.stdin_offset(ENTRYPOINT_ID)
+        end = await sb.write_stdin(ENTRYPOINT_ID, start, req.input, req.eof)
+        self._stdin_writes[sb.id] = (req.index, start, end)
+        while len(self._stdin_writes) > STDIN_WRITERS:
+            self._stdin_writes.popitem(last=False)
+        await stream.send_message(api_pb2.SandboxStdinWriteResponse())
 
     async def _from_name(self, stream: Any) -> None:
         req = await stream.recv_message()

@@ -72,7 +72,6 @@ def create_request(app_id: str, definition: Any, secret_sources: Any, tags: Any)
             ("volume_mounts", bool(d.volume_mounts)),
             ("nfs_mounts", bool(d.nfs_mounts)),
             ("cloud_bucket_mounts", bool(d.cloud_bucket_mounts)),
-            ("open_ports (tunnels)", bool(d.open_ports.ports)),
             ("readiness_probe", d.HasField("readiness_probe")),
             ("pty_info", d.HasField("pty_info")),
             ("gpu", d.resources.HasField("gpu_config") and bool(d.resources.gpu_config.count)),
@@ -95,7 +94,16 @@ def create_request(app_id: str, definition: Any, secret_sources: Any, tags: Any)
     allow_domains = (
         list(access.allowed_domains) if access.network_access_type == api_pb2.NetworkAccess.ALLOWLIST else None
     )
+    ports: dict[str, list[int]] = {"encrypted_ports": [], "unencrypted_ports": [], "h2_ports": []}
+    for spec in d.open_ports.ports:
+        if spec.unencrypted:
+            ports["unencrypted_ports"].append(spec.port)
+        elif spec.tunnel_type == api_pb2.TUNNEL_TYPE_H2:
+            ports["h2_ports"].append(spec.port)
+        else:
+            ports["encrypted_ports"].append(spec.port)
     fields: dict[str, Any] = {
+        **ports,
         "app_id": app_id,
         "args": list(d.entrypoint_args),
         "image": ImageRef(kind="id", image_id=d.image_id),

@@ -24,6 +24,8 @@ FS_TOOLS = "/__modal/.bin/modal-sandbox-fs-tools"
 """The helper the client execs for ``sb.filesystem``, with one JSON command: shoal's own tool runs instead."""
 AGENT_PATH = "/.shoal/bin/shoal-agent"
 """Where every sandbox has shoal's agent binary, whose ``fs`` mode is the filesystem tool."""
+SNAPSHOT_TIMEOUT = 55
+"""Seconds a filesystem snapshot may take (the client's own default)."""
 CHUNK = 1 << 20
 """Most bytes in one output message."""
 EXEC_WAIT_SLICE = 50.0
@@ -190,6 +192,14 @@ class CommandRouter(TaskCommandRouterBase):
         offset = await sb.stdin_offset(req.exec_id)
         proc = sb.process(req.exec_id)
         await stream.send_message(tcr.TaskExecStdinStatusResponse(num_bytes_written=offset, closed=proc.exited))
+
+    @grpc_errors
+    async def TaskSnapshotFilesystem(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        ttl = req.ttl_seconds if req.ttl_seconds > 0 else None
+        image_id = await self.mgr.snapshots.filesystem(sb.id, SNAPSHOT_TIMEOUT, ttl)
+        await stream.send_message(tcr.TaskSnapshotFilesystemResponse(image_id=image_id))
 
     @grpc_errors
     async def TaskExecStdinWriteStream(self, stream: Any) -> None:
