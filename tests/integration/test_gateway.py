@@ -7,6 +7,7 @@ it makes are the daemon's like any other (the SDK sees them, and the session's l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -313,6 +314,141 @@ def test_app_run_named_secrets_and_handles_from_id(daemon):
     assert got == ["from-shoal\n", 137, "got abc\n", "err\n", 0]
 
 
+def test_the_seeds_volume_examples_through_the_official_client(daemon, tmp_path):
+    (tmp_path / "local.txt").write_text("local contents\n")
+    (tmp_path / "local_dir").mkdir()
+    (tmp_path / "local_dir" / "one.txt").write_text("one\n")
+    (tmp_path / "big.bin").write_bytes(os.urandom(9 << 20))  # two of the client's 8 MiB blocks
+    name = f"gateway-volume-{os.getpid()}"
+    got = run_client(
+        f"""
+        import hashlib, json, os, modal
+        os.chdir({str(tmp_path)!r})
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        volume = modal.Volume.from_name({name!r}, create_if_missing=True)
+        sb = modal.Sandbox.create(volumes={{"/data": volume}}, app=app)
+        sb.exec("bash", "-c", "echo 'hello' > /data/output.txt").wait()
+        sb.terminate()
+        sb2 = modal.Sandbox.create(volumes={{"/data": volume}}, app=app)
+        persisted = sb2.exec("cat", "/data/output.txt").stdout.read()
+        sb2.terminate()
+        try:
+            with volume.batch_upload() as batch:
+                batch.put_file("local.txt", "/output.txt")
+            clash = None
+        except FileExistsError:
+            clash = "FileExistsError"
+        with modal.Volume.ephemeral() as vol:
+            with vol.batch_upload() as batch:
+                batch.put_file("local.txt", "/remote.txt")
+                batch.put_directory("./local_dir", "/remote_dir")
+                batch.put_file("big.bin", "/big.bin")
+            sb = modal.Sandbox.create(volumes={{"/data": vol}}, app=app)
+            inside = sb.exec("bash", "-c", "cat /data/remote.txt /data/remote_dir/one.txt; sha256sum < /data/big.bin")
+            seen = inside.stdout.read()
+            sb.exec("bash", "-c", "cat /data/remote.txt > /data/output.txt").wait()
+            sb.terminate()
+            sb.wait(raise_on_termination=False)
+            out = b"".join(vol.read_file("output.txt")).decode()
+            big = hashlib.sha256(b"".join(vol.read_file("big.bin"))).hexdigest()
+            listed = sorted(e.path for e in vol.listdir("/", recursive=True))
+            vol.remove_file("output.txt")
+            after = sorted(e.path for e in vol.listdir("/"))
+        modal.Volume.objects.delete({name!r})
+        print(json.dumps([persisted, clash, seen, out, big, listed, after]))
+        """
+    )
+    persisted, clash, seen, out, big, listed, after = got
+    digest = hashlib.sha256((tmp_path / "big.bin").read_bytes()).hexdigest()
+    assert (persisted, clash) == ("hello\n", "FileExistsError")
+    assert seen == f"local contents\none\n{digest}  -\n"
+    assert (out, big) == ("local contents\n", digest)
+    assert listed == ["big.bin", "output.txt", "remote.txt", "remote_dir", "remote_dir/one.txt"]
+    assert after == ["big.bin", "remote.txt", "remote_dir"]
+    with pytest.raises(shoal.exception.NotFoundError):
+        shoal.Volume.from_name(name).listdir("/")
+
+
+def test_block_urls_must_be_the_gateways(daemon):
+    """The block store's URLs are signed: an altered or made-up one is refused."""
+    import asyncio
+    import urllib.error
+    import urllib.request
+
+    from grpclib.client import Channel
+    from modal_proto import api_pb2
+    from modal_proto.api_grpc import ModalClientStub
+
+    vol = shoal.Volume.from_name(f"gateway-blocks-{os.getpid()}", create_if_missing=True)
+    try:
+        with vol.batch_upload() as batch:
+            batch.put_file("/etc/hostname", "/h.txt")
+        env = gateway_env()
+
+        async def get_urls() -> list[str]:
+            host, port = env["MODAL_SERVER_URL"].removeprefix("http://").split(":")
+            channel = Channel(host, int(port))
+            try:
+                metadata = {
+                    "x-modal-token-id": env["MODAL_TOKEN_ID"],
+                    "x-modal-token-secret": env["MODAL_TOKEN_SECRET"],
+                }
+                req = api_pb2.VolumeGetFile2Request(volume_id=vol.object_id, path="h.txt")
+                return list((await ModalClientStub(channel).VolumeGetFile2(req, metadata=metadata)).get_urls)
+            finally:
+                channel.close()
+
+        (url,) = asyncio.run(get_urls())
+        with open("/etc/hostname", "rb") as f, urllib.request.urlopen(url) as answer:
+            assert answer.read() == f.read()
+        for bad in (url.replace("start=0", "start=1"), url.split("&sig=")[0] + "&sig=AAAA", url.split("?")[0]):
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(bad).close()
+            caught.value.close()
+            assert caught.value.code == 403
+    finally:
+        shoal.Volume.objects.delete(f"gateway-blocks-{os.getpid()}")
+
+
+def test_the_older_sandbox_calls_modal_still_uses(daemon):
+    """The client's V1 calls (for gpu=, a pty, or MODAL_SANDBOX_V2=0): create with env, entrypoint streams and
+    stdin, exec, wait, terminate — and gpu= answered as shoal's SDK answers it on this machine."""
+    try:
+        mine = shoal.Sandbox.create(app=shoal.App.lookup("gateway-tests", create_if_missing=True), gpu="T4")
+        mine.terminate()
+        sdk_says = "created"
+    except shoal.exception.Error as e:
+        sdk_says = type(e).__name__
+    got = run_client(
+        """
+        import json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        sb = modal.Sandbox.create("bash", "-c", "read x; echo $GREETING $x", app=app, env={"GREETING": "hi"},
+                                  timeout=60)
+        sb.stdin.write(b"there\\n")
+        sb.stdin.drain()
+        out = sb.stdout.read()
+        sb.wait(raise_on_termination=False)
+        other = modal.Sandbox.create(app=app)
+        p = other.exec("echo", "v1 exec")
+        exec_out = p.stdout.read()
+        other.terminate()
+        other.wait(raise_on_termination=False)
+        try:
+            modal.Sandbox.create(app=app, gpu="T4").terminate()
+            gpu = "created"
+        except Exception as e:
+            gpu = type(e).__name__
+        print(json.dumps([sb.object_id, out, sb.returncode, exec_out, other.returncode, gpu]))
+        """,
+        env={**gateway_env(), "MODAL_SANDBOX_V2": "0"},
+    )
+    sandbox_id, out, code, exec_out, other_code, gpu = got
+    assert (out, code, exec_out, other_code) == ("hi there\n", 0, "v1 exec\n", 137)
+    assert shoal.Sandbox.from_id(sandbox_id).poll() == 0
+    assert gpu == sdk_says
+
+
 def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
     got = run_client(
         """
@@ -320,7 +456,7 @@ def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
         app = modal.App.lookup("gateway-tests", create_if_missing=True)
         errors = []
         try:
-            modal.Sandbox.create(app=app, volumes={"/data": modal.Volume.from_name("gw-vol", create_if_missing=True)})
+            modal.Sandbox.create("cat", app=app, pty=True)
         except Exception as e:
             errors.append([type(e).__name__, str(e)])
         try:
@@ -331,7 +467,7 @@ def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
         """,
         timeout=120,
     )
-    assert got[0][0] == "UnimplementedError" and "VolumeGetOrCreate" in got[0][1], got
+    assert got[0][0] == "UnimplementedError" and "pty_info" in got[0][1], got
     assert got[1][0] == "UnimplementedError" and "readiness_probe" in got[1][1], got
 
 

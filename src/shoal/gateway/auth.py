@@ -61,6 +61,10 @@ class GatewayAuth:
                 " `shoal gateway env`",
             )
 
+    def mac(self, text: str) -> str:
+        """An HMAC of ``text`` under this daemon's key (signed URLs of the block store)."""
+        return _b64(hmac.new(self._key, b"url:" + text.encode(), hashlib.sha256).digest())
+
     def sign(self, subject: str, ttl: int = JWT_TTL) -> str:
         """A JWT (HS256) for ``subject`` that expires in ``ttl`` seconds."""
         header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())

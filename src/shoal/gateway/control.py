@@ -19,12 +19,16 @@ from shoal.engine.sandbox import Sandbox
 from shoal.gateway.auth import GatewayAuth
 from shoal.gateway.convert import create_request, generic_result, grpc_errors, task_id
 from shoal.gateway.images import BUILDER_VERSION, GatewayImages
+from shoal.gateway.volumes import GatewayVolumes
+from shoal.util import safefs
+from shoal.wire import ids
 from shoal.wire.sandboxes import SandboxState
 
 ENVIRONMENT_ID = "en-shoal"
 LOGS_SLICE = 55.0
 """Most seconds one ``SandboxGetLogs`` streams (the client calls again from the last entry)."""
 LOG_CHUNK = 64 << 10
+ANONYMOUS_SECRETS = 10_000
 STDIN_WRITERS = 10_000
 """Sandboxes whose last V1 stdin write is remembered (the oldest are forgotten)."""
 WAIT_SLICE = 10.0
@@ -36,11 +40,14 @@ class ControlPlane(ModalClientBase):
     """The control-plane RPCs the official client's sandbox workflows send; every other one is UNIMPLEMENTED
     (``shoal.gateway.server.complete``)."""
 
-    def __init__(self, mgr: Manager, auth: GatewayAuth, router_url: str) -> None:
+    def __init__(self, mgr: Manager, auth: GatewayAuth, router_url: str, volumes: GatewayVolumes) -> None:
         self.mgr = mgr
         self.auth = auth
         self.router_url = router_url
         self.images = GatewayImages(mgr)
+        self.volumes = volumes
+        self._anonymous: OrderedDict[str, dict[str, str]] = OrderedDict()
+        """Secrets a V1 create's ``env`` became, by id, until the create uses them (the oldest are forgotten)."""
         self._stdin_writes: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         """Per sandbox, its last V1 stdin write: index, start and end offsets (a retry and the next write line up)."""
 
@@ -100,7 +107,13 @@ class ControlPlane(ModalClientBase):
         secrets = self.mgr.secrets
         kind = req.object_creation_type
         if kind == api_pb2.OBJECT_CREATION_TYPE_ANONYMOUS_OWNED_BY_APP:
-            raise exc.UnimplementedError("shoal's gateway does not make anonymous secrets (V1 sandboxes' env) yet")
+            # A V1 create's ``env``: no named secret, only the values, for the create that follows.
+            secret_id = ids.new("secret")
+            self._anonymous[secret_id] = dict(req.env_dict)
+            while len(self._anonymous) > ANONYMOUS_SECRETS:
+                self._anonymous.popitem(last=False)
+            await stream.send_message(api_pb2.SecretGetOrCreateResponse(secret_id=secret_id))
+            return
         if kind in (
             api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING,
             api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS,
@@ -112,6 +125,86 @@ class ControlPlane(ModalClientBase):
         else:
             raise exc.UnimplementedError("shoal's gateway does not overwrite secrets: use `shoal secret`")
         await stream.send_message(api_pb2.SecretGetOrCreateResponse(secret_id=row.id))
+
+    # ------------------------------------------------------------------ volumes
+
+    @grpc_errors
+    async def VolumeGetOrCreate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await stream.send_message(self.volumes.get_or_create(req))
+
+    @grpc_errors
+    async def VolumeHeartbeat(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        self.mgr.volumes.heartbeat(req.volume_id)
+        await stream.send_message(empty_pb2.Empty())
+
+    @grpc_errors
+    async def VolumePutFiles2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await stream.send_message(await self.volumes.put_files(req))
+
+    @grpc_errors
+    async def VolumeGetFile2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await stream.send_message(self.volumes.get_file(req))
+
+    @grpc_errors
+    async def VolumeListFiles2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await self.volumes.list_files(req, stream.send_message)
+
+    @grpc_errors
+    async def VolumeRemoveFile2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await asyncio.to_thread(self.volumes.remove, req)
+        await stream.send_message(empty_pb2.Empty())
+
+    @grpc_errors
+    async def VolumeCopyFiles2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await asyncio.to_thread(self.volumes.copy, req)
+        await stream.send_message(empty_pb2.Empty())
+
+    @grpc_errors
+    async def VolumeDelete(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        self.mgr.volumes.delete(req.volume_id)
+        await stream.send_message(empty_pb2.Empty())
+
+    @grpc_errors
+    async def VolumeRename(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        row = self.mgr.volumes.get(req.volume_id)
+        if row.name is None:
+            raise exc.InvalidError("an ephemeral volume has no name to change")
+        self.mgr.volumes.rename(row.name, req.name)
+        await stream.send_message(empty_pb2.Empty())
+
+    @grpc_errors
+    async def VolumeList(self, stream: Any) -> None:
+        await stream.recv_message()
+        await stream.send_message(self.volumes.listing())
+
+    @grpc_errors
+    async def VolumeGetById(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        row = self.mgr.volumes.get(req.volume_id)
+        meta = api_pb2.VolumeMetadata(version=api_pb2.VOLUME_FS_VERSION_V2, name=row.name or "")
+        await stream.send_message(api_pb2.VolumeGetByIdResponse(volume_id=row.id, metadata=meta))
+
+    @grpc_errors
+    async def VolumeCommit(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        with self.mgr.volumes.open(req.volume_id) as vol:
+            await asyncio.to_thread(safefs.syncfs, vol.root)
+        await stream.send_message(api_pb2.VolumeCommitResponse(skip_reload=True))
+
+    @grpc_errors
+    async def VolumeReload(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        self.mgr.volumes.get(req.volume_id)  # one directory, bind-mounted: every reader sees every commit
+        await stream.send_message(empty_pb2.Empty())
 
     # ------------------------------------------------------------------ images
 
@@ -135,7 +228,8 @@ class ControlPlane(ModalClientBase):
 
     async def _create(self, req: Any) -> Sandbox:
         definition = req.definition
-        create = create_request(req.app_id, definition, req.secret_sources, getattr(req, "tags", []))
+        sources = req.secret_sources if hasattr(req, "secret_sources") else []  # V1 creates have none
+        create = create_request(req.app_id, definition, sources, req.tags, self._anonymous)
         create = create.model_copy(
             update={"image": create.image.model_copy(update={"image_id": self.images.image_id(definition.image_id)})}
         )

@@ -62,19 +62,19 @@ def generic_result(result: Result | None) -> api_pb2.GenericResult:
     )
 
 
-def create_request(app_id: str, definition: Any, secret_sources: Any, tags: Any) -> CreateSandbox:
+def create_request(
+    app_id: str, definition: Any, secret_sources: Any, tags: Any, anonymous: dict[str, dict[str, str]]
+) -> CreateSandbox:
     """``SandboxCreateV2``/``SandboxCreate``'s definition as shoal's create request (unsupported fields refused)."""
     d = definition
     refuse = [
         name
         for name, present in (
             ("mount_ids (Image.add_local_*)", bool(d.mount_ids)),
-            ("volume_mounts", bool(d.volume_mounts)),
             ("nfs_mounts", bool(d.nfs_mounts)),
             ("cloud_bucket_mounts", bool(d.cloud_bucket_mounts)),
             ("readiness_probe", d.HasField("readiness_probe")),
             ("pty_info", d.HasField("pty_info")),
-            ("gpu", d.resources.HasField("gpu_config") and bool(d.resources.gpu_config.count)),
         )
         if present
     ]
@@ -87,8 +87,15 @@ def create_request(app_id: str, definition: Any, secret_sources: Any, tags: Any)
             secret_ids.append(source.secret_id)
         secret_env.update(dict(source.env.contents))
     for sid in d.secret_ids:
-        if sid not in secret_ids:
+        if sid in anonymous:
+            secret_env.update(anonymous[sid])  # a V1 create's env (``SecretGetOrCreate``, owned by the app)
+        elif sid not in secret_ids:
             secret_ids.append(sid)
+    gpu = d.resources.gpu_config
+    gpu_text = None
+    if gpu.count:
+        kind = gpu.gpu_type.lower() or "any"
+        gpu_text = kind if gpu.count == 1 else f"{kind}:{gpu.count}"
     access = d.network_access
     allow_cidrs = list(access.allowed_cidrs) if access.network_access_type == api_pb2.NetworkAccess.ALLOWLIST else None
     allow_domains = (
@@ -102,8 +109,13 @@ def create_request(app_id: str, definition: Any, secret_sources: Any, tags: Any)
             ports["h2_ports"].append(spec.port)
         else:
             ports["encrypted_ports"].append(spec.port)
+    volumes = [
+        {"path": m.mount_path, "volume_id": m.volume_id, "read_only": m.read_only, "sub_path": m.sub_path or None}
+        for m in d.volume_mounts
+    ]
     fields: dict[str, Any] = {
         **ports,
+        "volumes": volumes,
         "app_id": app_id,
         "args": list(d.entrypoint_args),
         "image": ImageRef(kind="id", image_id=d.image_id),
@@ -121,6 +133,7 @@ def create_request(app_id: str, definition: Any, secret_sources: Any, tags: Any)
         "block_network": d.block_network or access.network_access_type == api_pb2.NetworkAccess.BLOCKED,
         "outbound_cidr_allowlist": allow_cidrs if allow_cidrs else None,
         "outbound_domain_allowlist": allow_domains if allow_domains else None,
+        "gpu": gpu_text,
         "verbose": d.verbose,
         "enable_snapshot": d.enable_snapshot,
     }

@@ -18,7 +18,7 @@ from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import Sandbox
 from shoal.gateway.auth import GatewayAuth
 from shoal.gateway.convert import grpc_errors, sandbox_of_task
-from shoal.wire.sandboxes import ExecRequest
+from shoal.wire.sandboxes import ExecRequest, SandboxState
 
 FS_TOOLS = "/__modal/.bin/modal-sandbox-fs-tools"
 """The helper the client execs for ``sb.filesystem``, with one JSON command: shoal's own tool runs instead."""
@@ -192,6 +192,15 @@ class CommandRouter(TaskCommandRouterBase):
         offset = await sb.stdin_offset(req.exec_id)
         proc = sb.process(req.exec_id)
         await stream.send_message(tcr.TaskExecStdinStatusResponse(num_bytes_written=offset, closed=proc.exited))
+
+    @grpc_errors
+    async def TaskReloadVolumes(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        if sb.state != SandboxState.RUNNING:
+            raise GRPCError(Status.FAILED_PRECONDITION, "Sandbox already finished")
+        # Volumes are bind mounts of one directory: a running sandbox already sees every committed change.
+        await stream.send_message(tcr.TaskReloadVolumesResponse())
 
     @grpc_errors
     async def TaskSnapshotFilesystem(self, stream: Any) -> None:

@@ -14,6 +14,7 @@ from shoal.engine.manager import Manager
 from shoal.gateway.auth import GatewayAuth
 from shoal.gateway.control import ControlPlane, not_served
 from shoal.gateway.router import CommandRouter
+from shoal.gateway.volumes import BlockStore, GatewayVolumes
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Gateway:
     server: Server
     url: str
     auth: GatewayAuth
+    blocks: BlockStore
 
     def env(self) -> dict[str, str]:
         """The environment that points an official ``modal`` client at this gateway."""
@@ -64,6 +66,7 @@ class Gateway:
     async def close(self) -> None:
         self.server.close()
         await self.server.wait_closed()
+        await self.blocks.close()
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -95,9 +98,11 @@ async def start(mgr: Manager, address: str) -> Gateway:
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     url = f"http://{shown}:{bound}"
-    control = complete(ControlPlane)(mgr, auth, url)
+    blocks = BlockStore(mgr, auth)
+    await blocks.start(host)
+    control = complete(ControlPlane)(mgr, auth, url, GatewayVolumes(mgr, blocks))
     router = complete(CommandRouter)(mgr, auth)
     server = Server([_Authenticated(control, auth), router])
     await server.start(sock=sock)
     log.info("gateway for the official modal client on %s (`shoal gateway env`)", url)
-    return Gateway(server, url, auth)
+    return Gateway(server, url, auth, blocks)
