@@ -3,7 +3,7 @@
 The client sends every layer as Dockerfile commands.  Modal's own ``debian_slim`` layer (``FROM
 python:X.Y.Z-slim-<suite>``, apt-get of compilers, pip/uv upgrades, the ``sleep 172800`` command) is taken for
 shoal's ``debian_slim`` of that Python (decision 0075 says what differs); a ``FROM base`` layer is its base image
-plus build steps (RUN, ENV, WORKDIR, CMD, ENTRYPOINT, USER) through shoal's builder.  A build that does not finish
+plus build steps (RUN, ENV, WORKDIR, CMD, ENTRYPOINT, USER) through shoal's builder, and any other ``FROM`` (``Image.from_registry``) a registry image plus its steps.  A build that does not finish
 at once gets a handle id; the client joins it (logs streamed as they come) and creates sandboxes with that id,
 which the gateway maps to the image built.
 """
@@ -15,6 +15,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from shoal import exception as exc
 from shoal.engine.manager import Manager
 from shoal.wire import dockerfile, ids
 from shoal.wire.images import ImageRef
+from shoal.wire.reference import RegistrySource
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,8 @@ _MODAL_SLIM_REST = (
 )
 
 
-def image_ref(image: Any) -> ImageRef:
-    """The shoal image a Modal ``Image`` message describes."""
+def image_ref(image: Any, secret_env: Callable[[str], dict[str, str]]) -> ImageRef:
+    """The shoal image a Modal ``Image`` message describes (``secret_env``: a secret's values, by id)."""
     lines = [line.strip() for line in image.dockerfile_commands if line.strip()]
     unsupported = [
         name
@@ -72,11 +74,16 @@ def image_ref(image: Any) -> ImageRef:
     ops = dockerfile.parse("\n".join(lines))
     first = ops[0]
     bases = {b.docker_tag: b.image_id for b in image.base_images}
-    if first.kind != "from" or first.argv[0] not in bases:
-        raise exc.UnimplementedError(
-            f"shoal's gateway builds Image.debian_slim() and the layers on it, not {lines[0]!r} yet"
-        )
-    return ImageRef(kind="id", image_id=bases[first.argv[0]], steps=_steps(ops[1:]))
+    if first.kind != "from":
+        raise exc.InvalidError(f"the image's Dockerfile commands must start with FROM, not {lines[0][:80]!r}")
+    if first.argv[0] in bases:
+        return ImageRef(kind="id", image_id=bases[first.argv[0]], steps=_steps(ops[1:]))
+    # ``Image.from_registry`` (and ``from_dockerfile``): a registry image, then its own steps.
+    registry: dict[str, Any] = {"tag": first.argv[0]}
+    auth = image.image_registry_config
+    if auth.secret_id:
+        registry["secret_env"] = secret_env(auth.secret_id)
+    return ImageRef(kind="registry", registry=RegistrySource.model_validate(registry), steps=_steps(ops[1:]))
 
 
 def _steps(ops: list[dockerfile.Op]) -> list[Any]:
@@ -135,7 +142,7 @@ class GatewayImages:
         return build.image_id
 
     async def get_or_create(self, req: Any) -> api_pb2.ImageGetOrCreateResponse:
-        ref = image_ref(req.image)
+        ref = image_ref(req.image, lambda secret_id: self.mgr.secrets.resolve([secret_id]))
         if ref.kind == "id" and ref.image_id:
             ref = ref.model_copy(update={"image_id": self.image_id(ref.image_id)})
         if req.force_build or req.ignore_cache:
