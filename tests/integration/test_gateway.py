@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -465,6 +466,68 @@ def test_registry_images_through_the_official_client(daemon, registry):  # noqa:
         """
     )
     assert got == "from the registry layered\nno-python\n"
+
+
+def test_readiness_connect_tokens_and_directory_snapshots(daemon):
+    got = run_client(
+        """
+        import json, time, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        sb = modal.Sandbox.create("bash", "-c", "sleep 1; exec python3 -m http.server 8000", app=app,
+                                  readiness_probe=modal.Probe.with_tcp(8000))
+        t0 = time.monotonic()
+        sb.wait_until_ready(timeout=30)
+        waited = time.monotonic() - t0
+        p = sb.exec("python3", "-c", "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/').status)")
+        served = p.stdout.read()
+        token = sb.create_connect_token(user_metadata={"user": "me"})
+        sb.exec("bash", "-c", "mkdir -p /snapdir && echo in-dir > /snapdir/f.txt").wait()
+        image = sb.snapshot_directory("/snapdir")
+        sb.terminate()
+        other = modal.Sandbox.create(app=app)
+        other.mount_image("/mnt/snap", image)
+        mounted = other.exec("cat", "/mnt/snap/f.txt").stdout.read()
+        other.terminate()
+        print(json.dumps([waited, served, token.url[:8], bool(token.token), image.object_id[:3], mounted]))
+        """
+    )
+    waited, served, url, has_token, image, mounted = got
+    assert 0.5 < waited < 20 and served == "200\n"
+    assert (url, has_token, image, mounted) == ("https://", True, "im-", "in-dir\n")
+
+
+@pytest.mark.skipif(shutil.which("runsc") is None, reason="memory snapshots need gVisor (runsc): make setup")
+def test_memory_snapshots_through_the_official_client(daemon):
+    got = run_client(
+        """
+        import json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        counter = "import sys\\nn = 0\\nfor line in sys.stdin:\\n    n += 1\\n    print(n, line.strip(), flush=True)"
+        sb = modal.Sandbox.create("python3", "-c", counter, app=app, runtime="gvisor")
+        sb.stdin.write(b"a\\n")
+        sb.stdin.drain()
+        lines = sb.stdout
+        first = next(iter(lines))
+        snap = sb._experimental_snapshot()
+        fork = modal.Sandbox._experimental_from_snapshot(snap)
+        fork.stdin.write(b"b\\n")
+        fork.stdin.drain()
+        forked = next(iter(fork.stdout))
+        sb.stdin.write(b"c\\n")
+        sb.stdin.drain()
+        original = next(iter(lines))
+        again = modal.SandboxSnapshot.from_id(snap.object_id)
+        second = modal.Sandbox._experimental_from_snapshot(again)
+        second.stdin.write(b"d\\n")
+        second.stdin.drain()
+        twice = next(iter(second.stdout))
+        for s in (sb, fork, second):
+            s.terminate()
+        print(json.dumps([first, forked, original, twice, snap.object_id[:3]]))
+        """
+    )
+    # The fork carries on from the counter's memory (2), independently of the original and of another fork.
+    assert got == ["1 a\n", "2 b\n", "2 c\n", "2 d\n", "sn-"]
 
 
 def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):

@@ -387,6 +387,68 @@ class ControlPlane(ModalClientBase):
             self._stdin_writes.popitem(last=False)
         await stream.send_message(api_pb2.SandboxStdinWriteResponse())
 
+    @grpc_errors
+    async def SandboxCreateConnectTokenV2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(req.sandbox_id)
+        if sb.state != SandboxState.RUNNING:
+            raise exc.ConflictError(f"Sandbox {sb.id} is not running: nothing can connect to it")
+        url, token = await self.mgr.network.create_connect_token(sb.id, req.port or 8080, req.user_metadata, sb.touch)
+        await stream.send_message(api_pb2.SandboxCreateConnectTokenResponse(url=url, token=token))
+
+    # ------------------------------------------------------------------ memory snapshots
+
+    async def _snapshot(self, sandbox_id: str) -> str:
+        return (await self.mgr.memory_snapshots.take(sandbox_id)).snapshot_id
+
+    @grpc_errors
+    async def SandboxSnapshot(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await stream.send_message(api_pb2.SandboxSnapshotResponse(snapshot_id=await self._snapshot(req.sandbox_id)))
+
+    @grpc_errors
+    async def SandboxSnapshotWait(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        self.mgr.memory_snapshots.get(req.snapshot_id)  # taken by the time SandboxSnapshot answered
+        ok = api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_SUCCESS)
+        await stream.send_message(api_pb2.SandboxSnapshotWaitResponse(result=ok))
+
+    @grpc_errors
+    async def SandboxSnapshotGet(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        self.mgr.memory_snapshots.get(req.snapshot_id)
+        meta = api_pb2.SandboxSnapshotHandleMetadata(is_v2=True)
+        await stream.send_message(api_pb2.SandboxSnapshotGetResponse(snapshot_id=req.snapshot_id, handle_metadata=meta))
+
+    async def _restore(self, req: Any) -> Sandbox:
+        kind = req.sandbox_name_override_type
+        override = api_pb2.SandboxRestoreRequest
+        keep = kind == override.SANDBOX_NAME_OVERRIDE_TYPE_UNSPECIFIED
+        name = req.sandbox_name_override if kind == override.SANDBOX_NAME_OVERRIDE_TYPE_STRING else None
+        if getattr(req, "volume_mounts", None) or getattr(req, "replace_volume_mounts", False):
+            raise exc.UnimplementedError("shoal restores a memory snapshot with the volumes it had")
+        return await self.mgr.memory_snapshots.restore(req.snapshot_id, name, keep)
+
+    @grpc_errors
+    async def SandboxRestoreV2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = await self._restore(req)
+        jwt, url = self._router_access(sb.id)
+        await stream.send_message(
+            api_pb2.SandboxRestoreV2Response(
+                sandbox_id=sb.id,
+                task_id=task_id(sb.id),
+                command_router_access=api_pb2.CommandRouterAccess(jwt=jwt, url=url),
+                metadata=api_pb2.SandboxHandleMetadata(app_id=sb.row.app_id),
+            )
+        )
+
+    @grpc_errors
+    async def SandboxRestore(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = await self._restore(req)
+        await stream.send_message(api_pb2.SandboxRestoreResponse(sandbox_id=sb.id))
+
     async def _from_name(self, stream: Any) -> None:
         req = await stream.recv_message()
         sb = self.mgr.from_name(req.app_name, req.sandbox_name, req.include_terminated)

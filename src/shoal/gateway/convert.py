@@ -73,7 +73,6 @@ def create_request(
             ("mount_ids (Image.add_local_*)", bool(d.mount_ids)),
             ("nfs_mounts", bool(d.nfs_mounts)),
             ("cloud_bucket_mounts", bool(d.cloud_bucket_mounts)),
-            ("readiness_probe", d.HasField("readiness_probe")),
             ("pty_info", d.HasField("pty_info")),
         )
         if present
@@ -134,12 +133,21 @@ def create_request(
         "outbound_cidr_allowlist": allow_cidrs if allow_cidrs else None,
         "outbound_domain_allowlist": allow_domains if allow_domains else None,
         "gpu": gpu_text,
+        "readiness_probe": _probe(d.readiness_probe) if d.HasField("readiness_probe") else None,
         "verbose": d.verbose,
         "enable_snapshot": d.enable_snapshot,
     }
     if d.runtime:
         fields["runtime"] = d.runtime
     return CreateSandbox.model_validate(fields)
+
+
+def _probe(probe: Any) -> dict[str, Any]:
+    """A ``Probe`` as shoal's readiness probe."""
+    interval = {"interval_ms": probe.interval_ms} if probe.interval_ms else {}
+    if probe.HasField("exec_command"):
+        return {"exec_argv": list(probe.exec_command.argv), **interval}
+    return {"tcp_port": probe.tcp_port, **interval}
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])

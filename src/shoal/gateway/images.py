@@ -3,9 +3,10 @@
 The client sends every layer as Dockerfile commands.  Modal's own ``debian_slim`` layer (``FROM
 python:X.Y.Z-slim-<suite>``, apt-get of compilers, pip/uv upgrades, the ``sleep 172800`` command) is taken for
 shoal's ``debian_slim`` of that Python (decision 0075 says what differs); a ``FROM base`` layer is its base image
-plus build steps (RUN, ENV, WORKDIR, CMD, ENTRYPOINT, USER) through shoal's builder, and any other ``FROM`` (``Image.from_registry``) a registry image plus its steps.  A build that does not finish
-at once gets a handle id; the client joins it (logs streamed as they come) and creates sandboxes with that id,
-which the gateway maps to the image built.
+plus build steps (RUN, ENV, WORKDIR, CMD, ENTRYPOINT, USER) through shoal's builder, and any other ``FROM``
+(``Image.from_registry``) a registry image plus its steps.  A build that does not finish at once gets a handle
+id; the client joins it (logs streamed as they come) and creates sandboxes with that id, which the gateway maps
+to the image built.
 """
 
 from __future__ import annotations

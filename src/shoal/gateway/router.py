@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
+from google.protobuf import empty_pb2
 from grpclib import GRPCError, Status
 from modal_proto import task_command_router_pb2 as tcr
 from modal_proto.task_command_router_grpc import TaskCommandRouterBase
 
 from shoal.agent.protocol import ExitKind
+from shoal.engine import readiness
 from shoal.engine.manager import Manager
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import Sandbox
@@ -192,6 +195,44 @@ class CommandRouter(TaskCommandRouterBase):
         offset = await sb.stdin_offset(req.exec_id)
         proc = sb.process(req.exec_id)
         await stream.send_message(tcr.TaskExecStdinStatusResponse(num_bytes_written=offset, closed=proc.exited))
+
+    @grpc_errors
+    async def SandboxWaitUntilReady(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        if not await readiness.wait_ready(self.mgr, sb, max(req.timeout, 0.0)):
+            raise GRPCError(Status.DEADLINE_EXCEEDED, f"Sandbox {sb.id} was not ready within {req.timeout:g} s")
+        await stream.send_message(tcr.SandboxWaitUntilReadyTcrResponse(ready_at=time.time()))
+
+    @grpc_errors
+    async def TaskSnapshotMemory(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        info = await self.mgr.memory_snapshots.take(sb.id)
+        await stream.send_message(tcr.TaskSnapshotMemoryResponse(snapshot_id=info.snapshot_id))
+
+    @grpc_errors
+    async def TaskSnapshotDirectory(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        ttl = req.ttl_seconds if req.ttl_seconds > 0 else None
+        path = req.path.decode(errors="surrogateescape")
+        image_id = await self.mgr.snapshots.directory(sb.id, path, SNAPSHOT_TIMEOUT, ttl)
+        await stream.send_message(tcr.TaskSnapshotDirectoryResponse(image_id=image_id))
+
+    @grpc_errors
+    async def TaskMountDirectory(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        await self.mgr.snapshots.mount(sb.id, req.path.decode(errors="surrogateescape"), req.image_id)
+        await stream.send_message(empty_pb2.Empty())
+
+    @grpc_errors
+    async def TaskUnmountDirectory(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        await self.mgr.snapshots.unmount(sb.id, req.path.decode(errors="surrogateescape"))
+        await stream.send_message(empty_pb2.Empty())
 
     @grpc_errors
     async def TaskReloadVolumes(self, stream: Any) -> None:
