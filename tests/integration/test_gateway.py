@@ -530,26 +530,106 @@ def test_memory_snapshots_through_the_official_client(daemon):
     assert got == ["1 a\n", "2 b\n", "2 c\n", "2 d\n", "sn-"]
 
 
+def test_the_seeds_streaming_security_and_llm_sections(daemon):
+    got = run_client(
+        """
+        import json, time, modal
+        app = modal.App.lookup("sandbox-app", create_if_missing=True)
+        sb = modal.Sandbox.create(app=app)
+        arrivals = []
+        p = sb.exec("bash", "-c", "for i in {1..3}; do echo $i; sleep 1; done")
+        for line in p.stdout:
+            arrivals.append([line, time.monotonic()])
+        sb.terminate()
+
+        sb = modal.Sandbox.create(  # (restrict_modal_access is gone from modal 1.6's create)
+            block_network=True,
+            timeout=30,
+            image=modal.Image.debian_slim(),
+            app=app,
+        )
+        ok = sb.exec("python", "-c", "print('ok')").stdout.read()
+        sb.terminate()
+
+        def execute_llm_code(code: str) -> dict:
+            app = modal.App.lookup("code-executor", create_if_missing=True)
+            sb = modal.Sandbox.create(image=modal.Image.debian_slim(), timeout=30, block_network=True, app=app)
+            try:
+                sb.filesystem.write_text(code, "/tmp/code.py")  # modal 1.6's file API (sb.open is gone)
+                p = sb.exec("python", "/tmp/code.py", timeout=10)
+                p.wait()
+                return {"stdout": p.stdout.read(), "stderr": p.stderr.read(), "returncode": p.returncode}
+            finally:
+                sb.terminate()
+
+        good, bad = execute_llm_code("print(6 * 7)"), execute_llm_code("import sys; sys.exit('boom')")
+        print(json.dumps([arrivals, ok, good, bad]))
+        """
+    )
+    arrivals, ok, good, bad = got
+    assert [line for line, _ in arrivals] == ["1\n", "2\n", "3\n"]
+    assert arrivals[-1][1] - arrivals[0][1] > 1.5  # each line as it was printed, not all at the end
+    assert ok == "ok\n"
+    assert good == {"stdout": "42\n", "stderr": "", "returncode": 0}
+    assert bad == {"stdout": "", "stderr": "boom\n", "returncode": 1}
+
+
 def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
     got = run_client(
         """
         import json, modal
         app = modal.App.lookup("gateway-tests", create_if_missing=True)
-        errors = []
+        image = modal.Image.debian_slim()
+        image.build(app)
+        sb = modal.Sandbox.create(app=app)
         try:
-            modal.Sandbox.create("cat", app=app, pty=True)
+            sb._experimental_sidecars.create("sleep", "60", name="side", image=image)
+            error = None
         except Exception as e:
-            errors.append([type(e).__name__, str(e)])
-        try:
-            modal.Sandbox.create(app=app, readiness_probe=modal.Probe.with_tcp(8000))
-        except Exception as e:
-            errors.append([type(e).__name__, str(e)])
-        print(json.dumps(errors))
+            error = [type(e).__name__, str(e)]
+        sb.terminate()
+        print(json.dumps(error))
         """,
         timeout=120,
     )
-    assert got[0][0] == "UnimplementedError" and "pty_info" in got[0][1], got
-    assert got[1][0] == "UnimplementedError" and "readiness_probe" in got[1][1], got
+    assert got[0] == "UnimplementedError" and "SandboxContainerCreateV2" in got[1], got
+
+
+def test_local_files_ptys_and_the_seeds_sections(daemon, tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("VALUE = 41\n")
+    (tmp_path / "pkg" / "calc.py").write_text("import mod\nprint(mod.VALUE + 1)\n")
+    (tmp_path / "pkg" / "run.sh").write_text("echo ran\n")
+    (tmp_path / "pkg" / "run.sh").chmod(0o755)
+    (tmp_path / "big.bin").write_bytes(os.urandom(5 << 20))  # over the client's 4 MiB: a blob upload
+    got = run_client(
+        f"""
+        import json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        image = (
+            modal.Image.debian_slim()
+            .add_local_dir({str(tmp_path / "pkg")!r}, "/app/pkg")
+            .add_local_file({str(tmp_path / "big.bin")!r}, "/tmp/big.bin")
+        )
+        sb = modal.Sandbox.create(app=app, image=image)
+        p = sb.exec("bash", "-c", "cat /app/pkg/mod.py; /app/pkg/run.sh; stat -c %a /tmp; sha256sum < /tmp/big.bin")
+        mounted = p.stdout.read()
+        t = sb.exec("bash", "-c", "tty; stty size", pty=True)
+        tty = t.stdout.read()
+        sb.terminate()
+        baked = modal.Image.debian_slim().add_local_dir({str(tmp_path / "pkg")!r}, "/app/pkg", copy=True)
+        baked = baked.run_commands("python3 /app/pkg/calc.py > /built")
+        sb = modal.Sandbox.create(app=app, image=baked)
+        built = sb.exec("cat", "/built").stdout.read()
+        sb.terminate()
+        print(json.dumps([mounted, tty, built]))
+        """
+    )
+    mounted, tty, built = got
+    digest = hashlib.sha256((tmp_path / "big.bin").read_bytes()).hexdigest()
+    assert mounted == f"VALUE = 41\nran\n1777\n{digest}  -\n"  # the image's /tmp kept its mode
+    assert tty.startswith("/dev/pts/") and tty.endswith("\r\n")
+    assert built == "42\n"
 
 
 def test_a_wrong_token_is_refused(daemon):

@@ -19,9 +19,11 @@ from shoal.engine.sandbox import Sandbox
 from shoal.gateway.auth import GatewayAuth
 from shoal.gateway.convert import create_request, generic_result, grpc_errors, task_id
 from shoal.gateway.images import BUILDER_VERSION, GatewayImages
+from shoal.gateway.mounts import GatewayMounts
 from shoal.gateway.volumes import GatewayVolumes
 from shoal.util import safefs
 from shoal.wire import ids
+from shoal.wire.images import ImageRef
 from shoal.wire.sandboxes import SandboxState
 
 ENVIRONMENT_ID = "en-shoal"
@@ -40,12 +42,15 @@ class ControlPlane(ModalClientBase):
     """The control-plane RPCs the official client's sandbox workflows send; every other one is UNIMPLEMENTED
     (``shoal.gateway.server.complete``)."""
 
-    def __init__(self, mgr: Manager, auth: GatewayAuth, router_url: str, volumes: GatewayVolumes) -> None:
+    def __init__(
+        self, mgr: Manager, auth: GatewayAuth, router_url: str, volumes: GatewayVolumes, mounts: GatewayMounts
+    ) -> None:
         self.mgr = mgr
         self.auth = auth
         self.router_url = router_url
-        self.images = GatewayImages(mgr)
+        self.images = GatewayImages(mgr, mounts)
         self.volumes = volumes
+        self.mounts = mounts
         self._anonymous: OrderedDict[str, dict[str, str]] = OrderedDict()
         """Secrets a V1 create's ``env`` became, by id, until the create uses them (the oldest are forgotten)."""
         self._stdin_writes: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
@@ -125,6 +130,31 @@ class ControlPlane(ModalClientBase):
         else:
             raise exc.UnimplementedError("shoal's gateway does not overwrite secrets: use `shoal secret`")
         await stream.send_message(api_pb2.SecretGetOrCreateResponse(secret_id=row.id))
+
+    # ------------------------------------------------------------------ local files (mounts)
+
+    @grpc_errors
+    async def MountBatchedCheckExistence(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        missing = self.mounts.missing(list(req.sha256_hex_hashes))
+        await stream.send_message(api_pb2.MountBatchedCheckExistenceResponse(missing_sha256_hex_hashes=missing))
+
+    @grpc_errors
+    async def MountPutFile(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await stream.send_message(await asyncio.to_thread(self.mounts.put_file, req))
+
+    @grpc_errors
+    async def MountGetOrCreate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        if req.deployment_name:
+            raise exc.UnimplementedError("shoal's gateway does not keep named mounts: use an image or a volume")
+        await stream.send_message(self.mounts.create(req))
+
+    @grpc_errors
+    async def BlobCreate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await stream.send_message(self.mounts.blob_create(req))
 
     # ------------------------------------------------------------------ volumes
 
@@ -230,9 +260,11 @@ class ControlPlane(ModalClientBase):
         definition = req.definition
         sources = req.secret_sources if hasattr(req, "secret_sources") else []  # V1 creates have none
         create = create_request(req.app_id, definition, sources, req.tags, self._anonymous)
-        create = create.model_copy(
-            update={"image": create.image.model_copy(update={"image_id": self.images.image_id(definition.image_id)})}
+        steps = await self.mounts.copy_steps(list(definition.mount_ids))  # Image.add_local_* (copy=False)
+        image = ImageRef.model_validate(
+            {"kind": "id", "image_id": self.images.image_id(definition.image_id), "steps": steps}
         )
+        create = create.model_copy(update={"image": image})
         return await self.mgr.create(create, lambda line: None)
 
     @grpc_errors

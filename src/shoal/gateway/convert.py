@@ -70,10 +70,8 @@ def create_request(
     refuse = [
         name
         for name, present in (
-            ("mount_ids (Image.add_local_*)", bool(d.mount_ids)),
             ("nfs_mounts", bool(d.nfs_mounts)),
             ("cloud_bucket_mounts", bool(d.cloud_bucket_mounts)),
-            ("pty_info", d.HasField("pty_info")),
         )
         if present
     ]
@@ -133,6 +131,7 @@ def create_request(
         "outbound_cidr_allowlist": allow_cidrs if allow_cidrs else None,
         "outbound_domain_allowlist": allow_domains if allow_domains else None,
         "gpu": gpu_text,
+        "pty": d.HasField("pty_info") and d.pty_info.enabled,
         "readiness_probe": _probe(d.readiness_probe) if d.HasField("readiness_probe") else None,
         "verbose": d.verbose,
         "enable_snapshot": d.enable_snapshot,

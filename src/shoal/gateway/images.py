@@ -24,6 +24,7 @@ from modal_proto import api_pb2
 
 from shoal import exception as exc
 from shoal.engine.manager import Manager
+from shoal.gateway.mounts import GatewayMounts
 from shoal.wire import dockerfile, ids
 from shoal.wire.images import ImageRef
 from shoal.wire.reference import RegistrySource
@@ -50,14 +51,14 @@ _MODAL_SLIM_REST = (
 )
 
 
-def image_ref(image: Any, secret_env: Callable[[str], dict[str, str]]) -> ImageRef:
-    """The shoal image a Modal ``Image`` message describes (``secret_env``: a secret's values, by id)."""
+def image_ref(image: Any, secret_env: Callable[[str], dict[str, str]], context: str | None = None) -> ImageRef:
+    """The shoal image a Modal ``Image`` message describes (``secret_env``: a secret's values, by id; ``context``:
+    the stored context its ``context_mount_id`` became, for its ``COPY . DEST``)."""
     lines = [line.strip() for line in image.dockerfile_commands if line.strip()]
     unsupported = [
         name
         for name, present in (
             ("context_files", bool(image.context_files)),
-            ("context_mount_id (COPY of local files)", bool(image.context_mount_id)),
             ("secret_ids", bool(image.secret_ids)),
             ("build_function", bool(image.build_function_def) or image.HasField("build_function")),
             ("gpu_config", image.HasField("gpu_config") and bool(image.gpu_config.count)),
@@ -78,18 +79,22 @@ def image_ref(image: Any, secret_env: Callable[[str], dict[str, str]]) -> ImageR
     if first.kind != "from":
         raise exc.InvalidError(f"the image's Dockerfile commands must start with FROM, not {lines[0][:80]!r}")
     if first.argv[0] in bases:
-        return ImageRef(kind="id", image_id=bases[first.argv[0]], steps=_steps(ops[1:]))
+        return ImageRef(kind="id", image_id=bases[first.argv[0]], steps=_steps(ops[1:], context))
     # ``Image.from_registry`` (and ``from_dockerfile``): a registry image, then its own steps.
     registry: dict[str, Any] = {"tag": first.argv[0]}
     auth = image.image_registry_config
     if auth.secret_id:
         registry["secret_env"] = secret_env(auth.secret_id)
-    return ImageRef(kind="registry", registry=RegistrySource.model_validate(registry), steps=_steps(ops[1:]))
+    return ImageRef(kind="registry", registry=RegistrySource.model_validate(registry), steps=_steps(ops[1:], context))
 
 
-def _steps(ops: list[dockerfile.Op]) -> list[Any]:
+def _steps(ops: list[dockerfile.Op], context: str | None) -> list[Any]:
     steps: list[dict[str, Any]] = []
     for op in ops:
+        if op.kind == "copy" and context is not None and [s.rstrip("/") for s in op.sources] in (["."], [""]):
+            extra = {k: v for k, v in (("chmod", op.chmod), ("chown", op.chown)) if v is not None}
+            steps.append({"op": "copy", "context": context, "dest": op.dest, **extra})
+            continue
         if op.kind == "run":
             steps.append({"op": "run", "commands": [op.argv], "env": op.env})
         elif op.kind == "env":
@@ -127,8 +132,9 @@ class Build:
 class GatewayImages:
     """The builds clients asked for, and the handle ids they know them by."""
 
-    def __init__(self, mgr: Manager) -> None:
+    def __init__(self, mgr: Manager, mounts: GatewayMounts) -> None:
         self.mgr = mgr
+        self.mounts = mounts
         self._builds: dict[str, Build] = {}
         """By handle id."""
         self._by_recipe: dict[str, Build] = {}
@@ -143,7 +149,11 @@ class GatewayImages:
         return build.image_id
 
     async def get_or_create(self, req: Any) -> api_pb2.ImageGetOrCreateResponse:
-        ref = image_ref(req.image, lambda secret_id: self.mgr.secrets.resolve([secret_id]))
+        context = None
+        if req.image.context_mount_id:  # Image.add_local_*(copy=True): COPY . DEST of the mount's files
+            (step,) = await self.mounts.copy_steps([req.image.context_mount_id]) or [{"context": None}]
+            context = step["context"]
+        ref = image_ref(req.image, lambda secret_id: self.mgr.secrets.resolve([secret_id]), context)
         if ref.kind == "id" and ref.image_id:
             ref = ref.model_copy(update={"image_id": self.image_id(ref.image_id)})
         if req.force_build or req.ignore_cache:

@@ -85,8 +85,10 @@ class CommandRouter(TaskCommandRouterBase):
         args = list(req.command_args)
         if args and args[0] == FS_TOOLS:
             args = fs_tool_args(args[1:])
-        if req.HasField("pty_info"):
-            raise GRPCError(Status.UNIMPLEMENTED, "shoal's gateway does not serve exec with a pty yet")
+        pty = req.HasField("pty_info") and req.pty_info.enabled
+        env = {e.key: e.value for e in req.env} if req.env else {}
+        if pty and req.pty_info.env_term:
+            env["TERM"] = req.pty_info.env_term
         secret_env: dict[str, str] = {}
         for source in req.secret_sources:
             secret_env.update(dict(source.env.contents))
@@ -95,7 +97,8 @@ class CommandRouter(TaskCommandRouterBase):
             exec_id=req.exec_id,
             args=args,
             workdir=req.workdir or None,
-            env={e.key: e.value for e in req.env} if req.env else {},
+            env=env,
+            pty=pty,
             secret_env=secret_env,
             secret_ids=secret_ids,
             timeout=req.timeout_secs or None,

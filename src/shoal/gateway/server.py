@@ -13,6 +13,7 @@ from grpclib.server import Server
 from shoal.engine.manager import Manager
 from shoal.gateway.auth import GatewayAuth
 from shoal.gateway.control import ControlPlane, not_served
+from shoal.gateway.mounts import GatewayMounts
 from shoal.gateway.router import CommandRouter
 from shoal.gateway.volumes import BlockStore, GatewayVolumes
 
@@ -99,8 +100,9 @@ async def start(mgr: Manager, address: str) -> Gateway:
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     url = f"http://{shown}:{bound}"
     blocks = BlockStore(mgr, auth)
+    mounts = GatewayMounts(mgr, blocks)
     await blocks.start(host)
-    control = complete(ControlPlane)(mgr, auth, url, GatewayVolumes(mgr, blocks))
+    control = complete(ControlPlane)(mgr, auth, url, GatewayVolumes(mgr, blocks), mounts)
     router = complete(CommandRouter)(mgr, auth)
     server = Server([_Authenticated(control, auth), router])
     await server.start(sock=sock)

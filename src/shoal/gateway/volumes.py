@@ -57,12 +57,16 @@ class BlockStore:
         self.root.mkdir(mode=0o700, exist_ok=True)
         self.base = ""
         self._runner: web.AppRunner | None = None
+        self.app_routes: list[tuple[str, str, Any]] = []
+        """More routes of the same listener (method, path, handler), added before ``start``."""
 
     async def start(self, host: str) -> None:
         """Listen on ``host`` (loopback), any free port."""
         app = web.Application(client_max_size=BLOCK_SIZE + 1)
         app.router.add_put("/blocks/{sha}", self._put)
         app.router.add_get("/files/{volume_id}", self._get)
+        for method, path, handler in self.app_routes:
+            app.router.add_route(method, path, handler)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, 0)
@@ -77,12 +81,14 @@ class BlockStore:
 
     # ------------------------------------------------------------------ signed URLs
 
-    def _sign(self, path: str, params: dict[str, str]) -> str:
+    def sign_path(self, path: str, params: dict[str, str]) -> str:
+        """A URL of this listener for ``path`` with ``params``, signed for an hour."""
         params = {**params, "exp": str(int(time.time()) + URL_TTL)}
         query = urlencode(sorted(params.items()))
         return f"{self.base}{path}?{query}&sig={self.auth.mac(f'{path}?{query}')}"
 
-    def _check(self, request: web.Request) -> None:
+    def check_signature(self, request: web.Request) -> None:
+        """Refuse (403) a request whose URL this gateway did not sign, or whose signature expired."""
         params = sorted((k, v) for k, v in request.query.items() if k != "sig")
         query = urlencode(params)
         good = hmac.compare_digest(request.query.get("sig", ""), self.auth.mac(f"{request.path}?{query}"))
@@ -90,10 +96,10 @@ class BlockStore:
             raise web.HTTPForbidden(text="this block URL is not one the gateway signed, or it expired")
 
     def put_url(self, sha: str) -> str:
-        return self._sign(f"/blocks/{sha}", {})
+        return self.sign_path(f"/blocks/{sha}", {})
 
     def get_url(self, volume_id: str, path: str, start: int, length: int) -> str:
-        return self._sign(f"/files/{quote(volume_id)}", {"path": path, "start": str(start), "len": str(length)})
+        return self.sign_path(f"/files/{quote(volume_id)}", {"path": path, "start": str(start), "len": str(length)})
 
     # ------------------------------------------------------------------ blocks
 
@@ -101,7 +107,13 @@ class BlockStore:
         return self.root / sha
 
     def has(self, sha: str) -> bool:
-        return self.block(sha).is_file()
+        return len(sha) == 64 and all(c in "0123456789abcdef" for c in sha) and self.block(sha).is_file()
+
+    def store(self, sha: str, data: bytes) -> None:
+        """Keep ``data`` (whose SHA-256 the caller checked) as block ``sha``."""
+        temp = self.root / f".{sha}.{os.getpid()}.{os.urandom(4).hex()}"
+        _write(temp, data)
+        os.replace(temp, self.block(sha))
 
     def forget_old(self) -> None:
         """Drop blocks that arrived more than ``BLOCK_KEEP`` seconds ago."""
@@ -112,18 +124,16 @@ class BlockStore:
                     path.unlink()
 
     async def _put(self, request: web.Request) -> web.Response:
-        self._check(request)
+        self.check_signature(request)
         sha = request.match_info["sha"]
         body = await request.read()
         if len(body) > BLOCK_SIZE or hashlib.sha256(body).hexdigest() != sha:
             raise web.HTTPBadRequest(text="the block's contents do not match its name (sha256), or it is too long")
-        temp = self.root / f".{sha}.{os.getpid()}.{id(body)}"
-        await asyncio.to_thread(_write, temp, body)
-        os.replace(temp, self.block(sha))
+        await asyncio.to_thread(self.store, sha, body)
         return web.Response(body=sha.encode())
 
     async def _get(self, request: web.Request) -> web.Response:
-        self._check(request)
+        self.check_signature(request)
         volume_id = request.match_info["volume_id"]
         try:
             start, length = int(request.query["start"]), int(request.query["len"])
