@@ -219,7 +219,8 @@ def test_block_network_holds_through_the_gateway(daemon):
 def test_sandbox_filesystem_through_the_official_client(daemon):
     got = run_client(
         """
-        import json, modal
+        import json, threading, time, modal
+        from modal.types import FileWatchEventType
         app = modal.App.lookup("gateway-tests", create_if_missing=True)
         sb = modal.Sandbox.create(app=app)
         fs = sb.filesystem
@@ -239,12 +240,26 @@ def test_sandbox_filesystem_through_the_official_client(daemon):
             errors.append(type(e).__name__)
         fs.remove("/work/dir", recursive=True)
         gone = sb.exec("test", "-e", "/work/dir").wait()
+        events = []
+
+        def watch():
+            kinds = [FileWatchEventType.Create, FileWatchEventType.Remove]
+            for event in fs.watch("/work", recursive=True, filter=kinds, timeout=4):
+                events.append([event.type.value, event.paths])
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        time.sleep(1.5)
+        sb.exec("bash", "-c", "mkdir -p /work/w; echo x > /work/w/f; echo y >> /work/w/f; rm /work/w/f").wait()
+        watcher.join(15)
         out = [fs.read_text("/etc/hostname") != "", listed, [st.name, st.path, st.size, st.permissions], errors, gone]
         sb.terminate()
-        print(json.dumps(out))
+        print(json.dumps(out + [events]))
         """
     )
-    nonempty, listed, st, errors, gone = got
+    nonempty, listed, st, errors, gone, events = got
+    # Only the kinds asked for (the append is a Modify), each with the path it happened to.
+    assert events == [["Create", ["/work/w"]], ["Create", ["/work/w/f"]], ["Remove", ["/work/w/f"]]]
     assert nonempty
     assert listed == [
         ["a.txt", "/work/dir/a.txt", "file", 5],

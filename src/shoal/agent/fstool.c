@@ -29,7 +29,8 @@
  *   ls PATH                a JSON array of entries, sorted by name
  *   mkdir [-p] PATH        with -p: parents too, and an existing directory is fine
  *   rm [-r] PATH           a file, a symlink, an empty directory; -r: a whole tree
- *   watch [-r] [-t SECS] PATH   one JSON event per line, until stdin closes or SECS pass
+ *   watch [-r] [-t SECS] [-f TYPES] PATH   one JSON event per line, until stdin closes or SECS pass;
+ *                          -f: only these event types (comma-separated, e.g. Create,Modify)
  *   open -m MODE PATH      a request/response session on stdin/stdout (see op_open)
  * With -x, PATH is hex-encoded (names that are not UTF-8 cannot travel as text).
  * read, write and open take regular files only: a FIFO, socket or device is
@@ -808,7 +809,23 @@ static void add_tree(int ino, const char *path, int depth) {
     closedir(d);
 }
 
+static const char *event_filter; /* watch -f: the event types to report, comma-separated (NULL: all) */
+
+static int wanted(const char *type) {
+    if (!event_filter) return 1;
+    size_t n = strlen(type);
+    for (const char *p = event_filter; *p;) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == n && !strncmp(p, type, n)) return 1;
+        if (!end) break;
+        p = end + 1;
+    }
+    return 0;
+}
+
 static void emit_event(const char *type, const char *a, const char *b) {
+    if (!wanted(type)) return;
     ostr("{\"event_type\":\"");
     ostr(type);
     ostr("\",\"paths\":[");
@@ -1157,6 +1174,7 @@ int fs_main(int argc, char **argv) {
         else if (!strcmp(a, "-o") && i + 1 < argc - 1) offset = atoll(argv[++i]);
         else if (!strcmp(a, "-t") && i + 1 < argc - 1) timeout_s = atol(argv[++i]);
         else if (!strcmp(a, "-m") && i + 1 < argc - 1) mode = argv[++i];
+        else if (!strcmp(a, "-f") && i + 1 < argc - 1) event_filter = argv[++i];
         else usage();
     }
     if (i != argc - 1) usage();

@@ -94,9 +94,8 @@ def create_request(
         kind = gpu.gpu_type.lower() or "any"
         gpu_text = kind if gpu.count == 1 else f"{kind}:{gpu.count}"
     access = d.network_access
-    allow_cidrs = list(access.allowed_cidrs) if access.network_access_type == api_pb2.NetworkAccess.ALLOWLIST else None
-    allow_domains = (
-        list(access.allowed_domains) if access.network_access_type == api_pb2.NetworkAccess.ALLOWLIST else None
+    allow_cidrs, allow_domains = (
+        allowlists(access) if access.network_access_type == api_pb2.NetworkAccess.ALLOWLIST else (None, None)
     )
     ports: dict[str, list[int]] = {"encrypted_ports": [], "unencrypted_ports": [], "h2_ports": []}
     for spec in d.open_ports.ports:
@@ -128,8 +127,8 @@ def create_request(
         "memory": d.resources.memory_mb or None,
         "memory_limit": d.resources.memory_mb_max or None,
         "block_network": d.block_network or access.network_access_type == api_pb2.NetworkAccess.BLOCKED,
-        "outbound_cidr_allowlist": allow_cidrs if allow_cidrs else None,
-        "outbound_domain_allowlist": allow_domains if allow_domains else None,
+        "outbound_cidr_allowlist": allow_cidrs,
+        "outbound_domain_allowlist": allow_domains,
         "gpu": gpu_text,
         "pty": d.HasField("pty_info") and d.pty_info.enabled,
         "readiness_probe": _probe(d.readiness_probe) if d.HasField("readiness_probe") else None,
@@ -139,6 +138,13 @@ def create_request(
     if d.runtime:
         fields["runtime"] = d.runtime
     return CreateSandbox.model_validate(fields)
+
+
+def allowlists(access: Any) -> tuple[list[str] | None, list[str] | None]:
+    """An ALLOWLIST ``NetworkAccess`` as shoal's (CIDRs, domains).  The client sends an empty list for the one it
+    was not given: only domains → (None, domains); neither → ([], None), nothing allowed."""
+    cidrs, domains = list(access.allowed_cidrs), list(access.allowed_domains)
+    return (cidrs if cidrs or not domains else None), (domains or None)
 
 
 def _probe(probe: Any) -> dict[str, Any]:

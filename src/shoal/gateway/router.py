@@ -11,6 +11,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2
 from grpclib import GRPCError, Status
+from modal_proto import api_pb2
 from modal_proto import task_command_router_pb2 as tcr
 from modal_proto.task_command_router_grpc import TaskCommandRouterBase
 
@@ -20,7 +21,7 @@ from shoal.engine.manager import Manager
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import Sandbox
 from shoal.gateway.auth import GatewayAuth
-from shoal.gateway.convert import grpc_errors, sandbox_of_task
+from shoal.gateway.convert import allowlists, grpc_errors, sandbox_of_task
 from shoal.wire.sandboxes import ExecRequest, SandboxState
 
 FS_TOOLS = "/__modal/.bin/modal-sandbox-fs-tools"
@@ -57,6 +58,16 @@ def fs_tool_args(args: list[str]) -> list[str]:
         return [AGENT_PATH, "fs", "mkdir", *(["-p"] if params.get("parents") else []), path]
     if op == "Remove":
         return [AGENT_PATH, "fs", "rm", *(["-r"] if params.get("recursive") else []), path]
+    if op == "Watch":
+        argv = [AGENT_PATH, "fs", "watch", *(["-r"] if params.get("recursive") else [])]
+        timeout = params.get("timeout_secs")
+        if isinstance(timeout, int) and timeout > 0:
+            argv += ["-t", str(timeout)]
+        kinds = params.get("filter")
+        if isinstance(kinds, list):
+            names = [k for k in kinds if isinstance(k, str) and k.isalpha()]
+            argv += ["-f", ",".join(names) or "None"]  # an empty filter reports nothing
+        return [*argv, path]
     raise GRPCError(Status.UNIMPLEMENTED, f"shoal's gateway does not serve the filesystem's {op} yet (decision 0075)")
 
 
@@ -236,6 +247,24 @@ class CommandRouter(TaskCommandRouterBase):
         sb = self._sandbox(stream, req.task_id)
         await self.mgr.snapshots.unmount(sb.id, req.path.decode(errors="surrogateescape"))
         await stream.send_message(empty_pb2.Empty())
+
+    @grpc_errors
+    async def TaskSetNetworkAccess(self, stream: Any) -> None:
+        """``sb._experimental_set_outbound_network_policy``: the new allowlists, or none (open)."""
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        if sb.state != SandboxState.RUNNING:
+            raise GRPCError(
+                Status.FAILED_PRECONDITION, f"Sandbox {sb.id} is not running: its policy can no longer change"
+            )
+        access = req.network_access
+        if access.network_access_type == api_pb2.NetworkAccess.ALLOWLIST:
+            await self.mgr.network.set_policy(sb.id, *allowlists(access))
+        elif access.network_access_type == api_pb2.NetworkAccess.OPEN:
+            await self.mgr.network.set_policy(sb.id, None, None)
+        else:
+            raise GRPCError(Status.INVALID_ARGUMENT, "a running sandbox's network can be opened or allowlisted")
+        await stream.send_message(tcr.TaskSetNetworkAccessResponse())
 
     @grpc_errors
     async def TaskReloadVolumes(self, stream: Any) -> None:
