@@ -288,7 +288,6 @@ def test_snapshot_and_mount_errors(sandboxes):
 # ---------------------------------------------------------------------------------------------- the seed
 
 
-@pytest.mark.usefixtures("each_runtime")
 @pytest.mark.slow
 def test_seed_snapshots_section_verbatim(daemon):
     """The seed's "Snapshots" section as written (``import shoal as modal``).
