@@ -589,7 +589,7 @@ def test_the_seeds_streaming_security_and_llm_sections(daemon):
     assert bad == {"stdout": "", "stderr": "boom\n", "returncode": 1}
 
 
-def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
+def test_sidecars_through_the_official_client(daemon):
     got = run_client(
         """
         import json, modal
@@ -597,17 +597,45 @@ def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
         image = modal.Image.debian_slim()
         image.build(app)
         sb = modal.Sandbox.create(app=app)
+        side = sb._experimental_sidecars.create("python3", "-m", "http.server", "9000", name="web", image=image)
+        probe = (
+            "import time, urllib.request as u\\n"
+            "for _ in range(100):\\n"
+            "    try:\\n"
+            "        print(u.urlopen('http://web:9000/').status)\\n"
+            "        break\\n"
+            "    except OSError:\\n"
+            "        time.sleep(0.1)"
+        )
+        reached = sb.exec("python3", "-c", probe).stdout.read()
+        inside = side.exec("cat", "/etc/hostname")
+        names = [s.name for s in sb._experimental_sidecars.list()]
+        same = sb._experimental_sidecars.get(name="web").exec("echo", "again").stdout.read()
+        side.terminate()
+        after = [s.name for s in sb._experimental_sidecars.list()]
+        sb.terminate()
+        print(json.dumps([reached, inside.wait(), names, same, after]))
+        """,
+        timeout=120,
+    )
+    assert got == ["200\n", 0, ["web"], "again\n", []]
+
+
+def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
+    got = run_client(
+        """
+        import json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
         try:
-            sb._experimental_sidecars.create("sleep", "60", name="side", image=image)
+            modal.Sandbox.create(app=app, timeout=None, _experimental_persistent=True)
             error = None
         except Exception as e:
             error = [type(e).__name__, str(e)]
-        sb.terminate()
         print(json.dumps(error))
         """,
         timeout=120,
     )
-    assert got[0] == "UnimplementedError" and "SandboxContainerCreateV2" in got[1], got
+    assert got[0] == "UnimplementedError" and "shoal's gateway does not serve" in got[1], got
 
 
 def test_local_files_ptys_and_the_seeds_sections(daemon, tmp_path):

@@ -17,7 +17,7 @@ from shoal.engine.manager import Manager
 from shoal.engine.process import ENTRYPOINT_ID
 from shoal.engine.sandbox import Sandbox
 from shoal.gateway.auth import GatewayAuth
-from shoal.gateway.convert import create_request, generic_result, grpc_errors, task_id
+from shoal.gateway.convert import create_request, create_sidecar, generic_result, grpc_errors, task_id
 from shoal.gateway.images import BUILDER_VERSION, GatewayImages
 from shoal.gateway.mounts import GatewayMounts
 from shoal.gateway.volumes import GatewayVolumes
@@ -427,6 +427,28 @@ class ControlPlane(ModalClientBase):
             raise exc.ConflictError(f"Sandbox {sb.id} is not running: nothing can connect to it")
         url, token = await self.mgr.network.create_connect_token(sb.id, req.port or 8080, req.user_metadata, sb.touch)
         await stream.send_message(api_pb2.SandboxCreateConnectTokenResponse(url=url, token=token))
+
+    @grpc_errors
+    async def SandboxContainerCreateV2(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        d = req.definition
+        side = await create_sidecar(
+            self.mgr,
+            req.sandbox_id,
+            req.container_name,
+            self.images.image_id(d.image_id),
+            list(d.entrypoint_args),
+            {},
+            req.secret_sources,
+            list(d.secret_ids),
+            d.workdir,
+            d.volume_mounts,
+            d.network_access,
+            d.HasField("pty_info") and d.pty_info.enabled,
+        )
+        await stream.send_message(
+            api_pb2.SandboxContainerCreateV2Response(container_id=side.id, container_name=req.container_name)
+        )
 
     # ------------------------------------------------------------------ memory snapshots
 

@@ -12,7 +12,7 @@ from modal_proto import api_pb2
 
 from shoal import exception as exc
 from shoal.wire.images import ImageRef
-from shoal.wire.sandboxes import CreateSandbox, Result
+from shoal.wire.sandboxes import CreateSandbox, CreateSidecar, Result
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,9 @@ def create_request(
             ports["h2_ports"].append(spec.port)
         else:
             ports["encrypted_ports"].append(spec.port)
-    volumes = [
-        {"path": m.mount_path, "volume_id": m.volume_id, "read_only": m.read_only, "sub_path": m.sub_path or None}
-        for m in d.volume_mounts
-    ]
     fields: dict[str, Any] = {
         **ports,
-        "volumes": volumes,
+        "volumes": volume_list(d.volume_mounts),
         "app_id": app_id,
         "args": list(d.entrypoint_args),
         "image": ImageRef(kind="id", image_id=d.image_id),
@@ -138,6 +134,59 @@ def create_request(
     if d.runtime:
         fields["runtime"] = d.runtime
     return CreateSandbox.model_validate(fields)
+
+
+async def create_sidecar(
+    mgr: Any,
+    sandbox_id: str,
+    name: str,
+    image_id: str,
+    args: list[str],
+    env: dict[str, str],
+    secret_sources: Any,
+    secret_ids: list[str],
+    workdir: str,
+    volume_mounts: Any,
+    network_access: Any,
+    pty: bool,
+) -> Any:
+    """``sb._experimental_sidecars.create``: shoal's sidecar (its own sandbox; its id is the client's container id)."""
+    secret_env: dict[str, str] = {}
+    for source in secret_sources:
+        if source.secret_id:
+            secret_ids.append(source.secret_id)
+        secret_env.update(dict(source.env.contents))
+    cidrs, domains = (
+        allowlists(network_access)
+        if network_access.network_access_type == api_pb2.NetworkAccess.ALLOWLIST
+        else (None, None)
+    )
+    if network_access.network_access_type == api_pb2.NetworkAccess.BLOCKED:
+        raise exc.InvalidError("a sidecar reaches its sandbox over the network: it cannot have block_network")
+    body = CreateSidecar.model_validate(
+        {
+            "name": name,
+            "args": args,
+            "image": {"kind": "id", "image_id": image_id},
+            "env": env,
+            "secret_env": secret_env,
+            "secret_ids": secret_ids,
+            "workdir": workdir or None,
+            "volumes": volume_list(volume_mounts),
+            "outbound_cidr_allowlist": cidrs,
+            "outbound_domain_allowlist": domains,
+            "pty": pty,
+        }
+    )
+    return await mgr.sidecars.create(sandbox_id, body)
+
+
+def volume_list(mounts: Any) -> list[dict[str, Any]]:
+    """``VolumeMount`` messages as shoal's volume mounts."""
+    return [
+        {"path": m.mount_path, "volume_id": m.volume_id, "read_only": m.read_only, "sub_path": m.sub_path or None}
+        for m in mounts
+    ]
 
 
 def allowlists(access: Any) -> tuple[list[str] | None, list[str] | None]:

@@ -5,6 +5,7 @@ sandbox, and may only touch that sandbox."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -20,8 +21,9 @@ from shoal.engine import readiness
 from shoal.engine.manager import Manager
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import Sandbox
+from shoal.exception import NotFoundError
 from shoal.gateway.auth import GatewayAuth
-from shoal.gateway.convert import allowlists, grpc_errors, sandbox_of_task
+from shoal.gateway.convert import allowlists, create_sidecar, generic_result, grpc_errors, sandbox_of_task
 from shoal.wire.sandboxes import ExecRequest, SandboxState
 
 FS_TOOLS = "/__modal/.bin/modal-sandbox-fs-tools"
@@ -87,7 +89,25 @@ class CommandRouter(TaskCommandRouterBase):
         return self.mgr.get(sandbox_id)
 
     def _process(self, stream: Any, task: str, exec_id: str) -> Process:
-        return self._sandbox(stream, task).process(exec_id)
+        """A process of the task's sandbox, or of one of its sidecars (which the client addresses by task too)."""
+        return self._owner(self._sandbox(stream, task), exec_id).process(exec_id)
+
+    def _owner(self, sb: Sandbox, exec_id: str) -> Sandbox:
+        """The sandbox (``sb`` or a sidecar of it) that runs ``exec_id``."""
+        if exec_id in sb.processes or exec_id == ENTRYPOINT_ID:
+            return sb
+        for candidate in (sb, *self.mgr.sidecars.of(sb.id, include_terminated=True)):
+            with contextlib.suppress(NotFoundError):
+                candidate.process(exec_id)  # (an ended process is looked up in the store)
+                return candidate
+        return sb  # (its NotFoundError names the exec)
+
+    def _container(self, sb: Sandbox, container_id: str) -> Sandbox:
+        """A sidecar of ``sb`` by its id (the client's container id)."""
+        for side in self.mgr.sidecars.of(sb.id, include_terminated=True):
+            if side.id == container_id:
+                return side
+        raise GRPCError(Status.NOT_FOUND, f"sandbox {sb.id} has no sidecar {container_id!r}")
 
     @grpc_errors
     async def TaskExecStart(self, stream: Any) -> None:
@@ -118,7 +138,8 @@ class CommandRouter(TaskCommandRouterBase):
         )
         if req.stderr_config == tcr.TASK_EXEC_STDERR_CONFIG_STDOUT:
             raise GRPCError(Status.UNIMPLEMENTED, "shoal's gateway does not merge stderr into stdout yet")
-        await self.mgr.exec(sb.id, exec_req)
+        target = self._container(sb, req.container_id) if req.container_id else sb
+        await self.mgr.exec(target.id, exec_req)
         await stream.send_message(tcr.TaskExecStartResponse())
 
     async def _stream_output(self, stream: Any, proc: Process, fd: int, offset: int, v2: bool) -> None:
@@ -191,7 +212,7 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskExecStdinWrite(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = self._owner(self._sandbox(stream, req.task_id), req.exec_id)
         await self._write_stdin(sb, req.exec_id, req.offset, req.data, req.eof)
         await stream.send_message(tcr.TaskExecStdinWriteResponse())
 
@@ -205,7 +226,7 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskExecStdinStatus(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = self._owner(self._sandbox(stream, req.task_id), req.exec_id)
         offset = await sb.stdin_offset(req.exec_id)
         proc = sb.process(req.exec_id)
         await stream.send_message(tcr.TaskExecStdinStatusResponse(num_bytes_written=offset, closed=proc.exited))
@@ -228,7 +249,7 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskSnapshotDirectory(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = self._target(stream, req.task_id, req.container_id)
         ttl = req.ttl_seconds if req.ttl_seconds > 0 else None
         path = req.path.decode(errors="surrogateescape")
         image_id = await self.mgr.snapshots.directory(sb.id, path, SNAPSHOT_TIMEOUT, ttl)
@@ -237,14 +258,14 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskMountDirectory(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = self._target(stream, req.task_id, req.container_id)
         await self.mgr.snapshots.mount(sb.id, req.path.decode(errors="surrogateescape"), req.image_id)
         await stream.send_message(empty_pb2.Empty())
 
     @grpc_errors
     async def TaskUnmountDirectory(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = self._target(stream, req.task_id, req.container_id)
         await self.mgr.snapshots.unmount(sb.id, req.path.decode(errors="surrogateescape"))
         await stream.send_message(empty_pb2.Empty())
 
@@ -266,10 +287,77 @@ class CommandRouter(TaskCommandRouterBase):
             raise GRPCError(Status.INVALID_ARGUMENT, "a running sandbox's network can be opened or allowlisted")
         await stream.send_message(tcr.TaskSetNetworkAccessResponse())
 
+    def _target(self, stream: Any, task: str, container_id: str) -> Sandbox:
+        sb = self._sandbox(stream, task)
+        return self._container(sb, container_id) if container_id else sb
+
+    # ------------------------------------------------------------------ sidecars
+
+    @grpc_errors
+    async def TaskContainerCreate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        side = await create_sidecar(
+            self.mgr,
+            sb.id,
+            req.container_name,
+            req.image_id,
+            list(req.args),
+            {e.key: e.value for e in req.env},
+            req.secret_sources,
+            list(req.secret_ids),
+            req.workdir,
+            req.volume_mounts,
+            req.network_access,
+            req.HasField("pty_info") and req.pty_info.enabled,
+        )
+        await stream.send_message(
+            tcr.TaskContainerCreateResponse(container_id=side.id, container_name=req.container_name)
+        )
+
+    @staticmethod
+    def _container_info(side: Sandbox) -> Any:
+        status = "running" if side.state == SandboxState.RUNNING else "terminated"
+        name = side.spec.request.sidecar_name or ""
+        return tcr.TaskContainerInfo(
+            container_id=side.id, container_name=name, status=status, result=generic_result(side.result)
+        )
+
+    @grpc_errors
+    async def TaskContainerGet(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        side = self.mgr.sidecars.get(sb.id, req.container_name, req.include_terminated)
+        await stream.send_message(tcr.TaskContainerGetResponse(container=self._container_info(side)))
+
+    @grpc_errors
+    async def TaskContainerList(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        sides = self.mgr.sidecars.of(sb.id, req.include_terminated)
+        await stream.send_message(tcr.TaskContainerListResponse(containers=[self._container_info(x) for x in sides]))
+
+    @grpc_errors
+    async def TaskContainerWait(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        side = self._container(self._sandbox(stream, req.task_id), req.container_id)
+        timeout = min(max(req.timeout, 0.0), 55.0)
+        if not side.finished.is_set() and timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(side.finished.wait(), timeout)
+        await stream.send_message(tcr.TaskContainerWaitResponse(result=generic_result(side.result)))
+
+    @grpc_errors
+    async def TaskContainerTerminate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        side = self._container(self._sandbox(stream, req.task_id), req.container_id)
+        await side.terminate()
+        await stream.send_message(tcr.TaskContainerTerminateResponse())
+
     @grpc_errors
     async def TaskReloadVolumes(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = self._target(stream, req.task_id, req.container_id)
         if sb.state != SandboxState.RUNNING:
             raise GRPCError(Status.FAILED_PRECONDITION, "Sandbox already finished")
         # Volumes are bind mounts of one directory: a running sandbox already sees every committed change.
@@ -278,7 +366,7 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskSnapshotFilesystem(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = self._target(stream, req.task_id, req.container_id)
         ttl = req.ttl_seconds if req.ttl_seconds > 0 else None
         image_id = await self.mgr.snapshots.filesystem(sb.id, SNAPSHOT_TIMEOUT, ttl)
         await stream.send_message(tcr.TaskSnapshotFilesystemResponse(image_id=image_id))
@@ -290,7 +378,7 @@ class CommandRouter(TaskCommandRouterBase):
         offset = 0
         async for msg in stream:
             if msg.HasField("start"):
-                sb = self._sandbox(stream, msg.start.task_id)
+                sb = self._owner(self._sandbox(stream, msg.start.task_id), msg.start.exec_id)
                 exec_id, offset = msg.start.exec_id, msg.start.offset
             elif sb is None:
                 raise GRPCError(Status.INVALID_ARGUMENT, "the stream must start with `start`")
