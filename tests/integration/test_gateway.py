@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -673,6 +675,52 @@ def test_local_files_ptys_and_the_seeds_sections(daemon, tmp_path):
     assert mounted == f"VALUE = 41\nran\n1777\n{digest}  -\n"  # the image's /tmp kept its mode
     assert tty.startswith("/dev/pts/") and tty.endswith("\r\n")
     assert built == "42\n"
+
+
+@pytest.mark.restart
+def test_a_client_carries_on_across_a_daemon_restart(own_daemon):
+    """A program keeps its sandbox and its handle while the daemon is stopped (even with -9) and started again:
+    the gateway comes back on the port it was given, with the same credentials and signing key."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    own_daemon.restart_with("--gateway", f"127.0.0.1:{port}")
+    program = textwrap.dedent(
+        """
+        import json, sys, modal
+        app = modal.App.lookup("gateway-restart", create_if_missing=True)
+        sb = modal.Sandbox.create("cat", app=app, timeout=120)
+        print(json.dumps("ready"), flush=True)
+        sys.stdin.readline()  # the daemon is killed and started again meanwhile
+        p = sb.exec("echo", "after the restart")
+        sb.stdin.write(b"still the same entrypoint\\n")
+        sb.stdin.write_eof()
+        sb.stdin.drain()
+        print(json.dumps([p.stdout.read(), p.wait(), sb.stdout.read()]), flush=True)
+        sb.wait(raise_on_termination=False)
+        print(json.dumps(sb.returncode), flush=True)
+        """
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SHOAL_"))}
+    environ.update(gateway_env(), MODAL_CONFIG_PATH="/nonexistent/.modal.toml")
+    assert environ["MODAL_SERVER_URL"] == f"http://127.0.0.1:{port}"
+    client = subprocess.Popen(
+        [sys.executable, "-c", program], env=environ, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        assert json.loads(client.stdout.readline()) == "ready"
+        own_daemon.stop(signal.SIGKILL)
+        own_daemon.start("--gateway", f"127.0.0.1:{port}")
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert json.loads(client.stdout.readline()) == ["after the restart\n", 0, "still the same entrypoint\n"]
+        assert json.loads(client.stdout.readline()) == 0
+        assert client.wait(60) == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.communicate(timeout=30)  # closes its pipes
 
 
 def test_a_wrong_token_is_refused(daemon):
