@@ -24,7 +24,6 @@ import shoal
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import default_client
 from tests.conftest import REPO
-from tests.integration.test_registry import busybox_layer, make_registry, registry  # noqa: F401 - fixtures
 
 pytest.importorskip("modal_proto", reason="the official modal client is a test dependency: make setup")
 
@@ -466,23 +465,6 @@ def test_the_older_sandbox_calls_modal_still_uses(daemon):
     assert (out, code, exec_out, other_code) == ("hi there\n", 0, "v1 exec\n", 137)
     assert shoal.Sandbox.from_id(sandbox_id).poll() == 0
     assert gpu == sdk_says
-
-
-def test_registry_images_through_the_official_client(daemon, registry):  # noqa: F811 - the fixture
-    ref = registry.push([busybox_layer()], "gateway/busybox:v1", {"Env": ["PATH=/bin", "GREETING=from the registry"]})
-    got = run_client(
-        f"""
-        import json, modal
-        app = modal.App.lookup("gateway-tests", create_if_missing=True)
-        image = modal.Image.from_registry({ref!r}).env({{"EXTRA": "layered"}})
-        sb = modal.Sandbox.create(app=app, image=image)
-        p = sb.exec("sh", "-c", "echo $GREETING $EXTRA; test -e /usr/bin/python3 || echo no-python")
-        out = p.stdout.read()
-        sb.terminate()
-        print(json.dumps(out))
-        """
-    )
-    assert got == "from the registry layered\nno-python\n"
 
 
 def test_readiness_connect_tokens_and_directory_snapshots(daemon):
