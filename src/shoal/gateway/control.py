@@ -149,7 +149,7 @@ class ControlPlane(ModalClientBase):
         req = await stream.recv_message()
         if req.deployment_name:
             raise exc.UnimplementedError("shoal's gateway does not keep named mounts: use an image or a volume")
-        await stream.send_message(self.mounts.create(req))
+        await stream.send_message(await self.mounts.create(req))
 
     @grpc_errors
     async def BlobCreate(self, stream: Any) -> None:
@@ -260,7 +260,7 @@ class ControlPlane(ModalClientBase):
         definition = req.definition
         sources = req.secret_sources if hasattr(req, "secret_sources") else []  # V1 creates have none
         create = create_request(req.app_id, definition, sources, req.tags, self._anonymous)
-        steps = await self.mounts.copy_steps(list(definition.mount_ids))  # Image.add_local_* (copy=False)
+        steps = self.mounts.copy_steps(list(definition.mount_ids))  # Image.add_local_* (copy=False)
         image = ImageRef.model_validate(
             {"kind": "id", "image_id": self.images.image_id(definition.image_id), "steps": steps}
         )

@@ -151,7 +151,7 @@ class GatewayImages:
     async def get_or_create(self, req: Any) -> api_pb2.ImageGetOrCreateResponse:
         context = None
         if req.image.context_mount_id:  # Image.add_local_*(copy=True): COPY . DEST of the mount's files
-            (step,) = await self.mounts.copy_steps([req.image.context_mount_id]) or [{"context": None}]
+            (step,) = self.mounts.copy_steps([req.image.context_mount_id]) or [{"context": None}]
             context = step["context"]
         ref = image_ref(req.image, lambda secret_id: self.mgr.secrets.resolve([secret_id]), context)
         if ref.kind == "id" and ref.image_id:

@@ -46,9 +46,9 @@ class GatewayMounts:
     def __init__(self, mgr: Manager, blocks: BlockStore) -> None:
         self.mgr = mgr
         self.blocks = blocks
-        self._mounts: OrderedDict[str, list[tuple[str, str, int]]] = OrderedDict()
-        """mount id → its files: (path in the sandbox, sha256 hex, mode)."""
-        self._blobs: dict[str, tuple[str, int]] = {}
+        self._mounts: OrderedDict[str, str | None] = OrderedDict()
+        """mount id → the stored context of its files (None: it has none)."""
+        self._blobs: OrderedDict[str, tuple[str, int]] = OrderedDict()
         """blob id → (its sha256 hex, its length), until the client names it in ``MountPutFile``."""
         blocks.app_routes.append(("PUT", "/blobs/{blob_id}", self._put_blob))
 
@@ -68,6 +68,8 @@ class GatewayMounts:
             raise exc.InvalidError("content_sha256_base64 is not a SHA-256")
         blob_id = "bl-" + os.urandom(12).hex()
         self._blobs[blob_id] = (sha, req.content_length)
+        while len(self._blobs) > MOUNTS_KEPT:
+            self._blobs.popitem(last=False)  # uploads never named in a MountPutFile
         url = self.blocks.sign_path(f"/blobs/{blob_id}", {})
         return api_pb2.BlobCreateResponse(blob_ids=[blob_id], upload_urls=api_pb2.UploadUrlList(items=[url]))
 
@@ -109,7 +111,9 @@ class GatewayMounts:
             self.blocks.store(sha, req.data)
         return api_pb2.MountPutFileResponse(exists=True)
 
-    def create(self, req: Any) -> api_pb2.MountGetOrCreateResponse:
+    async def create(self, req: Any) -> api_pb2.MountGetOrCreateResponse:
+        """A mount of uploaded files, made into a stored context now: its files need not stay in the block store,
+        which keeps them only an hour."""
         files: list[tuple[str, str, int]] = []
         for f in req.files:
             if not f.filename.startswith("/"):
@@ -119,22 +123,22 @@ class GatewayMounts:
                 raise exc.NotFoundError(f"{f.filename}: its contents ({f.sha256_hex[:12]}) were not uploaded")
             files.append((f.filename, f.sha256_hex, f.mode))
         mount_id = "mo-" + os.urandom(11).hex()
-        self._mounts[mount_id] = files
+        self._mounts[mount_id] = await self._context(files) if files else None
         while len(self._mounts) > MOUNTS_KEPT:
             self._mounts.popitem(last=False)
         return api_pb2.MountGetOrCreateResponse(mount_id=mount_id)
 
     # ------------------------------------------------------------------ use
 
-    async def copy_steps(self, mount_ids: list[str]) -> list[dict[str, Any]]:
+    def copy_steps(self, mount_ids: list[str]) -> list[dict[str, Any]]:
         """The build steps that lay these mounts' files over an image (a stored context each, copied into /)."""
         steps = []
         for mount_id in mount_ids:
-            files = self._mounts.get(mount_id)
-            if files is None:
+            if mount_id not in self._mounts:
                 raise exc.NotFoundError(f"no mount {mount_id!r} on this shoal gateway (mounts last one daemon run)")
-            if files:
-                steps.append({"op": "copy", "context": await self._context(files), "dest": "/"})
+            context = self._mounts[mount_id]
+            if context is not None:
+                steps.append({"op": "copy", "context": context, "dest": "/"})
         return steps
 
     async def _context(self, files: list[tuple[str, str, int]]) -> str:
