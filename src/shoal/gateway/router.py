@@ -16,19 +16,20 @@ from modal_proto import api_pb2
 from modal_proto import task_command_router_pb2 as tcr
 from modal_proto.task_command_router_grpc import TaskCommandRouterBase
 
+from shoal.agent.build import BINARY_NAME
 from shoal.agent.protocol import ExitKind
 from shoal.engine import readiness
 from shoal.engine.manager import Manager
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import Sandbox
-from shoal.exception import NotFoundError
 from shoal.gateway.auth import GatewayAuth
 from shoal.gateway.convert import allowlists, create_sidecar, generic_result, grpc_errors, sandbox_of_task
+from shoal.runtime.spec import AGENT_DIR
 from shoal.wire.sandboxes import ExecRequest, SandboxState
 
 FS_TOOLS = "/__modal/.bin/modal-sandbox-fs-tools"
 """The helper the client execs for ``sb.filesystem``, with one JSON command: shoal's own tool runs instead."""
-AGENT_PATH = "/.shoal/bin/shoal-agent"
+AGENT_PATH = f"{AGENT_DIR}/{BINARY_NAME}"
 """Where every sandbox has shoal's agent binary, whose ``fs`` mode is the filesystem tool."""
 SNAPSHOT_TIMEOUT = 55
 """Seconds a filesystem snapshot may take (the client's own default)."""
@@ -97,9 +98,8 @@ class CommandRouter(TaskCommandRouterBase):
         if exec_id in sb.processes or exec_id == ENTRYPOINT_ID:
             return sb
         for candidate in (sb, *self.mgr.sidecars.of(sb.id, include_terminated=True)):
-            with contextlib.suppress(NotFoundError):
-                candidate.process(exec_id)  # (an ended process is looked up in the store)
-                return candidate
+            if exec_id in candidate.processes or self.mgr.state.exec(candidate.id, exec_id) is not None:
+                return candidate  # (an ended process is only in the store)
         return sb  # (its NotFoundError names the exec)
 
     def _container(self, sb: Sandbox, container_id: str) -> Sandbox:
