@@ -113,6 +113,8 @@ def _daemon_env(root: Path) -> dict[str, str]:
         # The suite tests per-sandbox id ranges (decision 0063): a host that cannot have them fails to start
         # the daemon, saying why, instead of falling back to the shared range unseen.
         SHOAL_UID_RANGES="per-sandbox",
+        # Usage samples each second rather than every five: a stats test needs a few in a short life.
+        SHOAL_USAGE_INTERVAL="1",
     )
     if MACHINE_IMAGES.is_dir():
         env["SHOAL_IMAGE_CACHE"] = str(MACHINE_IMAGES)

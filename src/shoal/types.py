@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import enum
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 __all__ = [
     "AppInfo",
@@ -20,7 +21,10 @@ __all__ = [
     "FileWatchEventType",
     "LogEntry",
     "SandboxConnectCredentials",
+    "SandboxStats",
     "SecretInfo",
+    "StatsPercentile",
+    "StatsPercentileDistribution",
     "VolumeInfo",
 ]
 
@@ -158,6 +162,42 @@ class SandboxConnectCredentials:
 
     url: str
     token: str
+
+
+@dataclass(frozen=True)
+class StatsPercentile:
+    """One percentile of a measure (``percentile`` 50.0 is the median) and its value."""
+
+    percentile: float
+    value: float
+
+
+@dataclass(frozen=True)
+class StatsPercentileDistribution:
+    """A measure's percentiles over a sandbox's usage samples, in ``unit``."""
+
+    unit: str
+    percentiles: list[StatsPercentile]
+
+
+@dataclass(frozen=True)
+class SandboxStats:
+    """What ``sb._experimental_stats()`` returns: a sandbox's use over a time range.
+
+    ``percentile_stats`` has ``"CPU Usage (cores)"`` and ``"Memory Usage (GiB)"`` (p50, p90, p99 over the
+    samples the daemon takes every few seconds; a key is missing when none was taken in the range).  shoal
+    does not price what it runs: ``cost`` is None and ``cost_by_resource`` empty; the billed core- and
+    GiB-seconds count each sample as the greater of use and request, as Modal's do.
+    """
+
+    since: datetime.datetime
+    until: datetime.datetime
+    duration: datetime.timedelta
+    percentile_stats: dict[str, StatsPercentileDistribution]
+    cost: Decimal | None
+    cost_by_resource: dict[str, Decimal]
+    billed_cpu_core_seconds: float
+    billed_memory_gib_seconds: float
 
 
 class AppState(enum.StrEnum):

@@ -605,6 +605,33 @@ def test_sidecars_through_the_official_client(daemon):
     assert got == ["200\n", 0, ["web"], "again\n", []]
 
 
+def test_sandbox_stats_through_the_official_client(daemon):
+    got = run_client(
+        """
+        import json, time, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        sb = modal.Sandbox.create(app=app, timeout=60, cpu=0.5)
+        p = sb.exec("python3", "-c", "import time\\nend = time.time() + 2\\nwhile time.time() < end: pass")
+        p.wait()
+        time.sleep(1.2)
+        s = sb._experimental_stats()
+        sb.terminate()
+        cpu = s.percentile_stats["CPU Usage (cores)"]
+        print(json.dumps({
+            "seconds": s.duration.total_seconds(), "ordered": s.since < s.until, "unit": cpu.unit,
+            "points": [p.percentile for p in cpu.percentiles], "p99": cpu.percentiles[-1].value,
+            "memory": s.percentile_stats["Memory Usage (GiB)"].percentiles[0].value, "cost": s.cost,
+            "billed_cpu": s.billed_cpu_core_seconds,
+        }))
+        """,
+        timeout=120,
+    )
+    assert got["ordered"] and 2 < got["seconds"] < 60, got
+    assert got["unit"] == "cores" and got["points"] == [50.0, 90.0, 99.0], got
+    assert got["p99"] > 0.5 and 0 < got["memory"] < 1 and got["cost"] is None, got
+    assert got["billed_cpu"] >= 0.5 * 2, got
+
+
 def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
     got = run_client(
         """

@@ -27,6 +27,7 @@ from shoal.engine.sandbox import CREATING, FINISHED, RUNNING, Context, Sandbox, 
 from shoal.engine.sidecars import Sidecars
 from shoal.engine.snapshot import Snapshots
 from shoal.engine.uids import UidSlots
+from shoal.engine.usage import UsageSampler
 from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError, ResourceExhaustedError
 from shoal.gpu import inventory as gpu_inventory
 from shoal.gpu import scheduler as gpu_scheduler
@@ -126,6 +127,7 @@ class Manager:
         self.gpus = gpu_scheduler.GpuScheduler(gpu_inventory.Inventory(problem="not discovered yet"))
         self._prune_task: asyncio.Task[None] | None = None
         self.pool = WarmPool(self, cfg.warm_pool)
+        self.usage = UsageSampler(self, cfg.usage_interval)
         self.gateway_env: dict[str, str] | None = None
         """What points the official modal client at this daemon's gateway (``shoal gateway env``); None: off."""
         self._starting = 0
@@ -196,6 +198,7 @@ class Manager:
         await self._remove_strays(known)
         await image_build.recover(self)
         self._prune_task = asyncio.create_task(self._prune_loop())
+        self.usage.start()
         self.pool.start()
 
     async def _remove_strays(self, known: set[str]) -> None:
@@ -301,6 +304,7 @@ class Manager:
         if self._prune_task is not None:
             self._prune_task.cancel()
         image_base.stop_builds()  # a first base-image bootstrap would otherwise hold the stop for minutes
+        await self.usage.close()
         await self.pool.close()
         await self._remove_late_strays()
         teardowns = [t for sb in self.sandboxes.values() if (t := sb.teardown_task) is not None and not t.done()]

@@ -150,7 +150,8 @@ class Sandbox(AgentFrames):
             assert result is not None, "a sandbox finishes with a result"
             self.result = result
             self.logs.system(describe(result))
-            self.ctx.state.finish_sandbox(self.id, result.status, result.exitcode, result.message)
+            self.row.finished_at = time.time()
+            self.ctx.state.finish_sandbox(self.id, result.status, result.exitcode, result.message, self.row.finished_at)
             self.finished.set()
             return
         self.ctx.state.set_sandbox_state(self.id, new)

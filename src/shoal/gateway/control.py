@@ -556,6 +556,30 @@ class ControlPlane(ModalClientBase):
         await stream.send_message(api_pb2.SandboxTagsGetResponse(tags=tags))
 
     @grpc_errors
+    async def SandboxGetStats(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = self._sandbox(req.sandbox_id)
+        since = req.since.ToMicroseconds() / 1e6 if req.HasField("since") else None
+        until = req.until.ToMicroseconds() / 1e6 if req.HasField("until") else None
+        if since is not None and until is not None and since >= until:
+            raise exc.InvalidError("`since` must be before `until`.")
+        stats = self.mgr.usage.stats(sb, since, until)
+        resp = api_pb2.SandboxGetStatsResponse(
+            duration_hours=stats.duration_seconds / 3600,
+            billed_cpu_core_seconds=stats.billed_cpu_core_seconds,
+            billed_memory_gib_seconds=stats.billed_memory_gib_seconds,
+            num_datapoints=stats.samples,
+        )
+        resp.since.FromMicroseconds(round(stats.since * 1e6))
+        resp.until.FromMicroseconds(round(stats.until * 1e6))
+        for key, (unit, values) in stats.percentiles.items():
+            dist = resp.percentile_stats[key]
+            dist.unit = unit
+            for p, value in values:
+                dist.percentiles.add(percentile_basis_points=round(p * 100), value=value)
+        await stream.send_message(resp)
+
+    @grpc_errors
     async def SandboxTagsGetV2(self, stream: Any) -> None:
         await self._tags_get(stream)
 

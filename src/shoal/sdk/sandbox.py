@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import datetime
 import time
 import uuid
 import warnings
@@ -50,9 +51,15 @@ from shoal.sdk.streams import StreamReader, StreamType, StreamWriter
 from shoal.sdk.transport import Client, default_client
 from shoal.sdk.tunnel import Tunnel, TunnelMap
 from shoal.sdk.volume import mounts_body
-from shoal.types import FileWatchEvent, FileWatchEventType
+from shoal.types import (
+    FileWatchEvent,
+    FileWatchEventType,
+    SandboxStats,
+    StatsPercentile,
+    StatsPercentileDistribution,
+)
 from shoal.wire import gpu as gpu_request
-from shoal.wire import routes
+from shoal.wire import routes, times
 from shoal.wire.base import build, dump
 from shoal.wire.images import ImageRef
 from shoal.wire.sandboxes import CreateSandbox, ExecRequest, TagsUpdate
@@ -559,6 +566,40 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
         """Modal's id of the task that runs the sandbox: here a sandbox is its own task, so its id (agent
         libraries written for Modal call this to name a sandbox)."""
         return self._id
+
+    @live_method
+    async def _experimental_stats(
+        self, *, since: datetime.datetime | None = None, until: datetime.datetime | None = None
+    ) -> SandboxStats:
+        """What the sandbox used over [since, until) (defaults: its creation, now): how long it ran then, the
+        p50/p90/p99 of its CPU cores and memory GiB (sampled every few seconds), and the billed core- and
+        GiB-seconds.  Datetimes without a timezone are local time."""
+        if self._persistent is not None:
+            raise NotImplementedError("Statistics aren't supported for persistent Sandboxes yet.")
+        params: dict[str, str] = {}
+        for name, value in (("since", since), ("until", until)):
+            if value is not None:
+                if not isinstance(value, datetime.datetime):
+                    raise InvalidError(f"`{name}` must be a datetime, not {type(value).__name__}")
+                params[name] = repr(value.astimezone().timestamp())
+        if since is not None and until is not None and since.astimezone() >= until.astimezone():
+            raise InvalidError("`since` must be before `until`.")
+        d = await self._client.request("GET", routes.path("sandboxes", self._id, "stats"), params=params or None)
+        return SandboxStats(
+            since=times.to_datetime(d["since_us"]),
+            until=times.to_datetime(d["until_us"]),
+            duration=datetime.timedelta(seconds=d["duration_seconds"]),
+            percentile_stats={
+                key: StatsPercentileDistribution(
+                    dist["unit"], [StatsPercentile(float(p), float(v)) for p, v in dist["percentiles"]]
+                )
+                for key, dist in d["percentile_stats"].items()
+            },
+            cost=None,
+            cost_by_resource={},
+            billed_cpu_core_seconds=d["billed_cpu_core_seconds"],
+            billed_memory_gib_seconds=d["billed_memory_gib_seconds"],
+        )
 
     @live_method
     async def get_tags(self) -> dict[str, str]:

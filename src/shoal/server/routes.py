@@ -32,9 +32,11 @@ from shoal.wire.sandboxes import (
     LogEntries,
     LogEntry,
     NetworkPolicy,
+    PercentileStats,
     Readiness,
     SandboxInfo,
     SandboxList,
+    SandboxStats,
     StdinOffset,
     Tags,
     TagsUpdate,
@@ -505,6 +507,49 @@ async def add_tunnel(request: web.Request) -> TunnelList:
         raise ConflictError("the sandbox has finished: it cannot open tunnels")
     await mgr.network.add_tunnel(sb.id, int(raw), sb.touch)
     return TunnelList.model_validate({"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, 5.0)})
+
+
+def _epoch(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidError(f"query parameter {name} must be seconds since the epoch, got {raw!r}") from None
+    if not 0 <= value < 1 << 40:
+        raise InvalidError(f"query parameter {name} is out of range: {raw!r}")
+    return value
+
+
+@TABLE.route(
+    "GET",
+    "/v1/sandboxes/{sandbox_id}/stats",
+    summary="What a sandbox used (CPU, memory) over a time range, from samples taken every few seconds",
+    query={
+        "since": "start of the range, seconds since the epoch (default: when the sandbox was created)",
+        "until": "end of the range, exclusive (default: now)",
+    },
+    response=SandboxStats,
+)
+async def sandbox_stats(request: web.Request) -> SandboxStats:
+    mgr = _mgr(request)
+    sb = mgr.get(request.match_info["sandbox_id"])
+    since, until = _epoch(request, "since"), _epoch(request, "until")
+    if since is not None and until is not None and since >= until:
+        raise InvalidError("`since` must be before `until`.")
+    stats = mgr.usage.stats(sb, since, until)
+    return SandboxStats(
+        since_us=micros(stats.since),
+        until_us=micros(stats.until),
+        duration_seconds=stats.duration_seconds,
+        percentile_stats={
+            key: PercentileStats(unit=unit, percentiles=values) for key, (unit, values) in stats.percentiles.items()
+        },
+        samples=stats.samples,
+        billed_cpu_core_seconds=stats.billed_cpu_core_seconds,
+        billed_memory_gib_seconds=stats.billed_memory_gib_seconds,
+    )
 
 
 @TABLE.route(

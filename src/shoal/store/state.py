@@ -57,6 +57,14 @@ CREATE TABLE IF NOT EXISTS execs (
     eof_mask INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (sandbox_id, id)
 );
+CREATE TABLE IF NOT EXISTS usage (
+    sandbox_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    seconds REAL NOT NULL,
+    cpu_cores REAL NOT NULL,
+    memory_bytes INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_sandbox ON usage(sandbox_id, at);
 CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY,
     recipe TEXT NOT NULL,
@@ -216,12 +224,14 @@ class State:
         """Replace a sandbox's stored spec (images mounted into it since it started)."""
         self.db.execute("UPDATE sandboxes SET spec = ? WHERE id = ?", (json.dumps(spec.to_json()), sandbox_id))
 
-    def finish_sandbox(self, sandbox_id: str, status: str, code: int | None, message: str) -> None:
-        """Record a sandbox's result."""
+    def finish_sandbox(
+        self, sandbox_id: str, status: str, code: int | None, message: str, at: float | None = None
+    ) -> None:
+        """Record a sandbox's result (and when it finished: ``at``, else now)."""
         self.db.execute(
             "UPDATE sandboxes SET state = 'finished', finished_at = ?, result_status = ?,"
             " result_code = ?, result_message = ? WHERE id = ?",
-            (time.time(), status, code, message, sandbox_id),
+            (time.time() if at is None else at, status, code, message, sandbox_id),
         )
 
     def set_tags(self, sandbox_id: str, tags: dict[str, str]) -> None:
@@ -248,7 +258,28 @@ class State:
     def delete_sandbox(self, sandbox_id: str) -> None:
         """Forget a sandbox and its processes."""
         self.db.execute("DELETE FROM execs WHERE sandbox_id = ?", (sandbox_id,))
+        self.db.execute("DELETE FROM usage WHERE sandbox_id = ?", (sandbox_id,))
         self.db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    def add_usage(self, samples: list[tuple[str, float, float, float, int]]) -> None:
+        """Record usage samples: (sandbox id, when, seconds the sample stands for, CPU cores, memory bytes)."""
+        if samples:
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?)", samples)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def usage(self, sandbox_id: str, since: float, until: float) -> list[tuple[float, float, float, int]]:
+        """A sandbox's usage samples taken in [since, until): (when, seconds, CPU cores, memory bytes)."""
+        cur = self.db.execute(
+            "SELECT at, seconds, cpu_cores, memory_bytes FROM usage WHERE sandbox_id = ? AND at >= ? AND at < ?"
+            " ORDER BY at",
+            (sandbox_id, since, until),
+        )
+        return [(float(a), float(s), float(c), int(m)) for a, s, c, m in cur.fetchall()]
 
     def _sandboxes(self, where: str, args: tuple[Any, ...]) -> list[SandboxRow]:
         cur = self.db.execute(

@@ -328,6 +328,28 @@ class Tags(BaseModel):
     tags: dict[str, str]
 
 
+class PercentileStats(BaseModel):
+    """One measure's distribution over a sandbox's usage samples: its unit and (percentile, value) pairs."""
+
+    unit: str
+    percentiles: list[tuple[float, float]]
+
+
+class SandboxStats(BaseModel):
+    """``sb._experimental_stats()``: what a sandbox used over [since, until) (microseconds since the epoch)."""
+
+    since_us: int
+    until_us: int
+    duration_seconds: float
+    """How long the sandbox ran within the range."""
+    percentile_stats: dict[str, PercentileStats]
+    """``"CPU Usage (cores)"`` and ``"Memory Usage (GiB)"``; missing when no sample was taken in the range."""
+    samples: int
+    billed_cpu_core_seconds: float
+    """Per sample, the greater of the cores used and the cores requested, times the seconds it stands for."""
+    billed_memory_gib_seconds: float
+
+
 class StdinOffset(BaseModel):
     """How much of a process's stdin the daemon has taken: the offset the next write starts at."""
 
