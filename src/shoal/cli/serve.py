@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 from pathlib import Path
 
 import click
@@ -15,6 +14,7 @@ from shoal.engine.uids import MAX_SLOTS
 from shoal.network.config import NetworkConfig
 from shoal.network.tls import check_covers
 from shoal.runtime.registry import RUNTIMES
+from shoal.util import jsonlog
 
 
 def _config(
@@ -199,6 +199,19 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     help="CA certificates (PEM) to trust, beside the host's store, for the servers that sandboxes' outbound"
     " policies add headers for (e.g. a company's TLS-inspecting proxy); default $SHOAL_EGRESS_CA_FILE",
 )
+@click.option(
+    "--metrics-public",
+    is_flag=True,
+    help="serve GET /metrics on the --tcp listener without the bearer token (for a Prometheus that has none);"
+    " default $SHOAL_METRICS_PUBLIC",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=lambda: os.environ.get("SHOAL_LOG_FORMAT") or "text",
+    show_default="text, or $SHOAL_LOG_FORMAT",
+    help="the daemon's log: lines of text, or one JSON object per line",
+)
 @click.option("--background", is_flag=True, help="detach; return once the daemon is ready")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def serve_cmd(
@@ -223,6 +236,8 @@ def serve_cmd(
     tunnel_cert: str | None,
     tunnel_key: str | None,
     egress_ca_file: str | None,
+    metrics_public: bool,
+    log_format: str,
     background: bool,
     verbose: bool,
 ) -> None:
@@ -255,10 +270,12 @@ def serve_cmd(
     )
     if gateway is not None:
         cfg.gateway = gateway_address(gateway)
+    if metrics_public:
+        cfg.metrics_public = True
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if not background:
-        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+        jsonlog.configure(level, fmt, log_format == "json")
         _run(cfg, None)
         return
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -276,7 +293,7 @@ def serve_cmd(
         os.dup2(log_fd, 2)
         os.close(null)
         os.close(log_fd)
-        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+        jsonlog.configure(level, fmt, log_format == "json")
         cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
         cfg.pid_path.write_text(f"{os.getpid()}\n")
         try:

@@ -114,6 +114,8 @@ class Config:
         default_factory=lambda: int(os.environ.get("SHOAL_MAX_SANDBOXES") or DEFAULT_MAX_SANDBOXES)
     )
     """Sandboxes (running or starting, image builds' included) this daemon holds at once; more are refused."""
+    metrics_public: bool = field(default_factory=lambda: os.environ.get("SHOAL_METRICS_PUBLIC", "") in ("1", "true"))
+    """Serve ``GET /metrics`` on the TCP listener without the bearer token (``shoal serve --metrics-public``)."""
     usage_interval: float = field(default_factory=lambda: max(0.05, float(os.environ.get("SHOAL_USAGE_INTERVAL") or 5)))
     """Seconds between two readings of each sandbox's CPU and memory use (``shoal.engine.usage``)."""
     uid_ranges: str = field(default_factory=lambda: _env("SHOAL_UID_RANGES", "auto"))

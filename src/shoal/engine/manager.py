@@ -20,6 +20,7 @@ from shoal.engine import build as image_build
 from shoal.engine.agent_frames import new_token
 from shoal.engine.config import Config
 from shoal.engine.memory_snapshots import MemorySnapshots
+from shoal.engine.metrics import Metrics
 from shoal.engine.persistent import Persistents
 from shoal.engine.pool import WarmPool
 from shoal.engine.process import ENTRYPOINT_ID, Process
@@ -128,6 +129,7 @@ class Manager:
         self._prune_task: asyncio.Task[None] | None = None
         self.pool = WarmPool(self, cfg.warm_pool)
         self.usage = UsageSampler(self, cfg.usage_interval)
+        self.metrics = Metrics(self)
         self.gateway_env: dict[str, str] | None = None
         """What points the official modal client at this daemon's gateway (``shoal gateway env``); None: off."""
         self._starting = 0
@@ -416,12 +418,23 @@ class Manager:
 
     async def create(self, req: CreateSandbox, image_log: Callable[[str], None], *, build: bool = False) -> Sandbox:
         """``Sandbox.create``: returns once the sandbox runs.  ``build``: an image build sandbox (no entrypoint)."""
-        self._check_capacity()
-        self._starting += 1
+        started = time.monotonic()
         try:
-            return await self._create(req, image_log, build=build)
-        finally:
-            self._starting -= 1
+            self._check_capacity()
+            self._starting += 1
+            try:
+                sb, pooled = await self._create(req, image_log, build=build)
+            finally:
+                self._starting -= 1
+        except Exception as exc:
+            if not build:
+                self.metrics.create_failures.labels(type(exc).__name__).inc()
+            raise
+        if not build:
+            runtime = sb.spec.runtime or "runc"
+            self.metrics.creates.labels(runtime, "pool" if pooled else "cold").inc()
+            self.metrics.create_seconds.labels(runtime).observe(time.monotonic() - started)
+        return sb
 
     def _runtime_for(self, req: CreateSandbox, build: bool) -> str:
         """What the sandbox runs under: what it asks, else what it needs (gVisor for memory snapshots, runc for
@@ -459,7 +472,10 @@ class Manager:
                 f"an outbound policy header names the secret key ${exc.args[0]}, which its secret does not hold"
             ) from None
 
-    async def _create(self, req: CreateSandbox, image_log: Callable[[str], None], *, build: bool) -> Sandbox:
+    async def _create(
+        self, req: CreateSandbox, image_log: Callable[[str], None], *, build: bool
+    ) -> tuple[Sandbox, bool]:
+        """The sandbox, running, and whether the warm pool gave it."""
         req = req.model_copy(update={"runtime": self._runtime_for(req, build)})
         if self.state.app_by_id(req.app_id) is None:
             raise NotFoundError(f"App {req.app_id} not found: look it up with App.lookup(name, create_if_missing=True)")
@@ -520,12 +536,12 @@ class Manager:
         if pooled is not None:
             self.sandboxes[row.id] = pooled
             await pooled.activate(row, req, image)
-            return pooled
+            return pooled, True
         sb = Sandbox(self.ctx, row)
         self.sandboxes[row.id] = sb
         started = dataclasses.replace(image, cmd=None, entrypoint=None) if build else image
         await sb.start(req, started, self.images.lowers(image))
-        return sb
+        return sb, False
 
     def _live(self) -> int:
         """Sandboxes running, and creates in progress (counted once, whether or not they are listed yet)."""
@@ -648,4 +664,7 @@ class Manager:
             raise InvalidError(f"invalid exec id {exec_id!r}: use 1-64 letters, digits, '-', '_' or '.'")
         if req.secret_ids:
             req = req.model_copy(update={"secret_env": {**self.secrets.resolve(req.secret_ids), **req.secret_env}})
-        return await sb.exec(req, exec_id, persist=persist)
+        started = time.monotonic()
+        proc = await sb.exec(req, exec_id, persist=persist)
+        self.metrics.exec_seconds.labels(sb.spec.runtime or "runc").observe(time.monotonic() - started)
+        return proc

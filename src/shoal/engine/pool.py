@@ -80,6 +80,8 @@ class WarmPool:
         """Failed precreates whose removal failed too (e.g. out of descriptors): removed again on the next fill."""
         self.taken = 0
         """Requests served from the pool since the daemon started."""
+        self.missed = 0
+        """Creates the pool could have served but had nothing ready for (``/metrics``)."""
 
     @property
     def runtime(self) -> str:
@@ -172,6 +174,7 @@ class WarmPool:
                 continue
             self.taken += 1
             return sb
+        self.missed += 1
         return None
 
     def specs(self) -> list[SandboxSpec]:
@@ -186,6 +189,7 @@ class WarmPool:
             "size": self.size,
             "ready": len(self.ready),
             "taken": self.taken,
+            "missed": self.missed,
             "image_id": self.image_id,
             "runtime": self.runtime,
         }

@@ -134,6 +134,8 @@ class Builder:
         self.runner = runner
         self.contexts = ctx.ContextStore(store.root / "contexts", store.tmp)
         self.active_layers: dict[str, int] = {}
+        self.step_counts: dict[str, int] = {"built": 0, "cached": 0, "failed": 0}
+        """Build steps applied since the daemon started, by outcome (``/metrics``)."""
         """Layers that builds in progress stand on (counted), so prune keeps them."""
         self.active_contexts: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -227,9 +229,11 @@ class Builder:
         label = recipe.describe(step)
         event = {"index": index, "total": total, "label": label}
         if not forced and (hit := self._lookup(key)) is not None:
+            self.step_counts["cached"] += 1
             log(Progress(f"[{index}/{total}] {label}: cached", {**event, "status": "cached"}))
             return hit
         if step.op in recipe.CONFIG_ONLY:
+            self.step_counts["built"] += 1
             cfg = recipe.apply_config(parent, step)
             log(Progress(f"[{index}/{total}] {label}", {**event, "status": "done", "seconds": 0.0}))
             image_id = self._record(key, parent_id, step, cfg)
@@ -239,6 +243,7 @@ class Builder:
             return image_id, cfg
         async with self._build_lock(key):
             if not forced and (hit := self._lookup(key)) is not None:  # built meanwhile, by someone else
+                self.step_counts["cached"] += 1
                 log(Progress(f"[{index}/{total}] {label}: cached", {**event, "status": "cached"}))
                 return hit
             log(Progress(f"[{index}/{total}] {label}", {**event, "status": "building"}))
@@ -256,6 +261,7 @@ class Builder:
             try:
                 cfg = await self._build(key, parent_id, parent, step, forced, log_and_keep, index, total)
             except ImageBuildError as exc:
+                self.step_counts["failed"] += 1
                 seconds = time.monotonic() - started
                 log(Progress(f"[{index}/{total}] {label}: failed", {**event, "status": "failed", "seconds": seconds}))
                 exc.image_id = recipe.failed_image_id(key)
@@ -265,6 +271,7 @@ class Builder:
                     self.active_layers[layer] -= 1
                     if not self.active_layers[layer]:
                         del self.active_layers[layer]
+            self.step_counts["built"] += 1
             image_id = self._record(key, parent_id, step, cfg)
             build_logs.record(self.state.db, image_id, key, kept)
             seconds = time.monotonic() - started

@@ -46,6 +46,8 @@ CONNECT_RETRY = 2.0
 HIGH_WATER = 4 << 20
 LOW_WATER = 1 << 20
 ENCRYPTED, H2, UNENCRYPTED = "encrypted", "h2", "unencrypted"
+BYTES = {"in": 0, "out": 0}
+"""Bytes forwarded since the daemon started: ``in`` from clients into sandboxes, ``out`` back (``/metrics``)."""
 
 
 class _Side(asyncio.Protocol):
@@ -73,6 +75,7 @@ class _Side(asyncio.Protocol):
             if self is self.conn.client:
                 self.conn.held()
             return
+        BYTES["in" if self is self.conn.client else "out"] += len(data)
         peer.transport.write(data)
         self.conn.active()
 
@@ -106,6 +109,7 @@ class _Side(asyncio.Protocol):
         self.peer = peer
         for data in self.pending:
             assert peer.transport is not None
+            BYTES["in" if self is self.conn.client else "out"] += len(data)
             peer.transport.write(data)
         self.pending.clear()
 

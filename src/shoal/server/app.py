@@ -14,6 +14,7 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 from pydantic import BaseModel, ValidationError
 
 from shoal.engine.manager import Manager
+from shoal.engine.metrics import CONTENT_TYPE
 from shoal.exception import AuthError, Error, InvalidError
 from shoal.server import (
     attach,
@@ -165,7 +166,8 @@ def _is_local(request: web.Request) -> bool:
 
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not _is_local(request):
+    public = request.path == METRICS_PATH and request.app[routes.MANAGER].cfg.metrics_public
+    if not _is_local(request) and not public:
         expected = request.app[TOKEN]
         given = request.headers.get("Authorization", "")
         if not expected or not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
@@ -186,6 +188,15 @@ async def _framework_errors(request: web.Request, handler: Handler) -> web.Strea
     return response
 
 
+METRICS_PATH = "/metrics"
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """Prometheus' scrape: the daemon's metrics in the text format (``shoal.engine.metrics``)."""
+    body = request.app[routes.MANAGER].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
 def build_app(manager: Manager, token: str) -> web.Application:
     """The daemon's web application."""
     app = web.Application(middlewares=[_framework_errors, _auth, routes_persistent.sessions], client_max_size=MAX_BODY)
@@ -193,5 +204,6 @@ def build_app(manager: Manager, token: str) -> web.Application:
     app[TOKEN] = token
     app[routes.API] = ROUTES
     install(app, ROUTES, _wrap, _expect)
+    app.router.add_get(METRICS_PATH, _metrics)
     attach.install(app)
     return app
