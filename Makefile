@@ -8,8 +8,9 @@ export DEBIAN_FRONTEND := noninteractive
 # busybox-static: a Python-less test image; iproute2/nftables: networking; conntrack: cutting
 # connections when a policy changes; patchelf: `from_registry(add_python=)`;
 # skopeo/zstd: registry pulls; docker-registry/apache2-utils (htpasswd): the tests' local registry.
+# tmux: the tests of the interactive shell (a real terminal they type into and read).
 APT_PACKAGES := runc crun mmdebstrap patchelf gcc libc6-dev busybox-static iproute2 nftables conntrack \
-	python3 python3-venv ca-certificates skopeo zstd docker-registry apache2-utils
+	python3 python3-venv ca-certificates skopeo zstd docker-registry apache2-utils tmux
 
 # Packages install without starting services (policy-rc.d answers 101 while apt runs).
 NO_SERVICES = made=; if [ ! -e /usr/sbin/policy-rc.d ]; then \

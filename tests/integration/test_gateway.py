@@ -670,16 +670,20 @@ def test_local_files_ptys_and_the_seeds_sections(daemon, tmp_path):
         mounted = p.stdout.read()
         t = sb.exec("bash", "-c", "tty; stty size", pty=True)
         tty = t.stdout.read()
+        from modal_proto import api_pb2  # the deprecated pty_info= is how a client gives the terminal's size
+        sized = api_pb2.PTYInfo(enabled=True, winsz_rows=33, winsz_cols=101, env_term="xterm")
+        size = sb.exec("stty", "size", pty_info=sized).stdout.read()
         sb.terminate()
         baked = modal.Image.debian_slim().add_local_dir({str(tmp_path / "pkg")!r}, "/app/pkg", copy=True)
         baked = baked.run_commands("python3 /app/pkg/calc.py > /built")
         sb = modal.Sandbox.create(app=app, image=baked)
         built = sb.exec("cat", "/built").stdout.read()
         sb.terminate()
-        print(json.dumps([mounted, tty, built]))
+        print(json.dumps([mounted, tty, built, size]))
         """
     )
-    mounted, tty, built = got
+    mounted, tty, built, size = got
+    assert size == "33 101\r\n"
     digest = hashlib.sha256((tmp_path / "big.bin").read_bytes()).hexdigest()
     assert mounted == f"VALUE = 41\nran\n1777\n{digest}  -\n"  # the image's /tmp kept its mode
     assert tty.startswith("/dev/pts/") and tty.endswith("\r\n")

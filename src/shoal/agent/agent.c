@@ -43,11 +43,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION 3  /* 2: SUSPEND can park (F_PARK); 3: SIGNAL can forget (F_FORGET) */
+#define AGENT_VERSION 4  /* 2: SUSPEND can park (F_PARK); 3: SIGNAL can forget (F_FORGET); 4: RESIZE */
 
 enum {
     MSG_INIT = 1, MSG_EXEC = 2, MSG_STDIN = 3, MSG_ACK = 4,
-    MSG_SIGNAL = 5, MSG_EXIT_ACK = 6, MSG_SUSPEND = 7, MSG_RESUME = 8,
+    MSG_SIGNAL = 5, MSG_EXIT_ACK = 6, MSG_SUSPEND = 7, MSG_RESUME = 8, MSG_RESIZE = 9,
     MSG_HELLO = 101, MSG_STARTED = 102, MSG_OUTPUT = 103, MSG_EOF = 104,
     MSG_EXIT = 105, MSG_STDIN_ACK = 106, MSG_SUSPENDED = 107,
 };
@@ -55,6 +55,7 @@ enum {
     T_ID = 1, T_ARG = 2, T_ENV = 3, T_CWD = 4, T_TIMEOUT_MS = 5, T_FLAGS = 6,
     T_OFFSET = 7, T_DATA = 8, T_FD = 9, T_PID = 10, T_KIND = 11, T_VALUE = 12,
     T_TOKEN = 13, T_VERSION = 14, T_SIGNO = 15, T_PROC = 16, T_STATE = 17, T_USER = 18,
+    T_ROWS = 19, T_COLS = 20,
 };
 enum { F_PTY = 1, F_STDOUT_NULL = 2, F_STDERR_NULL = 4, F_ENTRYPOINT = 8 };
 enum { F_EOF = 1 };
@@ -436,7 +437,8 @@ fail:;
 }
 
 static struct proc *spawn(const char *id, uint32_t idlen, char **argv, char **envp,
-                          const char *cwd, const char *user, int flags, uint64_t timeout_ms) {
+                          const char *cwd, const char *user, int flags, uint64_t timeout_ms,
+                          struct winsize ws) {
     struct proc *p = calloc(1, sizeof *p);
     if (!p) die("out of memory");
     memcpy(p->id, id, idlen);
@@ -453,7 +455,6 @@ static struct proc *spawn(const char *id, uint32_t idlen, char **argv, char **en
         if (master < 0 || grantpt(master) || unlockpt(master)) goto spawn_error;
         char *name = ptsname(master);
         if (!name || (slave = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) goto spawn_error;
-        struct winsize ws = {.ws_row = 24, .ws_col = 80};
         ioctl(master, TIOCSWINSZ, &ws);
     } else {
         if (pipe2(in_p, O_CLOEXEC) < 0) goto spawn_error;
@@ -687,6 +688,11 @@ static void try_reconnect(void) {
 
 /* ---------- handling daemon frames ---------- */
 
+/* A terminal's rows or columns as asked for, if it is one a terminal can have; else ``keep``. */
+static unsigned short window_side(uint64_t asked, unsigned short keep) {
+    return asked >= 1 && asked <= 10000 ? (unsigned short)asked : keep;
+}
+
 static void handle_exec(struct fields f) {
     uint8_t tag; const char *v; uint32_t n;
     const char *id = NULL; uint32_t idlen = 0;
@@ -700,6 +706,7 @@ static void handle_exec(struct fields f) {
     char *cwd = NULL, *user = NULL;
     int flags = 0;
     uint64_t timeout_ms = 0;
+    struct winsize ws = {.ws_row = 24, .ws_col = 80};
     size_t ai = 0, ei = 0;
     if (!argv || !envp) die("out of memory");
     while (next_field(&f, &tag, &v, &n)) {
@@ -711,11 +718,13 @@ static void handle_exec(struct fields f) {
         case T_USER: free(user); user = strndup(v, n); break;
         case T_FLAGS: flags = (int)as_u64(v, n); break;
         case T_TIMEOUT_MS: timeout_ms = as_u64(v, n); break;
+        case T_ROWS: ws.ws_row = window_side(as_u64(v, n), ws.ws_row); break;
+        case T_COLS: ws.ws_col = window_side(as_u64(v, n), ws.ws_col); break;
         }
     }
     if (id && idlen > 0 && idlen <= MAX_ID && argc > 0 && !find_proc(id, idlen) &&
         !entrypoint_done)
-        spawn(id, idlen, argv, envp, cwd, user, flags, timeout_ms);
+        spawn(id, idlen, argv, envp, cwd, user, flags, timeout_ms, ws);
     for (size_t i = 0; i < ai; i++) free(argv[i]);
     for (size_t i = 0; i < ei; i++) free(envp[i]);
     free(argv); free(envp); free(cwd); free(user);
@@ -792,7 +801,7 @@ static void forget(struct proc *p) {
 static void handle_frame(uint8_t type, struct fields f) {
     uint8_t tag; const char *v; uint32_t n;
     const char *id = NULL, *data = NULL; uint32_t idlen = 0, datalen = 0;
-    uint64_t offset = 0, fd = 0, flags = 0, signo = 0;
+    uint64_t offset = 0, fd = 0, flags = 0, signo = 0, rows = 0, cols = 0;
     if (type == MSG_EXEC) { handle_exec(f); return; }
     while (next_field(&f, &tag, &v, &n)) {
         switch (tag) {
@@ -802,6 +811,8 @@ static void handle_frame(uint8_t type, struct fields f) {
         case T_FD: fd = as_u64(v, n); break;
         case T_FLAGS: flags = as_u64(v, n); break;
         case T_SIGNO: signo = as_u64(v, n); break;
+        case T_ROWS: rows = as_u64(v, n); break;
+        case T_COLS: cols = as_u64(v, n); break;
         case T_TOKEN:
             if (type == MSG_INIT && n <= sizeof token) { memcpy(token, v, n); token_len = n; }
             break;
@@ -872,6 +883,13 @@ static void handle_frame(uint8_t type, struct fields f) {
         break;
     case MSG_EXIT_ACK:
         p->exit_acked = 1;
+        break;
+    case MSG_RESIZE:
+        /* The kernel tells the terminal's foreground process group (SIGWINCH) when the size changes. */
+        if ((p->flags & F_PTY) && p->st[0].fd >= 0) {
+            struct winsize ws = {.ws_row = window_side(rows, 0), .ws_col = window_side(cols, 0)};
+            if (ws.ws_row && ws.ws_col) ioctl(p->st[0].fd, TIOCSWINSZ, &ws);
+        }
         break;
     }
 }

@@ -42,6 +42,7 @@ class Msg(IntEnum):
     EXIT_ACK = 6
     SUSPEND = 7
     RESUME = 8
+    RESIZE = 9
     HELLO = 101
     STARTED = 102
     OUTPUT = 103
@@ -72,6 +73,8 @@ class Tag(IntEnum):
     PROC = 16
     STATE = 17
     USER = 18
+    ROWS = 19
+    COLS = 20
 
 
 class ExecFlag(IntEnum):
@@ -94,6 +97,9 @@ PARK_FLAG = 1
 
 PARK_VERSION = 2
 """The first agent version (HELLO's VERSION) that understands ``PARK_FLAG``."""
+
+RESIZE_VERSION = 4
+"""The first agent version that understands RESIZE (and a terminal size on EXEC)."""
 
 FORGET_FLAG = 1
 """FLAGS bit on SIGNAL: kill the process and drop it without reporting anything more of it (a warm pool's
@@ -139,8 +145,10 @@ def exec_frame(
     timeout_ms: int,
     flags: int,
     user: str | None = None,
+    window: tuple[int, int] | None = None,
 ) -> bytes:
-    """Ask the agent to start a process (idempotent on ``exec_id``), as ``user`` (the image's USER) if given."""
+    """Ask the agent to start a process (idempotent on ``exec_id``), as ``user`` (the image's USER) if given;
+    ``window``: a terminal's (rows, columns), else 24x80."""
     parts = [_field(Tag.ID, exec_id.encode())]
     parts += [_field(Tag.ARG, a.encode()) for a in argv]
     parts += [_field(Tag.ENV, f"{k}={v}".encode()) for k, v in env.items()]
@@ -150,6 +158,8 @@ def exec_frame(
         parts.append(_u64(Tag.TIMEOUT_MS, timeout_ms))
     if user:
         parts.append(_field(Tag.USER, user.encode()))
+    if window is not None:
+        parts += [_u64(Tag.ROWS, window[0]), _u64(Tag.COLS, window[1])]
     parts.append(_u64(Tag.FLAGS, flags))
     return frame(Msg.EXEC, *parts)
 
@@ -184,6 +194,11 @@ def signal_frame(exec_id: str, signo: int, *, forget: bool = False) -> bytes:
         _u64(Tag.SIGNO, signo),
         _u64(Tag.FLAGS, FORGET_FLAG if forget else 0),
     )
+
+
+def resize_frame(exec_id: str, rows: int, cols: int) -> bytes:
+    """Set the size of a process's terminal (agent version 4; the agent ignores a process without one)."""
+    return frame(Msg.RESIZE, _field(Tag.ID, exec_id.encode()), _u64(Tag.ROWS, rows), _u64(Tag.COLS, cols))
 
 
 def exit_ack_frame(exec_id: str) -> bytes:

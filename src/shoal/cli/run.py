@@ -22,6 +22,7 @@ import click
 
 import shoal
 from shoal.cli.status import require_daemon
+from shoal.cli.terminal import run_interactive
 from shoal.exception import Error
 from shoal.sdk import output as shoal_output
 
@@ -146,6 +147,7 @@ class _Run:
         workdir: str | None,
         env: dict[str, str],
         stdin: bool,
+        tty: bool = False,
     ) -> int:
         _on_sigterm()
         try:
@@ -159,8 +161,11 @@ class _Run:
                     env=dict(env),
                     tags={"shoal-run": self.marker},
                 )
-            proc = await self.sandbox.exec.aio(*cmd, text=False, timeout=timeout)
-            returncode = await stream_process(proc, sys.stdin.buffer if stdin else None)
+            if tty:
+                returncode = await run_interactive(self.sandbox.object_id, list(cmd), timeout=timeout, stdin=stdin)
+            else:
+                proc = await self.sandbox.exec.aio(*cmd, text=False, timeout=timeout)
+                returncode = await stream_process(proc, sys.stdin.buffer if stdin else None)
             if returncode == 137 and await self.sandbox.poll.aio() == TIMEOUT_EXIT:
                 return TIMEOUT_EXIT  # the sandbox's own deadline ended the command
             return exit_code(returncode)
@@ -188,7 +193,8 @@ class _Run:
 @click.option("--workdir", metavar="DIR", help="absolute working directory in the sandbox")
 @click.option("--env", "env", multiple=True, metavar="K=V", callback=parse_env, help="environment (repeatable)")
 @click.option("--app", "app_name", default="shoal-cli", show_default=True, help="app the sandbox belongs to")
-@click.option("--stdin", "stdin", is_flag=True, help="send our standard input to the command")
+@click.option("-i", "--interactive", "--stdin", "stdin", is_flag=True, help="send our standard input to the command")
+@click.option("-t", "--tty", is_flag=True, help="run the command on a terminal sized as ours (with -i: raw keys)")
 @click.option("-v", "--verbose", is_flag=True, help="also show image build steps found in the cache")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_cmd(
@@ -200,6 +206,7 @@ def run_cmd(
     env: dict[str, str],
     app_name: str,
     stdin: bool,
+    tty: bool,
     verbose: bool,
 ) -> None:
     """Run CMD in a fresh sandbox, stream its output, and exit with its code.
@@ -207,7 +214,8 @@ def run_cmd(
     The sandbox is terminated afterwards, also on Ctrl-C.  A command that
     outlives --timeout is killed and shoal exits with 124, as timeout(1) does.
 
-    Options go before CMD; everything from CMD on is the command.
+    Options go before CMD; everything from CMD on is the command.  With -it, CMD gets a terminal and our keys
+    (shoal run -it -- bash).
 
     Example: shoal run --timeout 60 -- python -c 'print(6 * 7)'
     """
@@ -220,7 +228,7 @@ def run_cmd(
     run = _Run()
     try:
         with sdk_errors():
-            code = asyncio.run(run.main(cmd, app_name, image, timeout, workdir, env, stdin))
+            code = asyncio.run(run.main(cmd, app_name, image, timeout, workdir, env, stdin, tty))
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
         # A second Ctrl-C can stop the loop before the cleanup ran: do it now.
         with contextlib.suppress(Error, KeyboardInterrupt):

@@ -15,6 +15,7 @@ import shoal
 from shoal.cli.files import cp_cmd, list_files
 from shoal.cli.run import INTERRUPTED_EXIT, MAX_TIMEOUT, copy_stream, exit_code, parse_env, sdk_errors, stream_process
 from shoal.cli.status import admin, age, console, print_json, require_daemon
+from shoal.cli.terminal import SHELL, run_interactive
 from shoal.sdk.admin import AdminClient
 from shoal.wire.sandboxes import SandboxState
 
@@ -73,7 +74,8 @@ def ls_cmd(sandbox_id: str | None, path: str | None, app_id: str | None, include
 @click.option("--workdir", metavar="DIR", help="absolute working directory for the command")
 @click.option("--env", "env", multiple=True, metavar="K=V", callback=parse_env, help="environment (repeatable)")
 @click.option("--timeout", type=click.IntRange(1, MAX_TIMEOUT), help="kill the command after this many seconds")
-@click.option("--stdin", "stdin", is_flag=True, help="send our standard input to the command")
+@click.option("-i", "--interactive", "--stdin", "stdin", is_flag=True, help="send our standard input to the command")
+@click.option("-t", "--tty", is_flag=True, help="run the command on a terminal sized as ours (with -i: raw keys)")
 def exec_cmd(
     sandbox_id: str,
     cmd: tuple[str, ...],
@@ -81,10 +83,12 @@ def exec_cmd(
     env: dict[str, str],
     timeout: int | None,
     stdin: bool,
+    tty: bool,
 ) -> None:
     """Run CMD in a running sandbox, stream its output, and exit with its code.
 
-    Options go before ID; everything after ID is the command.
+    Options go before ID; everything after ID is the command.  With -it, CMD gets a terminal and our keys, as
+    with docker exec -it.
 
     Example: shoal sandbox exec --workdir /tmp sb-... -- ls -l
     """
@@ -93,6 +97,8 @@ def exec_cmd(
     if not cmd:
         raise click.UsageError("missing the command to run after ID")
     require_daemon()
+    if tty:
+        _interactive(sandbox_id, list(cmd), workdir=workdir, env=dict(env), timeout=timeout, stdin=stdin)
 
     async def main() -> int:
         sb = await shoal.Sandbox.from_id.aio(sandbox_id)
@@ -105,6 +111,35 @@ def exec_cmd(
     except KeyboardInterrupt:
         code = INTERRUPTED_EXIT
     sys.exit(code)
+
+
+def _interactive(
+    sandbox_id: str,
+    cmd: list[str],
+    *,
+    workdir: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: int | None = None,
+    stdin: bool = True,
+) -> None:
+    with sdk_errors():
+        code = asyncio.run(run_interactive(sandbox_id, cmd, workdir=workdir, env=env, timeout=timeout, stdin=stdin))
+    sys.exit(exit_code(code))
+
+
+@sandbox_group.command("shell")
+@click.argument("sandbox_id")
+@click.option("--cmd", metavar="COMMAND", help="what to run (a shell command line; default: bash, else sh)")
+@click.option("--workdir", metavar="DIR", help="absolute working directory")
+@click.option("--env", "env", multiple=True, metavar="K=V", callback=parse_env, help="environment (repeatable)")
+def shell_cmd(sandbox_id: str, cmd: str | None, workdir: str | None, env: dict[str, str]) -> None:
+    """Open a shell in a running sandbox, on a terminal sized as ours; exit with its code.
+
+    Example: shoal sandbox shell sb-... --cmd 'python3'
+    """
+    require_daemon()
+    argv = list(SHELL) if cmd is None else ["/bin/sh", "-c", cmd]
+    _interactive(sandbox_id, argv, workdir=workdir, env=env)
 
 
 async def _copy_until_quiet(reader: shoal.StreamReader[bytes], out: BinaryIO, idle: float) -> None:

@@ -35,7 +35,7 @@ from shoal.engine.output import OutputBudget
 from shoal.engine.process import ENTRYPOINT_ID, SIGKILL, Process
 from shoal.engine.results import describe, describe_process, returncode_of
 from shoal.engine.uids import UidSlots
-from shoal.exception import ConflictError, NotFoundError, ServiceError
+from shoal.exception import ConflictError, InvalidError, NotFoundError, ServiceError
 from shoal.images.base import KEEP_ALIVE_CMD
 from shoal.network.service import Network
 from shoal.runtime import cgroups, idmap, rootfs
@@ -513,7 +513,8 @@ class Sandbox(AgentFrames):
         cwd = req.workdir or self.spec.request.workdir or self.spec.image_workdir or "/"
         timeout_ms = (req.timeout or 0) * 1000
         env = process_env(self.ctx.secrets, self.id, self.spec, req, self.spec.image_env)
-        return P.exec_frame(exec_id, req.args, env, cwd, timeout_ms, flags, self.spec.image_user)
+        window = req.pty_size if req.pty else None
+        return P.exec_frame(exec_id, req.args, env, cwd, timeout_ms, flags, self.spec.image_user, window)
 
     async def exec(self, req: ExecRequest, exec_id: str, *, persist: bool = True) -> Process:
         """Start a process (idempotent on ``exec_id``).
@@ -668,6 +669,20 @@ class Sandbox(AgentFrames):
         proc = self.process(exec_id)
         if not proc.exited and self.link is not None:
             self.link.send(P.signal_frame(exec_id, signo))
+
+    def resize(self, exec_id: str, rows: int, cols: int) -> None:
+        """Set the size of a running process's terminal (its foreground process group gets SIGWINCH)."""
+        proc = self.process(exec_id)
+        if not proc.spec.get("pty"):
+            raise InvalidError(f"process {exec_id} has no terminal to resize: start it with pty=True")
+        if proc.exited or self.link is None:
+            return
+        if self.agent_version < P.RESIZE_VERSION:
+            raise InvalidError(
+                "this sandbox's agent predates terminal resizing (the sandbox was started by an older shoal);"
+                " sandboxes created from now on have it"
+            )
+        self.link.send(P.resize_frame(exec_id, rows, cols))
 
     def exec_info(self, proc: Process) -> ExecInfo:
         """A process as the API shows it."""

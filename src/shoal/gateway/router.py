@@ -130,6 +130,9 @@ class CommandRouter(TaskCommandRouterBase):
             workdir=req.workdir or None,
             env=env,
             pty=pty,
+            pty_size=(req.pty_info.winsz_rows, req.pty_info.winsz_cols)
+            if pty and 0 < req.pty_info.winsz_rows <= 10000 and 0 < req.pty_info.winsz_cols <= 10000
+            else None,
             secret_env=secret_env,
             secret_ids=secret_ids,
             timeout=req.timeout_secs or None,

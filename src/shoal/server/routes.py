@@ -40,6 +40,7 @@ from shoal.wire.sandboxes import (
     StdinOffset,
     Tags,
     TagsUpdate,
+    TerminalSize,
     TunnelList,
     WaitResult,
 )
@@ -586,6 +587,19 @@ async def create_exec(request: web.Request, body: ExecRequest) -> ExecInfo:
     sandbox_id = request.match_info["sandbox_id"]
     proc = await mgr.exec(sandbox_id, body)
     return mgr.get(sandbox_id).exec_info(proc)
+
+
+@TABLE.route(
+    "POST",
+    "/v1/sandboxes/{sandbox_id}/execs/{exec_id}/resize",
+    summary="Set the size of a process's terminal (a pty=True process; it gets SIGWINCH)",
+    body=TerminalSize,
+    response=Done,
+)
+async def resize_exec(request: web.Request, body: TerminalSize) -> Done:
+    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    sb.resize(request.match_info["exec_id"], body.rows, body.cols)
+    return Done()
 
 
 @TABLE.route("GET", "/v1/sandboxes/{sandbox_id}/execs", summary="List a sandbox's processes", response=ExecList)

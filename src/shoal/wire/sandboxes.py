@@ -182,6 +182,16 @@ class CreateSandbox(WireModel):
         return self
 
 
+TerminalSide = Annotated[int, Field(ge=1, le=10000)]
+
+
+class TerminalSize(WireModel):
+    """``POST .../execs/{exec_id}/resize``: a process's terminal is now this big (it gets SIGWINCH)."""
+
+    rows: TerminalSide
+    cols: TerminalSide
+
+
 class ExecRequest(WireModel):
     """``sb.exec``."""
 
@@ -195,6 +205,8 @@ class ExecRequest(WireModel):
     stdout: Literal["pipe", "devnull"] = "pipe"
     stderr: Literal["pipe", "devnull"] = "pipe"
     pty: bool = False
+    pty_size: tuple[TerminalSide, TerminalSide] | None = None
+    """With ``pty``: the terminal's (rows, columns) at the start (default 24x80); ``.../resize`` changes it."""
 
     @field_validator("args")
     @classmethod
