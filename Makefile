@@ -8,9 +8,10 @@ export DEBIAN_FRONTEND := noninteractive
 # busybox-static: a Python-less test image; iproute2/nftables: networking; conntrack: cutting
 # connections when a policy changes; patchelf: `from_registry(add_python=)`;
 # skopeo/zstd: registry pulls; docker-registry/apache2-utils (htpasswd): the tests' local registry.
-# tmux: the tests of the interactive shell (a real terminal they type into and read).
+# tmux: the tests of the interactive shell (a real terminal they type into and read); chromium: the dashboard's
+# tests (driven by Playwright); curl/openssl: fetching and checking the dashboard's xterm.js (scripts/vendor-xterm).
 APT_PACKAGES := runc crun mmdebstrap patchelf gcc libc6-dev busybox-static iproute2 nftables conntrack \
-	python3 python3-venv ca-certificates skopeo zstd docker-registry apache2-utils tmux
+	python3 python3-venv ca-certificates skopeo zstd docker-registry apache2-utils tmux chromium curl openssl
 
 # Packages install without starting services (policy-rc.d answers 101 while apt runs).
 NO_SERVICES = made=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
@@ -22,9 +23,9 @@ NO_SERVICES = made=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
 RUNSC_MIN := 0.0~20240729
 DEBIAN_MIRROR ?= http://deb.debian.org/debian
 
-.PHONY: setup system runsc venv prepare test lint typecheck bench clean
+.PHONY: setup system runsc venv vendor prepare test lint typecheck bench clean
 
-setup: system venv prepare
+setup: system venv vendor prepare
 
 system:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
@@ -53,6 +54,9 @@ $(BIN)/shoal: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,gateway]'
 	@touch $@
+
+vendor:
+	scripts/vendor-xterm
 
 prepare: venv
 	$(BIN)/shoal setup

@@ -7,9 +7,8 @@ The README's compatibility table is made from this list (``python -m tests.compa
 from __future__ import annotations
 
 FUNCTIONS = "Modal Functions, Classes, web servers and deployments: shoal runs sandboxes only"
-DASHBOARD = "no web dashboard yet (the operators issue)"
 NO_BILLING = "shoal keeps no cost or usage accounting (Modal's billing statistics)"
-INTERACTIVE = "interactive terminals come with `shoal sandbox shell` (the operators issue)"
+INTERACTIVE = "attaching the program's own terminal: `shoal sandbox shell` / `exec -it` do it from the CLI"
 CLOUD_AUTH = "cloud registry credentials: from_registry(secret=) covers registries with a user and password"
 PRIVATE_REPOS = "private git repositories are not built; pip_install() of a git+https URL with a token works"
 MAMBA = "micromamba and its conda channels are not reachable from a host limited to PyPI, Debian and npm"
@@ -23,11 +22,6 @@ DIFFERENCES: dict[str, str] = {
     "App.server: unimplemented": FUNCTIONS,
     "Image.run_function: unimplemented": FUNCTIONS,
     "App.stats: unimplemented": NO_BILLING,
-    "App.get_dashboard_url: unimplemented": DASHBOARD,
-    "Image.get_dashboard_url: unimplemented": DASHBOARD,
-    "Sandbox.get_dashboard_url: unimplemented": DASHBOARD,
-    "Secret.get_dashboard_url: unimplemented": DASHBOARD,
-    "Volume.get_dashboard_url: unimplemented": DASHBOARD,
     "ContainerProcess.attach: unimplemented": INTERACTIVE,
     "Image.shell: unimplemented": INTERACTIVE,
     "Image.from_aws_ecr: unimplemented": CLOUD_AUTH,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from shoal.cli.dashboard import dashboard_cmd
 from shoal.cli.gateway import gateway_group
 from shoal.cli.image import image_group
 from shoal.cli.run import run_cmd
@@ -35,6 +36,7 @@ cli.add_command(volume_group)
 cli.add_command(secret_group)
 cli.add_command(trust_cmd)
 cli.add_command(gateway_group)
+cli.add_command(dashboard_cmd)
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ import shoal
 from shoal.cli.files import cp_cmd, list_files
 from shoal.cli.run import INTERRUPTED_EXIT, MAX_TIMEOUT, copy_stream, exit_code, parse_env, sdk_errors, stream_process
 from shoal.cli.status import admin, age, console, print_json, require_daemon
-from shoal.cli.terminal import SHELL, run_interactive
+from shoal.cli.terminal import run_interactive
 from shoal.sdk.admin import AdminClient
-from shoal.wire.sandboxes import SandboxState
+from shoal.wire.sandboxes import INTERACTIVE_SHELL, SandboxState
 
 LOGS_IDLE = 0.5
 """Without --follow: stop once a stream has been quiet this long (the daemon streams until the process ends)."""
@@ -138,7 +138,7 @@ def shell_cmd(sandbox_id: str, cmd: str | None, workdir: str | None, env: dict[s
     Example: shoal sandbox shell sb-... --cmd 'python3'
     """
     require_daemon()
-    argv = list(SHELL) if cmd is None else ["/bin/sh", "-c", cmd]
+    argv = list(INTERACTIVE_SHELL) if cmd is None else ["/bin/sh", "-c", cmd]
     _interactive(sandbox_id, argv, workdir=workdir, env=env)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from shoal.engine.config import UID_RANGE_MODES, Config, gateway_address
+from shoal.engine.config import UID_RANGE_MODES, Config, dashboard_address, gateway_address
 from shoal.engine.uids import MAX_SLOTS
 from shoal.network.config import NetworkConfig
 from shoal.network.tls import check_covers
@@ -200,6 +200,12 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     " policies add headers for (e.g. a company's TLS-inspecting proxy); default $SHOAL_EGRESS_CA_FILE",
 )
 @click.option(
+    "--dashboard",
+    metavar="HOST:PORT|off",
+    help="the web dashboard's loopback address (default 127.0.0.1:8720, or $SHOAL_DASHBOARD; a port in use"
+    " falls back to a free one; off: none); `shoal dashboard` prints its login URL",
+)
+@click.option(
     "--metrics-public",
     is_flag=True,
     help="serve GET /metrics on the --tcp listener without the bearer token (for a Prometheus that has none);"
@@ -236,6 +242,7 @@ def serve_cmd(
     tunnel_cert: str | None,
     tunnel_key: str | None,
     egress_ca_file: str | None,
+    dashboard: str | None,
     metrics_public: bool,
     log_format: str,
     background: bool,
@@ -272,6 +279,8 @@ def serve_cmd(
         cfg.gateway = gateway_address(gateway)
     if metrics_public:
         cfg.metrics_public = True
+    if dashboard is not None:
+        cfg.dashboard = dashboard_address(dashboard)
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if not background:

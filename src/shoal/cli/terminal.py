@@ -28,8 +28,6 @@ from shoal.wire import routes
 from shoal.wire.sandboxes import ExecRequest, TerminalSize
 
 DEFAULT_TERM = "xterm-256color"
-SHELL = ("/bin/sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash; else exec sh; fi")
-"""What ``shoal sandbox shell`` runs without ``--cmd``: bash where the image has it, else sh."""
 READ_SIZE = 1 << 14
 OUTPUT_DRAIN = 5.0
 """Seconds the output may take to end once the command has exited."""

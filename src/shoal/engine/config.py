@@ -44,6 +44,7 @@ UID_RANGE_MODES = ("per-sandbox", "shared", "auto")
 
 
 DEFAULT_GATEWAY = "127.0.0.1:8719"
+DEFAULT_DASHBOARD = "127.0.0.1:8720"
 
 
 def gateway_address(value: str | None) -> str | None:
@@ -51,6 +52,13 @@ def gateway_address(value: str | None) -> str | None:
     if value in ("off", "0", "none"):
         return None
     return value or DEFAULT_GATEWAY
+
+
+def dashboard_address(value: str | None) -> str | None:
+    """The dashboard's HOST:PORT from an option or ``$SHOAL_DASHBOARD`` (``off``: None, no dashboard)."""
+    if value in ("off", "0", "none"):
+        return None
+    return value or DEFAULT_DASHBOARD
 
 
 def _env(name: str, default: str) -> str:
@@ -68,6 +76,8 @@ class Config:
     tcp_port: int | None = None
     gateway: str | None = field(default_factory=lambda: gateway_address(os.environ.get("SHOAL_GATEWAY")))
     """Loopback HOST:PORT of the gateway for the official modal client (``shoal.gateway``); None: off."""
+    dashboard: str | None = field(default_factory=lambda: dashboard_address(os.environ.get("SHOAL_DASHBOARD")))
+    """Loopback HOST:PORT of the web dashboard (``shoal.server.dashboard``); None: off."""
     runtime: str | None = field(default_factory=lambda: os.environ.get("SHOAL_RUNTIME") or None)
     """The OCI runtime of ``runc`` sandboxes (runc or crun; None: crun where it works, else runc)."""
     default_runtime: str = field(default_factory=lambda: os.environ.get("SHOAL_DEFAULT_RUNTIME") or "runc")

@@ -130,6 +130,8 @@ class Manager:
         self.pool = WarmPool(self, cfg.warm_pool)
         self.usage = UsageSampler(self, cfg.usage_interval)
         self.metrics = Metrics(self)
+        self.dashboard: tuple[str, str] | None = None
+        """The web dashboard's URL and its login URL (``shoal dashboard``); None: off."""
         self.gateway_env: dict[str, str] | None = None
         """What points the official modal client at this daemon's gateway (``shoal gateway env``); None: off."""
         self._starting = 0

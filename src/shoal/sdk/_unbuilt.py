@@ -14,8 +14,10 @@ from shoal.exception import UnimplementedError
 F = TypeVar("F", bound=Callable[..., Any])
 
 FUNCTIONS = "Modal Functions, Classes, web servers and deployments do not exist in shoal, which runs sandboxes only"
-DASHBOARD = "shoal has no web dashboard yet; `shoal status` and `shoal sandbox ls` show the same"
-INTERACTIVE = "interactive terminals are not built yet; use sb.exec(..., pty=True) and stream its output"
+INTERACTIVE = (
+    "attaching this program's terminal is not built; from a terminal, `shoal sandbox shell ID` or"
+    " `shoal sandbox exec -it ID CMD` does it"
+)
 PUBLISHED = "named, published images are a Modal workspace feature; build the image from its recipe instead"
 
 
@@ -46,14 +48,7 @@ MAMBA = "micromamba and its conda channels are not built (a host limited to PyPI
 PRIVATE_REPOS = "private git repositories are not built; pip_install() of a git+https URL with a token works"
 
 
-class NoDashboard:
-    """``get_dashboard_url`` of Modal's objects."""
-
-    @unimplemented(DASHBOARD)
-    def get_dashboard_url(self) -> Any: ...
-
-
-class AppUnbuilt(NoDashboard):
+class AppUnbuilt:
     """What Modal's ``App`` does besides sandboxes."""
 
     @unimplemented(FUNCTIONS)
@@ -103,7 +98,7 @@ class AppUnbuilt(NoDashboard):
         return []
 
 
-class ImageUnbuilt(NoDashboard):
+class ImageUnbuilt:
     """Modal ``Image`` members that shoal does not build."""
 
     @unimplemented(FUNCTIONS)

@@ -52,6 +52,11 @@ class AdminClient:
         result: dict[str, Any] = await self._call("GET", routes.STATUS)
         return result
 
+    async def dashboard(self) -> dict[str, str]:
+        """The web dashboard's ``url`` and the ``login_url`` that signs a browser in."""
+        result: dict[str, str] = await self._call("GET", routes.DASHBOARD)
+        return result
+
     async def gateway_env(self) -> dict[str, str]:
         """``MODAL_SERVER_URL``, ``MODAL_TOKEN_ID`` and ``MODAL_TOKEN_SECRET`` for the daemon's gateway."""
         result: dict[str, str] = (await self._call("GET", routes.GATEWAY))["env"]

@@ -10,6 +10,7 @@ from typing import Any
 from shoal.exception import InvalidError
 from shoal.sdk._sync import live_function, live_method, run_async, run_blocking
 from shoal.sdk._unbuilt import AppUnbuilt, unimplemented
+from shoal.sdk.dashboard import DashboardLink
 from shoal.sdk.logs import AppLogs
 from shoal.sdk.transport import default_client
 from shoal.types import AppInfo, AppLifecycle, AppState
@@ -25,7 +26,7 @@ NO_BILLING = (
 )
 
 
-class App(AppUnbuilt):
+class App(AppUnbuilt, DashboardLink):
     """A named group of sandboxes.
 
     Examples:
@@ -57,6 +58,9 @@ class App(AppUnbuilt):
     def app_id(self) -> str | None:
         """The app's id once it runs (``ap-…``)."""
         return self._app_id
+
+    def _dashboard_page(self) -> str:
+        return f"sandboxes?app={self._app_id}" if self._app_id else "apps"
 
     @live_function
     async def lookup(  # static: App.lookup(...)

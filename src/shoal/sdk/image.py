@@ -14,6 +14,7 @@ from shoal.sdk import _image_resolve
 from shoal.sdk._image_build import ImageBuilder, PendingStep
 from shoal.sdk._sync import live_function, live_method
 from shoal.sdk._unbuilt import ImageUnbuilt
+from shoal.sdk.dashboard import DashboardLink
 from shoal.sdk.logs import ImageLogs
 from shoal.sdk.secret import Secret
 from shoal.sdk.transport import Client, default_client
@@ -24,7 +25,7 @@ _resolved: dict[tuple[str, str], str] = {}
 """Image ids by (daemon, recipe): each daemon has its own images."""
 
 
-class Image(ImageBuilder, ImageUnbuilt):
+class Image(ImageBuilder, ImageUnbuilt, DashboardLink):
     """A sandbox image.
 
     Examples:
@@ -50,6 +51,9 @@ class Image(ImageBuilder, ImageUnbuilt):
     def object_id(self) -> str | None:
         """The image's id once resolved (``im-…``)."""
         return self._object_id
+
+    def _dashboard_page(self) -> str:
+        return "images"
 
     @property
     def logs(self) -> ImageLogs:

@@ -36,8 +36,8 @@ from shoal.sdk._sandbox_args import (
 )
 from shoal.sdk._sandbox_network import SandboxNetworkMethods
 from shoal.sdk._sync import live_function, live_generator, live_method, live_method_generator
-from shoal.sdk._unbuilt import NoDashboard
 from shoal.sdk.app import App
+from shoal.sdk.dashboard import DashboardLink
 from shoal.sdk.filesystem import SandboxFilesystem
 from shoal.sdk.image import Image
 from shoal.sdk.logs import SandboxLogs
@@ -76,7 +76,7 @@ READY_POLL = 50.0
 """Seconds one readiness request may wait in the daemon."""
 
 
-class Sandbox(SandboxNetworkMethods, NoDashboard):
+class Sandbox(SandboxNetworkMethods, DashboardLink):
     """An isolated container.
 
     Examples:
@@ -130,6 +130,9 @@ class Sandbox(SandboxNetworkMethods, NoDashboard):
     def object_id(self) -> str:
         """The sandbox's id (``sb-…``)."""
         return self._id
+
+    def _dashboard_page(self) -> str:
+        return f"sandboxes/{self._id}"
 
     @property
     def client(self) -> Client:

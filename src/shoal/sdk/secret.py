@@ -18,7 +18,7 @@ from typing import Any
 from shoal.exception import InvalidError
 from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method
-from shoal.sdk._unbuilt import NoDashboard
+from shoal.sdk.dashboard import DashboardLink
 from shoal.sdk.transport import Client, default_client
 from shoal.types import SecretInfo
 from shoal.wire import routes, times
@@ -89,7 +89,7 @@ class _SecretManager:
         )
 
 
-class Secret(NoDashboard):
+class Secret(DashboardLink):
     """A set of environment variables.
 
     Examples:
@@ -173,6 +173,9 @@ class Secret(NoDashboard):
         if self._info is None:
             raise InvalidError(f"{self!r} is not hydrated yet: call .hydrate() or use it first")
         return str(self._info["secret_id"])
+
+    def _dashboard_page(self) -> str:
+        return "secrets"
 
     async def _hydrate(self) -> str:
         if self._name is None:

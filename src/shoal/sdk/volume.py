@@ -29,7 +29,7 @@ from shoal.exception import (
 )
 from shoal.sdk._listing import filter_listing
 from shoal.sdk._sync import live_function, live_method, live_method_generator, run_async, run_blocking
-from shoal.sdk._unbuilt import NoDashboard
+from shoal.sdk.dashboard import DashboardLink
 from shoal.sdk.transport import Client, default_client
 from shoal.sdk.volume_upload import VolumeUploadBatch
 from shoal.types import FileEntry, FileEntryType, VolumeInfo
@@ -123,7 +123,7 @@ class _VolumeManager:
         )
 
 
-class Volume(NoDashboard):
+class Volume(DashboardLink):
     """A persistent, shareable directory.
 
     Examples:
@@ -229,6 +229,9 @@ class Volume(NoDashboard):
         if self._ref.volume_id is None:
             raise InvalidError(f"{self._rep} is not hydrated yet: call .hydrate() or use it first")
         return self._ref.volume_id
+
+    def _dashboard_page(self) -> str:
+        return f"volumes/{self.object_id}"
 
     @property
     def is_hydrated(self) -> bool:

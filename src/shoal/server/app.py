@@ -33,6 +33,9 @@ from shoal.wire.base import validation_message
 log = logging.getLogger(__name__)
 
 TOKEN = web.AppKey("token", str)
+TRUSTED = web.AppKey("trusted", bool)
+"""The app is mounted where its parent has already checked who is asking (the dashboard's ``/api``)."""
+MANAGER_KEY = routes.MANAGER
 ROUTES: list[Route] = [
     *routes.TABLE.routes,
     *attach.TABLE.routes,
@@ -167,7 +170,7 @@ def _is_local(request: web.Request) -> bool:
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     public = request.path == METRICS_PATH and request.app[routes.MANAGER].cfg.metrics_public
-    if not _is_local(request) and not public:
+    if not _is_local(request) and not public and not request.app[TRUSTED]:
         expected = request.app[TOKEN]
         given = request.headers.get("Authorization", "")
         if not expected or not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
@@ -197,11 +200,12 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def build_app(manager: Manager, token: str) -> web.Application:
-    """The daemon's web application."""
+def build_app(manager: Manager, token: str, *, trusted: bool = False) -> web.Application:
+    """The daemon's web application; ``trusted``: for mounting under an app that checks callers itself."""
     app = web.Application(middlewares=[_framework_errors, _auth, routes_persistent.sessions], client_max_size=MAX_BODY)
     app[routes.MANAGER] = manager
     app[TOKEN] = token
+    app[TRUSTED] = trusted
     app[routes.API] = ROUTES
     install(app, ROUTES, _wrap, _expect)
     app.router.add_get(METRICS_PATH, _metrics)

@@ -83,6 +83,21 @@ async def _start_gateway(manager: Manager, cfg: Config) -> Any:
     return gw
 
 
+async def _start_dashboard(manager: Manager, cfg: Config) -> Any:
+    """The web dashboard, unless it is off or cannot listen (said in the log)."""
+    if cfg.dashboard is None:
+        return None
+    from shoal.server import dashboard
+
+    try:
+        board = await dashboard.start(manager, cfg.dashboard)
+    except (OSError, ValueError) as exc:
+        log.warning("no dashboard: %s", exc)
+        return None
+    manager.dashboard = (board.url, board.login_url)
+    return board
+
+
 async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
     # Before anything is created: what the daemon writes (state, WAL, outputs, bundles) is for root alone.
@@ -116,6 +131,7 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
             cfg.token_path,
         )
     gateway = await _start_gateway(manager, cfg)
+    board = await _start_dashboard(manager, cfg)
     log.info("shoal daemon ready on %s (runtime %s)", sock_path, manager.runtime.name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -131,6 +147,8 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
             loop.remove_signal_handler(sig)
         if gateway is not None:
             await gateway.close()
+        if board is not None:
+            await board.close()
         await runner.cleanup()
         await manager.close()
         with contextlib.suppress(FileNotFoundError):

@@ -19,7 +19,8 @@ from shoal.engine.sandbox import RUNNING
 from shoal.exception import ConflictError, Error, InvalidError, NotFoundError
 from shoal.server import errors, image_wire
 from shoal.server.registry import Route, RouteTable, openapi
-from shoal.wire.apps import AppCreate, AppDetails, AppInfo, AppLookup, AppTags
+from shoal.store.state import AppRow
+from shoal.wire.apps import AppCreate, AppDetails, AppInfo, AppList, AppLookup, AppTags
 from shoal.wire.base import Done
 from shoal.wire.images import ImageId, ImageList, ImageRef, ImageSummary, ImportRootfs
 from shoal.wire.sandboxes import (
@@ -37,6 +38,7 @@ from shoal.wire.sandboxes import (
     SandboxInfo,
     SandboxList,
     SandboxStats,
+    SandboxUsage,
     StdinOffset,
     Tags,
     TagsUpdate,
@@ -44,7 +46,7 @@ from shoal.wire.sandboxes import (
     TunnelList,
     WaitResult,
 )
-from shoal.wire.status import DaemonStatus, GatewayEnv, StatusImage
+from shoal.wire.status import DaemonStatus, DashboardInfo, GatewayEnv, StatusImage
 from shoal.wire.times import micros
 from shoal.wire.version import __version__ as version
 
@@ -119,6 +121,19 @@ async def status(request: web.Request) -> DaemonStatus:
         uid_ranges=mgr.uid_ranges(),
         runtimes=mgr.runtime_status(),
     )
+
+
+@TABLE.route(
+    "GET",
+    "/v1/dashboard",
+    summary="Where the web dashboard listens, and the URL that signs a browser in (the secret token included)",
+    response=DashboardInfo,
+)
+async def dashboard_info(request: web.Request) -> DashboardInfo:
+    board = _mgr(request).dashboard
+    if board is None:
+        raise NotFoundError("this daemon runs no dashboard: do not pass --dashboard off (or $SHOAL_DASHBOARD=off)")
+    return DashboardInfo(url=board[0], login_url=board[1])
 
 
 @TABLE.route(
@@ -224,10 +239,7 @@ async def stop_app(request: web.Request) -> Done:
     return Done()
 
 
-@TABLE.route("GET", "/v1/apps/{app_id}", summary="What the daemon records of an app (app.info())", response=AppDetails)
-async def get_app(request: web.Request) -> AppDetails:
-    mgr = _mgr(request)
-    row = mgr.app(request.match_info["app_id"])
+def _app_details(mgr: Manager, row: AppRow) -> AppDetails:
     return AppDetails(
         app_id=row.id,
         name=row.name,
@@ -237,6 +249,18 @@ async def get_app(request: web.Request) -> AppDetails:
         tags=row.tags,
         sandboxes_running=mgr.running_in_app(row.id),
     )
+
+
+@TABLE.route("GET", "/v1/apps", summary="Every app, newest first", response=AppList)
+async def list_apps(request: web.Request) -> AppList:
+    mgr = _mgr(request)
+    return AppList(apps=[_app_details(mgr, row) for row in mgr.state.app_rows()])
+
+
+@TABLE.route("GET", "/v1/apps/{app_id}", summary="What the daemon records of an app (app.info())", response=AppDetails)
+async def get_app(request: web.Request) -> AppDetails:
+    mgr = _mgr(request)
+    return _app_details(mgr, mgr.app(request.match_info["app_id"]))
 
 
 @TABLE.route("PUT", "/v1/apps/{app_id}/tags", summary="Replace an app's tags", body=AppTags, response=Done)
@@ -508,6 +532,24 @@ async def add_tunnel(request: web.Request) -> TunnelList:
         raise ConflictError("the sandbox has finished: it cannot open tunnels")
     await mgr.network.add_tunnel(sb.id, int(raw), sb.touch)
     return TunnelList.model_validate({"tunnels": await mgr.network.tunnels_of(sb.id, sb.finished, 5.0)})
+
+
+@TABLE.route(
+    "GET",
+    "/v1/usage",
+    summary="The latest CPU and memory sample of each running sandbox (sampled every few seconds)",
+    response=SandboxUsage,
+)
+async def usage(request: web.Request) -> SandboxUsage:
+    latest = _mgr(request).usage.latest
+    return SandboxUsage.model_validate(
+        {
+            "usage": {
+                sandbox_id: {"at_us": micros(s.at), "cpu_cores": s.cpu_cores, "memory_bytes": s.memory_bytes}
+                for sandbox_id, s in latest.items()
+            }
+        }
+    )
 
 
 def _epoch(request: web.Request, name: str) -> float | None:

@@ -170,16 +170,22 @@ class State:
         self.db.execute("DELETE FROM apps WHERE id = ?", (app_id,))
         self.db.execute("DELETE FROM app_meta WHERE app_id = ?", (app_id,))
 
+    _APP_COLUMNS = (
+        "SELECT a.id, a.name, a.created_at, a.ephemeral, m.tags, m.stopped_at"
+        " FROM apps a LEFT JOIN app_meta m ON m.app_id = a.id"
+    )
+
     def app_row(self, app_id: str) -> AppRow | None:
         """An app with what is recorded about it."""
-        row = self.db.execute(
-            "SELECT a.id, a.name, a.created_at, a.ephemeral, m.tags, m.stopped_at"
-            " FROM apps a LEFT JOIN app_meta m ON m.app_id = a.id WHERE a.id = ?",
-            (app_id,),
-        ).fetchone()
+        row = self.db.execute(f"{self._APP_COLUMNS} WHERE a.id = ?", (app_id,)).fetchone()
         if row is None:
             return None
         return AppRow(row[0], row[1], row[2], bool(row[3]), json.loads(row[4] or "{}"), row[5])
+
+    def app_rows(self) -> list[AppRow]:
+        """Every app, newest first."""
+        rows = self.db.execute(f"{self._APP_COLUMNS} ORDER BY a.created_at DESC").fetchall()
+        return [AppRow(r[0], r[1], r[2], bool(r[3]), json.loads(r[4] or "{}"), r[5]) for r in rows]
 
     def set_app_tags(self, app_id: str, tags: dict[str, str]) -> None:
         """Replace an app's tags."""

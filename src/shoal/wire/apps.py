@@ -73,3 +73,9 @@ class AppDetails(BaseModel):
     stopped_at_us: int | None
     tags: dict[str, str]
     sandboxes_running: int
+
+
+class AppList(BaseModel):
+    """``GET /v1/apps``: every app the daemon knows, newest first."""
+
+    apps: list[AppDetails]

@@ -18,6 +18,7 @@ def path(*parts: str | int) -> str:
 
 STATUS = path("status")
 GATEWAY = path("gateway")
+DASHBOARD = path("dashboard")
 SANDBOXES = path("sandboxes")
 SECRETS = path("secrets")
 VOLUMES = path("volumes")

@@ -183,6 +183,9 @@ class CreateSandbox(WireModel):
 
 
 TerminalSide = Annotated[int, Field(ge=1, le=10000)]
+INTERACTIVE_SHELL = ("/bin/sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash; else exec sh; fi")
+"""What a terminal into a sandbox runs unless told otherwise (``shoal sandbox shell``, the dashboard): bash where
+the image has it, else sh."""
 
 
 class TerminalSize(WireModel):
@@ -360,6 +363,21 @@ class SandboxStats(BaseModel):
     billed_cpu_core_seconds: float
     """Per sample, the greater of the cores used and the cores requested, times the seconds it stands for."""
     billed_memory_gib_seconds: float
+
+
+class UsageSample(BaseModel):
+    """A sandbox's latest usage sample."""
+
+    at_us: int
+    cpu_cores: float
+    """Cores used on average since the sample before."""
+    memory_bytes: int
+
+
+class SandboxUsage(BaseModel):
+    """``GET /v1/usage``: the latest sample of each running sandbox, by id."""
+
+    usage: dict[str, UsageSample]
 
 
 class StdinOffset(BaseModel):

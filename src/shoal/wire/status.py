@@ -45,6 +45,13 @@ class DaemonStatus(BaseModel):
     """``mode`` (``per-sandbox`` or ``shared``), ``note`` (why), ``first_host_id`` and ``ids_per_sandbox``."""
 
 
+class DashboardInfo(BaseModel):
+    """``shoal dashboard``: where the web dashboard listens, and the URL that signs a browser in (secret)."""
+
+    url: str
+    login_url: str
+
+
 class GatewayEnv(BaseModel):
     """``shoal gateway env``: the environment that points the official modal client at the daemon's gateway."""
 
