@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import uuid
 from typing import Any
 
 import pytest
@@ -698,22 +699,28 @@ def test_a_client_carries_on_across_a_daemon_restart(own_daemon):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     own_daemon.restart_with("--gateway", f"127.0.0.1:{port}")
+    mark = uuid.uuid4().hex
     program = textwrap.dedent(
         """
         import json, sys, modal
         app = modal.App.lookup("gateway-restart", create_if_missing=True)
         sb = modal.Sandbox.create("cat", app=app, timeout=120)
+        image = modal.Image.debian_slim().run_commands("echo MARK > /built")  # built here: a handle to join
+        modal.Sandbox.create(app=app, image=image).terminate()
         print(json.dumps("ready"), flush=True)
         sys.stdin.readline()  # the daemon is killed and started again meanwhile
         p = sb.exec("echo", "after the restart")
         sb.stdin.write(b"still the same entrypoint\\n")
         sb.stdin.write_eof()
         sb.stdin.drain()
-        print(json.dumps([p.stdout.read(), p.wait(), sb.stdout.read()]), flush=True)
+        again = modal.Sandbox.create(app=app, image=image)  # the image's handle outlives the daemon that gave it
+        built = again.exec("cat", "/built").stdout.read()
+        again.terminate()
+        print(json.dumps([p.stdout.read(), p.wait(), sb.stdout.read(), built]), flush=True)
         sb.wait(raise_on_termination=False)
         print(json.dumps(sb.returncode), flush=True)
         """
-    )
+    ).replace("MARK", mark)
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SHOAL_"))}
     environ.update(gateway_env(), MODAL_CONFIG_PATH="/nonexistent/.modal.toml")
     assert environ["MODAL_SERVER_URL"] == f"http://127.0.0.1:{port}"
@@ -727,13 +734,35 @@ def test_a_client_carries_on_across_a_daemon_restart(own_daemon):
         own_daemon.start("--gateway", f"127.0.0.1:{port}")
         client.stdin.write("go\n")
         client.stdin.flush()
-        assert json.loads(client.stdout.readline()) == ["after the restart\n", 0, "still the same entrypoint\n"]
+        after = json.loads(client.stdout.readline())
+        assert after == ["after the restart\n", 0, "still the same entrypoint\n", f"{mark}\n"]
         assert json.loads(client.stdout.readline()) == 0
         assert client.wait(60) == 0
     finally:
         if client.poll() is None:
             client.kill()
         client.communicate(timeout=30)  # closes its pipes
+
+
+@pytest.mark.restart
+def test_uploads_keep_the_disk_reserve(own_daemon):
+    """The block store refuses what would leave the data disk below ``--min-free-disk-mib``, as a create does."""
+    own_daemon.restart_with("--min-free-disk-mib", str(1 << 30))  # a reserve of 1 PiB: larger than any disk
+    got = run_client(
+        """
+        import io, json, modal
+        vol = modal.Volume.from_name("gateway-full-disk", create_if_missing=True)
+        try:
+            with vol.batch_upload() as batch:
+                batch.put_file(io.BytesIO(b"x" * 1000), "/a.bin")
+            error = None
+        except Exception as e:
+            error = [type(e).__name__, str(e)]
+        print(json.dumps(error))
+        """,
+        timeout=120,
+    )
+    assert got is not None and got[0] == "ResourceExhaustedError" and "--min-free-disk-mib" in got[1], got
 
 
 def test_a_wrong_token_is_refused(daemon):

@@ -143,7 +143,8 @@ class GatewayImages:
         """The image a sandbox definition's ``image_id`` names (a handle of a build, or an image's own id)."""
         build = self._builds.get(handle)
         if build is None:
-            return handle
+            # A build this daemon no longer holds in memory (it ended long ago, or before a restart).
+            return self.mgr.state.image_handle(handle) or handle
         if build.image_id is None:
             raise exc.ConflictError(f"image {handle} is not built yet: wait for ImageJoinStreaming's result")
         return build.image_id
@@ -196,6 +197,7 @@ class GatewayImages:
 
         try:
             build.image_id, _ = await self.mgr.images.resolve(ref, line)
+            self.mgr.state.add_image_handle(build.handle, build.image_id)
         except Exception as e:
             build.error = str(e) or type(e).__name__
         build.ended_at = time.monotonic()
@@ -206,7 +208,7 @@ class GatewayImages:
         build = self._builds.get(req.image_id)
         if build is None:
             ok = api_pb2.GenericResult(status=api_pb2.GenericResult.GENERIC_STATUS_SUCCESS)
-            if self.mgr.state.image(req.image_id) is None:
+            if self.mgr.state.image(self.image_id(req.image_id)) is None:
                 raise exc.NotFoundError(f"no image build {req.image_id!r} on this shoal gateway")
             await send(api_pb2.ImageJoinStreamingResponse(result=ok, eof=True))
             return

@@ -60,6 +60,7 @@ class GatewayMounts:
     def blob_create(self, req: Any) -> api_pb2.BlobCreateResponse:
         if not 0 <= req.content_length <= MAX_BLOB:
             raise exc.InvalidError(f"a file of {req.content_length} bytes is larger than {MAX_BLOB >> 30} GiB")
+        self.blocks.check_room(req.content_length)
         try:
             sha = base64.b64decode(req.content_sha256_base64).hex()
         except ValueError:

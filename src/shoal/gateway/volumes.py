@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -28,6 +29,7 @@ from modal_proto import api_pb2
 from shoal import exception as exc
 from shoal.engine.manager import Manager
 from shoal.gateway.auth import GatewayAuth
+from shoal.runtime import host_room
 from shoal.volumes import files
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,14 @@ class BlockStore:
         self._runner: web.AppRunner | None = None
         self.app_routes: list[tuple[str, str, Any]] = []
         """More routes of the same listener (method, path, handler), added before ``start``."""
+
+    def check_room(self, incoming: int = 0) -> None:
+        """Refuse an upload that would leave the data disk below the daemon's reserve (``--min-free-disk-mib``),
+        with the ``ResourceExhaustedError`` a create gets."""
+        cfg = self.mgr.cfg
+        room = host_room.measure(cfg.cgroup_parent, cfg.data_dir)
+        room = dataclasses.replace(room, pids_left=None, memory_left=None, disk_left=room.disk_left - incoming)
+        host_room.check(room, cfg.min_free_disk_mib << 20)
 
     async def start(self, host: str) -> None:
         """Listen on ``host`` (loopback), any free port."""
@@ -129,6 +139,10 @@ class BlockStore:
         body = await request.read()
         if len(body) > BLOCK_SIZE or hashlib.sha256(body).hexdigest() != sha:
             raise web.HTTPBadRequest(text="the block's contents do not match its name (sha256), or it is too long")
+        try:
+            self.check_room(len(body))
+        except exc.ResourceExhaustedError as e:
+            raise web.HTTPInsufficientStorage(text=str(e)) from None
         await asyncio.to_thread(self.store, sha, body)
         return web.Response(body=sha.encode())
 
@@ -184,6 +198,7 @@ class GatewayVolumes:
 
     async def put_files(self, req: Any) -> api_pb2.VolumePutFiles2Response:
         await asyncio.to_thread(self.blocks.forget_old)
+        self.blocks.check_room(sum(len(f.blocks) for f in req.files) * BLOCK_SIZE)
         missing = []
         for i, f in enumerate(req.files):
             for j, block in enumerate(f.blocks):

@@ -65,6 +65,11 @@ CREATE TABLE IF NOT EXISTS usage (
     memory_bytes INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_sandbox ON usage(sandbox_id, at);
+CREATE TABLE IF NOT EXISTS image_handles (
+    handle TEXT PRIMARY KEY,
+    image_id TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY,
     recipe TEXT NOT NULL,
@@ -375,5 +380,15 @@ class State:
         return [ImageRow(r[0], json.loads(r[1]), json.loads(r[2]), r[3]) for r in cur.fetchall()]
 
     def delete_image(self, image_id: str) -> None:
-        """Forget an image."""
+        """Forget an image (and the handles that named it)."""
         self.db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        self.db.execute("DELETE FROM image_handles WHERE image_id = ?", (image_id,))
+
+    def add_image_handle(self, handle: str, image_id: str) -> None:
+        """Record that ``handle`` (an id a client was given while the image was built) names ``image_id``."""
+        self.db.execute("INSERT OR REPLACE INTO image_handles VALUES (?, ?, ?)", (handle, image_id, time.time()))
+
+    def image_handle(self, handle: str) -> str | None:
+        """The image a build handle names, if it was recorded."""
+        row = self.db.execute("SELECT image_id FROM image_handles WHERE handle = ?", (handle,)).fetchone()
+        return None if row is None else str(row[0])
