@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import shoal
 from shoal.exception import NotFoundError
+from shoal.sdk._sync import run_blocking
+from shoal.sdk.transport import default_client
 from shoal.wire import ids
 
 Values = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -114,6 +116,7 @@ def test_metrics_count_the_work_the_daemon_did(daemon, app) -> None:  # type: ig
     assert grew("shoal_sandbox_create_failures_total", reason="NotFoundError") == 1
     assert grew("shoal_exec_start_seconds_count", runtime="runc") >= 1
     assert value(after, "shoal_sandboxes_running", runtime="runc") >= 1
+    assert grew("shoal_image_build_steps_total", outcome="cached") >= 1  # the default image's last step
     assert grew("shoal_tunnel_bytes_total", direction="in") >= len(b"GET / HTTP/1.0\r\n\r\n")
     assert grew("shoal_tunnel_bytes_total", direction="out") >= len(answer)
     hits_and_misses = grew("shoal_warm_pool_hits_total") + grew("shoal_warm_pool_misses_total")
@@ -156,6 +159,9 @@ def test_metrics_need_the_token_over_tcp_unless_public_and_json_logs(own_daemon)
     logged = own_daemon.log.stat().st_size
     own_daemon.start("--tcp", f"127.0.0.1:{port}", "--metrics-public", "--log-format", "json")
     with urllib.request.urlopen(url, timeout=10) as r:
+        assert ("shoal_warm_pool_ready", ()) in _parse(r.read().decode())
+    board = run_blocking(default_client().request("GET", "/v1/dashboard"))["url"]
+    with urllib.request.urlopen(board + "/metrics", timeout=10) as r:  # the dashboard's, without its token
         assert ("shoal_warm_pool_ready", ()) in _parse(r.read().decode())
     with pytest.raises(urllib.error.HTTPError) as still:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=10)
