@@ -128,15 +128,8 @@ def test_metrics_count_the_work_the_daemon_did(daemon, app) -> None:  # type: ig
         (("app_id", app.app_id), ("runtime", "runc"), ("sandbox_id", sb.object_id)),
     ) in after
 
-    # A default create is the pool's business: a hit, or a miss when nothing was ready.
-    plain = shoal.Sandbox.create(app=app, timeout=60)
-    plain.terminate()
+    # (A default create is the pool's business: hits and misses are checked in test_pool, on a daemon of its own.)
     later = scrape(daemon)
-    pool = sum(
-        value(later, name) - value(after, name)
-        for name in ("shoal_warm_pool_hits_total", "shoal_warm_pool_misses_total")
-    )
-    assert pool == 1
     gone = ("shoal_sandbox_memory_bytes", (("app_id", app.app_id), ("runtime", "runc"), ("sandbox_id", sb.object_id)))
     assert gone not in later  # an ended sandbox has no gauges
 

@@ -15,6 +15,7 @@ import shoal
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import default_client
 from tests.conftest import DEFAULT_RUNTIME, Daemon, running_daemon
+from tests.integration.test_metrics import scrape, value
 
 OWN_ADDRESS = (
     "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('198.18.0.1', 9));"
@@ -172,3 +173,70 @@ def test_creates_work_at_once_after_the_pools_inits_were_killed(pooled):
     finally:
         for sb in made:
             sb.terminate()
+
+
+def _self_signed_pem() -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pool test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _shoal_run(d: Daemon, *cmd: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "shoal", "run", "--app", "pool-tests", "--", *cmd],
+        env=d.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_pool_follows_the_default_image_when_it_changes(tmp_path):
+    """A new CA certificate on the host changes the default image: the pool's sandboxes of the old one are
+    replaced instead of never being taken again (the miss shows in /metrics)."""
+    cas = tmp_path / "cas"
+    cas.mkdir()
+    with running_daemon() as d:
+        d.env["SHOAL_HOST_CA_DIR"] = str(cas)
+        d.restart_with("--warm-pool", "2")
+        before = until_ready(2)
+        first = shoal.Sandbox.create(app=_app())
+        first.terminate()
+        assert pool()["taken"] == before["taken"] + 1
+        (cas / "team.crt").write_bytes(_self_signed_pem())
+        # A new process resolves the default image anew (this one keeps the id it resolved, as Modal's does).
+        listed = _shoal_run(d, "ls", "/usr/local/share/ca-certificates/shoal-host/")
+        assert listed == "team.crt\n"  # the new default image: nothing pooled has it yet
+        deadline = time.monotonic() + 60
+        while (p := pool())["image_id"] == before["image_id"] or p["ready"] != 2:
+            assert time.monotonic() < deadline, f"the pool kept the old image: {p}"
+            time.sleep(0.1)
+        assert p["missed"] >= 1
+        assert _shoal_run(d, "ls", "/usr/local/share/ca-certificates/shoal-host/") == "team.crt\n"
+        now = pool()
+        assert now["taken"] == p["taken"] + 1  # served from the pool again
+        metrics = scrape(d)
+        assert value(metrics, "shoal_warm_pool_hits_total") == now["taken"] >= 2
+        assert value(metrics, "shoal_warm_pool_misses_total") == now["missed"] >= 1

@@ -114,7 +114,9 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     trust_host_cas: bool = field(default_factory=lambda: os.environ.get("SHOAL_NO_HOST_CAS", "") not in ("1", "true"))
     """Give images from outside (debian_slim, registries) the host's extra CA certificates (``shoal.images.trust``)."""
-    host_ca_dir: Path = Path("/usr/local/share/ca-certificates")
+    host_ca_dir: Path = field(
+        default_factory=lambda: Path(_env("SHOAL_HOST_CA_DIR", "/usr/local/share/ca-certificates"))
+    )
     """Where the host keeps its extra CA certificates (``*.crt``, as ``update-ca-certificates`` reads them)."""
     image_build_timeout: int = 3600
     """Seconds one ``run`` build step may take."""

@@ -39,6 +39,8 @@ REFILL_DELAY = 0.05
 """Seconds to wait after a take before refilling, so the refill does not compete with the new sandbox's start."""
 RETRY_DELAY = 5.0
 """Seconds to wait after a failed precreate."""
+RECHECK_EVERY = 2.0
+"""Seconds between two checks that the default image is still the pool's (a create of another image asks)."""
 CLOSE_WAIT = 30.0
 """Seconds a stopping daemon waits for a precreate in progress (building the default image can take longer)."""
 
@@ -81,6 +83,8 @@ class WarmPool:
         self.taken = 0
         """Requests served from the pool since the daemon started."""
         self.missed = 0
+        self._recheck_task: asyncio.Task[None] | None = None
+        self._rechecked_at = -RECHECK_EVERY
         """Creates the pool could have served but had nothing ready for (``/metrics``)."""
 
     @property
@@ -106,7 +110,8 @@ class WarmPool:
                 await self._sweep()
                 self._filling += 1
                 try:
-                    await self._add(image)
+                    assert self._image is not None
+                    await self._add(self._image)
                 except Exception as exc:
                     if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                         log.warning("warm pool: out of file descriptors; retrying in %.0f s", RETRY_DELAY)
@@ -156,14 +161,17 @@ class WarmPool:
             except Exception:
                 self._litter.append(sb)
             raise
-        if self._closed:
+        if self._closed or spec.image_id != self.image_id:  # stopping, or the default image changed meanwhile
             await sb.discard()
             return
         self.ready.append(sb)
 
     def take(self, image_id: str, req: CreateSandbox) -> Sandbox | None:
         """A pooled sandbox for ``req`` if it has the default shape and image (the caller activates it)."""
-        if image_id != self.image_id or not eligible(req) or req.runtime != self.runtime:
+        if not eligible(req) or req.runtime != self.runtime or self._task is None:
+            return None
+        if image_id != self.image_id:
+            self._recheck(image_id)  # another image, or the default one changed (new host CA certificates)
             return None
         while self.ready:
             sb = self.ready.pop(0)
@@ -176,6 +184,36 @@ class WarmPool:
             return sb
         self.missed += 1
         return None
+
+    def _recheck(self, wanted: str) -> None:
+        """Check, at most every ``RECHECK_EVERY`` seconds, whether the default image is still the pool's."""
+        now = time.monotonic()
+        idle = self._recheck_task is None and self.image_id is not None and not self._closed
+        if idle and now - self._rechecked_at >= RECHECK_EVERY:
+            self._rechecked_at = now
+            self._recheck_task = asyncio.create_task(self._retarget(wanted))
+
+    async def _retarget(self, wanted: str) -> None:
+        """Follow the default image when it changed: ``wanted`` (what a create of the default shape ran) is a miss
+        if it is the default image now; the pooled sandboxes of the old one are replaced."""
+        try:
+            image_id, image = await self.mgr.images.resolve(ImageRef(), lambda line: None)
+            if image_id == wanted:
+                self.missed += 1
+            if image_id != self.image_id and not self._closed:
+                log.info("warm pool: the default image is now %s; replacing the pooled sandboxes", image_id)
+                stale, self.ready = self.ready, []
+                self.image_id, self._image = image_id, image
+                self._wake.set()
+                for sb in stale:
+                    try:
+                        await sb.discard()
+                    except Exception:
+                        self._litter.append(sb)
+        except Exception:
+            log.exception("warm pool: checking the default image failed")
+        finally:
+            self._recheck_task = None
 
     def specs(self) -> list[SandboxSpec]:
         """What the pool holds, as sandbox specs: the layers of its image are in use while it runs."""
@@ -211,6 +249,9 @@ class WarmPool:
         """
         self._closed = True
         self._wake.set()
+        if self._recheck_task is not None:
+            with contextlib.suppress(Exception):
+                await self._recheck_task
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), CLOSE_WAIT)
