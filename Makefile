@@ -61,7 +61,7 @@ vendor:
 prepare: venv
 	$(BIN)/shoal setup
 
-test: venv
+test: venv vendor
 	$(BIN)/pytest -q
 
 lint:
