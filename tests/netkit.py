@@ -66,3 +66,23 @@ except OSError as e:
     print(json.dumps({"errno": e.errno}))
 """
 """Run in a sandbox with ``HOST PORT``: prints ``{"connected": first bytes}`` or ``{"errno": n}``."""
+
+
+def host_port_reach(sb, port: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """From inside sandbox ``sb``: try a TCP connection to ``port`` on its own loopback and on its default
+    gateway (the host's side of its network); a line ``reached HOST`` or ``refused HOST`` for each."""
+    probe = (
+        "import socket, struct\n"
+        "gw = [l.split() for l in open('/proc/net/route').read().splitlines()[1:] if l.split()[1] == '00000000']\n"
+        "hosts = ['127.0.0.1'] + [socket.inet_ntoa(struct.pack('<I', int(g[2], 16))) for g in gw]\n"
+        "for host in hosts:\n"
+        "    try:\n"
+        f"        socket.create_connection((host, {port}), timeout=2).close()\n"
+        "        print('reached', host)\n"
+        "    except OSError:\n"
+        "        print('refused', host)\n"
+    )
+    p = sb.exec("python3", "-c", probe)
+    lines: list[str] = p.stdout.read().splitlines()
+    assert p.wait() == 0, lines
+    return lines

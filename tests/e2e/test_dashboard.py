@@ -20,6 +20,7 @@ import pytest
 import shoal
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import default_client
+from tests.netkit import host_port_reach
 
 CHROMIUM = shutil.which("chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is a test dependency: make setup")
@@ -152,20 +153,8 @@ def test_only_who_signed_in_from_the_dashboards_own_origin(daemon) -> None:  # t
 
 def test_a_sandbox_cannot_reach_the_dashboard(sandbox) -> None:  # type: ignore[no-untyped-def]
     port = int(dashboard()["url"].rsplit(":", 1)[1])
-    probe = (
-        "import socket, struct\n"
-        "gw = [l.split() for l in open('/proc/net/route').read().splitlines()[1:] if l.split()[1] == '00000000']\n"
-        "hosts = ['127.0.0.1'] + [socket.inet_ntoa(struct.pack('<I', int(g[2], 16))) for g in gw]\n"
-        "for host in hosts:\n"
-        "    try:\n"
-        f"        socket.create_connection((host, {port}), timeout=2).close()\n"
-        "        print('reached', host)\n"
-        "    except OSError:\n"
-        "        print('refused', host)\n"
-    )
-    p = sandbox.exec("python3", "-c", probe)
-    lines = p.stdout.read().splitlines()
-    assert p.wait() == 0 and len(lines) == 2, lines  # the sandbox's own loopback, and its gateway (the host)
+    lines = host_port_reach(sandbox, port)
+    assert len(lines) == 2, lines  # the sandbox's own loopback and its gateway (the host)
     assert all(line.startswith("refused") for line in lines), lines
     with socket.create_connection(("127.0.0.1", port), timeout=5):
         pass  # while the host reaches it

@@ -25,6 +25,7 @@ import shoal
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import default_client
 from tests.conftest import REPO
+from tests.netkit import host_port_reach
 
 pytest.importorskip("modal_proto", reason="the official modal client is a test dependency: make setup")
 
@@ -786,20 +787,8 @@ def test_a_sandbox_cannot_reach_the_gateway(daemon):
     app = shoal.App.lookup("gateway-tests", create_if_missing=True)
     sb = shoal.Sandbox.create(app=app, timeout=120)
     try:
-        probe = (
-            "import socket, struct\n"
-            "gw = [l.split() for l in open('/proc/net/route').read().splitlines()[1:] if l.split()[1] == '00000000']\n"
-            "hosts = ['127.0.0.1'] + [socket.inet_ntoa(struct.pack('<I', int(g[2], 16))) for g in gw]\n"
-            "for host in hosts:\n"
-            "    try:\n"
-            f"        socket.create_connection((host, {port}), timeout=2).close()\n"
-            "        print('reached', host)\n"
-            "    except OSError:\n"
-            "        print('refused', host)\n"
-        )
-        p = sb.exec("python3", "-c", probe)
-        lines = p.stdout.read().splitlines()
-        assert p.wait() == 0 and len(lines) == 2, lines  # the sandbox's own loopback and its gateway (the host)
+        lines = host_port_reach(sb, port)
+        assert len(lines) == 2, lines  # the sandbox's own loopback and its gateway (the host)
         assert all(line.startswith("refused") for line in lines), lines
     finally:
         sb.terminate()

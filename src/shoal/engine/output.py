@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 MEMORY_FIRST = 256 << 10
@@ -148,6 +148,18 @@ class OutputStream:
         with open(self.path, "rb") as f:
             f.seek(offset)
             return f.read(n)
+
+    async def follow(self, offset: int = 0, limit: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The stored bytes from ``offset`` on, in chunks of at most ``limit``, as they arrive, until the end."""
+        while True:
+            data = self.read(offset, limit)
+            if data:
+                yield data
+                offset += len(data)
+                continue
+            if self.eof:
+                return
+            await self.wait(offset, None)
 
     async def wait(self, offset: int, timeout: float | None) -> None:
         """Return once bytes beyond ``offset`` exist, the stream ended, or ``timeout`` passed."""

@@ -146,19 +146,12 @@ class CommandRouter(TaskCommandRouterBase):
         await stream.send_message(tcr.TaskExecStartResponse())
 
     async def _stream_output(self, stream: Any, proc: Process, fd: int, offset: int, v2: bool) -> None:
-        out = proc.streams[fd - 1]
-        while True:
-            data = out.read(offset, CHUNK)
-            if data:
-                if v2:
-                    await stream.send_message(tcr.SandboxStdioReadV2Response(data=data, starting_offset=offset))
-                else:
-                    await stream.send_message(tcr.TaskExecStdioReadResponse(data=data))
-                offset += len(data)
-                continue
-            if out.eof:
-                return  # the end of the stream is the end of the output
-            await out.wait(offset, None)
+        async for data in proc.streams[fd - 1].follow(offset, CHUNK):  # its end is the end of the output
+            if v2:
+                await stream.send_message(tcr.SandboxStdioReadV2Response(data=data, starting_offset=offset))
+            else:
+                await stream.send_message(tcr.TaskExecStdioReadResponse(data=data))
+            offset += len(data)
 
     @grpc_errors
     async def TaskExecStdioRead(self, stream: Any) -> None:

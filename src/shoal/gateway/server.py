@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 from typing import Any
 
 from grpclib.const import Handler
@@ -16,10 +15,9 @@ from shoal.gateway.control import ControlPlane, not_served
 from shoal.gateway.mounts import GatewayMounts
 from shoal.gateway.router import CommandRouter
 from shoal.gateway.volumes import BlockStore, GatewayVolumes
+from shoal.util import loopback
 
 log = logging.getLogger(__name__)
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def complete(cls: type) -> type:
@@ -70,35 +68,13 @@ class Gateway:
         await self.blocks.close()
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT for the gateway, not {address!r}")
-    if host not in LOOPBACK:
-        # The router may be plain HTTP only when the client reaches the control plane as localhost
-        # (reference/modal-wire.md §1); TLS for other addresses is not built yet.
-        raise ValueError(f"the gateway listens on loopback only (127.0.0.1 or ::1), not {host!r}")
-    return host, int(port)
-
-
 async def start(mgr: Manager, address: str) -> Gateway:
     """Listen on ``address`` (a loopback HOST:PORT; a port in use falls back to any free one, said in the log)."""
-    host, port = _split(address)
+    # Loopback only: the client may use a plain-HTTP router only when it reaches the control plane as localhost
+    # (reference/modal-wire.md §1); TLS for other addresses is not built yet.
+    host, port = loopback.split(address, "gateway")
     auth = GatewayAuth(mgr.cfg.data_dir)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted connections
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        log.warning("gateway: %s:%d is taken (%s); listening on another port", host, port, exc)
-        sock.bind((host, 0))
-    sock.listen(128)
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
-    url = f"http://{shown}:{bound}"
+    sock, url = loopback.listen(host, port, "gateway", log)
     blocks = BlockStore(mgr, auth)
     mounts = GatewayMounts(mgr, blocks)
     await blocks.start(host)

@@ -18,7 +18,6 @@ import hmac
 import logging
 import os
 import secrets
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +28,13 @@ from shoal.engine.metrics import CONTENT_TYPE
 from shoal.server import terminal
 from shoal.server.app import MANAGER_KEY, build_app
 from shoal.server.registry import Handler
+from shoal.util import loopback
 
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = "dashboard-token"
 COOKIE = "shoal_dashboard"
 STATIC = Path(__file__).parent / "static"
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class DashboardAuth:
@@ -125,16 +124,6 @@ class Dashboard:
         await self.runner.cleanup()
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT for the dashboard, not {address!r}")
-    if host not in LOOPBACK:
-        raise ValueError(f"the dashboard listens on loopback only (127.0.0.1 or ::1), not {host!r}")
-    return ("127.0.0.1" if host == "localhost" else host), int(port)
-
-
 def build(manager: Manager, auth: DashboardAuth) -> web.Application:
     """The dashboard's application: the UI, ``/api`` (the daemon's API), the terminal, ``/metrics``."""
     app = web.Application(middlewares=[_guard])
@@ -151,22 +140,13 @@ def build(manager: Manager, auth: DashboardAuth) -> web.Application:
 
 async def start(manager: Manager, address: str) -> Dashboard:
     """Listen on ``address`` (loopback HOST:PORT; a port in use falls back to any free one, said in the log)."""
-    host, port = _split(address)
+    host, port = loopback.split(address, "dashboard")
     auth = DashboardAuth(manager.cfg.data_dir)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        log.warning("dashboard: %s:%d is taken (%s); listening on another port", host, port, exc)
-        sock.bind((host, 0))
+    sock, url = loopback.listen(host, port, "dashboard", log)
     bound = sock.getsockname()[1]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
-    auth.hosts = {f"{shown}:{bound}", f"localhost:{bound}"}
+    auth.hosts = {url.removeprefix("http://"), f"localhost:{bound}"}
     runner = web.AppRunner(build(manager, auth), handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     await web.SockSite(runner, sock).start()
-    url = f"http://{shown}:{bound}"
     log.info("dashboard on %s (`shoal dashboard` prints the login URL)", url)
     return Dashboard(runner, url, auth)

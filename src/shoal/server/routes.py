@@ -690,15 +690,8 @@ async def read_output(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "X-Shoal-Offset": str(offset)})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
-    while True:
-        data = stream.read(offset)
-        if data:
-            await resp.write(data)
-            offset += len(data)
-            continue
-        if stream.eof:
-            break
-        await stream.wait(offset, None)
+    async for data in stream.follow(offset):
+        await resp.write(data)
     await resp.write_eof()
     return resp
 

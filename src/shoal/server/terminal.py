@@ -36,17 +36,8 @@ def _size(request: web.Request) -> tuple[int, int]:
 
 async def _show(ws: web.WebSocketResponse, proc: Process) -> None:
     """Send the terminal's output as it comes, then how the shell ended."""
-    out = proc.streams[0]
-    offset = 0
-    while True:
-        data = out.read(offset)
-        if data:
-            await ws.send_bytes(data)
-            offset += len(data)
-            continue
-        if out.eof:
-            break
-        await out.wait(offset, None)
+    async for data in proc.streams[0].follow():
+        await ws.send_bytes(data)
     await proc.wait(None)
     await ws.send_str(json.dumps({"type": "exit", "code": proc.returncode}))
     await ws.close()
