@@ -9,6 +9,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -84,6 +85,9 @@ def test_metrics_count_the_work_the_daemon_did(daemon, app) -> None:  # type: ig
                 pass
             time.sleep(0.1)
         assert answer.startswith(b"HTTP/1.0 200"), answer
+        step = shoal.Image.debian_slim().env({"METRICS_TEST": uuid.uuid4().hex})
+        step.build()  # a new step: built
+        step.env({"AND_THEN": "1"}).build()  # that step again (cached), and one more (built)
         with pytest.raises(NotFoundError):
             shoal.Sandbox.create(app=app, image=shoal.Image.from_id(ids.new("image")))
 
@@ -116,7 +120,8 @@ def test_metrics_count_the_work_the_daemon_did(daemon, app) -> None:  # type: ig
     assert grew("shoal_sandbox_create_failures_total", reason="NotFoundError") == 1
     assert grew("shoal_exec_start_seconds_count", runtime="runc") >= 1
     assert value(after, "shoal_sandboxes_running", runtime="runc") >= 1
-    assert grew("shoal_image_build_steps_total", outcome="cached") >= 1  # the default image's last step
+    assert grew("shoal_image_build_steps_total", outcome="built") >= 2
+    assert grew("shoal_image_build_steps_total", outcome="cached") >= 1
     assert grew("shoal_tunnel_bytes_total", direction="in") >= len(b"GET / HTTP/1.0\r\n\r\n")
     assert grew("shoal_tunnel_bytes_total", direction="out") >= len(answer)
     hits_and_misses = grew("shoal_warm_pool_hits_total") + grew("shoal_warm_pool_misses_total")
