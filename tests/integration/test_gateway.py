@@ -607,7 +607,7 @@ def test_sidecars_through_the_official_client(daemon):
     assert got == ["200\n", 0, ["web"], "again\n", []]
 
 
-def test_sandbox_stats_through_the_official_client(daemon):
+def test_sandbox_stats_and_names_through_the_official_client(daemon):
     got = run_client(
         """
         import json, time, modal
@@ -617,13 +617,16 @@ def test_sandbox_stats_through_the_official_client(daemon):
         p.wait()
         time.sleep(1.2)
         s = sb._experimental_stats()
+        name = "stats-" + sb.object_id[-8:].lower()
+        sb._experimental_set_name(name)
+        named = modal.Sandbox._experimental_from_name("gateway-tests", name).object_id == sb.object_id
         sb.terminate()
         cpu = s.percentile_stats["CPU Usage (cores)"]
         print(json.dumps({
             "seconds": s.duration.total_seconds(), "ordered": s.since < s.until, "unit": cpu.unit,
             "points": [p.percentile for p in cpu.percentiles], "p99": cpu.percentiles[-1].value,
             "memory": s.percentile_stats["Memory Usage (GiB)"].percentiles[0].value, "cost": s.cost,
-            "billed_cpu": s.billed_cpu_core_seconds,
+            "billed_cpu": s.billed_cpu_core_seconds, "named": named,
         }))
         """,
         timeout=120,
@@ -632,6 +635,7 @@ def test_sandbox_stats_through_the_official_client(daemon):
     assert got["unit"] == "cores" and got["points"] == [50.0, 90.0, 99.0], got
     assert got["p99"] > 0.5 and 0 < got["memory"] < 1 and got["cost"] is None, got
     assert got["billed_cpu"] >= 0.5 * 2, got
+    assert got["named"], got  # sb._experimental_set_name, then found by that name
 
 
 def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):

@@ -12,6 +12,7 @@ import shoal
 from shoal.exception import (
     AlreadyExistsError,
     ClientClosed,
+    ConflictError,
     InvalidError,
     NotFoundError,
     SandboxTerminatedError,
@@ -154,6 +155,30 @@ def test_names_are_unique_among_running_sandboxes(daemon):
     sb2.terminate()
     with pytest.raises(InvalidError, match="name"):
         shoal.Sandbox.create(app=app, name="bad name!")
+
+
+def test_a_running_sandbox_is_named_once_after_create(daemon):
+    app = shoal.App.lookup("named-app", create_if_missing=True)
+    name = f"later-{uuid.uuid4().hex[:8]}"
+    sb = shoal.Sandbox.create(app=app)
+    other = shoal.Sandbox.create(app=app)
+    try:
+        with pytest.raises(NotFoundError):
+            shoal.Sandbox.from_name("named-app", name)
+        sb._experimental_set_name(name)
+        sb._experimental_set_name(name)  # the same name again: a retry that succeeds
+        assert shoal.Sandbox.from_name("named-app", name).object_id == sb.object_id
+        with pytest.raises(ConflictError, match="already named"):
+            sb._experimental_set_name(name + "-2")
+        with pytest.raises(AlreadyExistsError):
+            other._experimental_set_name(name)
+        with pytest.raises(InvalidError, match="name"):
+            other._experimental_set_name("bad name!")
+    finally:
+        sb.terminate()
+        other.terminate()
+    with pytest.raises(ConflictError, match="finished"):
+        other._experimental_set_name("too-late")
 
 
 def test_list_by_app_and_tags(daemon):

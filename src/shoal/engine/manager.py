@@ -29,7 +29,7 @@ from shoal.engine.sidecars import Sidecars
 from shoal.engine.snapshot import Snapshots
 from shoal.engine.uids import UidSlots
 from shoal.engine.usage import UsageSampler
-from shoal.exception import AlreadyExistsError, InvalidError, NotFoundError, ResourceExhaustedError
+from shoal.exception import AlreadyExistsError, ConflictError, InvalidError, NotFoundError, ResourceExhaustedError
 from shoal.gpu import inventory as gpu_inventory
 from shoal.gpu import scheduler as gpu_scheduler
 from shoal.images import base as image_base
@@ -649,6 +649,22 @@ class Manager:
             out += self.persistents.listed(app_id, include_finished)
             out.sort(key=lambda info: info.created_at_us, reverse=True)
         return out
+
+    def set_name(self, sandbox_id: str, name: str) -> None:
+        """``sb._experimental_set_name``: name a running sandbox created without one (once; the same name again is a
+        no-op), unique among the app's running sandboxes."""
+        sb = self.get(sandbox_id)
+        if sb.row.name == name:
+            return
+        if sb.state == FINISHED:
+            raise ConflictError(f"Sandbox {sb.id} has finished: it can no longer be named")
+        if sb.row.name is not None:
+            raise ConflictError(f"Sandbox {sb.id} is already named {sb.row.name!r}: a name is set once")
+        for other in self.sandboxes.values():
+            if other.row.app_id == sb.row.app_id and other.row.name == name and other.state != FINISHED:
+                raise AlreadyExistsError(f"a running sandbox of this app is already named {name!r}")
+        sb.row.name = name
+        self.state.set_name(sb.id, name)
 
     def set_tags(self, sandbox_id: str, tags: dict[str, str]) -> None:
         """Replace a sandbox's tags."""

@@ -24,7 +24,7 @@ from shoal.gateway.volumes import GatewayVolumes
 from shoal.util import safefs
 from shoal.wire import ids
 from shoal.wire.images import ImageRef
-from shoal.wire.sandboxes import SandboxState
+from shoal.wire.sandboxes import SandboxName, SandboxState
 
 ENVIRONMENT_ID = "en-shoal"
 LOGS_SLICE = 55.0
@@ -554,6 +554,16 @@ class ControlPlane(ModalClientBase):
         sb = self._sandbox(req.sandbox_id)
         tags = [api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.row.tags.items()]
         await stream.send_message(api_pb2.SandboxTagsGetResponse(tags=tags))
+
+    @grpc_errors
+    async def SandboxSetName(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        try:
+            name = SandboxName(name=req.name).name
+        except ValueError as e:
+            raise exc.InvalidError(str(e)) from None
+        self.mgr.set_name(req.sandbox_id, name)
+        await stream.send_message(api_pb2.SandboxSetNameResponse())
 
     @grpc_errors
     async def SandboxGetStats(self, stream: Any) -> None:

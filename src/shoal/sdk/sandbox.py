@@ -62,7 +62,7 @@ from shoal.wire import gpu as gpu_request
 from shoal.wire import routes, times
 from shoal.wire.base import build, dump
 from shoal.wire.images import ImageRef
-from shoal.wire.sandboxes import CreateSandbox, ExecRequest, TagsUpdate
+from shoal.wire.sandboxes import CreateSandbox, ExecRequest, SandboxName, TagsUpdate
 from shoal.wire.snapshots import RestoreRequest
 
 PERSISTENT_ONLY = "`{}` requires a persistent Sandbox, created with `_experimental_persistent=True`."
@@ -603,6 +603,18 @@ class Sandbox(SandboxNetworkMethods, DashboardLink):
             billed_cpu_core_seconds=d["billed_cpu_core_seconds"],
             billed_memory_gib_seconds=d["billed_memory_gib_seconds"],
         )
+
+    @live_method
+    async def _experimental_set_name(self, name: str) -> None:
+        """Name a running sandbox that was created without one (once; the same name again succeeds), so that
+        ``Sandbox.from_name(app_name, name)`` finds it.  AlreadyExistsError if a running sandbox of the app holds
+        the name; ConflictError if this one has another name or has finished."""
+        if not isinstance(name, str):
+            raise InvalidError("name must be a string")
+        if self._persistent is not None:
+            raise NotImplementedError("Names of persistent Sandboxes are set at create.")
+        body = dump(SandboxName, name=name)
+        await self._client.request("PUT", routes.path("sandboxes", self._id, "name"), json_body=body)
 
     @live_method
     async def get_tags(self) -> dict[str, str]:

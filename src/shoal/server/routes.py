@@ -37,6 +37,7 @@ from shoal.wire.sandboxes import (
     Readiness,
     SandboxInfo,
     SandboxList,
+    SandboxName,
     SandboxStats,
     SandboxUsage,
     StdinOffset,
@@ -593,6 +594,18 @@ async def sandbox_stats(request: web.Request) -> SandboxStats:
         billed_cpu_core_seconds=stats.billed_cpu_core_seconds,
         billed_memory_gib_seconds=stats.billed_memory_gib_seconds,
     )
+
+
+@TABLE.route(
+    "PUT",
+    "/v1/sandboxes/{sandbox_id}/name",
+    summary="Name a running sandbox created without one (once; Sandbox.from_name finds it then)",
+    body=SandboxName,
+    response=Done,
+)
+async def set_name(request: web.Request, body: SandboxName) -> Done:
+    _mgr(request).set_name(request.match_info["sandbox_id"], body.name)
+    return Done()
 
 
 @TABLE.route(

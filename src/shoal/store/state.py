@@ -245,6 +245,10 @@ class State:
             (time.time() if at is None else at, status, code, message, sandbox_id),
         )
 
+    def set_name(self, sandbox_id: str, name: str) -> None:
+        """Give a sandbox its name."""
+        self.db.execute("UPDATE sandboxes SET name = ? WHERE id = ?", (name, sandbox_id))
+
     def set_tags(self, sandbox_id: str, tags: dict[str, str]) -> None:
         """Replace a sandbox's tags."""
         self.db.execute("UPDATE sandboxes SET tags = ? WHERE id = ?", (json.dumps(tags), sandbox_id))

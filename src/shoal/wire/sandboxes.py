@@ -337,6 +337,19 @@ class TunnelList(BaseModel):
     tunnels: list[TunnelData]
 
 
+class SandboxName(WireModel):
+    """``sb._experimental_set_name``."""
+
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        checked = check_sandbox_name(v)
+        assert checked is not None
+        return checked
+
+
 class Tags(BaseModel):
     """``sb.get_tags`` / ``sb.set_tags``."""
 
