@@ -19,7 +19,7 @@ def test_unbuilt_members_say_what_and_why() -> None:
         app.function(image=None, gpu="any", timeout=5)
     with pytest.raises(UnimplementedError, match="from_aws_ecr"):
         shoal.Image.from_aws_ecr("1234.dkr.ecr.us-east-1.amazonaws.com/x:1", add_python="3.11")
-    with pytest.raises(UnimplementedError, match="dashboard"):
-        asyncio.run(app.get_dashboard_url.aio())
+    with pytest.raises(UnimplementedError, match="deploy"):
+        asyncio.run(app.deploy.aio(name="x"))
     assert app.registered_functions == {} and app.registered_web_endpoints == []
     assert app.description == "x"
