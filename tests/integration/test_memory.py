@@ -86,12 +86,12 @@ def test_ended_processes_and_sandboxes_are_not_kept_in_memory(own_daemon):
     exec_growth, create_growth = [], []
     for _ in range(windows):
         before = _memory(own_daemon)["traced_bytes"]
-        _execs(sb, 800)
-        exec_growth.append((_memory(own_daemon)["traced_bytes"] - before) / 800)
+        _execs(sb, 500)
+        exec_growth.append((_memory(own_daemon)["traced_bytes"] - before) / 500)
     for _ in range(windows):
         before = _memory(own_daemon)["traced_bytes"]
-        _creates(app, 50)
-        create_growth.append((_memory(own_daemon)["traced_bytes"] - before) / 50)
+        _creates(app, 35)
+        create_growth.append((_memory(own_daemon)["traced_bytes"] - before) / 35)
     mem = _memory(own_daemon)
     # Only the live sandbox and its (command-less) entrypoint record are held.
     assert mem["sandboxes_in_memory"] == 1, mem

@@ -14,20 +14,21 @@ from shoal.exception import InvalidError
 
 @pytest.mark.parametrize(("version", "codename"), [("3.9", "bullseye"), ("3.13", "trixie"), ("3.14", "forky")])
 def test_a_python_version_of_another_debian_suite(app, version: str, codename: str) -> None:
-    image = shoal.Image.debian_slim(python_version=version).pip_install("six").apt_install("jq")
+    # One build step (apt, from the suite's own sources); pip is checked by installing at run time (suite time).
+    image = shoal.Image.debian_slim(python_version=version).apt_install("jq")
     sb = shoal.Sandbox.create(app=app, image=image, timeout=300)
     try:
         p = sb.exec(
             "sh",
             "-c",
             "python --version; . /etc/os-release; echo $VERSION_CODENAME;"
-            " python -c 'import six; print(\"six\")'; echo '{\"a\": 1}' | jq .a;"
+            " echo '{\"a\": 1}' | jq .a;"
             " pip install --quiet --no-deps tomli 2>&1 | grep -v WARNING; python -c 'import tomli; print(\"tomli\")'",
         )
         out = p.stdout.read().splitlines()
         assert p.wait() == 0, p.stderr.read()
         assert out[0].startswith(f"Python {version}."), out
-        assert out[1:] == [codename, "six", "1", "tomli"], out
+        assert out[1:] == [codename, "1", "tomli"], out
     finally:
         sb.terminate()
 

@@ -39,7 +39,7 @@ from tests.conftest import Daemon
 pytestmark = pytest.mark.restart
 
 SEED = 20261204
-KILLS = 20
+KILLS = 14
 STARTUP_KILLS = 0.25
 """The share of kills that land while the new daemon is still starting, before it says it is ready."""
 LIVE = 3
