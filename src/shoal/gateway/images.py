@@ -123,6 +123,8 @@ class Build:
     ended_at: float | None = None
     built: bool = False
     """Whether anything was built (not all cached): the client is then sent to join it, which shows the log."""
+    handed_out: bool = False
+    """Whether the client was given ``handle`` (then it is recorded in the store once the image is known)."""
 
     @property
     def done(self) -> bool:
@@ -176,6 +178,9 @@ class GatewayImages:
             return api_pb2.ImageGetOrCreateResponse(image_id=build.image_id, result=ok)
         if build.error is not None:
             return api_pb2.ImageGetOrCreateResponse(image_id=build.handle, result=_failed(build.error))
+        build.handed_out = True
+        if build.image_id is not None:
+            self.mgr.state.add_image_handle(build.handle, build.image_id)
         return api_pb2.ImageGetOrCreateResponse(image_id=build.handle)
 
     def _forget_old(self) -> None:
@@ -197,7 +202,8 @@ class GatewayImages:
 
         try:
             build.image_id, _ = await self.mgr.images.resolve(ref, line)
-            self.mgr.state.add_image_handle(build.handle, build.image_id)
+            if build.handed_out:  # only a handle the client holds needs to outlive this daemon
+                self.mgr.state.add_image_handle(build.handle, build.image_id)
         except Exception as e:
             build.error = str(e) or type(e).__name__
         build.ended_at = time.monotonic()
