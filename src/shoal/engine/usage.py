@@ -119,14 +119,16 @@ class UsageSampler:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                self.sample()
+                await self.sample()
             except Exception:
                 log.exception("sampling sandbox usage failed")
 
     def read(self, sb: Sandbox, now: float) -> tuple[Sample, int] | None:
         """A reading of one sandbox now (CPU averaged since the last reading, or since it started), and its
         CPU time so far (ns)."""
-        got = cgroups.usage(sb.cgroup_path)
+        return self._reading(sb, now, cgroups.usage(sb.cgroup_path))
+
+    def _reading(self, sb: Sandbox, now: float, got: tuple[int, int] | None) -> tuple[Sample, int] | None:
         if got is None:
             return None
         cpu_ns, memory = got
@@ -135,13 +137,16 @@ class UsageSampler:
         cores = max(0, cpu_ns - last_ns) / 1e9 / seconds
         return Sample(now, seconds, cores, memory), cpu_ns
 
-    def sample(self) -> None:
-        """One round: read every running sandbox, record the readings, forget sandboxes that ended."""
+    async def sample(self) -> None:
+        """One round: read every running sandbox (the cgroup files in a thread: thousands of sandboxes are
+        thousands of reads), record the readings, forget sandboxes that ended."""
         now = time.time()
         rows: list[tuple[str, float, float, float, int]] = []
         running = [sb for sb in self.mgr.sandboxes.values() if sb.state == SandboxState.RUNNING]
-        for sb in running:
-            reading = self.read(sb, now)
+        paths = [sb.cgroup_path for sb in running]
+        usages = await asyncio.to_thread(lambda: [cgroups.usage(path) for path in paths])
+        for sb, usage in zip(running, usages, strict=True):
+            reading = self._reading(sb, now, usage)
             if reading is None:
                 continue
             got, cpu_ns = reading
