@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 import shoal
+from shoal.network.tls import make_ca
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.transport import default_client
 from tests.conftest import DEFAULT_RUNTIME, Daemon, running_daemon
@@ -175,31 +176,6 @@ def test_creates_work_at_once_after_the_pools_inits_were_killed(pooled):
             sb.terminate()
 
 
-def _self_signed_pem() -> bytes:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pool test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 def _shoal_run(d: Daemon, *cmd: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "shoal", "run", "--app", "pool-tests", "--", *cmd],
@@ -225,7 +201,7 @@ def test_the_pool_follows_the_default_image_when_it_changes(tmp_path):
         first = shoal.Sandbox.create(app=_app())
         first.terminate()
         assert pool()["taken"] == before["taken"] + 1
-        (cas / "team.crt").write_bytes(_self_signed_pem())
+        make_ca(cas / "team.crt", tmp_path / "team.key", "pool test CA")
         # A new process resolves the default image anew (this one keeps the id it resolved, as Modal's does).
         listed = _shoal_run(d, "ls", "/usr/local/share/ca-certificates/shoal-host/")
         assert listed == "team.crt\n"  # the new default image: nothing pooled has it yet
