@@ -644,7 +644,7 @@ def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
         import json, modal
         app = modal.App.lookup("gateway-tests", create_if_missing=True)
         try:
-            modal.Sandbox.create(app=app, timeout=None, _experimental_persistent=True)
+            modal.Function.from_name("gateway-tests", "nothing").hydrate()
             error = None
         except Exception as e:
             error = [type(e).__name__, str(e)]
@@ -652,7 +652,32 @@ def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
         """,
         timeout=120,
     )
-    assert got[0] == "UnimplementedError" and "shoal's gateway does not serve" in got[1], got
+    assert got is not None and "shoal's gateway does not serve" in got[1], got
+
+
+def test_persistent_sandboxes_through_the_official_client(daemon):
+    got = run_client(
+        """
+        import json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        sb = modal.Sandbox.create(app=app, timeout=None, _experimental_persistent=True)
+        sb.exec("sh", "-c", "echo kept > /root/state").wait()
+        sb._experimental_pause()
+        kept = sb.exec("cat", "/root/state").stdout.read()  # the next call starts the next session
+        sb.terminate()
+        try:
+            sb.exec("true")
+            after = None
+        except Exception as e:
+            after = type(e).__name__
+        print(json.dumps([sb.object_id, kept, after]))
+        """,
+        timeout=180,
+    )
+    object_id, kept, after = got
+    assert kept == "kept\n", got
+    assert after is not None, got  # a terminated persistent sandbox stays terminated
+    assert object_id.startswith("sb-"), got
 
 
 def test_local_files_ptys_and_the_seeds_sections(daemon, tmp_path):

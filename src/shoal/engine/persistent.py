@@ -125,6 +125,18 @@ class Persistents:
         self._changed.setdefault(rec.persistent_id, asyncio.Event()).set()
         self._changed[rec.persistent_id] = asyncio.Event()
 
+    def object_id(self, persistent_id: str) -> str:
+        """The object id of the persistent sandbox ``ps-…`` (its first session's id), or NotFoundError."""
+        rec = self._records.get(persistent_id)
+        if rec is None or not rec.sandbox_id:
+            raise NotFoundError(f"persistent Sandbox {persistent_id!r} not found")
+        return rec.sandbox_id
+
+    def running_session_id(self, object_id: str) -> str | None:
+        """The id of the running session, or None while paused or terminated."""
+        running = self._running_session(self._known(object_id))
+        return None if running is None else running.id
+
     def record(self, object_id: str) -> Record | None:
         """The record of a persistent sandbox by its object id, or None for any other sandbox id."""
         ps = self._by_object.get(object_id)

@@ -24,7 +24,7 @@ from shoal.gateway.volumes import GatewayVolumes
 from shoal.util import safefs
 from shoal.wire import ids
 from shoal.wire.images import ImageRef
-from shoal.wire.sandboxes import SandboxName, SandboxState
+from shoal.wire.sandboxes import CreateSandbox, SandboxName, SandboxState
 
 ENVIRONMENT_ID = "en-shoal"
 LOGS_SLICE = 55.0
@@ -256,16 +256,66 @@ class ControlPlane(ModalClientBase):
     def _sandbox(self, sandbox_id: str) -> Sandbox:
         return self.mgr.get(sandbox_id)
 
-    async def _create(self, req: Any) -> Sandbox:
+    def _create_request(self, req: Any) -> CreateSandbox:
         definition = req.definition
         sources = req.secret_sources if hasattr(req, "secret_sources") else []  # V1 creates have none
-        create = create_request(req.app_id, definition, sources, req.tags, self._anonymous)
+        tags = req.tags if hasattr(req, "tags") else []  # persistent creates have none
+        create = create_request(req.app_id, definition, sources, tags, self._anonymous)
         steps = self.mounts.copy_steps(list(definition.mount_ids))  # Image.add_local_* (copy=False)
         image = ImageRef.model_validate(
             {"kind": "id", "image_id": self.images.image_id(definition.image_id), "steps": steps}
         )
-        create = create.model_copy(update={"image": image})
-        return await self.mgr.create(create, lambda line: None)
+        return create.model_copy(update={"image": image})
+
+    async def _create(self, req: Any) -> Sandbox:
+        return await self.mgr.create(self._create_request(req), lambda line: None)
+
+    # ------------------------------------------------------------------ persistent sandboxes (sessions)
+
+    @grpc_errors
+    async def PersistentSandboxCreate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        create = self._create_request(req).model_copy(update={"persistent": True})
+        sb = await self.mgr.persistents.create(create, lambda line: None)
+        rec = self.mgr.persistents.record(sb.id)
+        assert rec is not None
+        await stream.send_message(
+            api_pb2.PersistentSandboxCreateResponse(persistent_sandbox_id=rec.persistent_id, sandbox_id=sb.id)
+        )
+
+    @grpc_errors
+    async def PersistentSandboxGet(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        if not req.persistent_sandbox_id:
+            raise exc.InvalidError("look a persistent sandbox up by its id (named ones are not supported yet)")
+        object_id = self.mgr.persistents.object_id(req.persistent_sandbox_id)
+        await stream.send_message(
+            api_pb2.PersistentSandboxGetResponse(
+                persistent_sandbox_id=req.persistent_sandbox_id,
+                sandbox_id=self.mgr.persistents.running_session_id(object_id) or "",
+            )
+        )
+
+    @grpc_errors
+    async def PersistentSandboxResume(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        sb = await self.mgr.persistents.resume(self.mgr.persistents.object_id(req.persistent_sandbox_id))
+        await stream.send_message(api_pb2.PersistentSandboxResumeResponse(sandbox_id=sb.id))
+
+    @grpc_errors
+    async def PersistentSandboxTerminate(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        await self.mgr.persistents.terminate(self.mgr.persistents.object_id(req.persistent_sandbox_id))
+        await stream.send_message(api_pb2.PersistentSandboxTerminateResponse())
+
+    @grpc_errors
+    async def PersistentSandboxTunnelsList(self, stream: Any) -> None:
+        req = await stream.recv_message()
+        object_id = self.mgr.persistents.object_id(req.persistent_sandbox_id)
+        session = self.mgr.persistents.running_session_id(object_id)
+        tunnels = await self.mgr.network.tunnels_of(session, self.mgr.get(session).finished, 5.0) if session else []
+        data = [api_pb2.TunnelData(**t) for t in tunnels]
+        await stream.send_message(api_pb2.PersistentSandboxTunnelsListResponse(tunnels=data))
 
     @grpc_errors
     async def SandboxCreateV2(self, stream: Any) -> None:

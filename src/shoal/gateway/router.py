@@ -113,6 +113,10 @@ class CommandRouter(TaskCommandRouterBase):
     async def TaskExecStart(self, stream: Any) -> None:
         req = await stream.recv_message()
         sb = self._sandbox(stream, req.task_id)
+        if sb.state == SandboxState.FINISHED and sb.spec.request.persistent_of is not None:
+            # NOT_FOUND, not the ConflictError of a finished sandbox: the client then moves to the persistent
+            # sandbox's running session (resuming one) and runs the command there.
+            raise GRPCError(Status.NOT_FOUND, f"session {sb.id} of a persistent sandbox has ended")
         args = list(req.command_args)
         if args and args[0] == FS_TOOLS:
             args = fs_tool_args(args[1:])
