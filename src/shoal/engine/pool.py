@@ -83,9 +83,9 @@ class WarmPool:
         self.taken = 0
         """Requests served from the pool since the daemon started."""
         self.missed = 0
+        """Creates the pool could have served but had nothing ready for (``/metrics``)."""
         self._recheck_task: asyncio.Task[None] | None = None
         self._rechecked_at = -RECHECK_EVERY
-        """Creates the pool could have served but had nothing ready for (``/metrics``)."""
 
     @property
     def runtime(self) -> str:

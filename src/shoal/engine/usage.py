@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from shoal.exception import InvalidError
 from shoal.runtime import cgroups
 from shoal.wire.sandboxes import SandboxState
 
@@ -103,8 +104,8 @@ class UsageSampler:
         self.interval = interval
         self.latest: dict[str, Sample] = {}
         """The newest sample of each running sandbox."""
-        self._cpu: dict[str, tuple[float, int]] = {}
-        """Per sandbox: when its CPU time was last read, and that CPU time (ns)."""
+        self._cpu_ns: dict[str, int] = {}
+        """Per sandbox: its CPU time (ns) at its latest sample."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -132,7 +133,8 @@ class UsageSampler:
         if got is None:
             return None
         cpu_ns, memory = got
-        last_at, last_ns = self._cpu.get(sb.id, (sb.row.created_at, 0))
+        last = self.latest.get(sb.id)
+        last_at, last_ns = (last.at, self._cpu_ns[sb.id]) if last is not None else (sb.row.created_at, 0)
         seconds = max(now - last_at, 1e-3)
         cores = max(0, cpu_ns - last_ns) / 1e9 / seconds
         return Sample(now, seconds, cores, memory), cpu_ns
@@ -149,20 +151,19 @@ class UsageSampler:
             reading = self._reading(sb, now, usage)
             if reading is None:
                 continue
-            got, cpu_ns = reading
-            self._cpu[sb.id] = (now, cpu_ns)
+            got, self._cpu_ns[sb.id] = reading
             self.latest[sb.id] = got
             rows.append((sb.id, got.at, got.seconds, got.cpu_cores, got.memory_bytes))
         alive = {sb.id for sb in running}
         for gone in [k for k in self.latest if k not in alive]:
-            del self.latest[gone]
-        for gone in [k for k in self._cpu if k not in alive]:
-            del self._cpu[gone]
+            del self.latest[gone], self._cpu_ns[gone]
         self.mgr.state.add_usage(rows)
 
     def stats(self, sb: Sandbox, since: float | None, until: float | None) -> Stats:
         """The sandbox's stats over [since, until) (defaults: its creation, now).  A running sandbox asked
         about up to now also counts a reading taken now, so a sandbox younger than one interval has one."""
+        if since is not None and until is not None and since >= until:
+            raise InvalidError("`since` must be before `until`.")
         now = time.time()
         start = sb.row.created_at if since is None else since
         end = now if until is None else until

@@ -621,8 +621,6 @@ class ControlPlane(ModalClientBase):
         sb = self._sandbox(req.sandbox_id)
         since = req.since.ToMicroseconds() / 1e6 if req.HasField("since") else None
         until = req.until.ToMicroseconds() / 1e6 if req.HasField("until") else None
-        if since is not None and until is not None and since >= until:
-            raise exc.InvalidError("`since` must be before `until`.")
         stats = self.mgr.usage.stats(sb, since, until)
         resp = api_pb2.SandboxGetStatsResponse(
             duration_hours=stats.duration_seconds / 3600,

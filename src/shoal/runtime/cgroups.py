@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+from shoal.runtime.host_room import read_int, stat_int
+
 ROOT = Path("/sys/fs/cgroup")
 
 
@@ -93,41 +95,21 @@ def limit_parent(parent: str, pids: int, memory_bytes: int) -> None:
         (d / "memory.max").write_text(str(memory_bytes))
 
 
-def _stat_value(path: Path, key: str) -> int | None:
-    try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
-    except OSError:
-        pass
-    return None
-
-
-def _int_file(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
 def usage(cgroup_path: str) -> tuple[int, int] | None:
     """A cgroup's CPU time so far (nanoseconds) and the memory it uses now (bytes, less reclaimable page
     cache, as ``docker stats`` counts it); None once the cgroup is gone."""
     rel = cgroup_path.lstrip("/")
     v1_cpu = ROOT / "cpuacct" / rel / "cpuacct.usage"
     if v1_cpu.exists():
-        cpu = _int_file(v1_cpu)
+        cpu = read_int(v1_cpu)
         mem_dir = ROOT / "memory" / rel
-        memory = _int_file(mem_dir / "memory.usage_in_bytes")
-        inactive = _stat_value(mem_dir / "memory.stat", "total_inactive_file") or 0
+        memory = read_int(mem_dir / "memory.usage_in_bytes")
+        inactive = stat_int(mem_dir / "memory.stat", "total_inactive_file")
     else:
         d = ROOT / rel
-        usec = _stat_value(d / "cpu.stat", "usage_usec")
-        cpu = None if usec is None else usec * 1000
-        memory = _int_file(d / "memory.current")
-        inactive = _stat_value(d / "memory.stat", "inactive_file") or 0
+        cpu = stat_int(d / "cpu.stat", "usage_usec") * 1000
+        memory = read_int(d / "memory.current")
+        inactive = stat_int(d / "memory.stat", "inactive_file")
     if cpu is None or memory is None:
         return None
     return cpu, max(0, memory - inactive)

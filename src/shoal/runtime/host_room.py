@@ -37,7 +37,8 @@ class Room:
         return out
 
 
-def _read_int(path: Path) -> int | None:
+def read_int(path: Path) -> int | None:
+    """The integer a cgroup file holds; None when it cannot be read, or says ``max``."""
     try:
         text = path.read_text().strip()
     except OSError:
@@ -45,7 +46,8 @@ def _read_int(path: Path) -> int | None:
     return None if text == "max" else int(text) if text.isdigit() else None
 
 
-def _stat(path: Path, key: str) -> int:
+def stat_int(path: Path, key: str) -> int:
+    """The value of ``key`` in a cgroup's ``*.stat`` file; 0 when it cannot be read."""
     try:
         for line in path.read_text().splitlines():
             name, _, value = line.partition(" ")
@@ -61,14 +63,14 @@ def measure(parent: str, data_dir: Path) -> Room:
     rel = parent.strip("/")
     if (CGROUP_ROOT / "pids").is_dir():  # cgroup v1 (also hybrid hosts)
         pids_dir, mem_dir = CGROUP_ROOT / "pids" / rel, CGROUP_ROOT / "memory" / rel
-        pids_max, pids_now = _read_int(pids_dir / "pids.max"), _read_int(pids_dir / "pids.current")
-        mem_max, mem_now = _read_int(mem_dir / "memory.limit_in_bytes"), _read_int(mem_dir / "memory.usage_in_bytes")
-        inactive = _stat(mem_dir / "memory.stat", "total_inactive_file")
+        pids_max, pids_now = read_int(pids_dir / "pids.max"), read_int(pids_dir / "pids.current")
+        mem_max, mem_now = read_int(mem_dir / "memory.limit_in_bytes"), read_int(mem_dir / "memory.usage_in_bytes")
+        inactive = stat_int(mem_dir / "memory.stat", "total_inactive_file")
     else:
         d = CGROUP_ROOT / rel
-        pids_max, pids_now = _read_int(d / "pids.max"), _read_int(d / "pids.current")
-        mem_max, mem_now = _read_int(d / "memory.max"), _read_int(d / "memory.current")
-        inactive = _stat(d / "memory.stat", "inactive_file")
+        pids_max, pids_now = read_int(d / "pids.max"), read_int(d / "pids.current")
+        mem_max, mem_now = read_int(d / "memory.max"), read_int(d / "memory.current")
+        inactive = stat_int(d / "memory.stat", "inactive_file")
     pids_left = pids_max - pids_now if pids_max is not None and pids_now is not None else None
     memory_left = None
     if mem_max is not None and mem_now is not None and mem_max < 1 << 60:

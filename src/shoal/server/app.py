@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 TOKEN = web.AppKey("token", str)
 TRUSTED = web.AppKey("trusted", bool)
 """The app is mounted where its parent has already checked who is asking (the dashboard's ``/api``)."""
-MANAGER_KEY = routes.MANAGER
 ROUTES: list[Route] = [
     *routes.TABLE.routes,
     *attach.TABLE.routes,
@@ -194,7 +193,7 @@ async def _framework_errors(request: web.Request, handler: Handler) -> web.Strea
 METRICS_PATH = "/metrics"
 
 
-async def _metrics(request: web.Request) -> web.Response:
+async def metrics(request: web.Request) -> web.Response:
     """Prometheus' scrape: the daemon's metrics in the text format (``shoal.engine.metrics``)."""
     body = request.app[routes.MANAGER].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
@@ -208,6 +207,6 @@ def build_app(manager: Manager, token: str, *, trusted: bool = False) -> web.App
     app[TRUSTED] = trusted
     app[routes.API] = ROUTES
     install(app, ROUTES, _wrap, _expect)
-    app.router.add_get(METRICS_PATH, _metrics)
+    app.router.add_get(METRICS_PATH, metrics)
     attach.install(app)
     return app

@@ -24,9 +24,8 @@ from pathlib import Path
 from aiohttp import web
 
 from shoal.engine.manager import Manager
-from shoal.engine.metrics import CONTENT_TYPE
-from shoal.server import terminal
-from shoal.server.app import MANAGER_KEY, build_app
+from shoal.server import routes, terminal
+from shoal.server.app import METRICS_PATH, build_app, metrics
 from shoal.server.registry import Handler
 from shoal.util import loopback
 
@@ -76,7 +75,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == "/login":
         response: web.StreamResponse = await handler(request)
         return response
-    public = request.path == "/metrics" and request.app[MANAGER_KEY].cfg.metrics_public
+    public = request.path == METRICS_PATH and request.app[routes.MANAGER].cfg.metrics_public
     if not public and not auth.allows(request):
         if request.method == "GET" and (request.path == "/" or "text/html" in request.headers.get("Accept", "")):
             return web.Response(text=_LOGIN_PAGE.format(message="You are not signed in."), content_type="text/html")
@@ -103,11 +102,6 @@ async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    body = request.app[MANAGER_KEY].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-
-
 @dataclass
 class Dashboard:
     """A running dashboard listener."""
@@ -128,10 +122,10 @@ def build(manager: Manager, auth: DashboardAuth) -> web.Application:
     """The dashboard's application: the UI, ``/api`` (the daemon's API), the terminal, ``/metrics``."""
     app = web.Application(middlewares=[_guard])
     app[AUTH] = auth
-    app[MANAGER_KEY] = manager
+    app[routes.MANAGER] = manager
     app.router.add_get("/login", _login)
     app.router.add_get("/", _index)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get(METRICS_PATH, metrics)
     app.router.add_get("/terminal/{sandbox_id}", terminal.websocket)
     app.router.add_static("/static/", STATIC, follow_symlinks=False)
     app.add_subapp("/api/", build_app(manager, "", trusted=True))
