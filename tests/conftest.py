@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 MACHINE_IMAGES = Path("/var/lib/shoal/images")
 REGISTRY_TMP_PREFIX = f"shoal-registry-{os.getpid()}-"
 """Temporary directories of the local registries this test run starts (tests/integration/test_registry.py)."""
+AGENT_CACHE = Path(tempfile.mkdtemp(prefix=f"shoal-agent-cache-{os.getpid()}-"))
+"""The agent binary the run's daemons share (each starts on a fresh data dir and would compile it): removed at the end."""
 os.environ["SHOAL_NO_AUTOSTART"] = "1"
 """A test that forgets its daemon fixture fails, instead of starting a daemon on the host's own directories."""
 
@@ -115,6 +117,7 @@ def _daemon_env(root: Path) -> dict[str, str]:
         SHOAL_UID_RANGES="per-sandbox",
         # Usage samples each second rather than every five: a stats test needs a few in a short life.
         SHOAL_USAGE_INTERVAL="1",
+        SHOAL_AGENT_CACHE=str(AGENT_CACHE),
     )
     if MACHINE_IMAGES.is_dir():
         env["SHOAL_IMAGE_CACHE"] = str(MACHINE_IMAGES)
@@ -396,6 +399,10 @@ def sandbox(app, request):  # type: ignore[no-untyped-def]
     if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
         print(f"\nsandbox of the failed test: {sb.object_id}")
     sb.terminate()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(AGENT_CACHE, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -29,7 +29,7 @@ def setup_cmd(python_version: str | None) -> None:
             f"missing tools: {', '.join(missing) or 'runc'}; install the system packages (`make setup` does)"
         )
     cfg = Config()
-    agent = ensure_agent(cfg.agent_dir)
+    agent = ensure_agent(cfg.agent_dir, cfg.agent_cache)
     click.echo(f"agent: {agent}")
     store = LayerStore(cfg.images_dir)
     version = check_python_version(python_version)

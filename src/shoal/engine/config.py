@@ -109,6 +109,9 @@ class Config:
         default_factory=lambda: [Path(p) for p in os.environ.get("SHOAL_IMAGE_CACHE", "").split(":") if p]
     )
     """Other image stores whose layers this daemon may use read-only (tests share the base image)."""
+    agent_cache: Path | None = field(default_factory=lambda: _optional_path("SHOAL_AGENT_CACHE"))
+    """A directory of agent binaries shared by daemons that start on fresh data directories (tests, a local cluster):
+    the agent is copied from it instead of compiled (``shoal.agent.build.ensure_agent``)."""
     retention_seconds: float = 24 * 3600
     """How long finished sandboxes' records and output are kept."""
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -204,3 +207,8 @@ class Config:
 def _optional_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value else None
+
+
+def _optional_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None

@@ -151,7 +151,7 @@ class Manager:
 
     async def start(self) -> None:
         """Prepare the agent, clear leftovers of a crash, re-adopt running sandboxes."""
-        await asyncio.to_thread(ensure_agent, self.cfg.agent_dir)
+        await asyncio.to_thread(ensure_agent, self.cfg.agent_dir, self.cfg.agent_cache)
         self.uid_mode, self.uid_note = await asyncio.to_thread(self._choose_uid_mode)
         log.info("uid ranges: %s (%s)", self.uid_mode, self.uid_note)
         await asyncio.to_thread(self._check_gvisor)
