@@ -27,7 +27,7 @@ MACHINE_IMAGES = Path("/var/lib/shoal/images")
 REGISTRY_TMP_PREFIX = f"shoal-registry-{os.getpid()}-"
 """Temporary directories of the local registries this test run starts (tests/integration/test_registry.py)."""
 AGENT_CACHE = Path(tempfile.mkdtemp(prefix=f"shoal-agent-cache-{os.getpid()}-"))
-"""The agent binary the run's daemons share (each starts on a fresh data dir and would compile it): removed at the end."""
+"""The agent binary the run's daemons share (each starts on a fresh data dir): removed at the end."""
 os.environ["SHOAL_NO_AUTOSTART"] = "1"
 """A test that forgets its daemon fixture fails, instead of starting a daemon on the host's own directories."""
 
