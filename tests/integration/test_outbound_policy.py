@@ -338,3 +338,95 @@ def test_policy_errors(world):
                 domain="x.com", headers={"X": "$K"}, secret=shoal.Secret.from_name("no-such-secret-here")
             ),
         )
+
+
+# Runs in the sandbox: a request, then (after a line on stdin) another on the same kept-alive connection.
+TWO_STEPS = r"""
+import http.client, json, ssl, sys
+conn = http.client.HTTPSConnection(sys.argv[1], 443, context=ssl.create_default_context(), timeout=10)
+out = []
+for step in range(2):
+    if step:
+        sys.stdin.readline()
+    conn.request("GET", f"/{step}", headers={"Authorization": "Bearer from-the-sandbox"})
+    r = conn.getresponse()
+    out.append(r.read().decode())
+    print("sent", flush=True)
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_running_sandbox_gets_its_policy_replaced(world, sandboxes):
+    sb = shoal.Sandbox.create(app=world.app, _experimental_outbound_policy=policy(world), timeout=300)
+    sandboxes.append(sb)
+    p = sb.exec("python3", "-c", TWO_STEPS, "api.shoal.test", timeout=60)
+    lines = iter(p.stdout)
+    assert next(lines) == "sent\n"
+    newer = (
+        shoal.experimental.OutboundPolicy()
+        .with_header_replacement(domain="api.shoal.test", headers={"X-Trace": "trace-2"})
+        .with_header_replacement(domain="plain.shoal.test", headers={"X-Trace": "trace-plain"})
+    )
+    sb._experimental_update_outbound_policy(newer)
+    p.stdin.write(b"go\n")
+    p.stdin.drain()
+    sent, answers = "".join(lines).split("\n", 1)
+    assert sent == "sent"
+    before, after = (headers(a) for a in json.loads(answers))
+    assert p.wait() == 0
+    assert before["authorization"] == f"Bearer {TOKEN}" and "x-trace" not in before
+    # The next request on the same connection has the new policy's headers only: the old ones are gone.
+    assert after["x-trace"] == "trace-2" and after["authorization"] == "Bearer from-the-sandbox"
+    # A name the policy now covers is intercepted on new connections; the record keeps the new templates.
+    first = client(sb, "plain.shoal.test")[0]
+    assert first[0] == 200 and headers(first[1])["x-trace"] == "trace-plain"
+    record = world.daemon.runtime_dir / "net" / f"{sb.object_id}.json"
+    assert "trace-plain" in record.read_text() and "API_TOKEN" not in record.read_text()
+    # Errors: a missing secret key, a sandbox created without a policy, the wrong type.
+    bad = shoal.experimental.OutboundPolicy().with_header_replacement(
+        domain="api.shoal.test", headers={"X": "$MISSING"}, secret=shoal.Secret.from_name(world.secret)
+    )
+    with pytest.raises(InvalidError, match=r"\$MISSING"):
+        sb._experimental_update_outbound_policy(bad)
+    assert headers(client(sb, "api.shoal.test")[0][1])["x-trace"] == "trace-2"  # the refused update changed nothing
+    plain = shoal.Sandbox.create(app=world.app, timeout=300)
+    sandboxes.append(plain)
+    with pytest.raises(InvalidError, match="created with an `_experimental_outbound_policy`"):
+        plain._experimental_update_outbound_policy(newer)
+    with pytest.raises(InvalidError, match="OutboundPolicy"):
+        sb._experimental_update_outbound_policy({"domain": "x.com"})  # type: ignore[arg-type]
+
+
+def test_the_official_client_sets_and_replaces_a_policy(world, sandboxes):
+    pytest.importorskip("modal_proto", reason="the official modal client is a test dependency: make setup")
+    from tests.integration.test_gateway import run_client
+
+    sandbox_id = run_client(
+        f"""
+        import json, modal, modal.experimental
+        app = modal.App.lookup("egress-gateway", create_if_missing=True)
+        policy = modal.experimental.OutboundPolicy().with_header_replacement(
+            domain="api.shoal.test",
+            secret=modal.Secret.from_name({world.secret!r}),
+            headers={{"Authorization": "Bearer $API_TOKEN"}},
+        )
+        sb = modal.Sandbox.create(app=app, _experimental_outbound_policy=policy, timeout=300)
+        print(json.dumps(sb.object_id))
+        """
+    )
+    sb = shoal.Sandbox.from_id(sandbox_id)
+    sandboxes.append(sb)
+    first = client(sb, "api.shoal.test")[0]
+    assert first[0] == 200 and headers(first[1])["authorization"] == f"Bearer {TOKEN}"
+    run_client(
+        f"""
+        import json, modal, modal.experimental
+        sb = modal.Sandbox.from_id({sandbox_id!r})
+        sb._experimental_update_outbound_policy(
+            modal.experimental.OutboundPolicy().with_header_replacement(domain="api.shoal.test", headers={{"X-New": "1"}})
+        )
+        print(json.dumps("updated"))
+        """
+    )
+    got = headers(client(sb, "api.shoal.test")[0][1])
+    assert got["x-new"] == "1" and got["authorization"] == "Bearer from-the-sandbox"

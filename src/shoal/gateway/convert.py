@@ -9,8 +9,10 @@ from typing import Any, TypeVar
 
 from grpclib import GRPCError, Status
 from modal_proto import api_pb2
+from pydantic import ValidationError
 
 from shoal import exception as exc
+from shoal.wire.base import validation_message
 from shoal.wire.images import ImageRef
 from shoal.wire.sandboxes import CreateSandbox, CreateSidecar, Result
 
@@ -72,6 +74,7 @@ def create_request(
         for name, present in (
             ("nfs_mounts", bool(d.nfs_mounts)),
             ("cloud_bucket_mounts", bool(d.cloud_bucket_mounts)),
+            ("outbound_policy (routes)", d.HasField("outbound_policy")),
         )
         if present
     ]
@@ -130,10 +133,21 @@ def create_request(
         "readiness_probe": _probe(d.readiness_probe) if d.HasField("readiness_probe") else None,
         "verbose": d.verbose,
         "enable_snapshot": d.enable_snapshot,
+        "outbound_headers": (
+            outbound_headers(d.experimental_outbound_policy) if d.HasField("experimental_outbound_policy") else None
+        ),
     }
     if d.runtime:
         fields["runtime"] = d.runtime
     return CreateSandbox.model_validate(fields)
+
+
+def outbound_headers(policy: Any) -> list[dict[str, Any]]:
+    """Modal's ``ExperimentalOutboundPolicy`` (``_experimental_outbound_policy``) as shoal's header replacements."""
+    return [
+        {"domain": r.domain, "headers": dict(r.headers), "secret_id": r.secret_id or None}
+        for r in policy.header_replacements
+    ]
 
 
 async def create_sidecar(
@@ -216,6 +230,8 @@ def grpc_errors(func: F) -> F:
             await func(*args, **kwargs)
         except GRPCError:
             raise
+        except ValidationError as e:
+            raise GRPCError(Status.INVALID_ARGUMENT, validation_message(e)) from None
         except exc.Error as e:
             status = next((s for cls, s in _GRPC_STATUS if isinstance(e, cls)), Status.FAILED_PRECONDITION)
             raise GRPCError(status, str(e) or type(e).__name__) from None

@@ -23,9 +23,16 @@ from shoal.engine.manager import Manager
 from shoal.engine.process import ENTRYPOINT_ID, Process
 from shoal.engine.sandbox import Sandbox
 from shoal.gateway.auth import GatewayAuth
-from shoal.gateway.convert import allowlists, create_sidecar, generic_result, grpc_errors, sandbox_of_task
+from shoal.gateway.convert import (
+    allowlists,
+    create_sidecar,
+    generic_result,
+    grpc_errors,
+    outbound_headers,
+    sandbox_of_task,
+)
 from shoal.runtime.spec import AGENT_DIR
-from shoal.wire.sandboxes import ExecRequest, SandboxState
+from shoal.wire.sandboxes import ExecRequest, OutboundPolicyUpdate, SandboxState
 
 FS_TOOLS = "/__modal/.bin/modal-sandbox-fs-tools"
 """The helper the client execs for ``sb.filesystem``, with one JSON command: shoal's own tool runs instead."""
@@ -286,6 +293,21 @@ class CommandRouter(TaskCommandRouterBase):
         else:
             raise GRPCError(Status.INVALID_ARGUMENT, "a running sandbox's network can be opened or allowlisted")
         await stream.send_message(tcr.TaskSetNetworkAccessResponse())
+
+    @grpc_errors
+    async def TaskSetOutboundPolicy(self, stream: Any) -> None:
+        """``sb._experimental_update_outbound_policy``: header replacements that replace all of the sandbox's."""
+        req = await stream.recv_message()
+        sb = self._sandbox(stream, req.task_id)
+        if sb.state != SandboxState.RUNNING:
+            raise GRPCError(
+                Status.FAILED_PRECONDITION, f"Sandbox {sb.id} is not running: its policy can no longer change"
+            )
+        update = OutboundPolicyUpdate.model_validate(
+            {"outbound_headers": outbound_headers(req.experimental_outbound_policy)}
+        )
+        await self.mgr.network.set_outbound_headers(sb.id, [r.model_dump(mode="json") for r in update.outbound_headers])
+        await stream.send_message(tcr.TaskSetExperimentalOutboundPolicyResponse())
 
     def _target(self, stream: Any, task: str, container_id: str) -> Sandbox:
         sb = self._sandbox(stream, task)

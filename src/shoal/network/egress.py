@@ -335,10 +335,9 @@ class EgressInterceptor:
                 limits.refuse(sock)
                 return
             name = await asyncio.wait_for(self._peek_name(sock), HELLO_TIMEOUT)
-            policy = self.policy_of(source) or []
-            add = headers_for(policy, name) if name else {}
-            if add:
-                await self._intercept(sock, dst, port, name, add)
+            if name and headers_for(self.policy_of(source) or [], name):
+                # Read again for each request: an updated policy applies to connections already open.
+                await self._intercept(sock, dst, port, name, lambda: headers_for(self.policy_of(source) or [], name))
             else:
                 await self._pass(sock, dst, port)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
@@ -390,7 +389,9 @@ class EgressInterceptor:
             await _close(up_w)
             await _close(writer)
 
-    async def _intercept(self, sock: socket.socket, dst: str, port: int, name: str, add: dict[bytes, bytes]) -> None:
+    async def _intercept(
+        self, sock: socket.socket, dst: str, port: int, name: str, add: Callable[[], dict[bytes, bytes]]
+    ) -> None:
         reader, writer = await self._streams(sock, await self.ca.context_for(name))
         try:
             try:
@@ -421,9 +422,10 @@ class EgressInterceptor:
         writer: asyncio.StreamWriter,
         up: asyncio.StreamWriter,
         name: str,
-        add: dict[bytes, bytes],
+        add: Callable[[], dict[bytes, bytes]],
     ) -> None:
-        """Forward requests with ``add`` set until the sandbox stops sending (then half-close the server side)."""
+        """Forward requests with the headers ``add()`` gives (asked per request) set, until the sandbox stops
+        sending (then half-close the server side)."""
         try:
             while True:
                 try:
@@ -435,7 +437,7 @@ class EgressInterceptor:
                 except asyncio.LimitOverrunError:
                     too_long = f"a request head over {HEAD_MAX} bytes"
                     raise _Reject("431 Request Header Fields Too Large", too_long) from None
-                out, length, stream = rewrite_head(head, name, add)
+                out, length, stream = rewrite_head(head, name, add())
                 up.write(out)
                 if stream:
                     await _pipe(reader, up)

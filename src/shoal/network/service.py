@@ -663,6 +663,33 @@ class Network(Ingress):
             if new.restricted:
                 await self._run(self._cut_disallowed, new)
 
+    async def set_outbound_headers(self, sandbox_id: str, replacements: list[dict[str, Any]]) -> None:
+        """Replace the header replacements of a sandbox created with an outbound policy
+        (``sb._experimental_update_outbound_policy``): requests sent from now on get the new headers, on new
+        connections and on ones already intercepted.  A connection opened to a name the old policy did not cover
+        keeps passing through untouched."""
+        att = self.attached.get(sandbox_id)
+        if att is None or att.outbound_headers is None:
+            raise InvalidError(
+                "only a sandbox created with an `_experimental_outbound_policy` can have it updated (header"
+                " replacement is set up when the sandbox starts): create the sandbox with a policy, even an empty"
+                " one, to change it later"
+            )
+        try:
+            resolved = self.resolve_policy(replacements)
+        except KeyError as exc:
+            raise InvalidError(
+                f"an outbound policy header names the secret key ${exc.args[0]}, which its secret does not hold"
+            ) from None
+        async with self._policy_locks.setdefault(sandbox_id, asyncio.Lock()):
+            old = self.attached.get(sandbox_id)
+            if old is None:
+                raise InvalidError("the sandbox has stopped: there is no outbound policy to update")
+            new = replace(old, outbound_headers=replacements)
+            self.attached[sandbox_id] = new
+            self.policies[new.ip] = resolved
+            (self.dir / f"{sandbox_id}.json").write_text(json.dumps(asdict(new)))
+
     def _replace_policy(self, old: Attachment, new: Attachment, pins: dict[ipaddress.IPv4Address, float]) -> None:
         assert self.names is not None and self.nft is not None
         for addr in pins:

@@ -11,15 +11,17 @@ from shoal.exception import InvalidError
 from shoal.sdk._checks import check_port
 from shoal.sdk._sandbox_args import str_list
 from shoal.sdk._sync import live_method
+from shoal.sdk.outbound_policy import OutboundPolicy
 from shoal.sdk.transport import Client
 from shoal.types import SandboxConnectCredentials
 from shoal.wire import routes
 from shoal.wire.base import dump
-from shoal.wire.sandboxes import ConnectTokenRequest, NetworkPolicy
+from shoal.wire.sandboxes import ConnectTokenRequest, NetworkPolicy, OutboundPolicyUpdate
 
 
 class SandboxNetworkMethods:
-    """``create_connect_token`` and ``_experimental_set_outbound_network_policy``, for ``Sandbox``."""
+    """``create_connect_token``, ``_experimental_set_outbound_network_policy`` and
+    ``_experimental_update_outbound_policy``, for ``Sandbox``."""
 
     _client: Client
     _id: str
@@ -84,3 +86,21 @@ class SandboxNetworkMethods:
             outbound_domain_allowlist=str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
         )
         await self._client.request("POST", routes.path("sandboxes", self._id, "network_policy"), json_body=body)
+
+    @live_method
+    async def _experimental_update_outbound_policy(self, outbound_policy: OutboundPolicy) -> None:
+        """Replace all of the sandbox's outbound policy (header replacements) while it runs: build the new policy
+        with every rule to keep.  Requests sent from then on get the new headers, on connections already open too.
+
+        Only a sandbox created with an ``_experimental_outbound_policy`` can be updated (header replacement is
+        set up when it starts); for others this raises InvalidError.
+        """
+        self._check_attached()
+        if not isinstance(outbound_policy, OutboundPolicy):
+            raise InvalidError(
+                f"outbound_policy must be a shoal.experimental.OutboundPolicy, got {type(outbound_policy).__name__}"
+            )
+        if self._persistent is not None:
+            raise NotImplementedError("Updating the outbound policy isn't supported for persistent Sandboxes yet.")
+        body = dump(OutboundPolicyUpdate, outbound_headers=await outbound_policy._body())
+        await self._client.request("PUT", routes.path("sandboxes", self._id, "outbound_policy"), json_body=body)

@@ -33,6 +33,7 @@ from shoal.wire.sandboxes import (
     LogEntries,
     LogEntry,
     NetworkPolicy,
+    OutboundPolicyUpdate,
     PercentileStats,
     Readiness,
     SandboxInfo,
@@ -484,6 +485,22 @@ async def set_network_policy(request: web.Request, body: NetworkPolicy) -> Done:
     if sb.state != RUNNING:
         raise ConflictError(f"Sandbox {sb.id} is not running: its network policy can no longer change")
     await mgr.network.set_policy(sb.id, body.outbound_cidr_allowlist, body.outbound_domain_allowlist)
+    return Done()
+
+
+@TABLE.route(
+    "PUT",
+    "/v1/sandboxes/{sandbox_id}/outbound_policy",
+    summary="Replace the header replacements of a running sandbox created with an outbound policy",
+    body=OutboundPolicyUpdate,
+    response=Done,
+)
+async def update_outbound_policy(request: web.Request, body: OutboundPolicyUpdate) -> Done:
+    mgr = _mgr(request)
+    sb = mgr.get(request.match_info["sandbox_id"])
+    if sb.state != RUNNING:
+        raise ConflictError(f"Sandbox {sb.id} is not running: its outbound policy can no longer change")
+    await mgr.network.set_outbound_headers(sb.id, [r.model_dump(mode="json") for r in body.outbound_headers])
     return Done()
 
 

@@ -44,6 +44,18 @@ class NetworkPolicy(WireModel):
     outbound_domain_allowlist: Domains = None
 
 
+class OutboundPolicyUpdate(WireModel):
+    """``sb._experimental_update_outbound_policy``: the header replacements that replace all of a sandbox's."""
+
+    outbound_headers: OutboundHeaders
+
+    @model_validator(mode="after")
+    def _total(self) -> OutboundPolicyUpdate:
+        if sum(len(r.headers) for r in self.outbound_headers) > MAX_HEADERS:
+            raise ValueError(f"Outbound policy cannot have more than {MAX_HEADERS} header replacements")
+        return self
+
+
 class ConnectTokenRequest(WireModel):
     """``sb.create_connect_token``: a token for the authenticating proxy in front of ``port``."""
 
