@@ -422,8 +422,9 @@ def test_the_official_client_sets_and_replaces_a_policy(world, sandboxes):
         f"""
         import json, modal, modal.experimental
         sb = modal.Sandbox.from_id({sandbox_id!r})
+        policy = modal.experimental.OutboundPolicy()
         sb._experimental_update_outbound_policy(
-            modal.experimental.OutboundPolicy().with_header_replacement(domain="api.shoal.test", headers={{"X-New": "1"}})
+            policy.with_header_replacement(domain="api.shoal.test", headers={{"X-New": "1"}})
         )
         print(json.dumps("updated"))
         """
