@@ -83,6 +83,31 @@ def test_the_seeds_basic_usage_through_the_official_client(daemon):
     assert shoal.Sandbox.from_id(got[5]).poll() == 137
 
 
+def test_calls_made_right_after_create_wait_for_the_start(daemon):
+    # SandboxCreateV2 answers once the sandbox is admitted, before its container has started (decision 0075):
+    # a terminate or an exec sent at once must wait for the start, from the warm pool (the first two) or cold.
+    got = run_client(
+        """
+        import json, modal
+        app = modal.App.lookup("gateway-tests", create_if_missing=True)
+        ended = []
+        for _ in range(4):
+            sb = modal.Sandbox.create(app=app)
+            sb.terminate()
+            ended.append([sb.object_id, sb.wait(raise_on_termination=False), sb.returncode])
+        sb = modal.Sandbox.create("sh", "-c", "echo entry; sleep 100", app=app, workdir="/tmp")
+        p = sb.exec("pwd")
+        first = [p.stdout.read(), p.wait(), next(iter(sb.stdout))]
+        sb.terminate()
+        print(json.dumps([ended, first]))
+        """
+    )
+    ended, first = got
+    assert [code for _, _, code in ended] == [137] * 4
+    assert all(shoal.Sandbox.from_id(sandbox_id).poll() == 137 for sandbox_id, _, _ in ended)
+    assert first == ["/tmp\n", 0, "entry\n"]
+
+
 def test_entrypoint_streams_stdin_and_timeouts(daemon):
     got = run_client(
         """

@@ -418,14 +418,24 @@ class Manager:
 
     # ---------------------------------------------------------------- sandboxes
 
-    async def create(self, req: CreateSandbox, image_log: Callable[[str], None], *, build: bool = False) -> Sandbox:
-        """``Sandbox.create``: returns once the sandbox runs.  ``build``: an image build sandbox (no entrypoint)."""
+    async def create(
+        self,
+        req: CreateSandbox,
+        image_log: Callable[[str], None],
+        *,
+        build: bool = False,
+        on_admitted: Callable[[Sandbox], None] | None = None,
+    ) -> Sandbox:
+        """``Sandbox.create``: returns once the sandbox runs.  ``build``: an image build sandbox (no entrypoint).
+
+        ``on_admitted`` is called with the sandbox once every check has passed and it is listed (CREATING), before
+        its container starts: a caller may hand out its id then (``sb.settled`` is set once the start ends)."""
         started = time.monotonic()
         try:
             self._check_capacity()
             self._starting += 1
             try:
-                sb, pooled = await self._create(req, image_log, build=build)
+                sb, pooled = await self._create(req, image_log, build=build, on_admitted=on_admitted)
             finally:
                 self._starting -= 1
         except Exception as exc:
@@ -475,7 +485,12 @@ class Manager:
             ) from None
 
     async def _create(
-        self, req: CreateSandbox, image_log: Callable[[str], None], *, build: bool
+        self,
+        req: CreateSandbox,
+        image_log: Callable[[str], None],
+        *,
+        build: bool,
+        on_admitted: Callable[[Sandbox], None] | None,
     ) -> tuple[Sandbox, bool]:
         """The sandbox, running, and whether the warm pool gave it."""
         req = req.model_copy(update={"runtime": self._runtime_for(req, build)})
@@ -537,10 +552,15 @@ class Manager:
             raise
         if pooled is not None:
             self.sandboxes[row.id] = pooled
-            await pooled.activate(row, req, image)
+            pooled.claim(row)
+            if on_admitted is not None:
+                on_admitted(pooled)
+            await pooled.activate(req, image)
             return pooled, True
         sb = Sandbox(self.ctx, row)
         self.sandboxes[row.id] = sb
+        if on_admitted is not None:
+            on_admitted(sb)
         started = dataclasses.replace(image, cmd=None, entrypoint=None) if build else image
         await sb.start(req, started, self.images.lowers(image))
         return sb, False

@@ -111,6 +111,10 @@ class Sandbox(AgentFrames):
         self.link: AgentLink | None = None
         self.connected = asyncio.Event()
         self.finished = asyncio.Event()
+        self.settled = asyncio.Event()
+        """Set once the sandbox is past CREATING (running, or failed to start)."""
+        if self.state != CREATING:
+            self.settled.set()
         self.ready = False
         """Whether the readiness probe has succeeded (``shoal.engine.readiness``)."""
         self.probe_lock = asyncio.Lock()
@@ -146,6 +150,7 @@ class Sandbox(AgentFrames):
         if new not in _TRANSITIONS[self.state]:
             raise AssertionError(f"sandbox {self.id}: illegal transition {self.state} -> {new}")
         self.state = new
+        self.settled.set()
         if new is FINISHED:
             assert result is not None, "a sandbox finishes with a result"
             self.result = result
@@ -329,11 +334,15 @@ class Sandbox(AgentFrames):
             await self.ctx.network.make_netns(str(self.netns_path))
             await self.ctx.network.connect(self.id, self.cgroup_path, self.touch, netns=str(self.netns_path))
 
-    async def activate(self, row: SandboxRow, req: CreateSandbox, image: ImageConfig) -> None:
-        """Start a precreated sandbox for a request whose ``row`` is now stored: like ``start``'s second half."""
+    def claim(self, row: SandboxRow) -> None:
+        """Make a precreated sandbox the one of a request whose ``row`` is now stored (CREATING until ``activate``)."""
         self.row = row
         self.state = row.state
+        self.settled.clear()
         self.last_activity = time.monotonic()
+
+    async def activate(self, req: CreateSandbox, image: ImageConfig) -> None:
+        """Start a claimed precreated sandbox: like ``start``'s second half."""
         ours, self._pool_socket = self._pool_socket, None
         assert ours is not None, "activate() without precreate()"
         try:
@@ -540,6 +549,7 @@ class Sandbox(AgentFrames):
 
     async def _await_agent(self) -> None:
         """Return once the sandbox runs and its agent is connected (it reconnects after a daemon restart)."""
+        await self.settled.wait()  # a create that returned early (the gateway's) may still be starting it
         if self.state == RUNNING and not self.connected.is_set():
             try:
                 await asyncio.wait_for(self.connected.wait(), self.ctx.cfg.agent_connect_timeout)
@@ -710,6 +720,7 @@ class Sandbox(AgentFrames):
 
     async def terminate(self) -> None:
         """Kill the sandbox (returncode 137) and wait until it is gone."""
+        await self.settled.wait()
         if self.state == RUNNING:
             self._move(FINISHED, Result(status="terminated", message="Sandbox terminated"))
             self._teardown_task = asyncio.create_task(self._teardown())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import OrderedDict
 from typing import Any
 
@@ -25,6 +26,8 @@ from shoal.util import safefs
 from shoal.wire import ids
 from shoal.wire.images import ImageRef
 from shoal.wire.sandboxes import CreateSandbox, SandboxName, SandboxState
+
+log = logging.getLogger(__name__)
 
 ENVIRONMENT_ID = "en-shoal"
 LOGS_SLICE = 55.0
@@ -55,6 +58,8 @@ class ControlPlane(ModalClientBase):
         """Secrets a V1 create's ``env`` became, by id, until the create uses them (the oldest are forgotten)."""
         self._stdin_writes: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
         """Per sandbox, its last V1 stdin write: index, start and end offsets (a retry and the next write line up)."""
+        self._starts: set[asyncio.Task[Sandbox]] = set()
+        """Starts still going on after SandboxCreateV2 answered (``_create_early``)."""
 
     # ------------------------------------------------------------------ apps, environment, auth
 
@@ -253,8 +258,10 @@ class ControlPlane(ModalClientBase):
     def _router_access(self, sandbox_id: str) -> tuple[str, str]:
         return self.auth.sign(sandbox_id), self.router_url
 
-    def _sandbox(self, sandbox_id: str) -> Sandbox:
-        return self.mgr.get(sandbox_id)
+    async def _sandbox(self, sandbox_id: str) -> Sandbox:
+        sb = self.mgr.get(sandbox_id)
+        await sb.settled.wait()  # created by SandboxCreateV2, which answers before the start ends
+        return sb
 
     def _create_request(self, req: Any) -> CreateSandbox:
         definition = req.definition
@@ -269,6 +276,28 @@ class ControlPlane(ModalClientBase):
 
     async def _create(self, req: Any) -> Sandbox:
         return await self.mgr.create(self._create_request(req), lambda line: None)
+
+    async def _create_early(self, req: Any) -> Sandbox:
+        """The sandbox as soon as every check has passed and it is listed, its container still starting: the
+        client's own work before its first command (a channel to the router) overlaps the start, as with Modal,
+        whose create returns a sandbox that is still being scheduled.  Calls that name it wait for the start
+        (``sb.settled``); a start that fails then ends it with an ``init_failure`` result, which they report."""
+        create = self._create_request(req)
+        loop = asyncio.get_running_loop()
+        admitted: asyncio.Future[Sandbox] = loop.create_future()
+        task = loop.create_task(self.mgr.create(create, lambda line: None, on_admitted=admitted.set_result))
+        self._starts.add(task)
+        task.add_done_callback(self._started)
+        await asyncio.wait([task, admitted], return_when=asyncio.FIRST_COMPLETED)
+        if not admitted.done():
+            admitted.cancel()
+            return task.result()  # the create's error, found before the sandbox was listed
+        return admitted.result()
+
+    def _started(self, task: asyncio.Task[Sandbox]) -> None:
+        self._starts.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.info("gateway: a sandbox failed to start after its create answered: %s", error)
 
     # ------------------------------------------------------------------ persistent sandboxes (sessions)
 
@@ -320,7 +349,7 @@ class ControlPlane(ModalClientBase):
     @grpc_errors
     async def SandboxCreateV2(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = await self._create(req)
+        sb = await self._create_early(req)
         jwt, url = self._router_access(sb.id)
         await stream.send_message(
             api_pb2.SandboxCreateV2Response(
@@ -339,7 +368,7 @@ class ControlPlane(ModalClientBase):
 
     async def _task_id(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(req.sandbox_id)
+        sb = await self._sandbox(req.sandbox_id)
         if sb.state == SandboxState.FINISHED:
             resp = api_pb2.SandboxGetTaskIdResponse(task_result=generic_result(sb.result))
         else:
@@ -358,7 +387,7 @@ class ControlPlane(ModalClientBase):
     async def SandboxGetCommandRouterAccess(self, stream: Any) -> None:
         req = await stream.recv_message()
         sandbox_id = req.sandbox_id or "sb-" + req.task_id.removeprefix("ta-")
-        self._sandbox(sandbox_id)
+        self.mgr.get(sandbox_id)
         jwt, url = self._router_access(sandbox_id)
         await stream.send_message(api_pb2.SandboxGetCommandRouterAccessResponse(jwt=jwt, url=url))
 
@@ -366,13 +395,13 @@ class ControlPlane(ModalClientBase):
     async def TaskGetCommandRouterAccess(self, stream: Any) -> None:
         req = await stream.recv_message()
         sandbox_id = "sb-" + req.task_id.removeprefix("ta-")
-        self._sandbox(sandbox_id)
+        self.mgr.get(sandbox_id)
         jwt, url = self._router_access(sandbox_id)
         await stream.send_message(api_pb2.TaskGetCommandRouterAccessResponse(jwt=jwt, url=url))
 
     async def _wait(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(req.sandbox_id)
+        sb = await self._sandbox(req.sandbox_id)
         timeout = min(max(req.timeout, 0.0), WAIT_SLICE)
         if not sb.finished.is_set() and timeout > 0:
             with contextlib.suppress(TimeoutError):
@@ -390,7 +419,7 @@ class ControlPlane(ModalClientBase):
 
     async def _terminate(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(req.sandbox_id)
+        sb = await self._sandbox(req.sandbox_id)
         await sb.terminate()
         await stream.send_message(api_pb2.SandboxTerminateResponse(existing_result=generic_result(sb.result)))
 
@@ -404,7 +433,7 @@ class ControlPlane(ModalClientBase):
 
     async def _tunnels(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(req.sandbox_id)
+        sb = await self._sandbox(req.sandbox_id)
         try:
             tunnels = await self.mgr.network.tunnels_of(sb.id, sb.finished, min(max(req.timeout, 0.0), 55.0))
         except exc.SandboxTimeoutError:
@@ -428,7 +457,7 @@ class ControlPlane(ModalClientBase):
         """The entrypoint's output for handles of the V1 kind (``from_id``): batches from ``last_entry_id`` (a
         byte offset), ``eof`` at its end; a call ends after ``timeout`` and the client calls again from there."""
         req = await stream.recv_message()
-        sb = self._sandbox(req.sandbox_id)
+        sb = await self._sandbox(req.sandbox_id)
         fd = 2 if req.file_descriptor == api_pb2.FILE_DESCRIPTOR_STDERR else 1
         out = sb.process(ENTRYPOINT_ID).streams[fd - 1]
         offset = int(req.last_entry_id) if req.last_entry_id.isdigit() else 0
@@ -455,7 +484,7 @@ class ControlPlane(ModalClientBase):
         """The entrypoint's stdin for handles of the V1 kind: ``index`` numbers the writes from 1, so a retried
         one is taken once (shoal's stdin offsets, here the bytes taken before this write)."""
         req = await stream.recv_message()
-        sb = self._sandbox(req.sandbox_id)
+        sb = await self._sandbox(req.sandbox_id)
         last = self._stdin_writes.pop(sb.id, None)
         if last is not None and last[0] == req.index:
             start = last[1]  # a retry of the last write: the same bytes at the same place
@@ -472,7 +501,7 @@ class ControlPlane(ModalClientBase):
     @grpc_errors
     async def SandboxCreateConnectTokenV2(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(req.sandbox_id)
+        sb = await self._sandbox(req.sandbox_id)
         if sb.state != SandboxState.RUNNING:
             raise exc.ConflictError(f"Sandbox {sb.id} is not running: nothing can connect to it")
         url, token = await self.mgr.network.create_connect_token(sb.id, req.port or 8080, req.user_metadata, sb.touch)
@@ -601,7 +630,7 @@ class ControlPlane(ModalClientBase):
 
     async def _tags_get(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(req.sandbox_id)
+        sb = await self._sandbox(req.sandbox_id)
         tags = [api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.row.tags.items()]
         await stream.send_message(api_pb2.SandboxTagsGetResponse(tags=tags))
 
@@ -618,7 +647,7 @@ class ControlPlane(ModalClientBase):
     @grpc_errors
     async def SandboxGetStats(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(req.sandbox_id)
+        sb = await self._sandbox(req.sandbox_id)
         since = req.since.ToMicroseconds() / 1e6 if req.HasField("since") else None
         until = req.until.ToMicroseconds() / 1e6 if req.HasField("until") else None
         stats = self.mgr.usage.stats(sb, since, until)

@@ -88,17 +88,19 @@ class CommandRouter(TaskCommandRouterBase):
         self.mgr = mgr
         self.auth = auth
 
-    def _sandbox(self, stream: Any, task: str) -> Sandbox:
+    async def _sandbox(self, stream: Any, task: str) -> Sandbox:
         header = str(stream.metadata.get("authorization", ""))
         token = header.removeprefix("Bearer ").strip()
         sandbox_id = sandbox_of_task(task)
         if self.auth.verify(token) != sandbox_id:
             raise GRPCError(Status.PERMISSION_DENIED, f"this token is not for task {task}")
-        return self.mgr.get(sandbox_id)
+        sb = self.mgr.get(sandbox_id)
+        await sb.settled.wait()  # SandboxCreateV2 answers before the sandbox has started (``ControlPlane._create``)
+        return sb
 
-    def _process(self, stream: Any, task: str, exec_id: str) -> Process:
+    async def _process(self, stream: Any, task: str, exec_id: str) -> Process:
         """A process of the task's sandbox, or of one of its sidecars (which the client addresses by task too)."""
-        return self._owner(self._sandbox(stream, task), exec_id).process(exec_id)
+        return self._owner(await self._sandbox(stream, task), exec_id).process(exec_id)
 
     def _owner(self, sb: Sandbox, exec_id: str) -> Sandbox:
         """The sandbox (``sb`` or a sidecar of it) that runs ``exec_id``."""
@@ -119,7 +121,7 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskExecStart(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = await self._sandbox(stream, req.task_id)
         if sb.state == SandboxState.FINISHED and sb.spec.request.persistent_of is not None:
             # NOT_FOUND, not the ConflictError of a finished sandbox: the client then moves to the persistent
             # sandbox's running session (resuming one) and runs the command there.
@@ -167,14 +169,14 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskExecStdioRead(self, stream: Any) -> None:
         req = await stream.recv_message()
-        proc = self._process(stream, req.task_id, req.exec_id)
+        proc = await self._process(stream, req.task_id, req.exec_id)
         fd = 2 if req.file_descriptor == tcr.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDERR else 1
         await self._stream_output(stream, proc, fd, req.offset, v2=False)
 
     @grpc_errors
     async def SandboxStdioReadV2(self, stream: Any) -> None:
         req = await stream.recv_message()
-        proc = self._process(stream, req.task_id, ENTRYPOINT_ID)
+        proc = await self._process(stream, req.task_id, ENTRYPOINT_ID)
         fd = 2 if req.file_descriptor == tcr.SANDBOX_STDIO_FILE_DESCRIPTOR_STDERR else 1
         await self._stream_output(stream, proc, fd, req.offset, v2=True)
 
@@ -195,7 +197,7 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskExecWait(self, stream: Any) -> None:
         req = await stream.recv_message()
-        proc = self._process(stream, req.task_id, req.exec_id)
+        proc = await self._process(stream, req.task_id, req.exec_id)
         if not proc.exited:
             await proc.wait(EXEC_WAIT_SLICE)
         if not self._ended(proc):
@@ -207,7 +209,7 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskExecPoll(self, stream: Any) -> None:
         req = await stream.recv_message()
-        proc = self._process(stream, req.task_id, req.exec_id)
+        proc = await self._process(stream, req.task_id, req.exec_id)
         if not self._ended(proc):
             await stream.send_message(tcr.TaskExecPollResponse())
             return
@@ -219,21 +221,21 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskExecStdinWrite(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._owner(self._sandbox(stream, req.task_id), req.exec_id)
+        sb = self._owner(await self._sandbox(stream, req.task_id), req.exec_id)
         await self._write_stdin(sb, req.exec_id, req.offset, req.data, req.eof)
         await stream.send_message(tcr.TaskExecStdinWriteResponse())
 
     @grpc_errors
     async def SandboxStdinWriteV2(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = await self._sandbox(stream, req.task_id)
         await self._write_stdin(sb, ENTRYPOINT_ID, req.offset, req.data, req.eof)
         await stream.send_message(tcr.SandboxStdinWriteV2Response())
 
     @grpc_errors
     async def TaskExecStdinStatus(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._owner(self._sandbox(stream, req.task_id), req.exec_id)
+        sb = self._owner(await self._sandbox(stream, req.task_id), req.exec_id)
         offset = await sb.stdin_offset(req.exec_id)
         proc = sb.process(req.exec_id)
         await stream.send_message(tcr.TaskExecStdinStatusResponse(num_bytes_written=offset, closed=proc.exited))
@@ -241,7 +243,7 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def SandboxWaitUntilReady(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = await self._sandbox(stream, req.task_id)
         if not await readiness.wait_ready(self.mgr, sb, max(req.timeout, 0.0)):
             raise GRPCError(Status.DEADLINE_EXCEEDED, f"Sandbox {sb.id} was not ready within {req.timeout:g} s")
         await stream.send_message(tcr.SandboxWaitUntilReadyTcrResponse(ready_at=time.time()))
@@ -249,14 +251,14 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskSnapshotMemory(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = await self._sandbox(stream, req.task_id)
         info = await self.mgr.memory_snapshots.take(sb.id)
         await stream.send_message(tcr.TaskSnapshotMemoryResponse(snapshot_id=info.snapshot_id))
 
     @grpc_errors
     async def TaskSnapshotDirectory(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._target(stream, req.task_id, req.container_id)
+        sb = await self._target(stream, req.task_id, req.container_id)
         ttl = req.ttl_seconds if req.ttl_seconds > 0 else None
         path = req.path.decode(errors="surrogateescape")
         image_id = await self.mgr.snapshots.directory(sb.id, path, SNAPSHOT_TIMEOUT, ttl)
@@ -265,14 +267,14 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskMountDirectory(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._target(stream, req.task_id, req.container_id)
+        sb = await self._target(stream, req.task_id, req.container_id)
         await self.mgr.snapshots.mount(sb.id, req.path.decode(errors="surrogateescape"), req.image_id)
         await stream.send_message(empty_pb2.Empty())
 
     @grpc_errors
     async def TaskUnmountDirectory(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._target(stream, req.task_id, req.container_id)
+        sb = await self._target(stream, req.task_id, req.container_id)
         await self.mgr.snapshots.unmount(sb.id, req.path.decode(errors="surrogateescape"))
         await stream.send_message(empty_pb2.Empty())
 
@@ -280,7 +282,7 @@ class CommandRouter(TaskCommandRouterBase):
     async def TaskSetNetworkAccess(self, stream: Any) -> None:
         """``sb._experimental_set_outbound_network_policy``: the new allowlists, or none (open)."""
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = await self._sandbox(stream, req.task_id)
         if sb.state != SandboxState.RUNNING:
             raise GRPCError(
                 Status.FAILED_PRECONDITION, f"Sandbox {sb.id} is not running: its policy can no longer change"
@@ -298,7 +300,7 @@ class CommandRouter(TaskCommandRouterBase):
     async def TaskSetOutboundPolicy(self, stream: Any) -> None:
         """``sb._experimental_update_outbound_policy``: header replacements that replace all of the sandbox's."""
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = await self._sandbox(stream, req.task_id)
         if sb.state != SandboxState.RUNNING:
             raise GRPCError(
                 Status.FAILED_PRECONDITION, f"Sandbox {sb.id} is not running: its policy can no longer change"
@@ -309,8 +311,8 @@ class CommandRouter(TaskCommandRouterBase):
         await self.mgr.network.set_outbound_headers(sb.id, [r.model_dump(mode="json") for r in update.outbound_headers])
         await stream.send_message(tcr.TaskSetExperimentalOutboundPolicyResponse())
 
-    def _target(self, stream: Any, task: str, container_id: str) -> Sandbox:
-        sb = self._sandbox(stream, task)
+    async def _target(self, stream: Any, task: str, container_id: str) -> Sandbox:
+        sb = await self._sandbox(stream, task)
         return self._container(sb, container_id) if container_id else sb
 
     # ------------------------------------------------------------------ sidecars
@@ -318,7 +320,7 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskContainerCreate(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = await self._sandbox(stream, req.task_id)
         side = await create_sidecar(
             self.mgr,
             sb.id,
@@ -348,21 +350,21 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskContainerGet(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = await self._sandbox(stream, req.task_id)
         side = self.mgr.sidecars.get(sb.id, req.container_name, req.include_terminated)
         await stream.send_message(tcr.TaskContainerGetResponse(container=self._container_info(side)))
 
     @grpc_errors
     async def TaskContainerList(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._sandbox(stream, req.task_id)
+        sb = await self._sandbox(stream, req.task_id)
         sides = self.mgr.sidecars.of(sb.id, req.include_terminated)
         await stream.send_message(tcr.TaskContainerListResponse(containers=[self._container_info(x) for x in sides]))
 
     @grpc_errors
     async def TaskContainerWait(self, stream: Any) -> None:
         req = await stream.recv_message()
-        side = self._container(self._sandbox(stream, req.task_id), req.container_id)
+        side = self._container(await self._sandbox(stream, req.task_id), req.container_id)
         timeout = min(max(req.timeout, 0.0), 55.0)
         if not side.finished.is_set() and timeout > 0:
             with contextlib.suppress(TimeoutError):
@@ -372,14 +374,14 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskContainerTerminate(self, stream: Any) -> None:
         req = await stream.recv_message()
-        side = self._container(self._sandbox(stream, req.task_id), req.container_id)
+        side = self._container(await self._sandbox(stream, req.task_id), req.container_id)
         await side.terminate()
         await stream.send_message(tcr.TaskContainerTerminateResponse())
 
     @grpc_errors
     async def TaskReloadVolumes(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._target(stream, req.task_id, req.container_id)
+        sb = await self._target(stream, req.task_id, req.container_id)
         if sb.state != SandboxState.RUNNING:
             raise GRPCError(Status.FAILED_PRECONDITION, "Sandbox already finished")
         # Volumes are bind mounts of one directory: a running sandbox already sees every committed change.
@@ -388,7 +390,7 @@ class CommandRouter(TaskCommandRouterBase):
     @grpc_errors
     async def TaskSnapshotFilesystem(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self._target(stream, req.task_id, req.container_id)
+        sb = await self._target(stream, req.task_id, req.container_id)
         ttl = req.ttl_seconds if req.ttl_seconds > 0 else None
         image_id = await self.mgr.snapshots.filesystem(sb.id, SNAPSHOT_TIMEOUT, ttl)
         await stream.send_message(tcr.TaskSnapshotFilesystemResponse(image_id=image_id))
@@ -400,7 +402,7 @@ class CommandRouter(TaskCommandRouterBase):
         offset = 0
         async for msg in stream:
             if msg.HasField("start"):
-                sb = self._owner(self._sandbox(stream, msg.start.task_id), msg.start.exec_id)
+                sb = self._owner(await self._sandbox(stream, msg.start.task_id), msg.start.exec_id)
                 exec_id, offset = msg.start.exec_id, msg.start.offset
             elif sb is None:
                 raise GRPCError(Status.INVALID_ARGUMENT, "the stream must start with `start`")
