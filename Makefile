@@ -52,7 +52,7 @@ venv: $(BIN)/shoal
 $(BIN)/shoal: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,gateway]'
+	$(BIN)/pip install -q -e '.[dev,gateway,ray]'
 	@touch $@
 
 vendor:

@@ -21,7 +21,7 @@ from shoal._install import MODAL_MODULES
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 BASE = {"wire", "exception", "types"}
-SERVICES = {"images", "network", "volumes", "secrets", "gpu"}
+SERVICES = {"images", "network", "volumes", "secrets", "gpu", "cluster"}
 LOWEST = {"runtime", "store", "agent", "util"}
 
 FACADES = set(MODAL_MODULES) - BASE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from shoal.cli.cluster import cluster_group
 from shoal.cli.dashboard import dashboard_cmd
 from shoal.cli.gateway import gateway_group
 from shoal.cli.image import image_group
@@ -37,6 +38,7 @@ cli.add_command(secret_group)
 cli.add_command(trust_cmd)
 cli.add_command(gateway_group)
 cli.add_command(dashboard_cmd)
+cli.add_command(cluster_group)
 
 
 def main() -> None:

@@ -47,9 +47,9 @@ def ls_cmd(sandbox_id: str | None, path: str | None, app_id: str | None, include
     if as_json:
         print_json(items)
         return
-    table = Table(
-        "SANDBOX", "APP", "NAME", "STATE", "RUNTIME", "AGE", "RETURNCODE", "TAGS", box=None, header_style="bold"
-    )
+    clustered = any(item.get("node") for item in items)
+    columns = ["SANDBOX", "APP", "NAME", "STATE", "RUNTIME", *(["NODE"] if clustered else []), "AGE", "RETURNCODE"]
+    table = Table(*columns, "TAGS", box=None, header_style="bold")
     table.columns[0].no_wrap = True
     now = time.time()
     for item in items:
@@ -61,6 +61,7 @@ def ls_cmd(sandbox_id: str | None, path: str | None, app_id: str | None, include
             Text(item.get("name") or ""),
             Text(str(item["state"])),
             Text(str(item.get("runtime", "runc"))),
+            *([Text(str(item.get("node") or ""))] if clustered else []),
             age(now - item["created_at_us"] / 1e6),
             "" if rc is None else str(rc),
             Text(tags),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from shoal.network.config import NetworkConfig
 from shoal.network.tls import check_covers
 from shoal.runtime.registry import RUNTIMES
 from shoal.util import jsonlog
+from shoal.wire.cluster import parse_labels
 
 
 def _config(
@@ -212,6 +214,30 @@ def _run(cfg: Config, ready_fd: int | None) -> None:
     " default $SHOAL_METRICS_PUBLIC",
 )
 @click.option(
+    "--uid-first-slot",
+    type=click.IntRange(0, MAX_SLOTS - 1),
+    help="the first of this daemon's uid ranges, so that daemons sharing a host take disjoint ones; default 0,"
+    " or $SHOAL_UID_FIRST_SLOT",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="join the Ray cluster at ADDRESS (host:port of its head) as one node of a shoal cluster; needs --tcp and"
+    " the `ray` extra (decision 0077); or $SHOAL_RAY_ADDRESS",
+)
+@click.option("--node-name", help="this daemon's name in the cluster; default the host name, or $SHOAL_NODE_NAME")
+@click.option(
+    "--node-labels",
+    metavar="K=V,…",
+    help="labels a create may ask for to land on this node; or $SHOAL_NODE_LABELS",
+)
+@click.option(
+    "--advertise-url",
+    metavar="URL",
+    help="where the cluster's other nodes reach this daemon's API; default the --tcp address, or $SHOAL_ADVERTISE_URL",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default=lambda: os.environ.get("SHOAL_LOG_FORMAT") or "text",
@@ -244,6 +270,11 @@ def serve_cmd(
     egress_ca_file: str | None,
     dashboard: str | None,
     metrics_public: bool,
+    uid_first_slot: int | None,
+    ray_address: str | None,
+    node_name: str | None,
+    node_labels: str | None,
+    advertise_url: str | None,
     log_format: str,
     background: bool,
     verbose: bool,
@@ -281,6 +312,7 @@ def serve_cmd(
         cfg.metrics_public = True
     if dashboard is not None:
         cfg.dashboard = dashboard_address(dashboard)
+    _cluster_options(cfg, uid_first_slot, ray_address, node_name, node_labels, advertise_url)
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if not background:
@@ -318,3 +350,42 @@ def serve_cmd(
         tail = cfg.log_path.read_text(errors="replace")[-2000:] if cfg.log_path.exists() else ""
         raise click.ClickException(f"the daemon did not start; its log ({cfg.log_path}) ends with:\n{tail}")
     click.echo(f"shoal daemon running (pid {cfg.pid_path.read_text().strip()}), socket {cfg.socket}")
+
+
+def _cluster_options(
+    cfg: Config,
+    uid_first_slot: int | None,
+    ray_address: str | None,
+    node_name: str | None,
+    node_labels: str | None,
+    advertise_url: str | None,
+) -> None:
+    """Apply the options of a daemon that shares its host or joins a cluster, checking they fit together."""
+    if uid_first_slot is not None:
+        cfg.uid_first_slot = uid_first_slot
+    if cfg.uid_first_slot + cfg.uid_slots > MAX_SLOTS:
+        raise click.UsageError(f"--uid-first-slot + --uid-slots must not pass {MAX_SLOTS}")
+    if ray_address is not None:
+        cfg.ray_address = ray_address
+    if node_name is not None:
+        cfg.node_name = node_name
+    if node_labels is not None:
+        try:
+            cfg.node_labels = parse_labels(node_labels)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--node-labels") from None
+    if advertise_url is not None:
+        cfg.advertise_url = advertise_url
+    if cfg.ray_address is None:
+        return
+    if cfg.tcp_port is None:
+        raise click.UsageError("--ray needs --tcp HOST:PORT: the cluster's other nodes reach this daemon there")
+    if cfg.advertise_url is None:
+        host = cfg.tcp_host or "127.0.0.1"
+        if host in ("0.0.0.0", "::"):
+            raise click.UsageError(
+                "--tcp listens on every address: say which one the other nodes use (--advertise-url)"
+            )
+        cfg.advertise_url = f"http://{host}:{cfg.tcp_port}"
+    if importlib.util.find_spec("ray") is None:
+        raise click.UsageError("--ray needs Ray: pip install 'shoal[ray]' (make setup installs it)")

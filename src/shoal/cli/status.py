@@ -151,6 +151,15 @@ def _runtime_summary(runtimes: dict[str, Any]) -> str:
     return f"default {runtimes.get('default', 'runc')}; " + ", ".join(parts)
 
 
+def _cluster_summary(cluster: dict[str, Any]) -> str:
+    if not cluster.get("enabled"):
+        return "none (shoal serve --ray joins one)"
+    nodes = cluster.get("nodes") or []
+    alive = sum(1 for n in nodes if n.get("alive"))
+    text = f"node {cluster.get('node_name')} of {alive} alive ({len(nodes)} known), Ray at {cluster.get('ray_address')}"
+    return text + (f"; link down: {cluster['problem']}" if cluster.get("problem") else "")
+
+
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="print the daemon's answer as JSON")
 def status_cmd(as_json: bool) -> None:
@@ -177,6 +186,7 @@ def status_cmd(as_json: bool) -> None:
         ("gpus", gpu_summary(info.get("gpu") or {})),
         ("tunnel CA", info.get("tunnel_ca") or "none (networking off)"),
         ("tunnels", _tunnel_summary(info.get("tunnels") or {})),
+        ("cluster", _cluster_summary(info.get("cluster") or {})),
     ]
     for key, value in rows:
         table.add_row(key, Text(value))

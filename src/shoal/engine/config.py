@@ -25,11 +25,13 @@ The client's settings are in :mod:`shoal.sdk.config`.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.network.config import NetworkConfig
 from shoal.runtime.spec import IdMap
+from shoal.wire.cluster import parse_labels
 from shoal.wire.defaults import DEFAULT_DATA_DIR, DEFAULT_RUNTIME_DIR, SOCKET_NAME
 
 DEFAULT_WARM_POOL = "2"
@@ -137,6 +139,16 @@ class Config:
     """``per-sandbox``, ``shared`` or ``auto`` (``shoal.runtime.idmap``, decisions 0002 and 0063)."""
     uid_slots: int = field(default_factory=lambda: int(os.environ.get("SHOAL_UID_SLOTS") or DEFAULT_UID_SLOTS))
     """Host id ranges of 65,536 ids for sandboxes (per-sandbox mode): at most this many sandboxes at once."""
+    uid_first_slot: int = field(default_factory=lambda: int(os.environ.get("SHOAL_UID_FIRST_SLOT") or 0))
+    """The first of this daemon's ranges: daemons that share a host take disjoint ones (``scripts/local-cluster``)."""
+    ray_address: str | None = field(default_factory=lambda: os.environ.get("SHOAL_RAY_ADDRESS") or None)
+    """The Ray cluster this daemon joins as one node of a shoal cluster (``shoal serve --ray``; decision 0077)."""
+    node_name: str = field(default_factory=lambda: os.environ.get("SHOAL_NODE_NAME") or socket.gethostname())
+    """This daemon's name in the cluster."""
+    node_labels: dict[str, str] = field(default_factory=lambda: parse_labels(os.environ.get("SHOAL_NODE_LABELS", "")))
+    """Labels a create may ask for to land on this node (``--node-labels k=v,k2=v2``)."""
+    advertise_url: str | None = field(default_factory=lambda: os.environ.get("SHOAL_ADVERTISE_URL") or None)
+    """Where the other nodes reach this daemon's API (default: the ``--tcp`` address)."""
     """Sandbox networking (``SHOAL_NETWORK*``, ``SHOAL_ALLOW_PRIVATE_RANGES``, ``SHOAL_DNS_UPSTREAM``,
     ``SHOAL_TUNNEL_*``: see its module)."""
 

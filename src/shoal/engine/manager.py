@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.agent.build import BINARY_NAME, ensure_agent
+from shoal.cluster.membership import Membership
 from shoal.engine import build as image_build
 from shoal.engine.agent_frames import new_token
 from shoal.engine.config import Config
@@ -132,6 +133,8 @@ class Manager:
         self.metrics = Metrics(self)
         self.dashboard: tuple[str, str] | None = None
         """The web dashboard's URL and its login URL (``shoal dashboard``); None: off."""
+        self.cluster: Membership | None = None
+        """This daemon's place in a cluster (``shoal serve --ray``); None: it runs alone."""
         self.gateway_env: dict[str, str] | None = None
         """What points the official modal client at this daemon's gateway (``shoal gateway env``); None: off."""
         self._starting = 0
@@ -156,7 +159,7 @@ class Manager:
         log.info("uid ranges: %s (%s)", self.uid_mode, self.uid_note)
         await asyncio.to_thread(self._check_gvisor)
         if self.uid_mode == "per-sandbox":
-            self.ctx.uids = UidSlots(self.cfg.uid_slots)
+            self.ctx.uids = UidSlots(self.cfg.uid_slots, self.cfg.uid_first_slot)
             # Each sandbox's root (its own gid) walks to its run directory, which is root:<its gid> 0710.
             os.chmod(self.cfg.runtime_dir, 0o711)
             check_traversable(self.cfg.runtime_dir, None)
@@ -239,7 +242,8 @@ class Manager:
             return "shared", f"per-sandbox ranges are off: {why}"
         return (
             "per-sandbox",
-            f"{self.cfg.uid_slots} ranges of {idmap.IDS_PER_SANDBOX} ids from {idmap.FIRST_SANDBOX_ID}",
+            f"{self.cfg.uid_slots} ranges of {idmap.IDS_PER_SANDBOX} ids from"
+            f" {UidSlots.ids(self.cfg.uid_first_slot).host_id}",
         )
 
     def _idmap_problem(self) -> str | None:
@@ -278,7 +282,7 @@ class Manager:
         slot = sb.spec.uid_slot
         if slot is None:
             return
-        if self.ctx.uids is None or slot >= self.ctx.uids.count:
+        if self.ctx.uids is None or not self.ctx.uids.first <= slot < self.ctx.uids.first + self.ctx.uids.count:
             log.warning("sandbox %s: its uid range (slot %s) is outside this daemon's; it keeps it", sb.id, slot)
             return
         self.ctx.uids.hold(sb.id, slot)
@@ -375,6 +379,19 @@ class Manager:
         app_id = ids.new("app")
         self.state.add_app(app_id, name, ephemeral=False)
         return app_id, name
+
+    def mirror_app(self, app_id: str, name: str | None, ephemeral: bool) -> str | None:
+        """Record an app another node of the cluster made, under its id, if this node lacks it; its name too unless
+        an app of this node has it already.  The name it has here."""
+        if not ids.is_valid(app_id, "app"):
+            raise InvalidError(f"{app_id!r} is not an app id")
+        found = self.state.app_by_id(app_id)
+        if found is not None:
+            return found[1]
+        if name is not None and self.state.app_by_name(name) is not None:
+            name = None
+        self.state.add_app(app_id, name, ephemeral=ephemeral)
+        return name
 
     def create_ephemeral_app(self, name: str | None) -> str:
         """An app that lives for one ``app.run()`` block."""
@@ -569,6 +586,19 @@ class Manager:
         """Sandboxes running, and creates in progress (counted once, whether or not they are listed yet)."""
         return sum(1 for sb in self.sandboxes.values() if sb.state is RUNNING) + self._starting
 
+    def knows(self, sandbox_id: str) -> bool:
+        """Whether this daemon runs or ran ``sandbox_id`` (or holds the persistent sandbox of that id)."""
+        return (
+            sandbox_id in self.sandboxes
+            or sandbox_id in self._finished
+            or self.persistents.record(sandbox_id) is not None
+            or (ids.is_valid(sandbox_id, "sandbox") and self.state.sandbox(sandbox_id) is not None)
+        )
+
+    def live_count(self) -> int:
+        """Sandboxes running or starting (what a cluster's placement weighs)."""
+        return self._live()
+
     def _check_capacity(self) -> None:
         """Refuse a create past the daemon's ceiling or the host's room (processes, memory, disk)."""
         limit = self.cfg.max_sandboxes
@@ -600,7 +630,7 @@ class Manager:
         """How sandboxes' ids map to the host's (``shoal status``)."""
         out: dict[str, Any] = {"mode": self.uid_mode, "note": self.uid_note}
         if self.ctx.uids is not None:
-            out.update(first_host_id=idmap.FIRST_SANDBOX_ID, ids_per_sandbox=idmap.IDS_PER_SANDBOX)
+            out.update(first_host_id=UidSlots.ids(self.ctx.uids.first).host_id, ids_per_sandbox=idmap.IDS_PER_SANDBOX)
         else:
             out.update(first_host_id=self.cfg.idmap.host_id, ids_per_sandbox=self.cfg.idmap.size)
         return out

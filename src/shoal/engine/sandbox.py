@@ -228,6 +228,7 @@ class Sandbox(AgentFrames):
             result=self.result,
             returncode=returncode_of(self.result),
             runtime=self.spec.runtime,
+            node=self.ctx.cfg.node_name if self.ctx.cfg.ray_address else None,
         )
 
     # ---------------------------------------------------------------- start

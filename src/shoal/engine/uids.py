@@ -16,14 +16,16 @@ MAX_SLOTS = (2**32 - 2 - FIRST_SANDBOX_ID) // IDS_PER_SANDBOX
 
 
 class UidSlots:
-    """The slots of ``count`` ranges, and which sandbox holds each."""
+    """The slots ``first`` to ``first + count - 1``, and which sandbox holds each.  Daemons that share a host
+    (a local cluster's nodes) are given disjoint slots, so no two sandboxes of theirs share host ids."""
 
-    def __init__(self, count: int) -> None:
-        if not 1 <= count <= MAX_SLOTS:
-            raise ValueError(f"uid slots must be 1..{MAX_SLOTS}, not {count}")
+    def __init__(self, count: int, first: int = 0) -> None:
+        if not 1 <= count <= MAX_SLOTS or not 0 <= first <= MAX_SLOTS - count:
+            raise ValueError(f"uid slots must lie within 0..{MAX_SLOTS - 1}, not {first}..{first + count - 1}")
         self.count = count
+        self.first = first
         self._holder: dict[int, str] = {}
-        self._next = 0
+        self._next = first
 
     @staticmethod
     def ids(slot: int) -> IdRange:
@@ -40,7 +42,7 @@ class UidSlots:
     def is_sandbox_id(self, host_id: int) -> bool:
         """Whether a host uid belongs to some slot's range."""
         slot = self.slot_of(host_id)
-        return slot is not None and slot < self.count
+        return slot is not None and self.first <= slot < self.first + self.count
 
     @property
     def free(self) -> int:
@@ -55,10 +57,10 @@ class UidSlots:
                 " `shoal serve --uid-slots N` (or $SHOAL_UID_SLOTS)"
             )
         for i in range(self.count):
-            slot = (self._next + i) % self.count
+            slot = self.first + (self._next - self.first + i) % self.count
             if slot not in self._holder:
                 self._holder[slot] = sandbox_id
-                self._next = (slot + 1) % self.count
+                self._next = self.first + (slot - self.first + 1) % self.count
                 return slot
         raise AssertionError("a free slot was counted but not found")
 

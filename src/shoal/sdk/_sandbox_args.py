@@ -11,6 +11,7 @@ from shoal.exception import DeprecationError, InvalidError
 from shoal.sdk._checks import check_port
 from shoal.sdk.secret import Secret
 from shoal.wire.base import check_argv
+from shoal.wire.cluster import parse_labels
 
 
 def check_args(args: Sequence[Any], what: str) -> list[str]:
@@ -82,6 +83,29 @@ def ports(value: Sequence[int], what: str) -> list[int]:
 def not_supported(name: str, why: str) -> InvalidError:
     """The error for a ``Sandbox.create`` argument Modal has and shoal does not."""
     return InvalidError(f"Sandbox.create({name}=...) is not supported by this shoal version: {why}")
+
+
+def node_labels_option(options: dict[str, Any] | None) -> dict[str, str] | None:
+    """``experimental_options``: shoal knows one, ``node_labels`` (``"k=v,k2=v2"`` or a dict: in a cluster, land on a
+    node with those labels); any other is refused, since ignoring one could loosen what it was meant to restrict."""
+    if not options:
+        return None
+    unknown = sorted(map(str, set(options) - {"node_labels"}))
+    if unknown:
+        raise not_supported(
+            "experimental_options",
+            f"shoal knows one experimental option, node_labels; not {', '.join(unknown)} (ignoring one could loosen"
+            " what it was meant to restrict); leave it unset",
+        )
+    value = options["node_labels"]
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if not isinstance(value, str):
+        raise InvalidError(f"experimental_options['node_labels'] must be 'k=v,k2=v2' or a dict, not {value!r}")
+    try:
+        return parse_labels(value)
+    except ValueError as exc:
+        raise InvalidError(f"experimental_options['node_labels']: {exc}") from None
 
 
 def deprecated_create_args(

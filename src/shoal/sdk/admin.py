@@ -62,6 +62,11 @@ class AdminClient:
         result: dict[str, str] = (await self._call("GET", routes.GATEWAY))["env"]
         return result
 
+    async def cluster(self) -> dict[str, Any]:
+        """The cluster this daemon belongs to and its nodes (``GET /v1/cluster``)."""
+        result: dict[str, Any] = await self._call("GET", routes.CLUSTER)
+        return result
+
     async def sandboxes(self, app_id: str | None = None, include_finished: bool = False) -> list[dict[str, Any]]:
         """Sandboxes, newest first (running ones; with ``include_finished``, retained finished ones too)."""
         params = {"app_id": app_id} if app_id else {}

@@ -28,6 +28,7 @@ from shoal.sdk._sandbox_args import (
     check_workdir,
     deprecated_create_args,
     merge_env,
+    node_labels_option,
     not_supported,
     ports,
     refuse_unsupported,
@@ -242,13 +243,7 @@ class Sandbox(SandboxNetworkMethods, DashboardLink):
         if block_network and (outbound_cidr_allowlist or outbound_domain_allowlist or inbound_cidr_allowlist):
             raise InvalidError("Cannot specify network allowlists when `block_network` is enabled")
         gpu_str = None if gpu is None else str(gpu_request.parse(gpu))  # InvalidError for lists and bad strings
-        if experimental_options:
-            given = ", ".join(sorted(map(str, experimental_options)))
-            raise not_supported(
-                "experimental_options",
-                f"shoal knows none of Modal's experimental options ({given}), and ignoring one could loosen what"
-                " it was meant to restrict; leave it unset",
-            )
+        node_labels = node_labels_option(experimental_options)
         runtime_kind = check_runtime(runtime)
         outbound_headers = None
         if _experimental_outbound_policy is not None:
@@ -307,6 +302,7 @@ class Sandbox(SandboxNetworkMethods, DashboardLink):
             outbound_domain_allowlist=str_list(outbound_domain_allowlist, "outbound_domain_allowlist"),
             inbound_cidr_allowlist=str_list(inbound_cidr_allowlist, "inbound_cidr_allowlist"),
             outbound_headers=outbound_headers,
+            node_labels=node_labels,
             encrypted_ports=ports(encrypted_ports, "encrypted_ports"),
             h2_ports=ports(h2_ports, "h2_ports"),
             unencrypted_ports=ports(unencrypted_ports, "unencrypted_ports"),

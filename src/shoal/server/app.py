@@ -18,6 +18,7 @@ from shoal.engine.metrics import CONTENT_TYPE
 from shoal.exception import AuthError, Error, InvalidError
 from shoal.server import (
     attach,
+    cluster,
     errors,
     routes,
     routes_images,
@@ -201,7 +202,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 def build_app(manager: Manager, token: str, *, trusted: bool = False) -> web.Application:
     """The daemon's web application; ``trusted``: for mounting under an app that checks callers itself."""
-    app = web.Application(middlewares=[_framework_errors, _auth, routes_persistent.sessions], client_max_size=MAX_BODY)
+    app = web.Application(
+        middlewares=[_framework_errors, _auth, cluster.route, routes_persistent.sessions], client_max_size=MAX_BODY
+    )
     app[routes.MANAGER] = manager
     app[TOKEN] = token
     app[TRUSTED] = trusted
@@ -209,4 +212,5 @@ def build_app(manager: Manager, token: str, *, trusted: bool = False) -> web.App
     install(app, ROUTES, _wrap, _expect)
     app.router.add_get(METRICS_PATH, metrics)
     attach.install(app)
+    cluster.install(app, manager, token)
     return app

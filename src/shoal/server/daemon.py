@@ -17,11 +17,13 @@ from typing import Any
 
 from aiohttp import web
 
+from shoal.cluster.membership import Membership
 from shoal.engine.config import Config
 from shoal.engine.manager import Manager
 from shoal.exception import InvalidError
 from shoal.server.app import build_app
 from shoal.util import limits
+from shoal.wire.version import __version__ as version
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,24 @@ async def _start_dashboard(manager: Manager, cfg: Config) -> Any:
     return board
 
 
+async def _join_cluster(manager: Manager, cfg: Config) -> Membership:
+    """Register this daemon with the Ray cluster at ``--ray`` (decision 0077)."""
+    assert cfg.ray_address is not None and cfg.advertise_url is not None
+    membership = Membership(
+        cfg.ray_address,
+        {
+            "name": cfg.node_name,
+            "url": cfg.advertise_url,
+            "labels": cfg.node_labels,
+            "max_sandboxes": cfg.max_sandboxes,
+            "version": version,
+        },
+        manager.live_count,
+    )
+    await membership.start()
+    return membership
+
+
 async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
     # Before anything is created: what the daemon writes (state, WAL, outputs, bundles) is for root alone.
@@ -130,6 +150,13 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
             cfg.tcp_port,
             cfg.token_path,
         )
+    if cfg.ray_address is not None:
+        try:
+            manager.cluster = await _join_cluster(manager, cfg)
+        except BaseException:
+            await runner.cleanup()
+            await manager.close()
+            raise
     gateway = await _start_gateway(manager, cfg)
     board = await _start_dashboard(manager, cfg)
     log.info("shoal daemon ready on %s (runtime %s)", sock_path, manager.runtime.name)
@@ -150,6 +177,8 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
         if board is not None:
             await board.close()
         await runner.cleanup()
+        if manager.cluster is not None:
+            await manager.cluster.close()
         await manager.close()
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()

@@ -22,6 +22,7 @@ from shoal.server.registry import Route, RouteTable, openapi
 from shoal.store.state import AppRow
 from shoal.wire.apps import AppCreate, AppDetails, AppInfo, AppList, AppLookup, AppTags
 from shoal.wire.base import Done
+from shoal.wire.cluster import AppMirror, ClusterInfo
 from shoal.wire.images import ImageId, ImageList, ImageRef, ImageSummary, ImportRootfs
 from shoal.wire.sandboxes import (
     ConnectCredentials,
@@ -122,7 +123,37 @@ async def status(request: web.Request) -> DaemonStatus:
         capacity=mgr.capacity(),
         uid_ranges=mgr.uid_ranges(),
         runtimes=mgr.runtime_status(),
+        cluster=_cluster(mgr),
     )
+
+
+def _cluster(mgr: Manager) -> ClusterInfo:
+    return mgr.cluster.view() if mgr.cluster is not None else ClusterInfo(enabled=False)
+
+
+@TABLE.route(
+    "GET",
+    "/v1/cluster",
+    summary="The nodes of the cluster this daemon belongs to (shoal serve --ray), alive or not",
+    response=ClusterInfo,
+)
+async def cluster(request: web.Request) -> ClusterInfo:
+    return _cluster(_mgr(request))
+
+
+@TABLE.route(
+    "PUT",
+    "/v1/cluster/apps/{app_id}",
+    summary="Make an app of the cluster known here, under its id (the node that places a create sends it)",
+    body=AppMirror,
+    response=AppInfo,
+)
+async def mirror_app(request: web.Request, body: AppMirror) -> AppInfo:
+    mgr = _mgr(request)
+    if mgr.cluster is None:
+        raise InvalidError("this daemon is not in a cluster (shoal serve --ray)")
+    app_id = request.match_info["app_id"]
+    return AppInfo(app_id=app_id, name=mgr.mirror_app(app_id, body.name, body.ephemeral))
 
 
 @TABLE.route(

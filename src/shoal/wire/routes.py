@@ -18,6 +18,7 @@ def path(*parts: str | int) -> str:
 
 STATUS = path("status")
 GATEWAY = path("gateway")
+CLUSTER = path("cluster")
 DASHBOARD = path("dashboard")
 SANDBOXES = path("sandboxes")
 SECRETS = path("secrets")

@@ -123,6 +123,8 @@ class CreateSandbox(WireModel):
     inbound_cidr_allowlist: InboundCidrs = None
     outbound_headers: OutboundHeaders | None = None
     """``_experimental_outbound_policy``: headers set on its outbound HTTPS requests outside the sandbox."""
+    node_labels: Annotated[dict[str, str], Field(max_length=16)] | None = None
+    """In a cluster: land on a node that has all these labels (``experimental_options={"node_labels": "k=v"}``)."""
     encrypted_ports: list[int] = []
     h2_ports: list[int] = []
     unencrypted_ports: list[int] = []
@@ -273,6 +275,8 @@ class SandboxInfo(BaseModel):
     """What it runs under: ``runc`` or ``gvisor``."""
     persistent: PersistentInfo | None = None
     """Set for a persistent sandbox (under its object id)."""
+    node: str | None = None
+    """The cluster node it runs on (``shoal serve --ray``); None outside a cluster."""
 
 
 class ExecInfo(BaseModel):

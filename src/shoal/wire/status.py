@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from shoal.wire.cluster import ClusterInfo
+
 
 class StatusImage(BaseModel):
     """An image as ``shoal status`` lists it."""
@@ -43,6 +45,8 @@ class DaemonStatus(BaseModel):
     ``binary``, or ``missing`` saying why this daemon lacks it."""
     uid_ranges: dict[str, Any] = {}
     """``mode`` (``per-sandbox`` or ``shared``), ``note`` (why), ``first_host_id`` and ``ids_per_sandbox``."""
+    cluster: ClusterInfo = ClusterInfo(enabled=False)
+    """The cluster this daemon belongs to (``shoal serve --ray``), and its nodes."""
 
 
 class DashboardInfo(BaseModel):

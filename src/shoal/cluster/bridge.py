@@ -1,0 +1,124 @@
+"""The daemon's link to Ray, in a process of its own (``python -m shoal.cluster.bridge ADDRESS``).
+
+Ray's driver brings threads, a core worker and a few hundred MiB that have no place in the daemon's event loop
+(which also reaps sandbox processes as a subreaper): the daemon talks to this process instead, one JSON object
+per line on its standard input, one answer per line on its standard output, in order::
+
+    {"op": "hello"}                          → {"ok": true, "value": {"ray_node_id": …, "ray_version": …}}
+    {"op": "register", "info": {…}}          → {"ok": true, "value": null}
+    {"op": "nodes"}                          → {"ok": true, "value": [{"ray_node_id", "alive", "address",
+                                                 "resources", "labels", "shoal"}, …]}
+    {"op": "beat", "info": {…}}              → register, then nodes (what the daemon sends each second)
+
+A request that fails answers ``{"ok": false, "error": "…"}``; the bridge keeps going.  It exits when its standard
+input closes (the daemon stopped) or when it loses the Ray cluster for good.
+
+What Ray holds for shoal (decision 0077): each daemon's registration, under ``node:<ray node id>`` in Ray's
+internal key-value store (namespace ``shoal``), next to Ray's own view of the node (alive or not, resources, labels).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+NAMESPACE = "shoal"
+NODE_KEY = "node:"
+
+
+class Bridge:
+    """One driver connection to the cluster, and the requests the daemon sends it."""
+
+    def __init__(self, address: str) -> None:
+        import ray
+
+        self.ray = ray
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+            configure_logging=True,
+            include_dashboard=False,
+        )
+        self.node_id: str = ray.get_runtime_context().get_node_id()
+
+    def _ray_nodes(self) -> list[dict[str, Any]]:
+        nodes: list[dict[str, Any]] = self.ray.nodes()  # type: ignore[no-untyped-call]
+        return nodes
+
+    def _kv(self) -> Any:
+        from ray.experimental import internal_kv
+
+        return internal_kv
+
+    def hello(self) -> dict[str, Any]:
+        return {"ray_node_id": self.node_id, "ray_version": self.ray.__version__}
+
+    def register(self, info: dict[str, Any]) -> None:
+        """Record this daemon as the shoal node of this Ray node; drop older records of the same name whose Ray
+        node is gone (the same machine, restarted, joins as a new Ray node)."""
+        kv = self._kv()
+        kv._internal_kv_put(NODE_KEY + self.node_id, json.dumps(info), namespace=NAMESPACE)
+        alive = {n["NodeID"] for n in self._ray_nodes() if n.get("Alive")}
+        for key in kv._internal_kv_list(NODE_KEY, namespace=NAMESPACE):
+            other = key.decode()[len(NODE_KEY) :]
+            if other == self.node_id or other in alive:
+                continue
+            raw = kv._internal_kv_get(key, namespace=NAMESPACE)
+            if raw is not None and json.loads(raw).get("name") == info.get("name"):
+                kv._internal_kv_del(key, namespace=NAMESPACE)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every Ray node Ray knows (dead ones too), each with its shoal registration (None: no daemon)."""
+        kv = self._kv()
+        out: list[dict[str, Any]] = []
+        for node in self._ray_nodes():
+            raw = kv._internal_kv_get(NODE_KEY + node["NodeID"], namespace=NAMESPACE)
+            out.append(
+                {
+                    "ray_node_id": node["NodeID"],
+                    "alive": bool(node.get("Alive")),
+                    "address": node.get("NodeManagerAddress", ""),
+                    "resources": {k: float(v) for k, v in (node.get("Resources") or {}).items()},
+                    "labels": {str(k): str(v) for k, v in (node.get("Labels") or {}).items()},
+                    "shoal": json.loads(raw) if raw is not None else None,
+                }
+            )
+        return out
+
+    def handle(self, request: dict[str, Any]) -> Any:
+        op = request.get("op")
+        if op == "hello":
+            return self.hello()
+        if op == "register":
+            self.register(dict(request["info"]))
+            return None
+        if op == "nodes":
+            return self.nodes()
+        if op == "beat":
+            self.register(dict(request["info"]))
+            return self.nodes()
+        raise ValueError(f"unknown request {op!r}")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m shoal.cluster.bridge RAY_ADDRESS", file=sys.stderr)
+        return 2
+    bridge = Bridge(argv[0])
+    out = sys.stdout
+    for line in sys.stdin:
+        try:
+            answer = {"ok": True, "value": bridge.handle(json.loads(line))}
+        except Exception as exc:  # one failed request is an answer, not the bridge's end
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,189 @@
+"""A daemon's place in a shoal cluster (``shoal serve --ray``, decision 0077): its registration with Ray and its
+view of the other nodes, refreshed every ``POLL_SECONDS``.
+
+Ray is reached through ``shoal.cluster.bridge``, a process of its own; when that process dies (or Ray's head
+cannot be reached) the view keeps its last nodes, says why in ``problem``, and the bridge is started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shoal.exception import InvalidError
+from shoal.wire.cluster import ClusterInfo, ClusterNode
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0
+"""How often the node list is read from Ray (Ray itself takes ~10-15 s to call a silent node dead)."""
+START_TIMEOUT = 60.0
+"""Seconds the first connection to Ray may take before the daemon gives up starting."""
+REQUEST_TIMEOUT = 30.0
+RESTART_DELAY = 2.0
+
+
+class BridgeError(Exception):
+    """The bridge process failed a request, or is gone."""
+
+
+class _BridgeProcess:
+    """The running ``shoal.cluster.bridge`` process and its request/answer pipe."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lock = asyncio.Lock()
+
+    @classmethod
+    async def start(cls, address: str) -> _BridgeProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "shoal.cluster.bridge",
+            address,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=16 << 20,
+        )
+        return cls(proc)
+
+    async def request(self, op: str, timeout: float = REQUEST_TIMEOUT, **fields: Any) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        async with self.lock:
+            try:
+                self.proc.stdin.write(json.dumps({"op": op, **fields}).encode() + b"\n")
+                await self.proc.stdin.drain()
+                line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            except (OSError, TimeoutError) as exc:
+                raise BridgeError(f"Ray bridge: {type(exc).__name__} {exc}") from None
+        if not line:
+            raise BridgeError(f"the Ray bridge exited ({await self.proc.wait()})")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise BridgeError(str(answer.get("error")))
+        return answer.get("value")
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+
+
+class Membership:
+    """This daemon registered as a node of the cluster at ``address``, and the nodes it sees."""
+
+    def __init__(self, address: str, info: dict[str, Any], load: Callable[[], int]) -> None:
+        self.address = address
+        self.info = info
+        """What this daemon registers: ``name``, ``url``, ``labels``, ``max_sandboxes``, ``version`` (and ``live``,
+        from ``load``, each time it registers again: every poll)."""
+        self.load = load
+        self.ray_node_id: str | None = None
+        self.nodes: list[ClusterNode] = []
+        self.problem: str | None = None
+        self.updated = 0.0
+        """``time.monotonic()`` of the last node list read from Ray."""
+        self._bridge: _BridgeProcess | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect, register and read the nodes once (InvalidError, saying why, where Ray cannot be reached)."""
+        try:
+            await asyncio.wait_for(self._connect(), START_TIMEOUT)
+        except (BridgeError, TimeoutError) as exc:
+            if self._bridge is not None:
+                await self._bridge.close()
+                self._bridge = None
+            raise InvalidError(
+                f"cannot join the Ray cluster at {self.address}: {exc or 'no answer in time'}; is `ray start` running"
+                " on this machine, joined to that head?"
+            ) from None
+        log.info(
+            "cluster: node %s (Ray node %s) joined %s; %d nodes alive",
+            self.info["name"],
+            self.ray_node_id,
+            self.address,
+            sum(n.alive for n in self.nodes),
+        )
+        self._task = asyncio.create_task(self._poll())
+
+    async def _connect(self) -> None:
+        self._bridge = await _BridgeProcess.start(self.address)
+        hello = await self._bridge.request("hello", timeout=START_TIMEOUT)
+        self.ray_node_id = str(hello["ray_node_id"])
+        await self._refresh()
+
+    async def _refresh(self) -> None:
+        assert self._bridge is not None
+        raw = await self._bridge.request("beat", info={**self.info, "live": self.load()})
+        self.nodes = sorted((self._node(n) for n in raw), key=lambda n: (not n.alive, n.name))
+        self.updated = time.monotonic()
+        self.problem = None
+
+    def _node(self, raw: dict[str, Any]) -> ClusterNode:
+        shoal = raw.get("shoal") or {}
+        slots = raw.get("resources", {}).get("shoal_slot") or shoal.get("max_sandboxes") or 0
+        return ClusterNode(
+            name=str(shoal.get("name") or raw["ray_node_id"]),
+            ray_node_id=str(raw["ray_node_id"]),
+            address=str(raw.get("address", "")),
+            alive=bool(raw.get("alive")) and bool(shoal),
+            url=shoal.get("url"),
+            labels={str(k): str(v) for k, v in (shoal.get("labels") or {}).items()},
+            slots=int(slots),
+            live=int(shoal.get("live") or 0),
+            this=raw["ray_node_id"] == self.ray_node_id,
+        )
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            try:
+                if self._bridge is None:
+                    await self._connect()
+                    log.info("cluster: joined %s again", self.address)
+                else:
+                    await self._refresh()
+            except (BridgeError, TimeoutError, OSError) as exc:
+                if self.problem is None:
+                    log.warning("cluster: lost the Ray cluster at %s: %s; trying again", self.address, exc)
+                self.problem = str(exc) or type(exc).__name__
+                if self._bridge is not None:
+                    await self._bridge.close()
+                    self._bridge = None
+                await asyncio.sleep(RESTART_DELAY)
+
+    def alive(self) -> list[ClusterNode]:
+        """The nodes that are alive and reachable (this one too)."""
+        return [n for n in self.nodes if n.alive and n.url]
+
+    def view(self) -> ClusterInfo:
+        """The cluster as ``GET /v1/cluster`` shows it."""
+        return ClusterInfo(
+            enabled=True,
+            ray_address=self.address,
+            node_name=str(self.info["name"]),
+            nodes=list(self.nodes),
+            problem=self.problem,
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._bridge is not None:
+            await self._bridge.close()
+            self._bridge = None

@@ -1,0 +1,314 @@
+"""Any node's API serves the whole cluster (decision 0077): a call for a sandbox another node runs is passed to
+that node, a create lands on the node with the most room, and a list gathers every node's sandboxes.
+
+A passed-on call carries ``X-Shoal-Forwarded`` (the sending node's name): the node that receives it answers for
+itself only, so a call is passed on at most once.  Nodes share one bearer token (each node's ``api-token``).
+Which node runs a sandbox is asked of the other nodes the first time (``GET /v1/sandboxes/{id}``, all at once)
+and then remembered.  Bodies and answers stream through (exec output, file transfers); WebSocket upgrades are not
+passed on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from shoal.engine.manager import Manager
+from shoal.exception import Error, InvalidError, ResourceExhaustedError, ServiceError
+from shoal.server import errors
+from shoal.server.routes import MANAGER
+from shoal.wire.cluster import ClusterNode
+
+log = logging.getLogger(__name__)
+
+FORWARDED = "X-Shoal-Forwarded"
+OWNERS_KEPT = 100_000
+"""Sandbox → node answers remembered (the oldest are forgotten)."""
+LOOKUP_TIMEOUT = 5.0
+PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Encoding", "Accept", "Accept-Encoding", "Idempotency-Key")
+"""Request headers passed on as they came (the bearer token is the cluster's own)."""
+ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Content-Disposition", "X-Shoal-Offset", "X-Shoal-Eof")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ClusterRouter:
+    """This node's side of the cluster's API: where calls go, and the passing on."""
+
+    def __init__(self, mgr: Manager, token: str) -> None:
+        self.mgr = mgr
+        self.token = token
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: dict[str, int] = {}
+        """Creates this node has sent to each node and not yet heard back about (placement counts them)."""
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _others(self) -> list[ClusterNode]:
+        assert self.mgr.cluster is not None
+        return [n for n in self.mgr.cluster.alive() if not n.this]
+
+    def _headers(self, request: web.Request | None) -> dict[str, str]:
+        assert self.mgr.cluster is not None
+        headers = {"Authorization": f"Bearer {self.token}", FORWARDED: str(self.mgr.cluster.info["name"])}
+        if request is not None:
+            headers.update({h: request.headers[h] for h in PASSED_HEADERS if h in request.headers})
+        return headers
+
+    # ------------------------------------------------------------------ where a sandbox runs
+
+    def remember(self, sandbox_id: str, node: str) -> None:
+        self._owners[sandbox_id] = node
+        self._owners.move_to_end(sandbox_id)
+        while len(self._owners) > OWNERS_KEPT:
+            self._owners.popitem(last=False)
+
+    async def locate(self, sandbox_id: str) -> ClusterNode | None:
+        """The other node that runs (or ran) ``sandbox_id``; None: no live node knows it."""
+        assert self.mgr.cluster is not None
+        name = self._owners.get(sandbox_id)
+        if name is not None:
+            for node in self.mgr.cluster.nodes:
+                if node.name == name and not node.this:
+                    return node
+        others = self._others()
+        if not others:
+            return None
+        answers = await asyncio.gather(*(self._knows(n, sandbox_id) for n in others))
+        for node, knows in zip(others, answers, strict=True):
+            if knows:
+                self.remember(sandbox_id, node.name)
+                return node
+        return None
+
+    async def _knows(self, node: ClusterNode, sandbox_id: str) -> bool:
+        assert node.url is not None
+        try:
+            async with self.session.get(
+                f"{node.url}/v1/sandboxes/{sandbox_id}",
+                headers=self._headers(None),
+                timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT),
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    # ------------------------------------------------------------------ passing calls on
+
+    async def proxy(self, request: web.Request, node: ClusterNode, body: bytes | None = None) -> web.StreamResponse:
+        """Send ``request`` to ``node`` and stream its answer back unchanged."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            raise InvalidError(
+                f"this call opens a WebSocket, which is not passed between nodes: connect to node {node.name}"
+                f" ({node.url}) directly"
+            )
+        assert node.url is not None
+        data: Any = body if body is not None else (request.content if request.can_read_body else None)
+        try:
+            async with self.session.request(
+                request.method,
+                node.url + request.rel_url.path_qs,
+                headers=self._headers(request),
+                data=data,
+                allow_redirects=False,
+            ) as upstream:
+                answer = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for name in ANSWER_HEADERS:
+                    if name in upstream.headers:
+                        answer.headers[name] = upstream.headers[name]
+                if upstream.content_length is not None:
+                    answer.content_length = upstream.content_length
+                await answer.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await answer.write(chunk)
+                await answer.write_eof()
+                return answer
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ServiceError(
+                f"node {node.name} ({node.url}), which runs this sandbox, did not answer: {exc or type(exc).__name__}"
+            ) from None
+
+    # ------------------------------------------------------------------ creates and lists
+
+    async def create(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Create on the node with the most room among those with the labels asked for; a node that turns the
+        create away for want of room passes it to the next.  Anything that names objects only this node holds
+        (secrets, volumes, images other than the base one) is created here."""
+        assert self.mgr.cluster is not None
+        body = await request.read()
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return await handler(request)  # the route answers the malformed body
+        if not isinstance(data, dict) or _needs_this_node(data):
+            return await handler(request)
+        wanted = data.get("node_labels") or {}
+        nodes = [n for n in self.mgr.cluster.alive() if all(n.labels.get(k) == v for k, v in wanted.items())]
+        if not nodes:
+            raise InvalidError(
+                f"no live node of the cluster has the labels {wanted}: `shoal cluster nodes` lists each node's"
+            )
+        for node in sorted(nodes, key=self._room, reverse=True):
+            if node.this:
+                here = await handler(request)
+                if here.status != 429:
+                    return here
+                continue
+            self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
+            try:
+                await self._mirror_app(node, str(data.get("app_id", "")))
+                answer = await self._create_on(request, node, body)
+            except ServiceError as exc:
+                log.warning("cluster: create on node %s failed: %s; trying the next", node.name, exc)
+                continue
+            finally:
+                self._inflight[node.name] -= 1
+            if answer is not None:
+                return answer
+        raise ResourceExhaustedError(
+            f"every node of the cluster with room for it is full ({len(nodes)} tried): end some sandboxes or add nodes"
+        )
+
+    def _room(self, node: ClusterNode) -> tuple[int, bool]:
+        live = self.mgr.live_count() if node.this else node.live + self._inflight.get(node.name, 0)
+        return node.slots - live, node.this
+
+    async def _create_on(self, request: web.Request, node: ClusterNode, body: bytes) -> web.StreamResponse | None:
+        """The node's answer to the create, or None where it had no room."""
+        assert node.url is not None
+        try:
+            async with self.session.post(
+                f"{node.url}/v1/sandboxes", headers=self._headers(request), data=body
+            ) as upstream:
+                payload = await upstream.read()
+                if upstream.status == 429:
+                    return None
+                if upstream.status == 200:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        self.remember(json.loads(payload)["sandbox_id"], node.name)
+                return web.Response(
+                    status=upstream.status, body=payload, content_type=upstream.content_type or "application/json"
+                )
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ServiceError(f"node {node.name} did not answer: {exc or type(exc).__name__}") from None
+
+    async def _mirror_app(self, node: ClusterNode, app_id: str) -> None:
+        """Make the create's app known on ``node`` (apps live in each node's store; ids are the cluster's)."""
+        row = self.mgr.state.app_row(app_id) if app_id else None
+        if row is None:
+            return  # the node answers NotFoundError, as this one would
+        assert node.url is not None
+        try:
+            async with self.session.put(
+                f"{node.url}/v1/cluster/apps/{app_id}",
+                headers=self._headers(None),
+                json={"name": row.name, "ephemeral": row.ephemeral},
+            ) as resp:
+                if resp.status != 200:
+                    raise ServiceError(f"node {node.name} did not take app {app_id}: {await resp.text()}")
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ServiceError(f"node {node.name} did not answer: {exc or type(exc).__name__}") from None
+
+    async def gather_list(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """This node's sandboxes and every other live node's, newest first."""
+        local = await handler(request)
+        if local.status != 200 or not isinstance(local, web.Response) or local.body is None:
+            return local
+        items: list[dict[str, Any]] = json.loads(bytes(local.body))["sandboxes"]  # type: ignore[arg-type]
+        others = self._others()
+        answers = await asyncio.gather(*(self._list_of(n, request) for n in others))
+        for node, found in zip(others, answers, strict=True):
+            for item in found:
+                self.remember(str(item.get("sandbox_id")), node.name)
+            items.extend(found)
+        items.sort(key=lambda i: int(i.get("created_at_us") or 0), reverse=True)
+        return web.json_response({"sandboxes": items})
+
+    async def _list_of(self, node: ClusterNode, request: web.Request) -> list[dict[str, Any]]:
+        assert node.url is not None
+        try:
+            async with self.session.get(
+                node.url + request.rel_url.path_qs,
+                headers=self._headers(None),
+                timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT),
+            ) as resp:
+                if resp.status != 200:
+                    return []
+                found: list[dict[str, Any]] = (await resp.json())["sandboxes"]
+                return found
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            log.warning("cluster: node %s did not list its sandboxes", node.name)
+            return []
+
+
+def _needs_this_node(data: dict[str, Any]) -> bool:
+    """Whether a create names objects that live in this node's store alone (decision 0077)."""
+    image = data.get("image") or {}
+    custom_image = isinstance(image, dict) and (image.get("kind") not in (None, "default") or image.get("steps"))
+    return bool(
+        data.get("secret_ids")
+        or data.get("volumes")
+        or custom_image
+        or data.get("persistent")
+        or data.get("gpu")
+        or data.get("enable_snapshot")
+    )
+
+
+ROUTER = web.AppKey("cluster_router", ClusterRouter)
+
+
+def install(app: web.Application, mgr: Manager, token: str) -> None:
+    """Give the API its cluster step's router (idle until the daemon joins a cluster), closed with the app."""
+    router = ClusterRouter(mgr, token)
+    app[ROUTER] = router
+
+    async def close(_app: web.Application) -> None:
+        await router.close()
+
+    app.on_cleanup.append(close)
+
+
+@web.middleware
+async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The API's cluster step: pass a call on, or place a create, or gather a list (outside a cluster: nothing)."""
+    mgr = request.app[MANAGER]
+    if mgr.cluster is None or FORWARDED in request.headers:
+        return await handler(request)
+    router = request.app[ROUTER]
+    try:
+        sandbox_id = request.match_info.get("sandbox_id")
+        if sandbox_id is not None:
+            if mgr.knows(sandbox_id):
+                return await handler(request)
+            node = await router.locate(sandbox_id)
+            return await handler(request) if node is None else await router.proxy(request, node)
+        resource = request.match_info.route.resource
+        if resource is not None and resource.canonical == "/v1/sandboxes":
+            if request.method == "POST":
+                return await router.create(request, handler)
+            if request.method == "GET":
+                return await router.gather_list(request, handler)
+        return await handler(request)
+    except Error as exc:
+        return web.json_response(errors.body_for(exc), status=errors.status_for(exc))
