@@ -8,13 +8,19 @@ per line on its standard input, one answer per line on its standard output, in o
     {"op": "register", "info": {…}}          → {"ok": true, "value": null}
     {"op": "nodes"}                          → {"ok": true, "value": [{"ray_node_id", "alive", "address",
                                                  "resources", "labels", "shoal"}, …]}
-    {"op": "beat", "info": {…}}              → register, then nodes (what the daemon sends each second)
+    {"op": "beat", "info": {…}, "started": {id: {…}}, "ended": [id, …]}
+                                             → register, record sandboxes started and ended here since the
+                                               last beat, then nodes (what the daemon sends each second)
+    {"op": "where", "sandbox_id": "sb-…"}    → the name of the node a running sandbox was recorded on, or null
+    {"op": "lost", "node": "NAME"}           → what that node recorded of its running sandboxes: [{…}, …]
 
 A request that fails answers ``{"ok": false, "error": "…"}``; the bridge keeps going.  It exits when its standard
 input closes (the daemon stopped) or when it loses the Ray cluster for good.
 
-What Ray holds for shoal (decision 0077): each daemon's registration, under ``node:<ray node id>`` in Ray's
-internal key-value store (namespace ``shoal``), next to Ray's own view of the node (alive or not, resources, labels).
+What Ray holds for shoal (decision 0077), in its internal key-value store (namespace ``shoal``): each daemon's
+registration under ``node:<ray node id>``, next to Ray's own view of the node (alive or not, resources, labels); and,
+while a sandbox runs, ``sb:<sandbox id>`` → its node's name and ``on:<node>:<sandbox id>`` → what the API shows of it,
+so that the other nodes can answer for the sandboxes of a node that died.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from typing import Any
 
 NAMESPACE = "shoal"
 NODE_KEY = "node:"
+WHERE_KEY = "sb:"
+ON_KEY = "on:"
 
 
 class Bridge:
@@ -71,6 +79,26 @@ class Bridge:
             if raw is not None and json.loads(raw).get("name") == info.get("name"):
                 kv._internal_kv_del(key, namespace=NAMESPACE)
 
+    def record(self, node: str, started: dict[str, Any], ended: list[str]) -> None:
+        """Note the sandboxes that started and ended on ``node`` (a sandbox's records live while it runs)."""
+        kv = self._kv()
+        for sandbox_id, shown in started.items():
+            kv._internal_kv_put(WHERE_KEY + sandbox_id, node, namespace=NAMESPACE)
+            kv._internal_kv_put(f"{ON_KEY}{node}:{sandbox_id}", json.dumps(shown), namespace=NAMESPACE)
+        for sandbox_id in ended:
+            kv._internal_kv_del(WHERE_KEY + sandbox_id, namespace=NAMESPACE)
+            kv._internal_kv_del(f"{ON_KEY}{node}:{sandbox_id}", namespace=NAMESPACE)
+
+    def lost(self, node: str) -> list[dict[str, Any]]:
+        """The sandboxes ``node`` recorded as running."""
+        kv = self._kv()
+        out: list[dict[str, Any]] = []
+        for key in kv._internal_kv_list(f"{ON_KEY}{node}:", namespace=NAMESPACE):
+            raw = kv._internal_kv_get(key, namespace=NAMESPACE)
+            if raw is not None:
+                out.append(json.loads(raw))
+        return out
+
     def nodes(self) -> list[dict[str, Any]]:
         """Every Ray node Ray knows (dead ones too), each with its shoal registration (None: no daemon)."""
         kv = self._kv()
@@ -99,8 +127,15 @@ class Bridge:
         if op == "nodes":
             return self.nodes()
         if op == "beat":
-            self.register(dict(request["info"]))
+            info = dict(request["info"])
+            self.register(info)
+            self.record(str(info.get("name")), dict(request.get("started") or {}), list(request.get("ended") or []))
             return self.nodes()
+        if op == "where":
+            raw = self._kv()._internal_kv_get(WHERE_KEY + str(request["sandbox_id"]), namespace=NAMESPACE)
+            return raw.decode() if raw is not None else None
+        if op == "lost":
+            return self.lost(str(request["node"]))
         raise ValueError(f"unknown request {op!r}")
 
 

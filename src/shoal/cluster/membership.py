@@ -97,6 +97,9 @@ class Membership:
         """``time.monotonic()`` of the last node list read from Ray."""
         self._bridge: _BridgeProcess | None = None
         self._task: asyncio.Task[None] | None = None
+        self._started: dict[str, dict[str, Any]] = {}
+        self._ended: set[str] = set()
+        """Sandboxes that started or ended here since the last beat (recorded in Ray with the next one)."""
 
     async def start(self) -> None:
         """Connect, register and read the nodes once (InvalidError, saying why, where Ray cannot be reached)."""
@@ -125,9 +128,27 @@ class Membership:
         self.ray_node_id = str(hello["ray_node_id"])
         await self._refresh()
 
+    def sandbox_started(self, sandbox_id: str, shown: dict[str, Any]) -> None:
+        """Record, with the next beat, that this node runs ``sandbox_id`` (``shown``: its ``SandboxInfo``)."""
+        self._started[sandbox_id] = shown
+        self._ended.discard(sandbox_id)
+
+    def sandbox_ended(self, sandbox_id: str) -> None:
+        if self._started.pop(sandbox_id, None) is None:
+            self._ended.add(sandbox_id)
+
     async def _refresh(self) -> None:
         assert self._bridge is not None
-        raw = await self._bridge.request("beat", info={**self.info, "live": self.load()})
+        started, ended = self._started, self._ended
+        self._started, self._ended = {}, set()
+        try:
+            raw = await self._bridge.request(
+                "beat", info={**self.info, "live": self.load()}, started=started, ended=sorted(ended)
+            )
+        except BaseException:
+            self._started = {**started, **self._started}  # sent again with the next beat
+            self._ended |= ended - set(self._started)
+            raise
         self.nodes = sorted((self._node(n) for n in raw), key=lambda n: (not n.alive, n.name))
         self.updated = time.monotonic()
         self.problem = None
@@ -164,6 +185,26 @@ class Membership:
                     await self._bridge.close()
                     self._bridge = None
                 await asyncio.sleep(RESTART_DELAY)
+
+    async def where(self, sandbox_id: str) -> str | None:
+        """The node a running sandbox was recorded on (None: none, or Ray cannot be asked now)."""
+        if self._bridge is None:
+            return None
+        try:
+            found = await self._bridge.request("where", sandbox_id=sandbox_id)
+        except BridgeError:
+            return None
+        return str(found) if found is not None else None
+
+    async def lost(self, node: str) -> list[dict[str, Any]]:
+        """What ``node`` recorded of the sandboxes it ran (``SandboxInfo`` as JSON), for a node that died."""
+        if self._bridge is None:
+            return []
+        try:
+            found: list[dict[str, Any]] = await self._bridge.request("lost", node=node)
+        except BridgeError:
+            return []
+        return found
 
     def alive(self) -> list[ClusterNode]:
         """The nodes that are alive and reachable (this one too)."""

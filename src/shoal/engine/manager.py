@@ -360,6 +360,8 @@ class Manager:
             del self.sandboxes[sb.id]
             self._remember_finished(sb)
         self.sidecars.sandbox_ended(sb.id)
+        if self.cluster is not None:
+            self.cluster.sandbox_ended(sb.id)
 
     def _remember_finished(self, sb: Sandbox) -> None:
         self._finished[sb.id] = sb
@@ -461,6 +463,8 @@ class Manager:
             raise
         if not build:
             runtime = sb.spec.runtime or "runc"
+            if self.cluster is not None:
+                self.cluster.sandbox_started(sb.id, sb.info().model_dump(mode="json"))
             self.metrics.creates.labels(runtime, "pool" if pooled else "cold").inc()
             self.metrics.create_seconds.labels(runtime).observe(time.monotonic() - started)
         return sb

@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from shoal.engine.manager import Manager
-from shoal.exception import Error, InvalidError, ResourceExhaustedError, ServiceError
+from shoal.exception import ConflictError, Error, InvalidError, ResourceExhaustedError, ServiceError
 from shoal.server import errors
 from shoal.server.routes import MANAGER
 from shoal.wire.cluster import ClusterNode
@@ -84,22 +84,19 @@ class ClusterRouter:
             self._owners.popitem(last=False)
 
     async def locate(self, sandbox_id: str) -> ClusterNode | None:
-        """The other node that runs (or ran) ``sandbox_id``; None: no live node knows it."""
+        """The other node that runs (or ran) ``sandbox_id``, alive or dead; None: no node is known to."""
         assert self.mgr.cluster is not None
         name = self._owners.get(sandbox_id)
-        if name is not None:
-            for node in self.mgr.cluster.nodes:
-                if node.name == name and not node.this:
-                    return node
-        others = self._others()
-        if not others:
-            return None
-        answers = await asyncio.gather(*(self._knows(n, sandbox_id) for n in others))
-        for node, knows in zip(others, answers, strict=True):
-            if knows:
-                self.remember(sandbox_id, node.name)
-                return node
-        return None
+        if name is None:
+            others = self._others()
+            answers = await asyncio.gather(*(self._knows(n, sandbox_id) for n in others))
+            name = next((n.name for n, knows in zip(others, answers, strict=True) if knows), None)
+            if name is None:
+                name = await self.mgr.cluster.where(sandbox_id)  # recorded while it ran: its node may be dead
+            if name is None:
+                return None
+            self.remember(sandbox_id, name)
+        return next((n for n in self.mgr.cluster.nodes if n.name == name and not n.this), None)
 
     async def _knows(self, node: ClusterNode, sandbox_id: str) -> bool:
         assert node.url is not None
@@ -147,6 +144,21 @@ class ClusterRouter:
             raise ServiceError(
                 f"node {node.name} ({node.url}), which runs this sandbox, did not answer: {exc or type(exc).__name__}"
             ) from None
+
+    async def of_dead_node(self, request: web.Request, node: ClusterNode, sandbox_id: str) -> web.StreamResponse:
+        """Answer for a sandbox whose node died: it ended, killed with its node (returncode 137); anything that
+        needs it running is a ConflictError saying so."""
+        assert self.mgr.cluster is not None
+        message = f"the sandbox's node {node.name} died (Ray lost it); its processes ended with it"
+        resource = request.match_info.route.resource
+        path = resource.canonical if resource is not None else ""
+        if request.method == "GET" and path in ("/v1/sandboxes/{sandbox_id}", "/v1/sandboxes/{sandbox_id}/wait"):
+            recorded = next(
+                (s for s in await self.mgr.cluster.lost(node.name) if s.get("sandbox_id") == sandbox_id), None
+            )
+            if recorded is not None:
+                return web.json_response(_ended_with_node(recorded, message))
+        raise ConflictError(message)
 
     # ------------------------------------------------------------------ creates and lists
 
@@ -230,7 +242,8 @@ class ClusterRouter:
             raise ServiceError(f"node {node.name} did not answer: {exc or type(exc).__name__}") from None
 
     async def gather_list(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """This node's sandboxes and every other live node's, newest first."""
+        """This node's sandboxes and every other live node's, newest first; with ``include_finished``, those of
+        dead nodes too (ended with their node)."""
         local = await handler(request)
         if local.status != 200 or not isinstance(local, web.Response) or local.body is None:
             return local
@@ -241,8 +254,27 @@ class ClusterRouter:
             for item in found:
                 self.remember(str(item.get("sandbox_id")), node.name)
             items.extend(found)
+        if request.query.get("include_finished", "") in ("1", "true"):
+            items.extend(await self._of_dead_nodes(request))
         items.sort(key=lambda i: int(i.get("created_at_us") or 0), reverse=True)
         return web.json_response({"sandboxes": items})
+
+    async def _of_dead_nodes(self, request: web.Request) -> list[dict[str, Any]]:
+        assert self.mgr.cluster is not None
+        app_id = request.query.get("app_id")
+        tags = dict(t.partition("=")[::2] for t in request.query.getall("tag", []))
+        out: list[dict[str, Any]] = []
+        for node in self.mgr.cluster.nodes:
+            if node.alive or node.this or not node.url:
+                continue
+            for recorded in await self.mgr.cluster.lost(node.name):
+                if app_id and recorded.get("app_id") != app_id:
+                    continue
+                if any((recorded.get("tags") or {}).get(k) != v for k, v in tags.items()):
+                    continue
+                message = f"the sandbox's node {node.name} died (Ray lost it); its processes ended with it"
+                out.append(_ended_with_node(recorded, message))
+        return out
 
     async def _list_of(self, node: ClusterNode, request: web.Request) -> list[dict[str, Any]]:
         assert node.url is not None
@@ -259,6 +291,16 @@ class ClusterRouter:
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
             log.warning("cluster: node %s did not list its sandboxes", node.name)
             return []
+
+
+def _ended_with_node(recorded: dict[str, Any], message: str) -> dict[str, Any]:
+    """A dead node's sandbox as the API shows it: finished, killed (137) with its node."""
+    return {
+        **recorded,
+        "state": "finished",
+        "result": {"status": "failure", "exitcode": 137, "message": message},
+        "returncode": 137,
+    }
 
 
 def _needs_this_node(data: dict[str, Any]) -> bool:
@@ -302,7 +344,11 @@ async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
             if mgr.knows(sandbox_id):
                 return await handler(request)
             node = await router.locate(sandbox_id)
-            return await handler(request) if node is None else await router.proxy(request, node)
+            if node is None:
+                return await handler(request)
+            if not node.alive:
+                return await router.of_dead_node(request, node, sandbox_id)
+            return await router.proxy(request, node)
         resource = request.match_info.route.resource
         if resource is not None and resource.canonical == "/v1/sandboxes":
             if request.method == "POST":
