@@ -2,7 +2,8 @@
 
 Ray's driver brings threads, a core worker and a few hundred MiB that have no place in the daemon's event loop
 (which also reaps sandbox processes as a subreaper): the daemon talks to this process instead, one JSON object
-per line on its standard input, one answer per line on its standard output, in order::
+per line on its standard input, one answer per line on its standard output, in order, each answer carrying its
+request's ``id``::
 
     {"op": "hello"}                          → {"ok": true, "value": {"ray_node_id": …, "ray_version": …}}
     {"op": "register", "info": {…}}          → {"ok": true, "value": null}
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 from typing import Any
 
@@ -34,6 +37,19 @@ NAMESPACE = "shoal"
 NODE_KEY = "node:"
 WHERE_KEY = "sb:"
 ON_KEY = "on:"
+
+
+class NodeGone(Exception):
+    """This bridge's Ray node left the cluster: the bridge exits, and the daemon starts a new one."""
+
+
+def _source_address(address: str) -> str:
+    """This machine's address on the way to ``address`` (HOST:PORT), as the kernel would route it."""
+    host, _, port = address.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((socket.gethostbyname(host or address), int(port or 6379)))
+        found: str = probe.getsockname()[0]
+    return found
 
 
 class Bridge:
@@ -45,6 +61,9 @@ class Bridge:
         self.ray = ray
         ray.init(
             address=address,
+            # Ray looks for the local raylet among every process of the machine and may pick another's (daemons
+            # sharing a host, scripts/local-cluster): name this one's by the address that reaches the head.
+            _node_ip_address=_source_address(address),
             namespace=NAMESPACE,
             logging_level=logging.ERROR,
             log_to_driver=False,
@@ -100,10 +119,16 @@ class Bridge:
         return out
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Every Ray node Ray knows (dead ones too), each with its shoal registration (None: no daemon)."""
+        """Every Ray node Ray knows (dead ones too), each with its shoal registration (None: no daemon).
+
+        Raises NodeGone where this bridge's own Ray node is no longer alive (the head restarted, the raylet died):
+        the driver cannot come back from that, and a new bridge must join again."""
         kv = self._kv()
         out: list[dict[str, Any]] = []
-        for node in self._ray_nodes():
+        raw_nodes = self._ray_nodes()
+        if not any(n["NodeID"] == self.node_id and n.get("Alive") for n in raw_nodes):
+            raise NodeGone(f"this machine's Ray node {self.node_id} is no longer alive in the cluster")
+        for node in raw_nodes:
             raw = kv._internal_kv_get(NODE_KEY + node["NodeID"], namespace=NAMESPACE)
             out.append(
                 {
@@ -143,13 +168,21 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m shoal.cluster.bridge RAY_ADDRESS", file=sys.stderr)
         return 2
+    # The answers get a descriptor of their own: Ray writes to standard output (a node's death, for one), and all
+    # of that goes to standard error instead, which the daemon logs.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     bridge = Bridge(argv[0])
-    out = sys.stdout
     for line in sys.stdin:
+        request = json.loads(line)
         try:
-            answer = {"ok": True, "value": bridge.handle(json.loads(line))}
+            answer = {"id": request.get("id"), "ok": True, "value": bridge.handle(request)}
+        except NodeGone as exc:
+            print(f"shoal Ray bridge: {exc}; exiting", file=sys.stderr)
+            return 3
         except Exception as exc:  # one failed request is an answer, not the bridge's end
-            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            answer = {"id": request.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         out.write(json.dumps(answer) + "\n")
         out.flush()
     return 0

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,10 +24,14 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
 """How often the node list is read from Ray (Ray itself takes ~10-15 s to call a silent node dead)."""
+EARLY_BEAT = 0.1
+"""Seconds after a sandbox starts until the beat that records it (rather than up to POLL_SECONDS)."""
 START_TIMEOUT = 60.0
 """Seconds the first connection to Ray may take before the daemon gives up starting."""
 REQUEST_TIMEOUT = 30.0
 RESTART_DELAY = 2.0
+RESTART_DELAY_MAX = 30.0
+"""Joining again waits RESTART_DELAY, doubling after each failure up to this (each try starts a Ray driver)."""
 
 
 class BridgeError(Exception):
@@ -34,14 +39,19 @@ class BridgeError(Exception):
 
 
 class _BridgeProcess:
-    """The running ``shoal.cluster.bridge`` process and its request/answer pipe."""
+    """The running ``shoal.cluster.bridge`` process: requests written one per line, answers matched by id (a caller
+    that gives up — a cancelled API call — leaves its answer to be read and dropped, not taken by the next)."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        self.lock = asyncio.Lock()
+        self._next = 0
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader = asyncio.create_task(self._read())
 
     @classmethod
     async def start(cls, address: str) -> _BridgeProcess:
+        # Ray's C++ core logs each failed reconnection; only errors reach the daemon's log.
+        env = {**os.environ, "RAY_BACKEND_LOG_LEVEL": "error", "RAY_USAGE_STATS_ENABLED": "0"}
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -50,21 +60,45 @@ class _BridgeProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=16 << 20,
+            env=env,
         )
         return cls(proc)
 
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            while line := await self.proc.stdout.readline():
+                try:
+                    answer = json.loads(line)
+                except ValueError:
+                    log.warning("cluster: the Ray bridge wrote something other than an answer: %r", line[:200])
+                    continue
+                waiter = self._waiting.pop(answer.get("id"), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(answer)
+        except OSError as exc:
+            log.warning("cluster: the Ray bridge's answers broke off: %s", exc)
+        error = BridgeError(f"the Ray bridge exited ({await self.proc.wait()})")
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+        self._waiting.clear()
+
     async def request(self, op: str, timeout: float = REQUEST_TIMEOUT, **fields: Any) -> Any:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        async with self.lock:
-            try:
-                self.proc.stdin.write(json.dumps({"op": op, **fields}).encode() + b"\n")
-                await self.proc.stdin.drain()
-                line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-            except (OSError, TimeoutError) as exc:
-                raise BridgeError(f"Ray bridge: {type(exc).__name__} {exc}") from None
-        if not line:
-            raise BridgeError(f"the Ray bridge exited ({await self.proc.wait()})")
-        answer = json.loads(line)
+        assert self.proc.stdin is not None
+        if self._reader.done():
+            raise BridgeError(f"the Ray bridge exited ({self.proc.returncode})")
+        self._next += 1
+        key = self._next
+        waiter = self._waiting[key] = asyncio.get_running_loop().create_future()
+        try:
+            self.proc.stdin.write(json.dumps({"id": key, "op": op, **fields}).encode() + b"\n")
+            await self.proc.stdin.drain()
+            answer = await asyncio.wait_for(waiter, timeout)
+        except (OSError, TimeoutError) as exc:
+            raise BridgeError(f"Ray bridge: {type(exc).__name__} {exc}") from None
+        finally:
+            self._waiting.pop(key, None)
         if not answer.get("ok"):
             raise BridgeError(str(answer.get("error")))
         return answer.get("value")
@@ -79,6 +113,7 @@ class _BridgeProcess:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()
                 await self.proc.wait()
+        await self._reader
 
 
 class Membership:
@@ -97,6 +132,7 @@ class Membership:
         """``time.monotonic()`` of the last node list read from Ray."""
         self._bridge: _BridgeProcess | None = None
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self._started: dict[str, dict[str, Any]] = {}
         self._ended: set[str] = set()
         """Sandboxes that started or ended here since the last beat (recorded in Ray with the next one)."""
@@ -129,9 +165,11 @@ class Membership:
         await self._refresh()
 
     def sandbox_started(self, sandbox_id: str, shown: dict[str, Any]) -> None:
-        """Record, with the next beat, that this node runs ``sandbox_id`` (``shown``: its ``SandboxInfo``)."""
+        """Record, with a beat sent soon (``EARLY_BEAT``), that this node runs ``sandbox_id`` (``shown``: its
+        ``SandboxInfo``): the sooner Ray holds it, the smaller the window in which a node's death loses it."""
         self._started[sandbox_id] = shown
         self._ended.discard(sandbox_id)
+        self._wake.set()
 
     def sandbox_ended(self, sandbox_id: str) -> None:
         if self._started.pop(sandbox_id, None) is None:
@@ -169,22 +207,30 @@ class Membership:
         )
 
     async def _poll(self) -> None:
+        delay = RESTART_DELAY
         while True:
-            await asyncio.sleep(POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                await asyncio.sleep(EARLY_BEAT)  # a burst of creates goes in one beat
+            self._wake.clear()
             try:
                 if self._bridge is None:
                     await self._connect()
                     log.info("cluster: joined %s again", self.address)
                 else:
                     await self._refresh()
-            except (BridgeError, TimeoutError, OSError) as exc:
+                delay = RESTART_DELAY
+            except Exception as exc:
+                if not isinstance(exc, BridgeError | TimeoutError | OSError):
+                    log.exception("cluster: reading the cluster failed")
                 if self.problem is None:
                     log.warning("cluster: lost the Ray cluster at %s: %s; trying again", self.address, exc)
                 self.problem = str(exc) or type(exc).__name__
                 if self._bridge is not None:
                     await self._bridge.close()
                     self._bridge = None
-                await asyncio.sleep(RESTART_DELAY)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESTART_DELAY_MAX)
 
     async def where(self, sandbox_id: str) -> str | None:
         """The node a running sandbox was recorded on (None: none, or Ray cannot be asked now)."""

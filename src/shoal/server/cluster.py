@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from shoal.cluster.membership import POLL_SECONDS
 from shoal.engine.manager import Manager
 from shoal.exception import ConflictError, Error, InvalidError, ResourceExhaustedError, ServiceError
 from shoal.server import errors
@@ -33,6 +35,12 @@ FORWARDED = "X-Shoal-Forwarded"
 OWNERS_KEPT = 100_000
 """Sandbox → node answers remembered (the oldest are forgotten)."""
 LOOKUP_TIMEOUT = 5.0
+VERDICT_SECONDS = 20.0
+"""How long a call for a sandbox on a node that cannot be reached waits for Ray to call the node dead (Ray's own
+health checks take ~5-15 s, by how its head is configured) before it fails with ServiceError."""
+UNSEEN_SECONDS = 2 * POLL_SECONDS + 0.5
+"""How long a sandbox this node placed elsewhere may be missing from that node's load as this node sees it (its
+beat, then this node's next read of the node list)."""
 PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Encoding", "Accept", "Accept-Encoding", "Idempotency-Key")
 """Request headers passed on as they came (the bearer token is the cluster's own)."""
 ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Content-Disposition", "X-Shoal-Offset", "X-Shoal-Eof")
@@ -50,6 +58,8 @@ class ClusterRouter:
         self._session: aiohttp.ClientSession | None = None
         self._inflight: dict[str, int] = {}
         """Creates this node has sent to each node and not yet heard back about (placement counts them)."""
+        self._placed: dict[str, list[float]] = {}
+        """When this node placed sandboxes on each other node lately: their beats may not count them yet."""
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -112,15 +122,16 @@ class ClusterRouter:
 
     # ------------------------------------------------------------------ passing calls on
 
-    async def proxy(self, request: web.Request, node: ClusterNode, body: bytes | None = None) -> web.StreamResponse:
-        """Send ``request`` to ``node`` and stream its answer back unchanged."""
+    async def proxy(self, request: web.Request, node: ClusterNode, sandbox_id: str) -> web.StreamResponse:
+        """Send ``request`` to ``node`` and stream its answer back unchanged.  Where the node cannot be reached, wait
+        (``VERDICT_SECONDS`` at most) for Ray to call it dead, and then answer for its sandbox as ended with it."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
             raise InvalidError(
                 f"this call opens a WebSocket, which is not passed between nodes: connect to node {node.name}"
                 f" ({node.url}) directly"
             )
         assert node.url is not None
-        data: Any = body if body is not None else (request.content if request.can_read_body else None)
+        data: Any = request.content if request.can_read_body else None
         try:
             async with self.session.request(
                 request.method,
@@ -140,10 +151,30 @@ class ClusterRouter:
                     await answer.write(chunk)
                 await answer.write_eof()
                 return answer
+        except aiohttp.ClientConnectorError as exc:
+            dead = await self._verdict(node)
+            if dead is not None:
+                return await self.of_dead_node(request, dead, sandbox_id)
+            raise ServiceError(
+                f"node {node.name} ({node.url}), which runs this sandbox, did not answer: {exc}; the cluster still"
+                " holds it alive: try again"
+            ) from None
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise ServiceError(
                 f"node {node.name} ({node.url}), which runs this sandbox, did not answer: {exc or type(exc).__name__}"
             ) from None
+
+    async def _verdict(self, node: ClusterNode) -> ClusterNode | None:
+        """``node`` as the cluster holds it once Ray has called it dead; None where it still holds it alive after
+        ``VERDICT_SECONDS``."""
+        assert self.mgr.cluster is not None
+        deadline = time.monotonic() + VERDICT_SECONDS
+        while time.monotonic() < deadline:
+            now = next((n for n in self.mgr.cluster.nodes if n.ray_node_id == node.ray_node_id), None)
+            if now is None or not now.alive:
+                return now or node.model_copy(update={"alive": False})
+            await asyncio.sleep(POLL_SECONDS / 4)
+        return None
 
     async def of_dead_node(self, request: web.Request, node: ClusterNode, sandbox_id: str) -> web.StreamResponse:
         """Answer for a sandbox whose node died: it ended, killed with its node (returncode 137); anything that
@@ -152,7 +183,12 @@ class ClusterRouter:
         message = f"the sandbox's node {node.name} died (Ray lost it); its processes ended with it"
         resource = request.match_info.route.resource
         path = resource.canonical if resource is not None else ""
-        if request.method == "GET" and path in ("/v1/sandboxes/{sandbox_id}", "/v1/sandboxes/{sandbox_id}/wait"):
+        shown = {
+            ("GET", "/v1/sandboxes/{sandbox_id}"),
+            ("GET", "/v1/sandboxes/{sandbox_id}/wait"),
+            ("POST", "/v1/sandboxes/{sandbox_id}/terminate"),  # ended already: as for any finished sandbox
+        }
+        if (request.method, path) in shown:
             recorded = next(
                 (s for s in await self.mgr.cluster.lost(node.name) if s.get("sandbox_id") == sandbox_id), None
             )
@@ -164,8 +200,8 @@ class ClusterRouter:
 
     async def create(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Create on the node with the most room among those with the labels asked for; a node that turns the
-        create away for want of room passes it to the next.  Anything that names objects only this node holds
-        (secrets, volumes, images other than the base one) is created here."""
+        create away (no room, or not the image) passes it to the next.  Anything that names objects only this node
+        holds (secrets, volumes, image builds and pulls) is created here."""
         assert self.mgr.cluster is not None
         body = await request.read()
         try:
@@ -189,32 +225,56 @@ class ClusterRouter:
             self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
             try:
                 await self._mirror_app(node, str(data.get("app_id", "")))
-                answer = await self._create_on(request, node, body)
+                answer = await self._create_on(request, node, self._portable(data, body))
             except ServiceError as exc:
                 log.warning("cluster: create on node %s failed: %s; trying the next", node.name, exc)
                 continue
             finally:
                 self._inflight[node.name] -= 1
             if answer is not None:
+                if answer.status == 200:
+                    self._placed.setdefault(node.name, []).append(time.monotonic())
                 return answer
         raise ResourceExhaustedError(
             f"every node of the cluster with room for it is full ({len(nodes)} tried): end some sandboxes or add nodes"
         )
 
+    def _portable(self, data: dict[str, Any], body: bytes) -> bytes:
+        """The create as another node can take it: an image id that is this node's ``Image.debian_slim()`` (the
+        base, with the host's CAs) becomes that recipe, which the other node resolves to its own."""
+        image = data.get("image")
+        if not isinstance(image, dict) or image.get("kind") != "id" or image.get("steps"):
+            return body
+        version = self._debian_slim_version(str(image.get("image_id") or ""))
+        if version is None:
+            return body
+        return json.dumps({**data, "image": {"kind": "debian_slim", "python_version": version}}).encode()
+
+    def _debian_slim_version(self, image_id: str) -> str | None:
+        row = self.mgr.state.image(image_id) if image_id else None
+        if row is not None and row.recipe.get("kind") == "step" and row.recipe.get("op") == "host_cas":
+            row = self.mgr.state.image(str(row.recipe.get("parent") or ""))
+        if row is None or row.recipe.get("kind") != "debian_slim":
+            return None
+        version = row.recipe.get("python")
+        return str(version) if version else None
+
     def _room(self, node: ClusterNode) -> tuple[int, bool]:
-        live = self.mgr.live_count() if node.this else node.live + self._inflight.get(node.name, 0)
-        return node.slots - live, node.this
+        if node.this:
+            return node.slots - self.mgr.live_count(), True
+        recent = [t for t in self._placed.get(node.name, []) if t > time.monotonic() - UNSEEN_SECONDS]
+        self._placed[node.name] = recent
+        return node.slots - node.live - len(recent) - self._inflight.get(node.name, 0), False
 
     async def _create_on(self, request: web.Request, node: ClusterNode, body: bytes) -> web.StreamResponse | None:
-        """The node's answer to the create, or None where it had no room."""
+        """The node's answer to the create, or None where it had no room or lacks the image."""
         assert node.url is not None
         try:
-            async with self.session.post(
-                f"{node.url}/v1/sandboxes", headers=self._headers(request), data=body
-            ) as upstream:
+            headers = {k: v for k, v in self._headers(request).items() if k != "Content-Length"}
+            async with self.session.post(f"{node.url}/v1/sandboxes", headers=headers, data=body) as upstream:
                 payload = await upstream.read()
-                if upstream.status == 429:
-                    return None
+                if upstream.status in (404, 429):
+                    return None  # no room, or not the image (it was built or pulled on another node): the next
                 if upstream.status == 200:
                     with contextlib.suppress(ValueError, KeyError, TypeError):
                         self.remember(json.loads(payload)["sandbox_id"], node.name)
@@ -245,9 +305,9 @@ class ClusterRouter:
         """This node's sandboxes and every other live node's, newest first; with ``include_finished``, those of
         dead nodes too (ended with their node)."""
         local = await handler(request)
-        if local.status != 200 or not isinstance(local, web.Response) or local.body is None:
+        if local.status != 200 or not isinstance(local, web.Response) or local.text is None:
             return local
-        items: list[dict[str, Any]] = json.loads(bytes(local.body))["sandboxes"]  # type: ignore[arg-type]
+        items: list[dict[str, Any]] = json.loads(local.text)["sandboxes"]
         others = self._others()
         answers = await asyncio.gather(*(self._list_of(n, request) for n in others))
         for node, found in zip(others, answers, strict=True):
@@ -306,7 +366,10 @@ def _ended_with_node(recorded: dict[str, Any], message: str) -> dict[str, Any]:
 def _needs_this_node(data: dict[str, Any]) -> bool:
     """Whether a create names objects that live in this node's store alone (decision 0077)."""
     image = data.get("image") or {}
-    custom_image = isinstance(image, dict) and (image.get("kind") not in (None, "default") or image.get("steps"))
+    # An image id the node lacks is a 404 there, and the create moves on; steps or a registry pull would build there.
+    custom_image = isinstance(image, dict) and (
+        image.get("kind") not in (None, "id", "debian_slim") or image.get("steps")
+    )
     return bool(
         data.get("secret_ids")
         or data.get("volumes")
@@ -348,7 +411,7 @@ async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
                 return await handler(request)
             if not node.alive:
                 return await router.of_dead_node(request, node, sandbox_id)
-            return await router.proxy(request, node)
+            return await router.proxy(request, node, sandbox_id)
         resource = request.match_info.route.resource
         if resource is not None and resource.canonical == "/v1/sandboxes":
             if request.method == "POST":
