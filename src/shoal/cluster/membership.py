@@ -181,7 +181,10 @@ class Membership:
         self._started, self._ended = {}, set()
         try:
             raw = await self._bridge.request(
-                "beat", info={**self.info, "live": self.load()}, started=started, ended=sorted(ended)
+                "beat",
+                info={**self.info, "live": self.load(), "said_at": time.time()},
+                started=started,
+                ended=sorted(ended),
             )
         except BaseException:
             self._started = {**started, **self._started}  # sent again with the next beat
@@ -203,6 +206,7 @@ class Membership:
             labels={str(k): str(v) for k, v in (shoal.get("labels") or {}).items()},
             slots=int(slots),
             live=int(shoal.get("live") or 0),
+            said_at=float(shoal.get("said_at") or 0.0),
             this=raw["ray_node_id"] == self.ray_node_id,
         )
 

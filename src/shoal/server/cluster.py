@@ -38,9 +38,8 @@ LOOKUP_TIMEOUT = 5.0
 VERDICT_SECONDS = 20.0
 """How long a call for a sandbox on a node that cannot be reached waits for Ray to call the node dead (Ray's own
 health checks take ~5-15 s, by how its head is configured) before it fails with ServiceError."""
-UNSEEN_SECONDS = 2 * POLL_SECONDS + 0.5
-"""How long a sandbox this node placed elsewhere may be missing from that node's load as this node sees it (its
-beat, then this node's next read of the node list)."""
+CLOCK_SLACK = 0.05
+"""Seconds by which nodes' clocks may differ when a placement is matched against a node's last word on its load."""
 PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Encoding", "Accept", "Accept-Encoding", "Idempotency-Key")
 """Request headers passed on as they came (the bearer token is the cluster's own)."""
 ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Content-Disposition", "X-Shoal-Offset", "X-Shoal-Eof")
@@ -59,7 +58,8 @@ class ClusterRouter:
         self._inflight: dict[str, int] = {}
         """Creates this node has sent to each node and not yet heard back about (placement counts them)."""
         self._placed: dict[str, list[float]] = {}
-        """When this node placed sandboxes on each other node lately: their beats may not count them yet."""
+        """When (wall clock) this node placed sandboxes on each other node: those placed after the node last said
+        its load are not in it yet."""
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -233,7 +233,7 @@ class ClusterRouter:
                 self._inflight[node.name] -= 1
             if answer is not None:
                 if answer.status == 200:
-                    self._placed.setdefault(node.name, []).append(time.monotonic())
+                    self._placed.setdefault(node.name, []).append(time.time())
                 return answer
         raise ResourceExhaustedError(
             f"every node of the cluster with room for it is full ({len(nodes)} tried): end some sandboxes or add nodes"
@@ -262,7 +262,7 @@ class ClusterRouter:
     def _room(self, node: ClusterNode) -> tuple[int, bool]:
         if node.this:
             return node.slots - self.mgr.live_count(), True
-        recent = [t for t in self._placed.get(node.name, []) if t > time.monotonic() - UNSEEN_SECONDS]
+        recent = [t for t in self._placed.get(node.name, []) if t > node.said_at - CLOCK_SLACK]
         self._placed[node.name] = recent
         return node.slots - node.live - len(recent) - self._inflight.get(node.name, 0), False
 

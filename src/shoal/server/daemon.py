@@ -127,6 +127,13 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     locks = lock_dirs(cfg)
     manager = Manager(cfg)
     await manager.start()
+    if cfg.ray_address is not None:
+        # Before the API listens: whoever finds it answering finds it in the cluster too.
+        try:
+            manager.cluster = await _join_cluster(manager, cfg)
+        except BaseException:
+            await manager.close()
+            raise
     token = load_token(cfg)
     runner = web.AppRunner(build_app(manager, token), handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
@@ -150,13 +157,6 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
             cfg.tcp_port,
             cfg.token_path,
         )
-    if cfg.ray_address is not None:
-        try:
-            manager.cluster = await _join_cluster(manager, cfg)
-        except BaseException:
-            await runner.cleanup()
-            await manager.close()
-            raise
     gateway = await _start_gateway(manager, cfg)
     board = await _start_dashboard(manager, cfg)
     log.info("shoal daemon ready on %s (runtime %s)", sock_path, manager.runtime.name)

@@ -27,6 +27,8 @@ class ClusterNode(BaseModel):
     """Sandboxes the node takes (its ``shoal_slot`` Ray resource, else its ``max_sandboxes``)."""
     live: int = 0
     """Sandboxes running or starting there, as it last said (each second)."""
+    said_at: float = 0.0
+    """When it said so (its clock, seconds since the epoch)."""
     this: bool
     """The node whose API answered."""
 
