@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts()
     before = os.getloadavg()
     print("building the cluster (scripts/local-cluster up 3) …", file=sys.stderr, flush=True)
+    os.environ["SHOAL_VENV_BIN"] = str(Path(sys.executable).parent)  # local-cluster runs this Python and its Ray
     up = subprocess.run([str(SCRIPT), "up", "3"], capture_output=True, text=True, timeout=600, check=False)
     if up.returncode != 0:
         print(up.stderr[-3000:], file=sys.stderr)

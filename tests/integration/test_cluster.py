@@ -31,7 +31,8 @@ VERDICT = 20.0
 
 
 def local_cluster(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False)
+    env = {**os.environ, "SHOAL_VENV_BIN": str(Path(sys.executable).parent)}  # this run's Python and Ray
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False, env=env)
 
 
 @pytest.fixture(scope="module")
