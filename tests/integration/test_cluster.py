@@ -147,6 +147,28 @@ def test_a_sandbox_on_another_node_works_through_the_head(cluster):
     assert sb.poll() == 137
 
 
+def test_a_named_secret_follows_a_create_to_another_node(cluster):
+    app = shoal.App.lookup("cluster-secrets", create_if_missing=True)
+    name = f"cluster-secret-{os.getpid()}"
+    shoal.Secret.objects.create(name, {"TOKEN": "first"})
+    on_node1 = {"node_labels": "shoal.io/node=node1"}
+    made = []
+    try:
+        for expected in ("first", "second"):
+            sb = shoal.Sandbox.create(
+                app=app, secrets=[shoal.Secret.from_name(name)], experimental_options=on_node1, timeout=120
+            )
+            made.append(sb)
+            assert shoal.Sandbox.from_id(sb.object_id)._info["node"] == "node1"
+            p = sb.exec("sh", "-c", "echo $TOKEN")
+            assert p.stdout.read() == f"{expected}\n"
+            shoal.Secret.from_name(name).update({"TOKEN": "second"})  # the next create carries the new value
+    finally:
+        for sb in made:
+            sb.terminate()
+        shoal.Secret.objects.delete(name)
+
+
 def test_a_killed_node_reads_as_ended_and_creates_avoid_it(cluster):
     app = shoal.App.lookup("cluster-kill", create_if_missing=True)
     doomed = shoal.Sandbox.create(

@@ -18,7 +18,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from shoal.exception import AlreadyExistsError, NotFoundError
+from shoal.exception import AlreadyExistsError, ConflictError, InvalidError, NotFoundError
 from shoal.secrets.keyring import Keyring
 from shoal.store.spec import SandboxSpec
 from shoal.wire import ids
@@ -122,6 +122,37 @@ class SecretStore:
             if missing:
                 raise NotFoundError(f"Secret '{name}' is missing key(s): {', '.join(missing)}")
         return row
+
+    def mirror(self, secret_id: str, name: str, env: dict[str, str], updated_at: float) -> SecretRow:
+        """Hold another cluster node's secret under its id (a create that names it lands here): its values as of
+        ``updated_at``, newer than any held.  ConflictError where a secret of this node already has its name."""
+        check_secret_env(env)
+        rows = self._rows("WHERE id = ?", (secret_id,)) if ids.is_valid(secret_id, "secret") else None
+        if rows is None:
+            raise InvalidError(f"{secret_id!r} is not a secret id")
+        named = self.by_name(name)
+        if named is not None and named.id != secret_id:
+            raise ConflictError(f"this node has another secret named {name!r} ({named.id})")
+        sealed = self.keyring.seal_env(env, secret_id).encode()
+        if rows:
+            row = rows[0]
+            if row.updated_at < updated_at:
+                self.db.execute(
+                    "UPDATE secrets SET sealed = ?, updated_at = ? WHERE id = ?", (sealed, updated_at, secret_id)
+                )
+                row.sealed, row.updated_at = sealed, updated_at
+            return row
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO secrets (id, name, created_at, updated_at, sealed) VALUES (?, ?, ?, ?, ?)",
+            (secret_id, name, now, updated_at, sealed),
+        )
+        return SecretRow(secret_id, name, now, updated_at, sealed)
+
+    def values(self, secret_id: str) -> tuple[SecretRow, dict[str, str]]:
+        """A secret and its values (for a cluster node that needs it: ``mirror``)."""
+        row = self.get(secret_id)
+        return row, self._env(row)
 
     def update(self, secret_id: str, env: dict[str, str]) -> SecretRow:
         """``secret.update``: merge ``env`` into the stored keys."""

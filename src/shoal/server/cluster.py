@@ -200,8 +200,9 @@ class ClusterRouter:
 
     async def create(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Create on the node with the most room among those with the labels asked for; a node that turns the
-        create away (no room, or not the image) passes it to the next.  Anything that names objects only this node
-        holds (secrets, volumes, image builds and pulls) is created here."""
+        create away (no room, or not the image) passes it to the next.  The create's app and named secrets are made
+        known there first; anything else that names objects only this node holds (volumes, image builds and pulls)
+        is created here."""
         assert self.mgr.cluster is not None
         body = await request.read()
         try:
@@ -225,6 +226,7 @@ class ClusterRouter:
             self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
             try:
                 await self._mirror_app(node, str(data.get("app_id", "")))
+                await self._mirror_secrets(node, _secret_ids(data))
                 answer = await self._create_on(request, node, self._portable(data, body))
             except ServiceError as exc:
                 log.warning("cluster: create on node %s failed: %s; trying the next", node.name, exc)
@@ -301,6 +303,23 @@ class ClusterRouter:
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise ServiceError(f"node {node.name} did not answer: {exc or type(exc).__name__}") from None
 
+    async def _mirror_secrets(self, node: ClusterNode, secret_ids: list[str]) -> None:
+        """Give ``node`` the named secrets the create uses (sent to it in the clear over the cluster's API, sealed
+        again there by its own key; decision 0077)."""
+        assert node.url is not None
+        for secret_id in secret_ids:
+            row, env = self.mgr.secrets.values(secret_id)  # NotFoundError: this node answers it, as it would here
+            try:
+                async with self.session.put(
+                    f"{node.url}/v1/cluster/secrets/{secret_id}",
+                    headers=self._headers(None),
+                    json={"name": row.name, "env": env, "updated_at": row.updated_at},
+                ) as resp:
+                    if resp.status != 200:
+                        raise ServiceError(f"node {node.name} did not take secret {row.name!r}: {await resp.text()}")
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise ServiceError(f"node {node.name} did not answer: {exc or type(exc).__name__}") from None
+
     async def gather_list(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """This node's sandboxes and every other live node's, newest first; with ``include_finished``, those of
         dead nodes too (ended with their node)."""
@@ -363,6 +382,15 @@ def _ended_with_node(recorded: dict[str, Any], message: str) -> dict[str, Any]:
     }
 
 
+def _secret_ids(data: dict[str, Any]) -> list[str]:
+    """The named secrets a create uses: its environment's and its outbound policy's."""
+    found = [str(i) for i in data.get("secret_ids") or []]
+    found += [
+        str(r["secret_id"]) for r in data.get("outbound_headers") or [] if isinstance(r, dict) and r.get("secret_id")
+    ]
+    return list(dict.fromkeys(found))
+
+
 def _needs_this_node(data: dict[str, Any]) -> bool:
     """Whether a create names objects that live in this node's store alone (decision 0077)."""
     image = data.get("image") or {}
@@ -371,12 +399,7 @@ def _needs_this_node(data: dict[str, Any]) -> bool:
         image.get("kind") not in (None, "id", "debian_slim") or image.get("steps")
     )
     return bool(
-        data.get("secret_ids")
-        or data.get("volumes")
-        or custom_image
-        or data.get("persistent")
-        or data.get("gpu")
-        or data.get("enable_snapshot")
+        data.get("volumes") or custom_image or data.get("persistent") or data.get("gpu") or data.get("enable_snapshot")
     )
 
 

@@ -22,7 +22,7 @@ from shoal.server.registry import Route, RouteTable, openapi
 from shoal.store.state import AppRow
 from shoal.wire.apps import AppCreate, AppDetails, AppInfo, AppList, AppLookup, AppTags
 from shoal.wire.base import Done
-from shoal.wire.cluster import AppMirror, ClusterInfo
+from shoal.wire.cluster import AppMirror, ClusterInfo, SecretMirror
 from shoal.wire.images import ImageId, ImageList, ImageRef, ImageSummary, ImportRootfs
 from shoal.wire.sandboxes import (
     ConnectCredentials,
@@ -154,6 +154,21 @@ async def mirror_app(request: web.Request, body: AppMirror) -> AppInfo:
         raise InvalidError("this daemon is not in a cluster (shoal serve --ray)")
     app_id = request.match_info["app_id"]
     return AppInfo(app_id=app_id, name=mgr.mirror_app(app_id, body.name, body.ephemeral))
+
+
+@TABLE.route(
+    "PUT",
+    "/v1/cluster/secrets/{secret_id}",
+    summary="Hold a secret of the cluster here, under its id (the node that places a create that names it sends it)",
+    body=SecretMirror,
+    response=Done,
+)
+async def mirror_secret(request: web.Request, body: SecretMirror) -> Done:
+    mgr = _mgr(request)
+    if mgr.cluster is None:
+        raise InvalidError("this daemon is not in a cluster (shoal serve --ray)")
+    mgr.secrets.mirror(request.match_info["secret_id"], body.name, body.env, body.updated_at)
+    return Done()
 
 
 @TABLE.route(

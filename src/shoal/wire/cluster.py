@@ -52,6 +52,15 @@ class AppMirror(WireModel):
     ephemeral: bool = False
 
 
+class SecretMirror(WireModel):
+    """``PUT /v1/cluster/secrets/{secret_id}``: a secret of the cluster that a create on this node names, with its
+    values (sealed again by this node's key on arrival)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=1024)]
+    env: dict[str, str]
+    updated_at: float
+
+
 def parse_labels(text: str) -> dict[str, str]:
     """Node labels written ``k=v,k2=v2`` as a dict (ValueError names a malformed pair)."""
     out: dict[str, str] = {}
