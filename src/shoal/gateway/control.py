@@ -510,6 +510,7 @@ class ControlPlane(ModalClientBase):
     @grpc_errors
     async def SandboxContainerCreateV2(self, stream: Any) -> None:
         req = await stream.recv_message()
+        await self._sandbox(req.sandbox_id)  # a sidecar goes beside a started sandbox
         d = req.definition
         side = await create_sidecar(
             self.mgr,
@@ -532,6 +533,7 @@ class ControlPlane(ModalClientBase):
     # ------------------------------------------------------------------ memory snapshots
 
     async def _snapshot(self, sandbox_id: str) -> str:
+        await self._sandbox(sandbox_id)  # one created a moment ago may still be starting
         return (await self.mgr.memory_snapshots.take(sandbox_id)).snapshot_id
 
     @grpc_errors
