@@ -8,9 +8,11 @@ from __future__ import annotations
 import collections
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,7 +118,9 @@ def test_creates_spread_over_the_nodes_and_a_pinned_one_lands_where_asked(cluste
 
 def test_a_sandbox_on_another_node_works_through_the_head(cluster):
     app = shoal.App.lookup("cluster-remote", create_if_missing=True)
-    sb = shoal.Sandbox.create(app=app, experimental_options={"node_labels": "shoal.io/node=node1"}, timeout=300)
+    sb = shoal.Sandbox.create(
+        app=app, encrypted_ports=[8000], experimental_options={"node_labels": "shoal.io/node=node1"}, timeout=300
+    )
     try:
         # Another process finds it by id through the head, and sees the node in `shoal sandbox ls --json`.
         listed = subprocess.run(
@@ -142,6 +146,19 @@ def test_a_sandbox_on_another_node_works_through_the_head(cluster):
         with same.open("/tmp/big.bin", "rb") as f:
             assert f.read() == big
         assert "big.bin" in same.ls("/tmp")
+        # A tunnel is served by the node that runs the sandbox, at that node's address: straight there.
+        same.exec("sh", "-c", "cd /tmp && exec python3 -m http.server 8000 >/dev/null 2>&1")
+        url = shoal.Sandbox.from_id(sb.object_id).tunnels()[8000].url
+        assert url.startswith("https://10.251.0.11:"), url
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                body = urllib.request.urlopen(url + "/big.bin", context=ssl._create_unverified_context(), timeout=5)
+                assert body.read() == big
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the tunnel on node1 never answered"
+                time.sleep(0.2)
     finally:
         sb.terminate()
     assert sb.poll() == 137
