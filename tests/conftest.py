@@ -126,6 +126,15 @@ def _daemon_env(root: Path) -> dict[str, str]:
     return env
 
 
+def restore_environ(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as ``saved`` had them (None: unset)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def proc_files(name: str) -> Iterator[tuple[int, bytes]]:
     """(pid, content of /proc/<pid>/<name>) for every process that still exists."""
     for pid_dir in Path("/proc").iterdir():
@@ -311,11 +320,7 @@ def running_daemon(default_runtime: str | None = None) -> Iterator[Daemon]:
                 terminate_all(d)
         finally:
             d.stop()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            restore_environ(saved)
         left = leaks(d)
         remove_cgroup_parent(d)
         if not os.environ.get("SHOAL_TEST_KEEP"):

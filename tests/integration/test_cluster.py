@@ -22,7 +22,7 @@ import shoal
 from shoal.exception import ConflictError, InvalidError
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.admin import AdminClient
-from tests.conftest import REPO
+from tests.conftest import REPO, restore_environ
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, daemons)")
 pytest.importorskip("ray", reason="the ray extra is not installed: make setup")
@@ -50,11 +50,7 @@ def cluster() -> Iterator[dict[str, str]]:
     try:
         yield env
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)
         down = local_cluster("down")
         assert down.returncode == 0, down.stderr[-3000:]
         assert leftovers() == []

@@ -24,7 +24,7 @@ import pytest
 import shoal
 from shoal.exception import InvalidError
 from shoal.network.tls import make_ca, sign_server_cert
-from tests.conftest import Daemon, running_daemon
+from tests.conftest import Daemon, restore_environ, running_daemon
 from tests.integration.test_network import PeerHost, py
 from tests.netkit import DnsServer
 
@@ -168,11 +168,7 @@ def world() -> Iterator[World]:
             if h is not None:
                 h.close()
         dns_server.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)
         for path in tmp.iterdir():
             path.unlink()
         tmp.rmdir()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pytest
 
 import shoal
-from tests.conftest import Daemon, running_daemon
+from tests.conftest import Daemon, restore_environ, running_daemon
 from tests.netkit import CONNECT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -130,11 +130,7 @@ def default_daemon() -> Iterator[Daemon]:
         with running_daemon() as d:
             yield d
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)
 
 
 @dataclass

@@ -127,6 +127,14 @@ async def status(request: web.Request) -> DaemonStatus:
     )
 
 
+def _clustered(request: web.Request) -> Manager:
+    """The daemon, for a route only a cluster's nodes call one another with."""
+    mgr = _mgr(request)
+    if mgr.cluster is None:
+        raise InvalidError("this daemon is not in a cluster (shoal serve --ray)")
+    return mgr
+
+
 def _cluster(mgr: Manager) -> ClusterInfo:
     return mgr.cluster.view() if mgr.cluster is not None else ClusterInfo(enabled=False)
 
@@ -149,9 +157,7 @@ async def cluster(request: web.Request) -> ClusterInfo:
     response=AppInfo,
 )
 async def mirror_app(request: web.Request, body: AppMirror) -> AppInfo:
-    mgr = _mgr(request)
-    if mgr.cluster is None:
-        raise InvalidError("this daemon is not in a cluster (shoal serve --ray)")
+    mgr = _clustered(request)
     app_id = request.match_info["app_id"]
     return AppInfo(app_id=app_id, name=mgr.mirror_app(app_id, body.name, body.ephemeral))
 
@@ -164,9 +170,7 @@ async def mirror_app(request: web.Request, body: AppMirror) -> AppInfo:
     response=Done,
 )
 async def mirror_secret(request: web.Request, body: SecretMirror) -> Done:
-    mgr = _mgr(request)
-    if mgr.cluster is None:
-        raise InvalidError("this daemon is not in a cluster (shoal serve --ray)")
+    mgr = _clustered(request)
     mgr.secrets.mirror(request.match_info["secret_id"], body.name, body.env, body.updated_at)
     return Done()
 
