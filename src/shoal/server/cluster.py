@@ -42,7 +42,11 @@ CLOCK_SLACK = 0.05
 """Seconds by which nodes' clocks may differ when a placement is matched against a node's last word on its load."""
 PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Encoding", "Accept", "Accept-Encoding", "Idempotency-Key")
 """Request headers passed on as they came (the bearer token is the cluster's own)."""
-ANSWER_HEADERS = ("Content-Type", "Content-Encoding", "Content-Disposition", "X-Shoal-Offset", "X-Shoal-Eof")
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length", "date", "server"}
+)
+"""Answer headers that belong to one connection (or that this node's server sets itself): every other is passed
+back as the node that ran the call gave it (``X-Shoal-Offset``, ``X-Shoal-Exec-Id``, …)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -141,9 +145,9 @@ class ClusterRouter:
                 allow_redirects=False,
             ) as upstream:
                 answer = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                for name in ANSWER_HEADERS:
-                    if name in upstream.headers:
-                        answer.headers[name] = upstream.headers[name]
+                for name, value in upstream.headers.items():
+                    if name.lower() not in HOP_BY_HOP:
+                        answer.headers.add(name, value)
                 if upstream.content_length is not None:
                     answer.content_length = upstream.content_length
                 await answer.prepare(request)
