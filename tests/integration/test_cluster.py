@@ -106,6 +106,10 @@ def test_creates_spread_over_the_nodes_and_a_pinned_one_lands_where_asked(cluste
         assert shoal.Sandbox.from_id(pinned.object_id)._info["node"] == "node2"
         with pytest.raises(InvalidError, match="no live node"):
             shoal.Sandbox.create(app=app, experimental_options={"node_labels": {"shoal.io/node": "node9"}})
+        # An image made on the head is not on node2 yet (images do not travel between nodes): node2 says so.
+        image = shoal.Image.debian_slim().env({"MADE_ON": "head"})
+        with pytest.raises(shoal.exception.NotFoundError, match="image"):
+            shoal.Sandbox.create(app=app, image=image, experimental_options={"node_labels": "shoal.io/node=node2"})
     finally:
         for sb in made:
             sb.terminate()

@@ -221,6 +221,7 @@ class ClusterRouter:
             raise InvalidError(
                 f"no live node of the cluster has the labels {wanted}: `shoal cluster nodes` lists each node's"
             )
+        refused: web.Response | None = None
         for node in sorted(nodes, key=self._room, reverse=True):
             if node.this:
                 here = await handler(request)
@@ -237,10 +238,14 @@ class ClusterRouter:
                 continue
             finally:
                 self._inflight[node.name] -= 1
-            if answer is not None:
-                if answer.status == 200:
-                    self._placed.setdefault(node.name, []).append(time.time())
-                return answer
+            if answer.status in (404, 429):  # no room, or not the image (built or pulled elsewhere): the next
+                refused = answer if answer.status == 404 or refused is None else refused
+                continue
+            if answer.status == 200:
+                self._placed.setdefault(node.name, []).append(time.time())
+            return answer
+        if refused is not None and refused.status == 404:
+            return refused  # what it lacks, in the node's own words
         raise ResourceExhaustedError(
             f"every node of the cluster with room for it is full ({len(nodes)} tried): end some sandboxes or add nodes"
         )
@@ -272,15 +277,13 @@ class ClusterRouter:
         self._placed[node.name] = recent
         return node.slots - node.live - len(recent) - self._inflight.get(node.name, 0), False
 
-    async def _create_on(self, request: web.Request, node: ClusterNode, body: bytes) -> web.StreamResponse | None:
-        """The node's answer to the create, or None where it had no room or lacks the image."""
+    async def _create_on(self, request: web.Request, node: ClusterNode, body: bytes) -> web.Response:
+        """The node's answer to the create."""
         assert node.url is not None
         try:
             headers = {k: v for k, v in self._headers(request).items() if k != "Content-Length"}
             async with self.session.post(f"{node.url}/v1/sandboxes", headers=headers, data=body) as upstream:
                 payload = await upstream.read()
-                if upstream.status in (404, 429):
-                    return None  # no room, or not the image (it was built or pulled on another node): the next
                 if upstream.status == 200:
                     with contextlib.suppress(ValueError, KeyError, TypeError):
                         self.remember(json.loads(payload)["sandbox_id"], node.name)
