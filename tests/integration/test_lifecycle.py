@@ -342,6 +342,12 @@ def test_create_keywords_not_implemented_are_clear_errors(app, kwargs):
         shoal.Sandbox.create(app=app, **kwargs)
 
 
+def test_node_labels_a_lone_daemon_lacks_are_refused(app):
+    # Outside a cluster the one daemon is the only node: labels it does not have cannot be met.
+    with pytest.raises(shoal.exception.InvalidError, match="lacks the labels"):
+        shoal.Sandbox.create(app=app, experimental_options={"node_labels": "zone=eu"})
+
+
 def test_an_unknown_runtime_is_invalid(app):
     with pytest.raises(shoal.exception.InvalidError, match="'gvisor', 'vm', 'runc' or None"):
         shoal.Sandbox.create(app=app, runtime="kata")

@@ -517,6 +517,13 @@ class Manager:
         req = req.model_copy(update={"runtime": self._runtime_for(req, build)})
         if self.state.app_by_id(req.app_id) is None:
             raise NotFoundError(f"App {req.app_id} not found: look it up with App.lookup(name, create_if_missing=True)")
+        unmatched = {k: v for k, v in (req.node_labels or {}).items() if self.cfg.node_labels.get(k) != v}
+        if unmatched:
+            raise InvalidError(
+                f"this daemon (node {self.cfg.node_name}, labels {self.cfg.node_labels or 'none'}) lacks the labels"
+                f" {unmatched} the create asks for: start it with --node-labels, or join it to a cluster that has such"
+                " a node (--ray)"
+            )
         if req.name is not None:
             for sb in self.sandboxes.values():
                 if sb.row.app_id == req.app_id and sb.row.name == req.name and sb.state != FINISHED:
