@@ -668,16 +668,26 @@ def test_what_the_gateway_does_not_serve_is_a_clear_error_not_a_hang(daemon):
         """
         import json, modal
         app = modal.App.lookup("gateway-tests", create_if_missing=True)
-        try:
-            modal.Function.from_name("gateway-tests", "nothing").hydrate()
-            error = None
-        except Exception as e:
-            error = [type(e).__name__, str(e)]
-        print(json.dumps(error))
+        errors = []
+        for attempt in (
+            lambda: modal.Function.from_name("gateway-tests", "nothing").hydrate(),
+            lambda: modal.Sandbox.create(app=app, experimental_options={"enable_docker": True}),
+            lambda: modal.Sandbox.create(app=app, experimental_options={"node_labels": "zone=eu"}),
+        ):
+            try:
+                attempt()
+                errors.append(None)
+            except Exception as e:
+                errors.append([type(e).__name__, str(e)])
+        print(json.dumps(errors))
         """,
         timeout=120,
     )
-    assert got is not None and "shoal's gateway does not serve" in got[1], got
+    unserved, unknown_option, labels = got
+    assert unserved is not None and "shoal's gateway does not serve" in unserved[1], got
+    # An experimental option shoal does not know is refused, not ignored; labels a lone daemon lacks too.
+    assert unknown_option == ["InvalidError", "shoal knows one experimental option, node_labels; not enable_docker"]
+    assert labels is not None and labels[0] == "InvalidError" and "lacks the labels" in labels[1], got
 
 
 def test_persistent_sandboxes_through_the_official_client(daemon):

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from shoal import exception as exc
 from shoal.wire.base import validation_message
+from shoal.wire.cluster import parse_labels
 from shoal.wire.images import ImageRef
 from shoal.wire.sandboxes import CreateSandbox, CreateSidecar, Result
 
@@ -80,6 +81,10 @@ def create_request(
     ]
     if refuse:
         raise exc.UnimplementedError(f"shoal's gateway does not serve {', '.join(refuse)} yet (decision 0075)")
+    options = {**dict(d.experimental_options), **dict(d.experimental_options_v2)}
+    unknown = sorted(set(options) - {"node_labels"})
+    if unknown:  # ignoring one could loosen what it was meant to restrict
+        raise exc.InvalidError(f"shoal knows one experimental option, node_labels; not {', '.join(unknown)}")
     secret_env: dict[str, str] = {}
     secret_ids: list[str] = []
     for source in secret_sources:
@@ -133,6 +138,7 @@ def create_request(
         "readiness_probe": _probe(d.readiness_probe) if d.HasField("readiness_probe") else None,
         "verbose": d.verbose,
         "enable_snapshot": d.enable_snapshot,
+        "node_labels": _labels(str(options["node_labels"])) if "node_labels" in options else None,
         "outbound_headers": (
             outbound_headers(d.experimental_outbound_policy) if d.HasField("experimental_outbound_policy") else None
         ),
@@ -140,6 +146,13 @@ def create_request(
     if d.runtime:
         fields["runtime"] = d.runtime
     return CreateSandbox.model_validate(fields)
+
+
+def _labels(text: str) -> dict[str, str]:
+    try:
+        return parse_labels(text)
+    except ValueError as error:
+        raise exc.InvalidError(f"experimental_options['node_labels']: {error}") from None
 
 
 def outbound_headers(policy: Any) -> list[dict[str, Any]]:
