@@ -71,6 +71,7 @@ class Bridge:
             include_dashboard=False,
         )
         self.node_id: str = ray.get_runtime_context().get_node_id()
+        self._registered = False
 
     def _ray_nodes(self) -> list[dict[str, Any]]:
         nodes: list[dict[str, Any]] = self.ray.nodes()  # type: ignore[no-untyped-call]
@@ -89,6 +90,9 @@ class Bridge:
         node is gone (the same machine, restarted, joins as a new Ray node)."""
         kv = self._kv()
         kv._internal_kv_put(NODE_KEY + self.node_id, json.dumps(info), namespace=NAMESPACE)
+        if self._registered:
+            return  # older records of this name were dropped when this bridge first registered
+        self._registered = True
         alive = {n["NodeID"] for n in self._ray_nodes() if n.get("Alive")}
         for key in kv._internal_kv_list(NODE_KEY, namespace=NAMESPACE):
             other = key.decode()[len(NODE_KEY) :]
