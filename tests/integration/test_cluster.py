@@ -220,8 +220,12 @@ def test_a_killed_node_reads_as_ended_and_creates_avoid_it(cluster):
         while not nodes()["node2"]["alive"]:
             assert time.monotonic() < deadline, "node2 did not join again"
             time.sleep(0.5)
+        again = shoal.Sandbox.create(app=app, experimental_options={"node_labels": "shoal.io/node=node2"}, timeout=60)
+        after.append(again)
+        time.sleep(0.5)  # recorded in Ray under node2's name, as the dead node's sandboxes were
         ids = [item["sandbox_id"] for item in sandboxes(app, include_finished=True)]
         assert ids.count(doomed.object_id) == 1
+        assert ids.count(again.object_id) == 1
         assert shoal.Sandbox.from_id(doomed.object_id).poll() is not None
     finally:
         for sb in after:

@@ -6,7 +6,6 @@ per line on its standard input, one answer per line on its standard output, in o
 request's ``id``::
 
     {"op": "hello"}                          → {"ok": true, "value": {"ray_node_id": …, "ray_version": …}}
-    {"op": "register", "info": {…}}          → {"ok": true, "value": null}
     {"op": "nodes"}                          → {"ok": true, "value": [{"ray_node_id", "alive", "address",
                                                  "resources", "labels", "shoal"}, …]}
     {"op": "beat", "info": {…}, "started": {id: {…}}, "ended": [id, …]}
@@ -150,9 +149,6 @@ class Bridge:
         op = request.get("op")
         if op == "hello":
             return self.hello()
-        if op == "register":
-            self.register(dict(request["info"]))
-            return None
         if op == "nodes":
             return self.nodes()
         if op == "beat":

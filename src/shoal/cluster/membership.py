@@ -128,8 +128,6 @@ class Membership:
         self.ray_node_id: str | None = None
         self.nodes: list[ClusterNode] = []
         self.problem: str | None = None
-        self.updated = 0.0
-        """``time.monotonic()`` of the last node list read from Ray."""
         self._bridge: _BridgeProcess | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -191,7 +189,6 @@ class Membership:
             self._ended |= ended - set(self._started)
             raise
         self.nodes = sorted((self._node(n) for n in raw), key=lambda n: (not n.alive, n.name))
-        self.updated = time.monotonic()
         self.problem = None
 
     def _node(self, raw: dict[str, Any]) -> ClusterNode:

@@ -654,6 +654,12 @@ class Manager:
             if sb.state != FINISHED or (sb.teardown_task is not None and not sb.teardown_task.done())
         )
 
+    async def started(self, sandbox_id: str) -> Sandbox:
+        """A sandbox by id once its start has ended (a create that answered early may still be starting it)."""
+        sb = self.get(sandbox_id)
+        await sb.settled.wait()
+        return sb
+
     def get(self, sandbox_id: str) -> Sandbox:
         """A sandbox by id (running or retained), or NotFoundError."""
         sb = self.sandboxes.get(sandbox_id) or self._finished.get(sandbox_id)

@@ -116,7 +116,7 @@ class MemorySnapshots:
 
     async def take(self, sandbox_id: str) -> MemorySnapshotInfo:
         """``sb._experimental_snapshot()``: the sandbox keeps running."""
-        sb = self.mgr.snapshots._running(sandbox_id)
+        sb = await self.mgr.snapshots._running(sandbox_id)
         if not sb.gvisor:
             raise InvalidError(
                 f"sandbox {sb.id} runs under runc, which cannot save a running sandbox's memory on this host (CRIU"

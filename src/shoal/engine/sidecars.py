@@ -72,7 +72,7 @@ class Sidecars:
 
     async def create(self, sandbox_id: str, body: CreateSidecar) -> Sandbox:
         """Start a sidecar beside a running sandbox; returns once its container runs."""
-        main = self.mgr.get(sandbox_id)
+        main = await self.mgr.started(sandbox_id)
         if main.state is not SandboxState.RUNNING:
             raise ConflictError(f"sandbox {sandbox_id} is {main.state}: sidecars go beside a running sandbox")
         parent = main.spec.request

@@ -136,8 +136,8 @@ class Snapshots:
 
     # ------------------------------------------------------------ helpers
 
-    def _running(self, sandbox_id: str) -> Sandbox:
-        sb = self.mgr.get(sandbox_id)
+    async def _running(self, sandbox_id: str) -> Sandbox:
+        sb = await self.mgr.started(sandbox_id)
         if sb.state is not SandboxState.RUNNING:
             raise ConflictError(f"sandbox {sb.id} is {sb.state}: snapshots and mounts need a running sandbox")
         return sb
@@ -215,7 +215,7 @@ class Snapshots:
 
     async def filesystem(self, sandbox_id: str, timeout: float, ttl: int | None) -> str:
         """``sb.snapshot_filesystem()``: a new image id."""
-        return await self._filesystem(self._running(sandbox_id), timeout, ttl)
+        return await self._filesystem(await self._running(sandbox_id), timeout, ttl)
 
     async def exit_snapshot(self, sb: Sandbox, timeout: float) -> str:
         """The files of a finished sandbox whose processes are gone and whose root is still mounted (a persistent
@@ -284,7 +284,7 @@ class Snapshots:
     async def directory(self, sandbox_id: str, path: str, timeout: float, ttl: int | None) -> str:
         """``sb.snapshot_directory(path)``: a new one-layer image of that directory."""
         path = check_path(path, "the directory to snapshot", allow_root=True)
-        sb = self._running(sandbox_id)
+        sb = await self._running(sandbox_id)
         rel = path.lstrip("/") or "."
         exclude: frozenset[str] = frozenset()
         if sb.gvisor:
@@ -386,7 +386,7 @@ class Snapshots:
         """``sb.mount_image(path, image)``."""
         path = check_path(path, "the mount path", allow_root=False)
         cfg = self._image(image_id)
-        sb = self._running(sandbox_id)
+        sb = await self._running(sandbox_id)
         refuse_gvisor(sb)
         async with self._lock(sb.id):
             mounts: dict[str, dict[str, Any]] = dict(sb.spec.image_mounts)
@@ -420,7 +420,7 @@ class Snapshots:
     async def unmount(self, sandbox_id: str, path: str) -> None:
         """``sb.unmount_image(path)``."""
         path = check_path(path, "the mount path", allow_root=False)
-        sb = self._running(sandbox_id)
+        sb = await self._running(sandbox_id)
         async with self._lock(sb.id):
             mounts: dict[str, dict[str, Any]] = dict(sb.spec.image_mounts)
             if path not in mounts:

@@ -259,9 +259,7 @@ class ControlPlane(ModalClientBase):
         return self.auth.sign(sandbox_id), self.router_url
 
     async def _sandbox(self, sandbox_id: str) -> Sandbox:
-        sb = self.mgr.get(sandbox_id)
-        await sb.settled.wait()  # created by SandboxCreateV2, which answers before the start ends
-        return sb
+        return await self.mgr.started(sandbox_id)  # SandboxCreateV2 answers before the start ends
 
     def _create_request(self, req: Any) -> CreateSandbox:
         definition = req.definition
@@ -510,7 +508,6 @@ class ControlPlane(ModalClientBase):
     @grpc_errors
     async def SandboxContainerCreateV2(self, stream: Any) -> None:
         req = await stream.recv_message()
-        await self._sandbox(req.sandbox_id)  # a sidecar goes beside a started sandbox
         d = req.definition
         side = await create_sidecar(
             self.mgr,
@@ -533,7 +530,6 @@ class ControlPlane(ModalClientBase):
     # ------------------------------------------------------------------ memory snapshots
 
     async def _snapshot(self, sandbox_id: str) -> str:
-        await self._sandbox(sandbox_id)  # one created a moment ago may still be starting
         return (await self.mgr.memory_snapshots.take(sandbox_id)).snapshot_id
 
     @grpc_errors

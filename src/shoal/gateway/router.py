@@ -94,9 +94,7 @@ class CommandRouter(TaskCommandRouterBase):
         sandbox_id = sandbox_of_task(task)
         if self.auth.verify(token) != sandbox_id:
             raise GRPCError(Status.PERMISSION_DENIED, f"this token is not for task {task}")
-        sb = self.mgr.get(sandbox_id)
-        await sb.settled.wait()  # SandboxCreateV2 answers before the sandbox has started (``ControlPlane._create``)
-        return sb
+        return await self.mgr.started(sandbox_id)  # SandboxCreateV2 answers before the start ends
 
     async def _process(self, stream: Any, task: str, exec_id: str) -> Process:
         """A process of the task's sandbox, or of one of its sidecars (which the client addresses by task too)."""

@@ -61,6 +61,8 @@ class ClusterRouter:
         self._session: aiohttp.ClientSession | None = None
         self._inflight: dict[str, int] = {}
         """Creates this node has sent to each node and not yet heard back about (placement counts them)."""
+        self._lost: dict[str, list[dict[str, Any]]] = {}
+        """What each dead Ray node had recorded as running (read from Ray once: a dead node records nothing more)."""
         self._placed: dict[str, list[float]] = {}
         """When (wall clock) this node placed sandboxes on each other node: those placed after the node last said
         its load are not in it yet."""
@@ -193,9 +195,7 @@ class ClusterRouter:
             ("POST", "/v1/sandboxes/{sandbox_id}/terminate"),  # ended already: as for any finished sandbox
         }
         if (request.method, path) in shown:
-            recorded = next(
-                (s for s in await self.mgr.cluster.lost(node.name) if s.get("sandbox_id") == sandbox_id), None
-            )
+            recorded = next((s for s in await self._lost_on(node) if s.get("sandbox_id") == sandbox_id), None)
             if recorded is not None:
                 return web.json_response(_ended_with_node(recorded, message))
         raise ConflictError(message)
@@ -345,15 +345,27 @@ class ClusterRouter:
         items.sort(key=lambda i: int(i.get("created_at_us") or 0), reverse=True)
         return web.json_response({"sandboxes": items})
 
+    async def _lost_on(self, node: ClusterNode) -> list[dict[str, Any]]:
+        assert self.mgr.cluster is not None
+        if node.ray_node_id not in self._lost:
+            found = await self.mgr.cluster.lost(node.name)
+            if not found:
+                return found  # maybe Ray could not be asked: ask again next time
+            known = {n.ray_node_id for n in self.mgr.cluster.nodes}
+            self._lost = {k: v for k, v in self._lost.items() if k in known}
+            self._lost[node.ray_node_id] = found
+        return self._lost[node.ray_node_id]
+
     async def _of_dead_nodes(self, request: web.Request) -> list[dict[str, Any]]:
         assert self.mgr.cluster is not None
         app_id = request.query.get("app_id")
         tags = dict(t.partition("=")[::2] for t in request.query.getall("tag", []))
         out: list[dict[str, Any]] = []
         for node in self.mgr.cluster.nodes:
+            # A node that came back holds a new Ray node id; its old, dead one lost its registration (url) then.
             if node.alive or node.this or not node.url:
                 continue
-            for recorded in await self.mgr.cluster.lost(node.name):
+            for recorded in await self._lost_on(node):
                 if app_id and recorded.get("app_id") != app_id:
                     continue
                 if any((recorded.get("tags") or {}).get(k) != v for k, v in tags.items()):
