@@ -6,6 +6,7 @@ through the head's API, as a user would, with the SDK and the CLI.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import ssl
@@ -184,6 +185,58 @@ def test_a_named_secret_follows_a_create_to_another_node(cluster):
         for sb in made:
             sb.terminate()
         shoal.Secret.objects.delete(name)
+
+
+def test_a_volume_is_the_clusters(cluster):
+    """A volume made through the head lives on the head; a sandbox on node1 mounts a copy of it, takes in later
+    uploads when it reloads, and its changes reach the volume when it ends; node2's API finds the volume by name."""
+    app = shoal.App.lookup("cluster-volumes", create_if_missing=True)
+    name = f"cluster-volume-{os.getpid()}"
+    vol = shoal.Volume.from_name(name, create_if_missing=True)
+    try:
+        with vol.batch_upload() as batch:
+            batch.put_file(io.BytesIO(b"from the head\n"), "/in/hello.txt")
+            batch.put_file(io.BytesIO(b"#!/bin/sh\necho ran\n"), "/bin/run.sh", mode=0o755)
+        sb = shoal.Sandbox.create(
+            app=app, volumes={"/data": vol}, experimental_options={"node_labels": "shoal.io/node=node1"}, timeout=120
+        )
+        assert shoal.Sandbox.from_id(sb.object_id)._info["node"] == "node1"
+        p = sb.exec(
+            "sh",
+            "-c",
+            "cat /data/in/hello.txt && /data/bin/run.sh && echo node1 > /data/out.txt && rm /data/in/hello.txt",
+        )
+        assert (p.stdout.read(), p.wait()) == ("from the head\nran\n", 0)
+        # Committed when the sandbox ends (as Modal's): until then the volume holds what it held.
+        assert [e.path for e in vol.listdir("/in")] == ["in/hello.txt"]
+        with vol.batch_upload() as batch:
+            batch.put_file(io.BytesIO(b"later\n"), "/later.txt")
+        assert sb.exec("cat", "/data/later.txt").wait() == 1
+        sb.reload_volumes()
+        assert sb.exec("cat", "/data/later.txt").stdout.read() == "later\n"
+        sb.terminate()
+        assert b"".join(vol.read_file("out.txt")) == b"node1\n"
+        with pytest.raises(FileNotFoundError):
+            b"".join(vol.read_file("in/hello.txt"))
+        # Another node's API: the same volume, by name and in the list, once; a sandbox there sees node1's change.
+        program = (
+            "import shoal, sys\n"
+            f"vol = shoal.Volume.from_name({name!r})\n"
+            f"names = [v.name for v in shoal.Volume.objects.list()].count({name!r})\n"
+            "app = shoal.App.lookup('cluster-volumes')\n"
+            "sb = shoal.Sandbox.create(app=app, volumes={'/v': vol}, experimental_options={'node_labels':"
+            " 'shoal.io/node=node2'})\n"
+            "print(names, b''.join(vol.read_file('later.txt')).decode().strip(), sb.exec('cat', '/v/out.txt')"
+            ".stdout.read().strip(), shoal.Sandbox.from_id(sb.object_id)._info['node'])\n"
+            "sb.terminate()\n"
+        )
+        env = {**os.environ, "SHOAL_URL": "http://10.251.0.12:8700"}
+        seen = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
+        assert seen.returncode == 0, seen.stderr[-3000:]
+        assert seen.stdout.split() == ["1", "later", "node1", "node2"]
+    finally:
+        shoal.Volume.objects.delete(name)
+    assert name not in [v.name for v in shoal.Volume.objects.list()]
 
 
 def test_a_killed_node_reads_as_ended_and_creates_avoid_it(cluster):

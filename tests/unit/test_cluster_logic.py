@@ -29,8 +29,8 @@ def test_what_keeps_a_create_on_the_node_it_was_sent_to():
     base = {"app_id": "ap-x", "image": {"kind": "id", "image_id": "im-x", "steps": []}}
     assert not _needs_this_node(base)
     assert not _needs_this_node({**base, "secret_ids": ["se-1"]})  # secrets travel with the create
+    assert not _needs_this_node({**base, "volumes": [{"volume_id": "vo-1", "path": "/data"}]})  # a copy goes there
     for extra in (
-        {"volumes": [{"volume_id": "vo-1", "mount_path": "/data"}]},
         {"image": {"kind": "registry"}},
         {"image": {"kind": "id", "image_id": "im-x", "steps": [{"op": "run"}]}},
         {"persistent": True},

@@ -338,6 +338,11 @@ class Manager:
     def prune(self) -> None:
         """Forget finished sandboxes older than the retention period; delete abandoned ephemeral volumes."""
         self.volumes.prune_ephemeral()
+        if self.ctx.replicas is not None:
+            in_use = {
+                m.volume_id for sb in self.sandboxes.values() if sb.state != FINISHED for m in sb.spec.request.volumes
+            }
+            self.ctx.replicas.prune(in_use)
         self.volumes.empty_trash_soon()
         self.memory_snapshots.prune()
         self.persistents.prune()
@@ -353,6 +358,24 @@ class Manager:
                 sb.remove_data()
             else:
                 shutil.rmtree(self.cfg.sandboxes_dir / sandbox_id, ignore_errors=True)
+
+    async def reload_volumes(self, sb: Sandbox) -> None:
+        """``sb.reload_volumes()``: its copies of other nodes' volumes take in what their homes hold now (this
+        node's own volumes are shared directories: nothing to do)."""
+        if self.ctx.replicas is None:
+            return
+        for mount in sb.spec.request.volumes:
+            await self.ctx.replicas.reload(mount.volume_id)
+
+    async def volumes_sent(self, sb: Sandbox, timeout: float) -> None:
+        """Wait (``timeout`` at most) until a finished sandbox's changes to other nodes' volumes were sent back: a
+        program that waited for the sandbox then reads them from the volume."""
+        task = sb.teardown_task
+        if self.ctx.replicas is None or task is None or task.done() or timeout <= 0:
+            return
+        if any(self.ctx.replicas.is_replica(m.volume_id) for m in sb.spec.request.volumes if not m.read_only):
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(task), timeout)
 
     def _torn_down(self, sb: Sandbox) -> None:
         """A finished sandbox is gone from the machine: from now on the store holds it."""
@@ -534,6 +557,8 @@ class Manager:
             self.gpus.choose(gpu_req, self.gpu_holders())
         check_mounts(req.volumes)
         for mount in req.volumes:
+            if self.ctx.replicas is not None:
+                await self.ctx.replicas.ensure(mount.volume_id)  # another node's volume: a copy, in step
             self.volumes.get(mount.volume_id)  # NotFoundError before any image work
         secret_env = {**self.secrets.resolve(req.secret_ids), **req.secret_env}
         if req.outbound_headers is not None:

@@ -48,6 +48,7 @@ from shoal.wire.sandboxes import CreateSandbox, ExecInfo, ExecRequest, Result, S
 from shoal.wire.times import micros
 
 if TYPE_CHECKING:
+    from shoal.engine.replicas import VolumeReplicas
     from shoal.secrets.store import SecretStore
     from shoal.volumes.mounts import VolumeBinds
 
@@ -86,6 +87,8 @@ class Context:
     """Per-sandbox host id ranges (decision 0063); None: every sandbox shares one (decision 0002)."""
     runtimes: dict[str, ContainerRuntime] = field(default_factory=dict)
     """Every runtime this daemon has, by kind (``runc``, ``gvisor``)."""
+    replicas: VolumeReplicas | None = None
+    """Copies of other nodes' volumes (a cluster): what a sandbox changed in them is sent back as it ends."""
 
 
 class Sandbox(AgentFrames):
@@ -757,6 +760,11 @@ class Sandbox(AgentFrames):
                 log.exception("sandbox %s: keeping its files for its next session failed", self.id)
         if self.ctx.volumes:
             self.ctx.volumes.release(self.id)
+        if self.ctx.replicas is not None and self.spec.request.volumes:
+            try:
+                await self.ctx.replicas.sandbox_ended(self)
+            except Exception:
+                log.exception("sandbox %s: sending its volume changes to their nodes failed", self.id)
         try:
             await self.ctx.network.detach(self.id)
         except Exception:

@@ -19,6 +19,7 @@ from shoal.exception import AuthError, Error, InvalidError
 from shoal.server import (
     attach,
     cluster,
+    cluster_volumes,
     errors,
     routes,
     routes_images,
@@ -212,5 +213,7 @@ def build_app(manager: Manager, token: str, *, trusted: bool = False) -> web.App
     install(app, ROUTES, _wrap, _expect)
     app.router.add_get(METRICS_PATH, metrics)
     attach.install(app)
-    cluster.install(app, manager, token)
+    router = cluster.install(app, manager, token)
+    if manager.cluster is not None:
+        router.volumes = cluster_volumes.install(router)
     return app

@@ -17,7 +17,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +28,9 @@ from shoal.exception import ConflictError, Error, InvalidError, ResourceExhauste
 from shoal.server import errors
 from shoal.server.routes import MANAGER
 from shoal.wire.cluster import ClusterNode
+
+if TYPE_CHECKING:
+    from shoal.server.cluster_volumes import ClusterVolumes
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class ClusterRouter:
         self._placed: dict[str, list[float]] = {}
         """When (wall clock) this node placed sandboxes on each other node: those placed after the node last said
         its load are not in it yet."""
+        self.volumes: ClusterVolumes | None = None
+        """Where volume calls go (``shoal.server.cluster_volumes``), once the daemon is in a cluster."""
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -128,16 +133,21 @@ class ClusterRouter:
 
     # ------------------------------------------------------------------ passing calls on
 
-    async def proxy(self, request: web.Request, node: ClusterNode, sandbox_id: str) -> web.StreamResponse:
+    async def proxy(
+        self, request: web.Request, node: ClusterNode, sandbox_id: str | None, body: bytes | None = None
+    ) -> web.StreamResponse:
         """Send ``request`` to ``node`` and stream its answer back unchanged.  Where the node cannot be reached, wait
-        (``VERDICT_SECONDS`` at most) for Ray to call it dead, and then answer for its sandbox as ended with it."""
+        (``VERDICT_SECONDS`` at most) for Ray to call it dead, and then answer for its sandbox as ended with it.
+
+        ``sandbox_id`` None: the call is about something else the node holds (a volume); ``body``: the request's
+        body where it was read already."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
             raise InvalidError(
                 f"this call opens a WebSocket, which is not passed between nodes: connect to node {node.name}"
                 f" ({node.url}) directly"
             )
         assert node.url is not None
-        data: Any = request.content if request.can_read_body else None
+        data: Any = body if body is not None else request.content if request.can_read_body else None
         try:
             async with self.session.request(
                 request.method,
@@ -158,6 +168,8 @@ class ClusterRouter:
                 await answer.write_eof()
                 return answer
         except aiohttp.ClientConnectorError as exc:
+            if sandbox_id is None:
+                raise ServiceError(f"node {node.name} ({node.url}), which holds it, did not answer: {exc}") from None
             dead = await self._verdict(node)
             if dead is not None:
                 return await self.of_dead_node(request, dead, sandbox_id)
@@ -167,7 +179,8 @@ class ClusterRouter:
             ) from None
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise ServiceError(
-                f"node {node.name} ({node.url}), which runs this sandbox, did not answer: {exc or type(exc).__name__}"
+                f"node {node.name} ({node.url}), which {'runs this sandbox' if sandbox_id else 'holds it'}, did not"
+                f" answer: {exc or type(exc).__name__}"
             ) from None
 
     async def _verdict(self, node: ClusterNode) -> ClusterNode | None:
@@ -199,6 +212,37 @@ class ClusterRouter:
             if recorded is not None:
                 return web.json_response(_ended_with_node(recorded, message))
         raise ConflictError(message)
+
+    # ------------------------------------------------------------------ apps
+
+    async def lookup_app(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """``App.lookup`` of a name this node lacks: an app another node made is taken in here under its id (apps
+        live in each node's store; decision 0077), so one name is one app across the cluster."""
+        body = await request.read()
+        try:
+            name = json.loads(body).get("name")
+        except (ValueError, AttributeError):
+            name = None
+        if isinstance(name, str) and name and self.mgr.state.app_by_name(name) is None:
+            others = self._others()
+            answers = await asyncio.gather(*(self._app_named(n, name) for n in others))
+            found = next((a for a in answers if a is not None), None)
+            if found is not None:
+                self.mgr.mirror_app(found, name, False)
+        return await handler(request)
+
+    async def _app_named(self, node: ClusterNode, name: str) -> str | None:
+        assert node.url is not None
+        try:
+            async with self.session.post(
+                f"{node.url}/v1/apps/lookup",
+                headers=self._headers(None),
+                json={"name": name},
+                timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT),
+            ) as resp:
+                return str((await resp.json())["app_id"]) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
+            return None
 
     # ------------------------------------------------------------------ creates and lists
 
@@ -417,15 +461,14 @@ def _needs_this_node(data: dict[str, Any]) -> bool:
     custom_image = isinstance(image, dict) and (
         image.get("kind") not in (None, "id", "debian_slim") or image.get("steps")
     )
-    return bool(
-        data.get("volumes") or custom_image or data.get("persistent") or data.get("gpu") or data.get("enable_snapshot")
-    )
+    # Volumes go with it: the node it lands on mounts a copy of each (decision 0078).
+    return bool(custom_image or data.get("persistent") or data.get("gpu") or data.get("enable_snapshot"))
 
 
 ROUTER = web.AppKey("cluster_router", ClusterRouter)
 
 
-def install(app: web.Application, mgr: Manager, token: str) -> None:
+def install(app: web.Application, mgr: Manager, token: str) -> ClusterRouter:
     """Give the API its cluster step's router (idle until the daemon joins a cluster), closed with the app."""
     router = ClusterRouter(mgr, token)
     app[ROUTER] = router
@@ -434,16 +477,21 @@ def install(app: web.Application, mgr: Manager, token: str) -> None:
         await router.close()
 
     app.on_cleanup.append(close)
+    return router
 
 
 @web.middleware
 async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The API's cluster step: pass a call on, or place a create, or gather a list (outside a cluster: nothing)."""
     mgr = request.app[MANAGER]
-    if mgr.cluster is None or FORWARDED in request.headers:
+    if mgr.cluster is None or (FORWARDED in request.headers and "volume_id" not in request.match_info):
         return await handler(request)
     router = request.app[ROUTER]
     try:
+        if router.volumes is not None:
+            answer = await router.volumes.route(request, handler)
+            if answer is not None:
+                return answer
         sandbox_id = request.match_info.get("sandbox_id")
         if sandbox_id is not None:
             if mgr.knows(sandbox_id):
@@ -455,6 +503,8 @@ async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
                 return await router.of_dead_node(request, node, sandbox_id)
             return await router.proxy(request, node, sandbox_id)
         resource = request.match_info.route.resource
+        if resource is not None and (request.method, resource.canonical) == ("POST", "/v1/apps/lookup"):
+            return await router.lookup_app(request, handler)
         if resource is not None and resource.canonical == "/v1/sandboxes":
             if request.method == "POST":
                 return await router.create(request, handler)

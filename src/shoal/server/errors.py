@@ -6,6 +6,8 @@ client maps the type name back to the same class (``shoal.sdk.transport``).
 
 from __future__ import annotations
 
+import json
+
 from shoal import exception as exc
 
 STATUS: dict[type[exc.Error], int] = {
@@ -56,3 +58,13 @@ def body_for(error: BaseException) -> dict[str, dict[str, str]]:
     """The JSON error body."""
     name = type(error).__name__ if isinstance(error, exc.Error) else "InternalError"
     return {"error": {"type": name, "message": str(error)}}
+
+
+def from_body(status: int, body: bytes) -> exc.Error:
+    """The shoal exception another node's error answer carries (a call this node made in the cluster)."""
+    try:
+        err = json.loads(body)["error"]
+        name, message = str(err["type"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        name, message = "", body.decode(errors="replace")[:500] or f"HTTP {status}"
+    return (exc.ERRORS.get(name) or from_http(status, "").__class__)(message)

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import os
+import time
 import tracemalloc
 from typing import Any
 
@@ -464,9 +465,12 @@ async def wait_sandbox(request: web.Request) -> SandboxInfo:
         return await mgr.persistents.wait(request.match_info["sandbox_id"], _float(request, "timeout", 10.0, MAX_WAIT))
     sb = mgr.get(request.match_info["sandbox_id"])
     timeout = _float(request, "timeout", 10.0, MAX_WAIT)
+    deadline = time.monotonic() + timeout
     if not sb.finished.is_set() and timeout > 0:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sb.finished.wait(), timeout)
+    if sb.finished.is_set():
+        await mgr.volumes_sent(sb, deadline - time.monotonic())
     return sb.info()
 
 

@@ -216,10 +216,13 @@ async def commit_volume(request: web.Request) -> Done:
     response=Done,
 )
 async def reload_volumes(request: web.Request) -> Done:
-    sb = _mgr(request).get(request.match_info["sandbox_id"])
+    mgr = _mgr(request)
+    sb = mgr.get(request.match_info["sandbox_id"])
     if sb.state is not SandboxState.RUNNING:
         raise ConflictError("Sandbox already finished")
-    # Volumes are bind mounts of one directory: every sandbox already sees every committed change.
+    # This node's own volumes are bind mounts of one directory: every sandbox already sees every committed
+    # change.  Copies of other nodes' volumes (a cluster) take in what their home holds now.
+    await mgr.reload_volumes(sb)
     return Done()
 
 
@@ -324,17 +327,25 @@ def _next_batch(entries: Any) -> list[dict[str, Any]]:
     "GET",
     "/v1/volumes/{volume_id}/entries",
     summary="List a path (vol.listdir / vol.iterdir) as NDJSON FileEntries",
-    query={"path": "directory or file in the volume", "recursive": "1 to list everything below"},
+    query={
+        "path": "directory or file in the volume",
+        "recursive": "1 to list everything below",
+        "detail": "1 to add each entry's mode and mtime_ns",
+    },
     content_type="application/x-ndjson",
 )
 async def list_entries(request: web.Request) -> web.StreamResponse:
     store = _store(request)
     with store.open(request.match_info["volume_id"]) as vol:
-        return await _stream_entries(request, vol, _path(request), _flag(request, "recursive"))
+        return await _stream_entries(
+            request, vol, _path(request), _flag(request, "recursive"), _flag(request, "detail")
+        )
 
 
-async def _stream_entries(request: web.Request, vol: OpenVolume, path: str, recursive: bool) -> web.StreamResponse:
-    entries = await _in_thread(files.list_entries, vol, path, recursive)
+async def _stream_entries(
+    request: web.Request, vol: OpenVolume, path: str, recursive: bool, detail: bool = False
+) -> web.StreamResponse:
+    entries = await _in_thread(files.list_entries, vol, path, recursive, detail)
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(request)
     while batch := await _in_thread(_next_batch, entries):

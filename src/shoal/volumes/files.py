@@ -83,14 +83,18 @@ def fs_error(exc: OSError, path: str) -> Error:
     return InternalError(f"'{shown}': {exc.strerror or 'file operation failed'}")
 
 
-def entry(path: str, st: os.stat_result) -> dict[str, Any]:
-    """A FileEntry as JSON."""
-    return {
+def entry(path: str, st: os.stat_result, detail: bool = False) -> dict[str, Any]:
+    """A FileEntry as JSON; ``detail`` adds its permission bits and its mtime in nanoseconds (what another node's
+    copy of the volume needs)."""
+    found = {
         "path": path,
         "type": FILE_TYPES.get(stat.S_IFMT(st.st_mode), 0),
         "mtime": int(st.st_mtime),
         "size": st.st_size,
     }
+    if detail:
+        found.update(mode=st.st_mode & 0o7777, mtime_ns=st.st_mtime_ns)
+    return found
 
 
 # ------------------------------------------------------------------ reading
@@ -108,7 +112,7 @@ def open_for_read(vol: OpenVolume, path: str) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def list_entries(vol: OpenVolume, path: str, recursive: bool) -> Iterator[dict[str, Any]]:
+def list_entries(vol: OpenVolume, path: str, recursive: bool, detail: bool = False) -> Iterator[dict[str, Any]]:
     """FileEntries under ``path`` (the entry itself when it is not a directory).  Resolves ``path`` first."""
     parts = parts_of(path)
     if parts:
@@ -123,18 +127,18 @@ def list_entries(vol: OpenVolume, path: str, recursive: bool) -> Iterator[dict[s
         if st is None:
             raise NotFoundError(f"No such file or directory: '/{'/'.join(parts)}'")
         if not stat.S_ISDIR(st.st_mode):
-            return iter([entry("/".join(parts), st)])
+            return iter([entry("/".join(parts), st, detail)])
     try:
         os.close(safefs.open_dir(vol.root, parts))  # resolve now: errors come before the answer starts
     except OSError as exc:
         raise fs_error(exc, path) from None
-    return _walk(vol, parts, recursive)
+    return _walk(vol, parts, recursive, detail)
 
 
-def _walk(vol: OpenVolume, parts: list[str], recursive: bool) -> Iterator[dict[str, Any]]:
+def _walk(vol: OpenVolume, parts: list[str], recursive: bool, detail: bool) -> Iterator[dict[str, Any]]:
     try:
         for rel, st in safefs.walk(vol.root, parts, recursive):
-            yield entry(rel, st)
+            yield entry(rel, st, detail)
     except OSError:
         return  # the directory went away meanwhile
 

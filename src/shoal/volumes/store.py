@@ -8,6 +8,9 @@ Layout (all on the data dir's filesystem, so renames from staging are atomic)::
             staging/                0700 root: uploads and copies being written, never visible to sandboxes
         .trash/                     0700 root: deleted volumes, emptied in the background
 
+In a cluster (decision 0078) a row may be a *replica*: this node's copy of a volume another node (its ``home``)
+holds, under the same id, with no name; ``base`` records what the copy held when it was last in step with its home.
+
 Trust: the rows and the directory names are the daemon's own; everything
 below ``root/`` is written by sandboxes and is only ever touched through
 :mod:`shoal.util.safefs`.  A volume's directory is named by its id, never by
@@ -46,6 +49,8 @@ CREATE TABLE IF NOT EXISTS volumes (
     version INTEGER
 );
 """
+REPLICA_COLUMNS = (("home", "TEXT"), ("base", "TEXT"))
+"""Added to ``volumes`` where an older database lacks them."""
 EPHEMERAL_TTL = 900.0
 """An ephemeral volume whose client has not sent a heartbeat for this long is deleted."""
 DEFAULT_VERSION = 2
@@ -62,6 +67,8 @@ class VolumeRow:
     ephemeral: bool
     heartbeat_at: float | None
     version: int | None
+    home: str | None = None
+    """The node that holds the volume, where this row is a replica of it (None: this node's own volume)."""
 
     def info(self, size: int | None = None) -> VolumeInfo:
         """The volume as the API shows it."""
@@ -101,6 +108,10 @@ class VolumeStore:
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, mode)
         self.db.executescript(SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(volumes)")}
+        for column, kind in REPLICA_COLUMNS:
+            if column not in have:
+                self.db.execute(f"ALTER TABLE volumes ADD COLUMN {column} {kind}")
 
     # ---------------------------------------------------------------- start-up
 
@@ -175,9 +186,9 @@ class VolumeStore:
 
     def _rows(self, where: str, args: tuple[object, ...]) -> list[VolumeRow]:
         cur = self.db.execute(
-            f"SELECT id, name, created_at, ephemeral, heartbeat_at, version FROM volumes {where}", args
+            f"SELECT id, name, created_at, ephemeral, heartbeat_at, version, home FROM volumes {where}", args
         )
-        return [VolumeRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in cur.fetchall()]
+        return [VolumeRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6]) for r in cur.fetchall()]
 
     def get(self, volume_id: str) -> VolumeRow:
         """A volume by id, or NotFoundError."""
@@ -186,6 +197,11 @@ class VolumeStore:
             raise NotFoundError(f"Volume {volume_id!r} not found")
         return rows[0]
 
+    def find(self, volume_id: str) -> VolumeRow | None:
+        """A volume (or replica) by id, if this node holds it."""
+        rows = self._rows("WHERE id = ?", (volume_id,)) if ids.is_valid(volume_id, "volume") else []
+        return rows[0] if rows else None
+
     def by_name(self, name: str) -> VolumeRow | None:
         """The named volume, if any."""
         rows = self._rows("WHERE name = ?", (name,))
@@ -193,10 +209,38 @@ class VolumeStore:
 
     def all(self) -> list[VolumeRow]:
         """Named volumes, newest first (ephemeral ones are not listed, as in Modal)."""
-        return self._rows("WHERE ephemeral = 0 ORDER BY created_at DESC", ())
+        return self._rows("WHERE ephemeral = 0 AND home IS NULL ORDER BY created_at DESC", ())
 
-    def _new(self, name: str | None, ephemeral: bool, version: int | None) -> VolumeRow:
-        volume_id = ids.new("volume")
+    def replicas(self) -> list[VolumeRow]:
+        """This node's copies of other nodes' volumes."""
+        return self._rows("WHERE home IS NOT NULL", ())
+
+    def create_replica(self, volume_id: str, home: str) -> VolumeRow:
+        """An empty copy of ``home``'s volume ``volume_id``, under that id (filled by ``shoal.engine.replicas``)."""
+        if not ids.is_valid(volume_id, "volume"):
+            raise NotFoundError(f"Volume {volume_id!r} not found")
+        self._make_dirs(volume_id)
+        row = VolumeRow(volume_id, None, time.time(), False, None, None, home)
+        try:
+            self.db.execute(
+                "INSERT INTO volumes (id, name, created_at, ephemeral, heartbeat_at, version, home)"
+                " VALUES (?, NULL, ?, 0, NULL, NULL, ?)",
+                (volume_id, row.created_at, home),
+            )
+        except sqlite3.IntegrityError:
+            self._to_trash(volume_id)
+            raise AlreadyExistsError(f"this node already holds volume {volume_id}") from None
+        return row
+
+    def replica_base(self, volume_id: str) -> str | None:
+        """What a replica last recorded of its state (JSON, ``shoal.engine.replicas``)."""
+        row = self.db.execute("SELECT base FROM volumes WHERE id = ?", (volume_id,)).fetchone()
+        return row[0] if row else None
+
+    def set_replica_base(self, volume_id: str, base: str) -> None:
+        self.db.execute("UPDATE volumes SET base = ? WHERE id = ?", (base, volume_id))
+
+    def _make_dirs(self, volume_id: str) -> None:
         d = self.base / volume_id
         d.mkdir(mode=0o711)
         os.chmod(d, 0o711)
@@ -205,6 +249,10 @@ class VolumeStore:
         root.mkdir(mode=0o755)
         os.chown(root, self.uid, self.gid)
         os.chmod(root, 0o755)
+
+    def _new(self, name: str | None, ephemeral: bool, version: int | None) -> VolumeRow:
+        volume_id = ids.new("volume")
+        self._make_dirs(volume_id)
         now = time.time()
         row = VolumeRow(volume_id, name, now, ephemeral, now if ephemeral else None, version)
         try:

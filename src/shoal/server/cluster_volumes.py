@@ -1,0 +1,269 @@
+"""Volumes are the cluster's (decision 0078): each lives on the node that created it (its home), any node's API
+serves it, and a sandbox on another node mounts a copy kept in step with it (``shoal.engine.replicas``).
+
+Calls that name a volume by id are passed to its home; calls that name one by name ask the other nodes first; a
+list gathers every node's.  A passed-on call (``X-Shoal-Forwarded``) is answered by the node that receives it for
+its own volumes only: a copy is never taken for the volume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from shoal.engine.replicas import VolumeReplicas
+from shoal.exception import AlreadyExistsError, NotFoundError, ServiceError
+from shoal.server import errors
+from shoal.server.cluster import FORWARDED, LOOKUP_TIMEOUT, ClusterRouter, Handler
+from shoal.wire.cluster import ClusterNode
+
+CHUNK = 1 << 20
+
+
+class ClusterVolumes:
+    """This node's side of the cluster's volumes: where volume calls go, and how a copy reaches its home."""
+
+    def __init__(self, router: ClusterRouter) -> None:
+        self.router = router
+        self.mgr = router.mgr
+        self._homes: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ the API's step
+
+    async def route(self, request: web.Request, handler: Handler) -> web.StreamResponse | None:
+        """The answer for a volume call that is not this node's alone to give; None: this node answers it."""
+        volume_id = request.match_info.get("volume_id")
+        if volume_id is not None:
+            row = self.mgr.volumes.find(volume_id)
+            if row is not None and row.home is None:
+                return None
+            if FORWARDED in request.headers:
+                raise NotFoundError(f"Volume {volume_id!r} not found")  # a copy answers for nothing
+            name = row.home if row is not None else await self._locate(volume_id)
+            node = self._node(name) if name else None
+            if node is None:
+                if name:
+                    raise ServiceError(f"node {name}, which holds volume {volume_id}, is not in the cluster now")
+                return None  # NotFoundError, from this node
+            return await self.router.proxy(request, node, None)
+        if FORWARDED in request.headers:
+            return None
+        resource = request.match_info.route.resource
+        path = (request.method, resource.canonical if resource is not None else "")
+        if path == ("POST", "/v1/volumes/lookup"):
+            return await self._by_name(request, handler, "name")
+        if path == ("DELETE", "/v1/volumes/by-name/{name}"):
+            name = request.match_info["name"]
+            if self.mgr.volumes.by_name(name) is not None:
+                return None
+            found = await self._named(name)
+            return await self.router.proxy(request, found[0], None) if found else None
+        if path == ("POST", "/v1/volumes"):
+            return await self._create(request, handler)
+        if path == ("POST", "/v1/volumes/rename"):
+            return await self._rename(request)
+        if path == ("GET", "/v1/volumes"):
+            return await self._gather(request, handler)
+        return None
+
+    async def _by_name(self, request: web.Request, handler: Handler, field: str) -> web.StreamResponse | None:
+        body = await request.read()
+        data = _json(body)
+        name = str(data.get(field) or "")
+        if not name or self.mgr.volumes.by_name(name) is not None:
+            return None
+        found = await self._named(name)
+        if found is None:
+            return None  # created here if asked (or NotFoundError)
+        return await self.router.proxy(request, found[0], None, body=body)
+
+    async def _create(self, request: web.Request, handler: Handler) -> web.StreamResponse | None:
+        data = _json(await request.read())
+        name = str(data.get("name") or "")
+        if not name or self.mgr.volumes.by_name(name) is not None:
+            return None
+        found = await self._named(name)
+        if found is None:
+            return None
+        if not data.get("allow_existing"):
+            raise AlreadyExistsError(f"Volume '{name}' already exists (on node {found[0].name})")
+        return web.json_response(found[1])
+
+    async def _rename(self, request: web.Request) -> web.StreamResponse | None:
+        body = await request.read()
+        data = _json(body)
+        old, new = str(data.get("old_name") or ""), str(data.get("new_name") or "")
+        if not old or not new:
+            return None
+        if new != old and (taken := await self._named(new)) is not None:
+            raise AlreadyExistsError(f"Volume '{new}' already exists (on node {taken[0].name})")
+        if self.mgr.volumes.by_name(old) is not None:
+            return None
+        found = await self._named(old)
+        return await self.router.proxy(request, found[0], None, body=body) if found else None
+
+    async def _gather(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        local = await handler(request)
+        if local.status != 200 or not isinstance(local, web.Response) or local.text is None:
+            return local
+        items: list[dict[str, Any]] = json.loads(local.text)["volumes"]
+        others = self.router._others()
+        answers = await asyncio.gather(*(self._list_of(n, request) for n in others))
+        for found in answers:
+            items.extend(found)
+        items.sort(key=lambda i: int(i.get("created_at_us") or 0), reverse=True)
+        return web.json_response({"volumes": items})
+
+    async def _list_of(self, node: ClusterNode, request: web.Request) -> list[dict[str, Any]]:
+        assert node.url is not None
+        try:
+            async with self.router.session.get(
+                node.url + request.rel_url.path_qs,
+                headers=self.router._headers(None),
+                timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT),
+            ) as resp:
+                if resp.status != 200:
+                    return []
+                found: list[dict[str, Any]] = (await resp.json())["volumes"]
+                for item in found:
+                    self._homes[str(item.get("volume_id"))] = node.name
+                return found
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            return []
+
+    # ------------------------------------------------------------------ where a volume lives
+
+    def _node(self, name: str) -> ClusterNode | None:
+        return next((n for n in self.router._others() if n.name == name), None)
+
+    async def _named(self, name: str) -> tuple[ClusterNode, dict[str, Any]] | None:
+        """The other live node that holds the volume called ``name``, and the volume as it shows it."""
+        others = self.router._others()
+        answers = await asyncio.gather(*(self._ask(n, "POST", "/v1/volumes/lookup", {"name": name}) for n in others))
+        for node, info in zip(others, answers, strict=True):
+            if info is not None:
+                self._homes[str(info.get("volume_id"))] = node.name
+                return node, info
+        return None
+
+    async def _locate(self, volume_id: str) -> str | None:
+        """The other node that holds ``volume_id`` (asked of every live node the first time)."""
+        name = self._homes.get(volume_id)
+        if name is not None and self._node(name) is not None:
+            return name
+        others = self.router._others()
+        answers = await asyncio.gather(*(self._ask(n, "GET", f"/v1/volumes/{volume_id}", None) for n in others))
+        name = next((n.name for n, info in zip(others, answers, strict=True) if info is not None), None)
+        if name is not None:
+            self._homes[volume_id] = name
+        return name
+
+    async def _ask(self, node: ClusterNode, method: str, path: str, body: Any) -> dict[str, Any] | None:
+        """The node's JSON answer where it is 200; None otherwise."""
+        assert node.url is not None
+        try:
+            async with self.router.session.request(
+                method,
+                node.url + path,
+                headers=self.router._headers(None),
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT),
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                found: dict[str, Any] = await resp.json()
+                return found
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
+    # ------------------------------------------------------------------ a copy's way to its home (VolumeHome)
+
+    async def home_of(self, volume_id: str) -> str:
+        name = await self._locate(volume_id)
+        if name is None:
+            raise NotFoundError(f"Volume {volume_id!r} not found on any node of the cluster")
+        return name
+
+    def _url(self, node: str, volume_id: str, tail: str) -> str:
+        found = self._node(node)
+        if found is None or found.url is None:
+            raise ServiceError(f"node {node}, which holds volume {volume_id}, is not in the cluster now: try again")
+        return f"{found.url}/v1/volumes/{volume_id}/{tail}"
+
+    @staticmethod
+    async def _fail(resp: aiohttp.ClientResponse) -> None:
+        if resp.status != 200:
+            raise errors.from_body(resp.status, await resp.read())
+
+    async def entries(self, node: str, volume_id: str) -> AsyncIterator[dict[str, Any]]:
+        params = {"path": "/", "recursive": "1", "detail": "1"}
+        try:
+            async with self.router.session.get(
+                self._url(node, volume_id, "entries"), params=params, headers=self.router._headers(None)
+            ) as resp:
+                await self._fail(resp)
+                async for line in resp.content:
+                    item = json.loads(line)
+                    if item.get("end"):
+                        return
+                    yield item
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ServiceError(f"node {node} did not answer: {exc or type(exc).__name__}") from None
+        raise ServiceError(f"node {node} broke off the list of volume {volume_id}")
+
+    async def read(self, node: str, volume_id: str, path: str) -> AsyncIterator[bytes]:
+        try:
+            async with self.router.session.get(
+                self._url(node, volume_id, "files"), params={"path": path}, headers=self.router._headers(None)
+            ) as resp:
+                await self._fail(resp)
+                got = 0
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    got += len(chunk)
+                    yield chunk
+                if resp.content_length is not None and got != resp.content_length:
+                    raise ServiceError(f"node {node} broke off the file {path} of volume {volume_id}")
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ServiceError(f"node {node} did not answer: {exc or type(exc).__name__}") from None
+
+    async def upload(self, node: str, volume_id: str, body: AsyncIterator[bytes]) -> None:
+        try:
+            async with self.router.session.put(
+                self._url(node, volume_id, "files"),
+                params={"force": "1"},
+                headers=self.router._headers(None),
+                data=body,
+            ) as resp:
+                await self._fail(resp)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ServiceError(f"node {node} did not answer: {exc or type(exc).__name__}") from None
+
+    async def remove(self, node: str, volume_id: str, path: str) -> None:
+        try:
+            async with self.router.session.post(
+                self._url(node, volume_id, "remove"), json={"path": path}, headers=self.router._headers(None)
+            ) as resp:
+                if resp.status != 404:
+                    await self._fail(resp)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ServiceError(f"node {node} did not answer: {exc or type(exc).__name__}") from None
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def install(router: ClusterRouter) -> ClusterVolumes:
+    """The cluster's volumes for this node; its copies of other nodes' volumes reach their homes through it."""
+    volumes = ClusterVolumes(router)
+    router.mgr.ctx.replicas = VolumeReplicas(router.mgr.volumes, volumes)
+    return volumes
