@@ -107,10 +107,13 @@ def test_creates_spread_over_the_nodes_and_a_pinned_one_lands_where_asked(cluste
         assert shoal.Sandbox.from_id(pinned.object_id)._info["node"] == "node2"
         with pytest.raises(InvalidError, match="no live node"):
             shoal.Sandbox.create(app=app, experimental_options={"node_labels": {"shoal.io/node": "node9"}})
-        # An image made on the head is not on node2 yet (images do not travel between nodes): node2 says so.
-        image = shoal.Image.debian_slim().env({"MADE_ON": "head"})
-        with pytest.raises(shoal.exception.NotFoundError, match="image"):
-            shoal.Sandbox.create(app=app, image=image, experimental_options={"node_labels": "shoal.io/node=node2"})
+        # An image built through the head is built once, on the head; node2 fetches it on first use.
+        image = shoal.Image.debian_slim().run_commands("echo built > /built.txt").env({"MADE_ON": "head"})
+        there = shoal.Sandbox.create(app=app, image=image, experimental_options={"node_labels": "shoal.io/node=node2"})
+        made.append(there)
+        assert shoal.Sandbox.from_id(there.object_id)._info["node"] == "node2"
+        p = there.exec("sh", "-c", "cat /built.txt; echo $MADE_ON")
+        assert (p.stdout.read(), p.wait()) == ("built\nhead\n", 0)
     finally:
         for sb in made:
             sb.terminate()

@@ -67,6 +67,45 @@ def test_whiteouts_become_overlay_whiteouts_and_opaque_directories(tmp_path):
     assert (stats.whiteouts, stats.opaque) == (1, 1)
 
 
+def test_a_packed_layer_unpacks_as_it_was_in_another_uid_range(tmp_path):
+    """What one node of a cluster sends another (``layertar.pack``): the same tree, shifted into the taker's range."""
+    src, _ = unpack(
+        tmp_path,
+        m("d", tarfile.DIRTYPE),
+        m("d/.wh.gone", data=b""),
+        m(".wh.top", data=b""),
+        m("o/.wh..wh..opq", data=b""),
+        m("o/kept", data=b"k"),
+        m("bin/su", data=b"elf", mode=0o4755),
+        m("bin/user", data=b"u", uid=1000, gid=1000),
+        m("bin/hard", tarfile.LNKTYPE, linkname="bin/su"),
+        m("bin/link", tarfile.SYMTYPE, linkname="/etc/passwd"),
+        m("pipe", tarfile.FIFOTYPE),
+    )
+    packed = io.BytesIO()
+    assert layertar.pack(str(src), LOW, packed) >= 10
+    packed.seek(0)
+    other = tmp_path / "other"
+    other.mkdir()
+    fd = os.open(other, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        stats = layertar.unpack(packed, fd, 200000, 65536, layertar.Budget(1 << 30, 10_000))
+    finally:
+        os.close(fd)
+    assert (stats.whiteouts, stats.opaque) == (2, 1)
+    for gone in ("d/gone", "top"):
+        st = os.lstat(other / gone)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert os.getxattr(other / "o", "trusted.overlay.opaque") == b"y"
+    su = os.lstat(other / "bin" / "su")
+    assert (su.st_uid, stat.S_IMODE(su.st_mode)) == (200000, 0o4755)
+    assert os.lstat(other / "bin" / "hard").st_ino == su.st_ino
+    assert os.lstat(other / "bin" / "user").st_uid == 201000
+    assert os.readlink(other / "bin" / "link") == "/etc/passwd"
+    assert stat.S_ISFIFO(os.lstat(other / "pipe").st_mode)
+    assert (other / "o" / "kept").read_bytes() == b"k"
+
+
 def test_owners_are_shifted_and_foreign_owners_lose_set_id_bits(tmp_path):
     root, _ = unpack(
         tmp_path,

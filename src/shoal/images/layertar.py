@@ -333,3 +333,71 @@ def unpack(
     finally:
         unpacker.finish()
     return unpacker.stats
+
+
+def pack(root: str, owner_low: int, out: IO[bytes]) -> int:
+    """Write the layer directory ``root`` to ``out`` as an uncompressed tar in the OCI form ``unpack`` reads (so
+    another node of a cluster takes it in as it would a registry layer); returns the entries written.
+
+    Owners go back from the sandbox range at ``owner_low`` to the ids the sandbox sees; whiteouts (character
+    devices 0/0) become ``.wh.NAME`` and opaque directories get ``.wh..wh..opq``.  Nothing is followed: the walk
+    lists symlinks as links.  Extended attributes other than the opaque marker stay behind, as ``unpack`` would
+    refuse them anyway.
+    """
+    seen: dict[tuple[int, int], str] = {}
+    count = 0
+
+    def owner(value: int) -> int:
+        return value - owner_low if owner_low <= value < owner_low + (1 << 16) else NOBODY
+
+    def info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.type = kind
+        ti.mode = stat.S_IMODE(st.st_mode)
+        ti.uid, ti.gid = owner(st.st_uid), owner(st.st_gid)
+        ti.mtime = int(st.st_mtime)
+        return ti
+
+    def marker(name: str) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.mode = 0o600
+        return ti
+
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel_dir = os.path.relpath(dirpath, root)
+            for name in sorted(dirnames) + sorted(filenames):
+                path = os.path.join(dirpath, name)
+                rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+                st = os.lstat(path)
+                count += 1
+                if stat.S_ISDIR(st.st_mode):
+                    tf.addfile(info(rel, st, tarfile.DIRTYPE))
+                    with contextlib.suppress(OSError):
+                        if os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y":
+                            tf.addfile(marker(f"{rel}/{OPAQUE_MARKER}"))
+                elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    whiteout = WHITEOUT_PREFIX + name
+                    tf.addfile(marker(whiteout if rel_dir == "." else f"{rel_dir}/{whiteout}"))
+                elif stat.S_ISLNK(st.st_mode):
+                    ti = info(rel, st, tarfile.SYMTYPE)
+                    ti.linkname = os.readlink(path)
+                    tf.addfile(ti)
+                elif stat.S_ISFIFO(st.st_mode):
+                    tf.addfile(info(rel, st, tarfile.FIFOTYPE))
+                elif stat.S_ISREG(st.st_mode):
+                    key = (st.st_dev, st.st_ino)
+                    if st.st_nlink > 1 and key in seen:
+                        ti = info(rel, st, tarfile.LNKTYPE)
+                        ti.linkname = seen[key]
+                        tf.addfile(ti)
+                        continue
+                    seen[key] = rel
+                    ti = info(rel, st, tarfile.REGTYPE)
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    with os.fdopen(fd, "rb") as f:
+                        ti.size = os.fstat(f.fileno()).st_size
+                        tf.addfile(ti, f)
+                else:
+                    count -= 1  # sockets and devices: a sandbox gets its devices from the runtime
+    return count

@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shoal.exception import InvalidError, NotFoundError
-from shoal.images import base, portable_python
+from shoal.images import base, layertar, portable_python
+from shoal.images.registry import MAX_IMAGE_BYTES, MAX_IMAGE_ENTRIES
 from shoal.images.store import LayerStore, shift_tree
 from shoal.store.state import ImageRow, State
 from shoal.wire import ids
@@ -31,6 +32,18 @@ SCRATCH = {"kind": "scratch", "v": 1}
 """What identifies the empty image."""
 
 
+class ImageSource(Protocol):
+    """Where a node of a cluster finds the images other nodes built or pulled (``shoal.server.cluster_images``)."""
+
+    async def find(self, image_id: str) -> tuple[str, dict[str, Any]] | None:
+        """A node that holds ``image_id`` whole, and its row there (``recipe``, ``config``, ``created_at``)."""
+        ...
+
+    async def layer(self, node: str, image_id: str, index: int, dest: Path) -> None:
+        """Write the image's ``index``-th layer, as ``layertar.pack`` writes it, to the file ``dest``."""
+        ...
+
+
 class ImageService:
     """The daemon's images."""
 
@@ -43,6 +56,8 @@ class ImageService:
         """Applies build steps (set by the engine: ``shoal.engine.build``)."""
         self.registry: Registry | None = None
         """Pulls ``Image.from_registry`` images (set by the engine at start: ``shoal.engine.build.make_registry``)."""
+        self.source: ImageSource | None = None
+        """Other nodes of the cluster, from which an image this node lacks is fetched (None: none)."""
 
     async def resolve(self, ref: ImageRef, log: LogFn) -> tuple[str, ImageConfig]:
         """The image id and config for ``ref``: its base, then its build steps (``shoal.images.builder``)."""
@@ -63,8 +78,11 @@ class ImageService:
             if not ref.image_id or not ids.is_valid(ref.image_id, "image"):
                 raise InvalidError(f"invalid image id {ref.image_id!r}")
             row = self.state.image(ref.image_id)
+            if self.source is not None and (row is None or not self._whole(row)):
+                row = await self._fetch(ref.image_id, log) or row
             if row is None:
-                raise NotFoundError(f"no image {ref.image_id!r} on this daemon")
+                where = "on any node of the cluster" if self.source is not None else "on this daemon"
+                raise NotFoundError(f"no image {ref.image_id!r} {where}")
             cfg = ImageConfig.from_json(row.config)
             for layer in cfg.layers:
                 if not self.store.exists(layer):
@@ -106,6 +124,75 @@ class ImageService:
         if row is None or row.config != out.to_json():
             self.state.add_image(ImageRow(image_id, source, out.to_json(), time.time()))
         return image_id, out
+
+    def _whole(self, row: ImageRow) -> bool:
+        return all(self.store.exists(layer) for layer in ImageConfig.from_json(row.config).layers)
+
+    async def _fetch(self, image_id: str, log: LogFn) -> ImageRow | None:
+        """Take in ``image_id`` from the node of the cluster that holds it: its layers this node lacks, unpacked
+        as a registry layer is (the other node's tar is input like any other), then its row."""
+        assert self.source is not None
+        async with self._locks.setdefault(image_id, asyncio.Lock()):
+            row = self.state.image(image_id)
+            if row is not None and self._whole(row):
+                return row
+            found = await self.source.find(image_id)
+            if found is None:
+                return None
+            node, raw = found
+            cfg = ImageConfig.from_json(dict(raw["config"]))
+            budget = layertar.Budget(MAX_IMAGE_BYTES, MAX_IMAGE_ENTRIES)
+            for index, layer in enumerate(cfg.layers):
+                if not ids.is_valid(layer, "image"):
+                    raise InvalidError(f"node {node} described image {image_id} with a layer id {layer!r}")
+                if self.store.exists(layer):
+                    continue
+                started = time.monotonic()
+                tar = self.store.tmp / f"{layer}.{os.getpid()}.fetch"
+                try:
+                    await self.source.layer(node, image_id, index, tar)
+                    stats = await asyncio.to_thread(self._unpack_fetched, layer, tar, node, budget)
+                finally:
+                    tar.unlink(missing_ok=True)
+                log(
+                    f"layer {index + 1}/{len(cfg.layers)} fetched from node {node}: {stats.files} files,"
+                    f" {stats.bytes / 1e6:.1f} MB in {time.monotonic() - started:.1f} s"
+                )
+            row = ImageRow(image_id, dict(raw.get("recipe") or {}), cfg.to_json(), float(raw.get("created_at") or 0))
+            self.state.add_image(row)
+            return row
+
+    def _unpack_fetched(self, layer: str, tar: Path, node: str, budget: layertar.Budget) -> layertar.Stats:
+        with self.store.lock(layer):
+            if self.store.exists(layer):
+                return layertar.Stats()
+            staged = self.store.staging(layer)
+            try:
+                root = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fchown(root, self.uid_offset, self.uid_offset)
+                    os.fchmod(root, 0o755)
+                    with open(tar, "rb") as stream:
+                        stats = layertar.unpack(stream, root, self.uid_offset, 1 << 16, budget)
+                finally:
+                    os.close(root)
+            except layertar.LayerError as exc:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise InvalidError(f"layer {layer} from node {node} was refused: {exc}") from None
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            self.store.publish(layer, staged, {"fetched_from": node, "size": stats.bytes})
+            return stats
+
+    def export_layer(self, image_id: str, index: int, dest: Path) -> None:
+        """Write the ``index``-th layer of ``image_id`` to ``dest`` for another node (``layertar.pack``)."""
+        row = self.state.image(image_id)
+        layers = ImageConfig.from_json(row.config).layers if row is not None else []
+        if not 0 <= index < len(layers) or not self.store.exists(layers[index]):
+            raise NotFoundError(f"no layer {index} of image {image_id!r} on this node")
+        with open(dest, "wb") as out:
+            layertar.pack(str(self.store.path(layers[index])), self.uid_offset, out)
 
     def _scratch_layer(self) -> str:
         """The empty layer of ``Image.from_scratch()`` (the overlay needs a lower directory), made once."""

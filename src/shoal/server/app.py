@@ -19,6 +19,7 @@ from shoal.exception import AuthError, Error, InvalidError
 from shoal.server import (
     attach,
     cluster,
+    cluster_images,
     cluster_volumes,
     errors,
     routes,
@@ -216,4 +217,5 @@ def build_app(manager: Manager, token: str, *, trusted: bool = False) -> web.App
     router = cluster.install(app, manager, token)
     if manager.cluster is not None:
         router.volumes = cluster_volumes.install(router)
+        cluster_images.install(router)
     return app

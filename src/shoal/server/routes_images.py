@@ -6,14 +6,21 @@ in :mod:`shoal.engine.image_store`.)
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
 from shoal.engine import image_store
-from shoal.exception import InvalidError
+from shoal.engine.manager import Manager
+from shoal.exception import InvalidError, NotFoundError
 from shoal.server.registry import RouteTable
-from shoal.server.routes import MANAGER, query_int
+from shoal.server.routes import MANAGER, _clustered, query_int
+from shoal.store.state import ImageRow
+from shoal.wire import ids
+from shoal.wire.image_config import ImageConfig
 from shoal.wire.images import ContextStored, ImageRemoved, ImageStoreUsage, PruneResult
 from shoal.wire.sandboxes import LogEntries
 
@@ -86,3 +93,55 @@ async def image_logs(request: web.Request) -> LogEntries:
 )
 async def prune(request: web.Request) -> PruneResult:
     return await image_store.prune(request.app[MANAGER], request.query.get("all", "") in ("1", "true"))
+
+
+# ------------------------------------------------------------------ between the nodes of a cluster
+
+
+def _whole_image(mgr: Manager, image_id: str) -> ImageRow:
+    row = mgr.state.image(image_id) if ids.is_valid(image_id, "image") else None
+    if row is None or not all(mgr.layers.exists(layer) for layer in ImageConfig.from_json(row.config).layers):
+        raise NotFoundError(f"no image {image_id!r} on this node")
+    return row
+
+
+@TABLE.route(
+    "GET",
+    "/v1/cluster/images/{image_id}",
+    summary="An image this node holds whole, as another node takes it in (its recipe, config and layer count)",
+)
+async def cluster_image(request: web.Request) -> dict[str, Any]:
+    row = _whole_image(_clustered(request), request.match_info["image_id"])
+    return {"recipe": row.recipe, "config": row.config, "created_at": row.created_at}
+
+
+@TABLE.route(
+    "GET",
+    "/v1/cluster/images/{image_id}/layers/{index}",
+    summary="One layer of an image this node holds, as a tar stream in the OCI form (whiteouts as .wh. names)",
+    content_type="application/x-tar",
+)
+async def cluster_image_layer(request: web.Request) -> web.StreamResponse:
+    mgr = _clustered(request)
+    image_id = request.match_info["image_id"]
+    _whole_image(mgr, image_id)
+    try:
+        index = int(request.match_info["index"])
+    except ValueError:
+        raise InvalidError("a layer index is a number") from None
+    dest = mgr.layers.tmp / f"export.{secrets.token_hex(8)}.tar"
+    try:
+        await asyncio.to_thread(mgr.images.export_layer, image_id, index, dest)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+        resp.content_length = dest.stat().st_size
+        await resp.prepare(request)
+        f = await asyncio.to_thread(open, dest, "rb")
+        try:
+            while chunk := await asyncio.to_thread(f.read, READ_CHUNK):
+                await resp.write(chunk)
+        finally:
+            f.close()
+        await resp.write_eof()
+        return resp
+    finally:
+        dest.unlink(missing_ok=True)
