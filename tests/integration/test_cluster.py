@@ -168,7 +168,17 @@ def test_a_sandbox_on_another_node_works_through_the_head(cluster):
     assert sb.poll() == 137
 
 
-def test_a_named_secret_follows_a_create_to_another_node(cluster):
+def on_node(node: int, program: str) -> list[str]:
+    """What ``program`` (Python, with the SDK) prints, run against node ``node``'s API rather than the head's."""
+    env = {**os.environ, "SHOAL_URL": f"http://10.251.0.{10 + node}:8700"}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
+def test_a_named_secret_is_the_clusters(cluster):
+    """A secret made through the head follows a create to node1; any node's API finds, updates and deletes it, and
+    a node that mirrors it takes the update."""
     app = shoal.App.lookup("cluster-secrets", create_if_missing=True)
     name = f"cluster-secret-{os.getpid()}"
     shoal.Secret.objects.create(name, {"TOKEN": "first"})
@@ -184,10 +194,39 @@ def test_a_named_secret_follows_a_create_to_another_node(cluster):
             p = sb.exec("sh", "-c", "echo $TOKEN")
             assert p.stdout.read() == f"{expected}\n"
             shoal.Secret.from_name(name).update({"TOKEN": "second"})  # the next create carries the new value
+        # node2's API: the same secret, listed once; an update there reaches the head, and node1's mirror.
+        seen = on_node(
+            2,
+            f"import shoal\nsecret = shoal.Secret.from_name({name!r}).hydrate()\n"
+            f"print(secret.object_id, [s.name for s in shoal.Secret.objects.list()].count({name!r}))\n"
+            "secret.update({'TOKEN': 'third'})\n",
+        )
+        assert seen == [shoal.Secret.from_name(name).hydrate().object_id, "1"]
+        # A create made by node1 itself (its own API) uses its mirror, which took the update.
+        seen = on_node(
+            1,
+            f"import shoal\napp = shoal.App.lookup('cluster-secrets')\n"
+            f"sb = shoal.Sandbox.create(app=app, secrets=[shoal.Secret.from_name({name!r})], name='by-node1',"
+            " experimental_options={'node_labels': 'shoal.io/node=node1'})\n"
+            "print(sb.exec('sh', '-c', 'echo $TOKEN').stdout.read().strip())\n",
+        )
+        assert seen == ["third"]
+        # Sandbox.from_name through the head finds node1's sandbox.
+        by_name = shoal.Sandbox.from_name("cluster-secrets", "by-node1")
+        made.append(by_name)
+        assert shoal.Sandbox.from_id(by_name.object_id)._info["node"] == "node1"
+        on_node(2, f"import shoal\nshoal.Secret.objects.delete({name!r})\n")
+        seen = on_node(
+            1,
+            "import shoal\ntry:\n"
+            f"    shoal.Secret.from_name({name!r}).hydrate()\n    print('found')\n"
+            "except shoal.exception.NotFoundError:\n    print('gone')\n",
+        )
+        assert seen == ["gone"]
     finally:
         for sb in made:
             sb.terminate()
-        shoal.Secret.objects.delete(name)
+        shoal.Secret.objects.delete(name, allow_missing=True)
 
 
 def test_a_volume_is_the_clusters(cluster):
@@ -233,10 +272,7 @@ def test_a_volume_is_the_clusters(cluster):
             ".stdout.read().strip(), shoal.Sandbox.from_id(sb.object_id)._info['node'])\n"
             "sb.terminate()\n"
         )
-        env = {**os.environ, "SHOAL_URL": "http://10.251.0.12:8700"}
-        seen = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
-        assert seen.returncode == 0, seen.stderr[-3000:]
-        assert seen.stdout.split() == ["1", "later", "node1", "node2"]
+        assert on_node(2, program) == ["1", "later", "node1", "node2"]
     finally:
         shoal.Volume.objects.delete(name)
     assert name not in [v.name for v in shoal.Volume.objects.list()]

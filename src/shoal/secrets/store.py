@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS secrets (
     sealed BLOB NOT NULL
 );
 """
+HOME_COLUMN = "home"
+"""Added to ``secrets`` where an older database lacks it: the node that holds a mirrored secret (decision 0077)."""
 SANDBOX_CONTEXT = "sandbox-env:"
 """Associated data for a sandbox's sealed environment: this prefix and the sandbox's id."""
 
@@ -49,6 +51,8 @@ class SecretRow:
     created_at: float
     updated_at: float
     sealed: bytes
+    home: str | None = None
+    """The cluster node whose secret this row mirrors (None: this node's own)."""
 
     def info(self) -> SecretInfo:
         """The secret as the API shows it."""
@@ -67,12 +71,19 @@ class SecretStore:
         self.db = db
         self.keyring = keyring
         self.db.executescript(SCHEMA)
+        if HOME_COLUMN not in {r[1] for r in self.db.execute("PRAGMA table_info(secrets)")}:
+            self.db.execute(f"ALTER TABLE secrets ADD COLUMN {HOME_COLUMN} TEXT")
 
     # ---------------------------------------------------------------- rows
 
     def _rows(self, where: str, args: tuple[object, ...]) -> list[SecretRow]:
-        cur = self.db.execute(f"SELECT id, name, created_at, updated_at, sealed FROM secrets {where}", args)
-        return [SecretRow(r[0], r[1], r[2], r[3], bytes(r[4])) for r in cur.fetchall()]
+        cur = self.db.execute(f"SELECT id, name, created_at, updated_at, sealed, home FROM secrets {where}", args)
+        return [SecretRow(r[0], r[1], r[2], r[3], bytes(r[4]), r[5]) for r in cur.fetchall()]
+
+    def find(self, secret_id: str) -> SecretRow | None:
+        """A secret (or a mirror of another node's) by id, if this node holds it."""
+        rows = self._rows("WHERE id = ?", (secret_id,)) if ids.is_valid(secret_id, "secret") else []
+        return rows[0] if rows else None
 
     def by_name(self, name: str) -> SecretRow | None:
         """The secret called ``name``, if any."""
@@ -87,8 +98,8 @@ class SecretStore:
         return rows[0]
 
     def all(self) -> list[SecretRow]:
-        """Every secret, newest first."""
-        return self._rows("ORDER BY created_at DESC", ())
+        """Every secret of this node, newest first (not the mirrors of other nodes' secrets)."""
+        return self._rows("WHERE home IS NULL ORDER BY created_at DESC", ())
 
     def _env(self, row: SecretRow) -> dict[str, str]:
         return self.keyring.open_env(row.sealed.decode(), row.id)
@@ -123,13 +134,20 @@ class SecretStore:
                 raise NotFoundError(f"Secret '{name}' is missing key(s): {', '.join(missing)}")
         return row
 
-    def mirror(self, secret_id: str, name: str, env: dict[str, str], updated_at: float) -> SecretRow:
-        """Hold another cluster node's secret under its id (a create that names it lands here): its values as of
-        ``updated_at``, newer than any held.  ConflictError where a secret of this node already has its name."""
+    def mirror(
+        self, secret_id: str, name: str, env: dict[str, str], updated_at: float, home: str, held_only: bool = False
+    ) -> SecretRow | None:
+        """Hold ``home``'s secret under its id (a create that names it lands here): its values as of ``updated_at``,
+        newer than any held.  ConflictError where a secret of this node already has its name.  ``held_only``: update
+        a mirror this node holds, and make none (None)."""
         check_secret_env(env)
         rows = self._rows("WHERE id = ?", (secret_id,)) if ids.is_valid(secret_id, "secret") else None
         if rows is None:
             raise InvalidError(f"{secret_id!r} is not a secret id")
+        if rows and rows[0].home is None:
+            return rows[0]  # this node's own: it holds the newest values
+        if held_only and not rows:
+            return None
         named = self.by_name(name)
         if named is not None and named.id != secret_id:
             raise ConflictError(f"this node has another secret named {name!r} ({named.id})")
@@ -144,10 +162,14 @@ class SecretStore:
             return row
         now = time.time()
         self.db.execute(
-            "INSERT INTO secrets (id, name, created_at, updated_at, sealed) VALUES (?, ?, ?, ?, ?)",
-            (secret_id, name, now, updated_at, sealed),
+            "INSERT INTO secrets (id, name, created_at, updated_at, sealed, home) VALUES (?, ?, ?, ?, ?, ?)",
+            (secret_id, name, now, updated_at, sealed, home),
         )
-        return SecretRow(secret_id, name, now, updated_at, sealed)
+        return SecretRow(secret_id, name, now, updated_at, sealed, home)
+
+    def forget_mirror(self, secret_id: str) -> None:
+        """Drop this node's mirror of another node's secret (deleted there)."""
+        self.db.execute("DELETE FROM secrets WHERE id = ? AND home IS NOT NULL", (secret_id,))
 
     def values(self, secret_id: str) -> tuple[SecretRow, dict[str, str]]:
         """A secret and its values (for a cluster node that needs it: ``mirror``)."""

@@ -20,6 +20,7 @@ from shoal.server import (
     attach,
     cluster,
     cluster_images,
+    cluster_secrets,
     cluster_volumes,
     errors,
     routes,
@@ -217,5 +218,6 @@ def build_app(manager: Manager, token: str, *, trusted: bool = False) -> web.App
     router = cluster.install(app, manager, token)
     if manager.cluster is not None:
         router.volumes = cluster_volumes.install(router)
+        router.secrets = cluster_secrets.ClusterSecrets(router)
         cluster_images.install(router)
     return app

@@ -30,6 +30,7 @@ from shoal.server.routes import MANAGER
 from shoal.wire.cluster import ClusterNode
 
 if TYPE_CHECKING:
+    from shoal.server.cluster_secrets import ClusterSecrets
     from shoal.server.cluster_volumes import ClusterVolumes
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class ClusterRouter:
         its load are not in it yet."""
         self.volumes: ClusterVolumes | None = None
         """Where volume calls go (``shoal.server.cluster_volumes``), once the daemon is in a cluster."""
+        self.secrets: ClusterSecrets | None = None
+        """Where named-secret calls go (``shoal.server.cluster_secrets``), once the daemon is in a cluster."""
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -95,6 +98,48 @@ class ClusterRouter:
         if request is not None:
             headers.update({h: request.headers[h] for h in PASSED_HEADERS if h in request.headers})
         return headers
+
+    async def ask(self, node: ClusterNode, method: str, path: str, body: Any = None) -> dict[str, Any] | None:
+        """``node``'s JSON answer to a call of this node's own, where it is 200; None otherwise (unreachable too)."""
+        assert node.url is not None
+        try:
+            async with self.session.request(
+                method,
+                node.url + path,
+                headers=self._headers(None),
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT),
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                found = await resp.json()
+                return found if isinstance(found, dict) else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
+    async def first(self, method: str, path: str, body: Any = None) -> tuple[ClusterNode, dict[str, Any]] | None:
+        """The first other live node (in node order) that answers 200 to the call, and its answer; asked at once."""
+        others = self._others()
+        answers = await asyncio.gather(*(self.ask(n, method, path, body) for n in others))
+        return next(((n, a) for n, a in zip(others, answers, strict=True) if a is not None), None)
+
+    async def gather(
+        self, request: web.Request, handler: Handler, key: str, seen: Callable[[ClusterNode, dict[str, Any]], None]
+    ) -> web.StreamResponse:
+        """A list call answered by this node and every other live node, newest first (``key``: the answer's list;
+        ``seen`` is told which node listed each item)."""
+        local = await handler(request)
+        if local.status != 200 or not isinstance(local, web.Response) or local.text is None:
+            return local
+        items: list[dict[str, Any]] = json.loads(local.text)[key]
+        others = self._others()
+        answers = await asyncio.gather(*(self.ask(n, "GET", request.rel_url.path_qs) for n in others))
+        for node, answer in zip(others, answers, strict=True):
+            for item in (answer or {}).get(key) or []:
+                seen(node, item)
+                items.append(item)
+        items.sort(key=lambda i: int(i.get("created_at_us") or 0), reverse=True)
+        return web.json_response({key: items})
 
     # ------------------------------------------------------------------ where a sandbox runs
 
@@ -231,6 +276,17 @@ class ClusterRouter:
                 self.mgr.mirror_app(found, name, False)
         return await handler(request)
 
+    async def sandbox_by_name(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """``Sandbox.from_name``: this node's sandbox of that name, or another node's."""
+        here = await handler(request)
+        if here.status != 404:
+            return here
+        found = await self.first("GET", request.rel_url.path_qs)
+        if found is None:
+            return here
+        self.remember(str(found[1].get("sandbox_id")), found[0].name)
+        return web.json_response(found[1])
+
     async def _app_named(self, node: ClusterNode, name: str) -> str | None:
         assert node.url is not None
         try:
@@ -357,14 +413,19 @@ class ClusterRouter:
     async def _mirror_secrets(self, node: ClusterNode, secret_ids: list[str]) -> None:
         """Give ``node`` the named secrets the create uses (sent to it in the clear over the cluster's API, sealed
         again there by its own key; decision 0077)."""
-        assert node.url is not None
+        assert node.url is not None and self.mgr.cluster is not None
         for secret_id in secret_ids:
             row, env = self.mgr.secrets.values(secret_id)  # NotFoundError: this node answers it, as it would here
             try:
                 async with self.session.put(
                     f"{node.url}/v1/cluster/secrets/{secret_id}",
                     headers=self._headers(None),
-                    json={"name": row.name, "env": env, "updated_at": row.updated_at},
+                    json={
+                        "name": row.name,
+                        "env": env,
+                        "updated_at": row.updated_at,
+                        "home": row.home or str(self.mgr.cluster.info["name"]),
+                    },
                 ) as resp:
                     if resp.status != 200:
                         raise ServiceError(f"node {node.name} did not take secret {row.name!r}: {await resp.text()}")
@@ -435,6 +496,15 @@ class ClusterRouter:
             return []
 
 
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body's JSON object ({} for anything else: the route answers the malformed body)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _ended_with_node(recorded: dict[str, Any], message: str) -> dict[str, Any]:
     """A dead node's sandbox as the API shows it: finished, killed (137) with its node."""
     return {
@@ -484,14 +554,17 @@ def install(app: web.Application, mgr: Manager, token: str) -> ClusterRouter:
 async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The API's cluster step: pass a call on, or place a create, or gather a list (outside a cluster: nothing)."""
     mgr = request.app[MANAGER]
-    if mgr.cluster is None or (FORWARDED in request.headers and "volume_id" not in request.match_info):
+    if mgr.cluster is None:
         return await handler(request)
     router = request.app[ROUTER]
     try:
-        if router.volumes is not None:
-            answer = await router.volumes.route(request, handler)
-            if answer is not None:
-                return answer
+        for step in (router.volumes, router.secrets):
+            if step is not None:
+                answer = await step.route(request, handler)
+                if answer is not None:
+                    return answer
+        if FORWARDED in request.headers:
+            return await handler(request)
         sandbox_id = request.match_info.get("sandbox_id")
         if sandbox_id is not None:
             if mgr.knows(sandbox_id):
@@ -505,6 +578,8 @@ async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
         if resource is not None and (request.method, resource.canonical) == ("POST", "/v1/apps/lookup"):
             return await router.lookup_app(request, handler)
+        if resource is not None and resource.canonical == "/v1/apps/by-name/{app_name}/sandboxes/{name}":
+            return await router.sandbox_by_name(request, handler)
         if resource is not None and resource.canonical == "/v1/sandboxes":
             if request.method == "POST":
                 return await router.create(request, handler)

@@ -8,7 +8,6 @@ its own volumes only: a copy is never taken for the volume.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +18,7 @@ from aiohttp import web
 from shoal.engine.replicas import VolumeReplicas
 from shoal.exception import AlreadyExistsError, NotFoundError, ServiceError
 from shoal.server import errors
-from shoal.server.cluster import FORWARDED, LOOKUP_TIMEOUT, ClusterRouter, Handler
+from shoal.server.cluster import FORWARDED, ClusterRouter, Handler, json_object
 from shoal.wire.cluster import ClusterNode
 
 CHUNK = 1 << 20
@@ -68,12 +67,12 @@ class ClusterVolumes:
         if path == ("POST", "/v1/volumes/rename"):
             return await self._rename(request)
         if path == ("GET", "/v1/volumes"):
-            return await self._gather(request, handler)
+            return await self.router.gather(request, handler, "volumes", self._seen)
         return None
 
     async def _by_name(self, request: web.Request, handler: Handler, field: str) -> web.StreamResponse | None:
         body = await request.read()
-        data = _json(body)
+        data = json_object(body)
         name = str(data.get(field) or "")
         if not name or self.mgr.volumes.by_name(name) is not None:
             return None
@@ -83,7 +82,7 @@ class ClusterVolumes:
         return await self.router.proxy(request, found[0], None, body=body)
 
     async def _create(self, request: web.Request, handler: Handler) -> web.StreamResponse | None:
-        data = _json(await request.read())
+        data = json_object(await request.read())
         name = str(data.get("name") or "")
         if not name or self.mgr.volumes.by_name(name) is not None:
             return None
@@ -96,7 +95,7 @@ class ClusterVolumes:
 
     async def _rename(self, request: web.Request) -> web.StreamResponse | None:
         body = await request.read()
-        data = _json(body)
+        data = json_object(body)
         old, new = str(data.get("old_name") or ""), str(data.get("new_name") or "")
         if not old or not new:
             return None
@@ -107,79 +106,31 @@ class ClusterVolumes:
         found = await self._named(old)
         return await self.router.proxy(request, found[0], None, body=body) if found else None
 
-    async def _gather(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        local = await handler(request)
-        if local.status != 200 or not isinstance(local, web.Response) or local.text is None:
-            return local
-        items: list[dict[str, Any]] = json.loads(local.text)["volumes"]
-        others = self.router._others()
-        answers = await asyncio.gather(*(self._list_of(n, request) for n in others))
-        for found in answers:
-            items.extend(found)
-        items.sort(key=lambda i: int(i.get("created_at_us") or 0), reverse=True)
-        return web.json_response({"volumes": items})
-
-    async def _list_of(self, node: ClusterNode, request: web.Request) -> list[dict[str, Any]]:
-        assert node.url is not None
-        try:
-            async with self.router.session.get(
-                node.url + request.rel_url.path_qs,
-                headers=self.router._headers(None),
-                timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT),
-            ) as resp:
-                if resp.status != 200:
-                    return []
-                found: list[dict[str, Any]] = (await resp.json())["volumes"]
-                for item in found:
-                    self._homes[str(item.get("volume_id"))] = node.name
-                return found
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
-            return []
-
     # ------------------------------------------------------------------ where a volume lives
+
+    def _seen(self, node: ClusterNode, item: dict[str, Any]) -> None:
+        self._homes[str(item.get("volume_id"))] = node.name
 
     def _node(self, name: str) -> ClusterNode | None:
         return next((n for n in self.router._others() if n.name == name), None)
 
     async def _named(self, name: str) -> tuple[ClusterNode, dict[str, Any]] | None:
         """The other live node that holds the volume called ``name``, and the volume as it shows it."""
-        others = self.router._others()
-        answers = await asyncio.gather(*(self._ask(n, "POST", "/v1/volumes/lookup", {"name": name}) for n in others))
-        for node, info in zip(others, answers, strict=True):
-            if info is not None:
-                self._homes[str(info.get("volume_id"))] = node.name
-                return node, info
-        return None
+        found = await self.router.first("POST", "/v1/volumes/lookup", {"name": name})
+        if found is not None:
+            self._seen(*found)
+        return found
 
     async def _locate(self, volume_id: str) -> str | None:
         """The other node that holds ``volume_id`` (asked of every live node the first time)."""
         name = self._homes.get(volume_id)
         if name is not None and self._node(name) is not None:
             return name
-        others = self.router._others()
-        answers = await asyncio.gather(*(self._ask(n, "GET", f"/v1/volumes/{volume_id}", None) for n in others))
-        name = next((n.name for n, info in zip(others, answers, strict=True) if info is not None), None)
-        if name is not None:
-            self._homes[volume_id] = name
-        return name
-
-    async def _ask(self, node: ClusterNode, method: str, path: str, body: Any) -> dict[str, Any] | None:
-        """The node's JSON answer where it is 200; None otherwise."""
-        assert node.url is not None
-        try:
-            async with self.router.session.request(
-                method,
-                node.url + path,
-                headers=self.router._headers(None),
-                json=body,
-                timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT),
-            ) as resp:
-                if resp.status != 200:
-                    return None
-                found: dict[str, Any] = await resp.json()
-                return found
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+        found = await self.router.first("GET", f"/v1/volumes/{volume_id}")
+        if found is None:
             return None
+        self._seen(*found)
+        return found[0].name
 
     # ------------------------------------------------------------------ a copy's way to its home (VolumeHome)
 
@@ -252,14 +203,6 @@ class ClusterVolumes:
                     await self._fail(resp)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise ServiceError(f"node {node} did not answer: {exc or type(exc).__name__}") from None
-
-
-def _json(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def install(router: ClusterRouter) -> ClusterVolumes:

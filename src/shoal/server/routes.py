@@ -168,11 +168,27 @@ async def mirror_app(request: web.Request, body: AppMirror) -> AppInfo:
     "/v1/cluster/secrets/{secret_id}",
     summary="Hold a secret of the cluster here, under its id (the node that places a create that names it sends it)",
     body=SecretMirror,
+    query={"held": "1: update a mirror this node holds, and make none"},
     response=Done,
 )
 async def mirror_secret(request: web.Request, body: SecretMirror) -> Done:
     mgr = _clustered(request)
-    mgr.secrets.mirror(request.match_info["secret_id"], body.name, body.env, body.updated_at)
+    home = body.home or request.headers.get("X-Shoal-Forwarded")
+    if not home:
+        raise InvalidError("say which node holds the secret (home)")
+    held_only = request.query.get("held", "") in ("1", "true")
+    mgr.secrets.mirror(request.match_info["secret_id"], body.name, body.env, body.updated_at, home, held_only)
+    return Done()
+
+
+@TABLE.route(
+    "DELETE",
+    "/v1/cluster/secrets/{secret_id}",
+    summary="Drop this node's mirror of a secret of the cluster (deleted on the node that held it)",
+    response=Done,
+)
+async def forget_secret(request: web.Request) -> Done:
+    _clustered(request).secrets.forget_mirror(request.match_info["secret_id"])
     return Done()
 
 

@@ -59,6 +59,8 @@ class SecretMirror(WireModel):
     name: Annotated[str, Field(min_length=1, max_length=1024)]
     env: dict[str, str]
     updated_at: float
+    home: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    """The node that holds the secret (its own, not a mirror); by default the node that sends it."""
 
 
 def parse_labels(text: str) -> dict[str, str]:
