@@ -297,7 +297,7 @@ def test_a_killed_node_reads_as_ended_and_creates_avoid_it(cluster):
         time.sleep(0.2)
     assert doomed.returncode == 137
     info = shoal.Sandbox.from_id(doomed.object_id)._info
-    assert "node2 died" in info["result"]["message"]
+    assert "node2 died" in info["result"]["message"] and info["result"]["status"] == "internal_failure"
     doomed.terminate()  # ended already: nothing to do
     with pytest.raises(ConflictError, match="node2 died"):
         doomed.exec("true")
@@ -318,7 +318,8 @@ def test_a_killed_node_reads_as_ended_and_creates_avoid_it(cluster):
         ids = [item["sandbox_id"] for item in sandboxes(app, include_finished=True)]
         assert ids.count(doomed.object_id) == 1
         assert ids.count(again.object_id) == 1
-        assert shoal.Sandbox.from_id(doomed.object_id).poll() is not None
+        back = shoal.Sandbox.from_id(doomed.object_id)
+        assert back.poll() == 137 and back._info["result"]["status"] == "internal_failure"  # as it read meanwhile
     finally:
         for sb in after:
             sb.terminate()

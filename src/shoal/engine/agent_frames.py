@@ -313,7 +313,9 @@ class AgentFrames:
             await self.runtime.resume(self.container_id)
             state = await self.runtime.state(self.container_id)
         if state != "running":
-            self.finish_soon(Result(status="terminated", message="the sandbox stopped while the daemon was away"))
+            # Its processes died with no one to see (the machine went down, or its node of a cluster): shoal lost it.
+            lost = "the sandbox stopped while the daemon was away (its machine went down, or its processes were killed)"
+            self.finish_soon(Result(status="internal_failure", exitcode=137, message=lost))
             return
         await self._listen()
         await self.ctx.network.reopen(self.id, self.touch)

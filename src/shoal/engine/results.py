@@ -39,6 +39,7 @@ def describe(result: Result) -> str:
         "terminated": "was terminated",
         "timeout": "timed out",
         "init_failure": "failed to start",
+        "internal_failure": "was lost",
     }[result.status]
     return f"Sandbox {what}" + (f": {result.message}" if result.message else "")
 

@@ -28,6 +28,7 @@ _STATUS = {
     "terminated": api_pb2.GenericResult.GENERIC_STATUS_TERMINATED,
     "timeout": api_pb2.GenericResult.GENERIC_STATUS_TIMEOUT,
     "init_failure": api_pb2.GenericResult.GENERIC_STATUS_INIT_FAILURE,
+    "internal_failure": api_pb2.GenericResult.GENERIC_STATUS_INTERNAL_FAILURE,
 }
 
 _GRPC_STATUS: list[tuple[type[exc.Error], Status]] = [

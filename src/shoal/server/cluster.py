@@ -510,7 +510,7 @@ def _ended_with_node(recorded: dict[str, Any], message: str) -> dict[str, Any]:
     return {
         **recorded,
         "state": "finished",
-        "result": {"status": "failure", "exitcode": 137, "message": message},
+        "result": {"status": "internal_failure", "exitcode": 137, "message": message},
         "returncode": 137,
     }
 

@@ -240,7 +240,8 @@ class TagsUpdate(WireModel):
 class Result(BaseModel):
     """How a sandbox ended (Modal's GenericResult)."""
 
-    status: Literal["success", "failure", "terminated", "timeout", "init_failure"]
+    status: Literal["success", "failure", "terminated", "timeout", "init_failure", "internal_failure"]
+    """``internal_failure``: shoal lost it, not its code (its cluster node died); ``exitcode`` says 137."""
     exitcode: int | None = None
     message: str = ""
 
