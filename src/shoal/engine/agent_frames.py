@@ -121,6 +121,7 @@ class AgentFrames:
                 self._hello_remaining -= 1
                 if proc is not None:
                     proc.pid = f.pid
+                    proc.unacknowledged_exec = None
                     # Back from parking, STDIN frames kept meanwhile follow: what the daemon counted stands.
                     proc.stdin_acked = f.offset
                     proc.stdin_offset = max(proc.stdin_offset, f.offset) if self._unparking else f.offset
@@ -144,6 +145,7 @@ class AgentFrames:
                     link.send(P.ack_frame(f.exec_id, f.fd, end, f.msg == P.Msg.EOF))
             elif f.msg == P.Msg.STARTED:
                 proc.pid = f.pid
+                proc.unacknowledged_exec = None
             elif f.msg == P.Msg.OUTPUT:
                 stream = proc.streams[f.fd - 1]
                 before = stream.received
@@ -204,6 +206,14 @@ class AgentFrames:
             if proc.id in started_parked:
                 continue
             if not proc.exited and proc.id not in self._hello_seen and not proc.placeholder:
+                frame = proc.unacknowledged_exec
+                if frame is not None and self.link is not None:
+                    # The agent lists every process it knows until its end is acknowledged: it never got this one
+                    # (the connection that carried its EXEC broke first).  Start it now.
+                    log.info("sandbox %s: sending process %s to the agent again (it never got it)", self.id, proc.id)
+                    self.link.send(frame)
+                    proc.stdin_offset = proc.stdin_acked = 0  # nor any of its stdin
+                    continue
                 log.warning("sandbox %s: process %s was lost while the daemon was away", self.id, proc.id)
                 self._on_exit(proc, P.ExitKind.SIGNAL, SIGKILL)
                 proc.end_streams()

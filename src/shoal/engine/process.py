@@ -54,6 +54,9 @@ class Process:
             ),
         )
         self.pid: int | None = None
+        self.unacknowledged_exec: bytes | None = None
+        """Its EXEC frame, until the agent says it started it: a connection that broke with the frame in it leaves
+        the agent without it, and the next connection sends it again (``AgentFrames._reconcile``)."""
         self.exit_kind: int | None = None
         self.exit_value: int | None = None
         self.started_at = time.monotonic()

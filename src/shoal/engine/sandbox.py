@@ -509,7 +509,8 @@ class Sandbox(AgentFrames):
             self.logs.system(describe_process(req.args, persist))
         if send:
             assert self.link is not None
-            self.link.send(self._exec_frame(exec_id, req, entrypoint=entrypoint))
+            proc.unacknowledged_exec = self._exec_frame(exec_id, req, entrypoint=entrypoint)
+            self.link.send(proc.unacknowledged_exec)
         return proc
 
     def _exec_frame(self, exec_id: str, req: ExecRequest, *, entrypoint: bool) -> bytes:
