@@ -278,6 +278,45 @@ def test_a_volume_is_the_clusters(cluster):
     assert name not in [v.name for v in shoal.Volume.objects.list()]
 
 
+def test_two_nodes_making_one_name_at_once_make_one(cluster):
+    """Volumes and secrets made by name through node1 and node2 at the same moment: one of each, the same for both."""
+    names = [f"cluster-race-{os.getpid()}-{i}" for i in range(3)]
+    program = (
+        "import shoal, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    vol = shoal.Volume.from_name(name, create_if_missing=True).hydrate()\n"
+        "    secret = shoal.Secret.objects.create(name, {'K': 'v'}, allow_existing=True)\n"
+        "    print(vol.object_id, shoal.Secret.from_name(name).hydrate().object_id)\n"
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", program, *names],
+            env={**os.environ, "SHOAL_URL": f"http://10.251.0.{10 + node}:8700"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (1, 2)
+    ]
+    try:
+        outs = [r.communicate(timeout=120) for r in runs]
+        assert all(r.returncode == 0 for r in runs), [err[-2000:] for _, err in outs]
+        assert outs[0][0] == outs[1][0]  # the same volume and secret ids, name by name
+        volumes = [v.name for v in shoal.Volume.objects.list()]
+        secrets = [s.name for s in shoal.Secret.objects.list()]
+        assert all(volumes.count(n) == 1 and secrets.count(n) == 1 for n in names), (volumes, secrets)
+    finally:
+        for name in names:
+            shoal.Volume.objects.delete(name, allow_missing=True)
+            shoal.Secret.objects.delete(name, allow_missing=True)
+    # Deleted: the names are free again, and a node makes its own.
+    again = on_node(
+        2, f"import shoal\nprint(shoal.Volume.from_name({names[0]!r}, create_if_missing=True).hydrate().object_id)\n"
+    )
+    shoal.Volume.objects.delete(names[0])
+    assert again and again[0] not in outs[0][0]
+
+
 def test_a_killed_node_reads_as_ended_and_creates_avoid_it(cluster):
     app = shoal.App.lookup("cluster-kill", create_if_missing=True)
     doomed = shoal.Sandbox.create(

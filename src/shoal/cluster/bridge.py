@@ -13,6 +13,8 @@ request's ``id``::
                                                last beat, then nodes (what the daemon sends each second)
     {"op": "where", "sandbox_id": "sb-…"}    → the name of the node a running sandbox was recorded on, or null
     {"op": "lost", "node": "NAME"}           → what that node recorded of its running sandboxes: [{…}, …]
+    {"op": "claim", "key": K, "value": V}    → V if K was free (now V's), else whose it is
+    {"op": "release", "key": K, "value": V}  → K freed if it was V's
 
 A request that fails answers ``{"ok": false, "error": "…"}``; the bridge keeps going.  It exits when its standard
 input closes (the daemon stopped) or when it loses the Ray cluster for good.
@@ -20,7 +22,8 @@ input closes (the daemon stopped) or when it loses the Ray cluster for good.
 What Ray holds for shoal (decision 0077), in its internal key-value store (namespace ``shoal``): each daemon's
 registration under ``node:<ray node id>``, next to Ray's own view of the node (alive or not, resources, labels); and,
 while a sandbox runs, ``sb:<sandbox id>`` → its node's name and ``on:<node>:<sandbox id>`` → what the API shows of it,
-so that the other nodes can answer for the sandboxes of a node that died.
+so that the other nodes can answer for the sandboxes of a node that died.  ``name:<kind>:<name>`` → the node that
+holds the volume or secret of that name: a claim made before it is created, so two nodes never both create one.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ NAMESPACE = "shoal"
 NODE_KEY = "node:"
 WHERE_KEY = "sb:"
 ON_KEY = "on:"
+NAME_KEY = "name:"
 
 
 class NodeGone(Exception):
@@ -161,6 +165,19 @@ class Bridge:
             return raw.decode() if raw is not None else None
         if op == "lost":
             return self.lost(str(request["node"]))
+        if op == "claim":
+            key, value = NAME_KEY + str(request["key"]), str(request["value"])
+            kv = self._kv()
+            kv._internal_kv_put(key, value, overwrite=False, namespace=NAMESPACE)
+            held = kv._internal_kv_get(key, namespace=NAMESPACE)
+            return held.decode() if held is not None else None
+        if op == "release":
+            key, value = NAME_KEY + str(request["key"]), str(request["value"])
+            kv = self._kv()
+            held = kv._internal_kv_get(key, namespace=NAMESPACE)
+            if held is not None and held.decode() == value:
+                kv._internal_kv_del(key, namespace=NAMESPACE)
+            return None
         raise ValueError(f"unknown request {op!r}")
 
 

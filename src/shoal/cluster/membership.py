@@ -253,6 +253,24 @@ class Membership:
             return []
         return found
 
+    async def claim(self, key: str, value: str) -> str | None:
+        """Claim ``key`` (``volume:NAME``, ``secret:NAME``) for ``value`` (a node) unless another holds it: who holds
+        it now.  None where Ray cannot be asked (the caller goes on without the claim)."""
+        if self._bridge is None:
+            return None
+        try:
+            held = await self._bridge.request("claim", key=key, value=value)
+        except BridgeError as exc:
+            log.warning("cluster: could not claim %s: %s", key, exc)
+            return None
+        return str(held) if held is not None else None
+
+    async def release(self, key: str, value: str) -> None:
+        """Give up ``key`` if ``value`` holds it."""
+        if self._bridge is not None:
+            with contextlib.suppress(BridgeError):
+                await self._bridge.request("release", key=key, value=value)
+
     def alive(self) -> list[ClusterNode]:
         """The nodes that are alive and reachable (this one too)."""
         return [n for n in self.nodes if n.alive and n.url]

@@ -323,9 +323,13 @@ class AgentFrames:
             await self.runtime.resume(self.container_id)
             state = await self.runtime.state(self.container_id)
         if state != "running":
-            # Its processes died with no one to see (the machine went down, or its node of a cluster): shoal lost it.
-            lost = "the sandbox stopped while the daemon was away (its machine went down, or its processes were killed)"
-            self.finish_soon(Result(status="internal_failure", exitcode=137, message=lost))
+            message = "the sandbox stopped while the daemon was away"
+            if self.ctx.cfg.ray_address is not None:
+                # A node of a cluster: the other nodes have been saying since it died that shoal lost this sandbox
+                # (``internal_failure``); its own record must say the same.
+                self.finish_soon(Result(status="internal_failure", exitcode=137, message=message))
+            else:
+                self.finish_soon(Result(status="terminated", message=message))
             return
         await self._listen()
         await self.ctx.network.reopen(self.id, self.touch)

@@ -42,12 +42,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
+from shoal.exception import InvalidError
+from shoal.images.store import LayerStore
 from shoal.util import safefs
 from shoal.wire import paths
 
@@ -306,6 +309,38 @@ class _Unpacker:
                     os.utime(fd, (mtime, mtime))
                 finally:
                     os.close(fd)
+
+
+def unpack_staged(
+    store: LayerStore,
+    layer_id: str,
+    stream: Callable[[], contextlib.AbstractContextManager[IO[bytes]]],
+    owner_low: int,
+    owner_count: int,
+    budget: Budget,
+    source: str,
+    meta: dict[str, object],
+) -> Stats:
+    """Unpack the tar that ``stream()`` opens into a new layer ``layer_id`` of ``store`` (published whole, or not at
+    all).  InvalidError names ``source`` where the layer is refused."""
+    staged = store.staging(layer_id)
+    try:
+        root = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fchown(root, owner_low, owner_low)
+            os.fchmod(root, 0o755)
+            with stream() as tar:
+                stats = unpack(tar, root, owner_low, owner_count, budget)
+        finally:
+            os.close(root)
+    except LayerError as exc:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise InvalidError(f"{source} was refused: {exc}") from None
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    store.publish(layer_id, staged, {**meta, "size": stats.bytes})
+    return stats
 
 
 def unpack(

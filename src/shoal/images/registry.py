@@ -306,24 +306,16 @@ class Registry:
     def _unpack(
         self, blob: Path, compression: str, layer_id: str, blob_digest: str, budget: layertar.Budget
     ) -> layertar.Stats:
-        staged = self.store.staging(layer_id)
-        try:
-            root = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fchown(root, self.owner_low, self.owner_low)
-                os.fchmod(root, 0o755)
-                with _decompressed(blob, compression) as stream:
-                    stats = layertar.unpack(stream, root, self.owner_low, self.owner_count, budget)
-            finally:
-                os.close(root)
-        except layertar.LayerError as exc:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise InvalidError(f"layer {blob_digest[:19]} was refused: {exc}") from None
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-        self.store.publish(layer_id, staged, {"registry_blob": blob_digest, "size": stats.bytes})
-        return stats
+        return layertar.unpack_staged(
+            self.store,
+            layer_id,
+            lambda: _decompressed(blob, compression),
+            self.owner_low,
+            self.owner_count,
+            budget,
+            f"layer {blob_digest[:19]}",
+            {"registry_blob": blob_digest},
+        )
 
 
 def image_id_for(manifest_digest: str, owner_low: int) -> str:

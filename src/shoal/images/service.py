@@ -166,24 +166,16 @@ class ImageService:
         with self.store.lock(layer):
             if self.store.exists(layer):
                 return layertar.Stats()
-            staged = self.store.staging(layer)
-            try:
-                root = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    os.fchown(root, self.uid_offset, self.uid_offset)
-                    os.fchmod(root, 0o755)
-                    with open(tar, "rb") as stream:
-                        stats = layertar.unpack(stream, root, self.uid_offset, 1 << 16, budget)
-                finally:
-                    os.close(root)
-            except layertar.LayerError as exc:
-                shutil.rmtree(staged, ignore_errors=True)
-                raise InvalidError(f"layer {layer} from node {node} was refused: {exc}") from None
-            except BaseException:
-                shutil.rmtree(staged, ignore_errors=True)
-                raise
-            self.store.publish(layer, staged, {"fetched_from": node, "size": stats.bytes})
-            return stats
+            return layertar.unpack_staged(
+                self.store,
+                layer,
+                lambda: open(tar, "rb"),
+                self.uid_offset,
+                1 << 16,
+                budget,
+                f"layer {layer} from node {node}",
+                {"fetched_from": node},
+            )
 
     def export_layer(self, image_id: str, index: int, dest: Path) -> None:
         """Write the ``index``-th layer of ``image_id`` to ``dest`` for another node (``layertar.pack``)."""

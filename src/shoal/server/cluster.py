@@ -141,6 +141,38 @@ class ClusterRouter:
         items.sort(key=lambda i: int(i.get("created_at_us") or 0), reverse=True)
         return web.json_response({key: items})
 
+    async def to_home(self, request: web.Request, what: str, home: str | None) -> web.StreamResponse | None:
+        """Pass a call for ``what`` (a volume or secret another node holds) to ``home``, that node; None where no
+        node holds it (this node answers NotFoundError)."""
+        if home is None:
+            return None
+        node = next((n for n in self._others() if n.name == home), None)
+        if node is None:
+            raise ServiceError(f"node {home}, which holds {what}, is not in the cluster now: try again once it is back")
+        return await self.proxy(request, node, None)
+
+    # ------------------------------------------------------------------ names of the cluster's objects
+
+    async def claim_name(self, kind: str, name: str) -> ClusterNode | None:
+        """Claim the ``kind`` (volume, secret) name ``name`` for this node before it makes one: None where it may (its
+        claim, or Ray cannot be asked now); else the node that holds the name, which makes it instead."""
+        assert self.mgr.cluster is not None
+        me = str(self.mgr.cluster.info["name"])
+        held = await self.mgr.cluster.claim(f"{kind}:{name}", me)
+        if held is None or held == me:
+            return None
+        node = next((n for n in self._others() if n.name == held), None)
+        if node is None:
+            raise ServiceError(
+                f"the {kind} name {name!r} is held by node {held}, which is not alive now: try again once it is back"
+            )
+        return node
+
+    async def release_name(self, kind: str, name: str) -> None:
+        """This node no longer holds a ``kind`` called ``name``."""
+        assert self.mgr.cluster is not None
+        await self.mgr.cluster.release(f"{kind}:{name}", str(self.mgr.cluster.info["name"]))
+
     # ------------------------------------------------------------------ where a sandbox runs
 
     def remember(self, sandbox_id: str, node: str) -> None:

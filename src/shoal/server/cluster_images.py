@@ -70,4 +70,5 @@ class ClusterImages:
 
 def install(router: ClusterRouter) -> None:
     """Let this node's image service fetch from the other nodes."""
-    router.mgr.images.source = ClusterImages(router)
+    if router.mgr.images.source is None:  # the API's app, not the dashboard's
+        router.mgr.images.source = ClusterImages(router)

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from shoal.exception import AlreadyExistsError, NotFoundError, ServiceError
+from shoal.exception import AlreadyExistsError, NotFoundError
 from shoal.server.cluster import FORWARDED, LOOKUP_TIMEOUT, ClusterRouter, Handler, json_object
 from shoal.wire.cluster import ClusterNode
 
@@ -43,13 +43,8 @@ class ClusterSecrets:
                 return answer
             if FORWARDED in request.headers:
                 raise NotFoundError(f"Secret {secret_id!r} not found")  # a mirror answers for nothing
-            name = row.home if row is not None else await self._locate(secret_id)
-            node = self._node(name) if name else None
-            if node is None:
-                if name:
-                    raise ServiceError(f"node {name}, which holds secret {secret_id}, is not in the cluster now")
-                return None
-            return await self.router.proxy(request, node, None)
+            home = row.home if row is not None else await self._locate(secret_id)
+            return await self.router.to_home(request, f"secret {secret_id}", home)
         if path[0] == "DELETE" and path[1] == "/v1/secrets/by-name/{name}":
             name = request.match_info["name"]
             own = self.mgr.secrets.by_name(name)
@@ -57,6 +52,7 @@ class ClusterSecrets:
                 answer = await handler(request)
                 if answer.status == 200:
                     await self._forget_everywhere(own.id)
+                    await self.router.release_name("secret", name)
                 return answer
             if FORWARDED in request.headers:
                 return None
@@ -72,13 +68,15 @@ class ClusterSecrets:
             found = await self._named(name)
             return await self.router.proxy(request, found[0], None, body=body) if found else None
         if path == ("POST", "/v1/secrets"):
-            data = json_object(await request.read())
+            body = await request.read()
+            data = json_object(body)
             name = str(data.get("name") or "")
             if not name or self._own(name):
                 return None
             found = await self._named(name)
             if found is None:
-                return None
+                holder = await self.router.claim_name("secret", name)  # two nodes never both make one
+                return await self.router.proxy(request, holder, None, body=body) if holder else None
             if not data.get("allow_existing"):
                 raise AlreadyExistsError(f"Secret '{name}' already exists (on node {found[0].name})")
             return web.json_response(found[1])
@@ -89,9 +87,6 @@ class ClusterSecrets:
     def _own(self, name: str) -> bool:
         row = self.mgr.secrets.by_name(name)
         return row is not None and row.home is None
-
-    def _node(self, name: str) -> ClusterNode | None:
-        return next((n for n in self.router._others() if n.name == name), None)
 
     async def _named(self, name: str) -> tuple[ClusterNode, dict[str, Any]] | None:
         """The other live node whose own secret is called ``name``, and the secret as it shows it."""

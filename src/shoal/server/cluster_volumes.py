@@ -40,71 +40,87 @@ class ClusterVolumes:
         if volume_id is not None:
             row = self.mgr.volumes.find(volume_id)
             if row is not None and row.home is None:
-                return None
+                answer = await handler(request)
+                if request.method == "DELETE" and row.name and answer.status == 200:
+                    await self.router.release_name("volume", row.name)
+                return answer
             if FORWARDED in request.headers:
                 raise NotFoundError(f"Volume {volume_id!r} not found")  # a copy answers for nothing
-            name = row.home if row is not None else await self._locate(volume_id)
-            node = self._node(name) if name else None
-            if node is None:
-                if name:
-                    raise ServiceError(f"node {name}, which holds volume {volume_id}, is not in the cluster now")
-                return None  # NotFoundError, from this node
-            return await self.router.proxy(request, node, None)
-        if FORWARDED in request.headers:
-            return None
+            home = row.home if row is not None else await self._locate(volume_id)
+            return await self.router.to_home(request, f"volume {volume_id}", home)
         resource = request.match_info.route.resource
         path = (request.method, resource.canonical if resource is not None else "")
-        if path == ("POST", "/v1/volumes/lookup"):
-            return await self._by_name(request, handler, "name")
-        if path == ("DELETE", "/v1/volumes/by-name/{name}"):
-            name = request.match_info["name"]
-            if self.mgr.volumes.by_name(name) is not None:
+        # This node's own volumes first, forwarded calls too: the names they free or take are the cluster's.
+        if path == ("DELETE", "/v1/volumes/by-name/{name}") and self._own(request.match_info["name"]):
+            answer = await handler(request)
+            if answer.status == 200:
+                await self.router.release_name("volume", request.match_info["name"])
+            return answer
+        if path == ("POST", "/v1/volumes/rename"):
+            body = await request.read()
+            old, new = (str(json_object(body).get(k) or "") for k in ("old_name", "new_name"))
+            if old and new and self._own(old):
+                return await self._rename_here(request, handler, old, new)
+            if FORWARDED in request.headers or not old or not new:
                 return None
-            found = await self._named(name)
+            if new != old and (taken := await self._named(new)) is not None:
+                raise AlreadyExistsError(f"Volume '{new}' already exists (on node {taken[0].name})")
+            found = await self._named(old)
+            return await self.router.proxy(request, found[0], None, body=body) if found else None
+        if FORWARDED in request.headers:
+            return None
+        if path == ("POST", "/v1/volumes/lookup"):
+            return await self._by_name(request)
+        if path == ("DELETE", "/v1/volumes/by-name/{name}"):
+            found = await self._named(request.match_info["name"])
             return await self.router.proxy(request, found[0], None) if found else None
         if path == ("POST", "/v1/volumes"):
-            return await self._create(request, handler)
-        if path == ("POST", "/v1/volumes/rename"):
-            return await self._rename(request)
+            return await self._create(request)
         if path == ("GET", "/v1/volumes"):
             return await self.router.gather(request, handler, "volumes", self._seen)
         return None
 
-    async def _by_name(self, request: web.Request, handler: Handler, field: str) -> web.StreamResponse | None:
+    def _own(self, name: str) -> bool:
+        return self.mgr.volumes.by_name(name) is not None  # (a copy has no name)
+
+    async def _by_name(self, request: web.Request) -> web.StreamResponse | None:
         body = await request.read()
         data = json_object(body)
-        name = str(data.get(field) or "")
-        if not name or self.mgr.volumes.by_name(name) is not None:
-            return None
-        found = await self._named(name)
-        if found is None:
-            return None  # created here if asked (or NotFoundError)
-        return await self.router.proxy(request, found[0], None, body=body)
-
-    async def _create(self, request: web.Request, handler: Handler) -> web.StreamResponse | None:
-        data = json_object(await request.read())
         name = str(data.get("name") or "")
-        if not name or self.mgr.volumes.by_name(name) is not None:
+        if not name or self._own(name):
+            return None
+        found = await self._named(name)
+        if found is not None:
+            return await self.router.proxy(request, found[0], None, body=body)
+        if not data.get("create_if_missing"):
+            return None  # NotFoundError, from this node
+        holder = await self.router.claim_name("volume", name)
+        return await self.router.proxy(request, holder, None, body=body) if holder else None  # (else made here)
+
+    async def _create(self, request: web.Request) -> web.StreamResponse | None:
+        body = await request.read()
+        data = json_object(body)
+        name = str(data.get("name") or "")
+        if not name or self._own(name):
             return None
         found = await self._named(name)
         if found is None:
-            return None
+            holder = await self.router.claim_name("volume", name)
+            return await self.router.proxy(request, holder, None, body=body) if holder else None
         if not data.get("allow_existing"):
             raise AlreadyExistsError(f"Volume '{name}' already exists (on node {found[0].name})")
         return web.json_response(found[1])
 
-    async def _rename(self, request: web.Request) -> web.StreamResponse | None:
-        body = await request.read()
-        data = json_object(body)
-        old, new = str(data.get("old_name") or ""), str(data.get("new_name") or "")
-        if not old or not new:
-            return None
-        if new != old and (taken := await self._named(new)) is not None:
-            raise AlreadyExistsError(f"Volume '{new}' already exists (on node {taken[0].name})")
-        if self.mgr.volumes.by_name(old) is not None:
-            return None
-        found = await self._named(old)
-        return await self.router.proxy(request, found[0], None, body=body) if found else None
+    async def _rename_here(self, request: web.Request, handler: Handler, old: str, new: str) -> web.StreamResponse:
+        if new != old:
+            if (taken := await self._named(new)) is not None:
+                raise AlreadyExistsError(f"Volume '{new}' already exists (on node {taken[0].name})")
+            if (holder := await self.router.claim_name("volume", new)) is not None:
+                raise AlreadyExistsError(f"Volume '{new}' is being made on node {holder.name}")
+        answer = await handler(request)
+        if new != old:
+            await self.router.release_name("volume", old if answer.status == 200 else new)
+        return answer
 
     # ------------------------------------------------------------------ where a volume lives
 
@@ -208,5 +224,6 @@ class ClusterVolumes:
 def install(router: ClusterRouter) -> ClusterVolumes:
     """The cluster's volumes for this node; its copies of other nodes' volumes reach their homes through it."""
     volumes = ClusterVolumes(router)
-    router.mgr.ctx.replicas = VolumeReplicas(router.mgr.volumes, volumes)
+    if router.mgr.ctx.replicas is None:  # the API's app, not the dashboard's (which has its own, for its calls)
+        router.mgr.ctx.replicas = VolumeReplicas(router.mgr.volumes, volumes)
     return volumes
