@@ -5,6 +5,7 @@ through the head's API, as a user would, with the SDK and the CLI.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import io
 import json
@@ -17,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 import shoal
@@ -174,6 +176,32 @@ def on_node(node: int, program: str) -> list[str]:
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.split()
+
+
+def test_a_terminal_of_a_sandbox_on_another_node_through_the_head(cluster):
+    """The API's terminal (a WebSocket, as the dashboard's) of node1's sandbox, opened at the head: passed through."""
+    app = shoal.App.lookup("cluster-terminal", create_if_missing=True)
+    sb = shoal.Sandbox.create(app=app, experimental_options={"node_labels": "shoal.io/node=node1"}, timeout=120)
+
+    async def session() -> tuple[str, dict]:
+        url = f"{cluster['SHOAL_URL']}/v1/sandboxes/{sb.object_id}/terminal?rows=30&cols=100"
+        headers = {"Authorization": f"Bearer {cluster['SHOAL_TOKEN']}"}
+        seen, end = "", {}
+        async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
+            await ws.send_str(json.dumps({"type": "input", "data": "stty size; echo hi-$((6*7)); exit 3\n"}))
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    seen += msg.data.decode(errors="replace")
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    end = json.loads(msg.data)
+        return seen, end
+
+    try:
+        seen, end = asyncio.run(asyncio.wait_for(session(), 60))
+        assert "30 100" in seen and "hi-42" in seen, seen[-500:]
+        assert end == {"type": "exit", "code": 3}
+    finally:
+        sb.terminate()
 
 
 def test_a_named_secret_is_the_clusters(cluster):

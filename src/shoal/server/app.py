@@ -30,6 +30,7 @@ from shoal.server import (
     routes_sidecars,
     routes_snapshots,
     routes_volumes,
+    terminal,
 )
 from shoal.server.registry import Handler, Route, install
 from shoal.wire.base import validation_message
@@ -203,8 +204,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def build_app(manager: Manager, token: str, *, trusted: bool = False) -> web.Application:
-    """The daemon's web application; ``trusted``: for mounting under an app that checks callers itself."""
+def build_app(
+    manager: Manager, token: str, *, trusted: bool = False, cluster_token: str | None = None
+) -> web.Application:
+    """The daemon's web application; ``trusted``: for mounting under an app that checks callers itself;
+    ``cluster_token``: the bearer token of the cluster's nodes, where ``token`` is not it (the dashboard's API)."""
     app = web.Application(
         middlewares=[_framework_errors, _auth, cluster.route, routes_persistent.sessions], client_max_size=MAX_BODY
     )
@@ -215,7 +219,8 @@ def build_app(manager: Manager, token: str, *, trusted: bool = False) -> web.App
     install(app, ROUTES, _wrap, _expect)
     app.router.add_get(METRICS_PATH, metrics)
     attach.install(app)
-    router = cluster.install(app, manager, token)
+    app.router.add_get("/v1/sandboxes/{sandbox_id}/terminal", terminal.websocket)  # a shell, over a WebSocket
+    router = cluster.install(app, manager, cluster_token or token)
     if manager.cluster is not None:
         router.volumes = cluster_volumes.install(router)
         router.secrets = cluster_secrets.ClusterSecrets(router)

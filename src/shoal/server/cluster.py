@@ -4,8 +4,8 @@ that node, a create lands on the node with the most room, and a list gathers eve
 A passed-on call carries ``X-Shoal-Forwarded`` (the sending node's name): the node that receives it answers for
 itself only, so a call is passed on at most once.  Nodes share one bearer token (each node's ``api-token``).
 Which node runs a sandbox is asked of the other nodes the first time (``GET /v1/sandboxes/{id}``, all at once)
-and then remembered.  Bodies and answers stream through (exec output, file transfers); WebSocket upgrades are not
-passed on.
+and then remembered.  Bodies and answers stream through (exec output, file transfers), and WebSockets (a
+sandbox's terminal) pass messages both ways.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ CLOCK_SLACK = 0.05
 """Seconds by which nodes' clocks may differ when a placement is matched against a node's last word on its load."""
 PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Encoding", "Accept", "Accept-Encoding", "Idempotency-Key")
 """Request headers passed on as they came (the bearer token is the cluster's own)."""
+WS_MAX_MESSAGE = 1 << 20
+"""The largest WebSocket message passed between nodes (a terminal's paste is at most 64 KiB)."""
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length", "date", "server"}
 )
@@ -218,12 +220,9 @@ class ClusterRouter:
 
         ``sandbox_id`` None: the call is about something else the node holds (a volume); ``body``: the request's
         body where it was read already."""
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            raise InvalidError(
-                f"this call opens a WebSocket, which is not passed between nodes: connect to node {node.name}"
-                f" ({node.url}) directly"
-            )
         assert node.url is not None
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self.proxy_websocket(request, node, request.rel_url.path_qs)
         data: Any = body if body is not None else request.content if request.can_read_body else None
         try:
             async with self.session.request(
@@ -259,6 +258,33 @@ class ClusterRouter:
                 f"node {node.name} ({node.url}), which {'runs this sandbox' if sandbox_id else 'holds it'}, did not"
                 f" answer: {exc or type(exc).__name__}"
             ) from None
+
+    async def proxy_websocket(self, request: web.Request, node: ClusterNode, path_qs: str) -> web.StreamResponse:
+        """Open the WebSocket ``path_qs`` on ``node`` and pass messages both ways until either side closes it (the
+        terminal of a sandbox another node runs).  A refusal before the upgrade is passed back as it came."""
+        assert node.url is not None
+        try:
+            upstream = await self.session.ws_connect(
+                node.url + path_qs, headers=self._headers(None), heartbeat=30.0, max_msg_size=WS_MAX_MESSAGE
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            refused = errors.from_http(exc.status, exc.message or "the WebSocket was refused")
+            return web.json_response(errors.body_for(refused), status=exc.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ServiceError(f"node {node.name} ({node.url}) did not answer: {exc or type(exc).__name__}") from None
+        async with upstream:
+            ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=WS_MAX_MESSAGE)
+            await ws.prepare(request)
+            pumps = [asyncio.ensure_future(_pump(upstream, ws)), asyncio.ensure_future(_pump(ws, upstream))]
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)  # either side closing ends both
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+                await upstream.close()
+                await ws.close()
+        return ws
 
     async def _verdict(self, node: ClusterNode) -> ClusterNode | None:
         """``node`` as the cluster holds it once Ray has called it dead; None where it still holds it alive after
@@ -526,6 +552,17 @@ class ClusterRouter:
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
             log.warning("cluster: node %s did not list its sandboxes", node.name)
             return []
+
+
+async def _pump(src: Any, dst: Any) -> None:
+    """Pass text and binary messages from the WebSocket ``src`` to ``dst`` until ``src`` closes."""
+    async for msg in src:
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            await dst.send_str(msg.data)
+        elif msg.type == aiohttp.WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)
+        else:
+            break
 
 
 def json_object(body: bytes) -> dict[str, Any]:

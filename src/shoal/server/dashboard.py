@@ -24,7 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from shoal.engine.manager import Manager
-from shoal.server import routes, terminal
+from shoal.server import cluster, routes, terminal
 from shoal.server.app import METRICS_PATH, build_app, metrics
 from shoal.server.registry import Handler
 from shoal.util import loopback
@@ -128,7 +128,10 @@ def build(manager: Manager, auth: DashboardAuth) -> web.Application:
     app.router.add_get(METRICS_PATH, metrics)
     app.router.add_get("/terminal/{sandbox_id}", terminal.websocket)
     app.router.add_static("/static/", STATIC, follow_symlinks=False)
-    app.add_subapp("/api/", build_app(manager, "", trusted=True))
+    # Calls it passes to the other nodes of a cluster carry the cluster's token (the daemon's API token).
+    token = manager.cfg.token_path.read_text().strip() if manager.cfg.token_path.exists() else ""
+    cluster.install(app, manager, token)  # the terminal of a sandbox another node runs
+    app.add_subapp("/api/", build_app(manager, "", trusted=True, cluster_token=token or None))
     return app
 
 

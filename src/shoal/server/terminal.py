@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 from shoal.engine.process import Process
 from shoal.engine.sandbox import RUNNING, Sandbox
 from shoal.exception import ConflictError, Error, InvalidError
-from shoal.server import routes
+from shoal.server import cluster, routes
 from shoal.wire.sandboxes import INTERACTIVE_SHELL, ExecRequest, TerminalSize
 
 MAX_INPUT = 1 << 16
@@ -65,10 +65,22 @@ async def _keys(ws: web.WebSocketResponse, sb: Sandbox, exec_id: str) -> None:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
-    """``GET /terminal/{sandbox_id}?rows=&cols=``: a shell in a running sandbox, over a WebSocket."""
+    """``GET /terminal/{sandbox_id}?rows=&cols=`` (the dashboard's) and ``GET /v1/sandboxes/{sandbox_id}/terminal``
+    (the API's): a shell in a running sandbox, over a WebSocket."""
     mgr = request.app[routes.MANAGER]
+    sandbox_id = request.match_info["sandbox_id"]
+    passed_on = cluster.FORWARDED in request.headers
+    if mgr.cluster is not None and not passed_on and not mgr.knows(sandbox_id) and cluster.ROUTER in request.app:
+        # The dashboard's terminal of a sandbox another node runs: that node's API terminal, passed through.  (The
+        # API's own route gets here only for this node's sandboxes: its cluster step passes the others on.)
+        router = request.app[cluster.ROUTER]
+        node = await router.locate(sandbox_id)
+        if node is not None and node.alive:
+            return await router.proxy_websocket(
+                request, node, f"/v1/sandboxes/{sandbox_id}/terminal?{request.query_string}"
+            )
     try:
-        sb = mgr.get(request.match_info["sandbox_id"])
+        sb = mgr.get(sandbox_id)
         if sb.state != RUNNING:
             raise ConflictError(f"Sandbox {sb.id} is not running")
         rows, cols = _size(request)
