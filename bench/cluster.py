@@ -15,6 +15,14 @@ namespace, Ray node and daemon) and removes it afterwards.  Each round takes one
 
 TTI is ``Sandbox.create`` → ``exec("echo", "hi")`` → its output read (the sandbox then terminated, untimed).  The
 goal (issue 18): the head adds at most 10 ms, p50 against p50.
+
+Then volumes across nodes (decision 0078), all through the head, with a volume of 16 files of 4 MiB made there:
+
+``first_copy``  the first create on node2 that mounts it (node2 copies all 64 MiB), once
+``vol_home``    TTI of a create on node0, the volume's home (a bind mount, as on one machine)
+``vol_copy``    TTI of a create on node1, whose copy is brought in step (nothing changed: one listing)
+``end_home``    ``terminate()`` of a sandbox on node0 that wrote 4 MiB into the volume
+``end_copy``    the same on node1, which sends the 4 MiB back to node0 before ``terminate()`` returns
 """
 
 from __future__ import annotations
@@ -40,6 +48,59 @@ ROWS = (
     ("head", "TTI through the head, created on node1"),
     ("placed", "TTI through the head, placed by room"),
 )
+VOLUME_ROWS = (
+    ("first_copy", "first create on node2 (copies 64 MiB, once)"),
+    ("vol_home", "TTI with the volume, on its home node0"),
+    ("vol_copy", "TTI with the volume, on node1 (a copy)"),
+    ("end_home", "terminate after a 4 MiB write, node0"),
+    ("end_copy", "terminate after a 4 MiB write, node1"),
+)
+VOLUME_FILES, VOLUME_FILE_MIB = 16, 4
+
+
+def _on(node: str) -> dict[str, dict[str, str]]:
+    return {"node_labels": {"shoal.io/node": node}}
+
+
+def measure_volumes(head_url: str, runs: int) -> dict[str, list[float]]:
+    import io
+
+    import shoal
+
+    os.environ["SHOAL_URL"] = head_url
+    app = shoal.App.lookup("bench-cluster", create_if_missing=True)
+    name = f"bench-cluster-{os.getpid()}"
+    vol = shoal.Volume.from_name(name, create_if_missing=True)
+    values: dict[str, list[float]] = {key: [] for key, _ in VOLUME_ROWS}
+    try:
+        with vol.batch_upload() as batch:
+            for i in range(VOLUME_FILES):
+                batch.put_file(io.BytesIO(os.urandom(VOLUME_FILE_MIB << 20)), f"/f{i}")
+        t0 = time.perf_counter()
+        sb = shoal.Sandbox.create(app=app, volumes={"/v": vol}, experimental_options=_on("node2"))
+        assert sb.exec("test", "-s", f"/v/f{VOLUME_FILES - 1}").wait() == 0
+        values["first_copy"].append((time.perf_counter() - t0) * 1000)
+        sb.terminate()
+        for r in range(runs + 1):
+            for key, node in (("vol_home", "node0"), ("vol_copy", "node1")):
+                t0 = time.perf_counter()
+                sb = shoal.Sandbox.create(app=app, volumes={"/v": vol}, experimental_options=_on(node))
+                found = sb.exec("test", "-s", "/v/f0").wait()
+                took = (time.perf_counter() - t0) * 1000
+                assert found == 0
+                end_key = "end_home" if node == "node0" else "end_copy"
+                sb.exec("dd", "if=/dev/urandom", f"of=/v/w-{node}-{r}", "bs=1M", "count=4").wait()
+                t1 = time.perf_counter()
+                sb.terminate()
+                ended = (time.perf_counter() - t1) * 1000
+                if r:  # the first round is untimed (each node's first copy, warm pools)
+                    values[key].append(took)
+                    values[end_key].append(ended)
+                time.sleep(0.15)
+        assert len(list(vol.listdir("/"))) == VOLUME_FILES + 2 * (runs + 1)  # every write was sent back
+    finally:
+        shoal.Volume.objects.delete(name)
+    return values
 
 
 def _tti(app: Any, labels: dict[str, str] | None) -> float:
@@ -82,7 +143,9 @@ def measure(head_url: str, token: str, runs: int, warmup: int) -> dict[str, list
     return values
 
 
-def report(values: dict[str, list[float]], facts: dict[str, Any], loads: tuple[Any, Any]) -> str:
+def report(
+    values: dict[str, list[float]], volumes: dict[str, list[float]], facts: dict[str, Any], loads: tuple[Any, Any]
+) -> str:
     lines = [
         machine_line(facts),
         "load average before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} {:.2f}".format(*loads[0], *loads[1]),
@@ -94,6 +157,8 @@ def report(values: dict[str, list[float]], facts: dict[str, Any], loads: tuple[A
     added = Stats.of(values["head"]).p50 - Stats.of(values["node"]).p50
     verdict = "PASS" if added <= GOAL_MS else "MISS"
     lines.append(f"p50 added by the head (head - node)   {added:+7.1f} ms (goal ≤ +{GOAL_MS:.0f} ms) {verdict}")
+    lines += ["", f"volumes across nodes ({VOLUME_FILES} files of {VOLUME_FILE_MIB} MiB):", ""]
+    lines += stats_lines(volumes, VOLUME_ROWS)
     return "\n".join(lines)
 
 
@@ -115,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines()[-2:])
     try:
         values = measure(env["SHOAL_URL"], env["SHOAL_TOKEN"], args.runs, args.warmup)
+        volumes = measure_volumes(env["SHOAL_URL"], max(5, args.runs // 2))
     except KeyboardInterrupt:
         return 130
     finally:
@@ -122,9 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         if down.returncode != 0:
             print(f"LEFT BEHIND? local-cluster down failed:\n{down.stderr[-2000:]}", file=sys.stderr)
     after = os.getloadavg()
-    print(report(values, facts, (before, after)))
+    print(report(values, volumes, facts, (before, after)))
     if args.json:
-        doc = {"machine": facts, "load_average": {"before": before, "after": after}, "values": values}
+        doc = {
+            "machine": facts,
+            "load_average": {"before": before, "after": after},
+            "values": values,
+            "volumes": volumes,
+        }
         args.json.write_text(json.dumps(doc, indent=2))
     return 0
 
