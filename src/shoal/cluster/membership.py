@@ -29,6 +29,8 @@ EARLY_BEAT = 0.1
 START_TIMEOUT = 60.0
 """Seconds the first connection to Ray may take before the daemon gives up starting."""
 REQUEST_TIMEOUT = 30.0
+SLOW_BEAT = 2.0
+"""A beat that takes longer than this is logged: the view of the other nodes is that old."""
 RESTART_DELAY = 2.0
 RESTART_DELAY_MAX = 30.0
 """Joining again waits RESTART_DELAY, doubling after each failure up to this (each try starts a Ray driver)."""
@@ -131,6 +133,8 @@ class Membership:
         self._bridge: _BridgeProcess | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._refreshed = asyncio.Event()
+        """Set by each beat that read the nodes (``fresh`` waits for the next)."""
         self._started: dict[str, dict[str, Any]] = {}
         self._ended: set[str] = set()
         """Sandboxes that started or ended here since the last beat (recorded in Ray with the next one)."""
@@ -190,6 +194,7 @@ class Membership:
             raise
         self.nodes = sorted((self._node(n) for n in raw), key=lambda n: (not n.alive, n.name))
         self.problem = None
+        self._refreshed.set()
 
     def _node(self, raw: dict[str, Any]) -> ClusterNode:
         shoal = raw.get("shoal") or {}
@@ -219,7 +224,10 @@ class Membership:
                     await self._connect()
                     log.info("cluster: joined %s again", self.address)
                 else:
+                    began = time.monotonic()
                     await self._refresh()
+                    if time.monotonic() - began > SLOW_BEAT:
+                        log.warning("cluster: a beat took %.1f s (Ray answered slowly)", time.monotonic() - began)
                 delay = RESTART_DELAY
             except Exception as exc:
                 if not isinstance(exc, BridgeError | TimeoutError | OSError):
@@ -232,6 +240,14 @@ class Membership:
                     self._bridge = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RESTART_DELAY_MAX)
+
+    async def fresh(self, timeout: float = 3 * POLL_SECONDS) -> None:
+        """Wait (``timeout`` at most) for a beat that reads the nodes anew: what a node that missed something among
+        the others (a node that joined meanwhile) looks again with."""
+        self._refreshed.clear()
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._refreshed.wait(), timeout)
 
     async def where(self, sandbox_id: str) -> str | None:
         """The node a running sandbox was recorded on (None: none, or Ray cannot be asked now)."""

@@ -212,7 +212,12 @@ class VolumeReplicas:
         }
         self.store.set_replica_base(volume_id, json.dumps(record))
         log.info(
-            "volume %s: in step with node %s (%d files fetched, %d removed)", volume_id, node, len(fetch), len(gone)
+            "volume %s: in step with node %s (%d files fetched, %d removed) in %.1f ms",
+            volume_id,
+            node,
+            len(fetch),
+            len(gone),
+            (time.time() - started) * 1000,
         )
 
     async def _push(self, volume_id: str, node: str) -> None:

@@ -119,11 +119,24 @@ class ClusterRouter:
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
 
-    async def first(self, method: str, path: str, body: Any = None) -> tuple[ClusterNode, dict[str, Any]] | None:
-        """The first other live node (in node order) that answers 200 to the call, and its answer; asked at once."""
-        others = self._others()
-        answers = await asyncio.gather(*(self.ask(n, method, path, body) for n in others))
-        return next(((n, a) for n, a in zip(others, answers, strict=True) if a is not None), None)
+    async def first(
+        self, method: str, path: str, body: Any = None, *, look_again: bool = False
+    ) -> tuple[ClusterNode, dict[str, Any]] | None:
+        """The first other live node (in node order) that answers 200 to the call, and its answer; asked at once.
+        ``look_again``: where none does, wait for a fresh view of the nodes (one may have joined since) and ask the
+        nodes not asked yet."""
+        asked: set[str] = set()
+        for attempt in range(2 if look_again else 1):
+            if attempt:
+                assert self.mgr.cluster is not None
+                await self.mgr.cluster.fresh()
+            others = [n for n in self._others() if n.ray_node_id not in asked]
+            asked |= {n.ray_node_id for n in others}
+            answers = await asyncio.gather(*(self.ask(n, method, path, body) for n in others))
+            found = next(((n, a) for n, a in zip(others, answers, strict=True) if a is not None), None)
+            if found is not None:
+                return found
+        return None
 
     async def gather(
         self, request: web.Request, handler: Handler, key: str, seen: Callable[[ClusterNode, dict[str, Any]], None]

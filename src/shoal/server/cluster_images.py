@@ -12,8 +12,7 @@ import aiohttp
 
 from shoal.exception import ServiceError
 from shoal.server import errors
-from shoal.server.cluster import LOOKUP_TIMEOUT, ClusterRouter
-from shoal.wire.cluster import ClusterNode
+from shoal.server.cluster import ClusterRouter
 
 CHUNK = 1 << 20
 
@@ -25,24 +24,10 @@ class ClusterImages:
         self.router = router
 
     async def find(self, image_id: str) -> tuple[str, dict[str, Any]] | None:
-        others = self.router._others()
-        answers = await asyncio.gather(*(self._ask(n, image_id) for n in others))
-        return next(((n.name, a) for n, a in zip(others, answers, strict=True) if a is not None), None)
-
-    async def _ask(self, node: ClusterNode, image_id: str) -> dict[str, Any] | None:
-        assert node.url is not None
-        try:
-            async with self.router.session.get(
-                f"{node.url}/v1/cluster/images/{image_id}",
-                headers=self.router._headers(None),
-                timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT),
-            ) as resp:
-                if resp.status != 200:
-                    return None
-                found = await resp.json()
-                return found if isinstance(found, dict) and isinstance(found.get("config"), dict) else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+        found = await self.router.first("GET", f"/v1/cluster/images/{image_id}", look_again=True)
+        if found is None or not isinstance(found[1].get("config"), dict):
             return None
+        return found[0].name, found[1]
 
     async def layer(self, node: str, image_id: str, index: int, dest: Path) -> None:
         found = next((n for n in self.router._others() if n.name == node), None)

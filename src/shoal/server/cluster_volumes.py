@@ -142,7 +142,7 @@ class ClusterVolumes:
         name = self._homes.get(volume_id)
         if name is not None and self._node(name) is not None:
             return name
-        found = await self.router.first("GET", f"/v1/volumes/{volume_id}")
+        found = await self.router.first("GET", f"/v1/volumes/{volume_id}", look_again=True)
         if found is None:
             return None
         self._seen(*found)
