@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from shoal.exception import InvalidError
 from shoal.runtime import cgroups
 from shoal.wire.sandboxes import SandboxState
+from shoal.wire.times import micros
 
 if TYPE_CHECKING:
     from shoal.engine.manager import Manager
@@ -165,8 +166,10 @@ class UsageSampler:
         if since is not None and until is not None and since >= until:
             raise InvalidError("`since` must be before `until`.")
         now = time.time()
-        start = sb.row.created_at if since is None else since
-        end = now if until is None else until
+        # Whole microseconds, as the range is shown (``since_us``, ``until_us``): a duration worked out from the
+        # unrounded creation time could exceed the range it is shown with by a microsecond.
+        start = micros(sb.row.created_at if since is None else since) / 1e6
+        end = micros(now if until is None else until) / 1e6
         samples = [Sample(*row) for row in self.mgr.state.usage(sb.id, start, end)]
         if until is None and sb.state == SandboxState.RUNNING and (live := self.read(sb, now)) is not None:
             samples.append(live[0])
@@ -175,8 +178,8 @@ class UsageSampler:
             samples,
             since=start,
             until=end,
-            created_at=sb.row.created_at,
-            finished_at=sb.row.finished_at,
+            created_at=micros(sb.row.created_at) / 1e6,
+            finished_at=micros(sb.row.finished_at) / 1e6 if sb.row.finished_at is not None else None,
             cpu_request=req.cpu or DEFAULT_CPU_REQUEST,
             memory_request_bytes=(req.memory or DEFAULT_MEMORY_REQUEST_MIB) << 20,
         )
