@@ -25,6 +25,7 @@ import shoal
 from shoal.exception import ConflictError, InvalidError
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.admin import AdminClient
+from shoal.sdk.transport import default_client
 from tests.conftest import REPO, restore_environ
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, daemons)")
@@ -202,6 +203,44 @@ def test_a_terminal_of_a_sandbox_on_another_node_through_the_head(cluster):
         assert end == {"type": "exit", "code": 3}
     finally:
         sb.terminate()
+
+
+def test_the_heads_gateway_serves_its_node_and_names_the_node_of_another(cluster):
+    """The official modal client, run in the head's namespace against its gateway: a sandbox of its own works; one
+    that node1 runs is refused with an error that names node1 (the gateway does not serve other nodes yet)."""
+    pytest.importorskip("modal", reason="the gateway extra is not installed: make setup")
+    app = shoal.App.lookup("cluster-gateway", create_if_missing=True)
+    elsewhere = shoal.Sandbox.create(app=app, experimental_options={"node_labels": "shoal.io/node=node1"}, timeout=120)
+    gateway: dict[str, str] = run_blocking(default_client().request("GET", "/v1/gateway"))["env"]
+    program = (
+        "import json, modal\n"
+        "app = modal.App.lookup('cluster-gateway', create_if_missing=True)\n"
+        "sb = modal.Sandbox.create(app=app)\n"
+        "out = sb.exec('echo', 'from', 'the', 'head').stdout.read()\n"
+        "sb.terminate()\n"
+        "try:\n"
+        f"    modal.Sandbox.from_id({elsewhere.object_id!r}).poll()\n"
+        "    refused = ''\n"
+        "except Exception as exc:\n"
+        "    refused = f'{type(exc).__name__}: {exc}'\n"
+        "print(json.dumps([out, refused]))\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SHOAL_"))}
+    environ.update(gateway, MODAL_CONFIG_PATH="/nonexistent/.modal.toml")
+    try:
+        done = subprocess.run(
+            ["nsenter", "--net=/run/netns/shoal-lc-node0", "--", sys.executable, "-c", program],
+            capture_output=True,
+            text=True,
+            env=environ,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        out, refused = json.loads(done.stdout.splitlines()[-1])
+        assert out == "from the head\n"
+        assert "runs on node node1" in refused and "node1's gateway" in refused, refused
+    finally:
+        elsewhere.terminate()
 
 
 def test_a_named_secret_is_the_clusters(cluster):

@@ -259,7 +259,23 @@ class ControlPlane(ModalClientBase):
         return self.auth.sign(sandbox_id), self.router_url
 
     async def _sandbox(self, sandbox_id: str) -> Sandbox:
+        await self._here(sandbox_id)
         return await self.mgr.started(sandbox_id)  # SandboxCreateV2 answers before the start ends
+
+    async def _here(self, sandbox_id: str) -> None:
+        """NotFoundError unless this daemon has ``sandbox_id``; where another node of its cluster runs it, an error
+        that says so (the gateway serves its own node's sandboxes: issue 18)."""
+        try:
+            self.mgr.get(sandbox_id)
+        except exc.NotFoundError:
+            node = await self.mgr.cluster.where(sandbox_id) if self.mgr.cluster is not None else None
+            if node is None or node == self.mgr.cfg.node_name:
+                raise
+            raise exc.UnimplementedError(
+                f"sandbox {sandbox_id} runs on node {node} of the cluster, and this gateway (node"
+                f" {self.mgr.cfg.node_name}) serves its own node's sandboxes only: point MODAL_SERVER_URL at node"
+                f" {node}'s gateway (`shoal gateway env` there), or use shoal's SDK, which any node serves"
+            ) from None
 
     def _create_request(self, req: Any) -> CreateSandbox:
         definition = req.definition
@@ -385,7 +401,7 @@ class ControlPlane(ModalClientBase):
     async def SandboxGetCommandRouterAccess(self, stream: Any) -> None:
         req = await stream.recv_message()
         sandbox_id = req.sandbox_id or "sb-" + req.task_id.removeprefix("ta-")
-        self.mgr.get(sandbox_id)
+        await self._here(sandbox_id)
         jwt, url = self._router_access(sandbox_id)
         await stream.send_message(api_pb2.SandboxGetCommandRouterAccessResponse(jwt=jwt, url=url))
 
@@ -393,7 +409,7 @@ class ControlPlane(ModalClientBase):
     async def TaskGetCommandRouterAccess(self, stream: Any) -> None:
         req = await stream.recv_message()
         sandbox_id = "sb-" + req.task_id.removeprefix("ta-")
-        self.mgr.get(sandbox_id)
+        await self._here(sandbox_id)
         jwt, url = self._router_access(sandbox_id)
         await stream.send_message(api_pb2.TaskGetCommandRouterAccessResponse(jwt=jwt, url=url))
 
