@@ -293,16 +293,6 @@ class ConnectProxy:
         down = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else ())
         await down.prepare(request)
 
-        async def pump(src: Any, dst: Any) -> None:
-            async for msg in src:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    await dst.send_str(msg.data)
-                elif msg.type == aiohttp.WSMsgType.BINARY:
-                    await dst.send_bytes(msg.data)
-                else:
-                    break
-            await dst.close()
-
         async with up:
             tasks = [asyncio.ensure_future(pump(down, up)), asyncio.ensure_future(pump(up, down))]
             try:
@@ -314,3 +304,15 @@ class ConnectProxy:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await t
         return down
+
+
+async def pump(src: Any, dst: Any) -> None:
+    """Pass text and binary messages from the WebSocket ``src`` to ``dst`` until ``src`` closes; then close ``dst``."""
+    async for msg in src:
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            await dst.send_str(msg.data)
+        elif msg.type == aiohttp.WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)
+        else:
+            break
+    await dst.close()

@@ -25,6 +25,7 @@ from aiohttp import web
 from shoal.cluster.membership import POLL_SECONDS
 from shoal.engine.manager import Manager
 from shoal.exception import ConflictError, Error, InvalidError, ResourceExhaustedError, ServiceError
+from shoal.network.connect import pump
 from shoal.server import errors
 from shoal.server.routes import MANAGER
 from shoal.wire.cluster import ClusterNode
@@ -183,6 +184,14 @@ class ClusterRouter:
             )
         return node
 
+    async def made_where_claimed(
+        self, request: web.Request, kind: str, name: str, body: bytes
+    ) -> web.StreamResponse | None:
+        """A call that makes the ``kind`` called ``name``: passed to the node that holds the name, if another does
+        (None: this node has claimed it, and makes it)."""
+        holder = await self.claim_name(kind, name)
+        return await self.proxy(request, holder, None, body=body) if holder else None
+
     async def release_name(self, kind: str, name: str) -> None:
         """This node no longer holds a ``kind`` called ``name``."""
         assert self.mgr.cluster is not None
@@ -288,12 +297,12 @@ class ClusterRouter:
         async with upstream:
             ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=WS_MAX_MESSAGE)
             await ws.prepare(request)
-            pumps = [asyncio.ensure_future(_pump(upstream, ws)), asyncio.ensure_future(_pump(ws, upstream))]
+            pumps = [asyncio.ensure_future(pump(upstream, ws)), asyncio.ensure_future(pump(ws, upstream))]
             try:
                 await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)  # either side closing ends both
             finally:
-                for pump in pumps:
-                    pump.cancel()
+                for task in pumps:
+                    task.cancel()
                 await asyncio.gather(*pumps, return_exceptions=True)
                 await upstream.close()
                 await ws.close()
@@ -565,17 +574,6 @@ class ClusterRouter:
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
             log.warning("cluster: node %s did not list its sandboxes", node.name)
             return []
-
-
-async def _pump(src: Any, dst: Any) -> None:
-    """Pass text and binary messages from the WebSocket ``src`` to ``dst`` until ``src`` closes."""
-    async for msg in src:
-        if msg.type == aiohttp.WSMsgType.TEXT:
-            await dst.send_str(msg.data)
-        elif msg.type == aiohttp.WSMsgType.BINARY:
-            await dst.send_bytes(msg.data)
-        else:
-            break
 
 
 def json_object(body: bytes) -> dict[str, Any]:

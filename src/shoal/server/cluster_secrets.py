@@ -75,8 +75,7 @@ class ClusterSecrets:
                 return None
             found = await self._named(name)
             if found is None:
-                holder = await self.router.claim_name("secret", name)  # two nodes never both make one
-                return await self.router.proxy(request, holder, None, body=body) if holder else None
+                return await self.router.made_where_claimed(request, "secret", name, body)
             if not data.get("allow_existing"):
                 raise AlreadyExistsError(f"Secret '{name}' already exists (on node {found[0].name})")
             return web.json_response(found[1])

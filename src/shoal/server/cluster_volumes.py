@@ -94,8 +94,7 @@ class ClusterVolumes:
             return await self.router.proxy(request, found[0], None, body=body)
         if not data.get("create_if_missing"):
             return None  # NotFoundError, from this node
-        holder = await self.router.claim_name("volume", name)
-        return await self.router.proxy(request, holder, None, body=body) if holder else None  # (else made here)
+        return await self.router.made_where_claimed(request, "volume", name, body)
 
     async def _create(self, request: web.Request) -> web.StreamResponse | None:
         body = await request.read()
@@ -105,8 +104,7 @@ class ClusterVolumes:
             return None
         found = await self._named(name)
         if found is None:
-            holder = await self.router.claim_name("volume", name)
-            return await self.router.proxy(request, holder, None, body=body) if holder else None
+            return await self.router.made_where_claimed(request, "volume", name, body)
         if not data.get("allow_existing"):
             raise AlreadyExistsError(f"Volume '{name}' already exists (on node {found[0].name})")
         return web.json_response(found[1])
