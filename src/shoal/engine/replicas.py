@@ -155,6 +155,24 @@ class VolumeReplicas:
                     found[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         return found
 
+    def _stamps(self, volume_id: str, paths: list[str]) -> dict[str, Stamp]:
+        """``paths`` of the copy as they are now, those that are regular files (runs in a thread)."""
+        found: dict[str, Stamp] = {}
+        with self.store.open(volume_id) as vol:
+            for path in paths:
+                parts = files.parts_of(path)
+                try:
+                    pfd = safefs.open_dir(vol.root, parts[:-1])
+                except OSError:
+                    continue
+                try:
+                    st = safefs.lstat_at(pfd, parts[-1])
+                finally:
+                    os.close(pfd)
+                if st is not None and stat.S_ISREG(st.st_mode):
+                    found[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        return found
+
     async def _pull(self, volume_id: str, node: str) -> None:
         base = self._base(volume_id)
         started = time.time()
@@ -202,9 +220,8 @@ class VolumeReplicas:
                     await asyncio.to_thread(batch.commit)
                 finally:
                     batch.abort()
-        after = await asyncio.to_thread(self._scan, volume_id)
         local = {p: s for p, s in base["local"].items() if p not in gone}
-        local.update({p: after[p] for p in fetch if p in after})
+        local.update(await asyncio.to_thread(self._stamps, volume_id, fetch))
         record = {
             "local": local,
             "home": {p: [e["size"], e.get("mtime_ns", e["mtime"])] for p, e in home_files.items()},

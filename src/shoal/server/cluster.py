@@ -24,7 +24,14 @@ from aiohttp import web
 
 from shoal.cluster.membership import POLL_SECONDS
 from shoal.engine.manager import Manager
-from shoal.exception import ConflictError, Error, InvalidError, ResourceExhaustedError, ServiceError
+from shoal.exception import (
+    AlreadyExistsError,
+    ConflictError,
+    Error,
+    InvalidError,
+    ResourceExhaustedError,
+    ServiceError,
+)
 from shoal.network.connect import pump
 from shoal.server import errors
 from shoal.server.routes import MANAGER
@@ -191,6 +198,27 @@ class ClusterRouter:
         (None: this node has claimed it, and makes it)."""
         holder = await self.claim_name(kind, name)
         return await self.proxy(request, holder, None, body=body) if holder else None
+
+    async def create_named(
+        self,
+        request: web.Request,
+        kind: str,
+        own: Callable[[str], bool],
+        named: Callable[[str], Awaitable[tuple[ClusterNode, dict[str, Any]] | None]],
+    ) -> web.StreamResponse | None:
+        """A create by name (``{"name", "allow_existing"}``) of a ``kind`` the cluster holds: this node's own name,
+        or a name no node holds yet and this node claims, is made here (None); another node's is that node's."""
+        body = await request.read()
+        data = json_object(body)
+        name = str(data.get("name") or "")
+        if not name or own(name):
+            return None
+        found = await named(name)
+        if found is None:
+            return await self.made_where_claimed(request, kind, name, body)
+        if not data.get("allow_existing"):
+            raise AlreadyExistsError(f"{kind.capitalize()} '{name}' already exists (on node {found[0].name})")
+        return web.json_response(found[1])
 
     async def release_name(self, kind: str, name: str) -> None:
         """This node no longer holds a ``kind`` called ``name``."""

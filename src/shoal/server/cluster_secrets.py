@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from shoal.exception import AlreadyExistsError, NotFoundError
+from shoal.exception import NotFoundError
 from shoal.server.cluster import FORWARDED, LOOKUP_TIMEOUT, ClusterRouter, Handler, json_object
 from shoal.wire.cluster import ClusterNode
 
@@ -68,17 +68,7 @@ class ClusterSecrets:
             found = await self._named(name)
             return await self.router.proxy(request, found[0], None, body=body) if found else None
         if path == ("POST", "/v1/secrets"):
-            body = await request.read()
-            data = json_object(body)
-            name = str(data.get("name") or "")
-            if not name or self._own(name):
-                return None
-            found = await self._named(name)
-            if found is None:
-                return await self.router.made_where_claimed(request, "secret", name, body)
-            if not data.get("allow_existing"):
-                raise AlreadyExistsError(f"Secret '{name}' already exists (on node {found[0].name})")
-            return web.json_response(found[1])
+            return await self.router.create_named(request, "secret", self._own, self._named)
         if path == ("GET", "/v1/secrets"):
             return await self.router.gather(request, handler, "secrets", lambda node, item: None)
         return None

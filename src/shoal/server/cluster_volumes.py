@@ -18,7 +18,7 @@ from aiohttp import web
 from shoal.engine.replicas import VolumeReplicas
 from shoal.exception import AlreadyExistsError, NotFoundError, ServiceError
 from shoal.server import errors
-from shoal.server.cluster import FORWARDED, ClusterRouter, Handler, json_object
+from shoal.server.cluster import FORWARDED, OWNERS_KEPT, ClusterRouter, Handler, json_object
 from shoal.wire.cluster import ClusterNode
 
 CHUNK = 1 << 20
@@ -75,7 +75,7 @@ class ClusterVolumes:
             found = await self._named(request.match_info["name"])
             return await self.router.proxy(request, found[0], None) if found else None
         if path == ("POST", "/v1/volumes"):
-            return await self._create(request)
+            return await self.router.create_named(request, "volume", self._own, self._named)
         if path == ("GET", "/v1/volumes"):
             return await self.router.gather(request, handler, "volumes", self._seen)
         return None
@@ -96,19 +96,6 @@ class ClusterVolumes:
             return None  # NotFoundError, from this node
         return await self.router.made_where_claimed(request, "volume", name, body)
 
-    async def _create(self, request: web.Request) -> web.StreamResponse | None:
-        body = await request.read()
-        data = json_object(body)
-        name = str(data.get("name") or "")
-        if not name or self._own(name):
-            return None
-        found = await self._named(name)
-        if found is None:
-            return await self.router.made_where_claimed(request, "volume", name, body)
-        if not data.get("allow_existing"):
-            raise AlreadyExistsError(f"Volume '{name}' already exists (on node {found[0].name})")
-        return web.json_response(found[1])
-
     async def _rename_here(self, request: web.Request, handler: Handler, old: str, new: str) -> web.StreamResponse:
         if new != old:
             if (taken := await self._named(new)) is not None:
@@ -124,6 +111,8 @@ class ClusterVolumes:
 
     def _seen(self, node: ClusterNode, item: dict[str, Any]) -> None:
         self._homes[str(item.get("volume_id"))] = node.name
+        while len(self._homes) > OWNERS_KEPT:  # the oldest answers go first
+            del self._homes[next(iter(self._homes))]
 
     def _node(self, name: str) -> ClusterNode | None:
         return next((n for n in self.router._others() if n.name == name), None)
