@@ -48,7 +48,7 @@ def test_the_runtime_dir_is_closed_to_host_users(daemon, planted):
         assert out.returncode != 0 and "Permission denied" in out.stderr, out
     # Not even a path whose name is known (ids are in the world-readable /proc/mounts) can be walked.
     run = daemon.runtime_dir / "sandboxes" / planted.object_id
-    for d in (run / "rootfs", run / "bundle", run / "ctl", daemon.data_dir / "sandboxes" / planted.object_id):
+    for d in (run / "rootfs", run / "bundle", run / "shoal", daemon.data_dir / "sandboxes" / planted.object_id):
         assert d.is_dir()
         out = as_nobody("stat", str(d))
         assert out.returncode != 0 and "Permission denied" in out.stderr, out

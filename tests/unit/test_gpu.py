@@ -280,7 +280,7 @@ def test_plan_and_spec_pass_exactly_the_allocated_gpu(fake_nodes, tmp_path):
     }
     assert json.loads(json.dumps(plan)) == plan  # stored with the sandbox as JSON
 
-    container = spec.ContainerConfig(container_id="sb-1", rootfs="/r", agent_dir="/a", ctl_dir="/c")
+    container = spec.ContainerConfig(container_id="sb-1", rootfs="/r", shoal_dir="/s")
     scheduler.apply(container, plan)
     built = spec.build(container)
     mounts = {m["destination"]: m for m in built["mounts"]}
@@ -300,7 +300,7 @@ def test_plan_and_spec_pass_exactly_the_allocated_gpu(fake_nodes, tmp_path):
 
 
 def test_a_cpu_sandbox_spec_has_no_devices_and_no_gpu_env():
-    container = spec.ContainerConfig(container_id="sb-1", rootfs="/r", agent_dir="/a", ctl_dir="/c")
+    container = spec.ContainerConfig(container_id="sb-1", rootfs="/r", shoal_dir="/s")
     scheduler.apply(container, None)
     built = spec.build(container)
     assert "devices" not in built["linux"]["resources"]

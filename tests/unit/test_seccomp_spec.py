@@ -6,7 +6,7 @@ from shoal.runtime import seccomp, spec
 
 
 def config(**kw) -> dict:
-    return spec.build(spec.ContainerConfig("sb-x", "/root", "/agent", "/ctl", **kw))
+    return spec.build(spec.ContainerConfig("sb-x", "/root", "/shoal", **kw))
 
 
 def test_every_namespace_and_the_uid_map():
@@ -27,7 +27,14 @@ def test_privileges_are_dropped():
 
 def test_only_the_agent_and_control_dirs_come_from_the_host_and_read_only():
     binds = [m for m in config()["mounts"] if m["type"] == "bind"]
-    assert {(m["source"], m["destination"]) for m in binds} == {("/agent", spec.AGENT_DIR), ("/ctl", spec.CTL_DIR)}
+    assert [(m["source"], m["destination"]) for m in binds] == [("/shoal", "/.shoal")]
+    assert all("ro" in m["options"] and "nosuid" in m["options"] for m in binds)
+    assert spec.AGENT_PATH.startswith("/.shoal/") and spec.RECONNECT_SOCKET.startswith("/.shoal/")
+
+
+def test_a_sandbox_of_an_older_version_keeps_its_two_mounts():
+    binds = [m for m in config(split_shoal_dirs=("/agent", "/ctl"))["mounts"] if m["type"] == "bind"]
+    assert [(m["source"], m["destination"]) for m in binds] == [("/agent", spec.AGENT_DIR), ("/ctl", spec.CTL_DIR)]
     assert all("ro" in m["options"] and "nosuid" in m["options"] for m in binds)
 
 

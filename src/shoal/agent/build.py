@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -51,6 +52,21 @@ def ensure_agent(dest_dir: Path, cache: Path | None = None) -> Path:
     os.rename(tmp, binary)
     stamp.write_text(digest + "\n")
     return binary
+
+
+def stage_agent(binary: Path, staged: Path) -> None:
+    """Put a copy of ``binary`` at ``staged`` (on the runtime directory's filesystem, where sandboxes' hard links
+    to it are made), unless the one there is the same.  Replaced by a rename: sandboxes linked to an earlier copy
+    keep it."""
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(staged.parent, 0o755)
+    with contextlib.suppress(OSError):
+        if staged.read_bytes() == binary.read_bytes():
+            return
+    tmp = staged.with_name(f".{staged.name}.{os.getpid()}")
+    shutil.copyfile(binary, tmp)
+    os.chmod(tmp, 0o755)
+    os.rename(tmp, staged)
 
 
 def _compile(out: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.agent import protocol as P
+from shoal.engine.bundle import ctl_dir
 from shoal.engine.link import AgentLink
 from shoal.engine.logs import LogWriter
 from shoal.engine.process import SIGKILL, Process
@@ -354,7 +355,7 @@ class AgentFrames:
     async def _listen(self) -> None:
         """Listen on the sandbox's reconnection socket, for its agent's next connection (verified by its token)."""
         self._close_listener()
-        path = self.run_dir / "ctl" / "agent.sock"
+        path = ctl_dir(self.run_dir) / "agent.sock"
         path.unlink(missing_ok=True)
 
         def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -374,7 +375,7 @@ class AgentFrames:
         if self._listener is not None:
             self._listener.close()  # unregisters from the loop before closing the socket
             self._listener = None
-            (self.run_dir / "ctl" / "agent.sock").unlink(missing_ok=True)
+            (ctl_dir(self.run_dir) / "agent.sock").unlink(missing_ok=True)
 
 
 def new_token() -> bytes:

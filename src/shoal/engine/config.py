@@ -196,6 +196,12 @@ class Config:
         return self.data_dir / "agent"
 
     @property
+    def staged_agent(self) -> Path:
+        """The daemon's copy of the agent binary on the runtime directory's filesystem: each sandbox's
+        ``/.shoal/bin/shoal-agent`` is a hard link to it (``shoal.engine.bundle``)."""
+        return self.runtime_dir / "agent" / "shoal-agent"
+
+    @property
     def run_sandboxes_dir(self) -> Path:
         """Per-sandbox runtime files (bundles, mount points, control sockets)."""
         return self.runtime_dir / "sandboxes"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shoal.agent.build import BINARY_NAME, ensure_agent
+from shoal.agent.build import BINARY_NAME, ensure_agent, stage_agent
 from shoal.cluster.membership import Membership
 from shoal.engine import build as image_build
 from shoal.engine.agent_frames import new_token
@@ -154,7 +154,8 @@ class Manager:
 
     async def start(self) -> None:
         """Prepare the agent, clear leftovers of a crash, re-adopt running sandboxes."""
-        await asyncio.to_thread(ensure_agent, self.cfg.agent_dir, self.cfg.agent_cache)
+        agent = await asyncio.to_thread(ensure_agent, self.cfg.agent_dir, self.cfg.agent_cache)
+        await asyncio.to_thread(stage_agent, agent, self.cfg.staged_agent)
         self.uid_mode, self.uid_note = await asyncio.to_thread(self._choose_uid_mode)
         log.info("uid ranges: %s (%s)", self.uid_mode, self.uid_note)
         await asyncio.to_thread(self._check_gvisor)

@@ -281,6 +281,7 @@ class MemorySnapshots:
                 image_workdir=image.workdir,
                 image_user=image.user,
                 image_layers=list(image.layers),
+                one_shoal_mount=old.one_shoal_mount,  # the checkpoint restores only into the mounts it had
             )
             sandbox_id = ids.new("sandbox")
             secret_env = mgr.secrets.open_sandbox_env(meta.info.sandbox_id, old) if old.sealed_env else {}

@@ -237,16 +237,27 @@ class Sandbox(AgentFrames):
     # ---------------------------------------------------------------- start
 
     async def _launch(
-        self, req: CreateSandbox, lowers: list[str], launch: Callable[[str, int], Awaitable[None]]
+        self,
+        req: CreateSandbox,
+        lowers: list[str],
+        launch: Callable[[str, int], Awaitable[None]],
+        first: bytes = b"",
     ) -> socket.socket:
         """Mount the root, write the bundle, wire a gVisor sandbox's network, and ``launch(bundle, their_fd)``
-        the container with one end of a fresh socketpair as the agent's control socket; our end."""
-        ns = await self._namespaces()
+        the container with one end of a fresh socketpair as the agent's control socket; our end.  ``first``: a
+        frame put on the socket before the launch, which the agent reads as soon as it runs."""
+        netns = self._make_gvisor_netns(req)  # beside the root and the bundle: it needs neither
+        ns: Namespaces | None = None
         try:
+            ns = await self._namespaces()
             bundle = write_bundle(self, req, lowers, ns)
-            await self._wire_gvisor_network()
+            if netns is not None:
+                await netns
+                await self.ctx.network.connect(self.id, self.cgroup_path, self.touch, netns=str(self.netns_path))
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
+                if first:
+                    ours.sendall(first)  # a small frame on an empty socket: it does not block
                 await launch(str(bundle), theirs.fileno())
             except BaseException:
                 ours.close()
@@ -255,6 +266,10 @@ class Sandbox(AgentFrames):
                 theirs.close()
                 if self.ctx.volumes:
                     self.ctx.volumes.release(self.id)  # the container holds its own copies of the volume mounts
+        except BaseException:
+            if netns is not None:
+                await asyncio.gather(netns, return_exceptions=True)  # done before the clean-up unmounts it
+            raise
         finally:
             if ns is not None:
                 ns.close()
@@ -288,6 +303,8 @@ class Sandbox(AgentFrames):
                 req,
                 lowers,
                 lambda bundle, fd: self.runtime.restore(self.container_id, bundle, str(checkpoint), fd, log_path),
+                # RESUME waits on the socket: the restored agent reads it as soon as it runs, and says HELLO.
+                first=P.resume_frame(restored=True),
             )
             now = time.time()
             for row in carried:
@@ -295,7 +312,6 @@ class Sandbox(AgentFrames):
                 self.processes[row.id] = self._process_from_row(self.ctx.state.exec(self.id, row.id) or row)
             link = AgentLink(self._on_frames, self._on_link_closed, self.id)  # verified by its HELLO's token
             await link.start(ours)
-            link.send(P.resume_frame(restored=True))
             try:
                 await asyncio.wait_for(self.connected.wait(), self.ctx.cfg.agent_connect_timeout)
             except TimeoutError:
@@ -332,11 +348,13 @@ class Sandbox(AgentFrames):
                 self._pool_socket.sendall(frame)  # a small frame on an empty socket: it does not block
                 self._prestarted = (frame, time.monotonic())
 
-    async def _wire_gvisor_network(self) -> None:
-        """Under gVisor: make and wire the network namespace the bundle names, before runsc copies it."""
-        if self.gvisor and self.ctx.network.wired(self.id):
-            await self.ctx.network.make_netns(str(self.netns_path))
-            await self.ctx.network.connect(self.id, self.cgroup_path, self.touch, netns=str(self.netns_path))
+    def _make_gvisor_netns(self, req: CreateSandbox) -> asyncio.Future[None] | None:
+        """Under gVisor with a network: start making the namespace the bundle names (wired once the bundle is
+        written, before runsc copies it)."""
+        if not self.gvisor or not self.ctx.network.will_wire(req):
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return asyncio.ensure_future(self.ctx.network.make_netns(str(self.netns_path)))
 
     def claim(self, row: SandboxRow) -> None:
         """Make a precreated sandbox the one of a request whose ``row`` is now stored (CREATING until ``activate``)."""

@@ -438,7 +438,7 @@ class Network(Ingress):
         ``block_network`` or networking off: the runtime's fresh namespace has
         loopback only.
         """
-        if not self.enabled or req.block_network:
+        if not self.will_wire(req):
             return
         assert self.names is not None
         names = self.names
@@ -492,6 +492,10 @@ class Network(Ingress):
             done.set_result(None)
             self._pending.pop(sandbox_id, None)
         await self._open_tunnels(sandbox_id, att, touch)
+
+    def will_wire(self, req: Any) -> bool:
+        """Whether ``prepare`` gives a sandbox of the request ``req`` a network to wire."""
+        return self.enabled and not req.block_network
 
     def wired(self, sandbox_id: str) -> bool:
         """Whether the sandbox has a network to wire (networking is on for this daemon)."""

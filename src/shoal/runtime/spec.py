@@ -5,7 +5,7 @@ inside is an unprivileged uid outside), a reduced capability set, no new
 privileges, seccomp, masked and read-only kernel interfaces in /proc and /sys,
 cgroup limits on memory, CPU and process count, and rlimits no higher than
 the host's.  The agent binary and the control directory are the only host
-paths mounted, both read-only.
+paths mounted, both read-only, in one mount (``/.shoal``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 from shoal.runtime import seccomp
 
+SHOAL_DIR = "/.shoal"
+"""shoal's own directory inside every sandbox: one read-only mount holding ``bin`` and ``ctl`` (decision 0079)."""
 AGENT_DIR = "/.shoal/bin"
 """Where the agent binary appears inside every sandbox."""
 CTL_DIR = "/.shoal/ctl"
@@ -117,8 +119,8 @@ class ContainerConfig:
 
     container_id: str
     rootfs: str
-    agent_dir: str
-    ctl_dir: str
+    shoal_dir: str
+    """The host directory mounted at ``/.shoal`` (its ``bin`` and ``ctl``)."""
     hostname: str = "sandbox"
     idmap: IdMap = field(default_factory=IdMap)
     resources: Resources = field(default_factory=Resources)
@@ -128,6 +130,9 @@ class ContainerConfig:
     userns_path: str | None = None
     """A user namespace to join, already mapped as ``idmap`` says (None: the runtime makes one)."""
     devices: list[DeviceNode] = field(default_factory=list)
+    split_shoal_dirs: tuple[str, str] | None = None
+    """Sandboxes made by shoal before decision 0079 had the agent's directory and the control directory as two
+    mounts: their memory snapshots restore only into the same mounts (host paths of ``bin`` and ``ctl``)."""
     gvisor: bool = False
     """For runsc (decision 0069): no user namespace in the spec (runsc gives its Sentry one of its own; the root
     is id-mapped to the stored range instead), the control socket on standard input."""
@@ -177,6 +182,19 @@ def _resources(r: Resources, gvisor: bool) -> dict[str, Any]:
     return out
 
 
+def _shoal_mounts(cfg: ContainerConfig) -> list[dict[str, Any]]:
+    if cfg.split_shoal_dirs is None:
+        return [{"destination": SHOAL_DIR, "type": "bind", "source": cfg.shoal_dir, "options": ["bind", *_RO]}]
+    agent_dir, ctl_dir = cfg.split_shoal_dirs
+    return [
+        {"destination": AGENT_DIR, "type": "bind", "source": agent_dir, "options": ["bind", *_RO]},
+        {"destination": CTL_DIR, "type": "bind", "source": ctl_dir, "options": ["bind", *_RO, "noexec"]},
+    ]
+
+
+_RO = ["ro", "nosuid", "nodev"]
+
+
 def build(cfg: ContainerConfig) -> dict[str, Any]:
     """The complete ``config.json`` for one sandbox."""
     mounts: list[dict[str, Any]] = [
@@ -216,18 +234,7 @@ def build(cfg: ContainerConfig) -> dict[str, Any]:
             "source": "sysfs",
             "options": ["nosuid", "noexec", "nodev", "ro"],
         },
-        {
-            "destination": AGENT_DIR,
-            "type": "bind",
-            "source": cfg.agent_dir,
-            "options": ["bind", "ro", "nosuid", "nodev"],
-        },
-        {
-            "destination": CTL_DIR,
-            "type": "bind",
-            "source": cfg.ctl_dir,
-            "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
-        },
+        *_shoal_mounts(cfg),
     ]
     for b in cfg.binds:
         opts = ["rbind", "nosuid", "nodev", "ro" if b.read_only else "rw"]

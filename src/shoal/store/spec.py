@@ -44,6 +44,9 @@ class SandboxSpec:
     """The layers of those images: in use while the sandbox runs."""
     uid_slot: int | None = None
     """Its host id range (``shoal.engine.uids``); None: the range all sandboxes share (decision 0002)."""
+    one_shoal_mount: bool = True
+    """``/.shoal`` is one mount (decision 0079); False for sandboxes of older versions, whose memory snapshots
+    restore only into the two mounts they had."""
 
     @property
     def runtime(self) -> str:
@@ -94,4 +97,5 @@ class SandboxSpec:
             image_mounts=dict(raw.get("image_mounts") or {}),
             mounted_layers=list(raw.get("mounted_layers") or []),
             uid_slot=slot if isinstance(slot := raw.get("uid_slot"), int) and not isinstance(slot, bool) else None,
+            one_shoal_mount=raw.get("one_shoal_mount") is True,
         )
