@@ -425,7 +425,8 @@ def test_a_killed_node_reads_as_ended_and_creates_avoid_it(cluster):
         assert ids.count(doomed.object_id) == 1
         assert ids.count(again.object_id) == 1
         back = shoal.Sandbox.from_id(doomed.object_id)
-        assert back.poll() == 137 and back._info["result"]["status"] == "internal_failure"  # as it read meanwhile
+        # As it read meanwhile (the result's message says which path ended it, should this fail again).
+        assert back.poll() == 137 and back._info["result"]["status"] == "internal_failure", back._info["result"]
     finally:
         for sb in after:
             sb.terminate()
