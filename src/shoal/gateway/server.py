@@ -84,8 +84,7 @@ class _CoalescingProtocol(H2Protocol):
 
 
 class _Server(Server):
-    """grpclib's server, its connections' writes coalesced (``_CoalescingTransport``): the official client's
-    create-and-first-command took ~1.5 ms less with it (BENCHMARKS.md, the gateway)."""
+    """grpclib's server, its connections' writes coalesced (``_CoalescingTransport``; decision 0075)."""
 
     def _protocol_factory(self) -> H2Protocol:
         made = super()._protocol_factory()  # what registers the connection's handler with the server
