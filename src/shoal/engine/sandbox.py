@@ -136,7 +136,7 @@ class Sandbox(AgentFrames):
         """Image builds: at teardown, move the upper directory here instead of deleting it (None if that failed)."""
         self._pool_socket: socket.socket | None = None
         self._pool_started = False
-        """A precreated sandbox whose agent already runs (gVisor's pool), waiting for its INIT."""
+        """A precreated sandbox whose agent already runs, waiting for its INIT (every pooled one, decision 0064)."""
         self._prestarted: tuple[bytes, float] | None = None
         """A pooled gVisor sandbox's entrypoint, started before a request took it: its EXEC frame, and when."""
         self._budget: OutputBudget | None = None
@@ -324,10 +324,10 @@ class Sandbox(AgentFrames):
         self._arm_timers()
 
     async def precreate(self, req: CreateSandbox, image: ImageConfig, lowers: list[str]) -> None:
-        """For the warm pool: everything up to the init's first instruction (``runc create``, network wired).
+        """For the warm pool: everything up to the agent's INIT (the container made and started, network wired).
 
         Not in the database yet; ``activate`` finishes the start once a request takes it, ``discard`` removes
-        it if none does.  Under gVisor the agent runs already, and so does the image's keep-alive command as the
+        it if none does.  The agent runs already; under gVisor so does the image's keep-alive command as the
         entrypoint a request of the default shape would start (exec'ing it costs a fresh gVisor sandbox tens of
         milliseconds, which would otherwise compete with the request's first exec).
         """
@@ -337,6 +337,9 @@ class Sandbox(AgentFrames):
         )
         if not self.gvisor:
             await self.ctx.network.connect(self.id, self.cgroup_path, self.touch)
+            # The agent starts now and waits for its INIT, off the path of the request that takes it.
+            await self.runtime.start_created(self.container_id)
+            self._pool_started = True
         else:
             # `runsc start` (a runsc process, then the agent's start inside gVisor) is most of a pooled gVisor
             # sandbox's start: do it now; the agent waits for its INIT, which carries nothing of the pool's.
