@@ -65,9 +65,9 @@ class _CoalescingTransport:
         self._pending.append(bytes(data))
 
     def _flush(self) -> None:
-        data, self._pending = b"".join(self._pending), []
-        if data and not self._transport.is_closing():
-            self._transport.write(data)
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))  # one chunk: no copy
 
     def close(self) -> None:
         self._flush()

@@ -182,6 +182,9 @@ def _resources(r: Resources, gvisor: bool) -> dict[str, Any]:
     return out
 
 
+_RO = ["ro", "nosuid", "nodev"]
+
+
 def _shoal_mounts(cfg: ContainerConfig) -> list[dict[str, Any]]:
     if cfg.split_shoal_dirs is None:
         return [{"destination": SHOAL_DIR, "type": "bind", "source": cfg.shoal_dir, "options": ["bind", *_RO]}]
@@ -190,9 +193,6 @@ def _shoal_mounts(cfg: ContainerConfig) -> list[dict[str, Any]]:
         {"destination": AGENT_DIR, "type": "bind", "source": agent_dir, "options": ["bind", *_RO]},
         {"destination": CTL_DIR, "type": "bind", "source": ctl_dir, "options": ["bind", *_RO, "noexec"]},
     ]
-
-
-_RO = ["ro", "nosuid", "nodev"]
 
 
 def build(cfg: ContainerConfig) -> dict[str, Any]:
