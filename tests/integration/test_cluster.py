@@ -14,9 +14,11 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -205,42 +207,222 @@ def test_a_terminal_of_a_sandbox_on_another_node_through_the_head(cluster):
         sb.terminate()
 
 
-def test_the_heads_gateway_serves_its_node_and_names_the_node_of_another(cluster):
-    """The official modal client, run in the head's namespace against its gateway: a sandbox of its own works; one
-    that node1 runs is refused with an error that names node1 (the gateway does not serve other nodes yet)."""
+GATEWAY_PROGRAM = """
+import json, sys, modal
+elsewhere_id = sys.argv[1]
+app = modal.App.lookup('cluster-gateway', create_if_missing=True)
+out = {}
+pinned = modal.Sandbox.create(
+    app=app, name='on-node1', experimental_options={'node_labels': 'shoal.io/node=node1'}, timeout=120
+)
+out['pinned'] = pinned.object_id
+p = pinned.exec('sh', '-c', 'echo out; echo err >&2; cat; exit 3')
+p.stdin.write(b'typed in'); p.stdin.write_eof(); p.stdin.drain()
+out['exec'] = [p.stdout.read(), p.stderr.read(), p.wait()]
+pinned.filesystem.write_text('on node1', '/tmp/file.txt')
+out['file'] = pinned.filesystem.read_text('/tmp/file.txt')
+out['named'] = modal.Sandbox.from_name('cluster-gateway', 'on-node1').object_id
+out['listed'] = sorted(sb.object_id for sb in modal.Sandbox.list(app_id=app.app_id))
+other = modal.Sandbox.from_id(elsewhere_id)
+out['other'] = [other.poll(), other.exec('cat', '/etc/hostname').stdout.read() != '']
+other.terminate()
+other.wait(raise_on_termination=False)
+out['other_end'] = other.returncode
+spread = [modal.Sandbox.create(app=app, timeout=120) for _ in range(6)]
+out['spread'] = [sb.object_id for sb in spread]
+for sb in spread:
+    sb.terminate()
+pinned.terminate()
+pinned.wait(raise_on_termination=False)
+out['pinned_end'] = pinned.returncode
+print(json.dumps(out))
+"""
+
+
+def official_client(program: str, *args: str) -> Any:
+    """What ``program`` printed last (JSON): the official modal client run in the head's namespace, pointed at the
+    head's gateway only."""
     pytest.importorskip("modal", reason="the gateway extra is not installed: make setup")
-    app = shoal.App.lookup("cluster-gateway", create_if_missing=True)
-    elsewhere = shoal.Sandbox.create(app=app, experimental_options={"node_labels": "shoal.io/node=node1"}, timeout=120)
     gateway: dict[str, str] = run_blocking(default_client().request("GET", "/v1/gateway"))["env"]
-    program = (
-        "import json, modal\n"
-        "app = modal.App.lookup('cluster-gateway', create_if_missing=True)\n"
-        "sb = modal.Sandbox.create(app=app)\n"
-        "out = sb.exec('echo', 'from', 'the', 'head').stdout.read()\n"
-        "sb.terminate()\n"
-        "try:\n"
-        f"    modal.Sandbox.from_id({elsewhere.object_id!r}).poll()\n"
-        "    refused = ''\n"
-        "except Exception as exc:\n"
-        "    refused = f'{type(exc).__name__}: {exc}'\n"
-        "print(json.dumps([out, refused]))\n"
-    )
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SHOAL_"))}
     environ.update(gateway, MODAL_CONFIG_PATH="/nonexistent/.modal.toml")
+    done = subprocess.run(
+        ["nsenter", "--net=/run/netns/shoal-lc-node0", "--", sys.executable, "-c", program, *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_the_heads_gateway_serves_the_whole_cluster(cluster):
+    """The official modal client against the head's gateway: a create pinned to node1 lands there and its exec
+    (stdin, stdout, stderr, exit code), files, name and list work through the head; a sandbox node2 runs is found
+    by id, runs a command and ends; unpinned creates spread over the nodes."""
+    app = shoal.App.lookup("cluster-gateway", create_if_missing=True)
+    elsewhere = shoal.Sandbox.create(app=app, experimental_options={"node_labels": "shoal.io/node=node2"}, timeout=120)
     try:
-        done = subprocess.run(
-            ["nsenter", "--net=/run/netns/shoal-lc-node0", "--", sys.executable, "-c", program],
-            capture_output=True,
-            text=True,
-            env=environ,
-            timeout=180,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        out, refused = json.loads(done.stdout.splitlines()[-1])
-        assert out == "from the head\n"
-        assert "runs on node node1" in refused and "node1's gateway" in refused, refused
+        out = official_client(GATEWAY_PROGRAM, elsewhere.object_id)
+        assert shoal.Sandbox.from_id(out["pinned"])._info["node"] == "node1"
+        assert out["exec"] == ["out\ntyped in", "err\n", 3]
+        assert out["file"] == "on node1"
+        assert out["named"] == out["pinned"]
+        assert {out["pinned"], elsewhere.object_id} <= set(out["listed"])
+        assert out["other"] == [None, True]
+        assert out["other_end"] == 137
+        assert shoal.Sandbox.from_id(elsewhere.object_id).poll() == 137  # node2 ended it
+        nodes = collections.Counter(shoal.Sandbox.from_id(i)._info["node"] for i in out["spread"])
+        assert len(nodes) >= 2, nodes
+        assert out["pinned_end"] == 137
     finally:
         elsewhere.terminate()
+
+
+GATEWAY_OBJECTS_PROGRAM = """
+import io, json, socket, sys, time, modal
+app = modal.App.lookup('cluster-gateway', create_if_missing=True)
+out = {}
+node1 = {'node_labels': 'shoal.io/node=node1'}
+vol = modal.Volume.from_name('cluster-gateway-volume', create_if_missing=True)
+with vol.batch_upload(force=True) as batch:
+    batch.put_file(io.BytesIO(b'from the head'), '/a.txt')
+sb = modal.Sandbox.create('python3', '-m', 'http.server', '8000', app=app, unencrypted_ports=[8000],
+                          volumes={'/data': vol}, experimental_options=node1, timeout=120)
+out['volume'] = sb.exec('cat', '/data/a.txt').stdout.read()
+host, port = sb.tunnels()[8000].tcp_socket
+answer = b''
+for _ in range(100):
+    try:
+        with socket.create_connection((host, port), timeout=2) as s:
+            s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')
+            answer = s.recv(100)
+        if answer:
+            break
+    except OSError:
+        pass
+    time.sleep(0.1)
+out['tunnel'] = [host, answer[:15].decode()]
+sb.exec('bash', '-c', 'echo kept > /kept.txt').wait()
+image = sb.snapshot_filesystem()
+sb.terminate()
+again = modal.Sandbox.create(app=app, image=image, timeout=120)
+out['image'] = [again.object_id, again.exec('cat', '/kept.txt').stdout.read()]
+again.terminate()
+counter = "import sys\\nn = 0\\nfor line in sys.stdin:\\n    n += 1\\n    print(n, line.strip(), flush=True)"
+g = modal.Sandbox.create('python3', '-c', counter, app=app, runtime='gvisor', experimental_options=node1, timeout=120)
+g.stdin.write(b'a\\n'); g.stdin.drain()
+first = next(iter(g.stdout))
+snap = g._experimental_snapshot()
+fork = modal.Sandbox._experimental_from_snapshot(snap)
+fork.stdin.write(b'b\\n'); fork.stdin.drain()
+out['memory'] = [first, next(iter(fork.stdout)), g.object_id, fork.object_id]
+for s in (g, fork):
+    s.terminate()
+print(json.dumps(out))
+"""
+
+
+def test_the_heads_gateway_serves_tunnels_volumes_and_snapshots_of_another_node(cluster):
+    """Through the head's gateway, for a sandbox on node1: a volume made through the head is mounted there; its
+    tunnel is on node1's address; a filesystem snapshot taken there starts a sandbox anywhere; a memory snapshot
+    taken there (gVisor) restores, and the fork carries on from it."""
+    out = official_client(GATEWAY_OBJECTS_PROGRAM)
+    assert out["volume"] == "from the head"
+    assert out["tunnel"] == ["10.251.0.11", "HTTP/1.0 200 OK"]
+    assert out["image"][1] == "kept\n"
+    first, forked, original, fork = out["memory"]
+    assert [first, forked] == ["1 a\n", "2 b\n"]
+    assert {shoal.Sandbox.from_id(i)._info["node"] for i in (original, fork)} == {"node1"}
+
+
+GATEWAY_NAMES_PROGRAM = """
+import json, sys, modal
+secret_name, their_volume, our_volume = sys.argv[1:4]
+app = modal.App.lookup('cluster-gateway', create_if_missing=True)
+out = {}
+sb = modal.Sandbox.create(app=app, secrets=[modal.Secret.from_name(secret_name)], timeout=120)
+out['secret'] = sb.exec('sh', '-c', 'echo $TOKEN').stdout.read()
+sb.terminate()
+try:
+    modal.Volume.from_name(their_volume).hydrate()
+    out['their_volume'] = ''
+except Exception as exc:
+    out['their_volume'] = f'{type(exc).__name__}: {exc}'
+out['our_volume'] = modal.Volume.from_name(our_volume, create_if_missing=True).hydrate().object_id
+print(json.dumps(out))
+"""
+
+
+def test_the_heads_gateway_finds_secrets_of_other_nodes_and_keeps_volume_names_the_clusters(cluster):
+    """Through the head's gateway: a secret node1 holds is found by name and used (and its update reaches the next
+    create); a volume node1 holds is refused with an error naming node1 (the gateway serves its own node's volumes);
+    a volume the gateway makes holds its name in the whole cluster, so another node's API finds that one."""
+    secret, theirs, ours = (f"{kind}-{os.getpid()}" for kind in ("gw-secret", "gw-their-volume", "gw-our-volume"))
+    on_node(
+        1,
+        f"import shoal\nshoal.Secret.objects.create({secret!r}, {{'TOKEN': 'first'}})\n"
+        f"shoal.Volume.from_name({theirs!r}, create_if_missing=True).hydrate()\n",
+    )
+    try:
+        out = official_client(GATEWAY_NAMES_PROGRAM, secret, theirs, ours)
+        assert out["secret"] == "first\n"
+        assert "lives on node node1" in out["their_volume"], out["their_volume"]
+        made = on_node(
+            2,
+            f"import shoal\nprint(shoal.Volume.from_name({ours!r}, create_if_missing=True).hydrate().object_id)\n",
+        )
+        assert made == [out["our_volume"]]  # the head's, not a second volume of that name
+        on_node(1, f"import shoal\nshoal.Secret.from_name({secret!r}).update({{'TOKEN': 'second'}})\n")
+        assert official_client(GATEWAY_NAMES_PROGRAM, secret, theirs, ours)["secret"] == "second\n"
+    finally:
+        on_node(
+            1,
+            f"import shoal\nshoal.Secret.objects.delete({secret!r})\nshoal.Volume.objects.delete({theirs!r})\n"
+            f"shoal.Volume.objects.delete({ours!r})\n",
+        )
+
+
+def test_a_nodes_gateway_takes_its_peers_calls_only_with_the_clusters_token(cluster):
+    """The listener each gateway keeps for its peers, on its node's cluster address: a call without the cluster's
+    token is refused; with it, a call about a sandbox is answered for that node's own, and there is no create."""
+    pytest.importorskip("modal_proto", reason="the gateway extra is not installed: make setup")
+    from grpclib import GRPCError, Status
+    from grpclib.client import Channel
+    from modal_proto import api_pb2
+    from modal_proto.api_grpc import ModalClientStub
+
+    where = urllib.parse.urlsplit(nodes()["node1"]["gateway"])
+    assert where.hostname == "10.251.0.11"
+
+    async def statuses() -> list[Status]:
+        channel = Channel(where.hostname, where.port)
+        stub = ModalClientStub(channel)
+        seen = []
+        try:
+            for metadata in ({}, {"x-shoal-cluster-token": "wrong"}, {"x-shoal-cluster-token": cluster["SHOAL_TOKEN"]}):
+                try:
+                    await stub.SandboxWait(api_pb2.SandboxWaitRequest(sandbox_id="sb-nosuchsandbox"), metadata=metadata)
+                except GRPCError as e:
+                    seen.append(e.status)
+            try:
+                await stub.SandboxCreateV2(
+                    api_pb2.SandboxCreateV2Request(app_id="ap-x"),
+                    metadata={"x-shoal-cluster-token": cluster["SHOAL_TOKEN"]},
+                )
+            except GRPCError as e:
+                seen.append(e.status)
+        finally:
+            channel.close()
+        return seen
+
+    assert asyncio.run(statuses()) == [
+        Status.UNAUTHENTICATED,
+        Status.UNAUTHENTICATED,
+        Status.NOT_FOUND,
+        Status.UNIMPLEMENTED,
+    ]
 
 
 def test_a_named_secret_is_the_clusters(cluster):
@@ -408,6 +590,19 @@ def test_a_killed_node_reads_as_ended_and_creates_avoid_it(cluster):
     with pytest.raises(ConflictError, match="node2 died"):
         doomed.exec("true")
     assert not nodes()["node2"]["alive"]
+    # The same through the head's gateway, with the official client.
+    seen = official_client(
+        "import json, sys, modal\n"
+        "sb = modal.Sandbox.from_id(sys.argv[1])\n"
+        "try:\n"
+        "    sb.exec('true').wait()\n"
+        "    refused = ''\n"
+        "except Exception as exc:\n"
+        "    refused = f'{type(exc).__name__}: {exc}'\n"
+        "print(json.dumps([sb.poll(), sb.wait(raise_on_termination=False), refused]))\n",
+        doomed.object_id,
+    )
+    assert seen[:2] == [137, None] and "node2 died" in seen[2], seen
     after = [shoal.Sandbox.create(app=app, timeout=300) for _ in range(6)]
     try:
         assert {item["node"] for item in sandboxes(app)} <= {"node0", "node1"}

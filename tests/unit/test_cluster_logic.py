@@ -7,7 +7,7 @@ import pytest
 from shoal.engine.uids import UidSlots
 from shoal.exception import InvalidError
 from shoal.sdk._sandbox_args import node_labels_option
-from shoal.server.cluster import _needs_this_node, _secret_ids
+from shoal.server.cluster import _secret_ids, needs_this_node
 from shoal.wire.cluster import parse_labels
 
 
@@ -27,9 +27,9 @@ def test_labels_parse_and_refuse_what_is_not_key_value():
 
 def test_what_keeps_a_create_on_the_node_it_was_sent_to():
     base = {"app_id": "ap-x", "image": {"kind": "id", "image_id": "im-x", "steps": []}}
-    assert not _needs_this_node(base)
-    assert not _needs_this_node({**base, "secret_ids": ["se-1"]})  # secrets travel with the create
-    assert not _needs_this_node({**base, "volumes": [{"volume_id": "vo-1", "path": "/data"}]})  # a copy goes there
+    assert not needs_this_node(base)
+    assert not needs_this_node({**base, "secret_ids": ["se-1"]})  # secrets travel with the create
+    assert not needs_this_node({**base, "volumes": [{"volume_id": "vo-1", "path": "/data"}]})  # a copy goes there
     for extra in (
         {"image": {"kind": "registry"}},
         {"image": {"kind": "id", "image_id": "im-x", "steps": [{"op": "run"}]}},
@@ -37,7 +37,7 @@ def test_what_keeps_a_create_on_the_node_it_was_sent_to():
         {"gpu": "any"},
         {"enable_snapshot": True},
     ):
-        assert _needs_this_node({**base, **extra}), extra
+        assert needs_this_node({**base, **extra}), extra
     data = {"secret_ids": ["se-1", "se-2"], "outbound_headers": [{"secret_id": "se-2"}, {"secret_id": "se-3"}, {}]}
     assert _secret_ids(data) == ["se-1", "se-2", "se-3"]
 

@@ -124,8 +124,8 @@ class Membership:
     def __init__(self, address: str, info: dict[str, Any], load: Callable[[], int]) -> None:
         self.address = address
         self.info = info
-        """What this daemon registers: ``name``, ``url``, ``labels``, ``max_sandboxes``, ``version`` (and ``live``,
-        from ``load``, each time it registers again: every poll)."""
+        """What this daemon registers: ``name``, ``url``, ``labels``, ``max_sandboxes``, ``version``, ``gateway``
+        once its gateway listens (and ``live``, from ``load``, each time it registers again: every poll)."""
         self.load = load
         self.ray_node_id: str | None = None
         self.nodes: list[ClusterNode] = []
@@ -205,6 +205,7 @@ class Membership:
             address=str(raw.get("address", "")),
             alive=bool(raw.get("alive")) and bool(shoal),
             url=shoal.get("url"),
+            gateway=shoal.get("gateway"),
             labels={str(k): str(v) for k, v in (shoal.get("labels") or {}).items()},
             slots=int(slots),
             live=int(shoal.get("live") or 0),

@@ -28,11 +28,25 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _derived(secret: str, label: str) -> bytes:
+    return hmac.new(secret.encode(), b"shoal-gateway:" + label.encode(), hashlib.sha256).digest()
+
+
 class GatewayAuth:
     """Loads (or makes, 0600) ``<data dir>/gateway-tokens.json``: the token id and secret clients authenticate
-    with, and the key that signs the tokens the gateway hands out."""
+    with, and the key that signs the tokens the gateway hands out.
 
-    def __init__(self, data_dir: Path) -> None:
+    In a cluster (``cluster_token``: the API token its nodes share) all three derive from that token instead, so
+    every node's gateway takes the same client token pair and the tokens any node signed (decision 0081)."""
+
+    def __init__(self, data_dir: Path, cluster_token: str | None = None) -> None:
+        self.token_id: str
+        self.token_secret: str
+        if cluster_token is not None:
+            self.token_id = "ak-" + _b64(_derived(cluster_token, "token-id"))[:22]
+            self.token_secret = "as-" + _b64(_derived(cluster_token, "token-secret"))[:32]
+            self._key = _derived(cluster_token, "signing-key")
+            return
         path = data_dir / TOKEN_FILE
         if not path.exists():
             raw = {
@@ -44,8 +58,8 @@ class GatewayAuth:
             with os.fdopen(fd, "w") as f:
                 json.dump(raw, f)
         raw = json.loads(path.read_text())
-        self.token_id: str = raw["token_id"]
-        self.token_secret: str = raw["token_secret"]
+        self.token_id = str(raw["token_id"])
+        self.token_secret = str(raw["token_secret"])
         self._key = bytes.fromhex(raw["key"])
 
     def check_client(self, metadata: Any) -> None:

@@ -18,6 +18,7 @@ from shoal.engine.manager import Manager
 from shoal.engine.process import ENTRYPOINT_ID
 from shoal.engine.sandbox import Sandbox
 from shoal.gateway.auth import GatewayAuth
+from shoal.gateway.cluster import GatewayCluster
 from shoal.gateway.convert import create_request, create_sidecar, generic_result, grpc_errors, task_id
 from shoal.gateway.images import BUILDER_VERSION, GatewayImages
 from shoal.gateway.mounts import GatewayMounts
@@ -60,6 +61,11 @@ class ControlPlane(ModalClientBase):
         """Per sandbox, its last V1 stdin write: index, start and end offsets (a retry and the next write line up)."""
         self._starts: set[asyncio.Task[Sandbox]] = set()
         """Starts still going on after SandboxCreateV2 answered (``_create_early``)."""
+        self.cluster: GatewayCluster | None = None
+        """Where creates, lists and names look beyond this node, once the daemon is in a cluster."""
+
+    def _in_cluster(self) -> GatewayCluster | None:
+        return self.cluster if self.cluster is not None and self.cluster.on else None
 
     # ------------------------------------------------------------------ apps, environment, auth
 
@@ -70,6 +76,8 @@ class ControlPlane(ModalClientBase):
             api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING,
             api_pb2.OBJECT_CREATION_TYPE_EPHEMERAL,
         )
+        if (cluster := self._in_cluster()) is not None and req.app_name:
+            await cluster.take_in_app(req.app_name)
         app_id, _ = self.mgr.lookup_app(req.app_name, create)
         await stream.send_message(api_pb2.AppGetOrCreateResponse(app_id=app_id))
 
@@ -124,10 +132,13 @@ class ControlPlane(ModalClientBase):
                 self._anonymous.popitem(last=False)
             await stream.send_message(api_pb2.SecretGetOrCreateResponse(secret_id=secret_id))
             return
-        if kind in (
+        creating = kind in (
             api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING,
             api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS,
-        ):
+        )
+        if (cluster := self._in_cluster()) is not None and req.deployment_name:
+            await cluster.secret_name(req.deployment_name, creating)
+        if creating:
             allow = kind == api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING
             row = secrets.create(req.deployment_name, dict(req.env_dict), allow)
         elif kind == api_pb2.OBJECT_CREATION_TYPE_UNSPECIFIED:
@@ -166,6 +177,12 @@ class ControlPlane(ModalClientBase):
     @grpc_errors
     async def VolumeGetOrCreate(self, stream: Any) -> None:
         req = await stream.recv_message()
+        if (cluster := self._in_cluster()) is not None and req.deployment_name:
+            creating = req.object_creation_type in (
+                api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING,
+                api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS,
+            )
+            await cluster.volume_name(req.deployment_name, creating)
         await stream.send_message(self.volumes.get_or_create(req))
 
     @grpc_errors
@@ -204,7 +221,10 @@ class ControlPlane(ModalClientBase):
     @grpc_errors
     async def VolumeDelete(self, stream: Any) -> None:
         req = await stream.recv_message()
+        name = self.mgr.volumes.get(req.volume_id).name
         self.mgr.volumes.delete(req.volume_id)
+        if (cluster := self._in_cluster()) is not None:
+            await cluster.volume_gone(name)
         await stream.send_message(empty_pb2.Empty())
 
     @grpc_errors
@@ -213,7 +233,16 @@ class ControlPlane(ModalClientBase):
         row = self.mgr.volumes.get(req.volume_id)
         if row.name is None:
             raise exc.InvalidError("an ephemeral volume has no name to change")
-        self.mgr.volumes.rename(row.name, req.name)
+        if (cluster := self._in_cluster()) is not None and req.name != row.name:
+            await cluster.volume_name(req.name, creating=True)
+            try:
+                self.mgr.volumes.rename(row.name, req.name)
+            except BaseException:
+                await cluster.volume_gone(req.name)
+                raise
+            await cluster.volume_gone(row.name)
+        else:
+            self.mgr.volumes.rename(row.name, req.name)
         await stream.send_message(empty_pb2.Empty())
 
     @grpc_errors
@@ -263,19 +292,9 @@ class ControlPlane(ModalClientBase):
         return await self.mgr.started(sandbox_id)  # SandboxCreateV2 answers before the start ends
 
     async def _here(self, sandbox_id: str) -> None:
-        """NotFoundError unless this daemon has ``sandbox_id``; where another node of its cluster runs it, an error
-        that says so (the gateway serves its own node's sandboxes: issue 18)."""
-        try:
-            self.mgr.get(sandbox_id)
-        except exc.NotFoundError:
-            node = await self.mgr.cluster.where(sandbox_id) if self.mgr.cluster is not None else None
-            if node is None or node == self.mgr.cfg.node_name:
-                raise
-            raise exc.UnimplementedError(
-                f"sandbox {sandbox_id} runs on node {node} of the cluster, and this gateway (node"
-                f" {self.mgr.cfg.node_name}) serves its own node's sandboxes only: point MODAL_SERVER_URL at node"
-                f" {node}'s gateway (`shoal gateway env` there), or use shoal's SDK, which any node serves"
-            ) from None
+        """NotFoundError unless this daemon has ``sandbox_id`` (in a cluster, calls for another node's sandboxes
+        were passed to that node before they reach a handler: ``shoal.gateway.cluster``)."""
+        self.mgr.get(sandbox_id)
 
     def _create_request(self, req: Any) -> CreateSandbox:
         definition = req.definition
@@ -290,6 +309,19 @@ class ControlPlane(ModalClientBase):
 
     async def _create(self, req: Any) -> Sandbox:
         return await self.mgr.create(self._create_request(req), lambda line: None)
+
+    async def _placed(self, req: Any, early: bool) -> tuple[str, str]:
+        """Create where the cluster has room (this node outside a cluster): the sandbox's id and its app's."""
+        cluster = self._in_cluster()
+        if cluster is None:
+            sb = await (self._create_early(req) if early else self._create(req))
+            return sb.id, sb.row.app_id
+        placed = await cluster.create(
+            self._create_request(req), lambda: self._create_early(req) if early else self._create(req)
+        )
+        if isinstance(placed, Sandbox):
+            return placed.id, placed.row.app_id
+        return placed.sandbox_id, placed.app_id
 
     async def _create_early(self, req: Any) -> Sandbox:
         """The sandbox as soon as every check has passed and it is listed, its container still starting: the
@@ -363,22 +395,22 @@ class ControlPlane(ModalClientBase):
     @grpc_errors
     async def SandboxCreateV2(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = await self._create_early(req)
-        jwt, url = self._router_access(sb.id)
+        sandbox_id, app_id = await self._placed(req, early=True)
+        jwt, url = self._router_access(sandbox_id)
         await stream.send_message(
             api_pb2.SandboxCreateV2Response(
-                sandbox_id=sb.id,
-                task_id=task_id(sb.id),
+                sandbox_id=sandbox_id,
+                task_id=task_id(sandbox_id),
                 command_router_access=api_pb2.CommandRouterAccess(jwt=jwt, url=url),
-                metadata=api_pb2.SandboxHandleMetadata(app_id=sb.row.app_id),
+                metadata=api_pb2.SandboxHandleMetadata(app_id=app_id),
             )
         )
 
     @grpc_errors
     async def SandboxCreate(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = await self._create(req)
-        await stream.send_message(api_pb2.SandboxCreateResponse(sandbox_id=sb.id))
+        sandbox_id, _ = await self._placed(req, early=False)
+        await stream.send_message(api_pb2.SandboxCreateResponse(sandbox_id=sandbox_id))
 
     async def _task_id(self, stream: Any) -> None:
         req = await stream.recv_message()
@@ -598,9 +630,17 @@ class ControlPlane(ModalClientBase):
 
     async def _from_name(self, stream: Any) -> None:
         req = await stream.recv_message()
-        sb = self.mgr.from_name(req.app_name, req.sandbox_name, req.include_terminated)
-        meta = api_pb2.SandboxHandleMetadata(app_id=sb.row.app_id, result=generic_result(sb.result))
-        await stream.send_message(api_pb2.SandboxGetFromNameResponse(sandbox_id=sb.id, metadata=meta))
+        try:
+            sb = self.mgr.from_name(req.app_name, req.sandbox_name, req.include_terminated)
+            sandbox_id, app_id, result = sb.id, sb.row.app_id, sb.result
+        except exc.NotFoundError:
+            cluster = self._in_cluster()
+            found = await cluster.from_name(req.app_name, req.sandbox_name, req.include_terminated) if cluster else None
+            if found is None:
+                raise
+            sandbox_id, app_id, result = found.sandbox_id, found.app_id, found.result
+        meta = api_pb2.SandboxHandleMetadata(app_id=app_id, result=generic_result(result))
+        await stream.send_message(api_pb2.SandboxGetFromNameResponse(sandbox_id=sandbox_id, metadata=meta))
 
     @grpc_errors
     async def SandboxGetFromNameV2(self, stream: Any) -> None:
@@ -614,6 +654,9 @@ class ControlPlane(ModalClientBase):
         req = await stream.recv_message()
         tags = {t.tag_name: t.tag_value for t in req.tags}
         items = self.mgr.list(req.app_id or None, tags, req.include_finished)
+        if (cluster := self._in_cluster()) is not None:
+            items += await cluster.others_list(req.app_id or None, tags, req.include_finished)
+            items.sort(key=lambda i: i.created_at_us, reverse=True)
         before = req.before_timestamp
         page = [i for i in items if not before or i.created_at_us / 1e6 < before][:LIST_PAGE]
         out = []

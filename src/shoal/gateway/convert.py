@@ -235,6 +235,11 @@ def _probe(probe: Any) -> dict[str, Any]:
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 
 
+def grpc_status(error: exc.Error) -> Status:
+    """The gRPC status the client turns back into ``error``'s Modal class."""
+    return next((s for cls, s in _GRPC_STATUS if isinstance(error, cls)), Status.FAILED_PRECONDITION)
+
+
 def grpc_errors(func: F) -> F:
     """Turn shoal's errors raised by a handler into the gRPC statuses the client maps to the same Modal errors."""
 
@@ -247,8 +252,7 @@ def grpc_errors(func: F) -> F:
         except ValidationError as e:
             raise GRPCError(Status.INVALID_ARGUMENT, validation_message(e)) from None
         except exc.Error as e:
-            status = next((s for cls, s in _GRPC_STATUS if isinstance(e, cls)), Status.FAILED_PRECONDITION)
-            raise GRPCError(status, str(e) or type(e).__name__) from None
+            raise GRPCError(grpc_status(e), str(e) or type(e).__name__) from None
         except Exception as e:
             log.exception("gateway: %s failed", func.__name__)
             raise GRPCError(Status.FAILED_PRECONDITION, f"shoal: {type(e).__name__}: {e}") from None

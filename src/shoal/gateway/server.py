@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from grpclib.const import Handler
 from grpclib.protocol import H2Protocol
@@ -13,10 +14,12 @@ from grpclib.server import Server
 
 from shoal.engine.manager import Manager
 from shoal.gateway.auth import GatewayAuth
+from shoal.gateway.cluster import GatewayCluster, PeerAuthenticated
 from shoal.gateway.control import ControlPlane, not_served
 from shoal.gateway.mounts import GatewayMounts
 from shoal.gateway.router import CommandRouter
 from shoal.gateway.volumes import BlockStore, GatewayVolumes
+from shoal.server.cluster import ClusterRouter
 from shoal.util import loopback
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,9 @@ class Gateway:
     url: str
     auth: GatewayAuth
     blocks: BlockStore
+    peers: Server | None = None
+    """The listener for calls other nodes' gateways pass on (in a cluster)."""
+    cluster: GatewayCluster | None = None
 
     def env(self) -> dict[str, str]:
         """The environment that points an official ``modal`` client at this gateway."""
@@ -109,24 +115,43 @@ class Gateway:
         }
 
     async def close(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
+        for server in (self.server, self.peers):
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+        if self.cluster is not None:
+            self.cluster.close()
         await self.blocks.close()
 
 
-async def start(mgr: Manager, address: str) -> Gateway:
-    """Listen on ``address`` (a loopback HOST:PORT; a port in use falls back to any free one, said in the log)."""
+async def start(mgr: Manager, address: str, cluster: tuple[ClusterRouter, str] | None = None) -> Gateway:
+    """Listen on ``address`` (a loopback HOST:PORT; a port in use falls back to any free one, said in the log).
+
+    ``cluster``: the API's cluster router and the cluster's token, where the daemon is in a cluster; the gateway
+    then serves the whole cluster, and also listens on this node's cluster address for its peers' calls."""
     # Loopback only: the client may use a plain-HTTP router only when it reaches the control plane as localhost
     # (reference/modal-wire.md §1); TLS for other addresses is not built yet.
     host, port = loopback.split(address, "gateway")
-    auth = GatewayAuth(mgr.cfg.data_dir)
+    auth = GatewayAuth(mgr.cfg.data_dir, cluster[1] if cluster is not None else None)
     sock, url = loopback.listen(host, port, "gateway", log)
     blocks = BlockStore(mgr, auth)
     mounts = GatewayMounts(mgr, blocks)
     await blocks.start(host)
     control = complete(ControlPlane)(mgr, auth, url, GatewayVolumes(mgr, blocks), mounts)
     router = complete(CommandRouter)(mgr, auth)
-    server = _Server([_Authenticated(control, auth), router])
+    if cluster is None or mgr.cluster is None:
+        server = _Server([_Authenticated(control, auth), router])
+        await server.start(sock=sock)
+        log.info("gateway for the official modal client on %s (`shoal gateway env`)", url)
+        return Gateway(server, url, auth, blocks)
+    spread = GatewayCluster(mgr, cluster[0], cluster[1], auth, url)
+    control.cluster = spread
+    server = _Server([_Authenticated(spread.routed(control), auth), spread.routed(router, bearer=True)])
     await server.start(sock=sock)
-    log.info("gateway for the official modal client on %s (`shoal gateway env`)", url)
-    return Gateway(server, url, auth, blocks)
+    peers = _Server([PeerAuthenticated(control, cluster[1]), PeerAuthenticated(router, cluster[1])])
+    peer_host = urlsplit(mgr.cfg.advertise_url or "").hostname or "127.0.0.1"
+    peer_sock, peer_url = loopback.listen(peer_host, port, "gateway (its cluster's peers)", log)
+    await peers.start(sock=peer_sock)
+    mgr.cluster.info["gateway"] = peer_url  # registered with the next beat
+    log.info("gateway for the official modal client on %s, serving the cluster; its peers' on %s", url, peer_url)
+    return Gateway(server, url, auth, blocks, peers, spread)

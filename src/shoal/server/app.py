@@ -49,6 +49,7 @@ ROUTES: list[Route] = [
     *routes_persistent.TABLE.routes,
     *routes_snapshots.TABLE.routes,
     *routes_volumes.TABLE.routes,
+    *cluster_secrets.TABLE.routes,
 ]
 """Every route the daemon serves, module by module."""
 MAX_BODY = 64 << 20

@@ -17,7 +17,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -63,6 +63,7 @@ HOP_BY_HOP = frozenset(
 back as the node that ran the call gave it (``X-Shoal-Offset``, ``X-Shoal-Exec-Id``, …)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 class ClusterRouter:
@@ -98,7 +99,8 @@ class ClusterRouter:
         if self._session is not None:
             await self._session.close()
 
-    def _others(self) -> list[ClusterNode]:
+    def others(self) -> list[ClusterNode]:
+        """The other live nodes of the cluster."""
         assert self.mgr.cluster is not None
         return [n for n in self.mgr.cluster.alive() if not n.this]
 
@@ -138,7 +140,7 @@ class ClusterRouter:
             if attempt:
                 assert self.mgr.cluster is not None
                 await self.mgr.cluster.fresh()
-            others = [n for n in self._others() if n.ray_node_id not in asked]
+            others = [n for n in self.others() if n.ray_node_id not in asked]
             asked |= {n.ray_node_id for n in others}
             answers = await asyncio.gather(*(self.ask(n, method, path, body) for n in others))
             found = next(((n, a) for n, a in zip(others, answers, strict=True) if a is not None), None)
@@ -155,7 +157,7 @@ class ClusterRouter:
         if local.status != 200 or not isinstance(local, web.Response) or local.text is None:
             return local
         items: list[dict[str, Any]] = json.loads(local.text)[key]
-        others = self._others()
+        others = self.others()
         answers = await asyncio.gather(*(self.ask(n, "GET", request.rel_url.path_qs) for n in others))
         for node, answer in zip(others, answers, strict=True):
             for item in (answer or {}).get(key) or []:
@@ -169,7 +171,7 @@ class ClusterRouter:
         node holds it (this node answers NotFoundError)."""
         if home is None:
             return None
-        node = next((n for n in self._others() if n.name == home), None)
+        node = next((n for n in self.others() if n.name == home), None)
         if node is None:
             raise ServiceError(f"node {home}, which holds {what}, is not in the cluster now: try again once it is back")
         return await self.proxy(request, node, None)
@@ -184,7 +186,7 @@ class ClusterRouter:
         held = await self.mgr.cluster.claim(f"{kind}:{name}", me)
         if held is None or held == me:
             return None
-        node = next((n for n in self._others() if n.name == held), None)
+        node = next((n for n in self.others() if n.name == held), None)
         if node is None:
             raise ServiceError(
                 f"the {kind} name {name!r} is held by node {held}, which is not alive now: try again once it is back"
@@ -238,7 +240,7 @@ class ClusterRouter:
         assert self.mgr.cluster is not None
         name = self._owners.get(sandbox_id)
         if name is None:
-            others = self._others()
+            others = self.others()
             answers = await asyncio.gather(*(self._knows(n, sandbox_id) for n in others))
             name = next((n.name for n, knows in zip(others, answers, strict=True) if knows), None)
             if name is None:
@@ -296,7 +298,7 @@ class ClusterRouter:
         except aiohttp.ClientConnectorError as exc:
             if sandbox_id is None:
                 raise ServiceError(f"node {node.name} ({node.url}), which holds it, did not answer: {exc}") from None
-            dead = await self._verdict(node)
+            dead = await self.verdict(node)
             if dead is not None:
                 return await self.of_dead_node(request, dead, sandbox_id)
             raise ServiceError(
@@ -336,7 +338,7 @@ class ClusterRouter:
                 await ws.close()
         return ws
 
-    async def _verdict(self, node: ClusterNode) -> ClusterNode | None:
+    async def verdict(self, node: ClusterNode) -> ClusterNode | None:
         """``node`` as the cluster holds it once Ray has called it dead; None where it still holds it alive after
         ``VERDICT_SECONDS``."""
         assert self.mgr.cluster is not None
@@ -361,7 +363,7 @@ class ClusterRouter:
             ("POST", "/v1/sandboxes/{sandbox_id}/terminate"),  # ended already: as for any finished sandbox
         }
         if (request.method, path) in shown:
-            recorded = next((s for s in await self._lost_on(node) if s.get("sandbox_id") == sandbox_id), None)
+            recorded = next((s for s in await self.lost_on(node) if s.get("sandbox_id") == sandbox_id), None)
             if recorded is not None:
                 return web.json_response(_ended_with_node(recorded, message))
         raise ConflictError(message)
@@ -376,13 +378,19 @@ class ClusterRouter:
             name = json.loads(body).get("name")
         except (ValueError, AttributeError):
             name = None
-        if isinstance(name, str) and name and self.mgr.state.app_by_name(name) is None:
-            others = self._others()
-            answers = await asyncio.gather(*(self._app_named(n, name) for n in others))
-            found = next((a for a in answers if a is not None), None)
-            if found is not None:
-                self.mgr.mirror_app(found, name, False)
+        if isinstance(name, str) and name:
+            await self.take_in_app(name)
         return await handler(request)
+
+    async def take_in_app(self, name: str) -> None:
+        """Where this node has no app called ``name`` and another node has, take that one in under its id."""
+        if self.mgr.state.app_by_name(name) is not None:
+            return
+        others = self.others()
+        answers = await asyncio.gather(*(self._app_named(n, name) for n in others))
+        found = next((a for a in answers if a is not None), None)
+        if found is not None:
+            self.mgr.mirror_app(found, name, False)
 
     async def sandbox_by_name(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """``Sandbox.from_name``: this node's sandbox of that name, or another node's."""
@@ -411,18 +419,34 @@ class ClusterRouter:
     # ------------------------------------------------------------------ creates and lists
 
     async def create(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Create on the node with the most room among those with the labels asked for; a node that turns the
-        create away (no room, or not the image) passes it to the next.  The create's app and named secrets are made
-        known there first; anything else that names objects only this node holds (volumes, image builds and pulls)
-        is created here."""
+        """``POST /v1/sandboxes`` placed by ``place``; a create that names objects only this node holds (volumes
+        excepted: decision 0078; image builds and pulls) is created here."""
         assert self.mgr.cluster is not None
         body = await request.read()
         try:
             data = json.loads(body)
         except ValueError:
             return await handler(request)  # the route answers the malformed body
-        if not isinstance(data, dict) or _needs_this_node(data):
+        if not isinstance(data, dict) or needs_this_node(data):
             return await handler(request)
+
+        async def here() -> web.StreamResponse:
+            answer = await handler(request)
+            if answer.status == 429:
+                raise ResourceExhaustedError("this node is full")
+            return answer
+
+        return await self.place(data, body, here, request)
+
+    async def place(
+        self, data: dict[str, Any], body: bytes, here: Callable[[], Awaitable[T]], request: web.Request | None = None
+    ) -> T | web.Response:
+        """Create on the node with the most room among those with the labels asked for; a node that turns the
+        create away (no room, or not the image) passes it to the next.  The create's app and named secrets are made
+        known there first.  ``here``: the create on this node, which raises ResourceExhaustedError where it has
+        no room; another node's answer (``body`` sent as it is) comes back as that node gave it (200: the
+        sandbox's ``SandboxInfo``)."""
+        assert self.mgr.cluster is not None
         wanted = data.get("node_labels") or {}
         nodes = [n for n in self.mgr.cluster.alive() if all(n.labels.get(k) == v for k, v in wanted.items())]
         if not nodes:
@@ -432,14 +456,13 @@ class ClusterRouter:
         refused: web.Response | None = None
         for node in sorted(nodes, key=self._room, reverse=True):
             if node.this:
-                here = await handler(request)
-                if here.status != 429:
-                    return here
+                with contextlib.suppress(ResourceExhaustedError):
+                    return await here()
                 continue
             self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
             try:
                 await self._mirror_app(node, str(data.get("app_id", "")))
-                await self._mirror_secrets(node, _secret_ids(data))
+                await self.mirror_secrets(node, _secret_ids(data))
                 answer = await self._create_on(request, node, self._portable(data, body))
             except ServiceError as exc:
                 log.warning("cluster: create on node %s failed: %s; trying the next", node.name, exc)
@@ -485,11 +508,12 @@ class ClusterRouter:
         self._placed[node.name] = recent
         return node.slots - node.live - len(recent) - self._inflight.get(node.name, 0), False
 
-    async def _create_on(self, request: web.Request, node: ClusterNode, body: bytes) -> web.Response:
+    async def _create_on(self, request: web.Request | None, node: ClusterNode, body: bytes) -> web.Response:
         """The node's answer to the create."""
         assert node.url is not None
         try:
-            headers = {k: v for k, v in self._headers(request).items() if k != "Content-Length"}
+            headers = {"Content-Type": "application/json"}
+            headers.update((k, v) for k, v in self._headers(request).items() if k != "Content-Length")
             async with self.session.post(f"{node.url}/v1/sandboxes", headers=headers, data=body) as upstream:
                 payload = await upstream.read()
                 if upstream.status == 200:
@@ -518,7 +542,7 @@ class ClusterRouter:
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise ServiceError(f"node {node.name} did not answer: {exc or type(exc).__name__}") from None
 
-    async def _mirror_secrets(self, node: ClusterNode, secret_ids: list[str]) -> None:
+    async def mirror_secrets(self, node: ClusterNode, secret_ids: list[str]) -> None:
         """Give ``node`` the named secrets the create uses (sent to it in the clear over the cluster's API, sealed
         again there by its own key; decision 0077)."""
         assert node.url is not None and self.mgr.cluster is not None
@@ -547,18 +571,20 @@ class ClusterRouter:
         if local.status != 200 or not isinstance(local, web.Response) or local.text is None:
             return local
         items: list[dict[str, Any]] = json.loads(local.text)["sandboxes"]
-        others = self._others()
-        answers = await asyncio.gather(*(self._list_of(n, request) for n in others))
+        others = self.others()
+        answers = await asyncio.gather(*(self.list_of(n, request.rel_url.path_qs) for n in others))
         for node, found in zip(others, answers, strict=True):
             for item in found:
                 self.remember(str(item.get("sandbox_id")), node.name)
             items.extend(found)
         if request.query.get("include_finished", "") in ("1", "true"):
-            items.extend(await self._of_dead_nodes(request))
+            tags = dict(t.partition("=")[::2] for t in request.query.getall("tag", []))
+            items.extend(await self.of_dead_nodes(request.query.get("app_id"), tags))
         items.sort(key=lambda i: int(i.get("created_at_us") or 0), reverse=True)
         return web.json_response({"sandboxes": items})
 
-    async def _lost_on(self, node: ClusterNode) -> list[dict[str, Any]]:
+    async def lost_on(self, node: ClusterNode) -> list[dict[str, Any]]:
+        """What the dead ``node`` had recorded as running, as the API showed each sandbox."""
         assert self.mgr.cluster is not None
         if node.ray_node_id not in self._lost:
             found = await self.mgr.cluster.lost(node.name)
@@ -569,16 +595,15 @@ class ClusterRouter:
             self._lost[node.ray_node_id] = found
         return self._lost[node.ray_node_id]
 
-    async def _of_dead_nodes(self, request: web.Request) -> list[dict[str, Any]]:
+    async def of_dead_nodes(self, app_id: str | None, tags: dict[str, str]) -> list[dict[str, Any]]:
+        """What dead nodes ran (of ``app_id``, with ``tags``), each ended with its node."""
         assert self.mgr.cluster is not None
-        app_id = request.query.get("app_id")
-        tags = dict(t.partition("=")[::2] for t in request.query.getall("tag", []))
         out: list[dict[str, Any]] = []
         for node in self.mgr.cluster.nodes:
             # A node that came back holds a new Ray node id; its old, dead one lost its registration (url) then.
             if node.alive or node.this or not node.url:
                 continue
-            for recorded in await self._lost_on(node):
+            for recorded in await self.lost_on(node):
                 if app_id and recorded.get("app_id") != app_id:
                     continue
                 if any((recorded.get("tags") or {}).get(k) != v for k, v in tags.items()):
@@ -587,11 +612,12 @@ class ClusterRouter:
                 out.append(_ended_with_node(recorded, message))
         return out
 
-    async def _list_of(self, node: ClusterNode, request: web.Request) -> list[dict[str, Any]]:
+    async def list_of(self, node: ClusterNode, path_qs: str) -> list[dict[str, Any]]:
+        """``node``'s own sandboxes as ``GET path_qs`` lists them ([] where it does not answer)."""
         assert node.url is not None
         try:
             async with self.session.get(
-                node.url + request.rel_url.path_qs,
+                node.url + path_qs,
                 headers=self._headers(None),
                 timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT),
             ) as resp:
@@ -632,7 +658,7 @@ def _secret_ids(data: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _needs_this_node(data: dict[str, Any]) -> bool:
+def needs_this_node(data: dict[str, Any]) -> bool:
     """Whether a create names objects that live in this node's store alone (decision 0077)."""
     image = data.get("image") or {}
     # An image id the node lacks is a 404 there, and the create moves on; steps or a registry pull would build there.

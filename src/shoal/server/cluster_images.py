@@ -30,7 +30,7 @@ class ClusterImages:
         return found[0].name, found[1]
 
     async def layer(self, node: str, image_id: str, index: int, dest: Path) -> None:
-        found = next((n for n in self.router._others() if n.name == node), None)
+        found = next((n for n in self.router.others() if n.name == node), None)
         if found is None or found.url is None:
             raise ServiceError(f"node {node}, which holds image {image_id}, left the cluster: try again")
         try:

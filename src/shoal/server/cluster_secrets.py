@@ -15,11 +15,35 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from shoal.exception import NotFoundError
-from shoal.server.cluster import FORWARDED, LOOKUP_TIMEOUT, ClusterRouter, Handler, json_object
+from shoal.exception import InvalidError, NotFoundError
+from shoal.server.cluster import FORWARDED, LOOKUP_TIMEOUT, ROUTER, ClusterRouter, Handler, json_object
+from shoal.server.registry import RouteTable
+from shoal.wire.base import Done
 from shoal.wire.cluster import ClusterNode
 
 log = logging.getLogger(__name__)
+
+TABLE = RouteTable()
+"""The routes only the cluster's nodes call one another with, about secrets."""
+
+
+@TABLE.route(
+    "POST",
+    "/v1/cluster/secrets/{secret_id}/send",
+    summary="Send a secret this node holds to the node that asks (its gateway found it by name), to hold there",
+    response=Done,
+)
+async def send_secret(request: web.Request) -> Done:
+    router = request.app[ROUTER]
+    asker = request.headers.get(FORWARDED)
+    node = next((n for n in router.others() if n.name == asker), None) if router.mgr.cluster is not None else None
+    if node is None:
+        raise InvalidError("only a live node of this cluster may ask for a secret")
+    row = router.mgr.secrets.find(request.match_info["secret_id"])
+    if row is None or row.home is not None:
+        raise NotFoundError(f"Secret {request.match_info['secret_id']!r} is not this node's own")
+    await router.mirror_secrets(node, [row.id])
+    return Done()
 
 
 class ClusterSecrets:
@@ -56,7 +80,7 @@ class ClusterSecrets:
                 return answer
             if FORWARDED in request.headers:
                 return None
-            found = await self._named(name)
+            found = await self.named(name)
             return await self.router.proxy(request, found[0], None) if found else None
         if FORWARDED in request.headers:
             return None
@@ -65,10 +89,10 @@ class ClusterSecrets:
             name = str(json_object(body).get("name") or "")
             if not name or self._own(name):
                 return None
-            found = await self._named(name)
+            found = await self.named(name)
             return await self.router.proxy(request, found[0], None, body=body) if found else None
         if path == ("POST", "/v1/secrets"):
-            return await self.router.create_named(request, "secret", self._own, self._named)
+            return await self.router.create_named(request, "secret", self._own, self.named)
         if path == ("GET", "/v1/secrets"):
             return await self.router.gather(request, handler, "secrets", lambda node, item: None)
         return None
@@ -77,7 +101,7 @@ class ClusterSecrets:
         row = self.mgr.secrets.by_name(name)
         return row is not None and row.home is None
 
-    async def _named(self, name: str) -> tuple[ClusterNode, dict[str, Any]] | None:
+    async def named(self, name: str) -> tuple[ClusterNode, dict[str, Any]] | None:
         """The other live node whose own secret is called ``name``, and the secret as it shows it."""
         return await self.router.first("POST", "/v1/secrets/lookup", {"name": name})
 
@@ -110,4 +134,4 @@ class ClusterSecrets:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("cluster: node %s did not take %s %s: %s", node.name, method, path, exc)
 
-        await asyncio.gather(*(one(n) for n in self.router._others()))
+        await asyncio.gather(*(one(n) for n in self.router.others()))

@@ -63,19 +63,19 @@ class ClusterVolumes:
                 return await self._rename_here(request, handler, old, new)
             if FORWARDED in request.headers or not old or not new:
                 return None
-            if new != old and (taken := await self._named(new)) is not None:
+            if new != old and (taken := await self.named(new)) is not None:
                 raise AlreadyExistsError(f"Volume '{new}' already exists (on node {taken[0].name})")
-            found = await self._named(old)
+            found = await self.named(old)
             return await self.router.proxy(request, found[0], None, body=body) if found else None
         if FORWARDED in request.headers:
             return None
         if path == ("POST", "/v1/volumes/lookup"):
             return await self._by_name(request)
         if path == ("DELETE", "/v1/volumes/by-name/{name}"):
-            found = await self._named(request.match_info["name"])
+            found = await self.named(request.match_info["name"])
             return await self.router.proxy(request, found[0], None) if found else None
         if path == ("POST", "/v1/volumes"):
-            return await self.router.create_named(request, "volume", self._own, self._named)
+            return await self.router.create_named(request, "volume", self._own, self.named)
         if path == ("GET", "/v1/volumes"):
             return await self.router.gather(request, handler, "volumes", self._seen)
         return None
@@ -89,7 +89,7 @@ class ClusterVolumes:
         name = str(data.get("name") or "")
         if not name or self._own(name):
             return None
-        found = await self._named(name)
+        found = await self.named(name)
         if found is not None:
             return await self.router.proxy(request, found[0], None, body=body)
         if not data.get("create_if_missing"):
@@ -98,7 +98,7 @@ class ClusterVolumes:
 
     async def _rename_here(self, request: web.Request, handler: Handler, old: str, new: str) -> web.StreamResponse:
         if new != old:
-            if (taken := await self._named(new)) is not None:
+            if (taken := await self.named(new)) is not None:
                 raise AlreadyExistsError(f"Volume '{new}' already exists (on node {taken[0].name})")
             if (holder := await self.router.claim_name("volume", new)) is not None:
                 raise AlreadyExistsError(f"Volume '{new}' is being made on node {holder.name}")
@@ -115,9 +115,9 @@ class ClusterVolumes:
             del self._homes[next(iter(self._homes))]
 
     def _node(self, name: str) -> ClusterNode | None:
-        return next((n for n in self.router._others() if n.name == name), None)
+        return next((n for n in self.router.others() if n.name == name), None)
 
-    async def _named(self, name: str) -> tuple[ClusterNode, dict[str, Any]] | None:
+    async def named(self, name: str) -> tuple[ClusterNode, dict[str, Any]] | None:
         """The other live node that holds the volume called ``name``, and the volume as it shows it."""
         found = await self.router.first("POST", "/v1/volumes/lookup", {"name": name})
         if found is not None:

@@ -22,6 +22,7 @@ from shoal.engine.config import Config
 from shoal.engine.manager import Manager
 from shoal.exception import InvalidError
 from shoal.server.app import build_app
+from shoal.server.cluster import ROUTER, ClusterRouter
 from shoal.util import limits
 from shoal.wire.version import __version__ as version
 
@@ -67,8 +68,9 @@ def load_token(cfg: Config) -> str:
     return path.read_text().strip()
 
 
-async def _start_gateway(manager: Manager, cfg: Config) -> Any:
-    """The gateway for the official modal client, unless it is off or its extra is missing (said in the log)."""
+async def _start_gateway(manager: Manager, cfg: Config, cluster: tuple[ClusterRouter, str] | None) -> Any:
+    """The gateway for the official modal client, unless it is off or its extra is missing (said in the log);
+    ``cluster``: the API's cluster router and the cluster's token, where the daemon is in one."""
     if cfg.gateway is None:
         return None
     try:
@@ -77,7 +79,7 @@ async def _start_gateway(manager: Manager, cfg: Config) -> Any:
         log.info("no gateway for the official modal client (%s): install shoal[gateway]", exc)
         return None
     try:
-        gw = await gateway.start(manager, cfg.gateway)
+        gw = await gateway.start(manager, cfg.gateway, cluster)
     except (OSError, ValueError) as exc:
         log.warning("no gateway for the official modal client: %s", exc)
         return None
@@ -135,7 +137,8 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
             await manager.close()
             raise
     token = load_token(cfg)
-    runner = web.AppRunner(build_app(manager, token), handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    app = build_app(manager, token)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     sock_path = cfg.socket
     sock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +160,7 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
             cfg.tcp_port,
             cfg.token_path,
         )
-    gateway = await _start_gateway(manager, cfg)
+    gateway = await _start_gateway(manager, cfg, (app[ROUTER], token) if manager.cluster is not None else None)
     board = await _start_dashboard(manager, cfg)
     log.info("shoal daemon ready on %s (runtime %s)", sock_path, manager.runtime.name)
     stop = asyncio.Event()

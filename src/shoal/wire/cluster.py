@@ -21,6 +21,8 @@ class ClusterNode(BaseModel):
     """Whether Ray holds the node alive and a daemon is registered on it."""
     url: str | None
     """Where the daemon's API is reached (``--advertise-url``)."""
+    gateway: str | None = None
+    """Where the daemon's gateway takes calls that other nodes' gateways pass on (None: it runs no gateway)."""
     labels: dict[str, str]
     """The daemon's node labels (``--node-labels``), which a create may ask for."""
     slots: int

@@ -1,0 +1,420 @@
+"""The gateway serves the whole cluster (issue 18, decision 0081).
+
+A call that names a sandbox another node runs (by its sandbox or task id) is passed, as the client sent it, to
+that node's gateway: each gateway also listens on its node's cluster address for calls its peers pass on, which
+carry the cluster's API token and are answered for that node's own sandboxes only.  The client keeps talking to
+the gateway it knows: router access is always this gateway's.  A create is placed as the API places one
+(``ClusterRouter.place``, over the nodes' HTTP API), and lists and names look at every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+from grpclib import GRPCError, Status
+from grpclib.client import Channel
+from grpclib.const import Cardinality, Handler
+from grpclib.exceptions import StreamTerminatedError
+from modal_proto import api_pb2
+
+from shoal import exception as exc
+from shoal.engine.manager import Manager
+from shoal.engine.sandbox import Sandbox
+from shoal.gateway.auth import GatewayAuth
+from shoal.gateway.convert import grpc_status, sandbox_of_task
+from shoal.server import errors
+from shoal.server.cluster import ClusterRouter, needs_this_node
+from shoal.wire.cluster import ClusterNode
+from shoal.wire.sandboxes import CreateSandbox, SandboxInfo
+
+log = logging.getLogger(__name__)
+
+PEER_TOKEN = "x-shoal-cluster-token"
+"""The metadata key of the cluster's API token on a call one gateway passes to another."""
+PASSED_METADATA = ("authorization",)
+"""The client's metadata passed on with a call (the router's bearer token, which every node's gateway verifies)."""
+
+_CONTROL = "/modal.client.ModalClient/"
+_ROUTER_ACCESS = {_CONTROL + "SandboxGetCommandRouterAccess", _CONTROL + "TaskGetCommandRouterAccess"}
+"""Answered here for another node's sandbox too: the client reaches that sandbox's router through this gateway."""
+_ENDED_ANSWERS: dict[str, Callable[[api_pb2.GenericResult, str], Any]] = {
+    _CONTROL + "SandboxWait": lambda r, app: api_pb2.SandboxWaitResponse(
+        result=r, metadata=api_pb2.SandboxHandleMetadata(app_id=app, result=r)
+    ),
+    _CONTROL + "SandboxGetTaskId": lambda r, app: api_pb2.SandboxGetTaskIdResponse(task_result=r),
+    _CONTROL + "SandboxTerminate": lambda r, app: api_pb2.SandboxTerminateResponse(existing_result=r),
+}
+"""How a call about a sandbox whose node died is answered (by its path, V2 or not); any other is a ConflictError."""
+
+
+def sandbox_named(message: Any) -> str | None:
+    """The sandbox a request names by its ``sandbox_id``, or its ``task_id`` (also a stream's ``start``'s)."""
+    fields = message.DESCRIPTOR.fields_by_name
+    if "sandbox_id" in fields and message.sandbox_id:
+        return str(message.sandbox_id)
+    if "task_id" in fields and message.task_id:
+        return _of_task(str(message.task_id))
+    if "start" in fields and fields["start"].message_type is not None and message.HasField("start"):
+        return sandbox_named(message.start)
+    return None
+
+
+def _of_task(task: str) -> str | None:
+    try:
+        return sandbox_of_task(task)
+    except GRPCError:
+        return None  # answered here as a task no node has
+
+
+def names_a_sandbox(handler: Handler) -> bool:
+    """Whether a path's requests name a sandbox (``sandbox_named``), which decides the node that answers them."""
+    fields = handler.request_type.DESCRIPTOR.fields_by_name
+    start = fields.get("start")
+    return (
+        "sandbox_id" in fields
+        or "task_id" in fields
+        or (start is not None and start.message_type is not None and "task_id" in start.message_type.fields_by_name)
+    )
+
+
+def names_a_snapshot(handler: Handler) -> bool:
+    """Whether a path's requests name a memory snapshot only (it lives on the node of the sandbox it was taken of)."""
+    return "snapshot_id" in handler.request_type.DESCRIPTOR.fields_by_name and not names_a_sandbox(handler)
+
+
+def passed_on(handler: Handler) -> bool:
+    """Whether one node's gateway may pass a path's calls to another's."""
+    return names_a_sandbox(handler) or names_a_snapshot(handler)
+
+
+class _Replayed:
+    """A server stream whose first request was read already (to route it): the handler reads it again."""
+
+    def __init__(self, stream: Any, first: Any) -> None:
+        self._stream = stream
+        self._first: Any = first
+
+    async def recv_message(self) -> Any:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._stream.recv_message()
+
+    def __aiter__(self) -> _Replayed:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await self.recv_message()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class PeerAuthenticated:
+    """The handlers of calls other nodes' gateways pass on: only those that name a sandbox or a snapshot, each
+    checking the cluster's token first (every other path answers UNIMPLEMENTED)."""
+
+    def __init__(self, inner: Any, cluster_token: str) -> None:
+        self.inner = inner
+        self.token = cluster_token
+
+    def __mapping__(self) -> dict[str, Handler]:
+        def guarded(func: Any) -> Any:
+            async def call(stream: Any) -> None:
+                if not hmac.compare_digest(str(stream.metadata.get(PEER_TOKEN, "")), self.token):
+                    raise GRPCError(Status.UNAUTHENTICATED, "not a call from a node of this cluster")
+                await func(stream)
+
+            return call
+
+        async def refused(stream: Any) -> None:
+            raise GRPCError(
+                Status.UNIMPLEMENTED, "a gateway takes only calls about a sandbox or snapshot from its peers"
+            )
+
+        return {
+            path: h._replace(func=guarded(h.func) if passed_on(h) else refused)
+            for path, h in self.inner.__mapping__().items()
+        }
+
+
+class GatewayCluster:
+    """This node's gateway in its cluster: where a call goes, the passing on, and placement, lists and names."""
+
+    def __init__(self, mgr: Manager, router: ClusterRouter, cluster_token: str, auth: GatewayAuth, url: str) -> None:
+        self.mgr = mgr
+        self.router = router
+        self.token = cluster_token
+        self.auth = auth
+        self.url = url
+        """This gateway's own URL, which is every sandbox's router for its clients."""
+        self._channels: dict[str, Channel] = {}
+
+    @property
+    def on(self) -> bool:
+        """Whether the daemon is in a cluster now."""
+        return self.mgr.cluster is not None
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    # ------------------------------------------------------------------ calls that name a sandbox
+
+    def routed(self, inner: Any, bearer: bool = False) -> Any:
+        """``inner``'s handlers with those that name a sandbox passed on to the node that runs it (``bearer``: the
+        router's, whose calls carry a token signed for one sandbox, checked before anything is looked up)."""
+        cluster = self
+
+        class _Routed:
+            def __mapping__(self) -> dict[str, Handler]:
+                out = {}
+                for path, h in inner.__mapping__().items():
+                    if names_a_sandbox(h):
+                        h = h._replace(func=cluster._route(path, h, bearer))
+                    elif names_a_snapshot(h):
+                        h = h._replace(func=cluster._route_snapshot(path, h))
+                    out[path] = h
+                return out
+
+        return _Routed()
+
+    def _route(self, path: str, handler: Handler, bearer: bool) -> Callable[[Any], Awaitable[None]]:
+        local: Callable[[Any], Awaitable[None]] = handler.func
+
+        async def call(stream: Any) -> None:
+            if not self.on:
+                return await local(stream)
+            first = await stream.recv_message()
+            sandbox_id = sandbox_named(first) if first is not None else None
+            if sandbox_id is None or self.mgr.knows(sandbox_id):
+                return await local(_Replayed(stream, first))
+            if bearer:
+                token = str(stream.metadata.get("authorization", "")).removeprefix("Bearer ").strip()
+                if self.auth.verify(token) != sandbox_id:
+                    raise GRPCError(Status.PERMISSION_DENIED, f"this token is not for sandbox {sandbox_id}")
+            node = await self.router.locate(sandbox_id)
+            if node is None:
+                return await local(_Replayed(stream, first))  # not found: this node says so
+            if path in _ROUTER_ACCESS and node.alive:
+                await stream.send_message(handler.reply_type(jwt=self.auth.sign(sandbox_id), url=self.url))
+                return None
+            try:
+                if not node.alive:
+                    return await self._ended(stream, path, node, sandbox_id)
+                await self._forward(stream, path, handler, node, first, sandbox_id)
+            except exc.Error as e:
+                raise GRPCError(grpc_status(e), str(e)) from None
+
+        return call
+
+    def _route_snapshot(self, path: str, handler: Handler) -> Callable[[Any], Awaitable[None]]:
+        local: Callable[[Any], Awaitable[None]] = handler.func
+
+        async def call(stream: Any) -> None:
+            if not self.on:
+                return await local(stream)
+            first = await stream.recv_message()
+            snapshot_id = str(getattr(first, "snapshot_id", "") or "") if first is not None else ""
+            try:
+                self.mgr.memory_snapshots.get(snapshot_id)
+            except exc.NotFoundError:
+                pass
+            else:
+                return await local(_Replayed(stream, first))
+            for node in self.router.others():
+                if not node.gateway:
+                    continue
+                try:
+                    await self._forward(stream, path, handler, node, first, None)
+                    return None
+                except GRPCError as e:
+                    if e.status not in (Status.NOT_FOUND, Status.UNAVAILABLE):
+                        raise
+            return await local(_Replayed(stream, first))  # no node that answers has it: this one says so
+
+        return call
+
+    async def _forward(
+        self, stream: Any, path: str, handler: Handler, node: ClusterNode, first: Any, sandbox_id: str | None
+    ) -> None:
+        """Pass the call to ``node``'s gateway and its answers back (router access in them made this gateway's);
+        where that node cannot be reached, wait for Ray to call it dead and answer as for a sandbox that ended with
+        it (``sandbox_id`` None: the call is about something else, and fails)."""
+        channel = await self._channel(node)
+        metadata = {PEER_TOKEN: self.token}
+        for key in PASSED_METADATA:
+            if key in stream.metadata:
+                metadata[key] = str(stream.metadata[key])
+        client_streams = handler.cardinality in (Cardinality.STREAM_UNARY, Cardinality.STREAM_STREAM)
+        answered = False
+        try:
+            async with channel.request(
+                path,
+                handler.cardinality,
+                handler.request_type,
+                handler.reply_type,
+                deadline=stream.deadline,
+                metadata=metadata,
+            ) as peer:
+                await peer.send_message(first, end=not client_streams)
+                pump = asyncio.ensure_future(_pass_requests(stream, peer)) if client_streams else None
+                try:
+                    while (reply := await peer.recv_message()) is not None:
+                        answered = True
+                        if "command_router_access" in reply.DESCRIPTOR.fields_by_name:
+                            reply.command_router_access.url = self.url
+                        await stream.send_message(reply)
+                        if not handler.cardinality.server_streaming:
+                            break
+                    await peer.recv_trailing_metadata()
+                finally:
+                    if pump is not None:
+                        pump.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await pump
+        except GRPCError as e:
+            raise GRPCError(e.status, e.message, e.details) from None
+        except (OSError, StreamTerminatedError) as e:
+            if answered or sandbox_id is None:
+                raise GRPCError(Status.UNAVAILABLE, f"node {node.name} stopped answering: {e}") from None
+            dead = await self.router.verdict(node)
+            if dead is not None:
+                return await self._ended(stream, path, dead, sandbox_id)
+            raise GRPCError(
+                Status.UNAVAILABLE,
+                f"node {node.name}, which runs sandbox {sandbox_id}, did not answer ({e}); the cluster still holds"
+                " it alive: try again",
+            ) from None
+
+    async def _channel(self, node: ClusterNode) -> Channel:
+        if not node.gateway and self.mgr.cluster is not None:
+            await self.mgr.cluster.fresh()  # a node registers its gateway with its second beat
+            node = next((n for n in self.mgr.cluster.nodes if n.ray_node_id == node.ray_node_id), node)
+        if not node.gateway:
+            raise exc.UnimplementedError(
+                f"sandbox's node {node.name} runs no gateway (its daemon was started with --gateway off, or without"
+                " the gateway extra): use shoal's SDK, which any node serves"
+            )
+        channel = self._channels.get(node.gateway)
+        if channel is None:
+            where = urlsplit(node.gateway)
+            assert where.hostname is not None and where.port is not None
+            channel = self._channels[node.gateway] = Channel(where.hostname, where.port)
+        return channel
+
+    async def _ended(self, stream: Any, path: str, node: ClusterNode, sandbox_id: str) -> None:
+        """Answer for a sandbox whose node died: it ended, killed with its node (exit code 137)."""
+        message = f"the sandbox's node {node.name} died (Ray lost it); its processes ended with it"
+        answer = _ENDED_ANSWERS.get(path.removesuffix("V2"))
+        if answer is None:
+            raise exc.ConflictError(message)
+        recorded = next((s for s in await self.router.lost_on(node) if s.get("sandbox_id") == sandbox_id), {})
+        ended = api_pb2.GenericResult(
+            status=api_pb2.GenericResult.GENERIC_STATUS_INTERNAL_FAILURE, exitcode=137, exception=message
+        )
+        await stream.send_message(answer(ended, str(recorded.get("app_id") or "")))
+
+    # ------------------------------------------------------------------ creates, lists and names
+
+    async def create(self, create: CreateSandbox, here: Callable[[], Awaitable[Sandbox]]) -> Sandbox | SandboxInfo:
+        """The create placed on the node with the most room (``here``: on this node); another node's sandbox comes
+        back as its ``SandboxInfo``."""
+        data = create.model_dump(mode="json")
+        if needs_this_node(data):
+            return await here()
+        placed = await self.router.place(data, create.model_dump_json().encode(), here)
+        if isinstance(placed, Sandbox):
+            return placed
+        if placed.status != 200:
+            raise errors.from_body(placed.status, placed.body if isinstance(placed.body, bytes) else b"")
+        assert isinstance(placed.body, bytes)
+        return SandboxInfo.model_validate_json(placed.body)
+
+    async def others_list(self, app_id: str | None, tags: dict[str, str], include_finished: bool) -> list[SandboxInfo]:
+        """Every other node's sandboxes (what dead nodes ran too, with ``include_finished``)."""
+        query = [("app_id", app_id)] if app_id else []
+        query += [("tag", f"{k}={v}") for k, v in tags.items()]
+        query += [("include_finished", "1")] if include_finished else []
+        path = "/v1/sandboxes" + (f"?{urlencode(query)}" if query else "")
+        others = self.router.others()
+        answers = await asyncio.gather(*(self.router.list_of(n, path) for n in others))
+        found: list[dict[str, Any]] = []
+        for node, items in zip(others, answers, strict=True):
+            for item in items:
+                self.router.remember(str(item.get("sandbox_id")), node.name)
+            found += items
+        if include_finished:
+            found += await self.router.of_dead_nodes(app_id, tags)
+        out = []
+        for item in found:
+            with contextlib.suppress(ValueError):
+                out.append(SandboxInfo.model_validate(item))
+        return out
+
+    async def from_name(self, app_name: str, name: str, include_terminated: bool) -> SandboxInfo | None:
+        """Another node's sandbox ``name`` of the app ``app_name`` (None: no node has one)."""
+        path = f"/v1/apps/by-name/{quote(app_name, safe='')}/sandboxes/{quote(name, safe='')}"
+        found = await self.router.first("GET", path + ("?include_terminated=1" if include_terminated else ""))
+        if found is None:
+            return None
+        self.router.remember(str(found[1].get("sandbox_id")), found[0].name)
+        return SandboxInfo.model_validate(found[1])
+
+    async def take_in_app(self, name: str) -> None:
+        """An app another node made under ``name``, taken in here under its id (one name is one app)."""
+        await self.router.take_in_app(name)
+
+    async def secret_name(self, name: str, creating: bool) -> None:
+        """Before the gateway looks up or makes the secret ``name`` in this node's store: another node's secret of
+        that name comes to be held here too (a mirror, which its home keeps up to date); a name no node holds is
+        claimed for this node where it is to make it."""
+        if self.mgr.secrets.by_name(name) is not None or self.router.secrets is None:
+            return
+        found = await self.router.secrets.named(name)
+        if found is not None:
+            node, info = found
+            if await self.router.ask(node, "POST", f"/v1/cluster/secrets/{info.get('secret_id')}/send") is None:
+                raise exc.ServiceError(f"node {node.name}, which holds secret {name!r}, did not send it: try again")
+            return
+        if creating and (holder := await self.router.claim_name("secret", name)) is not None:
+            raise exc.ServiceError(f"secret {name!r} is being made on node {holder.name}: try again")
+
+    async def volume_name(self, name: str, creating: bool) -> None:
+        """Before the gateway looks up or makes the volume ``name`` in this node's store: an error naming the node
+        where another node holds it (the gateway serves its own node's volumes, decision 0081); a name no node holds
+        is claimed for this node where it is to make it."""
+        if self.mgr.volumes.by_name(name) is not None or self.router.volumes is None:
+            return
+        found = await self.router.volumes.named(name)
+        holder = found[0] if found is not None else None
+        if holder is None and creating:
+            holder = await self.router.claim_name("volume", name)
+        if holder is not None:
+            raise exc.UnimplementedError(
+                f"Volume {name!r} lives on node {holder.name}, and this gateway serves the volumes of its own node"
+                f" ({self.mgr.cfg.node_name}) only: use shoal's SDK, which any node serves every volume through, or"
+                f" node {holder.name}'s gateway"
+            )
+
+    async def volume_gone(self, name: str | None) -> None:
+        """This node no longer holds the volume ``name`` (deleted or renamed): the name is free in the cluster."""
+        if name:
+            await self.router.release_name("volume", name)
+
+
+async def _pass_requests(stream: Any, peer: Any) -> None:
+    """The rest of a client-streaming call's requests, passed on as they come."""
+    async for message in stream:
+        await peer.send_message(message)
+    await peer.end()
