@@ -384,6 +384,29 @@ def test_the_heads_gateway_finds_secrets_of_other_nodes_and_keeps_volume_names_t
         )
 
 
+def test_the_end_of_app_run_ends_the_apps_sandboxes_on_every_node(cluster):
+    """``with app.run():`` through the head, by the SDK and by the official client: the sandboxes the app made on
+    node1 and node2 end with it."""
+    app = shoal.App("cluster-ephemeral")
+    with app.run():
+        made = [
+            shoal.Sandbox.create(
+                "sleep", "infinity", app=app, experimental_options={"node_labels": f"shoal.io/node={node}"}
+            )
+            for node in ("node1", "node2")
+        ]
+    made_by_modal = official_client(
+        "import json, modal\n"
+        "with modal.App('cluster-ephemeral-modal').run() as app:\n"
+        "    made = [modal.Sandbox.create('sleep', 'infinity', app=app,"
+        " experimental_options={'node_labels': f'shoal.io/node={n}'}).object_id for n in ('node1', 'node2')]\n"
+        "print(json.dumps(made))\n"
+    )
+    ended = [shoal.Sandbox.from_id(i) for i in [sb.object_id for sb in made] + made_by_modal]
+    assert sorted(sb._info["node"] for sb in ended) == ["node1", "node1", "node2", "node2"]
+    assert [sb.poll() for sb in ended] == [137] * 4  # ended by the time the app's end answered
+
+
 def test_a_nodes_gateway_takes_its_peers_calls_only_with_the_clusters_token(cluster):
     """The listener each gateway keeps for its peers, on its node's cluster address: a call without the cluster's
     token is refused; with it, a call about a sandbox is answered for that node's own, and there is no create."""

@@ -117,6 +117,8 @@ class ControlPlane(ModalClientBase):
     async def AppClientDisconnect(self, stream: Any) -> None:
         req = await stream.recv_message()
         await self.mgr.stop_app(req.app_id)  # the end of ``app.run()``: its sandboxes end with it
+        if (cluster := self._in_cluster()) is not None:
+            await cluster.router.stop_app_elsewhere(req.app_id)
         await stream.send_message(empty_pb2.Empty())
 
     @grpc_errors

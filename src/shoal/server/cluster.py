@@ -382,6 +382,28 @@ class ClusterRouter:
             await self.take_in_app(name)
         return await handler(request)
 
+    async def stop_app_elsewhere(self, app_id: str) -> None:
+        """``app.stop()`` on every other live node too: each ends the app's sandboxes it runs (a node that never
+        took the app in answers 404, and has none)."""
+        path = f"/v1/apps/{app_id}/stop"
+        nodes = self.others()
+        answers = await asyncio.gather(*(self._stop_on(n, path) for n in nodes))
+        failed = [n.name for n, ok in zip(nodes, answers, strict=True) if not ok]
+        if failed:
+            raise ServiceError(
+                f"node(s) {', '.join(failed)} did not stop app {app_id}'s sandboxes there: stop the app again"
+            )
+
+    async def _stop_on(self, node: ClusterNode, path: str) -> bool:
+        assert node.url is not None
+        try:
+            async with self.session.post(
+                node.url + path, headers=self._headers(None), timeout=aiohttp.ClientTimeout(total=30)
+            ) as resp:
+                return resp.status in (200, 404)
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
     async def take_in_app(self, name: str) -> None:
         """Where this node has no app called ``name`` and another node has, take that one in under its id."""
         if self.mgr.state.app_by_name(name) is not None:
@@ -712,6 +734,11 @@ async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
         if resource is not None and (request.method, resource.canonical) == ("POST", "/v1/apps/lookup"):
             return await router.lookup_app(request, handler)
+        if resource is not None and (request.method, resource.canonical) == ("POST", "/v1/apps/{app_id}/stop"):
+            answer = await handler(request)
+            if answer.status == 200:
+                await router.stop_app_elsewhere(request.match_info["app_id"])
+            return answer
         if resource is not None and resource.canonical == "/v1/apps/by-name/{app_name}/sandboxes/{name}":
             return await router.sandbox_by_name(request, handler)
         if resource is not None and resource.canonical == "/v1/sandboxes":
