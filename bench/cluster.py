@@ -12,6 +12,9 @@ namespace, Ray node and daemon) and removes it afterwards.  Each round takes one
 ``head``   the SDK pointed at the head (node0), creating on node1 the same way: the head places the create and
            passes it on, then passes on the exec and its output
 ``placed`` the SDK pointed at the head with no labels: the head places the create by room (any of the three)
+``gw_node`` the official modal client in node1's namespace, pointed at node1's own gateway, creating there
+``gw_head`` the official modal client in the head's namespace, pointed at the head's gateway, creating on node1:
+           the head places the create, and its gateway passes the exec and its output to node1's
 
 TTI is ``Sandbox.create`` → ``exec("echo", "hi")`` → its output read (the sandbox then terminated, untimed).  The
 goal (issue 18): the head adds at most 10 ms, p50 against p50.
@@ -36,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.gateway import OfficialClient
 from bench.harness import Stats, machine_facts, machine_line, parse_args_as_root, stats_lines
 
 GOAL_MS = 10.0
@@ -47,7 +51,28 @@ ROWS = (
     ("node", "TTI on one node (node1's own API)"),
     ("head", "TTI through the head, created on node1"),
     ("placed", "TTI through the head, placed by room"),
+    ("gw_node", "TTI, modal client, node1's own gateway"),
+    ("gw_head", "TTI, modal client, head's gateway → node1"),
 )
+_GATEWAY_CLIENT = """
+import json, sys, time
+import modal
+
+app = modal.App.lookup("bench-cluster", create_if_missing=True)
+print("ready", flush=True)
+for line in sys.stdin:
+    node = line.strip()
+    if not node:
+        break
+    t0 = time.perf_counter()
+    sb = modal.Sandbox.create(app=app, experimental_options={"node_labels": f"shoal.io/node={node}"})
+    out = sb.exec("echo", "hi").stdout.read()
+    took = (time.perf_counter() - t0) * 1000
+    sb.terminate()
+    assert out == "hi\\n", out
+    print(json.dumps(took), flush=True)
+"""
+"""The official client's side of ``gw_node`` and ``gw_head``: a create on the node named on each line, timed."""
 VOLUME_ROWS = (
     ("first_copy", "first create on node2 (copies 64 MiB, once)"),
     ("vol_home", "TTI with the volume, on its home node0"),
@@ -116,27 +141,54 @@ def _tti(app: Any, labels: dict[str, str] | None) -> float:
     return took
 
 
+def _official_client(node: int, head_url: str) -> OfficialClient:
+    """The official client in node ``node``'s namespace, pointed at that node's gateway."""
+    from shoal.sdk._sync import run_blocking
+    from shoal.sdk.transport import default_client
+
+    os.environ["SHOAL_URL"] = NODE1_URL if node == 1 else head_url
+    env: dict[str, str] = run_blocking(default_client().request("GET", "/v1/gateway"))["env"]
+    return OfficialClient(env, _GATEWAY_CLIENT, ("nsenter", f"--net=/run/netns/shoal-lc-node{node}", "--"))
+
+
 def measure(head_url: str, token: str, runs: int, warmup: int) -> dict[str, list[float]]:
-    import shoal
 
     values: dict[str, list[float]] = {key: [] for key, _ in ROWS}
-    pin = {"shoal.io/node": "node1"}
     os.environ["SHOAL_TOKEN"] = token
+    clients = {"gw_node": _official_client(1, head_url), "gw_head": _official_client(0, head_url)}
+    try:
+        return _measure(head_url, runs, warmup, values, clients)
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _measure(
+    head_url: str, runs: int, warmup: int, values: dict[str, list[float]], clients: dict[str, OfficialClient]
+) -> dict[str, list[float]]:
+    import shoal
+
+    pin = {"shoal.io/node": "node1"}
     os.environ["SHOAL_URL"] = NODE1_URL
     node_app = shoal.App.lookup("bench-cluster", create_if_missing=True)
     os.environ["SHOAL_URL"] = head_url
     head_app = shoal.App.lookup("bench-cluster", create_if_missing=True)
     for r in range(warmup + runs):
-        order = [
+        order: list[tuple[str, str, Any, dict[str, str] | None]] = [
             ("node", NODE1_URL, node_app, pin),
             ("head", head_url, head_app, pin),
             ("placed", head_url, head_app, None),
+            ("gw_node", "", None, None),
+            ("gw_head", "", None, None),
         ]
         if r % 2:
             order.reverse()  # neither always meets node1's warm pool just refilled
         for key, url, app, labels in order:
-            os.environ["SHOAL_URL"] = url
-            took = _tti(app, labels)
+            if key in clients:
+                took = clients[key].take("node1")
+            else:
+                os.environ["SHOAL_URL"] = url
+                took = _tti(app, labels)
             if r >= warmup:
                 values[key].append(took)
             time.sleep(0.15)  # let the warm pools refill
@@ -157,6 +209,9 @@ def report(
     added = Stats.of(values["head"]).p50 - Stats.of(values["node"]).p50
     verdict = "PASS" if added <= GOAL_MS else "MISS"
     lines.append(f"p50 added by the head (head - node)   {added:+7.1f} ms (goal ≤ +{GOAL_MS:.0f} ms) {verdict}")
+    added = Stats.of(values["gw_head"]).p50 - Stats.of(values["gw_node"]).p50
+    verdict = "PASS" if added <= GOAL_MS else "MISS"
+    lines.append(f"p50 added by the head's gateway       {added:+7.1f} ms (goal ≤ +{GOAL_MS:.0f} ms) {verdict}")
     lines += ["", f"volumes across nodes ({VOLUME_FILES} files of {VOLUME_FILE_MIB} MiB):", ""]
     lines += stats_lines(volumes, VOLUME_ROWS)
     return "\n".join(lines)

@@ -61,14 +61,19 @@ _CLIENT = textwrap.dedent(
 
 
 class OfficialClient:
-    """The official client in a process of its own, taking one measurement per line asked."""
+    """The official client in a process of its own, taking one measurement per line asked (``program``: what it
+    runs, ``_CLIENT`` by default; ``wrapper``: the command it runs under, such as ``nsenter``)."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], program: str = _CLIENT, wrapper: tuple[str, ...] = ()) -> None:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SHOAL_"))}
         environ.update(env)
         environ["MODAL_CONFIG_PATH"] = "/nonexistent/.modal.toml"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _CLIENT], env=environ, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [*wrapper, sys.executable, "-c", program],
+            env=environ,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         if self._line() != "ready":
             raise RuntimeError("the official client did not start")
