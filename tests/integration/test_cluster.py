@@ -338,37 +338,47 @@ def test_the_heads_gateway_serves_tunnels_volumes_and_snapshots_of_another_node(
 
 
 GATEWAY_NAMES_PROGRAM = """
-import json, sys, modal
+import io, json, sys, modal
 secret_name, their_volume, our_volume = sys.argv[1:4]
 app = modal.App.lookup('cluster-gateway', create_if_missing=True)
 out = {}
 sb = modal.Sandbox.create(app=app, secrets=[modal.Secret.from_name(secret_name)], timeout=120)
 out['secret'] = sb.exec('sh', '-c', 'echo $TOKEN').stdout.read()
 sb.terminate()
-try:
-    modal.Volume.from_name(their_volume).hydrate()
-    out['their_volume'] = ''
-except Exception as exc:
-    out['their_volume'] = f'{type(exc).__name__}: {exc}'
-out['our_volume'] = modal.Volume.from_name(our_volume, create_if_missing=True).hydrate().object_id
+theirs = modal.Volume.from_name(their_volume)
+with theirs.batch_upload(force=True) as batch:
+    batch.put_file(io.BytesIO(b'sent through the head' * 450000), '/big.bin')
+out['their_volume'] = [
+    theirs.hydrate().object_id,
+    len(b''.join(theirs.read_file('big.bin'))),
+    sorted(e.path for e in theirs.listdir('/')),
+]
+ours = modal.Volume.from_name(our_volume, create_if_missing=True).hydrate()
+out['our_volume'] = ours.object_id
+out['listed'] = sorted(v.name for v in modal.Volume.objects.list() if v.name in (their_volume, our_volume))
 print(json.dumps(out))
 """
 
 
-def test_the_heads_gateway_finds_secrets_of_other_nodes_and_keeps_volume_names_the_clusters(cluster):
+def test_the_heads_gateway_serves_secrets_and_volumes_of_other_nodes(cluster):
     """Through the head's gateway: a secret node1 holds is found by name and used (and its update reaches the next
-    create); a volume node1 holds is refused with an error naming node1 (the gateway serves its own node's volumes);
+    create); a volume node1 holds takes files and gives them back (its blocks go to and from node1) and is listed;
     a volume the gateway makes holds its name in the whole cluster, so another node's API finds that one."""
     secret, theirs, ours = (f"{kind}-{os.getpid()}" for kind in ("gw-secret", "gw-their-volume", "gw-our-volume"))
-    on_node(
+    their_id = on_node(
         1,
         f"import shoal\nshoal.Secret.objects.create({secret!r}, {{'TOKEN': 'first'}})\n"
-        f"shoal.Volume.from_name({theirs!r}, create_if_missing=True).hydrate()\n",
+        f"print(shoal.Volume.from_name({theirs!r}, create_if_missing=True).hydrate().object_id)\n",
     )
     try:
         out = official_client(GATEWAY_NAMES_PROGRAM, secret, theirs, ours)
         assert out["secret"] == "first\n"
-        assert "lives on node node1" in out["their_volume"], out["their_volume"]
+        assert out["their_volume"] == [their_id[0], 21 * 450000, ["big.bin"]]
+        assert out["listed"] == sorted([theirs, ours])
+        seen = on_node(
+            1, f"import shoal\nprint(len(b''.join(shoal.Volume.from_name({theirs!r}).read_file('big.bin'))))\n"
+        )
+        assert seen == [str(21 * 450000)]  # node1's own volume took the file
         made = on_node(
             2,
             f"import shoal\nprint(shoal.Volume.from_name({ours!r}, create_if_missing=True).hydrate().object_id)\n",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from shoal.cluster.placement import needs_this_node, secret_ids
 from shoal.engine.uids import UidSlots
 from shoal.exception import InvalidError
 from shoal.sdk._sandbox_args import node_labels_option
-from shoal.server.cluster import _secret_ids, needs_this_node
 from shoal.wire.cluster import parse_labels
 
 
@@ -39,7 +39,7 @@ def test_what_keeps_a_create_on_the_node_it_was_sent_to():
     ):
         assert needs_this_node({**base, **extra}), extra
     data = {"secret_ids": ["se-1", "se-2"], "outbound_headers": [{"secret_id": "se-2"}, {"secret_id": "se-3"}, {}]}
-    assert _secret_ids(data) == ["se-1", "se-2", "se-3"]
+    assert secret_ids(data) == ["se-1", "se-2", "se-3"]
 
 
 def test_daemons_sharing_a_host_take_disjoint_uid_slots():

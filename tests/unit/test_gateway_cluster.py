@@ -22,6 +22,7 @@ from shoal.gateway.cluster import (
     _Replayed,
     names_a_sandbox,
     names_a_snapshot,
+    names_a_volume,
     sandbox_named,
 )
 from shoal.gateway.control import ControlPlane
@@ -60,6 +61,9 @@ def test_which_paths_go_to_a_sandboxs_node() -> None:
         assert not names_a_snapshot(control[CONTROL + name]), name
     for name in ("SandboxSnapshotWait", "SandboxSnapshotGet", "SandboxRestoreV2"):
         assert names_a_snapshot(control[CONTROL + name]), name
+    for name in ("VolumePutFiles2", "VolumeGetFile2", "VolumeListFiles2", "VolumeDelete", "VolumeRename"):
+        assert names_a_volume(control[CONTROL + name]) and not names_a_sandbox(control[CONTROL + name]), name
+    assert not names_a_volume(control[CONTROL + "VolumeGetOrCreate"])  # by name: asked of every node first
 
 
 def test_a_peer_listener_takes_only_calls_about_a_sandbox_or_snapshot_with_the_clusters_token() -> None:
@@ -69,6 +73,7 @@ def test_a_peer_listener_takes_only_calls_about_a_sandbox_or_snapshot_with_the_c
         def __init__(self, metadata: dict[str, str]) -> None:
             self.metadata = metadata
 
+    assert CONTROL + "VolumeGetOrCreate" in peer  # from the node that found this one holds the name
     for name in ("SandboxCreateV2", "AppGetOrCreate", "SandboxListV2", "AuthTokenGet", "SecretGetOrCreate"):
         with pytest.raises(GRPCError) as refused:
             asyncio.run(peer[CONTROL + name].func(Stream({PEER_TOKEN: "cluster-token"})))

@@ -206,6 +206,7 @@ class Membership:
             alive=bool(raw.get("alive")) and bool(shoal),
             url=shoal.get("url"),
             gateway=shoal.get("gateway"),
+            gateway_blocks=shoal.get("gateway_blocks"),
             labels={str(k): str(v) for k, v in (shoal.get("labels") or {}).items()},
             slots=int(slots),
             live=int(shoal.get("live") or 0),

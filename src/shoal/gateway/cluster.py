@@ -14,7 +14,7 @@ import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 from grpclib import GRPCError, Status
@@ -24,16 +24,57 @@ from grpclib.exceptions import StreamTerminatedError
 from modal_proto import api_pb2
 
 from shoal import exception as exc
+from shoal.cluster.placement import needs_this_node
 from shoal.engine.manager import Manager
 from shoal.engine.sandbox import Sandbox
 from shoal.gateway.auth import GatewayAuth
 from shoal.gateway.convert import grpc_status, sandbox_of_task
-from shoal.server import errors
-from shoal.server.cluster import ClusterRouter, needs_this_node
 from shoal.wire.cluster import ClusterNode
 from shoal.wire.sandboxes import CreateSandbox, SandboxInfo
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class NamedObjects(Protocol):
+    """Where the API finds a volume or secret of the cluster (``shoal.server.cluster_volumes``, ``…_secrets``)."""
+
+    async def named(self, name: str) -> tuple[ClusterNode, dict[str, Any]] | None: ...
+
+
+class Volumes(NamedObjects, Protocol):
+    """The cluster's volumes as the API finds them: by name, and the node that holds one by id."""
+
+    async def locate(self, volume_id: str) -> str | None: ...
+
+
+class ClusterAPI(Protocol):
+    """What the gateway uses of its daemon's API in a cluster: ``shoal.server.cluster.ClusterRouter``, which the
+    daemon hands it (the gateway stands beside the API, and does not import it)."""
+
+    @property
+    def volumes(self) -> Volumes | None: ...
+    @property
+    def secrets(self) -> NamedObjects | None: ...
+
+    def others(self) -> list[ClusterNode]: ...
+    def remember(self, sandbox_id: str, node: str) -> None: ...
+    async def locate(self, sandbox_id: str) -> ClusterNode | None: ...
+    async def verdict(self, node: ClusterNode) -> ClusterNode | None: ...
+    async def lost_on(self, node: ClusterNode) -> list[dict[str, Any]]: ...
+    async def place_for(self, data: dict[str, Any], here: Callable[[], Awaitable[T]]) -> T | dict[str, Any]: ...
+    async def list_of(self, node: ClusterNode, path_qs: str) -> list[dict[str, Any]]: ...
+    async def of_dead_nodes(self, app_id: str | None, tags: dict[str, str]) -> list[dict[str, Any]]: ...
+    async def first(
+        self, method: str, path: str, body: Any = None, *, look_again: bool = False
+    ) -> tuple[ClusterNode, dict[str, Any]] | None: ...
+    async def ask(self, node: ClusterNode, method: str, path: str, body: Any = None) -> dict[str, Any] | None: ...
+    async def take_in_app(self, name: str) -> None: ...
+    async def stop_app_elsewhere(self, app_id: str) -> None: ...
+    async def claim_name(self, kind: str, name: str) -> ClusterNode | None: ...
+    async def release_name(self, kind: str, name: str) -> None: ...
+
 
 PEER_TOKEN = "x-shoal-cluster-token"
 """The metadata key of the cluster's API token on a call one gateway passes to another."""
@@ -88,9 +129,18 @@ def names_a_snapshot(handler: Handler) -> bool:
     return "snapshot_id" in handler.request_type.DESCRIPTOR.fields_by_name and not names_a_sandbox(handler)
 
 
-def passed_on(handler: Handler) -> bool:
+def names_a_volume(handler: Handler) -> bool:
+    """Whether a path's requests name a volume by id (they go to the node that holds it)."""
+    return "volume_id" in handler.request_type.DESCRIPTOR.fields_by_name and not names_a_sandbox(handler)
+
+
+_VOLUME_BY_NAME = _CONTROL + "VolumeGetOrCreate"
+_CREATING = (api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING, api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS)
+
+
+def passed_on(path: str, handler: Handler) -> bool:
     """Whether one node's gateway may pass a path's calls to another's."""
-    return names_a_sandbox(handler) or names_a_snapshot(handler)
+    return names_a_sandbox(handler) or names_a_snapshot(handler) or names_a_volume(handler) or path == _VOLUME_BY_NAME
 
 
 class _Replayed:
@@ -142,7 +192,7 @@ class PeerAuthenticated:
             )
 
         return {
-            path: h._replace(func=guarded(h.func) if passed_on(h) else refused)
+            path: h._replace(func=guarded(h.func) if passed_on(path, h) else refused)
             for path, h in self.inner.__mapping__().items()
         }
 
@@ -150,7 +200,7 @@ class PeerAuthenticated:
 class GatewayCluster:
     """This node's gateway in its cluster: where a call goes, the passing on, and placement, lists and names."""
 
-    def __init__(self, mgr: Manager, router: ClusterRouter, cluster_token: str, auth: GatewayAuth, url: str) -> None:
+    def __init__(self, mgr: Manager, router: ClusterAPI, cluster_token: str, auth: GatewayAuth, url: str) -> None:
         self.mgr = mgr
         self.router = router
         self.token = cluster_token
@@ -184,6 +234,10 @@ class GatewayCluster:
                         h = h._replace(func=cluster._route(path, h, bearer))
                     elif names_a_snapshot(h):
                         h = h._replace(func=cluster._route_snapshot(path, h))
+                    elif names_a_volume(h):
+                        h = h._replace(func=cluster._route_volume(path, h))
+                    elif path == _VOLUME_BY_NAME:
+                        h = h._replace(func=cluster._route_volume_name(path, h))
                     out[path] = h
                 return out
 
@@ -245,6 +299,49 @@ class GatewayCluster:
 
         return call
 
+    def _route_volume(self, path: str, handler: Handler) -> Callable[[Any], Awaitable[None]]:
+        local: Callable[[Any], Awaitable[None]] = handler.func
+
+        async def call(stream: Any) -> None:
+            if not self.on:
+                return await local(stream)
+            first = await stream.recv_message()
+            volume_id = str(getattr(first, "volume_id", "") or "") if first is not None else ""
+            row = self.mgr.volumes.find(volume_id) if volume_id else None
+            if row is not None and row.home is None:
+                return await local(_Replayed(stream, first))  # this node's own
+            volumes = self.router.volumes
+            home = row.home if row is not None else await volumes.locate(volume_id) if volumes and volume_id else None
+            node = next((n for n in self.router.others() if n.name == home), None)
+            if node is None:
+                if home is not None:
+                    raise GRPCError(Status.UNAVAILABLE, f"node {home}, which holds volume {volume_id}, is not alive")
+                return await local(_Replayed(stream, first))  # no node has it: this one says so
+            await self._passed(stream, path, handler, node, first)
+
+        return call
+
+    def _route_volume_name(self, path: str, handler: Handler) -> Callable[[Any], Awaitable[None]]:
+        local: Callable[[Any], Awaitable[None]] = handler.func
+
+        async def call(stream: Any) -> None:
+            if not self.on:
+                return await local(stream)
+            first = await stream.recv_message()
+            name = str(getattr(first, "deployment_name", "") or "") if first is not None else ""
+            holder = await self.volume_holder(name, first.object_creation_type in _CREATING) if name else None
+            if holder is None:
+                return await local(_Replayed(stream, first))
+            await self._passed(stream, path, handler, holder, first)
+
+        return call
+
+    async def _passed(self, stream: Any, path: str, handler: Handler, node: ClusterNode, first: Any) -> None:
+        try:
+            await self._forward(stream, path, handler, node, first, None)
+        except exc.Error as e:
+            raise GRPCError(grpc_status(e), str(e)) from None
+
     async def _forward(
         self, stream: Any, path: str, handler: Handler, node: ClusterNode, first: Any, sandbox_id: str | None
     ) -> None:
@@ -272,9 +369,7 @@ class GatewayCluster:
                 try:
                     while (reply := await peer.recv_message()) is not None:
                         answered = True
-                        if "command_router_access" in reply.DESCRIPTOR.fields_by_name:
-                            reply.command_router_access.url = self.url
-                        await stream.send_message(reply)
+                        await stream.send_message(self._as_here(reply, node))
                         if not handler.cardinality.server_streaming:
                             break
                     await peer.recv_trailing_metadata()
@@ -296,6 +391,21 @@ class GatewayCluster:
                 f"node {node.name}, which runs sandbox {sandbox_id}, did not answer ({e}); the cluster still holds"
                 " it alive: try again",
             ) from None
+
+    def _as_here(self, reply: Any, node: ClusterNode) -> Any:
+        """``node``'s reply with what points at that node's own loopback made reachable from here: router access
+        is this gateway's; block URLs go to the node's block listener on its cluster address."""
+        fields = reply.DESCRIPTOR.fields_by_name
+        if "command_router_access" in fields:
+            reply.command_router_access.url = self.url
+        if "get_urls" in fields:
+            urls = [_moved(u, node) for u in reply.get_urls]
+            del reply.get_urls[:]
+            reply.get_urls.extend(urls)
+        if "missing_blocks" in fields:
+            for block in reply.missing_blocks:
+                block.put_url = _moved(block.put_url, node)
+        return reply
 
     async def _channel(self, node: ClusterNode) -> Channel:
         if not node.gateway and self.mgr.cluster is not None:
@@ -333,13 +443,8 @@ class GatewayCluster:
         data = create.model_dump(mode="json")
         if needs_this_node(data):
             return await here()
-        placed = await self.router.place(data, create.model_dump_json().encode(), here)
-        if isinstance(placed, Sandbox):
-            return placed
-        if placed.status != 200:
-            raise errors.from_body(placed.status, placed.body if isinstance(placed.body, bytes) else b"")
-        assert isinstance(placed.body, bytes)
-        return SandboxInfo.model_validate_json(placed.body)
+        placed = await self.router.place_for(data, here)
+        return placed if isinstance(placed, Sandbox) else SandboxInfo.model_validate(placed)
 
     async def others_list(self, app_id: str | None, tags: dict[str, str], include_finished: bool) -> list[SandboxInfo]:
         """Every other node's sandboxes (what dead nodes ran too, with ``include_finished``)."""
@@ -390,22 +495,35 @@ class GatewayCluster:
         if creating and (holder := await self.router.claim_name("secret", name)) is not None:
             raise exc.ServiceError(f"secret {name!r} is being made on node {holder.name}: try again")
 
-    async def volume_name(self, name: str, creating: bool) -> None:
-        """Before the gateway looks up or makes the volume ``name`` in this node's store: an error naming the node
-        where another node holds it (the gateway serves its own node's volumes, decision 0081); a name no node holds
-        is claimed for this node where it is to make it."""
+    async def volume_holder(self, name: str, creating: bool) -> ClusterNode | None:
+        """The other node that holds the volume ``name`` (or, ``creating``, is making it); None where this node
+        holds it, or none does (and, ``creating``, the name is now claimed for this node)."""
         if self.mgr.volumes.by_name(name) is not None or self.router.volumes is None:
-            return
+            return None
         found = await self.router.volumes.named(name)
-        holder = found[0] if found is not None else None
-        if holder is None and creating:
-            holder = await self.router.claim_name("volume", name)
-        if holder is not None:
-            raise exc.UnimplementedError(
-                f"Volume {name!r} lives on node {holder.name}, and this gateway serves the volumes of its own node"
-                f" ({self.mgr.cfg.node_name}) only: use shoal's SDK, which any node serves every volume through, or"
-                f" node {holder.name}'s gateway"
-            )
+        if found is not None:
+            return found[0]
+        return await self.router.claim_name("volume", name) if creating else None
+
+    async def others_volumes(self) -> list[api_pb2.VolumeListItem]:
+        """Every other live node's named volumes, as ``VolumeList`` shows them."""
+        others = self.router.others()
+        answers = await asyncio.gather(*(self.router.ask(n, "GET", "/v1/volumes") for n in others))
+        items = []
+        for answer in answers:
+            for v in (answer or {}).get("volumes") or []:
+                if not isinstance(v, dict) or not v.get("name") or v.get("ephemeral"):
+                    continue
+                meta = api_pb2.VolumeMetadata(version=api_pb2.VOLUME_FS_VERSION_V2, name=str(v["name"]))
+                items.append(
+                    api_pb2.VolumeListItem(
+                        label=str(v["name"]),
+                        volume_id=str(v.get("volume_id")),
+                        created_at=int(v.get("created_at_us") or 0) / 1e6,
+                        metadata=meta,
+                    )
+                )
+        return items
 
     async def volume_gone(self, name: str | None) -> None:
         """This node no longer holds the volume ``name`` (deleted or renamed): the name is free in the cluster."""
@@ -418,3 +536,12 @@ async def _pass_requests(stream: Any, peer: Any) -> None:
     async for message in stream:
         await peer.send_message(message)
     await peer.end()
+
+
+def _moved(url: str, node: ClusterNode) -> str:
+    """A block URL ``node``'s gateway signed for its loopback listener, pointed at its cluster address instead (the
+    signature covers the path and query only)."""
+    where = urlsplit(url)
+    if not node.gateway_blocks or where.hostname not in ("127.0.0.1", "::1", "localhost"):
+        return url
+    return node.gateway_blocks + where.path + (f"?{where.query}" if where.query else "")

@@ -178,13 +178,7 @@ class ControlPlane(ModalClientBase):
 
     @grpc_errors
     async def VolumeGetOrCreate(self, stream: Any) -> None:
-        req = await stream.recv_message()
-        if (cluster := self._in_cluster()) is not None and req.deployment_name:
-            creating = req.object_creation_type in (
-                api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING,
-                api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS,
-            )
-            await cluster.volume_name(req.deployment_name, creating)
+        req = await stream.recv_message()  # (in a cluster, another node's name went to that node's gateway)
         await stream.send_message(self.volumes.get_or_create(req))
 
     @grpc_errors
@@ -236,7 +230,8 @@ class ControlPlane(ModalClientBase):
         if row.name is None:
             raise exc.InvalidError("an ephemeral volume has no name to change")
         if (cluster := self._in_cluster()) is not None and req.name != row.name:
-            await cluster.volume_name(req.name, creating=True)
+            if (holder := await cluster.volume_holder(req.name, creating=True)) is not None:
+                raise exc.AlreadyExistsError(f"Volume '{req.name}' already exists (on node {holder.name})")
             try:
                 self.mgr.volumes.rename(row.name, req.name)
             except BaseException:
@@ -250,7 +245,10 @@ class ControlPlane(ModalClientBase):
     @grpc_errors
     async def VolumeList(self, stream: Any) -> None:
         await stream.recv_message()
-        await stream.send_message(self.volumes.listing())
+        listing = self.volumes.listing()
+        if (cluster := self._in_cluster()) is not None:
+            listing.items.extend(await cluster.others_volumes())
+        await stream.send_message(listing)
 
     @grpc_errors
     async def VolumeGetById(self, stream: Any) -> None:

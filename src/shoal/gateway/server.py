@@ -14,12 +14,11 @@ from grpclib.server import Server
 
 from shoal.engine.manager import Manager
 from shoal.gateway.auth import GatewayAuth
-from shoal.gateway.cluster import GatewayCluster, PeerAuthenticated
+from shoal.gateway.cluster import ClusterAPI, GatewayCluster, PeerAuthenticated
 from shoal.gateway.control import ControlPlane, not_served
 from shoal.gateway.mounts import GatewayMounts
 from shoal.gateway.router import CommandRouter
 from shoal.gateway.volumes import BlockStore, GatewayVolumes
-from shoal.server.cluster import ClusterRouter
 from shoal.util import loopback
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ class Gateway:
         await self.blocks.close()
 
 
-async def start(mgr: Manager, address: str, cluster: tuple[ClusterRouter, str] | None = None) -> Gateway:
+async def start(mgr: Manager, address: str, cluster: tuple[ClusterAPI, str] | None = None) -> Gateway:
     """Listen on ``address`` (a loopback HOST:PORT; a port in use falls back to any free one, said in the log).
 
     ``cluster``: the API's cluster router and the cluster's token, where the daemon is in a cluster; the gateway
@@ -136,7 +135,8 @@ async def start(mgr: Manager, address: str, cluster: tuple[ClusterRouter, str] |
     sock, url = loopback.listen(host, port, "gateway", log)
     blocks = BlockStore(mgr, auth)
     mounts = GatewayMounts(mgr, blocks)
-    await blocks.start(host)
+    peer_host = urlsplit(mgr.cfg.advertise_url or "").hostname or "127.0.0.1"
+    await blocks.start(host, peer_host if cluster is not None and mgr.cluster is not None else None)
     control = complete(ControlPlane)(mgr, auth, url, GatewayVolumes(mgr, blocks), mounts)
     router = complete(CommandRouter)(mgr, auth)
     if cluster is None or mgr.cluster is None:
@@ -149,9 +149,8 @@ async def start(mgr: Manager, address: str, cluster: tuple[ClusterRouter, str] |
     server = _Server([_Authenticated(spread.routed(control), auth), spread.routed(router, bearer=True)])
     await server.start(sock=sock)
     peers = _Server([PeerAuthenticated(control, cluster[1]), PeerAuthenticated(router, cluster[1])])
-    peer_host = urlsplit(mgr.cfg.advertise_url or "").hostname or "127.0.0.1"
     peer_sock, peer_url = loopback.listen(peer_host, port, "gateway (its cluster's peers)", log)
     await peers.start(sock=peer_sock)
-    mgr.cluster.info["gateway"] = peer_url  # registered with the next beat
+    mgr.cluster.info.update(gateway=peer_url, gateway_blocks=blocks.peer_base)  # registered with the next beat
     log.info("gateway for the official modal client on %s, serving the cluster; its peers' on %s", url, peer_url)
     return Gateway(server, url, auth, blocks, peers, spread)

@@ -58,6 +58,8 @@ class BlockStore:
         self.root = mgr.cfg.data_dir / "gateway-blocks"
         self.root.mkdir(mode=0o700, exist_ok=True)
         self.base = ""
+        self.peer_base: str | None = None
+        """Where other nodes' gateways' clients reach this listener too, in a cluster (``start``'s ``peer_host``)."""
         self._runner: web.AppRunner | None = None
         self.app_routes: list[tuple[str, str, Any]] = []
         """More routes of the same listener (method, path, handler), added before ``start``."""
@@ -70,8 +72,9 @@ class BlockStore:
         room = dataclasses.replace(room, pids_left=None, memory_left=None, disk_left=room.disk_left - incoming)
         host_room.check(room, cfg.min_free_disk_mib << 20)
 
-    async def start(self, host: str) -> None:
-        """Listen on ``host`` (loopback), any free port."""
+    async def start(self, host: str, peer_host: str | None = None) -> None:
+        """Listen on ``host`` (loopback), any free port; and on ``peer_host`` (this node's cluster address), where
+        a client of another node's gateway fetches and sends blocks of this node's volumes with URLs signed here."""
         app = web.Application(client_max_size=BLOCK_SIZE + 1)
         app.router.add_put("/blocks/{sha}", self._put)
         app.router.add_get("/files/{volume_id}", self._get)
@@ -82,8 +85,11 @@ class BlockStore:
         site = web.TCPSite(self._runner, host, 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        shown = f"[{host}]" if ":" in host else host
-        self.base = f"http://{shown}:{port}"
+        self.base = _url(host, port)
+        if peer_host is not None:
+            peer = web.TCPSite(self._runner, peer_host, 0)
+            await peer.start()
+            self.peer_base = _url(peer_host, peer._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -164,6 +170,10 @@ class BlockStore:
         with os.fdopen(fd, "rb", buffering=0) as f:
             data = await asyncio.to_thread(os.pread, f.fileno(), length, start)
         return web.Response(body=data, content_type="application/octet-stream")
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from shoal.cluster.membership import POLL_SECONDS
+from shoal.cluster.placement import needs_this_node, secret_ids
 from shoal.engine.manager import Manager
 from shoal.exception import (
     AlreadyExistsError,
@@ -404,6 +405,20 @@ class ClusterRouter:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
+    async def place_for(self, data: dict[str, Any], here: Callable[[], Awaitable[T]]) -> T | dict[str, Any]:
+        """``place`` for a caller other than this API (the gateway): another node's sandbox as its ``SandboxInfo``
+        (JSON), and that node's refusal raised as the error it names."""
+        answer = await self.place(data, json.dumps(data).encode(), here)
+        if not isinstance(answer, web.Response):
+            return answer
+        body = answer.body if isinstance(answer.body, bytes) else b""
+        if answer.status != 200:
+            raise errors.from_body(answer.status, body)
+        found = json.loads(body)
+        if not isinstance(found, dict):
+            raise ServiceError("a node answered a create with something other than a sandbox")
+        return found
+
     async def take_in_app(self, name: str) -> None:
         """Where this node has no app called ``name`` and another node has, take that one in under its id."""
         if self.mgr.state.app_by_name(name) is not None:
@@ -484,7 +499,7 @@ class ClusterRouter:
             self._inflight[node.name] = self._inflight.get(node.name, 0) + 1
             try:
                 await self._mirror_app(node, str(data.get("app_id", "")))
-                await self.mirror_secrets(node, _secret_ids(data))
+                await self.mirror_secrets(node, secret_ids(data))
                 answer = await self._create_on(request, node, self._portable(data, body))
             except ServiceError as exc:
                 log.warning("cluster: create on node %s failed: %s; trying the next", node.name, exc)
@@ -564,11 +579,11 @@ class ClusterRouter:
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise ServiceError(f"node {node.name} did not answer: {exc or type(exc).__name__}") from None
 
-    async def mirror_secrets(self, node: ClusterNode, secret_ids: list[str]) -> None:
+    async def mirror_secrets(self, node: ClusterNode, wanted: list[str]) -> None:
         """Give ``node`` the named secrets the create uses (sent to it in the clear over the cluster's API, sealed
         again there by its own key; decision 0077)."""
         assert node.url is not None and self.mgr.cluster is not None
-        for secret_id in secret_ids:
+        for secret_id in wanted:
             row, env = self.mgr.secrets.values(secret_id)  # NotFoundError: this node answers it, as it would here
             try:
                 async with self.session.put(
@@ -669,26 +684,6 @@ def _ended_with_node(recorded: dict[str, Any], message: str) -> dict[str, Any]:
         "result": {"status": "internal_failure", "exitcode": 137, "message": message},
         "returncode": 137,
     }
-
-
-def _secret_ids(data: dict[str, Any]) -> list[str]:
-    """The named secrets a create uses: its environment's and its outbound policy's."""
-    found = [str(i) for i in data.get("secret_ids") or []]
-    found += [
-        str(r["secret_id"]) for r in data.get("outbound_headers") or [] if isinstance(r, dict) and r.get("secret_id")
-    ]
-    return list(dict.fromkeys(found))
-
-
-def needs_this_node(data: dict[str, Any]) -> bool:
-    """Whether a create names objects that live in this node's store alone (decision 0077)."""
-    image = data.get("image") or {}
-    # An image id the node lacks is a 404 there, and the create moves on; steps or a registry pull would build there.
-    custom_image = isinstance(image, dict) and (
-        image.get("kind") not in (None, "id", "debian_slim") or image.get("steps")
-    )
-    # Volumes go with it: the node it lands on mounts a copy of each (decision 0078).
-    return bool(custom_image or data.get("persistent") or data.get("gpu") or data.get("enable_snapshot"))
 
 
 ROUTER = web.AppKey("cluster_router", ClusterRouter)

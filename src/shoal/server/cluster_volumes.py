@@ -46,7 +46,7 @@ class ClusterVolumes:
                 return answer
             if FORWARDED in request.headers:
                 raise NotFoundError(f"Volume {volume_id!r} not found")  # a copy answers for nothing
-            home = row.home if row is not None else await self._locate(volume_id)
+            home = row.home if row is not None else await self.locate(volume_id)
             return await self.router.to_home(request, f"volume {volume_id}", home)
         resource = request.match_info.route.resource
         path = (request.method, resource.canonical if resource is not None else "")
@@ -124,7 +124,7 @@ class ClusterVolumes:
             self._seen(*found)
         return found
 
-    async def _locate(self, volume_id: str) -> str | None:
+    async def locate(self, volume_id: str) -> str | None:
         """The other node that holds ``volume_id`` (asked of every live node the first time)."""
         name = self._homes.get(volume_id)
         if name is not None and self._node(name) is not None:
@@ -138,7 +138,7 @@ class ClusterVolumes:
     # ------------------------------------------------------------------ a copy's way to its home (VolumeHome)
 
     async def home_of(self, volume_id: str) -> str:
-        name = await self._locate(volume_id)
+        name = await self.locate(volume_id)
         if name is None:
             raise NotFoundError(f"Volume {volume_id!r} not found on any node of the cluster")
         return name

@@ -23,6 +23,8 @@ class ClusterNode(BaseModel):
     """Where the daemon's API is reached (``--advertise-url``)."""
     gateway: str | None = None
     """Where the daemon's gateway takes calls that other nodes' gateways pass on (None: it runs no gateway)."""
+    gateway_blocks: str | None = None
+    """Where the block URLs its gateway signs for its volumes are reached from other nodes."""
     labels: dict[str, str]
     """The daemon's node labels (``--node-labels``), which a create may ask for."""
     slots: int
