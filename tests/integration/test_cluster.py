@@ -17,8 +17,6 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -27,57 +25,20 @@ import shoal
 from shoal.exception import ConflictError, InvalidError
 from shoal.sdk._sync import run_blocking
 from shoal.sdk.admin import AdminClient
-from shoal.sdk.transport import default_client
-from tests.conftest import REPO, restore_environ
+from tests.clusterkit import cluster_env, local_cluster, official_client
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, daemons)")
 pytest.importorskip("ray", reason="the ray extra is not installed: make setup")
 
-SCRIPT = REPO / "scripts" / "local-cluster"
 VERDICT = 20.0
 """Seconds within which a killed node's sandboxes must read as ended (the issue's bound)."""
 
 
-def local_cluster(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SHOAL_VENV_BIN": str(Path(sys.executable).parent)}  # this run's Python and Ray
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False, env=env)
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
-    """The cluster's environment (SHOAL_URL, SHOAL_TOKEN of the head), set for the SDK while the module runs."""
-    up = local_cluster("up", "3")
-    if up.returncode != 0:
-        local_cluster("down")
-        pytest.fail(f"local-cluster up failed:\n{up.stderr[-3000:]}")
-    env = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines()[-2:])
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    """A head and two workers, the head's environment set for the SDK while the module runs."""
+    with cluster_env("3") as env:
         yield env
-    finally:
-        restore_environ(saved)
-        down = local_cluster("down")
-        assert down.returncode == 0, down.stderr[-3000:]
-        assert leftovers() == []
-
-
-def leftovers() -> list[str]:
-    """What a cluster leaves on the machine if `down` missed it."""
-    found: list[str] = []
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    found += [f"netns {line.split()[0]}" for line in netns.splitlines() if line.startswith("shoal-lc-")]
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    found += [f"link {ln.split(':')[1].strip()}" for ln in links.splitlines() if ": shlc" in ln]
-    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    found += [f"nft {t}" for t in tables.splitlines() if "shoal_local_cluster" in t]
-    found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob("*/shoal-lc")]
-    found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob("shoal-lc")]
-    found += [
-        f"mount {ln.split()[4]}" for ln in Path("/proc/self/mountinfo").read_text().splitlines() if "shoal-lc" in ln
-    ]
-    found += [f"dir {p}" for p in (Path("/var/tmp/shoal-lc"), Path("/run/shoal-local-cluster")) if p.exists()]
-    return found
 
 
 def sandboxes(app: shoal.App, include_finished: bool = False) -> list[dict]:
@@ -237,24 +198,6 @@ pinned.wait(raise_on_termination=False)
 out['pinned_end'] = pinned.returncode
 print(json.dumps(out))
 """
-
-
-def official_client(program: str, *args: str) -> Any:
-    """What ``program`` printed last (JSON): the official modal client run in the head's namespace, pointed at the
-    head's gateway only."""
-    pytest.importorskip("modal", reason="the gateway extra is not installed: make setup")
-    gateway: dict[str, str] = run_blocking(default_client().request("GET", "/v1/gateway"))["env"]
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SHOAL_"))}
-    environ.update(gateway, MODAL_CONFIG_PATH="/nonexistent/.modal.toml")
-    done = subprocess.run(
-        ["nsenter", "--net=/run/netns/shoal-lc-node0", "--", sys.executable, "-c", program, *args],
-        capture_output=True,
-        text=True,
-        env=environ,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_the_heads_gateway_serves_the_whole_cluster(cluster):

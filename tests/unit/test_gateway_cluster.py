@@ -16,16 +16,16 @@ from modal_proto import api_pb2
 from modal_proto import task_command_router_pb2 as tcr
 
 from shoal.gateway.auth import TOKEN_FILE, GatewayAuth
-from shoal.gateway.cluster import (
+from shoal.gateway.control import ControlPlane
+from shoal.gateway.peers import (
     PEER_TOKEN,
     PeerAuthenticated,
-    _Replayed,
+    Replayed,
     names_a_sandbox,
     names_a_snapshot,
     names_a_volume,
     sandbox_named,
 )
-from shoal.gateway.control import ControlPlane
 from shoal.gateway.router import CommandRouter
 from shoal.gateway.server import complete
 
@@ -111,7 +111,7 @@ def test_a_replayed_stream_gives_the_request_read_to_route_it_then_the_rest() ->
             return self.left.pop(0) if self.left else None
 
     async def read() -> tuple[str | None, list[str], Any]:
-        replayed = _Replayed(Stream(), "first")
+        replayed = Replayed(Stream(), "first")
         head = await replayed.recv_message()
         rest = [m async for m in replayed]
         return head, rest, replayed.metadata

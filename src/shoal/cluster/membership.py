@@ -129,6 +129,9 @@ class Membership:
         self.load = load
         self.ray_node_id: str | None = None
         self.nodes: list[ClusterNode] = []
+        self.slots: int | None = None
+        """This node's ``shoal_slot`` Ray resource, where its Ray node was started with one: the most sandboxes
+        this daemon takes (``Manager``'s admission), as placement reads it."""
         self.problem: str | None = None
         self._bridge: _BridgeProcess | None = None
         self._task: asyncio.Task[None] | None = None
@@ -193,6 +196,9 @@ class Membership:
             self._ended |= ended - set(self._started)
             raise
         self.nodes = sorted((self._node(n) for n in raw), key=lambda n: (not n.alive, n.name))
+        mine: dict[str, Any] = next((n for n in raw if n.get("ray_node_id") == self.ray_node_id), {})
+        slots = (mine.get("resources") or {}).get("shoal_slot")
+        self.slots = int(slots) if slots else None
         self.problem = None
         self._refreshed.set()
 

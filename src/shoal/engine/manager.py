@@ -637,20 +637,30 @@ class Manager:
         return self._live()
 
     def _check_capacity(self) -> None:
-        """Refuse a create past the daemon's ceiling or the host's room (processes, memory, disk)."""
-        limit = self.cfg.max_sandboxes
+        """Refuse a create past the daemon's ceiling (in a cluster, its node's ``shoal_slot`` Ray resource too) or the
+        host's room (processes, memory, disk)."""
+        limit = self._limit()
         live = self._live()
         if live >= limit:
+            how = (
+                "raise the limit with `shoal serve --max-sandboxes N` (or $SHOAL_MAX_SANDBOXES)"
+                if limit == self.cfg.max_sandboxes
+                else "start this node's Ray with more of the `shoal_slot` resource"
+            )
             raise ResourceExhaustedError(
-                f"this daemon holds at most {limit} sandboxes and {live} are running or starting: end some, or"
-                " raise the limit with `shoal serve --max-sandboxes N` (or $SHOAL_MAX_SANDBOXES)"
+                f"this daemon holds at most {limit} sandboxes and {live} are running or starting: end some, or {how}"
             )
         host_room.check(host_room.measure(self.cfg.cgroup_parent, self.cfg.data_dir), self.cfg.min_free_disk_mib << 20)
+
+    def _limit(self) -> int:
+        slots = self.cluster.slots if self.cluster is not None else None
+        return min(self.cfg.max_sandboxes, slots) if slots else self.cfg.max_sandboxes
 
     def capacity(self) -> dict[str, int]:
         """How many more sandboxes this daemon and the host take (``shoal status``)."""
         live = self._live()
-        room = {"max_sandboxes": self.cfg.max_sandboxes, "live": live, "left": max(0, self.cfg.max_sandboxes - live)}
+        limit = self._limit()
+        room = {"max_sandboxes": limit, "live": live, "left": max(0, limit - live)}
         room.update(host_room.measure(self.cfg.cgroup_parent, self.cfg.data_dir).as_dict())
         if self.ctx.uids is not None:
             room["uid_slots"] = self.ctx.uids.count

@@ -1,17 +1,17 @@
 """The gateway serves the whole cluster (issue 18, decision 0081).
 
-A call that names a sandbox another node runs (by its sandbox or task id) is passed, as the client sent it, to
-that node's gateway: each gateway also listens on its node's cluster address for calls its peers pass on, which
-carry the cluster's API token and are answered for that node's own sandboxes only.  The client keeps talking to
-the gateway it knows: router access is always this gateway's.  A create is placed as the API places one
-(``ClusterRouter.place``, over the nodes' HTTP API), and lists and names look at every node.
+A call that names a sandbox, memory snapshot or volume another node holds is passed, as the client sent it, to that
+node's gateway (``shoal.gateway.peers`` says which calls, and takes them there), and its answers come back the same
+way.  The client keeps talking to the gateway it knows: router access is always this gateway's, and block URLs
+point at the holding node's block listener.  A create is placed as the API places one (``ClusterRouter.place_for``,
+over the nodes' HTTP API); lists and names look at every node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -28,13 +28,24 @@ from shoal.cluster.placement import needs_this_node
 from shoal.engine.manager import Manager
 from shoal.engine.sandbox import Sandbox
 from shoal.gateway.auth import GatewayAuth
-from shoal.gateway.convert import grpc_status, sandbox_of_task
+from shoal.gateway.convert import grpc_status
+from shoal.gateway.peers import (
+    PEER_TOKEN,
+    VOLUME_BY_NAME,
+    Replayed,
+    names_a_sandbox,
+    names_a_snapshot,
+    names_a_volume,
+    sandbox_named,
+)
 from shoal.wire.cluster import ClusterNode
 from shoal.wire.sandboxes import CreateSandbox, SandboxInfo
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Elsewhere = Callable[[Any, Any], Awaitable[bool]]
+"""Given a call's stream and first request: answers it from another node (True), or leaves it to this one."""
 
 
 class NamedObjects(Protocol):
@@ -76,8 +87,6 @@ class ClusterAPI(Protocol):
     async def release_name(self, kind: str, name: str) -> None: ...
 
 
-PEER_TOKEN = "x-shoal-cluster-token"
-"""The metadata key of the cluster's API token on a call one gateway passes to another."""
 PASSED_METADATA = ("authorization",)
 """The client's metadata passed on with a call (the router's bearer token, which every node's gateway verifies)."""
 
@@ -92,109 +101,7 @@ _ENDED_ANSWERS: dict[str, Callable[[api_pb2.GenericResult, str], Any]] = {
     _CONTROL + "SandboxTerminate": lambda r, app: api_pb2.SandboxTerminateResponse(existing_result=r),
 }
 """How a call about a sandbox whose node died is answered (by its path, V2 or not); any other is a ConflictError."""
-
-
-def sandbox_named(message: Any) -> str | None:
-    """The sandbox a request names by its ``sandbox_id``, or its ``task_id`` (also a stream's ``start``'s)."""
-    fields = message.DESCRIPTOR.fields_by_name
-    if "sandbox_id" in fields and message.sandbox_id:
-        return str(message.sandbox_id)
-    if "task_id" in fields and message.task_id:
-        return _of_task(str(message.task_id))
-    if "start" in fields and fields["start"].message_type is not None and message.HasField("start"):
-        return sandbox_named(message.start)
-    return None
-
-
-def _of_task(task: str) -> str | None:
-    try:
-        return sandbox_of_task(task)
-    except GRPCError:
-        return None  # answered here as a task no node has
-
-
-def names_a_sandbox(handler: Handler) -> bool:
-    """Whether a path's requests name a sandbox (``sandbox_named``), which decides the node that answers them."""
-    fields = handler.request_type.DESCRIPTOR.fields_by_name
-    start = fields.get("start")
-    return (
-        "sandbox_id" in fields
-        or "task_id" in fields
-        or (start is not None and start.message_type is not None and "task_id" in start.message_type.fields_by_name)
-    )
-
-
-def names_a_snapshot(handler: Handler) -> bool:
-    """Whether a path's requests name a memory snapshot only (it lives on the node of the sandbox it was taken of)."""
-    return "snapshot_id" in handler.request_type.DESCRIPTOR.fields_by_name and not names_a_sandbox(handler)
-
-
-def names_a_volume(handler: Handler) -> bool:
-    """Whether a path's requests name a volume by id (they go to the node that holds it)."""
-    return "volume_id" in handler.request_type.DESCRIPTOR.fields_by_name and not names_a_sandbox(handler)
-
-
-_VOLUME_BY_NAME = _CONTROL + "VolumeGetOrCreate"
 _CREATING = (api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING, api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS)
-
-
-def passed_on(path: str, handler: Handler) -> bool:
-    """Whether one node's gateway may pass a path's calls to another's."""
-    return names_a_sandbox(handler) or names_a_snapshot(handler) or names_a_volume(handler) or path == _VOLUME_BY_NAME
-
-
-class _Replayed:
-    """A server stream whose first request was read already (to route it): the handler reads it again."""
-
-    def __init__(self, stream: Any, first: Any) -> None:
-        self._stream = stream
-        self._first: Any = first
-
-    async def recv_message(self) -> Any:
-        if self._first is not None:
-            first, self._first = self._first, None
-            return first
-        return await self._stream.recv_message()
-
-    def __aiter__(self) -> _Replayed:
-        return self
-
-    async def __anext__(self) -> Any:
-        message = await self.recv_message()
-        if message is None:
-            raise StopAsyncIteration
-        return message
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-class PeerAuthenticated:
-    """The handlers of calls other nodes' gateways pass on: only those that name a sandbox or a snapshot, each
-    checking the cluster's token first (every other path answers UNIMPLEMENTED)."""
-
-    def __init__(self, inner: Any, cluster_token: str) -> None:
-        self.inner = inner
-        self.token = cluster_token
-
-    def __mapping__(self) -> dict[str, Handler]:
-        def guarded(func: Any) -> Any:
-            async def call(stream: Any) -> None:
-                if not hmac.compare_digest(str(stream.metadata.get(PEER_TOKEN, "")), self.token):
-                    raise GRPCError(Status.UNAUTHENTICATED, "not a call from a node of this cluster")
-                await func(stream)
-
-            return call
-
-        async def refused(stream: Any) -> None:
-            raise GRPCError(
-                Status.UNIMPLEMENTED, "a gateway takes only calls about a sandbox or snapshot from its peers"
-            )
-
-        return {
-            path: h._replace(func=guarded(h.func) if passed_on(path, h) else refused)
-            for path, h in self.inner.__mapping__().items()
-        }
 
 
 class GatewayCluster:
@@ -222,125 +129,103 @@ class GatewayCluster:
     # ------------------------------------------------------------------ calls that name a sandbox
 
     def routed(self, inner: Any, bearer: bool = False) -> Any:
-        """``inner``'s handlers with those that name a sandbox passed on to the node that runs it (``bearer``: the
-        router's, whose calls carry a token signed for one sandbox, checked before anything is looked up)."""
+        """``inner``'s handlers with those that name a sandbox, a memory snapshot or a volume passed on to the node
+        that holds it (``bearer``: the router's, whose calls carry a token signed for one sandbox, checked before
+        anything is looked up)."""
         cluster = self
 
         class _Routed:
             def __mapping__(self) -> dict[str, Handler]:
                 out = {}
                 for path, h in inner.__mapping__().items():
+                    decide: Elsewhere | None = None
                     if names_a_sandbox(h):
-                        h = h._replace(func=cluster._route(path, h, bearer))
+                        decide = functools.partial(cluster._sandbox_elsewhere, path, h, bearer)
                     elif names_a_snapshot(h):
-                        h = h._replace(func=cluster._route_snapshot(path, h))
+                        decide = functools.partial(cluster._snapshot_elsewhere, path, h)
                     elif names_a_volume(h):
-                        h = h._replace(func=cluster._route_volume(path, h))
-                    elif path == _VOLUME_BY_NAME:
-                        h = h._replace(func=cluster._route_volume_name(path, h))
-                    out[path] = h
+                        decide = functools.partial(cluster._volume_elsewhere, path, h)
+                    elif path == VOLUME_BY_NAME:
+                        decide = functools.partial(cluster._volume_name_elsewhere, path, h)
+                    out[path] = h if decide is None else h._replace(func=cluster._routing(h, decide))
                 return out
 
         return _Routed()
 
-    def _route(self, path: str, handler: Handler, bearer: bool) -> Callable[[Any], Awaitable[None]]:
+    def _routing(self, handler: Handler, elsewhere: Elsewhere) -> Callable[[Any], Awaitable[None]]:
+        """``handler``'s function, which in a cluster first reads the call's first request and gives it to
+        ``elsewhere``: that answers the call from another node (True), or leaves it to this one (False)."""
         local: Callable[[Any], Awaitable[None]] = handler.func
 
         async def call(stream: Any) -> None:
             if not self.on:
                 return await local(stream)
             first = await stream.recv_message()
-            sandbox_id = sandbox_named(first) if first is not None else None
-            if sandbox_id is None or self.mgr.knows(sandbox_id):
-                return await local(_Replayed(stream, first))
-            if bearer:
-                token = str(stream.metadata.get("authorization", "")).removeprefix("Bearer ").strip()
-                if self.auth.verify(token) != sandbox_id:
-                    raise GRPCError(Status.PERMISSION_DENIED, f"this token is not for sandbox {sandbox_id}")
-            node = await self.router.locate(sandbox_id)
-            if node is None:
-                return await local(_Replayed(stream, first))  # not found: this node says so
-            if path in _ROUTER_ACCESS and node.alive:
-                await stream.send_message(handler.reply_type(jwt=self.auth.sign(sandbox_id), url=self.url))
-                return None
             try:
-                if not node.alive:
-                    return await self._ended(stream, path, node, sandbox_id)
-                await self._forward(stream, path, handler, node, first, sandbox_id)
+                if first is not None and await elsewhere(stream, first):
+                    return None
             except exc.Error as e:
                 raise GRPCError(grpc_status(e), str(e)) from None
+            return await local(Replayed(stream, first))
 
         return call
 
-    def _route_snapshot(self, path: str, handler: Handler) -> Callable[[Any], Awaitable[None]]:
-        local: Callable[[Any], Awaitable[None]] = handler.func
+    async def _sandbox_elsewhere(self, path: str, handler: Handler, bearer: bool, stream: Any, first: Any) -> bool:
+        sandbox_id = sandbox_named(first)
+        if sandbox_id is None or self.mgr.knows(sandbox_id):
+            return False
+        if bearer:
+            token = str(stream.metadata.get("authorization", "")).removeprefix("Bearer ").strip()
+            if self.auth.verify(token) != sandbox_id:
+                raise GRPCError(Status.PERMISSION_DENIED, f"this token is not for sandbox {sandbox_id}")
+        node = await self.router.locate(sandbox_id)
+        if node is None:
+            return False  # no node has it: this one says so
+        if not node.alive:
+            await self._ended(stream, path, node, sandbox_id)
+        elif path in _ROUTER_ACCESS:
+            await stream.send_message(handler.reply_type(jwt=self.auth.sign(sandbox_id), url=self.url))
+        else:
+            await self._forward(stream, path, handler, node, first, sandbox_id)
+        return True
 
-        async def call(stream: Any) -> None:
-            if not self.on:
-                return await local(stream)
-            first = await stream.recv_message()
-            snapshot_id = str(getattr(first, "snapshot_id", "") or "") if first is not None else ""
+    async def _snapshot_elsewhere(self, path: str, handler: Handler, stream: Any, first: Any) -> bool:
+        """Each other node is asked in turn: the first whose gateway does not answer NOT_FOUND has it."""
+        with contextlib.suppress(exc.NotFoundError):
+            self.mgr.memory_snapshots.get(str(first.snapshot_id))
+            return False
+        for node in self.router.others():
+            if not node.gateway:
+                continue
             try:
-                self.mgr.memory_snapshots.get(snapshot_id)
-            except exc.NotFoundError:
-                pass
-            else:
-                return await local(_Replayed(stream, first))
-            for node in self.router.others():
-                if not node.gateway:
-                    continue
-                try:
-                    await self._forward(stream, path, handler, node, first, None)
-                    return None
-                except GRPCError as e:
-                    if e.status not in (Status.NOT_FOUND, Status.UNAVAILABLE):
-                        raise
-            return await local(_Replayed(stream, first))  # no node that answers has it: this one says so
+                await self._forward(stream, path, handler, node, first, None)
+                return True
+            except GRPCError as e:
+                if e.status not in (Status.NOT_FOUND, Status.UNAVAILABLE):
+                    raise
+        return False
 
-        return call
+    async def _volume_elsewhere(self, path: str, handler: Handler, stream: Any, first: Any) -> bool:
+        volume_id = str(first.volume_id)
+        row = self.mgr.volumes.find(volume_id) if volume_id else None
+        if row is not None and row.home is None:
+            return False  # this node's own
+        volumes = self.router.volumes
+        home = row.home if row is not None else await volumes.locate(volume_id) if volumes and volume_id else None
+        if home is None:
+            return False  # no node has it: this one says so
+        node = next((n for n in self.router.others() if n.name == home), None)
+        if node is None:
+            raise GRPCError(Status.UNAVAILABLE, f"node {home}, which holds volume {volume_id}, is not alive")
+        await self._forward(stream, path, handler, node, first, None)
+        return True
 
-    def _route_volume(self, path: str, handler: Handler) -> Callable[[Any], Awaitable[None]]:
-        local: Callable[[Any], Awaitable[None]] = handler.func
-
-        async def call(stream: Any) -> None:
-            if not self.on:
-                return await local(stream)
-            first = await stream.recv_message()
-            volume_id = str(getattr(first, "volume_id", "") or "") if first is not None else ""
-            row = self.mgr.volumes.find(volume_id) if volume_id else None
-            if row is not None and row.home is None:
-                return await local(_Replayed(stream, first))  # this node's own
-            volumes = self.router.volumes
-            home = row.home if row is not None else await volumes.locate(volume_id) if volumes and volume_id else None
-            node = next((n for n in self.router.others() if n.name == home), None)
-            if node is None:
-                if home is not None:
-                    raise GRPCError(Status.UNAVAILABLE, f"node {home}, which holds volume {volume_id}, is not alive")
-                return await local(_Replayed(stream, first))  # no node has it: this one says so
-            await self._passed(stream, path, handler, node, first)
-
-        return call
-
-    def _route_volume_name(self, path: str, handler: Handler) -> Callable[[Any], Awaitable[None]]:
-        local: Callable[[Any], Awaitable[None]] = handler.func
-
-        async def call(stream: Any) -> None:
-            if not self.on:
-                return await local(stream)
-            first = await stream.recv_message()
-            name = str(getattr(first, "deployment_name", "") or "") if first is not None else ""
-            holder = await self.volume_holder(name, first.object_creation_type in _CREATING) if name else None
-            if holder is None:
-                return await local(_Replayed(stream, first))
-            await self._passed(stream, path, handler, holder, first)
-
-        return call
-
-    async def _passed(self, stream: Any, path: str, handler: Handler, node: ClusterNode, first: Any) -> None:
-        try:
-            await self._forward(stream, path, handler, node, first, None)
-        except exc.Error as e:
-            raise GRPCError(grpc_status(e), str(e)) from None
+    async def _volume_name_elsewhere(self, path: str, handler: Handler, stream: Any, first: Any) -> bool:
+        name = str(first.deployment_name)
+        holder = await self.volume_holder(name, first.object_creation_type in _CREATING) if name else None
+        if holder is not None:
+            await self._forward(stream, path, handler, holder, first, None)
+        return holder is not None
 
     async def _forward(
         self, stream: Any, path: str, handler: Handler, node: ClusterNode, first: Any, sandbox_id: str | None

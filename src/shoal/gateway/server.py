@@ -14,9 +14,10 @@ from grpclib.server import Server
 
 from shoal.engine.manager import Manager
 from shoal.gateway.auth import GatewayAuth
-from shoal.gateway.cluster import ClusterAPI, GatewayCluster, PeerAuthenticated
+from shoal.gateway.cluster import ClusterAPI, GatewayCluster
 from shoal.gateway.control import ControlPlane, not_served
 from shoal.gateway.mounts import GatewayMounts
+from shoal.gateway.peers import PeerAuthenticated
 from shoal.gateway.router import CommandRouter
 from shoal.gateway.volumes import BlockStore, GatewayVolumes
 from shoal.util import loopback
