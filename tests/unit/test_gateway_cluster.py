@@ -79,7 +79,7 @@ def test_a_peer_listener_takes_only_calls_about_a_sandbox_or_snapshot_with_the_c
             asyncio.run(peer[CONTROL + name].func(Stream({PEER_TOKEN: "cluster-token"})))
         assert refused.value.status == Status.UNIMPLEMENTED, name
 
-    for metadata in ({}, {PEER_TOKEN: "wrong"}, {"x-modal-token-id": "cluster-token"}):
+    for metadata in ({}, {PEER_TOKEN: "wrong"}, {PEER_TOKEN: "clüster-token"}, {"x-modal-token-id": "cluster-token"}):
         with pytest.raises(GRPCError) as refused:
             asyncio.run(peer[CONTROL + "SandboxWaitV2"].func(Stream(metadata)))
         assert refused.value.status == Status.UNAUTHENTICATED
@@ -95,6 +95,11 @@ def test_every_node_derives_the_same_gateway_credentials_from_the_clusters_token
     with pytest.raises(GRPCError) as refused:
         other.verify(one.sign("sb-1"))
     assert refused.value.status == Status.UNAUTHENTICATED
+    two.check_client({"x-modal-token-id": one.token_id, "x-modal-token-secret": one.token_secret})
+    for bad in ({"x-modal-token-id": one.token_id, "x-modal-token-secret": "ünknown"}, {}):
+        with pytest.raises(GRPCError) as refused:
+            two.check_client(bad)
+        assert refused.value.status == Status.UNAUTHENTICATED
     assert not (tmp_path / "a" / TOKEN_FILE).exists()  # nothing of its own on disk
     tmp_path.joinpath("d").mkdir()
     alone = GatewayAuth(tmp_path / "d")

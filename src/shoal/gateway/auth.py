@@ -64,10 +64,11 @@ class GatewayAuth:
 
     def check_client(self, metadata: Any) -> None:
         """Refuse a control-plane call without this daemon's token pair (``UNAUTHENTICATED``)."""
-        token_id = metadata.get("x-modal-token-id", "")
-        secret = metadata.get("x-modal-token-secret", "")
+        token_id = str(metadata.get("x-modal-token-id", "")).encode(errors="replace")
+        secret = str(metadata.get("x-modal-token-secret", "")).encode(errors="replace")
         if not (
-            hmac.compare_digest(str(token_id), self.token_id) and hmac.compare_digest(str(secret), self.token_secret)
+            hmac.compare_digest(token_id, self.token_id.encode())
+            and hmac.compare_digest(secret, self.token_secret.encode())
         ):
             raise GRPCError(
                 Status.UNAUTHENTICATED,

@@ -95,8 +95,8 @@ class Replayed:
 
 
 class PeerAuthenticated:
-    """The handlers of calls other nodes' gateways pass on: only those that name a sandbox or a snapshot, each
-    checking the cluster's token first (every other path answers UNIMPLEMENTED)."""
+    """The handlers of calls other nodes' gateways pass on: only those ``passed_on`` allows (a sandbox, a memory
+    snapshot or a volume), each checking the cluster's token first; every other path answers UNIMPLEMENTED."""
 
     def __init__(self, inner: Any, cluster_token: str) -> None:
         self.inner = inner
@@ -105,7 +105,8 @@ class PeerAuthenticated:
     def __mapping__(self) -> dict[str, Handler]:
         def guarded(func: Any) -> Any:
             async def call(stream: Any) -> None:
-                if not hmac.compare_digest(str(stream.metadata.get(PEER_TOKEN, "")), self.token):
+                given = str(stream.metadata.get(PEER_TOKEN, "")).encode(errors="replace")
+                if not hmac.compare_digest(given, self.token.encode()):
                     raise GRPCError(Status.UNAUTHENTICATED, "not a call from a node of this cluster")
                 await func(stream)
 
@@ -113,7 +114,7 @@ class PeerAuthenticated:
 
         async def refused(stream: Any) -> None:
             raise GRPCError(
-                Status.UNIMPLEMENTED, "a gateway takes only calls about a sandbox or snapshot from its peers"
+                Status.UNIMPLEMENTED, "a gateway takes only calls about a sandbox, snapshot or volume from its peers"
             )
 
         return {
