@@ -369,8 +369,14 @@ def test_a_nodes_gateway_takes_its_peers_calls_only_with_the_clusters_token(clus
     from modal_proto import api_pb2
     from modal_proto.api_grpc import ModalClientStub
 
+    deadline = time.monotonic() + 5
+    while not nodes()["node1"]["gateway"]:  # registered with the beat after the gateway starts listening
+        assert time.monotonic() < deadline, "node1 did not register its gateway"
+        time.sleep(0.1)
     where = urllib.parse.urlsplit(nodes()["node1"]["gateway"])
-    assert where.hostname == "10.251.0.11"
+    assert (where.hostname, where.port) == ("10.251.0.11", 8719)
+    blocks = urllib.parse.urlsplit(nodes()["node1"]["gateway_blocks"])
+    assert (blocks.hostname, blocks.port) == ("10.251.0.11", 8720)  # the ports a firewall lets between nodes
 
     async def statuses() -> list[Status]:
         channel = Channel(where.hostname, where.port)

@@ -176,6 +176,11 @@ class Membership:
         self._ended.discard(sandbox_id)
         self._wake.set()
 
+    def register(self, **fields: Any) -> None:
+        """Add ``fields`` to what this daemon registers (its gateway's addresses), sent with a beat soon."""
+        self.info.update(fields)
+        self._wake.set()
+
     def sandbox_ended(self, sandbox_id: str) -> None:
         if self._started.pop(sandbox_id, None) is None:
             self._ended.add(sandbox_id)

@@ -137,7 +137,9 @@ async def start(mgr: Manager, address: str, cluster: tuple[ClusterAPI, str] | No
     blocks = BlockStore(mgr, auth)
     mounts = GatewayMounts(mgr, blocks)
     peer_host = urlsplit(mgr.cfg.advertise_url or "").hostname or "127.0.0.1"
-    await blocks.start(host, peer_host if cluster is not None and mgr.cluster is not None else None)
+    # Peers reach this node's gateway on its port, and its blocks on the next one (any free one where taken).
+    blocks_port = port + 1 if 0 < port < 65535 else 0
+    await blocks.start(host, (peer_host, blocks_port) if cluster is not None and mgr.cluster is not None else None)
     control = complete(ControlPlane)(mgr, auth, url, GatewayVolumes(mgr, blocks), mounts)
     router = complete(CommandRouter)(mgr, auth)
     if cluster is None or mgr.cluster is None:
@@ -152,6 +154,6 @@ async def start(mgr: Manager, address: str, cluster: tuple[ClusterAPI, str] | No
     peers = _Server([PeerAuthenticated(control, cluster[1]), PeerAuthenticated(router, cluster[1])])
     peer_sock, peer_url = loopback.listen(peer_host, port, "gateway (its cluster's peers)", log)
     await peers.start(sock=peer_sock)
-    mgr.cluster.info.update(gateway=peer_url, gateway_blocks=blocks.peer_base)  # registered with the next beat
+    mgr.cluster.register(gateway=peer_url, gateway_blocks=blocks.peer_base)
     log.info("gateway for the official modal client on %s, serving the cluster; its peers' on %s", url, peer_url)
     return Gateway(server, url, auth, blocks, peers, spread)

@@ -72,9 +72,10 @@ class BlockStore:
         room = dataclasses.replace(room, pids_left=None, memory_left=None, disk_left=room.disk_left - incoming)
         host_room.check(room, cfg.min_free_disk_mib << 20)
 
-    async def start(self, host: str, peer_host: str | None = None) -> None:
-        """Listen on ``host`` (loopback), any free port; and on ``peer_host`` (this node's cluster address), where
-        a client of another node's gateway fetches and sends blocks of this node's volumes with URLs signed here."""
+    async def start(self, host: str, peer: tuple[str, int] | None = None) -> None:
+        """Listen on ``host`` (loopback), any free port; and on ``peer`` (this node's cluster address and a port,
+        any free one where that is taken), where a client of another node's gateway fetches and sends blocks of
+        this node's volumes with URLs signed here."""
         app = web.Application(client_max_size=BLOCK_SIZE + 1)
         app.router.add_put("/blocks/{sha}", self._put)
         app.router.add_get("/files/{volume_id}", self._get)
@@ -86,10 +87,15 @@ class BlockStore:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.base = _url(host, port)
-        if peer_host is not None:
-            peer = web.TCPSite(self._runner, peer_host, 0)
-            await peer.start()
-            self.peer_base = _url(peer_host, peer._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        if peer is not None:
+            try:
+                site = web.TCPSite(self._runner, peer[0], peer[1])
+                await site.start()
+            except OSError as e:
+                log.warning("gateway blocks: %s:%d is taken (%s); listening on another port", *peer, e)
+                site = web.TCPSite(self._runner, peer[0], 0)
+                await site.start()
+            self.peer_base = _url(peer[0], site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
     async def close(self) -> None:
         if self._runner is not None:
