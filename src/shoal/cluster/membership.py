@@ -118,6 +118,11 @@ class _BridgeProcess:
         await self._reader
 
 
+def died(node: str) -> str:
+    """What a sandbox of a node that Ray lost reads as having ended with (every node's API and gateway say it)."""
+    return f"the sandbox's node {node} died (Ray lost it); its processes ended with it"
+
+
 class Membership:
     """This daemon registered as a node of the cluster at ``address``, and the nodes it sees."""
 

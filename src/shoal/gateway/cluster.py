@@ -24,6 +24,7 @@ from grpclib.exceptions import StreamTerminatedError
 from modal_proto import api_pb2
 
 from shoal import exception as exc
+from shoal.cluster.membership import died
 from shoal.cluster.placement import needs_this_node
 from shoal.engine.manager import Manager
 from shoal.engine.sandbox import Sandbox
@@ -116,11 +117,6 @@ class GatewayCluster:
         """This gateway's own URL, which is every sandbox's router for its clients."""
         self._channels: dict[str, Channel] = {}
 
-    @property
-    def on(self) -> bool:
-        """Whether the daemon is in a cluster now."""
-        return self.mgr.cluster is not None
-
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
@@ -158,8 +154,6 @@ class GatewayCluster:
         local: Callable[[Any], Awaitable[None]] = handler.func
 
         async def call(stream: Any) -> None:
-            if not self.on:
-                return await local(stream)
             first = await stream.recv_message()
             try:
                 if first is not None and await elsewhere(stream, first):
@@ -310,7 +304,7 @@ class GatewayCluster:
 
     async def _ended(self, stream: Any, path: str, node: ClusterNode, sandbox_id: str) -> None:
         """Answer for a sandbox whose node died: it ended, killed with its node (exit code 137)."""
-        message = f"the sandbox's node {node.name} died (Ray lost it); its processes ended with it"
+        message = died(node.name)
         answer = _ENDED_ANSWERS.get(path.removesuffix("V2"))
         if answer is None:
             raise exc.ConflictError(message)
@@ -360,10 +354,6 @@ class GatewayCluster:
             return None
         self.router.remember(str(found[1].get("sandbox_id")), found[0].name)
         return SandboxInfo.model_validate(found[1])
-
-    async def take_in_app(self, name: str) -> None:
-        """An app another node made under ``name``, taken in here under its id (one name is one app)."""
-        await self.router.take_in_app(name)
 
     async def secret_name(self, name: str, creating: bool) -> None:
         """Before the gateway looks up or makes the secret ``name`` in this node's store: another node's secret of

@@ -62,10 +62,7 @@ class ControlPlane(ModalClientBase):
         self._starts: set[asyncio.Task[Sandbox]] = set()
         """Starts still going on after SandboxCreateV2 answered (``_create_early``)."""
         self.cluster: GatewayCluster | None = None
-        """Where creates, lists and names look beyond this node, once the daemon is in a cluster."""
-
-    def _in_cluster(self) -> GatewayCluster | None:
-        return self.cluster if self.cluster is not None and self.cluster.on else None
+        """Where creates, lists and names look beyond this node, where the daemon is in a cluster."""
 
     # ------------------------------------------------------------------ apps, environment, auth
 
@@ -76,8 +73,8 @@ class ControlPlane(ModalClientBase):
             api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING,
             api_pb2.OBJECT_CREATION_TYPE_EPHEMERAL,
         )
-        if (cluster := self._in_cluster()) is not None and req.app_name:
-            await cluster.take_in_app(req.app_name)
+        if (cluster := self.cluster) is not None and req.app_name:
+            await cluster.router.take_in_app(req.app_name)
         app_id, _ = self.mgr.lookup_app(req.app_name, create)
         await stream.send_message(api_pb2.AppGetOrCreateResponse(app_id=app_id))
 
@@ -117,7 +114,7 @@ class ControlPlane(ModalClientBase):
     async def AppClientDisconnect(self, stream: Any) -> None:
         req = await stream.recv_message()
         await self.mgr.stop_app(req.app_id)  # the end of ``app.run()``: its sandboxes end with it
-        if (cluster := self._in_cluster()) is not None:
+        if (cluster := self.cluster) is not None:
             await cluster.router.stop_app_elsewhere(req.app_id)
         await stream.send_message(empty_pb2.Empty())
 
@@ -138,7 +135,7 @@ class ControlPlane(ModalClientBase):
             api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING,
             api_pb2.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS,
         )
-        if (cluster := self._in_cluster()) is not None and req.deployment_name:
+        if (cluster := self.cluster) is not None and req.deployment_name:
             await cluster.secret_name(req.deployment_name, creating)
         if creating:
             allow = kind == api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING
@@ -219,7 +216,7 @@ class ControlPlane(ModalClientBase):
         req = await stream.recv_message()
         name = self.mgr.volumes.get(req.volume_id).name
         self.mgr.volumes.delete(req.volume_id)
-        if (cluster := self._in_cluster()) is not None:
+        if (cluster := self.cluster) is not None:
             await cluster.volume_gone(name)
         await stream.send_message(empty_pb2.Empty())
 
@@ -229,7 +226,7 @@ class ControlPlane(ModalClientBase):
         row = self.mgr.volumes.get(req.volume_id)
         if row.name is None:
             raise exc.InvalidError("an ephemeral volume has no name to change")
-        if (cluster := self._in_cluster()) is not None and req.name != row.name:
+        if (cluster := self.cluster) is not None and req.name != row.name:
             if (holder := await cluster.volume_holder(req.name, creating=True)) is not None:
                 raise exc.AlreadyExistsError(f"Volume '{req.name}' already exists (on node {holder.name})")
             try:
@@ -246,7 +243,7 @@ class ControlPlane(ModalClientBase):
     async def VolumeList(self, stream: Any) -> None:
         await stream.recv_message()
         listing = self.volumes.listing()
-        if (cluster := self._in_cluster()) is not None:
+        if (cluster := self.cluster) is not None:
             listing.items.extend(await cluster.others_volumes())
         await stream.send_message(listing)
 
@@ -312,7 +309,7 @@ class ControlPlane(ModalClientBase):
 
     async def _placed(self, req: Any, early: bool) -> tuple[str, str]:
         """Create where the cluster has room (this node outside a cluster): the sandbox's id and its app's."""
-        cluster = self._in_cluster()
+        cluster = self.cluster
         if cluster is None:
             sb = await (self._create_early(req) if early else self._create(req))
             return sb.id, sb.row.app_id
@@ -634,7 +631,7 @@ class ControlPlane(ModalClientBase):
             sb = self.mgr.from_name(req.app_name, req.sandbox_name, req.include_terminated)
             sandbox_id, app_id, result = sb.id, sb.row.app_id, sb.result
         except exc.NotFoundError:
-            cluster = self._in_cluster()
+            cluster = self.cluster
             found = await cluster.from_name(req.app_name, req.sandbox_name, req.include_terminated) if cluster else None
             if found is None:
                 raise
@@ -654,7 +651,7 @@ class ControlPlane(ModalClientBase):
         req = await stream.recv_message()
         tags = {t.tag_name: t.tag_value for t in req.tags}
         items = self.mgr.list(req.app_id or None, tags, req.include_finished)
-        if (cluster := self._in_cluster()) is not None:
+        if (cluster := self.cluster) is not None:
             items += await cluster.others_list(req.app_id or None, tags, req.include_finished)
             items.sort(key=lambda i: i.created_at_us, reverse=True)
         before = req.before_timestamp

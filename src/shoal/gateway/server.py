@@ -132,14 +132,15 @@ async def start(mgr: Manager, address: str, cluster: tuple[ClusterAPI, str] | No
     # Loopback only: the client may use a plain-HTTP router only when it reaches the control plane as localhost
     # (reference/modal-wire.md §1); TLS for other addresses is not built yet.
     host, port = loopback.split(address, "gateway")
+    if mgr.cluster is None:
+        cluster = None
     auth = GatewayAuth(mgr.cfg.data_dir, cluster[1] if cluster is not None else None)
     sock, url = loopback.listen(host, port, "gateway", log)
     blocks = BlockStore(mgr, auth)
     mounts = GatewayMounts(mgr, blocks)
     peer_host = urlsplit(mgr.cfg.advertise_url or "").hostname or "127.0.0.1"
     # Peers reach this node's gateway on its port, and its blocks on the next one (any free one where taken).
-    blocks_port = port + 1 if 0 < port < 65535 else 0
-    await blocks.start(host, (peer_host, blocks_port) if cluster is not None and mgr.cluster is not None else None)
+    await blocks.start(host, (peer_host, port + 1 if 0 < port < 65535 else 0) if cluster is not None else None)
     control = complete(ControlPlane)(mgr, auth, url, GatewayVolumes(mgr, blocks), mounts)
     router = complete(CommandRouter)(mgr, auth)
     if cluster is None or mgr.cluster is None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from shoal.cluster.membership import POLL_SECONDS
+from shoal.cluster.membership import POLL_SECONDS, died
 from shoal.cluster.placement import needs_this_node, secret_ids
 from shoal.engine.manager import Manager
 from shoal.exception import (
@@ -355,7 +355,7 @@ class ClusterRouter:
         """Answer for a sandbox whose node died: it ended, killed with its node (returncode 137); anything that
         needs it running is a ConflictError saying so."""
         assert self.mgr.cluster is not None
-        message = f"the sandbox's node {node.name} died (Ray lost it); its processes ended with it"
+        message = died(node.name)
         resource = request.match_info.route.resource
         path = resource.canonical if resource is not None else ""
         shown = {
@@ -645,7 +645,7 @@ class ClusterRouter:
                     continue
                 if any((recorded.get("tags") or {}).get(k) != v for k, v in tags.items()):
                     continue
-                message = f"the sandbox's node {node.name} died (Ray lost it); its processes ended with it"
+                message = died(node.name)
                 out.append(_ended_with_node(recorded, message))
         return out
 
